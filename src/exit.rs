@@ -1,0 +1,15 @@
+//! Exit codes of the `spark` binary: the one list, shown in `--help` and the README.
+
+/// Success.
+pub const OK: i32 = 0;
+/// A check ran and failed (a validation threshold was missed).
+pub const CHECK_FAILED: i32 = 1;
+/// Usage or input error: bad flags, a missing, truncated or corrupt file.
+pub const USAGE: i32 = 2;
+/// The planner refused: the model cannot fit the given budget.
+pub const REFUSED: i32 = 3;
+/// A deadline passed (server never ready, a stalled request, a whole-run deadline).
+pub const TIMEOUT: i32 = 124;
+
+/// The table printed at the end of `spark --help`.
+pub const HELP: &str = "Exit codes: 0 ok, 1 check failed, 2 usage or input error, 3 plan refused, 124 timeout";

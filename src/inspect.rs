@@ -1,0 +1,108 @@
+//! `spark inspect`: what is in a GGUF file, as text for people and JSON for programs.
+//!
+//! Owns the rendering only; the facts come from [`crate::gguf`].
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::gguf::{GgmlType, GgufFile, MoeGeometry, TensorGroup};
+
+/// Everything `spark inspect` reports.
+#[derive(Debug, Serialize)]
+pub struct InspectReport {
+    pub path: String,
+    pub gguf_version: u32,
+    pub file_size: u64,
+    pub n_tensors: usize,
+    pub n_metadata: usize,
+    pub alignment: u64,
+    pub data_offset: u64,
+    pub fingerprint: String,
+    pub geometry: MoeGeometry,
+    /// Per MoE layer: bytes of one expert (all its tensors).
+    pub expert_bytes_per_layer: Vec<u64>,
+    pub kv_context: u64,
+    pub kv_bytes_per_token_f16: u64,
+    pub kv_bytes_at_context_f16: u64,
+    pub tensor_types: std::collections::BTreeMap<String, u64>,
+}
+
+impl InspectReport {
+    pub fn new(file: &GgufFile, geometry: MoeGeometry, ctx: Option<u64>) -> InspectReport {
+        let kv_context = ctx.or(geometry.context_length).unwrap_or(4096);
+        let per_tok = geometry.kv_bytes_per_token(GgmlType::F16, GgmlType::F16);
+        let mut tensor_types = std::collections::BTreeMap::new();
+        for t in &file.tensors {
+            *tensor_types.entry(t.type_name()).or_insert(0) += 1;
+        }
+        InspectReport {
+            path: file.path.display().to_string(),
+            gguf_version: file.version,
+            file_size: file.file_size,
+            n_tensors: file.tensors.len(),
+            n_metadata: file.metadata.len(),
+            alignment: file.alignment,
+            data_offset: file.data_offset,
+            fingerprint: geometry.fingerprint.to_string(),
+            expert_bytes_per_layer: geometry.moe_layers.iter().map(|l| l.expert_bytes).collect(),
+            kv_context,
+            kv_bytes_per_token_f16: per_tok,
+            kv_bytes_at_context_f16: per_tok * kv_context,
+            tensor_types,
+            geometry,
+        }
+    }
+
+    /// The readable summary.
+    pub fn render(&self) -> String {
+        let g = &self.geometry;
+        let mut s = String::new();
+        let _ = writeln!(s, "{}", self.path);
+        let _ = writeln!(s, "  architecture     {}{}", g.architecture, g.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default());
+        let _ = writeln!(s, "  file             {} (GGUF v{}, {} tensors, {} metadata keys, data at {})", human(self.file_size), self.gguf_version, self.n_tensors, self.n_metadata, self.data_offset);
+        let _ = writeln!(s, "  fingerprint      {}", self.fingerprint);
+        let _ = writeln!(s, "  layers           {} (embedding {}, vocab {}, heads {}/{} kv, head dim {})", g.n_layer, g.n_embd, g.n_vocab, g.n_head, g.n_head_kv.first().copied().unwrap_or(0), g.head_dim_k);
+        if g.is_moe() {
+            let _ = writeln!(s, "  experts          {} per layer, {} used per token, {} shared, expert FFN {}", g.n_expert, g.n_expert_used, g.n_expert_shared, g.expert_ff_length.map(|v| v.to_string()).unwrap_or_else(|| "?".into()));
+            let _ = writeln!(s, "  MoE layers       {} of {}", g.moe_layers.len(), g.n_layer);
+            let sizes: std::collections::BTreeSet<u64> = self.expert_bytes_per_layer.iter().copied().collect();
+            let sizes: Vec<String> = sizes.iter().map(|&b| human(b)).collect();
+            let _ = writeln!(s, "  expert size      {} (all tensors of one expert)", sizes.join(", "));
+            if let Some(l) = g.moe_layers.first() {
+                for t in &l.tensors {
+                    let _ = writeln!(s, "    {:<28} {:>6} {:?}  slice {} at +{}", t.name, t.ggml_type, t.dims, human(t.slice_bytes), t.file_offset);
+                }
+            }
+        } else {
+            let _ = writeln!(s, "  experts          none: dense model (no MoE layers)");
+        }
+        let _ = writeln!(s, "  tensor bytes     {}", human(g.total_tensor_bytes));
+        for grp in TensorGroup::ALL {
+            if let Some(b) = g.groups.bytes.get(&grp) {
+                let _ = writeln!(s, "    {:<16} {:>12}  ({} tensors)", format!("{grp:?}").to_lowercase(), human(*b), g.groups.tensors.get(&grp).unwrap_or(&0));
+            }
+        }
+        for u in &g.groups.unknown_type_tensors {
+            let _ = writeln!(s, "    unknown type: {u}");
+        }
+        let _ = writeln!(s, "  KV cache (f16)   {} per token, {} at context {}", human(self.kv_bytes_per_token_f16), human(self.kv_bytes_at_context_f16), self.kv_context);
+        let types: Vec<String> = self.tensor_types.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+        let _ = writeln!(s, "  tensor types     {}", types.join(", "));
+        s
+    }
+}
+
+/// Bytes as B, KiB, MiB or GiB.
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else if b < 1024.0 * 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else if b < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / 1024.0 / 1024.0)
+    } else {
+        format!("{:.2} GiB", b / 1024.0 / 1024.0 / 1024.0)
+    }
+}

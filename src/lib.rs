@@ -1,0 +1,12 @@
+//! The `spark` library: everything the `spark` binary does, behind a thin CLI.
+//!
+//! See ARCHITECTURE.md for the map of modules and the invariants each one keeps.
+
+pub mod atomic_file;
+pub mod demo;
+pub mod engine;
+pub mod exit;
+pub mod fixture;
+pub mod gguf;
+pub mod inspect;
+pub mod supervisor;

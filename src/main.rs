@@ -1,0 +1,190 @@
+//! The `spark` binary: parses the command line, calls the library, maps errors to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use spark::engine::{self, Engine, EngineError};
+use spark::exit;
+use spark::fixture::{self, FixtureError, FixtureSpec, Router, Size};
+use spark::gguf::{GgmlType, GgufError, GgufFile, MoeGeometry};
+use spark::inspect::InspectReport;
+use spark::supervisor::ServerError;
+
+#[derive(Parser)]
+#[command(name = "spark", version, about = "Expert-residency runtime sidecar for llama.cpp's llama-server", after_help = exit::HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what is in a GGUF model: geometry, expert sizes, byte totals, KV bytes, fingerprint
+    Inspect(InspectArgs),
+    /// Write a small qwen3moe model with seeded weights that stock llama-server runs
+    Fixture(FixtureArgs),
+    /// Write a fixture, inspect it and get a real completion from llama-server
+    Demo(DemoArgs),
+    /// Show which llama-server build spark would drive
+    Engine(EngineArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The GGUF file
+    model: PathBuf,
+    /// Print JSON instead of text
+    #[arg(long)]
+    json: bool,
+    /// Context length for the KV-cache total (default: the model's)
+    #[arg(long)]
+    ctx: Option<u64>,
+}
+
+#[derive(Args)]
+struct FixtureArgs {
+    /// Output path of the GGUF file
+    #[arg(long)]
+    out: PathBuf,
+    /// Preset the other flags start from
+    #[arg(long, value_enum, default_value = "tiny")]
+    size: Size,
+    #[arg(long)]
+    layers: Option<u32>,
+    #[arg(long)]
+    experts: Option<u32>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    embd: Option<u64>,
+    /// FFN length of one expert
+    #[arg(long)]
+    expert_ff: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Router variant: uniform, skewed (a few hot experts) or analytic (routing computable from the file)
+    #[arg(long, value_enum)]
+    router: Option<Router>,
+    /// Type of the large matrices: f32, f16 or q8_0
+    #[arg(long = "type")]
+    weight_type: Option<String>,
+    /// Vocab GGUF whose tokenizer is copied (default: the pinned source's llama-spm vocab)
+    #[arg(long)]
+    vocab: Option<PathBuf>,
+    /// Print what was written as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Working directory for the demo's model and logs
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Tokens to generate
+    #[arg(long, default_value_t = 24)]
+    n_predict: u32,
+    /// Seconds to wait for llama-server to become ready
+    #[arg(long, default_value_t = 120)]
+    ready_timeout: u64,
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// llama-server binary (default: $SPARK_LLAMA_SERVER, then the build in the cache)
+    #[arg(long, value_name = "PATH")]
+    llama_server: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::from(exit::OK as u8),
+        Err(err) => {
+            eprintln!("spark: failed to {err:#}");
+            ExitCode::from(exit_code(&err) as u8)
+        }
+    }
+}
+
+/// Maps an error to a documented exit code by what caused it.
+fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if cause.is::<GgufError>() || cause.is::<EngineError>() || cause.is::<FixtureError>() || cause.is::<UsageError>() {
+            return exit::USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<ServerError>() {
+            return if e.is_timeout() { exit::TIMEOUT } else { exit::CHECK_FAILED };
+        }
+    }
+    exit::CHECK_FAILED
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect(a) => {
+            let file = GgufFile::open(&a.model)?;
+            let geometry = MoeGeometry::of(&file)?;
+            let report = InspectReport::new(&file, geometry, a.ctx);
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+        }
+        Command::Fixture(a) => {
+            let mut spec = FixtureSpec::preset(a.size);
+            if let Some(v) = a.layers { spec.layers = v; }
+            if let Some(v) = a.experts { spec.experts = v; }
+            if let Some(v) = a.top_k { spec.top_k = v; }
+            if let Some(v) = a.embd { spec.embd = v; }
+            if let Some(v) = a.expert_ff { spec.expert_ff = v; }
+            if let Some(v) = a.seed { spec.seed = v; }
+            if let Some(v) = a.router { spec.router = v; }
+            if spec.hot_experts >= spec.experts {
+                spec.hot_experts = (spec.experts / 4).max(1);
+            }
+            if let Some(t) = &a.weight_type {
+                spec.weight_type = GgmlType::from_name(t).ok_or_else(|| UsageError(format!("parse --type {t}: unknown ggml type (f32, f16, q8_0)")))?;
+            }
+            let vocab = match a.vocab {
+                Some(v) => v,
+                None => engine::vocab_path(engine::DEFAULT_VOCAB)?,
+            };
+            let report = fixture::write_fixture(&spec, &vocab, &a.out)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("wrote {} ({} bytes): {} layers, {} experts, top-{}, embd {}, router {}, {}", report.path.display(), report.bytes, spec.layers, spec.experts, spec.top_k, spec.embd, spec.router.name(), spec.weight_type.name);
+            }
+        }
+        Command::Demo(a) => {
+            let dir = a.dir.unwrap_or_else(|| engine::cache_dir().join("demo"));
+            spark::demo::run(&spark::demo::DemoConfig {
+                dir,
+                llama_server: a.engine.llama_server,
+                prompt: "The experts that a mixture-of-experts model routes to".into(),
+                n_predict: a.n_predict,
+                ready_timeout: Duration::from_secs(a.ready_timeout),
+            })?;
+        }
+        Command::Engine(a) => {
+            let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;
+            println!("llama-server {}", e.llama_server.display());
+            if let Some(b) = e.llama_bench { println!("llama-bench  {}", b.display()); }
+            if let Some(p) = e.prefix { println!("prefix       {}", p.display()); }
+            println!("version      {} (stock)", engine::ENGINE_VERSION);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! A child process in its own process group that dies with its parent.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+#[derive(Debug, thiserror::Error)]
+#[error("start {program}: {source}")]
+pub struct SpawnError {
+    pub program: String,
+    pub source: std::io::Error,
+}
+
+/// A running child that leads its own process group. Dropping it stops the group.
+#[derive(Debug)]
+pub struct ChildGroup {
+    child: Child,
+    pgid: Pid,
+    exited: Option<ExitStatus>,
+}
+
+impl ChildGroup {
+    /// Spawns `cmd` as the leader of a new process group, with SIGKILL as its parent-death
+    /// signal.
+    pub fn spawn(cmd: &mut Command) -> Result<ChildGroup, SpawnError> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // async-signal-safe functions (setpgid, prctl, getppid, kill via nix wrappers), and
+        // allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The parent may have died between fork and prctl: then nobody would signal us.
+                if nix::unistd::getppid().as_raw() as u32 != parent {
+                    nix::sys::signal::raise(Signal::SIGKILL)?;
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| SpawnError { program, source })?;
+        let pgid = Pid::from_raw(child.id() as i32);
+        Ok(ChildGroup { child, pgid, exited: None })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if the child has exited (never blocks).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// Waits for exit until `deadline`; `None` if the child still runs then.
+    pub fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
+            if let Some(s) = self.try_status() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM to the group, up to `grace` to exit, then SIGKILL; always reaps the child.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if self.try_status().is_none() {
+            let _ = killpg(self.pgid, Signal::SIGTERM);
+            if self.wait_until(Instant::now() + grace).is_none() {
+                let _ = killpg(self.pgid, Signal::SIGKILL);
+                // SIGKILL cannot be caught; the bound only guards against a zombie-reaping bug.
+                self.wait_until(Instant::now() + Duration::from_secs(5));
+            }
+        }
+        // Grandchildren left in the group get the same end.
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+        self.exited
+    }
+}
+
+impl Drop for ChildGroup {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,134 @@
+//! One llama-server child: start it on a free loopback port, wait until `/health` answers,
+//! talk to it over HTTP with timeouts, stop it.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::child::{ChildGroup, SpawnError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("start llama-server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("start llama-server: it exited with {status} before it was ready; last log lines:\n{log}")]
+    ExitedEarly { status: String, log: String },
+    #[error("start llama-server: not ready after {secs} s; last log lines:\n{log}")]
+    NotReady { secs: u64, log: String },
+    #[error("request {route}: {message}")]
+    Http { route: String, message: String },
+}
+
+impl ServerError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ServerError::NotReady { .. })
+    }
+}
+
+/// How to start llama-server.
+#[derive(Debug, Clone)]
+pub struct LlamaServerConfig {
+    pub binary: PathBuf,
+    pub model: PathBuf,
+    pub port: Option<u16>,
+    /// Extra arguments passed through unchanged (they win over spark's defaults).
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub ready_timeout: Duration,
+    pub log_path: PathBuf,
+}
+
+/// A running llama-server.
+pub struct LlamaServer {
+    child: ChildGroup,
+    pub port: u16,
+    pub log_path: PathBuf,
+    agent: ureq::Agent,
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+impl LlamaServer {
+    /// Starts the server and waits for `/health` until the ready deadline.
+    pub fn start(cfg: &LlamaServerConfig) -> Result<LlamaServer, ServerError> {
+        let port = match cfg.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let log = File::create(&cfg.log_path)?;
+        let mut cmd = Command::new(&cfg.binary);
+        cmd.arg("-m").arg(&cfg.model);
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+        cmd.args(&cfg.extra_args);
+        cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
+        if let Some(lib) = cfg.binary.parent().and_then(Path::parent).map(|p| p.join("lib")) {
+            if lib.is_dir() {
+                let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+                cmd.env("LD_LIBRARY_PATH", if old.is_empty() { lib.display().to_string() } else { format!("{}:{old}", lib.display()) });
+            }
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let child = ChildGroup::spawn(&mut cmd)?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(2))
+            .timeout(Duration::from_secs(120))
+            .build();
+        let mut server = LlamaServer { child, port, log_path: cfg.log_path.clone(), agent };
+        server.wait_ready(cfg.ready_timeout)?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), ServerError> {
+        let deadline = Instant::now() + timeout;
+        let probe = ureq::AgentBuilder::new().timeout(Duration::from_secs(1)).build();
+        loop {
+            if let Some(status) = self.child.try_status() {
+                return Err(ServerError::ExitedEarly { status: status.to_string(), log: self.log_tail(20) });
+            }
+            if let Ok(resp) = probe.get(&self.url("/health")).call() {
+                if resp.status() == 200 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                self.child.stop(Duration::from_secs(2));
+                return Err(ServerError::NotReady { secs: timeout.as_secs(), log: self.log_tail(20) });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self, route: &str) -> String {
+        format!("http://127.0.0.1:{}{route}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// POSTs JSON to `route` and returns the JSON answer.
+    pub fn post_json(&self, route: &str, body: &serde_json::Value) -> Result<serde_json::Value, ServerError> {
+        let http = |message: String| ServerError::Http { route: route.to_string(), message };
+        let resp = self.agent.post(&self.url(route)).send_json(body).map_err(|e| http(e.to_string()))?;
+        resp.into_json().map_err(|e| http(e.to_string()))
+    }
+
+    /// The last `n` lines of the server's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Stops the server (SIGTERM, grace, SIGKILL).
+    pub fn stop(mut self) {
+        self.child.stop(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,11 @@
+//! The supervisor: the only code that spawns or kills processes.
+//!
+//! Owns llama-server children: each runs in its own process group with a parent-death signal,
+//! so it can never outlive spark; stopping is SIGTERM to the group, a grace period, then
+//! SIGKILL. Every wait here has a deadline.
+
+mod child;
+mod llama;
+
+pub use child::{ChildGroup, SpawnError};
+pub use llama::{LlamaServer, LlamaServerConfig, ServerError};
