@@ -24,9 +24,22 @@ impl AtomicFile {
         let name = target
             .file_name()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-        let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        Ok(AtomicFile { file, tmp, target: target.to_path_buf(), committed: false })
+        let tmp = dir.join(format!(
+            ".{}.tmp.{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        Ok(AtomicFile {
+            file,
+            tmp,
+            target: target.to_path_buf(),
+            committed: false,
+        })
     }
 
     pub fn as_file(&self) -> &File {

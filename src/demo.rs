@@ -27,14 +27,20 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     use anyhow::Context;
     let engine = Engine::locate(cfg.llama_server.as_deref())?;
     eprintln!("[1/4] engine: {}", engine.llama_server.display());
-    std::fs::create_dir_all(&cfg.dir).with_context(|| format!("create demo directory {}", cfg.dir.display()))?;
+    std::fs::create_dir_all(&cfg.dir)
+        .with_context(|| format!("create demo directory {}", cfg.dir.display()))?;
 
     let model = cfg.dir.join("spark-demo-tiny-skewed.gguf");
     let spec = FixtureSpec::preset(Size::Tiny);
     if !model.exists() {
         let vocab = engine::vocab_path(engine::DEFAULT_VOCAB)?;
         let rep = fixture::write_fixture(&spec, &vocab, &model)?;
-        eprintln!("[2/4] fixture: wrote {} ({} bytes, vocab {})", model.display(), rep.bytes, rep.n_vocab);
+        eprintln!(
+            "[2/4] fixture: wrote {} ({} bytes, vocab {})",
+            model.display(),
+            rep.bytes,
+            rep.n_vocab
+        );
     } else {
         eprintln!("[2/4] fixture: reusing {}", model.display());
     }
@@ -49,7 +55,14 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
         binary: engine.llama_server.clone(),
         model: model.clone(),
         port: None,
-        extra_args: vec!["-c".into(), "2048".into(), "-t".into(), "2".into(), "-np".into(), "1".into()],
+        extra_args: vec![
+            "-c".into(),
+            "2048".into(),
+            "-t".into(),
+            "2".into(),
+            "-np".into(),
+            "1".into(),
+        ],
         env: vec![],
         ready_timeout: cfg.ready_timeout,
         log_path: cfg.dir.join("llama-server.log"),
@@ -60,12 +73,24 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     );
     server.stop();
     let answer = answer?;
-    let content = answer.get("content").and_then(|c| c.as_str()).unwrap_or_default();
-    let predicted = answer.pointer("/timings/predicted_n").and_then(|v| v.as_u64()).unwrap_or(0);
-    let tps = answer.pointer("/timings/predicted_per_second").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let content = answer
+        .get("content")
+        .and_then(|c| c.as_str())
+        .unwrap_or_default();
+    let predicted = answer
+        .pointer("/timings/predicted_n")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let tps = answer
+        .pointer("/timings/predicted_per_second")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.0);
     println!();
     println!("prompt     {:?}", cfg.prompt);
     println!("completion {content:?}");
-    println!("           {predicted} tokens at {tps:.1} tokens/s from llama-server (pid gone, log {})", cfg.dir.join("llama-server.log").display());
+    println!(
+        "           {predicted} tokens at {tps:.1} tokens/s from llama-server (pid gone, log {})",
+        cfg.dir.join("llama-server.log").display()
+    );
     Ok(())
 }

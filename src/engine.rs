@@ -26,7 +26,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SPARK_CACHE").filter(|v| !v.is_empty()) {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache").join("spark")
 }
 
@@ -48,7 +50,9 @@ pub struct Engine {
 impl Engine {
     /// Locates llama-server: `explicit`, else `SPARK_LLAMA_SERVER`, else the cached CPU build.
     pub fn locate(explicit: Option<&Path>) -> Result<Engine, EngineError> {
-        let from_env = std::env::var_os("SPARK_LLAMA_SERVER").filter(|v| !v.is_empty()).map(PathBuf::from);
+        let from_env = std::env::var_os("SPARK_LLAMA_SERVER")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
         let server = match explicit.map(Path::to_path_buf).or(from_env) {
             Some(p) => p,
             None => {
@@ -64,8 +68,15 @@ impl Engine {
         }
         let bin_dir = server.parent().map(Path::to_path_buf).unwrap_or_default();
         let bench = bin_dir.join("llama-bench");
-        let prefix = bin_dir.parent().filter(|p| p.join(".spark-built").exists()).map(Path::to_path_buf);
-        Ok(Engine { llama_bench: is_executable(&bench).then_some(bench), llama_server: server, prefix })
+        let prefix = bin_dir
+            .parent()
+            .filter(|p| p.join(".spark-built").exists())
+            .map(Path::to_path_buf);
+        Ok(Engine {
+            llama_bench: is_executable(&bench).then_some(bench),
+            llama_server: server,
+            prefix,
+        })
     }
 }
 
@@ -81,11 +92,16 @@ pub fn vocab_path(name: &str) -> Result<PathBuf, EngineError> {
     if p.is_file() {
         Ok(p)
     } else {
-        Err(EngineError::NoVocab { name: name.to_string(), dir })
+        Err(EngineError::NoVocab {
+            name: name.to_string(),
+            dir,
+        })
     }
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }

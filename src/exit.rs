@@ -12,4 +12,5 @@ pub const REFUSED: i32 = 3;
 pub const TIMEOUT: i32 = 124;
 
 /// The table printed at the end of `spark --help`.
-pub const HELP: &str = "Exit codes: 0 ok, 1 check failed, 2 usage or input error, 3 plan refused, 124 timeout";
+pub const HELP: &str =
+    "Exit codes: 0 ok, 1 check failed, 2 usage or input error, 3 plan refused, 124 timeout";

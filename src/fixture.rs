@@ -114,31 +114,55 @@ impl FixtureSpec {
     pub fn validate(&self) -> Result<(), FixtureError> {
         let bad = |m: String| Err(FixtureError::Spec(m));
         if ![GgmlType::F32, GgmlType::F16, GgmlType::Q8_0].contains(&self.weight_type) {
-            return bad(format!("weight type {} is not supported (f32, f16, q8_0 are)", self.weight_type.name));
+            return bad(format!(
+                "weight type {} is not supported (f32, f16, q8_0 are)",
+                self.weight_type.name
+            ));
         }
         if self.layers == 0 || self.layers > 512 {
-            return bad(format!("--layers {} must be between 1 and 512", self.layers));
+            return bad(format!(
+                "--layers {} must be between 1 and 512",
+                self.layers
+            ));
         }
         if self.experts < 2 || self.experts > 1024 {
-            return bad(format!("--experts {} must be between 2 and 1024", self.experts));
+            return bad(format!(
+                "--experts {} must be between 2 and 1024",
+                self.experts
+            ));
         }
         if self.top_k == 0 || self.top_k > self.experts {
-            return bad(format!("--top-k {} must be between 1 and --experts {}", self.top_k, self.experts));
+            return bad(format!(
+                "--top-k {} must be between 1 and --experts {}",
+                self.top_k, self.experts
+            ));
         }
         let blk = self.weight_type.block_elems;
         for (flag, v) in [("--embd", self.embd), ("--expert-ff", self.expert_ff)] {
             if v == 0 || v % blk != 0 || v > 65536 {
-                return bad(format!("{flag} {v} must be a positive multiple of {blk} (type {}) up to 65536", self.weight_type.name));
+                return bad(format!(
+                    "{flag} {v} must be a positive multiple of {blk} (type {}) up to 65536",
+                    self.weight_type.name
+                ));
             }
         }
         if self.n_head == 0 || self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
-            return bad(format!("head counts {}/{} must be positive with kv heads dividing heads", self.n_head, self.n_head_kv));
+            return bad(format!(
+                "head counts {}/{} must be positive with kv heads dividing heads",
+                self.n_head, self.n_head_kv
+            ));
         }
         if self.head_dim % 2 != 0 || (self.n_head * self.head_dim) % blk != 0 {
-            return bad(format!("head dim {} must be even and heads x head dim a multiple of {blk}", self.head_dim));
+            return bad(format!(
+                "head dim {} must be even and heads x head dim a multiple of {blk}",
+                self.head_dim
+            ));
         }
         if self.hot_experts >= self.experts {
-            return bad(format!("hot experts {} must be fewer than --experts {}", self.hot_experts, self.experts));
+            return bad(format!(
+                "hot experts {} must be fewer than --experts {}",
+                self.hot_experts, self.experts
+            ));
         }
         Ok(())
     }
@@ -164,18 +188,34 @@ pub struct FixtureReport {
 }
 
 /// Writes the fixture described by `spec` to `out`, with the tokenizer of the vocab GGUF `vocab`.
-pub fn write_fixture(spec: &FixtureSpec, vocab: &Path, out: &Path) -> Result<FixtureReport, FixtureError> {
+pub fn write_fixture(
+    spec: &FixtureSpec,
+    vocab: &Path,
+    out: &Path,
+) -> Result<FixtureReport, FixtureError> {
     spec.validate()?;
-    let vocab_file = GgufFile::open(vocab).map_err(|e| FixtureError::Vocab { path: vocab.into(), message: e.to_string() })?;
+    let vocab_file = GgufFile::open(vocab).map_err(|e| FixtureError::Vocab {
+        path: vocab.into(),
+        message: e.to_string(),
+    })?;
     let n_vocab = vocab_file
         .get("tokenizer.ggml.tokens")
         .and_then(Value::as_array)
         .map(|a| a.len() as u64)
         .filter(|&n| n > 0)
-        .ok_or_else(|| FixtureError::Vocab { path: vocab.into(), message: "no tokenizer.ggml.tokens array".into() })?;
+        .ok_or_else(|| FixtureError::Vocab {
+            path: vocab.into(),
+            message: "no tokenizer.ggml.tokens array".into(),
+        })?;
 
     let mut w = GgufWriter::new();
-    let name = format!("spark-fixture-{}L{}E{}k-{}", spec.layers, spec.experts, spec.top_k, spec.router.name());
+    let name = format!(
+        "spark-fixture-{}L{}E{}k-{}",
+        spec.layers,
+        spec.experts,
+        spec.top_k,
+        spec.router.name()
+    );
     w.set("general.architecture", Value::String(ARCH.into()));
     w.set("general.name", Value::String(name));
     w.set("general.alignment", Value::U32(32));
@@ -183,19 +223,41 @@ pub fn write_fixture(spec: &FixtureSpec, vocab: &Path, out: &Path) -> Result<Fix
     w.set(&k("block_count"), Value::U32(spec.layers));
     w.set(&k("context_length"), Value::U32(spec.context_length as u32));
     w.set(&k("embedding_length"), Value::U32(spec.embd as u32));
-    w.set(&k("feed_forward_length"), Value::U32((spec.expert_ff * u64::from(spec.top_k)) as u32));
+    w.set(
+        &k("feed_forward_length"),
+        Value::U32((spec.expert_ff * u64::from(spec.top_k)) as u32),
+    );
     w.set(&k("attention.head_count"), Value::U32(spec.n_head as u32));
-    w.set(&k("attention.head_count_kv"), Value::U32(spec.n_head_kv as u32));
+    w.set(
+        &k("attention.head_count_kv"),
+        Value::U32(spec.n_head_kv as u32),
+    );
     w.set(&k("attention.key_length"), Value::U32(spec.head_dim as u32));
-    w.set(&k("attention.value_length"), Value::U32(spec.head_dim as u32));
+    w.set(
+        &k("attention.value_length"),
+        Value::U32(spec.head_dim as u32),
+    );
     w.set(&k("attention.layer_norm_rms_epsilon"), Value::F32(RMS_EPS));
     w.set(&k("rope.freq_base"), Value::F32(1_000_000.0));
     w.set(&k("expert_count"), Value::U32(spec.experts));
     w.set(&k("expert_used_count"), Value::U32(spec.top_k));
-    w.set(&k("expert_feed_forward_length"), Value::U32(spec.expert_ff as u32));
-    w.set("spark.fixture.router", Value::String(spec.router.name().into()));
+    w.set(
+        &k("expert_feed_forward_length"),
+        Value::U32(spec.expert_ff as u32),
+    );
+    w.set(
+        "spark.fixture.router",
+        Value::String(spec.router.name().into()),
+    );
     w.set("spark.fixture.seed", Value::U64(spec.seed));
-    w.set("spark.fixture.hot_experts", Value::U32(if spec.router == Router::Skewed { spec.hot_experts } else { 0 }));
+    w.set(
+        "spark.fixture.hot_experts",
+        Value::U32(if spec.router == Router::Skewed {
+            spec.hot_experts
+        } else {
+            0
+        }),
+    );
     for (key, value) in &vocab_file.metadata {
         if key.starts_with("tokenizer.") {
             w.set(key, value.clone());
@@ -222,58 +284,156 @@ pub fn write_fixture(spec: &FixtureSpec, vocab: &Path, out: &Path) -> Result<Fix
             }
         }
     }
-    w.add_tensor("token_embd.weight", &[spec.embd, n_vocab], wt, encode(&embd, wt));
+    w.add_tensor(
+        "token_embd.weight",
+        &[spec.embd, n_vocab],
+        wt,
+        encode(&embd, wt),
+    );
     drop(embd);
-    w.add_tensor("output_norm.weight", &[spec.embd], GgmlType::F32, encode(&vec![1.0; e], GgmlType::F32));
+    w.add_tensor(
+        "output_norm.weight",
+        &[spec.embd],
+        GgmlType::F32,
+        encode(&vec![1.0; e], GgmlType::F32),
+    );
     let out_scale = 1.0 / (e as f32).sqrt();
-    w.add_tensor("output.weight", &[spec.embd, n_vocab], wt, encode(&random_vec(&mut rng, e * n_vocab as usize, out_scale), wt));
+    w.add_tensor(
+        "output.weight",
+        &[spec.embd, n_vocab],
+        wt,
+        encode(&random_vec(&mut rng, e * n_vocab as usize, out_scale), wt),
+    );
 
     let in_scale = 1.0 / (e as f32).sqrt();
     for layer in 0..spec.layers {
         let b = |s: &str| format!("blk.{layer}.{s}.weight");
-        let norm = |rng: &mut ChaCha8Rng| -> Vec<f32> { (0..e).map(|_| 0.8 + 0.4 * rng.gen::<f32>()).collect() };
+        let norm = |rng: &mut ChaCha8Rng| -> Vec<f32> {
+            (0..e).map(|_| 0.8 + 0.4 * rng.gen::<f32>()).collect()
+        };
         let attn_norm = norm(&mut rng);
-        w.add_tensor(&b("attn_norm"), &[spec.embd], GgmlType::F32, encode(&attn_norm, GgmlType::F32));
-        w.add_tensor(&b("attn_q"), &[spec.embd, q_dim as u64], wt, encode(&random_vec(&mut rng, e * q_dim, in_scale), wt));
-        w.add_tensor(&b("attn_k"), &[spec.embd, kv_dim as u64], wt, encode(&random_vec(&mut rng, e * kv_dim, in_scale), wt));
-        w.add_tensor(&b("attn_v"), &[spec.embd, kv_dim as u64], wt, encode(&random_vec(&mut rng, e * kv_dim, in_scale), wt));
-        let wo = if analytic { vec![0.0; q_dim * e] } else { random_vec(&mut rng, q_dim * e, 1.0 / (q_dim as f32).sqrt()) };
-        w.add_tensor(&b("attn_output"), &[q_dim as u64, spec.embd], wt, encode(&wo, wt));
+        w.add_tensor(
+            &b("attn_norm"),
+            &[spec.embd],
+            GgmlType::F32,
+            encode(&attn_norm, GgmlType::F32),
+        );
+        w.add_tensor(
+            &b("attn_q"),
+            &[spec.embd, q_dim as u64],
+            wt,
+            encode(&random_vec(&mut rng, e * q_dim, in_scale), wt),
+        );
+        w.add_tensor(
+            &b("attn_k"),
+            &[spec.embd, kv_dim as u64],
+            wt,
+            encode(&random_vec(&mut rng, e * kv_dim, in_scale), wt),
+        );
+        w.add_tensor(
+            &b("attn_v"),
+            &[spec.embd, kv_dim as u64],
+            wt,
+            encode(&random_vec(&mut rng, e * kv_dim, in_scale), wt),
+        );
+        let wo = if analytic {
+            vec![0.0; q_dim * e]
+        } else {
+            random_vec(&mut rng, q_dim * e, 1.0 / (q_dim as f32).sqrt())
+        };
+        w.add_tensor(
+            &b("attn_output"),
+            &[q_dim as u64, spec.embd],
+            wt,
+            encode(&wo, wt),
+        );
         let hd = spec.head_dim as usize;
-        w.add_tensor(&b("attn_q_norm"), &[spec.head_dim], GgmlType::F32, encode(&vec![1.0; hd], GgmlType::F32));
-        w.add_tensor(&b("attn_k_norm"), &[spec.head_dim], GgmlType::F32, encode(&vec![1.0; hd], GgmlType::F32));
+        w.add_tensor(
+            &b("attn_q_norm"),
+            &[spec.head_dim],
+            GgmlType::F32,
+            encode(&vec![1.0; hd], GgmlType::F32),
+        );
+        w.add_tensor(
+            &b("attn_k_norm"),
+            &[spec.head_dim],
+            GgmlType::F32,
+            encode(&vec![1.0; hd], GgmlType::F32),
+        );
         let ffn_norm = norm(&mut rng);
-        w.add_tensor(&b("ffn_norm"), &[spec.embd], GgmlType::F32, encode(&ffn_norm, GgmlType::F32));
+        w.add_tensor(
+            &b("ffn_norm"),
+            &[spec.embd],
+            GgmlType::F32,
+            encode(&ffn_norm, GgmlType::F32),
+        );
 
         // Router rows: expert j's logit is row j · input. Scaled so logits spread by a few units.
         let mut router = random_vec(&mut rng, e * n_exp, 3.0 * in_scale);
         if skewed {
             let hot = hot_experts(layer, spec.experts, spec.hot_experts);
             for &h in &hot {
-                for (x, c) in router[h as usize * e..(h as usize + 1) * e].iter_mut().zip(&common) {
+                for (x, c) in router[h as usize * e..(h as usize + 1) * e]
+                    .iter_mut()
+                    .zip(&common)
+                {
                     *x += 1.5 * in_scale * c;
                 }
             }
         }
-        w.add_tensor(&b("ffn_gate_inp"), &[spec.embd, spec.experts as u64], GgmlType::F32, encode(&router, GgmlType::F32));
+        w.add_tensor(
+            &b("ffn_gate_inp"),
+            &[spec.embd, spec.experts as u64],
+            GgmlType::F32,
+            encode(&router, GgmlType::F32),
+        );
         let n_up = e * ff * n_exp;
-        w.add_tensor(&b("ffn_gate_exps"), &[spec.embd, ff as u64, n_exp as u64], wt, encode(&random_vec(&mut rng, n_up, in_scale), wt));
-        w.add_tensor(&b("ffn_up_exps"), &[spec.embd, ff as u64, n_exp as u64], wt, encode(&random_vec(&mut rng, n_up, in_scale), wt));
-        let down = if analytic { vec![0.0; n_up] } else { random_vec(&mut rng, n_up, 1.0 / (ff as f32).sqrt()) };
-        w.add_tensor(&b("ffn_down_exps"), &[ff as u64, spec.embd, n_exp as u64], wt, encode(&down, wt));
+        w.add_tensor(
+            &b("ffn_gate_exps"),
+            &[spec.embd, ff as u64, n_exp as u64],
+            wt,
+            encode(&random_vec(&mut rng, n_up, in_scale), wt),
+        );
+        w.add_tensor(
+            &b("ffn_up_exps"),
+            &[spec.embd, ff as u64, n_exp as u64],
+            wt,
+            encode(&random_vec(&mut rng, n_up, in_scale), wt),
+        );
+        let down = if analytic {
+            vec![0.0; n_up]
+        } else {
+            random_vec(&mut rng, n_up, 1.0 / (ff as f32).sqrt())
+        };
+        w.add_tensor(
+            &b("ffn_down_exps"),
+            &[ff as u64, spec.embd, n_exp as u64],
+            wt,
+            encode(&down, wt),
+        );
     }
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| GgufError::Io { path: dir.into(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| GgufError::Io {
+            path: dir.into(),
+            source,
+        })?;
     }
     w.write(out)?;
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-    Ok(FixtureReport { path: out.to_path_buf(), bytes, n_vocab, spec: spec.clone() })
+    Ok(FixtureReport {
+        path: out.to_path_buf(),
+        bytes,
+        n_vocab,
+        spec: spec.clone(),
+    })
 }
 
 /// The hot experts of a layer in a skewed fixture: a layer-dependent rotation so different
 /// layers have different hot sets.
 pub fn hot_experts(layer: u32, n_expert: u32, n_hot: u32) -> Vec<u32> {
-    (0..n_hot).map(|i| (layer * 3 + i * (n_expert / n_hot.max(1)).max(1)) % n_expert).collect()
+    (0..n_hot)
+        .map(|i| (layer * 3 + i * (n_expert / n_hot.max(1)).max(1)) % n_expert)
+        .collect()
 }
 
 fn random_vec(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
@@ -286,7 +446,10 @@ fn random_vec(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
 pub fn encode(values: &[f32], t: GgmlType) -> Vec<u8> {
     match t.id {
         0 => bytemuck::cast_slice(values).to_vec(),
-        1 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+        1 => values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
         8 => quantize_q8_0(values),
         _ => unreachable!("validated weight type"),
     }
@@ -309,8 +472,14 @@ pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
 /// Decodes a row-major buffer of `t` back to f32 (f32, f16, q8_0).
 pub fn decode(bytes: &[u8], t: GgmlType) -> Option<Vec<f32>> {
     Some(match t.id {
-        0 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        1 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        0 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        1 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         8 => bytes
             .chunks_exact(34)
             .flat_map(|b| {
@@ -326,34 +495,72 @@ pub fn decode(bytes: &[u8], t: GgmlType) -> Option<Vec<f32>> {
 /// file's weights alone. Returns, per token, per layer, the top-k expert ids (highest logit
 /// first) and the margin between the k-th and the (k+1)-th logit, so callers can tell a
 /// numerically safe selection from a near tie.
-pub fn analytic_routing(file: &GgufFile, tokens: &[u32]) -> Result<Vec<Vec<(Vec<u32>, f32)>>, String> {
+pub fn analytic_routing(
+    file: &GgufFile,
+    tokens: &[u32],
+) -> Result<Vec<Vec<(Vec<u32>, f32)>>, String> {
     if file.get_str("spark.fixture.router") != Some("analytic") {
-        return Err(format!("{} is not an analytic fixture", file.path.display()));
+        return Err(format!(
+            "{} is not an analytic fixture",
+            file.path.display()
+        ));
     }
-    let arch = file.get_str("general.architecture").unwrap_or_default().to_string();
-    let u = |k: &str| file.get_u64(&format!("{arch}.{k}")).ok_or(format!("missing {arch}.{k}"));
-    let (n_layer, e, n_exp, k) = (u("block_count")?, u("embedding_length")? as usize, u("expert_count")? as usize, u("expert_used_count")? as usize);
+    let arch = file
+        .get_str("general.architecture")
+        .unwrap_or_default()
+        .to_string();
+    let u = |k: &str| {
+        file.get_u64(&format!("{arch}.{k}"))
+            .ok_or(format!("missing {arch}.{k}"))
+    };
+    let (n_layer, e, n_exp, k) = (
+        u("block_count")?,
+        u("embedding_length")? as usize,
+        u("expert_count")? as usize,
+        u("expert_used_count")? as usize,
+    );
     let eps = match file.get(&format!("{arch}.attention.layer_norm_rms_epsilon")) {
         Some(v) => v.as_f64().unwrap_or(1e-6) as f32,
         None => 1e-6,
     };
     let tensor = |name: &str| -> Result<Vec<f32>, String> {
         let t = file.tensor(name).ok_or(format!("missing tensor {name}"))?;
-        let ty = t.ggml_type.ok_or(format!("tensor {name} has unknown type"))?;
-        decode(file.tensor_data(t).ok_or(format!("tensor {name} data out of range"))?, ty)
-            .ok_or(format!("tensor {name} type {} cannot be decoded", ty.name))
+        let ty = t
+            .ggml_type
+            .ok_or(format!("tensor {name} has unknown type"))?;
+        decode(
+            file.tensor_data(t)
+                .ok_or(format!("tensor {name} data out of range"))?,
+            ty,
+        )
+        .ok_or(format!("tensor {name} type {} cannot be decoded", ty.name))
     };
-    let embd_t = file.tensor("token_embd.weight").ok_or("missing token_embd.weight")?;
-    let embd_ty = embd_t.ggml_type.ok_or("token_embd.weight has unknown type")?;
-    let row_bytes = embd_ty.tensor_bytes(&[e as u64]).ok_or("bad embedding row")? as usize;
-    let embd_data = file.tensor_data(embd_t).ok_or("token_embd.weight out of range")?;
+    let embd_t = file
+        .tensor("token_embd.weight")
+        .ok_or("missing token_embd.weight")?;
+    let embd_ty = embd_t
+        .ggml_type
+        .ok_or("token_embd.weight has unknown type")?;
+    let row_bytes = embd_ty
+        .tensor_bytes(&[e as u64])
+        .ok_or("bad embedding row")? as usize;
+    let embd_data = file
+        .tensor_data(embd_t)
+        .ok_or("token_embd.weight out of range")?;
     let layers: Vec<(Vec<f32>, Vec<f32>)> = (0..n_layer)
-        .map(|l| Ok((tensor(&format!("blk.{l}.ffn_norm.weight"))?, tensor(&format!("blk.{l}.ffn_gate_inp.weight"))?)))
+        .map(|l| {
+            Ok((
+                tensor(&format!("blk.{l}.ffn_norm.weight"))?,
+                tensor(&format!("blk.{l}.ffn_gate_inp.weight"))?,
+            ))
+        })
         .collect::<Result<_, String>>()?;
     let mut out = Vec::with_capacity(tokens.len());
     for &tok in tokens {
         let start = tok as usize * row_bytes;
-        let row = embd_data.get(start..start + row_bytes).ok_or(format!("token {tok} out of vocabulary"))?;
+        let row = embd_data
+            .get(start..start + row_bytes)
+            .ok_or(format!("token {tok} out of vocabulary"))?;
         let x = decode(row, embd_ty).ok_or("embedding type cannot be decoded")?;
         let ss: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
         let scale = 1.0 / ((ss / e as f64) as f32 + eps).sqrt();
@@ -361,10 +568,23 @@ pub fn analytic_routing(file: &GgufFile, tokens: &[u32]) -> Result<Vec<Vec<(Vec<
         for (norm, router) in &layers {
             let h: Vec<f32> = x.iter().zip(norm).map(|(&v, &w)| v * scale * w).collect();
             let mut logits: Vec<(f32, u32)> = (0..n_exp)
-                .map(|j| (router[j * e..(j + 1) * e].iter().zip(&h).map(|(a, b)| a * b).sum::<f32>(), j as u32))
+                .map(|j| {
+                    (
+                        router[j * e..(j + 1) * e]
+                            .iter()
+                            .zip(&h)
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>(),
+                        j as u32,
+                    )
+                })
                 .collect();
             logits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            let margin = if k < n_exp { logits[k - 1].0 - logits[k].0 } else { f32::INFINITY };
+            let margin = if k < n_exp {
+                logits[k - 1].0 - logits[k].0
+            } else {
+                f32::INFINITY
+            };
             per_layer.push((logits[..k].iter().map(|&(_, id)| id).collect(), margin));
         }
         out.push(per_layer);

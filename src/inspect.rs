@@ -59,19 +59,71 @@ impl InspectReport {
         let g = &self.geometry;
         let mut s = String::new();
         let _ = writeln!(s, "{}", self.path);
-        let _ = writeln!(s, "  architecture     {}{}", g.architecture, g.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default());
-        let _ = writeln!(s, "  file             {} (GGUF v{}, {} tensors, {} metadata keys, data at {})", human(self.file_size), self.gguf_version, self.n_tensors, self.n_metadata, self.data_offset);
+        let _ = writeln!(
+            s,
+            "  architecture     {}{}",
+            g.architecture,
+            g.name
+                .as_ref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            s,
+            "  file             {} (GGUF v{}, {} tensors, {} metadata keys, data at {})",
+            human(self.file_size),
+            self.gguf_version,
+            self.n_tensors,
+            self.n_metadata,
+            self.data_offset
+        );
         let _ = writeln!(s, "  fingerprint      {}", self.fingerprint);
-        let _ = writeln!(s, "  layers           {} (embedding {}, vocab {}, heads {}/{} kv, head dim {})", g.n_layer, g.n_embd, g.n_vocab, g.n_head, g.n_head_kv.first().copied().unwrap_or(0), g.head_dim_k);
+        let _ = writeln!(
+            s,
+            "  layers           {} (embedding {}, vocab {}, heads {}/{} kv, head dim {})",
+            g.n_layer,
+            g.n_embd,
+            g.n_vocab,
+            g.n_head,
+            g.n_head_kv.first().copied().unwrap_or(0),
+            g.head_dim_k
+        );
         if g.is_moe() {
-            let _ = writeln!(s, "  experts          {} per layer, {} used per token, {} shared, expert FFN {}", g.n_expert, g.n_expert_used, g.n_expert_shared, g.expert_ff_length.map(|v| v.to_string()).unwrap_or_else(|| "?".into()));
-            let _ = writeln!(s, "  MoE layers       {} of {}", g.moe_layers.len(), g.n_layer);
-            let sizes: std::collections::BTreeSet<u64> = self.expert_bytes_per_layer.iter().copied().collect();
+            let _ = writeln!(
+                s,
+                "  experts          {} per layer, {} used per token, {} shared, expert FFN {}",
+                g.n_expert,
+                g.n_expert_used,
+                g.n_expert_shared,
+                g.expert_ff_length
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "?".into())
+            );
+            let _ = writeln!(
+                s,
+                "  MoE layers       {} of {}",
+                g.moe_layers.len(),
+                g.n_layer
+            );
+            let sizes: std::collections::BTreeSet<u64> =
+                self.expert_bytes_per_layer.iter().copied().collect();
             let sizes: Vec<String> = sizes.iter().map(|&b| human(b)).collect();
-            let _ = writeln!(s, "  expert size      {} (all tensors of one expert)", sizes.join(", "));
+            let _ = writeln!(
+                s,
+                "  expert size      {} (all tensors of one expert)",
+                sizes.join(", ")
+            );
             if let Some(l) = g.moe_layers.first() {
                 for t in &l.tensors {
-                    let _ = writeln!(s, "    {:<28} {:>6} {:?}  slice {} at +{}", t.name, t.ggml_type, t.dims, human(t.slice_bytes), t.file_offset);
+                    let _ = writeln!(
+                        s,
+                        "    {:<28} {:>6} {:?}  slice {} at +{}",
+                        t.name,
+                        t.ggml_type,
+                        t.dims,
+                        human(t.slice_bytes),
+                        t.file_offset
+                    );
                 }
             }
         } else {
@@ -80,14 +132,30 @@ impl InspectReport {
         let _ = writeln!(s, "  tensor bytes     {}", human(g.total_tensor_bytes));
         for grp in TensorGroup::ALL {
             if let Some(b) = g.groups.bytes.get(&grp) {
-                let _ = writeln!(s, "    {:<16} {:>12}  ({} tensors)", format!("{grp:?}").to_lowercase(), human(*b), g.groups.tensors.get(&grp).unwrap_or(&0));
+                let _ = writeln!(
+                    s,
+                    "    {:<16} {:>12}  ({} tensors)",
+                    format!("{grp:?}").to_lowercase(),
+                    human(*b),
+                    g.groups.tensors.get(&grp).unwrap_or(&0)
+                );
             }
         }
         for u in &g.groups.unknown_type_tensors {
             let _ = writeln!(s, "    unknown type: {u}");
         }
-        let _ = writeln!(s, "  KV cache (f16)   {} per token, {} at context {}", human(self.kv_bytes_per_token_f16), human(self.kv_bytes_at_context_f16), self.kv_context);
-        let types: Vec<String> = self.tensor_types.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+        let _ = writeln!(
+            s,
+            "  KV cache (f16)   {} per token, {} at context {}",
+            human(self.kv_bytes_per_token_f16),
+            human(self.kv_bytes_at_context_f16),
+            self.kv_context
+        );
+        let types: Vec<String> = self
+            .tensor_types
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect();
         let _ = writeln!(s, "  tensor types     {}", types.join(", "));
         s
     }

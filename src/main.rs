@@ -116,11 +116,19 @@ fn main() -> ExitCode {
 /// Maps an error to a documented exit code by what caused it.
 fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
-        if cause.is::<GgufError>() || cause.is::<EngineError>() || cause.is::<FixtureError>() || cause.is::<UsageError>() {
+        if cause.is::<GgufError>()
+            || cause.is::<EngineError>()
+            || cause.is::<FixtureError>()
+            || cause.is::<UsageError>()
+        {
             return exit::USAGE;
         }
         if let Some(e) = cause.downcast_ref::<ServerError>() {
-            return if e.is_timeout() { exit::TIMEOUT } else { exit::CHECK_FAILED };
+            return if e.is_timeout() {
+                exit::TIMEOUT
+            } else {
+                exit::CHECK_FAILED
+            };
         }
     }
     exit::CHECK_FAILED
@@ -144,18 +152,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fixture(a) => {
             let mut spec = FixtureSpec::preset(a.size);
-            if let Some(v) = a.layers { spec.layers = v; }
-            if let Some(v) = a.experts { spec.experts = v; }
-            if let Some(v) = a.top_k { spec.top_k = v; }
-            if let Some(v) = a.embd { spec.embd = v; }
-            if let Some(v) = a.expert_ff { spec.expert_ff = v; }
-            if let Some(v) = a.seed { spec.seed = v; }
-            if let Some(v) = a.router { spec.router = v; }
+            if let Some(v) = a.layers {
+                spec.layers = v;
+            }
+            if let Some(v) = a.experts {
+                spec.experts = v;
+            }
+            if let Some(v) = a.top_k {
+                spec.top_k = v;
+            }
+            if let Some(v) = a.embd {
+                spec.embd = v;
+            }
+            if let Some(v) = a.expert_ff {
+                spec.expert_ff = v;
+            }
+            if let Some(v) = a.seed {
+                spec.seed = v;
+            }
+            if let Some(v) = a.router {
+                spec.router = v;
+            }
             if spec.hot_experts >= spec.experts {
                 spec.hot_experts = (spec.experts / 4).max(1);
             }
             if let Some(t) = &a.weight_type {
-                spec.weight_type = GgmlType::from_name(t).ok_or_else(|| UsageError(format!("parse --type {t}: unknown ggml type (f32, f16, q8_0)")))?;
+                spec.weight_type = GgmlType::from_name(t).ok_or_else(|| {
+                    UsageError(format!(
+                        "parse --type {t}: unknown ggml type (f32, f16, q8_0)"
+                    ))
+                })?;
             }
             let vocab = match a.vocab {
                 Some(v) => v,
@@ -165,7 +191,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("wrote {} ({} bytes): {} layers, {} experts, top-{}, embd {}, router {}, {}", report.path.display(), report.bytes, spec.layers, spec.experts, spec.top_k, spec.embd, spec.router.name(), spec.weight_type.name);
+                println!(
+                    "wrote {} ({} bytes): {} layers, {} experts, top-{}, embd {}, router {}, {}",
+                    report.path.display(),
+                    report.bytes,
+                    spec.layers,
+                    spec.experts,
+                    spec.top_k,
+                    spec.embd,
+                    spec.router.name(),
+                    spec.weight_type.name
+                );
             }
         }
         Command::Demo(a) => {
@@ -181,8 +217,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Engine(a) => {
             let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;
             println!("llama-server {}", e.llama_server.display());
-            if let Some(b) = e.llama_bench { println!("llama-bench  {}", b.display()); }
-            if let Some(p) = e.prefix { println!("prefix       {}", p.display()); }
+            if let Some(b) = e.llama_bench {
+                println!("llama-bench  {}", b.display());
+            }
+            if let Some(p) = e.prefix {
+                println!("prefix       {}", p.display());
+            }
             println!("version      {} (stock)", engine::ENGINE_VERSION);
         }
     }

@@ -1,1 +1,5 @@
+//! Integration tests, compiled as one binary; `util` holds what they share.
 
+mod util;
+
+mod gguf_files;

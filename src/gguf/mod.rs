@@ -11,7 +11,9 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 
-pub use moe::{ExpertSlice, ExpertTensor, Fingerprint, GroupTotals, LayerExperts, MoeGeometry, TensorGroup};
+pub use moe::{
+    ExpertSlice, ExpertTensor, Fingerprint, GroupTotals, LayerExperts, MoeGeometry, TensorGroup,
+};
 pub use reader::{parse_bytes, GgufFile, Parsed, TensorInfo, DEFAULT_ALIGNMENT};
 pub use types::GgmlType;
 pub use value::{Value, ValueType};
@@ -21,7 +23,10 @@ pub use writer::GgufWriter;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("read {path}: not a regular file")]
     NotAFile { path: PathBuf },
     #[error("read {path}: not a GGUF file (magic {found}, expected \"GGUF\")")]
@@ -29,16 +34,27 @@ pub enum GgufError {
     #[error("read {path}: GGUF version {version} is not supported (2 and 3 are)")]
     UnsupportedVersion { path: PathBuf, version: u32 },
     #[error("read {path}: file is truncated: {what} at byte {offset}")]
-    Truncated { path: PathBuf, what: String, offset: u64 },
+    Truncated {
+        path: PathBuf,
+        what: String,
+        offset: u64,
+    },
     #[error("read {path}: file is corrupt at byte {offset}: {message}")]
-    Corrupt { path: PathBuf, offset: u64, message: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        message: String,
+    },
     #[error("read {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 impl GgufError {
     fn at(path: &Path, message: &str) -> GgufError {
-        GgufError::Invalid { path: path.to_path_buf(), message: message.to_string() }
+        GgufError::Invalid {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
     }
 
     /// Attaches the file path to an error produced by the path-less byte parser.

@@ -42,7 +42,10 @@ impl TensorGroup {
             .strip_prefix("blk.")
             .and_then(|rest| rest.split_once('.').map(|(_, p)| p))
             .unwrap_or(name);
-        let stem = part.strip_suffix(".weight").or_else(|| part.strip_suffix(".bias")).unwrap_or(part);
+        let stem = part
+            .strip_suffix(".weight")
+            .or_else(|| part.strip_suffix(".bias"))
+            .unwrap_or(part);
         if stem.starts_with("token_embd") || stem.starts_with("per_layer_token_embd") {
             TensorGroup::Embeddings
         } else if stem == "output" {
@@ -165,7 +168,10 @@ pub struct MoeGeometry {
 impl MoeGeometry {
     /// Reads the geometry of `file`. A dense model is valid: it has no MoE layers.
     pub fn of(file: &GgufFile) -> Result<MoeGeometry, GgufError> {
-        let invalid = |message: String| GgufError::Invalid { path: file.path.clone(), message };
+        let invalid = |message: String| GgufError::Invalid {
+            path: file.path.clone(),
+            message,
+        };
         let arch = file
             .get_str("general.architecture")
             .ok_or_else(|| invalid("metadata has no general.architecture".into()))?
@@ -174,24 +180,38 @@ impl MoeGeometry {
         let n_layer = file
             .get_u64(&key("block_count"))
             .ok_or_else(|| invalid(format!("metadata has no {}", key("block_count"))))?;
-        let n_layer = u32::try_from(n_layer).map_err(|_| invalid(format!("block_count {n_layer} is too large")))?;
+        let n_layer = u32::try_from(n_layer)
+            .map_err(|_| invalid(format!("block_count {n_layer} is too large")))?;
         let n_embd = file.get_u64(&key("embedding_length")).unwrap_or(0);
-        let n_head = per_layer(file, &key("attention.head_count")).first().copied().unwrap_or(0);
+        let n_head = per_layer(file, &key("attention.head_count"))
+            .first()
+            .copied()
+            .unwrap_or(0);
         let mut n_head_kv = per_layer(file, &key("attention.head_count_kv"));
         if n_head_kv.is_empty() {
             n_head_kv = vec![n_head];
         }
         let default_head = if n_head > 0 { n_embd / n_head } else { 0 };
-        let head_dim_k = file.get_u64(&key("attention.key_length")).unwrap_or(default_head);
-        let head_dim_v = file.get_u64(&key("attention.value_length")).unwrap_or(default_head);
+        let head_dim_k = file
+            .get_u64(&key("attention.key_length"))
+            .unwrap_or(default_head);
+        let head_dim_v = file
+            .get_u64(&key("attention.value_length"))
+            .unwrap_or(default_head);
         let n_expert = file.get_u64(&key("expert_count")).unwrap_or(0) as u32;
         let n_expert_used = file.get_u64(&key("expert_used_count")).unwrap_or(0) as u32;
         let n_expert_shared = file.get_u64(&key("expert_shared_count")).unwrap_or(0) as u32;
-        let expert_ff_length = per_layer(file, &key("expert_feed_forward_length")).first().copied();
+        let expert_ff_length = per_layer(file, &key("expert_feed_forward_length"))
+            .first()
+            .copied();
         let n_vocab = file
             .tensor("token_embd.weight")
             .and_then(|t| t.dims.get(1).copied())
-            .or_else(|| file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len() as u64))
+            .or_else(|| {
+                file.get("tokenizer.ggml.tokens")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.len() as u64)
+            })
             .unwrap_or(0);
 
         let mut groups = GroupTotals::default();
@@ -204,7 +224,9 @@ impl MoeGeometry {
                     *groups.bytes.entry(g).or_default() += b;
                     total += b;
                 }
-                None => groups.unknown_type_tensors.push(format!("{} ({})", t.name, t.type_name())),
+                None => groups
+                    .unknown_type_tensors
+                    .push(format!("{} ({})", t.name, t.type_name())),
             }
         }
 
@@ -214,7 +236,9 @@ impl MoeGeometry {
                 let prefix = format!("blk.{layer}.");
                 let mut tensors = Vec::new();
                 for t in file.tensors.iter().filter(|t| t.name.starts_with(&prefix)) {
-                    let Some(role) = expert_role(&t.name[prefix.len()..]) else { continue };
+                    let Some(role) = expert_role(&t.name[prefix.len()..]) else {
+                        continue;
+                    };
                     tensors.push(expert_tensor(file, t, role, n_expert).map_err(invalid)?);
                 }
                 if tensors.is_empty() {
@@ -222,7 +246,11 @@ impl MoeGeometry {
                 }
                 tensors.sort_by_key(|t| role_rank(&t.role));
                 let expert_bytes = tensors.iter().map(|t| t.slice_bytes).sum();
-                moe_layers.push(LayerExperts { layer, tensors, expert_bytes });
+                moe_layers.push(LayerExperts {
+                    layer,
+                    tensors,
+                    expert_bytes,
+                });
             }
         }
 
@@ -257,7 +285,11 @@ impl MoeGeometry {
     pub fn kv_bytes_per_token(&self, k_type: GgmlType, v_type: GgmlType) -> u64 {
         (0..self.n_layer as usize)
             .map(|l| {
-                let kv = *self.n_head_kv.get(l).or(self.n_head_kv.last()).unwrap_or(&0);
+                let kv = *self
+                    .n_head_kv
+                    .get(l)
+                    .or(self.n_head_kv.last())
+                    .unwrap_or(&0);
                 let k = (kv * self.head_dim_k) as f64 * k_type.bytes_per_elem();
                 let v = (kv * self.head_dim_v) as f64 * v_type.bytes_per_elem();
                 (k + v).ceil() as u64
@@ -267,7 +299,10 @@ impl MoeGeometry {
 
     /// Bytes of all routed experts.
     pub fn routed_expert_bytes(&self) -> u64 {
-        self.moe_layers.iter().map(|l| l.expert_bytes * u64::from(self.n_expert)).sum()
+        self.moe_layers
+            .iter()
+            .map(|l| l.expert_bytes * u64::from(self.n_expert))
+            .sum()
     }
 }
 
@@ -302,12 +337,24 @@ fn role_rank(role: &str) -> u8 {
     }
 }
 
-fn expert_tensor(file: &GgufFile, t: &TensorInfo, role: &str, n_expert: u32) -> Result<ExpertTensor, String> {
-    let bytes = t
-        .bytes
-        .ok_or_else(|| format!("expert tensor {} has unknown type {}", t.name, t.type_name()))?;
+fn expert_tensor(
+    file: &GgufFile,
+    t: &TensorInfo,
+    role: &str,
+    n_expert: u32,
+) -> Result<ExpertTensor, String> {
+    let bytes = t.bytes.ok_or_else(|| {
+        format!(
+            "expert tensor {} has unknown type {}",
+            t.name,
+            t.type_name()
+        )
+    })?;
     if t.dims.len() != 3 || t.dims[2] != u64::from(n_expert) {
-        return Err(format!("expert tensor {} has dimensions {:?}, expected [.., .., {n_expert}]", t.name, t.dims));
+        return Err(format!(
+            "expert tensor {} has dimensions {:?}, expected [.., .., {n_expert}]",
+            t.name, t.dims
+        ));
     }
     Ok(ExpertTensor {
         name: t.name.clone(),
@@ -323,5 +370,8 @@ fn expert_tensor(file: &GgufFile, t: &TensorInfo, role: &str, n_expert: u32) -> 
 pub fn fingerprint(file: &GgufFile) -> Fingerprint {
     let head = &file.bytes()[..(file.data_offset as usize).min(file.bytes().len())];
     let digest = Sha256::digest(head);
-    Fingerprint { file_size: file.file_size, header_sha256: digest.into() }
+    Fingerprint {
+        file_size: file.file_size,
+        header_sha256: digest.into(),
+    }
 }

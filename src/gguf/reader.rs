@@ -64,11 +64,16 @@ pub struct GgufFile {
 impl GgufFile {
     /// Opens and parses `path`.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
+        let io = |source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         if !meta.is_file() {
-            return Err(GgufError::NotAFile { path: path.to_path_buf() });
+            return Err(GgufError::NotAFile {
+                path: path.to_path_buf(),
+            });
         }
         if meta.len() == 0 {
             return Err(GgufError::at(path, "file is empty"));
@@ -139,12 +144,18 @@ pub fn parse_bytes(buf: &[u8]) -> Result<Parsed, GgufError> {
     let mut c = Cursor { buf, pos: 0 };
     if buf.len() < 4 || &buf[..4] != GGUF_MAGIC {
         let shown = &buf[..buf.len().min(4)];
-        return Err(GgufError::NotGguf { path: PathBuf::new(), found: format!("{shown:02x?}") });
+        return Err(GgufError::NotGguf {
+            path: PathBuf::new(),
+            found: format!("{shown:02x?}"),
+        });
     }
     c.pos = 4;
     let version = c.u32("version")?;
     if version != 2 && version != 3 {
-        return Err(GgufError::UnsupportedVersion { path: PathBuf::new(), version });
+        return Err(GgufError::UnsupportedVersion {
+            path: PathBuf::new(),
+            version,
+        });
     }
     let n_tensors = c.u64("tensor count")?;
     let n_kv = c.u64("metadata count")?;
@@ -155,8 +166,11 @@ pub fn parse_bytes(buf: &[u8]) -> Result<Parsed, GgufError> {
     for _ in 0..n_kv {
         let key = c.string("metadata key")?;
         let type_id = c.u32("metadata value type")?;
-        let vt = ValueType::from_id(type_id)
-            .ok_or_else(|| c.corrupt(format!("metadata key {key:?} has unknown value type {type_id}")))?;
+        let vt = ValueType::from_id(type_id).ok_or_else(|| {
+            c.corrupt(format!(
+                "metadata key {key:?} has unknown value type {type_id}"
+            ))
+        })?;
         let value = c.value(vt, &key, 0)?;
         metadata.push((key, value));
     }
@@ -164,7 +178,12 @@ pub fn parse_bytes(buf: &[u8]) -> Result<Parsed, GgufError> {
         None => DEFAULT_ALIGNMENT,
         Some((_, v)) => match v.as_u64() {
             Some(a) if a > 0 && a.is_power_of_two() => a,
-            _ => return Err(c.corrupt(format!("general.alignment {} is not a power of two", v.summary()))),
+            _ => {
+                return Err(c.corrupt(format!(
+                    "general.alignment {} is not a power of two",
+                    v.summary()
+                )))
+            }
         },
     };
     c.check_count(n_tensors, 32, "tensor count")?;
@@ -173,7 +192,9 @@ pub fn parse_bytes(buf: &[u8]) -> Result<Parsed, GgufError> {
         let name = c.string("tensor name")?;
         let n_dims = c.u32("tensor dimension count")?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(c.corrupt(format!("tensor {name:?} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+            return Err(c.corrupt(format!(
+                "tensor {name:?} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+            )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -184,36 +205,63 @@ pub fn parse_bytes(buf: &[u8]) -> Result<Parsed, GgufError> {
         let ggml_type = GgmlType::from_id(type_id);
         let bytes = match ggml_type {
             Some(t) => Some(t.tensor_bytes(&dims).ok_or_else(|| {
-                c.corrupt(format!("tensor {name:?} dimensions {dims:?} do not fit type {}", t.name))
+                c.corrupt(format!(
+                    "tensor {name:?} dimensions {dims:?} do not fit type {}",
+                    t.name
+                ))
             })?),
             None => None,
         };
         if offset % alignment != 0 {
-            return Err(c.corrupt(format!("tensor {name:?} offset {offset} is not aligned to {alignment}")));
+            return Err(c.corrupt(format!(
+                "tensor {name:?} offset {offset} is not aligned to {alignment}"
+            )));
         }
-        tensors.push(TensorInfo { name, dims, type_id, ggml_type, offset, bytes });
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            type_id,
+            ggml_type,
+            offset,
+            bytes,
+        });
     }
     let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
     let file_len = buf.len() as u64;
     if data_offset > file_len && !tensors.is_empty() {
-        return Err(GgufError::Truncated { path: PathBuf::new(), what: "data section".into(), offset: c.pos as u64 });
+        return Err(GgufError::Truncated {
+            path: PathBuf::new(),
+            what: "data section".into(),
+            offset: c.pos as u64,
+        });
     }
     for t in &tensors {
         if let Some(bytes) = t.bytes {
-            let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(bytes));
+            let end = data_offset
+                .checked_add(t.offset)
+                .and_then(|s| s.checked_add(bytes));
             match end {
                 Some(end) if end <= file_len => {}
                 _ => {
                     return Err(GgufError::Truncated {
                         path: PathBuf::new(),
-                        what: format!("data of tensor {:?} ({} bytes at data offset {})", t.name, bytes, t.offset),
+                        what: format!(
+                            "data of tensor {:?} ({} bytes at data offset {})",
+                            t.name, bytes, t.offset
+                        ),
                         offset: file_len,
                     })
                 }
             }
         }
     }
-    Ok(Parsed { version, metadata, tensors, alignment, data_offset })
+    Ok(Parsed {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_offset,
+    })
 }
 
 struct Cursor<'a> {
@@ -230,12 +278,20 @@ impl<'a> Cursor<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => Err(GgufError::Truncated { path: PathBuf::new(), what: what.to_string(), offset: self.pos as u64 }),
+            None => Err(GgufError::Truncated {
+                path: PathBuf::new(),
+                what: what.to_string(),
+                offset: self.pos as u64,
+            }),
         }
     }
 
     fn corrupt(&self, message: String) -> GgufError {
-        GgufError::Corrupt { path: PathBuf::new(), offset: self.pos as u64, message }
+        GgufError::Corrupt {
+            path: PathBuf::new(),
+            offset: self.pos as u64,
+            message,
+        }
     }
 
     fn check_count(&self, count: u64, min_bytes_each: u64, what: &str) -> Result<(), GgufError> {
@@ -298,11 +354,16 @@ impl<'a> Cursor<'a> {
             ValueType::String => Value::String(self.string("metadata string")?),
             ValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.corrupt(format!("metadata key {key:?} nests arrays deeper than {MAX_ARRAY_DEPTH}")));
+                    return Err(self.corrupt(format!(
+                        "metadata key {key:?} nests arrays deeper than {MAX_ARRAY_DEPTH}"
+                    )));
                 }
                 let elem_id = self.u32("array element type")?;
-                let elem = ValueType::from_id(elem_id)
-                    .ok_or_else(|| self.corrupt(format!("metadata key {key:?} has arrays of unknown type {elem_id}")))?;
+                let elem = ValueType::from_id(elem_id).ok_or_else(|| {
+                    self.corrupt(format!(
+                        "metadata key {key:?} has arrays of unknown type {elem_id}"
+                    ))
+                })?;
                 let count = self.u64("array length")?;
                 self.check_count(count, elem.fixed_size().unwrap_or(8) as u64, "array length")?;
                 let mut items = Vec::with_capacity(count as usize);

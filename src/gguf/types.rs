@@ -71,7 +71,10 @@ impl GgmlType {
 
     /// The type with this name (case-insensitive), as used on the command line.
     pub fn from_name(name: &str) -> Option<GgmlType> {
-        GgmlType::ALL.iter().copied().find(|t| t.name.eq_ignore_ascii_case(name))
+        GgmlType::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name.eq_ignore_ascii_case(name))
     }
 
     /// Bytes of a tensor with these dimensions, or `None` when the first dimension is not a
@@ -110,7 +113,10 @@ mod tests {
     fn tensor_bytes_follow_blocks() {
         assert_eq!(GgmlType::F32.tensor_bytes(&[3, 5]), Some(60));
         assert_eq!(GgmlType::Q8_0.tensor_bytes(&[64, 2]), Some(2 * 2 * 34));
-        assert_eq!(GgmlType::Q4_K.tensor_bytes(&[512, 3, 4]), Some(2 * 144 * 12));
+        assert_eq!(
+            GgmlType::Q4_K.tensor_bytes(&[512, 3, 4]),
+            Some(2 * 144 * 12)
+        );
         assert_eq!(GgmlType::Q8_0.tensor_bytes(&[33]), None, "partial block");
         assert_eq!(GgmlType::F32.tensor_bytes(&[u64::MAX, 2]), None, "overflow");
     }

@@ -47,23 +47,40 @@ impl GgufWriter {
 
     /// Adds a tensor. Panics if the data length does not match the type and dimensions: that is
     /// a bug in the caller, not bad input.
-    pub fn add_tensor(&mut self, name: &str, dims: &[u64], ggml_type: GgmlType, data: Vec<u8>) -> &mut Self {
-        let expected = ggml_type.tensor_bytes(dims).expect("tensor dimensions fit the type");
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ggml_type: GgmlType,
+        data: Vec<u8>,
+    ) -> &mut Self {
+        let expected = ggml_type
+            .tensor_bytes(dims)
+            .expect("tensor dimensions fit the type");
         assert_eq!(data.len() as u64, expected, "tensor {name} data length");
-        self.tensors.push(PendingTensor { name: name.to_string(), dims: dims.to_vec(), ggml_type, data });
+        self.tensors.push(PendingTensor {
+            name: name.to_string(),
+            dims: dims.to_vec(),
+            ggml_type,
+            data,
+        });
         self
     }
 
     /// Serialises the whole file into memory (tests and small files).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        self.write_to(&mut out).expect("writing to a Vec cannot fail");
+        self.write_to(&mut out)
+            .expect("writing to a Vec cannot fail");
         out
     }
 
     /// Writes the file atomically at `path`.
     pub fn write(&self, path: &Path) -> Result<(), GgufError> {
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
+        let io = |source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = AtomicFile::create(path).map_err(io)?;
         let mut w = BufWriter::with_capacity(1 << 20, file.as_file());
         self.write_to(&mut w).map_err(io)?;
@@ -143,7 +160,10 @@ fn encode_value(v: &Value, out: &mut Vec<u8>) {
         Value::Bool(x) => out.push(u8::from(*x)),
         Value::String(s) => out.extend_from_slice(&encode_string(s)),
         Value::Array(elem, items) => {
-            debug_assert!(items.iter().all(|i| i.value_type() == *elem), "array items match the element type");
+            debug_assert!(
+                items.iter().all(|i| i.value_type() == *elem),
+                "array items match the element type"
+            );
             out.extend_from_slice(&(*elem as u32).to_le_bytes());
             out.extend_from_slice(&(items.len() as u64).to_le_bytes());
             for item in items {

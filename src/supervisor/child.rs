@@ -42,9 +42,15 @@ impl ChildGroup {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| SpawnError { program, source })?;
+        let child = cmd
+            .spawn()
+            .map_err(|source| SpawnError { program, source })?;
         let pgid = Pid::from_raw(child.id() as i32);
-        Ok(ChildGroup { child, pgid, exited: None })
+        Ok(ChildGroup {
+            child,
+            pgid,
+            exited: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {

@@ -15,7 +15,9 @@ pub enum ServerError {
     Spawn(#[from] SpawnError),
     #[error("start llama-server: {0}")]
     Io(#[from] std::io::Error),
-    #[error("start llama-server: it exited with {status} before it was ready; last log lines:\n{log}")]
+    #[error(
+        "start llama-server: it exited with {status} before it was ready; last log lines:\n{log}"
+    )]
     ExitedEarly { status: String, log: String },
     #[error("start llama-server: not ready after {secs} s; last log lines:\n{log}")]
     NotReady { secs: u64, log: String },
@@ -68,29 +70,53 @@ impl LlamaServer {
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
         cmd.args(&cfg.extra_args);
         cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
-        if let Some(lib) = cfg.binary.parent().and_then(Path::parent).map(|p| p.join("lib")) {
+        if let Some(lib) = cfg
+            .binary
+            .parent()
+            .and_then(Path::parent)
+            .map(|p| p.join("lib"))
+        {
             if lib.is_dir() {
                 let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
-                cmd.env("LD_LIBRARY_PATH", if old.is_empty() { lib.display().to_string() } else { format!("{}:{old}", lib.display()) });
+                cmd.env(
+                    "LD_LIBRARY_PATH",
+                    if old.is_empty() {
+                        lib.display().to_string()
+                    } else {
+                        format!("{}:{old}", lib.display())
+                    },
+                );
             }
         }
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         let child = ChildGroup::spawn(&mut cmd)?;
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(2))
             .timeout(Duration::from_secs(120))
             .build();
-        let mut server = LlamaServer { child, port, log_path: cfg.log_path.clone(), agent };
+        let mut server = LlamaServer {
+            child,
+            port,
+            log_path: cfg.log_path.clone(),
+            agent,
+        };
         server.wait_ready(cfg.ready_timeout)?;
         Ok(server)
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), ServerError> {
         let deadline = Instant::now() + timeout;
-        let probe = ureq::AgentBuilder::new().timeout(Duration::from_secs(1)).build();
+        let probe = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(1))
+            .build();
         loop {
             if let Some(status) = self.child.try_status() {
-                return Err(ServerError::ExitedEarly { status: status.to_string(), log: self.log_tail(20) });
+                return Err(ServerError::ExitedEarly {
+                    status: status.to_string(),
+                    log: self.log_tail(20),
+                });
             }
             if let Ok(resp) = probe.get(&self.url("/health")).call() {
                 if resp.status() == 200 {
@@ -99,7 +125,10 @@ impl LlamaServer {
             }
             if Instant::now() >= deadline {
                 self.child.stop(Duration::from_secs(2));
-                return Err(ServerError::NotReady { secs: timeout.as_secs(), log: self.log_tail(20) });
+                return Err(ServerError::NotReady {
+                    secs: timeout.as_secs(),
+                    log: self.log_tail(20),
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -114,9 +143,20 @@ impl LlamaServer {
     }
 
     /// POSTs JSON to `route` and returns the JSON answer.
-    pub fn post_json(&self, route: &str, body: &serde_json::Value) -> Result<serde_json::Value, ServerError> {
-        let http = |message: String| ServerError::Http { route: route.to_string(), message };
-        let resp = self.agent.post(&self.url(route)).send_json(body).map_err(|e| http(e.to_string()))?;
+    pub fn post_json(
+        &self,
+        route: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ServerError> {
+        let http = |message: String| ServerError::Http {
+            route: route.to_string(),
+            message,
+        };
+        let resp = self
+            .agent
+            .post(&self.url(route))
+            .send_json(body)
+            .map_err(|e| http(e.to_string()))?;
         resp.into_json().map_err(|e| http(e.to_string()))
     }
 
