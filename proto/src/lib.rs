@@ -4,3 +4,5 @@
 //! and consumed by another: the binary routing-trace file today; the shared-memory ring, the
 //! control protocol and the scheduler hook ABI as they land. Nothing here does I/O; both sides
 //! (the `spark` library and the preloaded tap) use these types so a layout is written once.
+
+pub mod trace;
