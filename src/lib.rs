@@ -9,4 +9,5 @@ pub mod exit;
 pub mod fixture;
 pub mod gguf;
 pub mod inspect;
+pub mod ring;
 pub mod supervisor;

@@ -6,3 +6,4 @@
 //! (the `spark` library and the preloaded tap) use these types so a layout is written once.
 
 pub mod trace;
+pub mod ring;

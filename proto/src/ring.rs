@@ -1,0 +1,558 @@
+//! The shared-memory ring: header layout and the single-producer / single-consumer algorithm.
+//!
+//! Owns the bytes of the ring file (a [`RingHeader`] followed by `capacity` fixed-size records)
+//! and the two halves that move records through it: [`Producer`] (used by the preloaded tap
+//! inside llama-server) and [`Consumer`] (used by the supervisor). Both operate on memory that
+//! someone else mapped; nothing here opens, maps or unlinks a file, and nothing here allocates.
+//!
+//! Layout (little-endian, offsets in bytes):
+//!
+//! ```text
+//! 0     magic "SPKRING\0", version, header_size, record_size, record_kind, capacity,
+//!       model geometry (n_layer, n_expert, n_expert_used, n_embd), creator pid
+//! 128   write cursor (u64, producer-owned cache line) and dropped-record counter (u64)
+//! 192   read cursor (u64, consumer-owned cache line)
+//! 256   capacity × record_size bytes of records; record n lives in slot n mod capacity
+//! ```
+//!
+//! Invariants: cursors count records since creation and never wrap (u64); `capacity` is a power
+//! of two; the producer stores `write` with Release after writing a record and loads `read`
+//! with Acquire before reusing a slot; the consumer mirrors that. The producer never overwrites
+//! an unread record: when the ring is full it drops the new record and increments `dropped`,
+//! so the engine never waits and a reader never sees a torn record.
+
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// First eight bytes of a ring file.
+pub const RING_MAGIC: [u8; 8] = *b"SPKRING\0";
+/// Layout version written and accepted.
+pub const RING_VERSION: u32 = 1;
+/// Bytes before the first record.
+pub const RING_HEADER_SIZE: usize = 256;
+/// `RingHeader::record_kind` of a ring carrying `trace::RoutingRecord`s.
+pub const KIND_ROUTING: u32 = 1;
+/// Largest capacity a header may claim (2^26 records, several GiB of routing records).
+pub const MAX_CAPACITY: u64 = 1 << 26;
+
+/// Environment variable naming the ring file (an absolute path under /dev/shm) in the child.
+pub const ENV_RING: &str = "SPARK_RING";
+/// Environment variable holding the child's end of the control socket (a file descriptor).
+pub const ENV_CONTROL_FD: &str = "SPARK_CONTROL_FD";
+
+/// Byte offset of the write cursor.
+pub const WRITE_OFFSET: usize = 128;
+/// Byte offset of the dropped-record counter.
+pub const DROPPED_OFFSET: usize = 136;
+/// Byte offset of the read cursor.
+pub const READ_OFFSET: usize = 192;
+
+/// The ring file header. The cursor fields are only touched atomically through [`Producer`] /
+/// [`Consumer`]; the struct form exists to fix and document the layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RingHeader {
+    /// [`RING_MAGIC`].
+    pub magic: [u8; 8],
+    /// [`RING_VERSION`].
+    pub version: u32,
+    /// [`RING_HEADER_SIZE`].
+    pub header_size: u32,
+    /// Bytes per record.
+    pub record_size: u32,
+    /// What the records are ([`KIND_ROUTING`]).
+    pub record_kind: u32,
+    /// Record slots; a power of two.
+    pub capacity: u64,
+    /// Model geometry, as the creator read it from the GGUF file.
+    pub n_layer: u32,
+    pub n_expert: u32,
+    pub n_expert_used: u32,
+    pub n_embd: u32,
+    /// Process id of the creator (the supervisor).
+    pub creator_pid: u32,
+    /// Zero.
+    pub reserved0: u32,
+    /// Zero.
+    pub reserved1: [u64; 9],
+    /// Records published by the producer since creation.
+    pub write: u64,
+    /// Records the producer dropped because the ring was full.
+    pub dropped: u64,
+    /// Zero.
+    pub reserved2: [u64; 6],
+    /// Records consumed since creation.
+    pub read: u64,
+    /// Zero.
+    pub reserved3: [u64; 7],
+}
+
+const _: () = assert!(std::mem::size_of::<RingHeader>() == RING_HEADER_SIZE);
+const _: () = assert!(std::mem::offset_of!(RingHeader, write) == WRITE_OFFSET);
+const _: () = assert!(std::mem::offset_of!(RingHeader, dropped) == DROPPED_OFFSET);
+const _: () = assert!(std::mem::offset_of!(RingHeader, read) == READ_OFFSET);
+
+/// Model geometry carried in the header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingGeometry {
+    pub n_layer: u32,
+    pub n_expert: u32,
+    pub n_expert_used: u32,
+    pub n_embd: u32,
+}
+
+/// Why a memory region is not a usable ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RingError {
+    /// Shorter than the header, or shorter than header + capacity × record size.
+    TooSmall { len: usize, needed: u64 },
+    /// Not a ring file.
+    BadMagic,
+    /// A layout version this build does not know.
+    Version { found: u32 },
+    /// A header size other than [`RING_HEADER_SIZE`].
+    HeaderSize { found: u32 },
+    /// The records are not the type the caller expects.
+    RecordSize { found: u32, expected: u32 },
+    /// The record kind is not the one the caller expects.
+    RecordKind { found: u32, expected: u32 },
+    /// Capacity zero, not a power of two, or above [`MAX_CAPACITY`].
+    Capacity { found: u64 },
+    /// The base address is not 8-byte aligned.
+    Unaligned,
+}
+
+impl std::fmt::Display for RingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RingError::TooSmall { len, needed } => {
+                write!(f, "ring is {len} bytes, needs {needed}")
+            }
+            RingError::BadMagic => write!(f, "not a spark ring (bad magic)"),
+            RingError::Version { found } => {
+                write!(
+                    f,
+                    "ring version {found} is not supported (this build reads {RING_VERSION})"
+                )
+            }
+            RingError::HeaderSize { found } => {
+                write!(f, "ring header size {found}, expected {RING_HEADER_SIZE}")
+            }
+            RingError::RecordSize { found, expected } => {
+                write!(f, "ring record size {found}, expected {expected}")
+            }
+            RingError::RecordKind { found, expected } => {
+                write!(f, "ring record kind {found}, expected {expected}")
+            }
+            RingError::Capacity { found } => write!(
+                f,
+                "ring capacity {found} must be a power of two between 1 and {MAX_CAPACITY}"
+            ),
+            RingError::Unaligned => write!(f, "ring memory is not 8-byte aligned"),
+        }
+    }
+}
+
+impl std::error::Error for RingError {}
+
+/// Bytes a ring of `capacity` records of `T` needs.
+pub fn ring_bytes<T>(capacity: u64) -> u64 {
+    RING_HEADER_SIZE as u64 + capacity * std::mem::size_of::<T>() as u64
+}
+
+/// Checks `capacity` is a power of two within bounds.
+pub fn check_capacity(capacity: u64) -> Result<(), RingError> {
+    if capacity == 0 || !capacity.is_power_of_two() || capacity > MAX_CAPACITY {
+        return Err(RingError::Capacity { found: capacity });
+    }
+    Ok(())
+}
+
+/// A validated ring region: base pointer, capacity, record type.
+struct Region<T> {
+    base: NonNull<u8>,
+    mask: u64,
+    _t: PhantomData<T>,
+}
+
+// SAFETY: a Region is a pointer into shared memory whose concurrent use is governed by the SPSC
+// protocol (atomic cursors, slot ownership); T is Pod so it has no thread affinity.
+unsafe impl<T: bytemuck::Pod> Send for Region<T> {}
+
+impl<T: bytemuck::Pod> Region<T> {
+    /// # Safety
+    /// `base` must point to `len` bytes readable and writable for the Region's lifetime, shared
+    /// only with processes that follow this module's protocol.
+    unsafe fn validate(base: *mut u8, len: usize, kind: u32) -> Result<Region<T>, RingError> {
+        let base = NonNull::new(base).ok_or(RingError::Unaligned)?;
+        if base.as_ptr() as usize % 8 != 0 {
+            return Err(RingError::Unaligned);
+        }
+        if len < RING_HEADER_SIZE {
+            return Err(RingError::TooSmall {
+                len,
+                needed: RING_HEADER_SIZE as u64,
+            });
+        }
+        // SAFETY: the caller guarantees `len >= RING_HEADER_SIZE` readable bytes (checked above)
+        // and the pointer is 8-aligned, enough for the header's u64 fields.
+        let h: RingHeader = unsafe { std::ptr::read_volatile(base.as_ptr() as *const RingHeader) };
+        if h.magic != RING_MAGIC {
+            return Err(RingError::BadMagic);
+        }
+        if h.version != RING_VERSION {
+            return Err(RingError::Version { found: h.version });
+        }
+        if h.header_size as usize != RING_HEADER_SIZE {
+            return Err(RingError::HeaderSize {
+                found: h.header_size,
+            });
+        }
+        let rs = std::mem::size_of::<T>() as u32;
+        if h.record_size != rs {
+            return Err(RingError::RecordSize {
+                found: h.record_size,
+                expected: rs,
+            });
+        }
+        if h.record_kind != kind {
+            return Err(RingError::RecordKind {
+                found: h.record_kind,
+                expected: kind,
+            });
+        }
+        check_capacity(h.capacity)?;
+        let needed = ring_bytes::<T>(h.capacity);
+        if (len as u64) < needed {
+            return Err(RingError::TooSmall { len, needed });
+        }
+        Ok(Region {
+            base,
+            mask: h.capacity - 1,
+            _t: PhantomData,
+        })
+    }
+
+    fn cursor(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: offset is one of the header's u64 cursor offsets, inside the validated region
+        // and 8-aligned (base is 8-aligned); the memory lives as long as self; all accesses to
+        // these words in every process are atomic.
+        unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset) as *mut u64) }
+    }
+
+    fn slot(&self, n: u64) -> *mut T {
+        let i = (n & self.mask) as usize;
+        // SAFETY: i < capacity, and the validated region holds capacity records after the header.
+        unsafe {
+            self.base
+                .as_ptr()
+                .add(RING_HEADER_SIZE + i * std::mem::size_of::<T>()) as *mut T
+        }
+    }
+
+    fn capacity(&self) -> u64 {
+        self.mask + 1
+    }
+}
+
+/// Writes a fresh header (cursors zero) into `base`.
+///
+/// # Safety
+/// `base` must be 8-aligned and point to at least [`ring_bytes::<T>`]`(capacity)` writable bytes
+/// that no other party uses yet.
+pub unsafe fn init_ring<T: bytemuck::Pod>(
+    base: *mut u8,
+    len: usize,
+    capacity: u64,
+    kind: u32,
+    geometry: RingGeometry,
+    creator_pid: u32,
+) -> Result<(), RingError> {
+    check_capacity(capacity)?;
+    let needed = ring_bytes::<T>(capacity);
+    if (len as u64) < needed {
+        return Err(RingError::TooSmall { len, needed });
+    }
+    if base.is_null() || base as usize % 8 != 0 {
+        return Err(RingError::Unaligned);
+    }
+    let h = RingHeader {
+        magic: RING_MAGIC,
+        version: RING_VERSION,
+        header_size: RING_HEADER_SIZE as u32,
+        record_size: std::mem::size_of::<T>() as u32,
+        record_kind: kind,
+        capacity,
+        n_layer: geometry.n_layer,
+        n_expert: geometry.n_expert,
+        n_expert_used: geometry.n_expert_used,
+        n_embd: geometry.n_embd,
+        creator_pid,
+        ..bytemuck::Zeroable::zeroed()
+    };
+    // SAFETY: the caller guarantees the region is writable, aligned and not yet shared.
+    unsafe { std::ptr::write_volatile(base as *mut RingHeader, h) };
+    std::sync::atomic::fence(Ordering::Release);
+    Ok(())
+}
+
+/// Reads the header (cursors as plain values, for display).
+///
+/// # Safety
+/// `base` must point to at least [`RING_HEADER_SIZE`] readable, 8-aligned bytes.
+pub unsafe fn read_header(base: *const u8) -> RingHeader {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::ptr::read_volatile(base as *const RingHeader) }
+}
+
+/// The producing half. Exactly one may exist per ring, in one thread at a time.
+pub struct Producer<T> {
+    region: Region<T>,
+    write: u64,
+    read_cache: u64,
+}
+
+impl<T: bytemuck::Pod> Producer<T> {
+    /// Attaches to an initialised ring.
+    ///
+    /// # Safety
+    /// `base..base+len` must stay mapped, readable and writable while the producer lives, and no
+    /// other producer may exist for this ring.
+    pub unsafe fn attach(base: *mut u8, len: usize, kind: u32) -> Result<Producer<T>, RingError> {
+        // SAFETY: forwarded from the caller.
+        let region = unsafe { Region::<T>::validate(base, len, kind)? };
+        let write = region.cursor(WRITE_OFFSET).load(Ordering::Relaxed);
+        let read_cache = region.cursor(READ_OFFSET).load(Ordering::Acquire);
+        Ok(Producer {
+            region,
+            write,
+            read_cache,
+        })
+    }
+
+    /// Slots the ring holds.
+    pub fn capacity(&self) -> u64 {
+        self.region.capacity()
+    }
+
+    /// Writes `rec` into the next free slot without publishing it; returns false (and counts a
+    /// drop) if the ring is full. Call [`Producer::publish`] to make written records visible.
+    #[inline]
+    pub fn write(&mut self, rec: &T) -> bool {
+        if self.write - self.read_cache >= self.region.capacity() {
+            self.read_cache = self.region.cursor(READ_OFFSET).load(Ordering::Acquire);
+            if self.write - self.read_cache >= self.region.capacity() {
+                self.region
+                    .cursor(DROPPED_OFFSET)
+                    .fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        }
+        // SAFETY: slot `write` is free: the consumer has released every record below read_cache
+        // (Acquire above) and write - read_cache < capacity, so no unread record lives there.
+        unsafe { std::ptr::write_unaligned(self.region.slot(self.write), *rec) };
+        self.write += 1;
+        true
+    }
+
+    /// Makes every written record visible to the consumer.
+    #[inline]
+    pub fn publish(&mut self) {
+        self.region
+            .cursor(WRITE_OFFSET)
+            .store(self.write, Ordering::Release);
+    }
+
+    /// [`Producer::write`] then [`Producer::publish`].
+    #[inline]
+    pub fn push(&mut self, rec: &T) -> bool {
+        let ok = self.write(rec);
+        self.publish();
+        ok
+    }
+
+    /// Counts `n` records dropped for a reason other than a full ring (e.g. a tensor larger
+    /// than the capture scratch).
+    pub fn count_dropped(&mut self, n: u64) {
+        self.region
+            .cursor(DROPPED_OFFSET)
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records published so far and records dropped so far.
+    pub fn counters(&self) -> (u64, u64) {
+        (
+            self.region.cursor(WRITE_OFFSET).load(Ordering::Relaxed),
+            self.region.cursor(DROPPED_OFFSET).load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The consuming half. Exactly one may exist per ring.
+pub struct Consumer<T> {
+    region: Region<T>,
+    read: u64,
+}
+
+impl<T: bytemuck::Pod> Consumer<T> {
+    /// Attaches to an initialised ring.
+    ///
+    /// # Safety
+    /// `base..base+len` must stay mapped and readable/writable while the consumer lives, and no
+    /// other consumer may exist for this ring.
+    pub unsafe fn attach(base: *mut u8, len: usize, kind: u32) -> Result<Consumer<T>, RingError> {
+        // SAFETY: forwarded from the caller.
+        let region = unsafe { Region::<T>::validate(base, len, kind)? };
+        let read = region.cursor(READ_OFFSET).load(Ordering::Relaxed);
+        Ok(Consumer { region, read })
+    }
+
+    /// Slots the ring holds.
+    pub fn capacity(&self) -> u64 {
+        self.region.capacity()
+    }
+
+    /// Records published but not yet consumed.
+    pub fn available(&self) -> u64 {
+        self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire) - self.read
+    }
+
+    /// Moves up to `max` published records into `out` (appending); returns how many.
+    pub fn pop_into(&mut self, out: &mut Vec<T>, max: usize) -> usize {
+        let write = self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire);
+        let n = (write - self.read).min(max as u64);
+        out.reserve(n as usize);
+        for i in 0..n {
+            // SAFETY: records in [read, write) were fully written before the producer's Release
+            // store of `write`, which our Acquire load observed; the producer will not touch
+            // them until we release `read` below.
+            out.push(unsafe { std::ptr::read_unaligned(self.region.slot(self.read + i)) });
+        }
+        self.read += n;
+        self.region
+            .cursor(READ_OFFSET)
+            .store(self.read, Ordering::Release);
+        n as usize
+    }
+
+    /// Calls `f` on up to `max` published records in place, then releases them.
+    pub fn consume(&mut self, max: usize, mut f: impl FnMut(&T)) -> usize {
+        let write = self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire);
+        let n = (write - self.read).min(max as u64);
+        for i in 0..n {
+            // SAFETY: as in pop_into: the slot holds a published, unreleased record.
+            let rec = unsafe { std::ptr::read_unaligned(self.region.slot(self.read + i)) };
+            f(&rec);
+        }
+        self.read += n;
+        self.region
+            .cursor(READ_OFFSET)
+            .store(self.read, Ordering::Release);
+        n as usize
+    }
+
+    /// Discards every published record; returns how many.
+    pub fn skip_all(&mut self) -> u64 {
+        let write = self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire);
+        let n = write - self.read;
+        self.read = write;
+        self.region
+            .cursor(READ_OFFSET)
+            .store(self.read, Ordering::Release);
+        n
+    }
+
+    /// Records consumed so far.
+    pub fn read_count(&self) -> u64 {
+        self.read
+    }
+
+    /// Records the producer has dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.region.cursor(DROPPED_OFFSET).load(Ordering::Relaxed)
+    }
+
+    /// Records the producer has published so far.
+    pub fn written(&self) -> u64 {
+        self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+    struct Rec {
+        seq: u64,
+        check: u64,
+    }
+
+    fn region(cap: u64) -> Vec<u64> {
+        vec![0u64; ring_bytes::<Rec>(cap) as usize / 8]
+    }
+
+    #[test]
+    fn wraps_around_and_counts_drops() {
+        let mut mem = region(4);
+        let len = mem.len() * 8;
+        let base = mem.as_mut_ptr() as *mut u8;
+        // SAFETY: `mem` outlives producer and consumer and is 8-aligned.
+        unsafe { init_ring::<Rec>(base, len, 4, 7, RingGeometry::default(), 1).unwrap() };
+        // SAFETY: as above; one producer and one consumer.
+        let mut p = unsafe { Producer::<Rec>::attach(base, len, 7).unwrap() };
+        // SAFETY: as above.
+        let mut c = unsafe { Consumer::<Rec>::attach(base, len, 7).unwrap() };
+        let mut out = Vec::new();
+        let mut seq = 0;
+        for round in 0..5 {
+            for _ in 0..6 {
+                p.push(&Rec { seq, check: !seq });
+                seq += 1;
+            }
+            out.clear();
+            assert_eq!(c.pop_into(&mut out, 100), 4);
+            let first = round * 6;
+            assert_eq!(
+                out.iter().map(|r| r.seq).collect::<Vec<_>>(),
+                (first..first + 4).collect::<Vec<_>>()
+            );
+            assert!(out.iter().all(|r| r.check == !r.seq));
+        }
+        assert_eq!(c.dropped(), 10);
+        assert_eq!(c.written(), 20);
+    }
+
+    #[test]
+    fn rejects_bad_headers() {
+        let mut mem = region(8);
+        let len = mem.len() * 8;
+        let base = mem.as_mut_ptr() as *mut u8;
+        // SAFETY: `mem` is 8-aligned and outlives every use below.
+        unsafe {
+            assert!(matches!(
+                Consumer::<Rec>::attach(base, len, 1),
+                Err(RingError::BadMagic)
+            ));
+            init_ring::<Rec>(base, len, 8, 1, RingGeometry::default(), 1).unwrap();
+            assert!(matches!(
+                Consumer::<Rec>::attach(base, len, 2),
+                Err(RingError::RecordKind { .. })
+            ));
+            assert!(matches!(
+                Consumer::<[u8; 4]>::attach(base, len, 1),
+                Err(RingError::RecordSize { .. })
+            ));
+            assert!(matches!(
+                Consumer::<Rec>::attach(base, len - 8, 1),
+                Err(RingError::TooSmall { .. })
+            ));
+            assert!(matches!(
+                init_ring::<Rec>(base, len, 6, 1, RingGeometry::default(), 1),
+                Err(RingError::Capacity { found: 6 })
+            ));
+        }
+    }
+}
