@@ -49,12 +49,13 @@ pub fn default_vocab() -> PathBuf {
 /// Writes a fixture with `spark fixture` and extra flags; returns its path.
 pub fn fixture(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
     let out = dir.join(name);
+    let vocab = default_vocab();
     let mut args = vec![
         "fixture",
         "--out",
         out.to_str().unwrap(),
         "--vocab",
-        default_vocab().to_str().unwrap(),
+        vocab.to_str().unwrap(),
     ];
     args.extend_from_slice(flags);
     let o = spark(&args);

@@ -375,3 +375,54 @@ impl<'a> Cursor<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufWriter, Value, ValueType};
+    use proptest::prelude::*;
+
+    fn sample() -> Vec<u8> {
+        let mut w = GgufWriter::new();
+        w.set("general.architecture", Value::String("qwen3moe".into()));
+        w.set("qwen3moe.expert_count", Value::U32(4));
+        w.set("a.nested", Value::Array(ValueType::Array, vec![Value::Array(ValueType::U8, vec![Value::U8(1)])]));
+        w.add_tensor("blk.0.ffn_up_exps.weight", &[32, 2, 4], GgmlType::Q8_0, vec![7; 8 * 34]);
+        w.add_tensor("token_embd.weight", &[4, 3], GgmlType::F32, vec![1; 48]);
+        w.to_bytes()
+    }
+
+    #[test]
+    fn sample_parses() {
+        let p = parse_bytes(&sample()).unwrap();
+        assert_eq!(p.tensors.len(), 2);
+        assert_eq!(p.metadata.len(), 3);
+    }
+
+    #[test]
+    fn every_prefix_of_a_valid_file_is_an_error_not_a_panic() {
+        let bytes = sample();
+        for n in 0..bytes.len() {
+            assert!(parse_bytes(&bytes[..n]).is_err(), "prefix of {n} bytes parsed");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn mutated_files_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+            let mut bytes = sample();
+            for (i, b) in edits {
+                let at = i.index(bytes.len());
+                bytes[at] = b;
+            }
+            let _ = parse_bytes(&bytes);
+        }
+
+        #[test]
+        fn random_bytes_after_the_magic_never_panic(tail in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut bytes = b"GGUF\x03\0\0\0".to_vec();
+            bytes.extend(tail);
+            let _ = parse_bytes(&bytes);
+        }
+    }
+}
