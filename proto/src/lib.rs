@@ -7,3 +7,4 @@
 
 pub mod trace;
 pub mod ring;
+pub mod control;

@@ -1,0 +1,527 @@
+//! The control line protocol between the supervisor and the tap: grammar, parsing, replies.
+//!
+//! Owns the text of every line either side may send and the dispatch of a command line to a
+//! [`TapControl`] implementation (so the grammar and its answers are written once and replayed
+//! against golden transcripts). It never reads or writes a socket and never blocks; the two
+//! ends do the I/O, each with its own deadlines.
+//!
+//! Grammar (one line per message, `\n`-terminated, at most [`MAX_LINE`] bytes, ASCII):
+//!
+//! ```text
+//! greeting  = "spark-tap " version " arch=" word " n_layer=" u " n_expert=" u
+//!             " n_expert_used=" u " n_embd=" u            (tap → supervisor, once, first)
+//! command   = "stats" | "flush" | "reset" | "quit" | "request " u
+//!           | "hidden off" | "hidden on every=" u " budget=" u " tensor=" ("ffn_norm"|"attn_norm")
+//! reply     = "ok" [" " text] | "err " code " " message
+//! code      = "unknown-verb" | "bad-args" | "too-long" | "unavailable"
+//! ```
+//!
+//! Every command gets exactly one reply line. An unknown verb gets `err unknown-verb`; clean EOF
+//! from the supervisor ends the session and is not an error.
+
+use std::fmt::Write as _;
+
+/// Protocol version carried in the greeting.
+pub const CONTROL_VERSION: u32 = 1;
+/// Longest line either side sends or accepts, newline excluded.
+pub const MAX_LINE: usize = 1024;
+
+/// The tap's greeting: protocol version and the model geometry the tap saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Greeting {
+    pub version: u32,
+    pub arch: String,
+    pub n_layer: u32,
+    /// 0 for a dense model (no MoE layers).
+    pub n_expert: u32,
+    pub n_expert_used: u32,
+    pub n_embd: u32,
+}
+
+impl Greeting {
+    pub fn to_line(&self) -> String {
+        format!(
+            "spark-tap {} arch={} n_layer={} n_expert={} n_expert_used={} n_embd={}",
+            self.version, self.arch, self.n_layer, self.n_expert, self.n_expert_used, self.n_embd
+        )
+    }
+
+    pub fn parse(line: &str) -> Result<Greeting, String> {
+        let mut words = line.split_ascii_whitespace();
+        if words.next() != Some("spark-tap") {
+            return Err(format!("not a spark-tap greeting: {line:?}"));
+        }
+        let version: u32 = words
+            .next()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("greeting without a version: {line:?}"))?;
+        if version != CONTROL_VERSION {
+            return Err(format!(
+                "tap speaks control protocol {version}, this spark speaks {CONTROL_VERSION}"
+            ));
+        }
+        let kv = KeyValues::parse(words)?;
+        Ok(Greeting {
+            version,
+            arch: kv.get("arch")?.to_string(),
+            n_layer: kv.u32("n_layer")?,
+            n_expert: kv.u32("n_expert")?,
+            n_expert_used: kv.u32("n_expert_used")?,
+            n_embd: kv.u32("n_embd")?,
+        })
+    }
+}
+
+/// Which graph tensor carries the pre-gate hidden state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HiddenTensor {
+    FfnNorm,
+    AttnNorm,
+}
+
+impl HiddenTensor {
+    pub fn name(self) -> &'static str {
+        match self {
+            HiddenTensor::FfnNorm => "ffn_norm",
+            HiddenTensor::AttnNorm => "attn_norm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<HiddenTensor> {
+        match s {
+            "ffn_norm" => Some(HiddenTensor::FfnNorm),
+            "attn_norm" => Some(HiddenTensor::AttnNorm),
+            _ => None,
+        }
+    }
+}
+
+/// Hidden-state capture settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HiddenConfig {
+    /// Capture every Nth token (≥ 1).
+    pub every: u32,
+    /// Byte budget in MiB (≥ 1).
+    pub budget_mib: u32,
+    pub tensor: HiddenTensor,
+}
+
+/// A command from the supervisor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Stats,
+    Flush,
+    Reset,
+    Quit,
+    /// Stamp following records with this request id.
+    Request(u32),
+    Hidden(Option<HiddenConfig>),
+}
+
+/// Error codes of `err` replies.
+pub const ERR_UNKNOWN_VERB: &str = "unknown-verb";
+pub const ERR_BAD_ARGS: &str = "bad-args";
+pub const ERR_TOO_LONG: &str = "too-long";
+pub const ERR_UNAVAILABLE: &str = "unavailable";
+
+/// A reply line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Ok(String),
+    Err { code: String, message: String },
+}
+
+impl Reply {
+    pub fn ok(text: impl Into<String>) -> Reply {
+        Reply::Ok(text.into())
+    }
+
+    pub fn err(code: &str, message: impl Into<String>) -> Reply {
+        Reply::Err {
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub fn to_line(&self) -> String {
+        match self {
+            Reply::Ok(t) if t.is_empty() => "ok".to_string(),
+            Reply::Ok(t) => format!("ok {t}"),
+            Reply::Err { code, message } => format!("err {code} {message}"),
+        }
+    }
+
+    pub fn parse(line: &str) -> Result<Reply, String> {
+        if line == "ok" {
+            return Ok(Reply::Ok(String::new()));
+        }
+        if let Some(t) = line.strip_prefix("ok ") {
+            return Ok(Reply::Ok(t.to_string()));
+        }
+        if let Some(rest) = line.strip_prefix("err ") {
+            let (code, message) = rest.split_once(' ').unwrap_or((rest, ""));
+            return Ok(Reply::err(code, message));
+        }
+        Err(format!("not a reply line: {line:?}"))
+    }
+}
+
+impl Command {
+    pub fn to_line(&self) -> String {
+        match self {
+            Command::Stats => "stats".into(),
+            Command::Flush => "flush".into(),
+            Command::Reset => "reset".into(),
+            Command::Quit => "quit".into(),
+            Command::Request(n) => format!("request {n}"),
+            Command::Hidden(None) => "hidden off".into(),
+            Command::Hidden(Some(h)) => format!(
+                "hidden on every={} budget={} tensor={}",
+                h.every,
+                h.budget_mib,
+                h.tensor.name()
+            ),
+        }
+    }
+
+    /// Parses one command line; the error is the reply to send.
+    pub fn parse(line: &str) -> Result<Command, Reply> {
+        if line.len() > MAX_LINE {
+            return Err(Reply::err(
+                ERR_TOO_LONG,
+                format!("line of {} bytes exceeds {MAX_LINE}", line.len()),
+            ));
+        }
+        let mut words = line.split_ascii_whitespace();
+        let verb = words.next().unwrap_or("");
+        let rest: Vec<&str> = words.collect();
+        let bad = |m: String| Err(Reply::err(ERR_BAD_ARGS, m));
+        let no_args = |c: Command| {
+            if rest.is_empty() {
+                Ok(c)
+            } else {
+                bad(format!("{verb} takes no arguments"))
+            }
+        };
+        match verb {
+            "stats" => no_args(Command::Stats),
+            "flush" => no_args(Command::Flush),
+            "reset" => no_args(Command::Reset),
+            "quit" => no_args(Command::Quit),
+            "request" => match rest.as_slice() {
+                [n] => match n.parse() {
+                    Ok(n) => Ok(Command::Request(n)),
+                    Err(_) => bad(format!("request id {n:?} is not a u32")),
+                },
+                _ => bad("usage: request <id>".into()),
+            },
+            "hidden" => match rest.split_first() {
+                Some((&"off", [])) => Ok(Command::Hidden(None)),
+                Some((&"on", args)) => {
+                    let kv = KeyValues::parse(args.iter().copied())
+                        .map_err(|m| Reply::err(ERR_BAD_ARGS, m))?;
+                    let every = kv.u32("every").unwrap_or(1);
+                    let budget_mib = kv.u32("budget").unwrap_or(64);
+                    let tensor = match kv.get("tensor") {
+                        Ok(t) => match HiddenTensor::parse(t) {
+                            Some(t) => t,
+                            None => return bad(format!("tensor={t} is not ffn_norm or attn_norm")),
+                        },
+                        Err(_) => HiddenTensor::FfnNorm,
+                    };
+                    if let Some(k) = kv.unknown(&["every", "budget", "tensor"]) {
+                        return bad(format!("unknown key {k}"));
+                    }
+                    if every == 0 || budget_mib == 0 {
+                        return bad("every and budget must be at least 1".into());
+                    }
+                    Ok(Command::Hidden(Some(HiddenConfig {
+                        every,
+                        budget_mib,
+                        tensor,
+                    })))
+                }
+                _ => bad("usage: hidden off | hidden on every=N budget=MiB tensor=NAME".into()),
+            },
+            "" => Err(Reply::err(ERR_UNKNOWN_VERB, "empty line")),
+            other => Err(Reply::err(
+                ERR_UNKNOWN_VERB,
+                format!("unknown verb {:?}", truncate(other, 64)),
+            )),
+        }
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Counters the tap reports for `stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TapStats {
+    /// Routing records published into the ring.
+    pub records: u64,
+    /// Records dropped (ring full or capture scratch too small).
+    pub dropped: u64,
+    /// MoE layers seen in the graph so far (0 for a dense model).
+    pub moe_layers: u32,
+    /// Graph evaluations (ubatches) seen.
+    pub ubatches: u64,
+    /// Hidden-state bytes captured.
+    pub hidden_bytes: u64,
+    /// Records whose token position could not be attributed.
+    pub unmapped: u64,
+}
+
+impl TapStats {
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "records={} dropped={} moe_layers={} ubatches={} hidden_bytes={} unmapped={}",
+            self.records,
+            self.dropped,
+            self.moe_layers,
+            self.ubatches,
+            self.hidden_bytes,
+            self.unmapped
+        );
+        s
+    }
+
+    pub fn parse(text: &str) -> Result<TapStats, String> {
+        let kv = KeyValues::parse(text.split_ascii_whitespace())?;
+        Ok(TapStats {
+            records: kv.u64("records")?,
+            dropped: kv.u64("dropped")?,
+            moe_layers: kv.u32("moe_layers")?,
+            ubatches: kv.u64("ubatches")?,
+            hidden_bytes: kv.u64("hidden_bytes")?,
+            unmapped: kv.u64("unmapped")?,
+        })
+    }
+}
+
+/// What the tap does for each command; [`respond`] maps lines to these calls.
+pub trait TapControl {
+    fn stats(&mut self) -> TapStats;
+    fn flush(&mut self) -> u64;
+    fn reset(&mut self);
+    fn set_request(&mut self, id: u32);
+    /// Returns an error message when hidden capture cannot be switched on.
+    fn set_hidden(&mut self, cfg: Option<HiddenConfig>) -> Result<(), String>;
+}
+
+/// Outcome of one command line.
+pub struct Response {
+    pub reply: Reply,
+    /// The session ends after this reply.
+    pub quit: bool,
+}
+
+/// Parses `line`, applies it to `tap`, and returns the reply.
+pub fn respond(line: &str, tap: &mut dyn TapControl) -> Response {
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let cmd = match Command::parse(line) {
+        Ok(c) => c,
+        Err(reply) => return Response { reply, quit: false },
+    };
+    let reply = match cmd {
+        Command::Stats => Reply::ok(tap.stats().to_text()),
+        Command::Flush => Reply::ok(format!("records={}", tap.flush())),
+        Command::Reset => {
+            tap.reset();
+            Reply::ok("")
+        }
+        Command::Quit => {
+            return Response {
+                reply: Reply::ok("bye"),
+                quit: true,
+            }
+        }
+        Command::Request(n) => {
+            tap.set_request(n);
+            Reply::ok(format!("request={n}"))
+        }
+        Command::Hidden(cfg) => match tap.set_hidden(cfg) {
+            Ok(()) => Reply::ok(match cfg {
+                None => "hidden=off".to_string(),
+                Some(h) => format!(
+                    "hidden=on every={} budget={} tensor={}",
+                    h.every,
+                    h.budget_mib,
+                    h.tensor.name()
+                ),
+            }),
+            Err(m) => Reply::err(ERR_UNAVAILABLE, m),
+        },
+    };
+    Response { reply, quit: false }
+}
+
+/// `key=value` words.
+struct KeyValues<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> KeyValues<'a> {
+    fn parse(words: impl Iterator<Item = &'a str>) -> Result<KeyValues<'a>, String> {
+        let mut v = Vec::new();
+        for w in words {
+            let (k, val) = w
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, got {:?}", truncate(w, 64)))?;
+            v.push((k, val));
+        }
+        Ok(KeyValues(v))
+    }
+
+    fn get(&self, key: &str) -> Result<&'a str, String> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| format!("missing {key}="))
+    }
+
+    fn u64(&self, key: &str) -> Result<u64, String> {
+        let v = self.get(key)?;
+        v.parse()
+            .map_err(|_| format!("{key}={v} is not a non-negative integer"))
+    }
+
+    fn u32(&self, key: &str) -> Result<u32, String> {
+        let v = self.get(key)?;
+        v.parse()
+            .map_err(|_| format!("{key}={v} is not a non-negative integer"))
+    }
+
+    fn unknown(&self, known: &[&str]) -> Option<&'a str> {
+        self.0.iter().map(|(k, _)| *k).find(|k| !known.contains(k))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tap stand-in that records what it was told.
+    #[derive(Default)]
+    struct FakeTap {
+        request: u32,
+        hidden: Option<HiddenConfig>,
+        records: u64,
+    }
+
+    impl TapControl for FakeTap {
+        fn stats(&mut self) -> TapStats {
+            TapStats {
+                records: self.records,
+                dropped: 2,
+                moe_layers: 4,
+                ubatches: 7,
+                hidden_bytes: 0,
+                unmapped: 0,
+            }
+        }
+        fn flush(&mut self) -> u64 {
+            self.records
+        }
+        fn reset(&mut self) {
+            self.records = 0;
+        }
+        fn set_request(&mut self, id: u32) {
+            self.request = id;
+            self.records += 10;
+        }
+        fn set_hidden(&mut self, cfg: Option<HiddenConfig>) -> Result<(), String> {
+            self.hidden = cfg;
+            Ok(())
+        }
+    }
+
+    /// Replays a golden transcript: `> ` lines are sent, `< ` lines are the expected replies,
+    /// `#` lines are comments.
+    fn replay(transcript: &str) {
+        let mut tap = FakeTap::default();
+        let mut expected = Vec::new();
+        let mut got = Vec::new();
+        let mut quit = false;
+        for line in transcript.lines() {
+            if let Some(cmd) = line.strip_prefix("> ") {
+                assert!(!quit, "command after quit: {cmd}");
+                let r = respond(cmd, &mut tap);
+                got.push(r.reply.to_line());
+                quit = r.quit;
+            } else if let Some(rep) = line.strip_prefix("< ") {
+                expected.push(rep.to_string());
+            }
+        }
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn golden_session() {
+        replay(include_str!("../golden/control-session.txt"));
+    }
+
+    #[test]
+    fn golden_errors() {
+        replay(include_str!("../golden/control-errors.txt"));
+    }
+
+    #[test]
+    fn greeting_round_trips() {
+        let g = Greeting {
+            version: CONTROL_VERSION,
+            arch: "qwen3moe".into(),
+            n_layer: 48,
+            n_expert: 128,
+            n_expert_used: 8,
+            n_embd: 2048,
+        };
+        assert_eq!(Greeting::parse(&g.to_line()).unwrap(), g);
+        assert!(Greeting::parse(
+            "spark-tap 2 arch=x n_layer=1 n_expert=1 n_expert_used=1 n_embd=1"
+        )
+        .unwrap_err()
+        .contains("protocol 2"));
+        assert!(Greeting::parse("hello").is_err());
+    }
+
+    #[test]
+    fn commands_round_trip() {
+        for c in [
+            Command::Stats,
+            Command::Flush,
+            Command::Reset,
+            Command::Quit,
+            Command::Request(42),
+            Command::Hidden(None),
+            Command::Hidden(Some(HiddenConfig {
+                every: 4,
+                budget_mib: 16,
+                tensor: HiddenTensor::AttnNorm,
+            })),
+        ] {
+            assert_eq!(Command::parse(&c.to_line()).unwrap(), c);
+        }
+        let s = TapStats {
+            records: 1,
+            dropped: 2,
+            moe_layers: 3,
+            ubatches: 4,
+            hidden_bytes: 5,
+            unmapped: 6,
+        };
+        assert_eq!(TapStats::parse(&s.to_text()).unwrap(), s);
+        for r in [
+            Reply::ok(""),
+            Reply::ok("a b"),
+            Reply::err("bad-args", "x y"),
+        ] {
+            assert_eq!(Reply::parse(&r.to_line()).unwrap(), r);
+        }
+    }
+}
