@@ -10,4 +10,5 @@ pub mod fixture;
 pub mod gguf;
 pub mod inspect;
 pub mod ring;
+pub mod serve;
 pub mod supervisor;

@@ -31,6 +31,8 @@ enum Command {
     Demo(DemoArgs),
     /// Show which llama-server build spark would drive
     Engine(EngineArgs),
+    /// Wrap llama-server: clients talk to spark as they would to llama-server
+    Serve(spark::serve::cli::ServeArgs),
 }
 
 #[derive(Args)]
@@ -213,6 +215,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 n_predict: a.n_predict,
                 ready_timeout: Duration::from_secs(a.ready_timeout),
             })?;
+        }
+        Command::Serve(a) => {
+            let model = a.model.clone();
+            GgufFile::open(&model)?;
+            let work = tempfile::Builder::new().prefix("spark-serve-").tempdir().context("create a work directory")?;
+            let cfg = a.resolve(work.path().to_path_buf())?;
+            spark::serve::run_until_signal(cfg)?;
         }
         Command::Engine(a) => {
             let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;

@@ -142,6 +142,11 @@ impl LlamaServer {
         self.child.pid()
     }
 
+    /// The exit status, if the server has exited (never blocks).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_status()
+    }
+
     /// POSTs JSON to `route` and returns the JSON answer.
     pub fn post_json(
         &self,

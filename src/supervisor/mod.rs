@@ -5,7 +5,11 @@
 //! SIGKILL. Every wait here has a deadline.
 
 mod child;
+mod keeper;
 mod llama;
+mod run;
 
 pub use child::{ChildGroup, SpawnError};
-pub use llama::{LlamaServer, LlamaServerConfig, ServerError};
+pub use keeper::{Backoff, Keeper, KeeperState};
+pub use llama::{free_port, LlamaServer, LlamaServerConfig, ServerError};
+pub use run::{run_with_deadline, Captured, RunError};

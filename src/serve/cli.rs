@@ -1,0 +1,65 @@
+//! The flags of `spark serve` and their resolution into a [`ServeConfig`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::engine::{Engine, EngineError};
+use crate::supervisor::Backoff;
+
+use super::ServeConfig;
+
+/// Flags of `spark serve` (raw, as typed).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The GGUF model llama-server serves
+    #[arg(short = 'm', long = "model")]
+    pub model: PathBuf,
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port)
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// llama-server binary (default: $SPARK_LLAMA_SERVER, then the build in the cache)
+    #[arg(long, value_name = "PATH")]
+    pub llama_server: Option<PathBuf>,
+    /// Seconds to wait for llama-server to become ready
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout: u64,
+    /// Seconds to wait for the headers of an answer
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Seconds of silence allowed inside a streamed answer
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout: u64,
+    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM
+    #[arg(long, default_value_t = 10)]
+    pub grace: u64,
+    /// Don't print llama-server's log lines
+    #[arg(long)]
+    pub quiet: bool,
+    /// Arguments for llama-server, after `--`; they win over spark's choices
+    #[arg(last = true)]
+    pub llama_args: Vec<String>,
+}
+
+impl ServeArgs {
+    /// Resolves the flags: finds the engine, checks the model exists.
+    pub fn resolve(self, work_dir: PathBuf) -> Result<ServeConfig, EngineError> {
+        let engine = Engine::locate(self.llama_server.as_deref())?;
+        Ok(ServeConfig {
+            model: self.model,
+            engine,
+            host: self.host,
+            port: self.port,
+            llama_args: self.llama_args,
+            ready_timeout: Duration::from_secs(self.ready_timeout),
+            request_timeout: Duration::from_secs(self.request_timeout),
+            idle_timeout: Duration::from_secs(self.idle_timeout),
+            grace: Duration::from_secs(self.grace),
+            work_dir,
+            forward_log: !self.quiet,
+            backoff: Backoff::default(),
+        })
+    }
+}

@@ -1,0 +1,201 @@
+//! The HTTP front of `spark serve`: every llama-server route passes through unchanged and
+//! streamed (bodies are forwarded frame by frame, never buffered whole); `/spark/status` and
+//! `/spark/metrics` are answered by spark itself.
+//!
+//! Owns request forwarding and metering. Never blocks on the child's lifecycle: while
+//! llama-server is restarting, requests get a 503 at once.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::stats::{parse_tail, RequestRecord};
+use super::ServeState;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Bytes of the end of each answer kept to read llama-server's `timings`.
+const TAIL_BYTES: usize = 16 * 1024;
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
+
+pub fn client() -> Client<HttpConnector, Incoming> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_str(content_type).expect("static content type"));
+    r
+}
+
+fn error_json(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({"error": {"code": status.as_u16(), "message": message, "type": "spark_proxy_error"}});
+    full(status, "application/json", body.to_string())
+}
+
+/// Handles one request.
+pub async fn handle(state: Arc<ServeState>, req: Request<Incoming>) -> Result<Response<ProxyBody>, BoxError> {
+    let received = Instant::now();
+    match req.uri().path() {
+        "/spark/status" => return Ok(full(StatusCode::OK, "application/json", state.status_json().to_string())),
+        "/spark/metrics" => return Ok(full(StatusCode::OK, "text/plain; version=0.0.4", state.metrics_text())),
+        _ => {}
+    }
+    let route = req.uri().path().to_string();
+    let Some(port) = state.keeper.port() else {
+        state.stats.record(&RequestRecord { route, status: 503, total: received.elapsed(), ..Default::default() });
+        return Ok(error_json(StatusCode::SERVICE_UNAVAILABLE, "llama-server is not ready (starting or restarting)"));
+    };
+    let (mut parts, body) = req.into_parts();
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = format!("http://127.0.0.1:{port}{pq}").parse()?;
+    for h in HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    parts.headers.insert(HOST, HeaderValue::from_str(&format!("127.0.0.1:{port}"))?);
+    let upstream = Request::from_parts(parts, body);
+    let answer = tokio::time::timeout(state.request_timeout, state.client.request(upstream)).await;
+    let resp = match answer {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            state.stats.record(&RequestRecord { route, status: 502, total: received.elapsed(), aborted: true, ..Default::default() });
+            return Ok(error_json(StatusCode::BAD_GATEWAY, &format!("llama-server failed: {e}")));
+        }
+        Err(_) => {
+            state.stats.record(&RequestRecord { route, status: 504, total: received.elapsed(), aborted: true, ..Default::default() });
+            return Ok(error_json(StatusCode::GATEWAY_TIMEOUT, &format!("llama-server sent no answer within {} s", state.request_timeout.as_secs())));
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    for h in HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    let status = parts.status.as_u16();
+    let metered = Metered {
+        inner: body,
+        state: state.clone(),
+        record: RequestRecord { route, status, ..Default::default() },
+        received,
+        tail: Vec::new(),
+        idle: Box::pin(tokio::time::sleep(state.idle_timeout)),
+        idle_timeout: state.idle_timeout,
+        done: false,
+    };
+    Ok(Response::from_parts(parts, metered.boxed()))
+}
+
+/// A response body that forwards frames as they come and meters them; records the request
+/// when the body ends (or is dropped early). A silent upstream for `idle_timeout` ends the body
+/// with an error instead of hanging the client.
+struct Metered {
+    inner: Incoming,
+    state: Arc<ServeState>,
+    record: RequestRecord,
+    received: Instant,
+    tail: Vec<u8>,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
+    done: bool,
+}
+
+impl Metered {
+    fn finish(&mut self, aborted: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.record.total = self.received.elapsed();
+        self.record.aborted = aborted;
+        let (p, g, tps) = parse_tail(&self.tail);
+        self.record.prompt_tokens = p;
+        self.record.generated_tokens = g;
+        self.record.decode_tps = tps;
+        self.state.stats.record(&self.record);
+        if !aborted && self.record.status < 400 {
+            self.state.request_completed();
+        }
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if this.record.first_byte.is_none() {
+                        this.record.first_byte = Some(this.received.elapsed());
+                    }
+                    this.record.chunks += 1;
+                    this.record.bytes += data.len() as u64;
+                    this.tail.extend_from_slice(data);
+                    if this.tail.len() > 2 * TAIL_BYTES {
+                        this.tail.drain(..this.tail.len() - TAIL_BYTES);
+                    }
+                }
+                let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                this.idle.as_mut().reset(deadline);
+                // hyper stops polling once the body says it has ended, so the end is noticed
+                // here rather than by a final `None`.
+                if this.inner.is_end_stream() {
+                    this.finish(false);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(true);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.finish(false);
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.finish(true);
+                    let msg = format!("llama-server sent nothing for {} s", this.idle_timeout.as_secs());
+                    Poll::Ready(Some(Err(msg.into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // The client went away (or the connection closed) before the end.
+        self.finish(true);
+    }
+}
+
+use std::future::Future as _;
