@@ -1,0 +1,581 @@
+//! The capture path: the eval callback, the batch bookkeeping, and the ring producer.
+//!
+//! Owns the tap's one mutable state (ring producer, preallocated position and scratch buffers),
+//! guarded by a try-lock that never waits: if two threads ever evaluate at once, the loser
+//! drops and counts. Everything allocated here is allocated in [`on_context_params`], outside
+//! the capture path; [`on_decode`] and the callback only copy into existing buffers.
+
+use std::cell::UnsafeCell;
+use std::ffi::{c_char, c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use spark_proto::control::{Greeting, HiddenTensor, CONTROL_VERSION};
+use spark_proto::ring::{Producer, ENV_RING, KIND_ROUTING};
+use spark_proto::trace::{RoutingRecord, MAX_K, PHASE_DECODE, PHASE_PROMPT};
+
+use crate::control;
+use crate::ffi::{
+    as_fn, BufferIsHostFn, EvalCallback, GgmlTensor, LlamaBatch, LlamaContextParams, MetaStrFn,
+    ModelI32Fn, NbytesFn, TensorGetFn, BUFFER_IS_HOST, GGML_TYPE_F32, GGML_TYPE_I32,
+    MODEL_META_STR, MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, TENSOR_GET,
+};
+
+/// Counters and switches shared with the control thread (all lock-free).
+pub struct Shared {
+    pub request: AtomicU32,
+    pub records: AtomicU64,
+    pub dropped: AtomicU64,
+    pub ubatches: AtomicU64,
+    pub unmapped: AtomicU64,
+    pub hidden_bytes: AtomicU64,
+    pub layers_seen: [AtomicU64; 8],
+    pub hidden_on: AtomicBool,
+    pub hidden_every: AtomicU32,
+    pub hidden_tensor: AtomicU8,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU64 = AtomicU64::new(0);
+
+pub static SHARED: Shared = Shared {
+    request: AtomicU32::new(0),
+    records: AtomicU64::new(0),
+    dropped: AtomicU64::new(0),
+    ubatches: AtomicU64::new(0),
+    unmapped: AtomicU64::new(0),
+    hidden_bytes: AtomicU64::new(0),
+    layers_seen: [ZERO; 8],
+    hidden_on: AtomicBool::new(false),
+    hidden_every: AtomicU32::new(1),
+    hidden_tensor: AtomicU8::new(0),
+};
+
+impl Shared {
+    /// Distinct MoE layers seen so far.
+    pub fn moe_layers(&self) -> u32 {
+        self.layers_seen
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones())
+            .sum()
+    }
+
+    pub fn hidden_tensor(&self) -> HiddenTensor {
+        if self.hidden_tensor.load(Ordering::Relaxed) == 1 {
+            HiddenTensor::AttnNorm
+        } else {
+            HiddenTensor::FfnNorm
+        }
+    }
+}
+
+/// The callback the caller had installed before the tap, chained after the tap's own work.
+static CHAIN_CB: AtomicUsize = AtomicUsize::new(0);
+static CHAIN_UD: AtomicUsize = AtomicUsize::new(0);
+
+struct State {
+    producer: Option<Producer<RoutingRecord>>,
+    /// Positions of the current batch's tokens (capacity fixed at init).
+    pos: Vec<i32>,
+    /// Output flags of the current batch's tokens.
+    out: Vec<u8>,
+    n_tokens: usize,
+    pos_known: bool,
+    phase: u8,
+    ubatch_start: usize,
+    ubatch_len: usize,
+    last_layer: i32,
+    /// Copy target for tensors that live outside host memory.
+    scratch: Vec<u8>,
+}
+
+struct Guarded {
+    busy: AtomicBool,
+    state: UnsafeCell<Option<State>>,
+}
+
+// SAFETY: `state` is only accessed while `busy` is held (see `with_state`).
+unsafe impl Sync for Guarded {}
+
+static STATE: Guarded = Guarded {
+    busy: AtomicBool::new(false),
+    state: UnsafeCell::new(None),
+};
+
+/// Runs `f` on the state if nobody else holds it; never waits.
+fn with_state<R>(f: impl FnOnce(&mut Option<State>) -> R) -> Option<R> {
+    if STATE
+        .busy
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        return None;
+    }
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            STATE.busy.store(false, Ordering::Release);
+        }
+    }
+    let _release = Release;
+    // SAFETY: `busy` is held, so this is the only reference to the state.
+    let state = unsafe { &mut *STATE.state.get() };
+    Some(f(state))
+}
+
+/// Like `with_state` but spins (bounded) for the initialisation path, which is not hot.
+fn with_state_init<R>(f: impl FnOnce(&mut Option<State>) -> R) -> Option<R> {
+    let mut f = Some(f);
+    for _ in 0..10_000 {
+        if let Some(r) = with_state(|s| (f.take().expect("called once"))(s)) {
+            return Some(r);
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+fn meta(model: *const c_void, key: &str) -> Option<String> {
+    // SAFETY: MetaStrFn is llama_model_meta_val_str's declared signature.
+    let f = unsafe { as_fn::<MetaStrFn>(&MODEL_META_STR) }?;
+    let key = CString::new(key).ok()?;
+    let mut buf = [0 as c_char; 256];
+    // SAFETY: model is a live llama_model, key is NUL-terminated, buf has the size we pass.
+    let n = unsafe { f(model, key.as_ptr(), buf.as_mut_ptr(), buf.len()) };
+    if n < 0 {
+        return None;
+    }
+    // SAFETY: the function NUL-terminates within buf_size on success.
+    let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(s.to_string_lossy().into_owned())
+}
+
+fn geometry(model: *const c_void) -> Greeting {
+    // SAFETY: ModelI32Fn matches llama_model_n_layer / llama_model_n_embd.
+    let n_layer = unsafe { as_fn::<ModelI32Fn>(&MODEL_N_LAYER) }
+        // SAFETY: model is a live llama_model.
+        .map(|f| unsafe { f(model) })
+        .unwrap_or(0);
+    // SAFETY: as above.
+    let n_embd = unsafe { as_fn::<ModelI32Fn>(&MODEL_N_EMBD) }
+        // SAFETY: model is a live llama_model.
+        .map(|f| unsafe { f(model) })
+        .unwrap_or(0);
+    let arch = meta(model, "general.architecture").unwrap_or_else(|| "unknown".into());
+    let num = |k: &str| {
+        meta(model, &format!("{arch}.{k}"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    Greeting {
+        version: CONTROL_VERSION,
+        n_expert: num("expert_count"),
+        n_expert_used: num("expert_used_count"),
+        arch: arch.replace(char::is_whitespace, "_"),
+        n_layer: n_layer.max(0) as u32,
+        n_embd: n_embd.max(0) as u32,
+    }
+}
+
+fn open_ring(path: &str) -> Result<Producer<RoutingRecord>, String> {
+    let c = CString::new(path).map_err(|_| format!("ring path {path:?} contains NUL"))?;
+    // SAFETY: c is NUL-terminated; open has no other preconditions.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("open {path}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is an open descriptor; st is a plain C struct that fstat fills.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open and st is writable.
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    if rc != 0 {
+        // SAFETY: fd is open and ours.
+        unsafe { libc::close(fd) };
+        return Err(format!("stat {path}: {}", std::io::Error::last_os_error()));
+    }
+    let len = st.st_size as usize;
+    // SAFETY: mapping `len` bytes of an open regular file, shared, read-write.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    // SAFETY: fd is open and ours; the mapping stays valid after close.
+    unsafe { libc::close(fd) };
+    if base == libc::MAP_FAILED {
+        return Err(format!("map {path}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the mapping is never unmapped (it lives as long as the process) and this is the
+    // ring's only producer (one tap per llama-server, one state per tap).
+    unsafe { Producer::attach(base as *mut u8, len, KIND_ROUTING) }
+        .map_err(|e| format!("attach {path}: {e}"))
+}
+
+/// Called from the `llama_init_from_model` wrapper: sets up the tap (once) and installs the
+/// callback in `params`. Returns whether `params` was patched.
+///
+/// # Safety
+/// `model` must be a live `llama_model`.
+pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextParams) -> bool {
+    let cap = params.n_batch().max(params.n_ubatch()).max(512) as usize;
+    let first = with_state_init(|slot| {
+        let first = slot.is_none();
+        if first {
+            let producer = match std::env::var(ENV_RING) {
+                Ok(path) => match open_ring(&path) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        control::warn(&format!("routing capture off: {e}"));
+                        None
+                    }
+                },
+                Err(_) => {
+                    control::warn("routing capture off: SPARK_RING is not set");
+                    None
+                }
+            };
+            *slot = Some(State {
+                producer,
+                pos: Vec::with_capacity(cap),
+                out: Vec::with_capacity(cap),
+                n_tokens: 0,
+                pos_known: false,
+                phase: PHASE_PROMPT,
+                ubatch_start: 0,
+                ubatch_len: 0,
+                last_layer: -1,
+                scratch: vec![0u8; 1 << 20],
+            });
+        } else if let Some(st) = slot.as_mut() {
+            // A later context may take larger batches; growing happens here, off the hot path.
+            if st.pos.capacity() < cap {
+                st.pos.reserve(cap - st.pos.len());
+                st.out.reserve(cap - st.out.len());
+            }
+        }
+        first
+    });
+    let Some(first) = first else {
+        return false;
+    };
+    if first {
+        control::start(geometry(model));
+    }
+    if let Some(cb) = params.cb_eval() {
+        if cb as usize != eval_cb as usize {
+            CHAIN_CB.store(cb as usize, Ordering::Relaxed);
+            CHAIN_UD.store(params.cb_eval_user_data() as usize, Ordering::Relaxed);
+        }
+    }
+    params.set_cb_eval(eval_cb, std::ptr::null_mut());
+    true
+}
+
+/// Called from the `llama_decode` wrapper, before the real decode.
+///
+/// # Safety
+/// `batch` must be the caller's valid batch.
+pub unsafe fn on_decode(_ctx: *mut c_void, batch: &LlamaBatch) {
+    let n = batch.n_tokens.max(0) as usize;
+    let done = with_state(|slot| {
+        let Some(st) = slot.as_mut() else { return };
+        st.last_layer = -1;
+        st.ubatch_start = 0;
+        st.ubatch_len = 0;
+        st.n_tokens = n;
+        st.pos.clear();
+        st.out.clear();
+        st.pos_known = !batch.pos.is_null() && n <= st.pos.capacity();
+        if !st.pos_known {
+            return;
+        }
+        // SAFETY: the batch holds n_tokens positions (llama.h), and pos is non-null.
+        let pos = unsafe { std::slice::from_raw_parts(batch.pos, n) };
+        st.pos.extend_from_slice(pos); // within capacity: no allocation
+        if batch.logits.is_null() {
+            st.out.extend(std::iter::repeat_n(0u8, n));
+            if let Some(last) = st.out.last_mut() {
+                *last = 1;
+            }
+        } else {
+            // SAFETY: a non-null logits array holds n_tokens flags.
+            let flags = unsafe { std::slice::from_raw_parts(batch.logits, n) };
+            st.out.extend(flags.iter().map(|&f| u8::from(f != 0)));
+        }
+        let n_out = st.out.iter().filter(|&&o| o != 0).count();
+        st.phase = if n > 0 && n_out == n {
+            PHASE_DECODE
+        } else {
+            PHASE_PROMPT
+        };
+    });
+    if done.is_none() {
+        SHARED.unmapped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+enum Kind {
+    Routing(u32),
+}
+
+/// Classifies a tensor by name without allocating.
+fn classify(name: &[c_char; 64]) -> Option<Kind> {
+    const ROUTING: &[u8] = b"ffn_moe_weights-";
+    let bytes = name.map(|c| c as u8);
+    if bytes.starts_with(ROUTING) {
+        return parse_layer(&bytes[ROUTING.len()..]).map(Kind::Routing);
+    }
+    None
+}
+
+fn parse_layer(b: &[u8]) -> Option<u32> {
+    let mut v: u32 = 0;
+    let mut digits = 0;
+    for &c in b {
+        match c {
+            b'0'..=b'9' => {
+                v = v.checked_mul(10)?.checked_add(u32::from(c - b'0'))?;
+                digits += 1;
+            }
+            0 => break,
+            _ => return None,
+        }
+    }
+    (digits > 0 && v <= u32::from(u16::MAX)).then_some(v)
+}
+
+/// The eval callback installed in every context.
+///
+/// # Safety
+/// Called by ggml's scheduler with a live tensor.
+pub unsafe extern "C" fn eval_cb(t: *mut GgmlTensor, ask: bool, _ud: *mut c_void) -> bool {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: forwarded from the scheduler's contract.
+        unsafe { eval(t, ask) }
+    }))
+    // A panic: do not ask for anything, and never cancel the graph.
+    .unwrap_or(!ask)
+}
+
+unsafe fn eval(t: *mut GgmlTensor, ask: bool) -> bool {
+    if t.is_null() {
+        return !ask;
+    }
+    // SAFETY: the scheduler passes a live tensor.
+    let tensor = unsafe { &*t };
+    let kind = classify(&tensor.name);
+    let chain = CHAIN_CB.load(Ordering::Relaxed);
+    let chain: Option<EvalCallback> = (chain != 0).then(|| {
+        // SAFETY: CHAIN_CB only ever holds a non-zero EvalCallback address.
+        unsafe { std::mem::transmute::<usize, EvalCallback>(chain) }
+    });
+    let ud = CHAIN_UD.load(Ordering::Relaxed) as *mut c_void;
+    if ask {
+        // SAFETY: calling the caller's own callback with its own user data.
+        let theirs = chain.is_some_and(|cb| unsafe { cb(t, true, ud) });
+        return kind.is_some() || theirs;
+    }
+    if let Some(Kind::Routing(layer)) = kind {
+        let ok = with_state(|slot| {
+            if let Some(st) = slot.as_mut() {
+                // SAFETY: the tensor has just been computed and its sources are still live.
+                unsafe { st.capture_routing(tensor, layer) };
+            }
+        });
+        if ok.is_none() {
+            SHARED.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if let Some(cb) = chain {
+        // SAFETY: as above; the caller's callback sees data only for tensors it asked for.
+        if unsafe { cb(t, true, ud) } {
+            // SAFETY: as above.
+            return unsafe { cb(t, false, ud) };
+        }
+    }
+    true
+}
+
+fn is_host(buffer: *mut c_void) -> bool {
+    if buffer.is_null() {
+        return false;
+    }
+    // SAFETY: BufferIsHostFn is ggml_backend_buffer_is_host's signature.
+    match unsafe { as_fn::<BufferIsHostFn>(&BUFFER_IS_HOST) } {
+        // SAFETY: buffer is a live backend buffer owned by the tensor.
+        Some(f) => unsafe { f(buffer) },
+        None => false,
+    }
+}
+
+impl State {
+    /// Gives a readable pointer to `t`'s bytes: its own memory when host-resident, otherwise a
+    /// copy in `scratch[at..]`. None when the copy does not fit the preallocated scratch.
+    ///
+    /// # Safety
+    /// `t` must be a computed, live tensor.
+    unsafe fn bytes_of(&mut self, t: &GgmlTensor, at: usize) -> Option<(*const u8, usize)> {
+        if t.data.is_null() {
+            return None;
+        }
+        // SAFETY: NbytesFn is ggml_nbytes's signature; t is live.
+        let n = unsafe { as_fn::<NbytesFn>(&NBYTES)?(t) };
+        if is_host(t.buffer) {
+            return Some((t.data as *const u8, at));
+        }
+        // SAFETY: TensorGetFn is ggml_backend_tensor_get's signature.
+        let get = unsafe { as_fn::<TensorGetFn>(&TENSOR_GET) }?;
+        let end = at.checked_add(n)?;
+        if end > self.scratch.len() {
+            return None;
+        }
+        // SAFETY: scratch[at..end] is writable and n bytes long; t is live and computed.
+        unsafe { get(t, self.scratch.as_mut_ptr().add(at) as *mut c_void, 0, n) };
+        Some((self.scratch.as_ptr().wrapping_add(at), end))
+    }
+
+    /// Emits one record per token row of a `ffn_moe_weights-<layer>` tensor.
+    ///
+    /// # Safety
+    /// `w` must be a computed, live tensor whose `src[1]` is the selected-experts tensor.
+    unsafe fn capture_routing(&mut self, w: &GgmlTensor, layer: u32) {
+        let ids_t = w.src[1];
+        if ids_t.is_null() {
+            SHARED.unmapped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // SAFETY: a live tensor's sources are live.
+        let ids_t = unsafe { &*ids_t };
+        let k = ids_t.ne[0].max(0) as usize;
+        let rows = (ids_t.ne[1] * ids_t.ne[2] * ids_t.ne[3]).max(0) as usize;
+        if ids_t.type_ != GGML_TYPE_I32 || w.type_ != GGML_TYPE_F32 || k == 0 || k > MAX_K {
+            SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+            return;
+        }
+        // SAFETY: both tensors are computed and live.
+        let Some((ids_p, next)) = (unsafe { self.bytes_of(ids_t, 0) }) else {
+            SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+            return;
+        };
+        // SAFETY: as above.
+        let Some((w_p, _)) = (unsafe { self.bytes_of(w, next) }) else {
+            SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+            return;
+        };
+
+        // Which batch tokens these rows are.
+        if layer as i32 <= self.last_layer {
+            self.ubatch_start += self.ubatch_len;
+            self.ubatch_len = 0;
+        }
+        self.last_layer = layer as i32;
+        if self.ubatch_len == 0 {
+            self.ubatch_len = rows;
+            SHARED.ubatches.fetch_add(1, Ordering::Relaxed);
+        }
+        let word = (layer as usize / 64).min(7);
+        SHARED.layers_seen[word].fetch_or(1 << (layer % 64), Ordering::Relaxed);
+        let full = rows == self.ubatch_len;
+        let end = (self.ubatch_start + self.ubatch_len).min(self.n_tokens);
+        let mut cursor = self.ubatch_start;
+        let request = SHARED.request.load(Ordering::Relaxed);
+        let Some(producer) = self.producer.as_mut() else {
+            return;
+        };
+        let (mut written, mut dropped, mut unmapped) = (0u64, 0u64, 0u64);
+        for j in 0..rows {
+            let pos = if !self.pos_known {
+                None
+            } else if full {
+                self.pos.get(self.ubatch_start + j).copied()
+            } else {
+                // Rows dropped before the last layer: the survivors are the output tokens.
+                while cursor < end && self.out[cursor] == 0 {
+                    cursor += 1;
+                }
+                let p = (cursor < end).then(|| self.pos[cursor]);
+                cursor += 1;
+                p
+            };
+            let token = match pos {
+                Some(p) if p >= 0 => p as u32,
+                _ => {
+                    unmapped += 1;
+                    u32::MAX
+                }
+            };
+            let mut rec = RoutingRecord {
+                request,
+                token,
+                layer: layer as u16,
+                phase: self.phase,
+                n_used: k as u8,
+                ids: [0; MAX_K],
+                weights: [0.0; MAX_K],
+            };
+            for i in 0..k {
+                let io = j * ids_t.nb[1] + i * ids_t.nb[0];
+                let wo = j * w.nb[2] + i * w.nb[1];
+                // SAFETY: io and wo are inside the tensors' extents (ggml_nbytes covers every
+                // element at these strides); unaligned reads are allowed.
+                let (id, wt) = unsafe {
+                    (
+                        std::ptr::read_unaligned(ids_p.add(io) as *const i32),
+                        std::ptr::read_unaligned(w_p.add(wo) as *const f32),
+                    )
+                };
+                rec.ids[i] = id.clamp(0, i32::from(u16::MAX)) as u16;
+                rec.weights[i] = wt;
+            }
+            if producer.write(&rec) {
+                written += 1;
+            } else {
+                dropped += 1;
+            }
+        }
+        producer.publish();
+        SHARED.records.fetch_add(written, Ordering::Relaxed);
+        if dropped > 0 {
+            SHARED.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+        if unmapped > 0 {
+            SHARED.unmapped.fetch_add(unmapped, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> [c_char; 64] {
+        let mut n = [0 as c_char; 64];
+        for (d, b) in n.iter_mut().zip(s.bytes()) {
+            *d = b as c_char;
+        }
+        n
+    }
+
+    #[test]
+    fn only_the_routing_weights_are_asked_for() {
+        assert!(matches!(
+            classify(&name("ffn_moe_weights-17")),
+            Some(Kind::Routing(17))
+        ));
+        for other in [
+            "ffn_moe_weights_norm-3",
+            "ffn_moe_weights-",
+            "ffn_moe_weights-3x",
+            "ffn_moe_topk-3",
+            "ffn_norm-3",
+            "",
+        ] {
+            assert!(classify(&name(other)).is_none(), "{other}");
+        }
+    }
+}
