@@ -3,3 +3,4 @@
 mod util;
 
 mod gguf_files;
+mod serve;

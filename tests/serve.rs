@@ -1,0 +1,298 @@
+//! `spark serve` end to end against the pinned stock llama-server: pass-through equality,
+//! restarts, signals, concurrency, and that nothing is left behind.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use spark::supervisor::{LlamaServer, LlamaServerConfig};
+
+use crate::util;
+
+/// A `spark serve` child and the port it listens on.
+struct Served {
+    child: Child,
+    port: u16,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Served {
+    fn start(model: &Path, extra: &[&str]) -> Served {
+        let mut cmd = Command::new(util::spark_bin());
+        cmd.args(["serve", "-m", model.to_str().unwrap(), "--port", "0", "--llama-server", util::llama_server().to_str().unwrap()]);
+        cmd.args(extra);
+        cmd.args(["--", "-c", "2048", "-t", "2", "-np", "4"]);
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).expect("spark serve announces its address within 60 s");
+            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+                let port = rest.split_whitespace().next().unwrap().parse().unwrap();
+                return Served { child, port, stderr: rx };
+            }
+        }
+    }
+
+    fn url(&self, route: &str) -> String {
+        format!("http://127.0.0.1:{}{route}", self.port)
+    }
+
+    fn status(&self) -> Value {
+        ureq::get(&self.url("/spark/status")).timeout(Duration::from_secs(5)).call().unwrap().into_json().unwrap()
+    }
+
+    fn child_pid(&self) -> u32 {
+        self.status()["child"]["pid"].as_u64().unwrap() as u32
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; it counts as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn wait_gone(pid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    !alive(pid)
+}
+
+fn post(url: &str, body: &Value) -> Result<Value, String> {
+    ureq::post(url).timeout(Duration::from_secs(60)).send_json(body).map_err(|e| e.to_string())?.into_json().map_err(|e| e.to_string())
+}
+
+/// The generated text of a streamed chat completion, from its SSE lines.
+fn stream_chat(url: &str, body: &Value) -> Result<String, String> {
+    let resp = ureq::post(url).timeout(Duration::from_secs(60)).send_json(body).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    let mut done = false;
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            // Keep reading to the end of the body, as a well-behaved client does.
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+        if let Some(c) = v.pointer("/choices/0/delta/content").and_then(Value::as_str) {
+            text.push_str(c);
+        }
+    }
+    if done { Ok(text) } else { Err("stream ended without [DONE]".into()) }
+}
+
+#[test]
+fn proxy_answers_equal_llama_server_answers() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &["--router", "skewed"]);
+    let prompts = ["The expert cache", "Once upon a time", "fn main() {"];
+    let chat = |p: &str, stream: bool| json!({"messages": [{"role": "user", "content": p}], "max_tokens": 12, "temperature": 0.0, "stream": stream});
+    let completion = |p: &str| json!({"prompt": p, "n_predict": 12, "temperature": 0.0});
+
+    let direct = LlamaServer::start(&LlamaServerConfig {
+        binary: util::llama_server(),
+        model: model.clone(),
+        port: None,
+        extra_args: ["-c", "2048", "-t", "2", "-np", "4"].iter().map(|s| s.to_string()).collect(),
+        env: vec![],
+        ready_timeout: Duration::from_secs(60),
+        log_path: dir.path().join("direct.log"),
+    })
+    .unwrap();
+    let mut expected = Vec::new();
+    for p in prompts {
+        let c = post(&direct.url("/completion"), &completion(p)).unwrap();
+        let n = post(&direct.url("/v1/chat/completions"), &chat(p, false)).unwrap();
+        let s = stream_chat(&direct.url("/v1/chat/completions"), &chat(p, true)).unwrap();
+        expected.push((c["content"].clone(), n["choices"][0]["message"]["content"].clone(), s));
+    }
+    direct.stop();
+
+    let served = Served::start(&model, &["--quiet"]);
+    for (p, (c, n, s)) in prompts.iter().zip(&expected) {
+        let got = post(&served.url("/completion"), &completion(p)).unwrap();
+        assert_eq!(&got["content"], c, "/completion {p:?}");
+        let got = post(&served.url("/v1/chat/completions"), &chat(p, false)).unwrap();
+        assert_eq!(&got["choices"][0]["message"]["content"], n, "chat {p:?}");
+        let got = stream_chat(&served.url("/v1/chat/completions"), &chat(p, true)).unwrap();
+        assert_eq!(&got, s, "streamed chat {p:?}");
+        assert!(!s.is_empty());
+    }
+    // Other routes pass through too.
+    let mut refused = 0;
+    for route in ["/health", "/v1/models", "/props", "/slots", "/metrics"] {
+        // /slots and /metrics answer 501 unless llama-server was started with them enabled:
+        // the proxy passes that through too.
+        match ureq::get(&served.url(route)).timeout(Duration::from_secs(5)).call() {
+            Ok(_) => {}
+            Err(ureq::Error::Status(501, _)) => refused += 1,
+            Err(e) => panic!("{route}: {e}"),
+        }
+    }
+    let tok = post(&served.url("/tokenize"), &json!({"content": "hello world"})).unwrap();
+    assert!(!tok["tokens"].as_array().unwrap().is_empty());
+    let st = served.status();
+    assert_eq!(st["requests"]["errors"], refused, "{st}");
+    assert_eq!(st["requests"]["aborted"], 0, "{st}");
+    assert!(st["requests"]["generated_tokens"].as_u64().unwrap() >= 12 * 6, "{st}");
+    assert!(st["completed_requests"].as_u64().unwrap() >= 9, "{st}");
+    assert!(st["requests"]["first_byte_ms"]["p50"].as_f64().unwrap() > 0.0);
+    let metrics = ureq::get(&served.url("/spark/metrics")).call().unwrap().into_string().unwrap();
+    assert!(metrics.contains("spark_requests_total"), "{metrics}");
+    assert!(metrics.contains("spark_child_up 1"), "{metrics}");
+}
+
+#[test]
+fn sixteen_concurrent_streaming_clients_see_no_errors() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let served = Served::start(&model, &["--quiet"]);
+    let url = served.url("/v1/chat/completions");
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let body = json!({"messages": [{"role": "user", "content": format!("client {i} says hello")}], "max_tokens": 16, "temperature": 0.0, "stream": true});
+                stream_chat(&url, &body)
+            })
+        })
+        .collect();
+    let results: Vec<Result<String, String>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(errors.is_empty(), "errors: {errors:?}");
+    let st = served.status();
+    assert_eq!(st["requests"]["errors"], 0);
+    assert_eq!(st["requests"]["aborted"], 0, "{st}");
+}
+
+#[test]
+fn a_dead_llama_server_is_restarted_and_the_client_gets_an_error() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let served = Served::start(&model, &["--quiet"]);
+    let first = served.child_pid();
+    // A long streamed request, killed mid-way.
+    let url = served.url("/completion");
+    let req = std::thread::spawn(move || {
+        let resp = ureq::post(&url).timeout(Duration::from_secs(60)).send_json(json!({"prompt": "count", "n_predict": 100000, "stream": true, "ignore_eos": true}));
+        match resp {
+            Ok(r) => {
+                let mut body = String::new();
+                match r.into_reader().read_to_string(&mut body) {
+                    Ok(_) if body.contains("\"stop\":true") => Ok(()),
+                    Ok(_) => Err("stream cut short".to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let outcome = req.join().unwrap();
+    assert!(outcome.is_err(), "the client must see the failure, not a clean end");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        let st = served.status();
+        if st["child"]["ready"] == true && st["child"]["pid"].as_u64() != Some(first as u64) {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "not restarted: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(st["child"]["restarts"], 1);
+    assert!(st["child"]["last_exit"].as_str().unwrap().contains("signal"), "{st}");
+    let got = post(&served.url("/completion"), &json!({"prompt": "again", "n_predict": 4})).unwrap();
+    assert_eq!(got["tokens_predicted"], 4);
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_sigkill_leaves_no_llama_server() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+
+    let mut served = Served::start(&model, &["--quiet"]);
+    let child = served.child_pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(served.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = served.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "spark did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(wait_gone(child, Duration::from_secs(5)), "llama-server {child} outlived spark");
+    let said: Vec<String> = served.stderr.try_iter().collect();
+    assert!(said.iter().any(|l| l.contains("SIGTERM")), "{said:?}");
+
+    let mut served = Served::start(&model, &["--quiet"]);
+    let child = served.child_pid();
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+    assert!(wait_gone(child, Duration::from_secs(5)), "llama-server {child} outlived a SIGKILLed spark");
+}
+
+#[test]
+fn a_server_that_never_gets_ready_times_out_with_124() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let fake = dir.path().join("stuck-server");
+    let pidfile = dir.path().join("stuck.pid");
+    std::fs::write(&fake, format!("#!/bin/sh\necho $$ > {}\nexec sleep 600\n", pidfile.display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let started = Instant::now();
+    let o = Command::new(util::spark_bin())
+        .args(["serve", "-m", model.to_str().unwrap(), "--port", "0", "--ready-timeout", "2", "--llama-server", fake.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(124), "{err}");
+    assert!(err.contains("not ready after 2 s"), "{err}");
+    assert!(took < Duration::from_secs(2 + 8), "took {took:?}");
+    let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(wait_gone(pid, Duration::from_secs(5)), "the stuck server {pid} was left running");
+}
+
+#[test]
+fn serve_rejects_a_bad_model_with_exit_2() {
+    let dir = util::tempdir();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"not a model").unwrap();
+    let o = util::spark(&["serve", "-m", bad.to_str().unwrap(), "--port", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a GGUF file"));
+}
