@@ -3,12 +3,16 @@
 //! See ARCHITECTURE.md for the map of modules and the invariants each one keeps.
 
 pub mod atomic_file;
+pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod exit;
 pub mod fixture;
 pub mod gguf;
 pub mod inspect;
+pub mod plan;
 pub mod ring;
 pub mod serve;
+pub mod sessions;
 pub mod supervisor;
+pub mod telemetry;

@@ -1,0 +1,352 @@
+//! `spark bench plan`: validates the decode forecast against llama-bench on fixtures across
+//! `--n-cpu-moe` and thread settings, with leave-one-out calibration, and reports the median
+//! absolute error and the worst case.
+//!
+//! Owns the validation procedure. A configuration is never calibrated by its own receipt; the
+//! strict score goes further and calibrates each model only from the other models' receipts
+//! (on a machine without a GPU `--n-cpu-moe` changes nothing physically, so receipts of the same
+//! model at other `--n-cpu-moe` values would be near-copies of the one being predicted). A
+//! benchmark: it reports numbers and asserts nothing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::fit::{MemorySettings, MIB};
+use super::forecast::{calibrate, median};
+use super::receipt::{BenchSpec, Receipt, ReceiptStore};
+use super::{hardware, model_facts, pair, PlanError, PlanInput};
+use crate::fixture::{self, FixtureSpec, Size};
+use crate::gguf::GgmlType;
+
+#[derive(Debug, Args)]
+pub struct BenchPlanArgs {
+    /// Where the fixtures are written (kept for the next run)
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Thread counts to measure, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub threads: Vec<u32>,
+    /// llama-bench binary (default: next to the located llama-server)
+    #[arg(long, value_name = "PATH")]
+    pub llama_bench: Option<PathBuf>,
+    /// Tokens generated per repetition
+    #[arg(long, default_value_t = 48)]
+    pub n_gen: u64,
+    /// Repetitions per configuration
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: u32,
+    /// Seconds one llama-bench run may take
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Do not add the measurements to this machine's receipts
+    #[arg(long)]
+    pub no_store: bool,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One fixture of the validation set.
+struct Model {
+    name: &'static str,
+    spec: FixtureSpec,
+}
+
+fn models() -> Vec<Model> {
+    let medium = FixtureSpec::preset(Size::Medium);
+    let mut f16 = medium.clone();
+    f16.weight_type = GgmlType::F16;
+    let mut wide = medium.clone();
+    wide.layers = 8;
+    wide.experts = 64;
+    wide.top_k = 8;
+    wide.embd = 768;
+    wide.n_head = 12;
+    wide.n_head_kv = 4;
+    wide.expert_ff = 256;
+    let mut deep = medium.clone();
+    deep.layers = 24;
+    deep.experts = 16;
+    deep.top_k = 2;
+    deep.expert_ff = 768;
+    vec![
+        Model {
+            name: "medium-q8_0",
+            spec: medium,
+        },
+        Model {
+            name: "medium-f16",
+            spec: f16,
+        },
+        Model {
+            name: "wide-q8_0",
+            spec: wide,
+        },
+        Model {
+            name: "deep-q8_0",
+            spec: deep,
+        },
+    ]
+}
+
+/// One validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub model: String,
+    pub threads: u32,
+    pub n_cpu_moe: u32,
+    pub ceiling_tps: f64,
+    pub measured_tps: f64,
+    /// Forecast calibrated from the other models' receipts.
+    pub forecast_strict_tps: f64,
+    pub error_strict: f64,
+    pub inside_band_strict: bool,
+    /// Forecast calibrated from every other configuration's receipt.
+    pub forecast_loo_tps: f64,
+    pub error_loo: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub median_abs_error_strict: f64,
+    pub worst_abs_error_strict: f64,
+    pub median_abs_error_loo: f64,
+    pub worst_abs_error_loo: f64,
+    pub inside_band_strict: usize,
+    pub host_gbps: Vec<hardware::RatePoint>,
+}
+
+/// Scores receipts: for each, a forecast calibrated without it (strict: without its model).
+pub fn score(receipts: &[(String, Receipt)]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (i, (name, r)) in receipts.iter().enumerate() {
+        let Some(measured) = r.decode_measured_tps else {
+            continue;
+        };
+        let effs = |keep: &dyn Fn(&Receipt) -> bool| -> Vec<f64> {
+            receipts
+                .iter()
+                .enumerate()
+                .filter(|(j, (_, o))| *j != i && o.regime == r.regime && keep(o))
+                .filter_map(|(_, (_, o))| o.decode_efficiency())
+                .collect()
+        };
+        let strict = calibrate(r.regime, &effs(&|o| o.fingerprint != r.fingerprint));
+        let loo = calibrate(r.regime, &effs(&|o| !o.same_configuration(r)));
+        let fs = r.decode_ceiling_tps * strict.efficiency;
+        let fl = r.decode_ceiling_tps * loo.efficiency;
+        rows.push(Row {
+            model: name.clone(),
+            threads: r.threads,
+            n_cpu_moe: r.n_cpu_moe,
+            ceiling_tps: r.decode_ceiling_tps,
+            measured_tps: measured,
+            forecast_strict_tps: fs,
+            error_strict: (fs - measured) / measured,
+            inside_band_strict: measured >= r.decode_ceiling_tps * strict.low
+                && measured <= r.decode_ceiling_tps * strict.high,
+            forecast_loo_tps: fl,
+            error_loo: (fl - measured) / measured,
+        });
+    }
+    rows
+}
+
+pub fn summarize(rows: Vec<Row>, host_gbps: Vec<hardware::RatePoint>) -> Report {
+    let abs = |f: fn(&Row) -> f64| rows.iter().map(|r| f(r).abs()).collect::<Vec<f64>>();
+    let s = abs(|r| r.error_strict);
+    let l = abs(|r| r.error_loo);
+    Report {
+        median_abs_error_strict: median(&s),
+        worst_abs_error_strict: s.iter().copied().fold(0.0, f64::max),
+        median_abs_error_loo: median(&l),
+        worst_abs_error_loo: l.iter().copied().fold(0.0, f64::max),
+        inside_band_strict: rows.iter().filter(|r| r.inside_band_strict).count(),
+        rows,
+        host_gbps,
+    }
+}
+
+pub fn render(rep: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<12} {:>3} {:>6} {:>9} {:>9} {:>9} {:>8} {:>6} {:>9} {:>8}",
+        "model", "t", "ncmoe", "ceiling", "measured", "strict", "error", "band", "loo", "error"
+    );
+    for r in &rep.rows {
+        let _ = writeln!(
+            s,
+            "{:<12} {:>3} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>+7.1}% {:>6} {:>9.1} {:>+7.1}%",
+            r.model,
+            r.threads,
+            r.n_cpu_moe,
+            r.ceiling_tps,
+            r.measured_tps,
+            r.forecast_strict_tps,
+            r.error_strict * 100.0,
+            if r.inside_band_strict { "in" } else { "OUT" },
+            r.forecast_loo_tps,
+            r.error_loo * 100.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "strict (calibrated from other models only): median |error| {:.1}%, worst {:.1}%, {} of {} inside the band",
+        rep.median_abs_error_strict * 100.0,
+        rep.worst_abs_error_strict * 100.0,
+        rep.inside_band_strict,
+        rep.rows.len()
+    );
+    let _ = writeln!(
+        s,
+        "leave-one-configuration-out: median |error| {:.1}%, worst {:.1}%",
+        rep.median_abs_error_loo * 100.0,
+        rep.worst_abs_error_loo * 100.0
+    );
+    let bw: Vec<String> = rep
+        .host_gbps
+        .iter()
+        .map(|p| format!("{:.1} GB/s at {} threads", p.rate, p.threads))
+        .collect();
+    let _ = writeln!(s, "host read bandwidth: {}", bw.join(", "));
+    s
+}
+
+pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
+    if a.threads.is_empty() || a.threads.contains(&0) {
+        return Err(PlanError::Usage(
+            "parse --threads: give positive thread counts, e.g. 1,2".into(),
+        ));
+    }
+    let dir = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| crate::engine::cache_dir().join("bench-plan"));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| PlanError::Usage(format!("create {}: {e}", dir.display())))?;
+    let bench = super::locate_llama_bench(a.llama_bench.as_deref())?;
+    let vocab = crate::engine::vocab_path(crate::engine::DEFAULT_VOCAB)?;
+    let hw = hardware::gather(&hardware::HardwareOverrides::default())?;
+    let mut receipts: Vec<(String, Receipt)> = Vec::new();
+    for m in models() {
+        let path = dir.join(format!("{}.gguf", m.name));
+        if !path.exists() {
+            eprintln!("writing fixture {}", path.display());
+            fixture::write_fixture(&m.spec, &vocab, &path)
+                .map_err(|e| PlanError::Validation(format!("write fixture {}: {e}", m.name)))?;
+        }
+        let facts = model_facts(&path)?;
+        let half = (facts.expert_layer_end() / 2).max(1);
+        for &t in &a.threads {
+            for ncmoe in [0, half] {
+                let input = PlanInput {
+                    model: path.clone(),
+                    settings: MemorySettings {
+                        ctx: 512,
+                        k_type: GgmlType::F16,
+                        v_type: GgmlType::F16,
+                        ubatch: 512,
+                        reserve_bytes: 256 * MIB,
+                    },
+                    budget_bytes: None,
+                    threads: t,
+                    depth: 0,
+                    use_receipts: false,
+                };
+                let spec = BenchSpec {
+                    model: path.clone(),
+                    threads: t,
+                    n_gpu_layers: 99,
+                    n_cpu_moe: ncmoe,
+                    type_k: "f16".into(),
+                    type_v: "f16".into(),
+                    flash_attn: false,
+                    ubatch: 512,
+                    n_prompt: 0,
+                    n_gen: a.n_gen.max(1),
+                    repetitions: a.repetitions.max(1),
+                };
+                eprintln!("measuring {} threads {t} --n-cpu-moe {ncmoe}", m.name);
+                let rows = super::run_llama_bench(&bench, &spec, Duration::from_secs(a.timeout))?;
+                for r in pair(&facts, &input, &hw, &rows, None, "bench plan", &|_| false) {
+                    receipts.push((m.name.to_string(), r));
+                }
+            }
+        }
+    }
+    let report = summarize(score(&receipts), hw.host_read_gbps.clone());
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serialize")
+        );
+    } else {
+        print!("{}", render(&report));
+    }
+    if !a.no_store {
+        let path = super::receipt::store_path();
+        let mut store = ReceiptStore::load(&path)?;
+        store.version = 1;
+        store.receipts.extend(receipts.into_iter().map(|(_, r)| r));
+        store.save(&path)?;
+        if !a.json {
+            println!("receipts stored in {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::forecast::Regime;
+
+    fn receipt(fp: &str, settings: &str, ceiling: f64, measured: f64) -> (String, Receipt) {
+        (
+            fp.to_string(),
+            Receipt {
+                machine: "m".into(),
+                unix_time: 0,
+                model: fp.into(),
+                fingerprint: fp.into(),
+                regime: Regime::CpuOnly,
+                settings: settings.into(),
+                threads: 1,
+                n_gpu_layers: 99,
+                n_cpu_moe: 0,
+                source: "test".into(),
+                decode_ceiling_tps: ceiling,
+                decode_measured_tps: Some(measured),
+                decode_forecast_tps: 0.0,
+                decode_band: (0.0, 0.0),
+                prefill_ceiling_tps: 1.0,
+                prefill_measured_tps: None,
+                prefill_forecast_tps: 0.0,
+            },
+        )
+    }
+
+    #[test]
+    fn a_receipt_never_calibrates_itself() {
+        // Model a runs at 50% of its ceiling, b at 100%: strict calibration of a uses only b.
+        let rs = vec![
+            receipt("a", "t1", 100.0, 50.0),
+            receipt("a", "t2", 100.0, 50.0),
+            receipt("b", "t1", 100.0, 100.0),
+        ];
+        let rows = score(&rs);
+        assert_eq!(rows.len(), 3);
+        assert!((rows[0].forecast_strict_tps - 100.0).abs() < 1e-9);
+        assert!((rows[0].error_strict - 1.0).abs() < 1e-9);
+        // Leave-one-configuration-out for a/t1 sees a/t2 (0.5) and b/t1 (1.0): median 0.75.
+        assert!((rows[0].forecast_loo_tps - 75.0).abs() < 1e-9);
+        let rep = summarize(rows, vec![]);
+        assert!((rep.worst_abs_error_strict - 1.0).abs() < 1e-9);
+    }
+}
