@@ -3,7 +3,6 @@
 //! See ARCHITECTURE.md for the map of modules and the invariants each one keeps.
 
 pub mod atomic_file;
-pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod exit;
@@ -13,6 +12,4 @@ pub mod inspect;
 pub mod plan;
 pub mod ring;
 pub mod serve;
-pub mod sessions;
 pub mod supervisor;
-pub mod telemetry;
