@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of modules and the invariants each one keeps.
 
 pub mod atomic_file;
+pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod exit;
@@ -13,3 +14,4 @@ pub mod plan;
 pub mod ring;
 pub mod serve;
 pub mod supervisor;
+pub mod telemetry;

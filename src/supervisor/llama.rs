@@ -60,6 +60,16 @@ pub fn free_port() -> std::io::Result<u16> {
 impl LlamaServer {
     /// Starts the server and waits for `/health` until the ready deadline.
     pub fn start(cfg: &LlamaServerConfig) -> Result<LlamaServer, ServerError> {
+        Self::start_inheriting(cfg, &[])
+    }
+
+    /// Like [`LlamaServer::start`], and the child inherits the descriptors in `inherit` (open
+    /// in this process, normally close-on-exec) under the same numbers, e.g. the tap's end of
+    /// the control socket.
+    pub fn start_inheriting(
+        cfg: &LlamaServerConfig,
+        inherit: &[std::os::fd::RawFd],
+    ) -> Result<LlamaServer, ServerError> {
         let port = match cfg.port {
             Some(p) => p,
             None => free_port()?,
@@ -91,6 +101,24 @@ impl LlamaServer {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if !inherit.is_empty() {
+            let fds = inherit.to_vec();
+            // SAFETY: runs in the forked child before exec; fcntl is async-signal-safe and the
+            // closure allocates nothing (the Vec was built before fork).
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    for &fd in &fds {
+                        let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
+                        if flags < 0
+                            || nix::libc::fcntl(fd, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = ChildGroup::spawn(&mut cmd)?;
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(2))

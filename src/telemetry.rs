@@ -1,0 +1,354 @@
+//! A llama-server with the routing tap preloaded: ring, control channel, greeting, requests.
+//!
+//! Owns one telemetry session: creates the ring, the control socket pair, finds the tap
+//! library, has the supervisor start llama-server with `LD_PRELOAD`, `SPARK_RING` and
+//! `SPARK_CONTROL_FD`, reads the greeting, stamps requests, and drains records while a request
+//! runs (a drainer thread, so the ring does not overrun on long prompts). Never spawns or kills
+//! a process itself (the supervisor does) and never waits without a deadline: a server that
+//! dies mid-request surfaces as an error from the HTTP call or the control channel.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use spark_proto::control::{Command, Greeting};
+use spark_proto::ring::{RingGeometry, ENV_CONTROL_FD, ENV_RING};
+use spark_proto::trace::RoutingRecord;
+
+use crate::control::{self, ControlClient, ControlError};
+use crate::gguf::{GgufError, GgufFile, MoeGeometry};
+use crate::ring::{RingError, ShmRing};
+use crate::supervisor::{LlamaServer, LlamaServerConfig, ServerError};
+
+/// File name of the tap library.
+pub const TAP_FILE: &str = "libspark_tap.so";
+/// Environment variable naming the tap library explicitly.
+pub const ENV_TAP: &str = "SPARK_TAP";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("find the tap library: {0}")]
+    NoTap(String),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("run request {request}: llama-server exited during the request ({status}); last log lines:\n{log}")]
+    ServerDied {
+        request: u32,
+        status: String,
+        log: String,
+    },
+    #[error("run request {request}: {message}")]
+    Request { request: u32, message: String },
+}
+
+impl TelemetryError {
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            TelemetryError::Control(e) => e.is_timeout(),
+            TelemetryError::Server(e) => e.is_timeout(),
+            _ => false,
+        }
+    }
+
+    /// A problem with what the user passed (model file, tap path), as opposed to a runtime
+    /// failure.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, TelemetryError::NoTap(_) | TelemetryError::Gguf(_))
+    }
+}
+
+/// Finds the tap: `explicit`, else `$SPARK_TAP`, else next to the running executable (or its
+/// parent directory, for test binaries in `target/*/deps`).
+pub fn locate_tap(explicit: Option<&Path>) -> Result<PathBuf, TelemetryError> {
+    let candidate = explicit.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os(ENV_TAP)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    if let Some(p) = candidate {
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(TelemetryError::NoTap(format!(
+                "{} does not exist",
+                p.display()
+            )))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| TelemetryError::NoTap(e.to_string()))?;
+    let mut tried = Vec::new();
+    let mut dir = exe.parent();
+    for _ in 0..2 {
+        let Some(d) = dir else { break };
+        let p = d.join(TAP_FILE);
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(p.display().to_string());
+        dir = d.parent();
+    }
+    Err(TelemetryError::NoTap(format!(
+        "not found at {}; build it with `cargo build -p spark-tap`, or pass --tap PATH or set {ENV_TAP}",
+        tried.join(", ")
+    )))
+}
+
+/// How to start a tapped (or, for comparison, untapped) llama-server.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub llama_server: PathBuf,
+    pub model: PathBuf,
+    /// None: start llama-server without the tap (the baseline of `spark bench tap`).
+    pub tap: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+    pub ring_capacity: u64,
+    pub ready_timeout: Duration,
+    pub log_path: PathBuf,
+}
+
+/// A running llama-server and, when tapped, its ring and control channel.
+pub struct Session {
+    server: Option<LlamaServer>,
+    ring: Option<ShmRing>,
+    control: Option<ControlClient>,
+    pub greeting: Option<Greeting>,
+    pub geometry: MoeGeometry,
+    pub fingerprint: String,
+    agent: ureq::Agent,
+}
+
+/// What one completion returned.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub content: String,
+    /// Generated token ids, in order.
+    pub tokens: Vec<u32>,
+    /// Decode tokens per second as llama-server measured it.
+    pub predicted_per_second: Option<f64>,
+}
+
+/// Deadline for one control command.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Session {
+    pub fn start(cfg: &SessionConfig) -> Result<Session, TelemetryError> {
+        let file = GgufFile::open(&cfg.model)?;
+        let geometry = MoeGeometry::of(&file)?;
+        let fingerprint = geometry.fingerprint.to_string();
+        drop(file);
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(2))
+            .timeout(Duration::from_secs(600))
+            .build();
+        let mut server_cfg = LlamaServerConfig {
+            binary: cfg.llama_server.clone(),
+            model: cfg.model.clone(),
+            port: None,
+            extra_args: cfg.extra_args.clone(),
+            env: Vec::new(),
+            ready_timeout: cfg.ready_timeout,
+            log_path: cfg.log_path.clone(),
+        };
+        let Some(tap) = &cfg.tap else {
+            let server = LlamaServer::start(&server_cfg)?;
+            return Ok(Session {
+                server: Some(server),
+                ring: None,
+                control: None,
+                greeting: None,
+                geometry,
+                fingerprint,
+                agent,
+            });
+        };
+        let ring = ShmRing::create(
+            cfg.ring_capacity,
+            RingGeometry {
+                n_layer: geometry.n_layer,
+                n_expert: geometry.n_expert,
+                n_expert_used: geometry.n_expert_used,
+                n_embd: geometry.n_embd as u32,
+            },
+        )?;
+        let (mut client, theirs) = control::pair()?;
+        use std::os::fd::AsRawFd;
+        let fd = theirs.as_raw_fd();
+        server_cfg.env = vec![
+            ("LD_PRELOAD".into(), tap.display().to_string()),
+            (ENV_RING.into(), ring.path().display().to_string()),
+            (ENV_CONTROL_FD.into(), fd.to_string()),
+        ];
+        let server = LlamaServer::start_inheriting(&server_cfg, &[fd])?;
+        // Only the child keeps its end open, so its death closes the channel.
+        drop(theirs);
+        let greeting = client.greeting(CONTROL_TIMEOUT)?;
+        Ok(Session {
+            server: Some(server),
+            ring: Some(ring),
+            control: Some(client),
+            greeting: Some(greeting),
+            geometry,
+            fingerprint,
+            agent,
+        })
+    }
+
+    pub fn server(&self) -> &LlamaServer {
+        self.server.as_ref().expect("server present until stop")
+    }
+
+    pub fn control(&mut self) -> Option<&mut ControlClient> {
+        self.control.as_mut()
+    }
+
+    pub fn ring(&mut self) -> Option<&mut ShmRing> {
+        self.ring.as_mut()
+    }
+
+    /// Discards whatever is in the ring (e.g. the server's warm-up run).
+    pub fn discard(&mut self) -> u64 {
+        self.ring
+            .as_mut()
+            .map(|r| r.reader().skip_all())
+            .unwrap_or(0)
+    }
+
+    /// Tokenizes `text` the way the server will (special tokens added).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, TelemetryError> {
+        let v = self.post(
+            0,
+            "/tokenize",
+            &serde_json::json!({"content": text, "add_special": true}),
+        )?;
+        ids(&v["tokens"]).ok_or_else(|| TelemetryError::Request {
+            request: 0,
+            message: "tokenize answer has no token list".into(),
+        })
+    }
+
+    fn post(
+        &self,
+        request: u32,
+        route: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, TelemetryError> {
+        let url = self.server().url(route);
+        match self.agent.post(&url).send_json(body) {
+            Ok(resp) => resp.into_json().map_err(|e| TelemetryError::Request {
+                request,
+                message: e.to_string(),
+            }),
+            Err(e) => Err(TelemetryError::Request {
+                request,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Runs one greedy completion of `prompt` (text or token ids) stamped with `request`,
+    /// appending every routing record captured meanwhile to `out`.
+    pub fn complete(
+        &mut self,
+        request: u32,
+        prompt: &serde_json::Value,
+        n_predict: u32,
+        out: &mut Vec<RoutingRecord>,
+    ) -> Result<Completion, TelemetryError> {
+        if let Some(c) = self.control.as_mut() {
+            c.call(&Command::Request(request), CONTROL_TIMEOUT)?;
+        }
+        let body = serde_json::json!({
+            "prompt": prompt,
+            "n_predict": n_predict,
+            "temperature": 0.0,
+            "top_k": 1,
+            "ignore_eos": true,
+            "cache_prompt": false,
+            "return_tokens": true,
+        });
+        let url = self.server().url("/completion");
+        let agent = self.agent.clone();
+        let done = AtomicBool::new(false);
+        let result = std::thread::scope(|s| {
+            let ring = self.ring.as_mut();
+            let drainer = s.spawn(|| {
+                let Some(ring) = ring else { return };
+                let mut buf = Vec::with_capacity(4096);
+                loop {
+                    let finished = done.load(Ordering::Acquire);
+                    buf.clear();
+                    let n = ring.drain_into(&mut buf, 65536);
+                    out.extend_from_slice(&buf);
+                    if n == 0 {
+                        if finished {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            });
+            let r = agent.post(&url).send_json(&body);
+            done.store(true, Ordering::Release);
+            let _ = drainer.join();
+            r
+        });
+        let v: serde_json::Value = match result {
+            Ok(resp) => resp.into_json().map_err(|e| TelemetryError::Request {
+                request,
+                message: e.to_string(),
+            })?,
+            Err(e) => {
+                // Give a crashed server a moment to be reaped, then say so.
+                let server = self.server.as_mut().expect("server present until stop");
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < deadline {
+                    if let Some(status) = server.exited() {
+                        return Err(TelemetryError::ServerDied {
+                            request,
+                            status: status.to_string(),
+                            log: server.log_tail(15),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                return Err(TelemetryError::Request {
+                    request,
+                    message: e.to_string(),
+                });
+            }
+        };
+        Ok(Completion {
+            content: v["content"].as_str().unwrap_or_default().to_string(),
+            tokens: ids(&v["tokens"]).unwrap_or_default(),
+            predicted_per_second: v["timings"]["predicted_per_second"].as_f64(),
+        })
+    }
+
+    /// Records the producer dropped (ring full) so far.
+    pub fn ring_dropped(&self) -> u64 {
+        self.ring.as_ref().map(|r| r.dropped()).unwrap_or(0)
+    }
+
+    /// Stops the server (the ring file is unlinked when the session drops).
+    pub fn stop(mut self) {
+        if let Some(c) = self.control.as_mut() {
+            let _ = c.call(&Command::Quit, Duration::from_secs(2));
+        }
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
+    }
+}
+
+fn ids(v: &serde_json::Value) -> Option<Vec<u32>> {
+    v.as_array()?
+        .iter()
+        .map(|t| t.as_u64().map(|x| x as u32))
+        .collect()
+}

@@ -1,0 +1,270 @@
+//! `spark trace record`: capture a binary routing trace from a live, tapped llama-server.
+//!
+//! Owns the recording flow: start a telemetry session, discard the server's warm-up routing,
+//! send each prompt as one greedy completion stamped with its request number, stream the
+//! captured records into a [`TraceWriter`] (the file appears only when complete), and report
+//! what was captured, including records the tap had to drop. Never edits records: what the
+//! tap captured is what the file holds, in capture order.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use spark_proto::trace::{TraceHeader, FLAG_HAS_PROMPT, FLAG_WEIGHTS};
+
+use super::{TraceError, TraceWriter};
+use crate::engine::{Engine, EngineError};
+use crate::ring::DEFAULT_CAPACITY;
+use crate::telemetry::{locate_tap, Session, SessionConfig, TelemetryError, CONTROL_TIMEOUT};
+
+#[derive(Debug, clap::Args)]
+pub struct RecordArgs {
+    /// The GGUF model to serve
+    #[arg(short = 'm', long)]
+    pub model: PathBuf,
+    /// Output binary trace (written atomically)
+    #[arg(long)]
+    pub out: PathBuf,
+    /// One prompt
+    #[arg(long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// A file of prompts, one per line (empty lines skipped)
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Tokens to generate per prompt (greedy)
+    #[arg(long, default_value_t = 64)]
+    pub n_predict: u32,
+    /// llama-server binary (default: $SPARK_LLAMA_SERVER, then the build in the cache)
+    #[arg(long, value_name = "PATH")]
+    pub llama_server: Option<PathBuf>,
+    /// The tap library (default: $SPARK_TAP, then next to the spark executable)
+    #[arg(long, value_name = "PATH")]
+    pub tap: Option<PathBuf>,
+    /// Ring slots (a power of two)
+    #[arg(long, default_value_t = DEFAULT_CAPACITY)]
+    pub ring_capacity: u64,
+    /// Seconds to wait for llama-server to become ready
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout: u64,
+    /// Where llama-server's log goes (default: next to --out, with `.server.log` appended)
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Print the summary as JSON (includes each request's prompt and generated token ids)
+    #[arg(long)]
+    pub json: bool,
+    /// Arguments passed to llama-server unchanged
+    #[arg(last = true)]
+    pub server_args: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("read prompts {path}: {source}")]
+    Prompts {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("record a trace: give --prompt TEXT or --prompts FILE (with at least one prompt)")]
+    NoPrompt,
+    #[error("record a trace: {model} has no MoE layers (architecture {arch}); there is no routing to capture")]
+    Dense { model: PathBuf, arch: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+}
+
+impl RecordError {
+    pub fn is_usage(&self) -> bool {
+        match self {
+            RecordError::Prompts { .. }
+            | RecordError::NoPrompt
+            | RecordError::Dense { .. }
+            | RecordError::Engine(_) => true,
+            RecordError::Telemetry(e) => e.is_usage(),
+            RecordError::Trace(_) => false,
+        }
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, RecordError::Telemetry(e) if e.is_timeout())
+    }
+}
+
+/// One request of a recording.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestSummary {
+    pub request: u32,
+    pub prompt_tokens: Vec<u32>,
+    pub generated_tokens: Vec<u32>,
+    pub records: u64,
+}
+
+/// What `spark trace record` captured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordSummary {
+    pub path: PathBuf,
+    pub n_layer: u32,
+    pub n_expert: u32,
+    pub k: u32,
+    pub records: u64,
+    pub prompt_records: u64,
+    pub decode_records: u64,
+    /// Records the tap could not deliver (ring full, or a tensor it could not read).
+    pub dropped: u64,
+    /// Records whose token position the tap could not attribute.
+    pub unmapped: u64,
+    pub requests: Vec<RequestSummary>,
+}
+
+fn read_prompts(a: &RecordArgs) -> Result<Vec<String>, RecordError> {
+    let mut prompts = Vec::new();
+    if let Some(p) = &a.prompt {
+        prompts.push(p.clone());
+    }
+    if let Some(path) = &a.prompts {
+        let text = std::fs::read_to_string(path).map_err(|source| RecordError::Prompts {
+            path: path.clone(),
+            source,
+        })?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+    }
+    if prompts.is_empty() {
+        return Err(RecordError::NoPrompt);
+    }
+    Ok(prompts)
+}
+
+fn default_log(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".server.log");
+    PathBuf::from(s)
+}
+
+/// Runs `spark trace record`.
+pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
+    let prompts = read_prompts(a)?;
+    let engine = Engine::locate(a.llama_server.as_deref())?;
+    let tap = locate_tap(a.tap.as_deref())?;
+    let cfg = SessionConfig {
+        llama_server: engine.llama_server,
+        model: a.model.clone(),
+        tap: Some(tap),
+        extra_args: a.server_args.clone(),
+        ring_capacity: a.ring_capacity,
+        ready_timeout: Duration::from_secs(a.ready_timeout),
+        log_path: a.log.clone().unwrap_or_else(|| default_log(&a.out)),
+    };
+    let mut session = Session::start(&cfg)?;
+    let g = session
+        .greeting
+        .clone()
+        .expect("a tapped session has a greeting");
+    if g.n_expert == 0 || session.geometry.n_expert == 0 {
+        let arch = g.arch.clone();
+        session.stop();
+        return Err(RecordError::Dense {
+            model: a.model.clone(),
+            arch,
+        });
+    }
+    // Routing of the server's warm-up run belongs to no request.
+    session.discard();
+    let mut header = TraceHeader::new(
+        session.geometry.n_layer,
+        session.geometry.n_expert,
+        session.geometry.n_expert_used,
+        FLAG_WEIGHTS | FLAG_HAS_PROMPT,
+    );
+    let _ = header.set_fingerprint(&session.fingerprint);
+    let mut writer = TraceWriter::create(&a.out, &header)?;
+    let mut requests = Vec::new();
+    let (mut prompt_records, mut decode_records) = (0u64, 0u64);
+    let mut buf = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let request = i as u32 + 1;
+        let prompt_tokens = session.tokenize(prompt)?;
+        buf.clear();
+        let completion = session.complete(
+            request,
+            &serde_json::Value::String(prompt.clone()),
+            a.n_predict,
+            &mut buf,
+        )?;
+        for r in &buf {
+            if r.phase == spark_proto::trace::PHASE_DECODE {
+                decode_records += 1;
+            } else {
+                prompt_records += 1;
+            }
+        }
+        writer.write(&buf)?;
+        requests.push(RequestSummary {
+            request,
+            prompt_tokens,
+            generated_tokens: completion.tokens,
+            records: buf.len() as u64,
+        });
+    }
+    let stats = match session.control() {
+        Some(c) => Some(c.stats(CONTROL_TIMEOUT).map_err(TelemetryError::from)?),
+        None => None,
+    };
+    let ring_dropped = session.ring_dropped();
+    session.stop();
+    let records = writer.finish()?;
+    Ok(RecordSummary {
+        path: a.out.clone(),
+        n_layer: header.n_layer,
+        n_expert: header.n_expert,
+        k: header.k,
+        records,
+        prompt_records,
+        decode_records,
+        dropped: stats.map(|s| s.dropped).unwrap_or(0).max(ring_dropped),
+        unmapped: stats.map(|s| s.unmapped).unwrap_or(0),
+        requests,
+    })
+}
+
+/// Runs `spark trace record` and prints its summary.
+pub fn run(a: &RecordArgs) -> Result<(), RecordError> {
+    let s = record(a)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&s).expect("summary serialises")
+        );
+    } else {
+        println!(
+            "wrote {}: {} records ({} prompt, {} decode) from {} request(s); {} layers, {} experts, top-{}",
+            s.path.display(),
+            s.records,
+            s.prompt_records,
+            s.decode_records,
+            s.requests.len(),
+            s.n_layer,
+            s.n_expert,
+            s.k
+        );
+    }
+    if s.dropped > 0 {
+        eprintln!(
+            "spark: warning: the tap dropped {} records (ring full); the trace is incomplete — raise --ring-capacity",
+            s.dropped
+        );
+    }
+    if s.unmapped > 0 {
+        eprintln!(
+            "spark: warning: {} records have no token position (token = 4294967295)",
+            s.unmapped
+        );
+    }
+    Ok(())
+}
