@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of modules and the invariants each one keeps.
 
 pub mod atomic_file;
+pub mod cache;
 pub mod control;
 pub mod demo;
 pub mod engine;
@@ -10,8 +11,13 @@ pub mod exit;
 pub mod fixture;
 pub mod gguf;
 pub mod inspect;
+pub mod placement;
 pub mod plan;
+pub mod profile;
 pub mod ring;
 pub mod serve;
+pub mod simulate;
 pub mod supervisor;
+pub mod svg;
 pub mod telemetry;
+pub mod trace;

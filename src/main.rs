@@ -38,6 +38,14 @@ enum Command {
     /// Benchmarks that report numbers (`spark bench plan`: forecast error against llama-bench)
     #[command(subcommand)]
     Bench(spark::plan::BenchCommand),
+    /// Routing traces: show one, convert between binary, JSONL and CSV
+    #[command(subcommand)]
+    Trace(spark::trace::cli::TraceCommand),
+    /// Replay a routing trace through the cache policies: misses, ratio to Belady, plots
+    Simulate(spark::simulate::SimulateArgs),
+    /// Placement profiles (`<model>.gguf.spark.csv`): show, heatmap
+    #[command(subcommand)]
+    Profile(spark::profile::ProfileCommand),
 }
 
 #[derive(Args)]
@@ -123,6 +131,12 @@ fn main() -> ExitCode {
 /// Maps an error to a documented exit code by what caused it.
 fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<spark::simulate::SimulateError>() {
+            return e.exit_code();
+        }
+        if cause.is::<spark::trace::TraceError>() || cause.is::<spark::profile::ProfileError>() {
+            return exit::USAGE;
+        }
         if let Some(e) = cause.downcast_ref::<spark::plan::PlanError>() {
             return e.exit_code();
         }
@@ -150,6 +164,9 @@ struct UsageError(String);
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Trace(c) => spark::trace::cli::run(c)?,
+        Command::Simulate(a) => spark::simulate::run(&a)?,
+        Command::Profile(c) => spark::profile::run(c)?,
         Command::Inspect(a) => {
             let file = GgufFile::open(&a.model)?;
             let geometry = MoeGeometry::of(&file)?;

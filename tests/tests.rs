@@ -4,3 +4,4 @@ mod util;
 
 mod gguf_files;
 mod serve;
+mod plan;

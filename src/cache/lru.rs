@@ -1,0 +1,151 @@
+//! `lru`: least recently used, as llama.cpp's expert cache does it.
+//!
+//! Owns an O(1) intrusive recency list per layer (no allocation after construction). It never
+//! evicts an expert the current token already touched.
+
+use super::Policy;
+
+/// One layer's LRU list: node `n_expert` is the sentinel; `next` runs from most to least recent.
+#[derive(Debug, Clone)]
+pub(crate) struct LruList {
+    cap: u32,
+    len: u32,
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    resident: Vec<bool>,
+    stamp: Vec<u32>,
+    step: u32,
+}
+
+impl LruList {
+    pub(crate) fn new(n_expert: usize, cap: u32) -> LruList {
+        let s = n_expert as u32;
+        LruList {
+            cap,
+            len: 0,
+            prev: vec![s; n_expert + 1],
+            next: vec![s; n_expert + 1],
+            resident: vec![false; n_expert],
+            stamp: vec![0; n_expert],
+            step: 0,
+        }
+    }
+
+    #[inline]
+    fn sentinel(&self) -> u32 {
+        self.resident.len() as u32
+    }
+
+    #[inline]
+    fn unlink(&mut self, e: u32) {
+        let (p, n) = (self.prev[e as usize], self.next[e as usize]);
+        self.next[p as usize] = n;
+        self.prev[n as usize] = p;
+    }
+
+    #[inline]
+    fn push_front(&mut self, e: u32) {
+        let s = self.sentinel();
+        let first = self.next[s as usize];
+        self.next[e as usize] = first;
+        self.prev[e as usize] = s;
+        self.prev[first as usize] = e;
+        self.next[s as usize] = e;
+    }
+
+    pub(crate) fn contains(&self, e: u16) -> bool {
+        self.resident[usize::from(e)]
+    }
+
+    /// Serves one token's ids; returns the loads.
+    #[inline]
+    pub(crate) fn access(&mut self, ids: &[u16]) -> u32 {
+        self.step = self.step.wrapping_add(1);
+        let step = self.step;
+        let mut misses = 0;
+        for &id in ids {
+            let e = u32::from(id);
+            if self.resident[e as usize] {
+                self.unlink(e);
+                self.push_front(e);
+                self.stamp[e as usize] = step;
+                continue;
+            }
+            misses += 1;
+            if self.cap == 0 {
+                continue;
+            }
+            if self.len == self.cap {
+                let tail = self.prev[self.sentinel() as usize];
+                if self.stamp[tail as usize] == step {
+                    // Every resident expert belongs to this token: stream this one past.
+                    continue;
+                }
+                self.unlink(tail);
+                self.resident[tail as usize] = false;
+                self.len -= 1;
+            }
+            self.push_front(e);
+            self.resident[e as usize] = true;
+            self.stamp[e as usize] = step;
+            self.len += 1;
+        }
+        misses
+    }
+}
+
+/// Least recently used, per layer.
+#[derive(Debug, Clone)]
+pub struct Lru {
+    layers: Vec<LruList>,
+}
+
+impl Lru {
+    pub fn new(n_expert: usize, slots: &[u32]) -> Lru {
+        Lru {
+            layers: slots.iter().map(|&s| LruList::new(n_expert, s)).collect(),
+        }
+    }
+}
+
+impl Policy for Lru {
+    #[inline]
+    fn access(&mut self, layer: usize, ids: &[u16]) -> u32 {
+        self.layers[layer].access(ids)
+    }
+
+    fn is_resident(&self, layer: usize, expert: u16) -> bool {
+        self.layers[layer].contains(expert)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::tests::run;
+
+    #[test]
+    fn hand_computed() {
+        // Two slots: 1,2 load; 1 hits; 3 evicts 2 (LRU); 2 evicts 1; 3 hits.
+        let mut p = Lru::new(4, &[2]);
+        let m = run(&mut p, &[&[1], &[2], &[1], &[3], &[2], &[3]]);
+        assert_eq!(m, vec![1, 1, 0, 1, 1, 0]);
+        assert!(p.is_resident(0, 2) && p.is_resident(0, 3) && !p.is_resident(0, 1));
+    }
+
+    #[test]
+    fn token_larger_than_cache_streams() {
+        let mut p = Lru::new(8, &[2]);
+        assert_eq!(run(&mut p, &[&[1, 2, 3], &[1, 2, 3]]), vec![3, 3]);
+        let mut p = Lru::new(8, &[0]);
+        assert_eq!(run(&mut p, &[&[1], &[1]]), vec![1, 1]);
+    }
+
+    #[test]
+    fn multi_id_steps_keep_current_token() {
+        let mut p = Lru::new(8, &[3]);
+        // {1,2} then {3,4}: 3 fills the free slot, 4 evicts 1 (3 is this token's).
+        assert_eq!(run(&mut p, &[&[1, 2], &[3, 4], &[3, 4]]), vec![2, 2, 0]);
+        assert!(!p.is_resident(0, 1));
+    }
+}

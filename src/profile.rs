@@ -1,0 +1,476 @@
+//! The placement profile `<model>.gguf.spark.csv`: per-(layer, expert) hotness counts.
+//!
+//! Owns the file layout, compatible with Luce Spark's: a comment header
+//! `# hotness table: n_layer=L n_expert=E n_expert_used=K`, then L rows of E comma-separated
+//! counts. spark adds its own comment lines (`# spark profile: version=1`, `# model fingerprint:
+//! …`, `# tokens: N`, `# updated: <unix seconds>`), which Spark ignores and which this reader does
+//! not require. It writes atomically and tells a fresh profile from a stale one; it never loads a
+//! profile for another model silently (callers check [`Profile::freshness`]) and never decides
+//! placement (that is `placement`).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::cache::Counts;
+
+/// Version of spark's comment lines.
+pub const PROFILE_VERSION: u32 = 1;
+
+/// Why a profile could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("read profile {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("write profile {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse profile {path} line {line}: {msg}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+    #[error("parse profile {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error("use profile {path}: it was made for model {found}, not {expected} (stale)")]
+    Stale {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+}
+
+/// A profile's relation to a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Freshness {
+    /// Made for this model.
+    Fresh,
+    /// Made for another model (its fingerprint).
+    Stale(String),
+    /// A profile without spark's fingerprint line (for example one written by Luce Spark).
+    Unknown,
+}
+
+/// A hotness profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    pub n_expert_used: u32,
+    pub counts: Counts,
+    pub fingerprint: Option<String>,
+    /// Tokens the counts were gathered over.
+    pub tokens: Option<u64>,
+    /// Unix seconds of the last update.
+    pub updated: Option<u64>,
+    /// spark's format version; `None` for a file without spark's lines.
+    pub version: Option<u32>,
+}
+
+/// The profile path next to a model: `<model>.gguf.spark.csv`.
+pub fn path_for(model: &Path) -> PathBuf {
+    let mut s = model.as_os_str().to_owned();
+    s.push(".spark.csv");
+    PathBuf::from(s)
+}
+
+fn key_value<'a>(s: &'a str, key: &str) -> Option<&'a str> {
+    s.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+impl Profile {
+    pub fn new(counts: Counts, n_expert_used: u32, fingerprint: Option<String>) -> Profile {
+        Profile {
+            n_expert_used,
+            counts,
+            fingerprint,
+            tokens: None,
+            updated: None,
+            version: Some(PROFILE_VERSION),
+        }
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.counts.n_layer
+    }
+
+    pub fn n_expert(&self) -> usize {
+        self.counts.n_expert
+    }
+
+    /// Reads a profile file.
+    pub fn read(path: &Path) -> Result<Profile, ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Profile::parse(&text, path)
+    }
+
+    /// Parses profile text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Profile, ProfileError> {
+        let mut geometry: Option<(usize, usize, u32)> = None;
+        let mut fingerprint = None;
+        let mut tokens = None;
+        let mut updated = None;
+        let mut version = None;
+        let mut rows: Vec<Vec<u64>> = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line_no = i + 1;
+            let perr = |msg: String| ProfileError::Parse {
+                path: path.to_path_buf(),
+                line: line_no,
+                msg,
+            };
+            let line = raw.trim();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(c) = line.strip_prefix('#') {
+                let c = c.trim();
+                if let Some(rest) = c.strip_prefix("hotness table:") {
+                    let num = |k: &str| -> Result<u64, ProfileError> {
+                        key_value(rest, k)
+                            .and_then(|v| v.parse().ok())
+                            .ok_or_else(|| perr(format!("hotness table header lacks {k}")))
+                    };
+                    let (l, e, k) = (num("n_layer")?, num("n_expert")?, num("n_expert_used")?);
+                    if l == 0 || e == 0 || e > 65536 || l > 65536 || k > e {
+                        return Err(perr(format!(
+                            "bad geometry n_layer={l} n_expert={e} n_expert_used={k}"
+                        )));
+                    }
+                    geometry = Some((l as usize, e as usize, k as u32));
+                } else if let Some(rest) = c.strip_prefix("spark profile:") {
+                    version = Some(
+                        key_value(rest, "version")
+                            .and_then(|v| v.parse().ok())
+                            .ok_or_else(|| perr("bad spark profile version line".into()))?,
+                    );
+                } else if let Some(rest) = c.strip_prefix("model fingerprint:") {
+                    fingerprint = Some(rest.trim().to_string()).filter(|s| !s.is_empty());
+                } else if let Some(rest) = c.strip_prefix("tokens:") {
+                    tokens = Some(
+                        rest.trim()
+                            .parse()
+                            .map_err(|_| perr("bad tokens line".into()))?,
+                    );
+                } else if let Some(rest) = c.strip_prefix("updated:") {
+                    updated = Some(
+                        rest.trim()
+                            .parse()
+                            .map_err(|_| perr("bad updated line".into()))?,
+                    );
+                }
+                continue;
+            }
+            let Some((_, n_expert, _)) = geometry else {
+                return Err(perr("counts before the hotness table header".into()));
+            };
+            let row = line
+                .split(',')
+                .map(|t| {
+                    let t = t.trim();
+                    // Spark writes integer counts; accept decayed fractional counts too.
+                    t.parse::<u64>().or_else(|_| {
+                        t.parse::<f64>()
+                            .ok()
+                            .filter(|v| v.is_finite() && *v >= 0.0)
+                            .map(|v| v.round() as u64)
+                            .ok_or(())
+                    })
+                })
+                .collect::<Result<Vec<u64>, ()>>()
+                .map_err(|_| perr(format!("bad count in {line:?}")))?;
+            if row.len() != n_expert {
+                return Err(perr(format!(
+                    "{} counts in a row, expected n_expert={n_expert}",
+                    row.len()
+                )));
+            }
+            rows.push(row);
+        }
+        let Some((n_layer, n_expert, k)) = geometry else {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                msg: "no \"# hotness table:\" header".into(),
+            });
+        };
+        if rows.len() != n_layer {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                msg: format!("{} rows, expected n_layer={n_layer}", rows.len()),
+            });
+        }
+        let mut counts = Counts::zero(n_layer, n_expert);
+        for (l, row) in rows.iter().enumerate() {
+            for (e, &c) in row.iter().enumerate() {
+                counts.set(l, e, c);
+            }
+        }
+        Ok(Profile {
+            n_expert_used: k,
+            counts,
+            fingerprint,
+            tokens,
+            updated,
+            version,
+        })
+    }
+
+    /// The file text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# hotness table: n_layer={} n_expert={} n_expert_used={}",
+            self.n_layer(),
+            self.n_expert(),
+            self.n_expert_used
+        );
+        let _ = writeln!(out, "# spark profile: version={PROFILE_VERSION}");
+        if let Some(fp) = &self.fingerprint {
+            let _ = writeln!(out, "# model fingerprint: {fp}");
+        }
+        if let Some(t) = self.tokens {
+            let _ = writeln!(out, "# tokens: {t}");
+        }
+        if let Some(u) = self.updated {
+            let _ = writeln!(out, "# updated: {u}");
+        }
+        for l in 0..self.n_layer() {
+            for (e, c) in self.counts.layer(l).iter().enumerate() {
+                if e > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "{c}");
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Writes the profile atomically (temporary file, fsync, rename).
+    pub fn write(&self, path: &Path) -> Result<(), ProfileError> {
+        crate::atomic_file::write_atomic(path, self.render().as_bytes()).map_err(|source| {
+            ProfileError::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    /// Whether this profile was made for the model with fingerprint `fingerprint`.
+    pub fn freshness(&self, fingerprint: &str) -> Freshness {
+        match &self.fingerprint {
+            None => Freshness::Unknown,
+            Some(f) if f == fingerprint => Freshness::Fresh,
+            Some(f) => Freshness::Stale(f.clone()),
+        }
+    }
+
+    /// True only for a profile that names exactly this model.
+    pub fn is_fresh_for(&self, fingerprint: &str) -> bool {
+        self.freshness(fingerprint) == Freshness::Fresh
+    }
+
+    /// `Ok` unless the profile names another model.
+    pub fn check_fresh(&self, fingerprint: &str, path: &Path) -> Result<(), ProfileError> {
+        match self.freshness(fingerprint) {
+            Freshness::Stale(found) => Err(ProfileError::Stale {
+                path: path.to_path_buf(),
+                found,
+                expected: fingerprint.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The summary `spark profile show` prints.
+    pub fn summary(&self, path: &Path) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "profile      {}", path.display());
+        let _ = writeln!(
+            out,
+            "geometry     {} layers, {} experts, k={}",
+            self.n_layer(),
+            self.n_expert(),
+            self.n_expert_used
+        );
+        let _ = writeln!(
+            out,
+            "spark lines  {}",
+            match self.version {
+                Some(v) => format!("version {v}"),
+                None => "none (a Luce Spark file)".into(),
+            }
+        );
+        let _ = writeln!(
+            out,
+            "fingerprint  {}",
+            self.fingerprint.as_deref().unwrap_or("(none)")
+        );
+        let _ = writeln!(
+            out,
+            "tokens       {}",
+            self.tokens.map_or("(unknown)".into(), |t| t.to_string())
+        );
+        let _ = writeln!(
+            out,
+            "updated      {}",
+            self.updated
+                .map_or("(unknown)".into(), |t| format!("{t} (unix)"))
+        );
+        let _ = writeln!(out, "layer  total  top-k share  experts for 50% / 90%");
+        let k = self.n_expert_used.max(1) as usize;
+        for l in 0..self.n_layer() {
+            let mut row = self.counts.layer(l).to_vec();
+            row.sort_unstable_by(|a, b| b.cmp(a));
+            let total: u64 = row.iter().sum();
+            let top: u64 = row.iter().take(k).sum();
+            let reach = |frac: f64| {
+                let mut acc = 0;
+                for (i, c) in row.iter().enumerate() {
+                    acc += c;
+                    if acc as f64 >= frac * total as f64 {
+                        return i + 1;
+                    }
+                }
+                row.len()
+            };
+            let _ = writeln!(
+                out,
+                "{l:>5}  {total:>5}  {:>10.1}%  {:>4} / {}",
+                100.0 * top as f64 / total.max(1) as f64,
+                reach(0.5),
+                reach(0.9)
+            );
+        }
+        out
+    }
+}
+
+/// The `spark profile` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum ProfileCommand {
+    /// Show a profile's geometry, freshness lines and per-layer skew
+    Show(ProfileShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProfileShowArgs {
+    /// The profile (`<model>.gguf.spark.csv`)
+    pub profile: PathBuf,
+    /// Also draw the per-(layer, expert) hotness as an SVG heatmap
+    #[arg(long, value_name = "OUT.svg")]
+    pub heatmap: Option<PathBuf>,
+}
+
+/// Runs one `spark profile` subcommand, printing to stdout.
+pub fn run(cmd: ProfileCommand) -> Result<(), ProfileError> {
+    match cmd {
+        ProfileCommand::Show(a) => {
+            let p = Profile::read(&a.profile)?;
+            print!("{}", p.summary(&a.profile));
+            if let Some(out) = a.heatmap {
+                let svg = crate::svg::heatmap(
+                    &format!("expert hotness: {}", a.profile.display()),
+                    &p.counts,
+                );
+                crate::atomic_file::write_atomic(&out, svg.as_bytes()).map_err(|source| {
+                    ProfileError::Write {
+                        path: out.clone(),
+                        source,
+                    }
+                })?;
+                println!("wrote {}", out.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LUCE: &str = "# hotness table: n_layer=2 n_expert=4 n_expert_used=2\n5,0,3,1\n0,7,2,2\n";
+
+    #[test]
+    fn reads_a_luce_spark_file() {
+        let p = Profile::parse(LUCE, Path::new("m.gguf.spark.csv")).unwrap();
+        assert_eq!((p.n_layer(), p.n_expert(), p.n_expert_used), (2, 4, 2));
+        assert_eq!(p.counts.layer(1), &[0, 7, 2, 2]);
+        assert_eq!(p.version, None);
+        assert_eq!(p.freshness("gguf-1-ab"), Freshness::Unknown);
+        assert!(!p.is_fresh_for("gguf-1-ab"));
+    }
+
+    #[test]
+    fn round_trips_with_spark_lines_and_detects_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf.spark.csv");
+        let mut p = Profile::parse(LUCE, &path).unwrap();
+        p.fingerprint = Some("gguf-10-aa".into());
+        p.tokens = Some(42);
+        p.updated = Some(1_700_000_000);
+        p.version = Some(PROFILE_VERSION);
+        p.write(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# hotness table: n_layer=2 n_expert=4 n_expert_used=2\n"));
+        let back = Profile::read(&path).unwrap();
+        assert_eq!(back, p);
+        assert!(back.is_fresh_for("gguf-10-aa"));
+        assert_eq!(
+            back.freshness("gguf-11-bb"),
+            Freshness::Stale("gguf-10-aa".into())
+        );
+        let e = back
+            .check_fresh("gguf-11-bb", &path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stale"), "{e}");
+    }
+
+    #[test]
+    fn malformed_profiles_are_errors() {
+        for (text, needle) in [
+            ("1,2\n", "before the hotness table"),
+            (
+                "# hotness table: n_layer=1 n_expert=3 n_expert_used=1\n1,2\n",
+                "line 2",
+            ),
+            (
+                "# hotness table: n_layer=2 n_expert=2 n_expert_used=1\n1,2\n",
+                "2 rows",
+            ),
+            (
+                "# hotness table: n_layer=1 n_expert=2\n1,2\n",
+                "n_expert_used",
+            ),
+            (
+                "# hotness table: n_layer=1 n_expert=2 n_expert_used=1\n1,x\n",
+                "bad count",
+            ),
+            ("", "no \"# hotness table:\" header"),
+        ] {
+            let e = Profile::parse(text, Path::new("p.csv"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{e}");
+            assert!(e.contains("p.csv"), "{e}");
+        }
+    }
+
+    #[test]
+    fn path_sits_next_to_the_model() {
+        assert_eq!(
+            path_for(Path::new("/m/qwen.gguf")),
+            PathBuf::from("/m/qwen.gguf.spark.csv")
+        );
+    }
+}

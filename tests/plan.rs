@@ -1,0 +1,567 @@
+//! `spark plan`: memory arithmetic against hand-computed numbers (a MoE fixture, a dense model,
+//! models that cannot fit), flag generation, refusal messages and exit codes, and receipts from
+//! real llama-bench JSON of the pinned build.
+//!
+//! Every run gets its own SPARK_CACHE (receipts and the hardware profile live there) and passes
+//! --host-bw/--host-gflops, so no test measures the machine.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value as Json;
+use spark::gguf::{GgmlType, GgufWriter, Value};
+
+use crate::util;
+
+const MIB: u64 = 1 << 20;
+
+fn spark_in(cache: &Path, args: &[&str]) -> Output {
+    Command::new(util::spark_bin())
+        .env("SPARK_CACHE", cache)
+        .args(args)
+        .output()
+        .expect("run spark")
+}
+
+/// `spark plan -m model --json` with fixed host rates and `--reserve 0` plus `extra`.
+fn plan_json(cache: &Path, model: &Path, extra: &[&str]) -> (Output, Json) {
+    let mut args = vec![
+        "plan",
+        "-m",
+        model.to_str().unwrap(),
+        "--json",
+        "--reserve",
+        "0",
+        "--host-bw",
+        "10",
+        "--host-gflops",
+        "50",
+        "--threads",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let o = spark_in(cache, &args);
+    let j = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "plan --json printed no JSON ({e}); stderr: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    (o, j)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn flags(j: &Json) -> Vec<String> {
+    j["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn tiny(dir: &Path) -> PathBuf {
+    util::fixture(dir, "tiny.gguf", &[])
+}
+
+// The tiny fixture by hand: 4 layers, 8 experts (top-2), embd 64, 4 heads / 2 KV heads of 16,
+// expert FFN 64, vocab 32000, everything f32.
+//   one expert      = 3 matrices × 64×64 × 4 B           =    49 152 B
+//   experts / layer = 8 × 49 152                          =   393 216 B  (× 4 = 1 572 864)
+//   output          = 32000 × 64 × 4                      = 8 192 000 B  (embeddings the same)
+//   attention       = 4 × (64×64 + 64×32 + 64×32 + 64×64) × 4 = 196 608 B
+//   router          = 4 × 64×8 × 4                        =     8 192 B
+//   norms           = 4 × (64+64+16+16) × 4 + 64 × 4      =     2 816 B
+//   always resident = output + attention + router + norms = 8 399 616 B
+//   KV per token    = 4 layers × 2 heads × 16 × (K+V) × 2 B =     512 B  (ctx 1024: 524 288)
+//   compute (ub 512, ctx 1024) = 4·512·(4·64 + 3·2·64) + 2·512·1024 + 32·32000 = 3 383 296 B
+//   all on the GPU  = 8 399 616 + 1 572 864 + 524 288 + 3 383 296 = 13 880 064 B (13.24 MiB)
+const TINY_ALWAYS: u64 = 8_399_616;
+const TINY_EXPERTS_PER_LAYER: u64 = 393_216;
+const TINY_KV_1024: u64 = 524_288;
+const TINY_COMPUTE_1024: u64 = 3_383_296;
+const TINY_ALL_GPU: u64 = 13_880_064;
+
+#[test]
+fn tiny_fixture_memory_matches_hand_arithmetic() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    let (o, j) = plan_json(
+        dir.path(),
+        &model,
+        &["--ctx", "1024", "--vram-budget", "14"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = &j["memory"];
+    assert_eq!(m["always_resident_bytes"], TINY_ALWAYS);
+    assert_eq!(m["embeddings_host_bytes"], 8_192_000u64);
+    assert_eq!(m["routed_expert_bytes"], 4 * TINY_EXPERTS_PER_LAYER);
+    for layer in m["routed_expert_bytes_per_layer"].as_array().unwrap() {
+        assert_eq!(layer[1], TINY_EXPERTS_PER_LAYER);
+    }
+    assert_eq!(m["kv_bytes_per_token"], 512);
+    assert_eq!(m["kv_bytes"], TINY_KV_1024);
+    assert_eq!(m["compute_bytes"], TINY_COMPUTE_1024);
+    assert_eq!(j["outcome"]["verdict"], "fits");
+    assert_eq!(j["outcome"]["placement"]["kind"], "all_gpu");
+    assert_eq!(j["outcome"]["usage"]["vram_bytes"], TINY_ALL_GPU);
+    assert_eq!(j["outcome"]["usage"]["host_bytes"], 8_192_000u64);
+    assert_eq!(
+        flags(&j),
+        [
+            "-ngl",
+            "99",
+            "-c",
+            "1024",
+            "--cache-type-k",
+            "f16",
+            "--cache-type-v",
+            "f16",
+            "-t",
+            "2"
+        ]
+    );
+    // A quantised KV cache shrinks the KV bytes: q8_0 is 34 B per 32 elements.
+    let (_, q) = plan_json(
+        dir.path(),
+        &model,
+        &[
+            "--ctx",
+            "1024",
+            "--cache-type-k",
+            "q8_0",
+            "--cache-type-v",
+            "q8_0",
+        ],
+    );
+    assert_eq!(q["memory"]["kv_bytes_per_token"], 4 * 2 * 16 * 2 * 34 / 32);
+    let f = flags(&q);
+    assert!(f.windows(2).any(|w| w == ["-fa", "on"]), "{f:?}");
+    assert!(
+        f.windows(2).any(|w| w == ["-ngl", "0"]),
+        "no budget is CPU only: {f:?}"
+    );
+}
+
+#[test]
+fn smallest_n_cpu_moe_that_fits_the_budget() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    // (budget MiB, expected --n-cpu-moe): each layer moved to the host frees 393 216 B.
+    // 13 MiB = 13 631 488: one layer (13 486 848 B). 12 MiB = 12 582 912: three layers leave
+    // 12 700 416 B, all four 12 307 200 B.
+    for (budget, n) in [(13u64, 1u64), (12, 4)] {
+        let (o, j) = plan_json(
+            dir.path(),
+            &model,
+            &["--ctx", "1024", "--vram-budget", &budget.to_string()],
+        );
+        assert!(o.status.success(), "budget {budget}: {}", stderr(&o));
+        assert_eq!(j["outcome"]["placement"]["kind"], "cpu_moe");
+        assert_eq!(j["outcome"]["placement"]["n"], n);
+        let used = TINY_ALL_GPU - n * TINY_EXPERTS_PER_LAYER;
+        assert_eq!(j["outcome"]["usage"]["vram_bytes"], used);
+        assert_eq!(j["outcome"]["headroom_bytes"], budget * MIB - used);
+        assert_eq!(
+            j["outcome"]["usage"]["host_bytes"],
+            8_192_000 + n * TINY_EXPERTS_PER_LAYER
+        );
+        let f = flags(&j);
+        assert_eq!(&f[..4], ["-ngl", "99", "--n-cpu-moe", &n.to_string()]);
+    }
+    // The runtime reserve counts against the budget: 256 MiB more does not fit in 14 MiB.
+    let o = spark_in(
+        dir.path(),
+        &[
+            "plan",
+            "-m",
+            model.to_str().unwrap(),
+            "--ctx",
+            "1024",
+            "--vram-budget",
+            "14",
+            "--host-bw",
+            "10",
+            "--host-gflops",
+            "50",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+}
+
+#[test]
+fn refusal_says_why_and_what_would_help() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    // 11 MiB = 11 534 336 B < 12 307 200 B (every expert on the host).
+    let (o, j) = plan_json(
+        dir.path(),
+        &model,
+        &["--ctx", "1024", "--vram-budget", "11"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(j["outcome"]["verdict"], "refused");
+    assert_eq!(j["outcome"]["min_vram_bytes"], 12_307_200u64);
+    assert!(j["flags"].as_array().unwrap().is_empty());
+    assert!(j["forecast"].is_null());
+    let help: Vec<String> = j["outcome"]["suggestions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(help[0], "more VRAM: at least 11.7 MiB (budget 11.0 MiB)");
+    // ctx 512: KV 262 144 + compute 2 859 008 + weights 8 399 616 = 11 520 768 B fits.
+    assert!(
+        help.contains(&"a shorter context: --ctx 512 fits".to_string()),
+        "{help:?}"
+    );
+    // Even q4_0 KV saves only 376 832 B of the 772 864 B shortfall: not offered.
+    assert!(!help.iter().any(|h| h.contains("quantised KV")), "{help:?}");
+    assert!(
+        help.iter().any(|h| h.starts_with("a smaller quant")),
+        "{help:?}"
+    );
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("spark: failed to fit ")
+            && err.contains("even with every routed expert in host memory"),
+        "{err}"
+    );
+
+    // Text output lists the same help.
+    let o = spark_in(
+        dir.path(),
+        &[
+            "plan",
+            "-m",
+            model.to_str().unwrap(),
+            "--ctx",
+            "1024",
+            "--vram-budget",
+            "11",
+            "--reserve",
+            "0",
+            "--host-bw",
+            "10",
+            "--host-gflops",
+            "50",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(3));
+    let out = stdout(&o);
+    assert!(
+        out.contains("refused   even with every routed expert"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  - a shorter context: --ctx 512 fits"),
+        "{out}"
+    );
+
+    // ctx 16384, ub 32: weights 8 399 616 + KV 8 388 608 + compute 2 154 496 = 18 942 720 B;
+    // a q8_0 KV cache (272 B/token: 4 456 448 B) brings it to 15 010 560 B < 15 MiB.
+    let (o, j) = plan_json(
+        dir.path(),
+        &model,
+        &["--ctx", "16384", "--ubatch", "32", "--vram-budget", "15"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+    let help = j["outcome"]["suggestions"].to_string();
+    assert!(
+        help.contains("--cache-type-k q8_0 --cache-type-v q8_0 fits"),
+        "{help}"
+    );
+}
+
+#[test]
+fn a_model_that_cannot_fit_host_ram_is_refused() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    let (o, j) = plan_json(dir.path(), &model, &["--ram-total", "10"]);
+    assert_eq!(o.status.code(), Some(3));
+    let reason = j["outcome"]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("the host part needs") && reason.ends_with("10.0 MiB of RAM"),
+        "{reason}"
+    );
+}
+
+/// A dense two-layer llama model, written directly (no expert tensors at all).
+fn dense_model(path: &Path) {
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::String("llama".into()));
+    w.set("llama.block_count", Value::U32(2));
+    w.set("llama.embedding_length", Value::U32(64));
+    w.set("llama.feed_forward_length", Value::U32(128));
+    w.set("llama.attention.head_count", Value::U32(4));
+    w.set("llama.attention.head_count_kv", Value::U32(2));
+    w.set("llama.context_length", Value::U32(2048));
+    let mut t = |name: &str, dims: &[u64]| {
+        let n: u64 = dims.iter().product();
+        w.add_tensor(name, dims, GgmlType::F32, vec![0u8; (n * 4) as usize]);
+    };
+    t("token_embd.weight", &[64, 100]);
+    t("output_norm.weight", &[64]);
+    t("output.weight", &[64, 100]);
+    for l in 0..2 {
+        let b = |s: &str| format!("blk.{l}.{s}.weight");
+        t(&b("attn_norm"), &[64]);
+        t(&b("attn_q"), &[64, 64]);
+        t(&b("attn_k"), &[64, 32]);
+        t(&b("attn_v"), &[64, 32]);
+        t(&b("attn_output"), &[64, 64]);
+        t(&b("ffn_norm"), &[64]);
+        t(&b("ffn_gate"), &[64, 128]);
+        t(&b("ffn_up"), &[64, 128]);
+        t(&b("ffn_down"), &[128, 64]);
+    }
+    w.write(path).unwrap();
+}
+
+#[test]
+fn dense_model_fits_on_the_gpu_or_is_refused() {
+    let dir = util::tempdir();
+    let model = dir.path().join("dense.gguf");
+    dense_model(&model);
+    // By hand: output 25 600 + attention 2 × 49 152 + FFN 2 × 98 304 + norms 2 × 512 + 256
+    //   = 321 792 B always resident; embeddings 25 600 B stay on the host.
+    // KV: 2 layers × 2 heads × 16 × 2 × 2 B = 256 B/token, × 256 = 65 536 B.
+    // Compute (ub = ctx = 256): 4·256·(4·64 + 3·128) + 2·256·256 + 32·100 = 789 632 B.
+    // All on the GPU: 321 792 + 65 536 + 789 632 = 1 176 960 B (1.12 MiB).
+    let (o, j) = plan_json(dir.path(), &model, &["--ctx", "256", "--vram-budget", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(j["memory"]["always_resident_bytes"], 321_792);
+    assert_eq!(j["memory"]["embeddings_host_bytes"], 25_600);
+    assert_eq!(j["memory"]["routed_expert_bytes"], 0);
+    assert_eq!(j["memory"]["kv_bytes"], 65_536);
+    assert_eq!(j["memory"]["compute_bytes"], 789_632);
+    assert_eq!(j["outcome"]["usage"]["vram_bytes"], 1_176_960);
+    assert_eq!(j["outcome"]["placement"]["kind"], "all_gpu");
+    let f = flags(&j);
+    assert_eq!(&f[..2], ["-ngl", "99"]);
+    assert!(!f.contains(&"--n-cpu-moe".to_string()), "{f:?}");
+    // Decode reads every weight once, one embedding row (256 B) of the 100.
+    assert_eq!(
+        j["forecast"]["roofline"]["host_bytes_per_token"],
+        321_792 + 256
+    );
+
+    let (o, j) = plan_json(dir.path(), &model, &["--ctx", "256", "--vram-budget", "1"]);
+    assert_eq!(o.status.code(), Some(3));
+    let reason = j["outcome"]["reason"].as_str().unwrap();
+    assert_eq!(
+        reason,
+        "the dense model needs 1.1 MiB of VRAM with every layer on the GPU, more than the budget of 1.0 MiB"
+    );
+    assert!(j["outcome"]["suggestions"]
+        .to_string()
+        .contains("fewer GPU layers"));
+}
+
+#[test]
+fn decode_forecast_is_the_roofline_times_the_prior_without_receipts() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    let (o, j) = plan_json(dir.path(), &model, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = &j["forecast"]["roofline"];
+    assert_eq!(r["regime"], "cpu_only");
+    // Per token: always resident 8 399 616 + one embedding row 256 + 4 layers × 2 experts ×
+    // 49 152 = 8 793 088 B, at 10 GB/s.
+    assert_eq!(r["host_bytes_per_token"], 8_793_088);
+    let ceiling = r["decode_tps"].as_f64().unwrap();
+    assert!((ceiling - 10e9 / 8_793_088.0).abs() < 1e-6, "{ceiling}");
+    let d = &j["forecast"]["decode"];
+    assert_eq!(d["calibration"]["source"], "prior");
+    assert!((d["tps"].as_f64().unwrap() - 0.6 * ceiling).abs() < 1e-6);
+    assert!(d["low"].as_f64().unwrap() < d["tps"].as_f64().unwrap());
+    assert!(!j["forecast"]["assumptions"].as_array().unwrap().is_empty());
+}
+
+fn real_bench_json() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/plan/llama-bench-tiny-11434.json")
+}
+
+#[test]
+fn receipt_from_real_llama_bench_json_calibrates_later_plans() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    let bench = real_bench_json();
+    let common = ["--host-bw", "10", "--host-gflops", "50"];
+    let mut args = vec![
+        "plan",
+        "receipt",
+        "-m",
+        model.to_str().unwrap(),
+        "--from",
+        bench.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(&common);
+    let o = spark_in(dir.path(), &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rs: Json = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &rs[0];
+    assert_eq!(rs.as_array().unwrap().len(), 1);
+    assert_eq!(r["regime"], "cpu_only");
+    assert_eq!(r["threads"], 2);
+    assert_eq!(r["n_cpu_moe"], 2);
+    assert_eq!(r["source"], "file");
+    assert_eq!(r["decode_measured_tps"], 2117.229197);
+    assert_eq!(r["prefill_measured_tps"], 18826.801676);
+    let ceiling = r["decode_ceiling_tps"].as_f64().unwrap();
+    assert!((ceiling - 10e9 / 8_793_088.0).abs() < 1e-6);
+    let store = dir.path().join("machine").join("receipts.json");
+    assert!(store.exists());
+
+    // The next plan in the same regime is calibrated by that receipt: efficiency = measured ÷
+    // ceiling, band ±25% around it with one receipt.
+    let (o, j) = plan_json(dir.path(), &model, &[]);
+    assert!(o.status.success());
+    let c = &j["forecast"]["decode"]["calibration"];
+    assert_eq!(c["source"], "receipts");
+    assert_eq!(c["receipts"], 1);
+    let eff = c["efficiency"].as_f64().unwrap();
+    assert!((eff - 2117.229197 / ceiling).abs() < 1e-9, "{eff}");
+    // --no-receipts ignores the store.
+    let (_, j) = plan_json(dir.path(), &model, &["--no-receipts"]);
+    assert_eq!(j["forecast"]["decode"]["calibration"]["source"], "prior");
+}
+
+#[test]
+fn receipt_input_errors_exit_2_with_one_line() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "[{\"avg_ts\": 3}]").unwrap();
+    let medium_like = dir.path().join("other.gguf");
+    dense_model(&medium_like);
+    let real = real_bench_json();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "plan",
+                "receipt",
+                "-m",
+                model.to_str().unwrap(),
+                "--from",
+                bad.to_str().unwrap(),
+            ],
+            "failed to parse llama-bench output",
+        ),
+        (
+            vec![
+                "plan",
+                "receipt",
+                "-m",
+                medium_like.to_str().unwrap(),
+                "--from",
+                real.to_str().unwrap(),
+            ],
+            "failed to pair llama-bench output with",
+        ),
+        (
+            vec!["plan", "-m", "/nonexistent/model.gguf"],
+            "failed to read /nonexistent/model.gguf",
+        ),
+        (
+            vec![
+                "plan",
+                "-m",
+                model.to_str().unwrap(),
+                "--cache-type-k",
+                "q9",
+            ],
+            "failed to parse --cache-type-k q9: not a KV-cache type",
+        ),
+        (
+            vec!["plan", "-m", model.to_str().unwrap(), "--ctx", "0"],
+            "failed to parse --ctx 0",
+        ),
+        (vec!["plan"], "failed to plan: -m/--model GGUF is required"),
+    ];
+    for (mut args, want) in cases {
+        args.extend_from_slice(&["--host-bw", "10", "--host-gflops", "50"]);
+        let o = spark_in(dir.path(), &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn receipt_round_trip_with_the_pinned_llama_bench() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    let bench = util::engine_prefix().join("bin").join("llama-bench");
+    let o = spark_in(
+        dir.path(),
+        &[
+            "plan",
+            "receipt",
+            "-m",
+            model.to_str().unwrap(),
+            "--llama-bench",
+            bench.to_str().unwrap(),
+            "--threads",
+            "1",
+            "--n-gen",
+            "8",
+            "--n-prompt",
+            "8",
+            "--repetitions",
+            "1",
+            "--timeout",
+            "60",
+            "--json",
+            "--host-bw",
+            "10",
+            "--host-gflops",
+            "50",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rs: Json = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &rs[0];
+    assert_eq!(r["source"], "llama-bench");
+    assert_eq!(r["regime"], "cpu_only");
+    assert_eq!(r["threads"], 1);
+    assert_eq!(r["n_gpu_layers"], 0);
+    assert!(r["decode_measured_tps"].as_f64().unwrap() > 0.0);
+    assert!(r["prefill_measured_tps"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn planned_flags_start_llama_server() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    let (o, j) = plan_json(
+        dir.path(),
+        &model,
+        &["--ctx", "1024", "--vram-budget", "13"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg = spark::supervisor::LlamaServerConfig {
+        binary: util::llama_server(),
+        model: model.clone(),
+        port: None,
+        extra_args: flags(&j),
+        env: Vec::new(),
+        ready_timeout: std::time::Duration::from_secs(60),
+        log_path: dir.path().join("server.log"),
+    };
+    let server = spark::supervisor::LlamaServer::start(&cfg).expect("llama-server starts");
+    server.stop();
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("n_ctx") || log.contains("listening"), "{log}");
+}
