@@ -16,6 +16,7 @@ pub mod plan;
 pub mod profile;
 pub mod ring;
 pub mod serve;
+pub mod sessions;
 pub mod simulate;
 pub mod supervisor;
 pub mod svg;

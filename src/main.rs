@@ -33,6 +33,8 @@ enum Command {
     Engine(EngineArgs),
     /// Wrap llama-server: clients talk to spark as they would to llama-server
     Serve(spark::serve::cli::ServeArgs),
+    /// Agent session logs (Claude Code, Codex) into a train/held-out prompt corpus
+    Sessions(spark::sessions::cli::SessionsArgs),
     /// What fits, which flags, how fast: a forecast calibrated by llama-bench receipts
     Plan(spark::plan::PlanCommand),
     /// Benchmarks that report numbers (`spark bench plan`: forecast error against llama-bench)
@@ -131,6 +133,9 @@ fn main() -> ExitCode {
 /// Maps an error to a documented exit code by what caused it.
 fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<spark::sessions::SessionsError>() {
+            return if e.is_usage() { exit::USAGE } else { exit::CHECK_FAILED };
+        }
         if let Some(e) = cause.downcast_ref::<spark::simulate::SimulateError>() {
             return e.exit_code();
         }
@@ -250,6 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plan(a) => spark::plan::run(a)?,
         Command::Bench(spark::plan::BenchCommand::Plan(a)) => spark::plan::validate::run(a)?,
+        Command::Sessions(a) => spark::sessions::cli::run(a)?,
         Command::Engine(a) => {
             let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;
             println!("llama-server {}", e.llama_server.display());

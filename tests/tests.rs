@@ -5,3 +5,4 @@ mod util;
 mod gguf_files;
 mod serve;
 mod plan;
+mod sessions;

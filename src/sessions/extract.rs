@@ -1,0 +1,371 @@
+//! `spark sessions extract`: walk the source roots, read every session, write the corpus.
+
+use std::fs::{self, File};
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::chunk::Chunker;
+use super::corpus::{Chunk, CorpusWriter, Manifest};
+use super::reader::{Line, LineReader};
+use super::split::{split_key, split_of};
+use super::{claude, codex, SessionsError, Source};
+
+/// What one line contributes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// One message's text with role markers, ending in `\n`.
+    Message(String),
+    Skip(Reason),
+}
+
+/// Why a line was skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not JSON, or JSON without the fields its type needs.
+    Malformed,
+    /// A line type that carries no conversation (summaries, snapshots, metadata, reasoning).
+    ByType,
+    /// Developer or system instructions (Codex).
+    Instructions,
+    /// A user or assistant line with no text (only images, empty content).
+    NoText,
+}
+
+/// Lines skipped, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub blank: u64,
+    pub malformed: u64,
+    pub non_utf8: u64,
+    pub too_long: u64,
+    pub by_type: u64,
+    pub instructions: u64,
+    pub no_text: u64,
+}
+
+impl Skipped {
+    pub fn total(&self) -> u64 {
+        self.blank
+            + self.malformed
+            + self.non_utf8
+            + self.too_long
+            + self.by_type
+            + self.instructions
+            + self.no_text
+    }
+
+    fn count(&mut self, r: Reason) {
+        match r {
+            Reason::Malformed => self.malformed += 1,
+            Reason::ByType => self.by_type += 1,
+            Reason::Instructions => self.instructions += 1,
+            Reason::NoText => self.no_text += 1,
+        }
+    }
+}
+
+/// What was read from one source root. `lines == messages + skipped.total()`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStats {
+    pub source: Source,
+    pub root: String,
+    /// False when the (default) root does not exist.
+    pub found: bool,
+    /// Session files found.
+    pub sessions: u64,
+    /// Sessions that gave no text at all.
+    pub empty_sessions: u64,
+    /// Sessions that could not be opened or failed mid-read (what was read before is kept).
+    pub unreadable_sessions: u64,
+    pub bytes: u64,
+    pub lines: u64,
+    /// Lines kept as conversation.
+    pub messages: u64,
+    pub skipped: Skipped,
+}
+
+/// One source root to read.
+#[derive(Clone, Debug)]
+pub struct SourceRoot {
+    pub source: Source,
+    pub root: PathBuf,
+    /// Given on the command line: a missing directory is an error, not zero sessions.
+    pub explicit: bool,
+}
+
+/// Resolved settings of one extraction.
+#[derive(Clone, Debug)]
+pub struct ExtractConfig {
+    pub roots: Vec<SourceRoot>,
+    pub out: PathBuf,
+    pub test_frac: f64,
+    pub chunk_chars: usize,
+    pub max_line_bytes: usize,
+    /// Replace an existing corpus at `out`.
+    pub force: bool,
+    /// Print a progress line to stderr every few seconds on long runs.
+    pub progress: bool,
+}
+
+/// Reads the sessions under `cfg.roots` and writes the corpus to `cfg.out`.
+pub fn extract(cfg: &ExtractConfig) -> Result<Manifest, SessionsError> {
+    if !(cfg.test_frac > 0.0 && cfg.test_frac < 1.0) {
+        return Err(SessionsError::TestFrac(cfg.test_frac));
+    }
+    if cfg.chunk_chars == 0 {
+        return Err(SessionsError::ChunkChars);
+    }
+    if cfg.max_line_bytes == 0 {
+        return Err(SessionsError::MaxLineBytes);
+    }
+    let mut found = Vec::new();
+    for r in &cfg.roots {
+        let exists = r.root.is_dir();
+        if !exists && r.explicit {
+            let flag = match r.source {
+                Source::Claude => "--claude",
+                Source::Codex => "--codex",
+            };
+            return Err(SessionsError::MissingDir {
+                flag,
+                path: r.root.clone(),
+            });
+        }
+        let mut files = Vec::new();
+        if exists {
+            walk(&r.root, Path::new(""), r.source, &mut files)?;
+            files.sort();
+        }
+        found.push((r, exists, files));
+    }
+    let mut writer = CorpusWriter::create(&cfg.out, cfg.force)?;
+    let total: usize = found.iter().map(|(_, _, f)| f.len()).sum();
+    let mut progress = Progress::new(cfg.progress, total);
+    let mut sources = Vec::new();
+    let mut buf = Vec::new();
+    for (r, exists, files) in found {
+        let mut stats = SourceStats {
+            source: r.source,
+            root: r.root.display().to_string(),
+            found: exists,
+            sessions: 0,
+            empty_sessions: 0,
+            unreadable_sessions: 0,
+            bytes: 0,
+            lines: 0,
+            messages: 0,
+            skipped: Skipped::default(),
+        };
+        for rel in files {
+            stats.sessions += 1;
+            let chunks = read_session(cfg, r, &rel, &mut writer, &mut stats, &mut buf)?;
+            if chunks == 0 {
+                stats.empty_sessions += 1;
+            }
+            progress.tick(stats.bytes);
+        }
+        progress.done_source(stats.bytes);
+        sources.push(stats);
+    }
+    writer.commit(cfg.test_frac, cfg.chunk_chars, cfg.max_line_bytes, sources)
+}
+
+/// Reads one session file into the writer; returns how many chunks it gave. Only a write
+/// failure is an error; a file that cannot be read is counted as unreadable.
+fn read_session(
+    cfg: &ExtractConfig,
+    r: &SourceRoot,
+    rel: &Path,
+    writer: &mut CorpusWriter,
+    stats: &mut SourceStats,
+    buf: &mut Vec<u8>,
+) -> Result<u32, SessionsError> {
+    let path = r.root.join(rel);
+    let key = split_key(r.source, rel);
+    let split = split_of(&key, cfg.test_frac);
+    let session = format!("{}:{}", r.source, rel_string(rel));
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(_) => {
+            stats.unreadable_sessions += 1;
+            return Ok(0);
+        }
+    };
+    let mut lines = LineReader::new(BufReader::with_capacity(64 << 10, file), cfg.max_line_bytes);
+    let mut chunker = Chunker::new(cfg.chunk_chars);
+    let mut emit = |chunk: u32, text: &str| {
+        writer.write(&Chunk {
+            session: session.clone(),
+            source: r.source,
+            split,
+            chunk,
+            text: text.to_string(),
+        })
+    };
+    loop {
+        let line = match lines.next_line(buf) {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(_) => {
+                stats.unreadable_sessions += 1;
+                break;
+            }
+        };
+        stats.lines += 1;
+        match line {
+            Line::TooLong(n) => {
+                stats.bytes += n + 1;
+                stats.skipped.too_long += 1;
+                continue;
+            }
+            Line::Fits => stats.bytes += buf.len() as u64 + 1,
+        }
+        let Ok(text) = std::str::from_utf8(buf) else {
+            stats.skipped.non_utf8 += 1;
+            continue;
+        };
+        if text.trim().is_empty() {
+            stats.skipped.blank += 1;
+            continue;
+        }
+        let parsed = match r.source {
+            Source::Claude => claude::parse_line(text),
+            Source::Codex => codex::parse_line(text),
+        };
+        match parsed {
+            Parsed::Message(m) => {
+                stats.messages += 1;
+                chunker.push(&m, &mut emit)?;
+            }
+            Parsed::Skip(reason) => stats.skipped.count(reason),
+        }
+    }
+    chunker.finish(&mut emit)
+}
+
+/// The relative path with `/` separators (the session id after the source prefix).
+fn rel_string(rel: &Path) -> String {
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Collects session files under `dir` (paths relative to the root), skipping hidden entries
+/// and not following symlinks.
+fn walk(
+    root: &Path,
+    rel: &Path,
+    source: Source,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), SessionsError> {
+    let dir = root.join(rel);
+    let entries = fs::read_dir(&dir).map_err(|e| SessionsError::io("read", &dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| SessionsError::io("read", &dir, e))?;
+        let name = entry.file_name();
+        let name_str = name.to_string_lossy();
+        if name_str.starts_with('.') {
+            continue;
+        }
+        let Ok(ft) = entry.file_type() else { continue };
+        let child = rel.join(&name);
+        if ft.is_dir() {
+            walk(root, &child, source, out)?;
+        } else if ft.is_file() && is_session_file(source, &name_str) {
+            out.push(child);
+        }
+    }
+    Ok(())
+}
+
+fn is_session_file(source: Source, name: &str) -> bool {
+    name.ends_with(".jsonl")
+        && match source {
+            Source::Claude => true,
+            Source::Codex => name.starts_with("rollout-"),
+        }
+}
+
+/// Appends `[marker]\n text \n` to `out` unless `text` is blank.
+pub(crate) fn push_block(out: &mut String, marker: &str, text: &str) {
+    if text.trim().is_empty() {
+        return;
+    }
+    out.push('[');
+    out.push_str(marker);
+    out.push_str("]\n");
+    out.push_str(text);
+    if !text.ends_with('\n') {
+        out.push('\n');
+    }
+}
+
+/// The text of a tool result: a string, text blocks, an object's `content`/`output`/`text`
+/// string, or the JSON itself.
+pub(crate) fn tool_output_text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|b| match b {
+                Value::String(s) => Some(s.as_str()),
+                _ => b.get("text").and_then(Value::as_str),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Value::Object(m) => ["content", "output", "text"]
+            .iter()
+            .find_map(|k| m.get(*k).filter(|c| !c.is_null()))
+            .map_or_else(|| v.to_string(), tool_output_text),
+        _ => v.to_string(),
+    }
+}
+
+struct Progress {
+    enabled: bool,
+    start: Instant,
+    last: Instant,
+    total: usize,
+    done: usize,
+    bytes_before: u64,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(2);
+
+    fn new(enabled: bool, total: usize) -> Progress {
+        let now = Instant::now();
+        Progress {
+            enabled,
+            start: now,
+            last: now,
+            total,
+            done: 0,
+            bytes_before: 0,
+        }
+    }
+
+    fn tick(&mut self, source_bytes: u64) {
+        self.done += 1;
+        if self.enabled && self.last.elapsed() >= Self::EVERY {
+            self.last = Instant::now();
+            let mib = (self.bytes_before + source_bytes) as f64 / (1 << 20) as f64;
+            eprintln!(
+                "extract: {}/{} sessions, {mib:.1} MiB read, {:.0}s",
+                self.done,
+                self.total,
+                self.start.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    fn done_source(&mut self, source_bytes: u64) {
+        self.bytes_before += source_bytes;
+    }
+}
