@@ -42,7 +42,7 @@ enum Command {
     Bench(spark::plan::BenchCommand),
     /// Routing traces: show one, convert between binary, JSONL and CSV
     #[command(subcommand)]
-    Trace(spark::trace::cli::TraceCommand),
+    Trace(spark::trace::record::TraceCli),
     /// Replay a routing trace through the cache policies: misses, ratio to Belady, plots
     Simulate(spark::simulate::SimulateArgs),
     /// Placement profiles (`<model>.gguf.spark.csv`): show, heatmap
@@ -133,6 +133,18 @@ fn main() -> ExitCode {
 /// Maps an error to a documented exit code by what caused it.
 fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<spark::trace::record::RecordError>() {
+            return if e.is_usage() {
+                exit::USAGE
+            } else if e.is_timeout() {
+                exit::TIMEOUT
+            } else {
+                exit::CHECK_FAILED
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<spark::bench_tap::BenchTapError>() {
+            return if e.is_usage() { exit::USAGE } else { exit::CHECK_FAILED };
+        }
         if let Some(e) = cause.downcast_ref::<spark::sessions::SessionsError>() {
             return if e.is_usage() { exit::USAGE } else { exit::CHECK_FAILED };
         }
@@ -169,7 +181,8 @@ struct UsageError(String);
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Trace(c) => spark::trace::cli::run(c)?,
+        Command::Trace(spark::trace::record::TraceCli::Record(a)) => spark::trace::record::run(&a)?,
+        Command::Trace(spark::trace::record::TraceCli::Files(c)) => spark::trace::cli::run(c)?,
         Command::Simulate(a) => spark::simulate::run(&a)?,
         Command::Profile(c) => spark::profile::run(c)?,
         Command::Inspect(a) => {
@@ -255,6 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plan(a) => spark::plan::run(a)?,
         Command::Bench(spark::plan::BenchCommand::Plan(a)) => spark::plan::validate::run(a)?,
+        Command::Bench(spark::plan::BenchCommand::Tap(a)) => spark::bench_tap::run_and_print(&a)?,
         Command::Sessions(a) => spark::sessions::cli::run(a)?,
         Command::Engine(a) => {
             let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;

@@ -6,3 +6,4 @@ mod gguf_files;
 mod serve;
 mod plan;
 mod sessions;
+mod telemetry;

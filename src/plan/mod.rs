@@ -247,6 +247,8 @@ pub struct HardwareArgs {
 pub enum BenchCommand {
     /// Validate `spark plan` forecasts against llama-bench on fixtures (leave-one-model-out)
     Plan(validate::BenchPlanArgs),
+    /// Decode tok/s of llama-server with the routing tap vs without (alternating repetitions)
+    Tap(crate::bench_tap::BenchTapArgs),
 }
 
 /// Resolved settings of one plan.

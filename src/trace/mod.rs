@@ -8,6 +8,7 @@
 //! the file and the place.
 
 pub mod cli;
+pub mod record;
 mod text;
 
 use std::collections::HashMap;

@@ -17,6 +17,15 @@ use crate::engine::{Engine, EngineError};
 use crate::ring::DEFAULT_CAPACITY;
 use crate::telemetry::{locate_tap, Session, SessionConfig, TelemetryError, CONTROL_TIMEOUT};
 
+/// `spark trace …`: the file subcommands of [`super::cli`] plus `record`.
+#[derive(Debug, clap::Subcommand)]
+pub enum TraceCli {
+    #[command(flatten)]
+    Files(super::cli::TraceCommand),
+    /// Start llama-server with the tap, send prompts, write the captured routing as a binary trace
+    Record(RecordArgs),
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RecordArgs {
     /// The GGUF model to serve

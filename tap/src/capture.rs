@@ -87,7 +87,55 @@ struct State {
     last_layer: i32,
     /// Copy target for tensors that live outside host memory.
     scratch: Vec<u8>,
+    /// What the tap saw being put into each `llama_batch_ext` (positions, output flags).
+    shadows: [Shadow; N_SHADOWS],
+    next_evict: usize,
 }
+
+const N_SHADOWS: usize = 4;
+
+/// The tap's copy of one `llama_batch_ext` under construction.
+struct Shadow {
+    batch: usize,
+    pos: Vec<i32>,
+    out: Vec<u8>,
+    overflow: bool,
+}
+
+impl Shadow {
+    fn new(cap: usize) -> Shadow {
+        Shadow {
+            batch: 0,
+            pos: Vec::with_capacity(cap),
+            out: Vec::with_capacity(cap),
+            overflow: false,
+        }
+    }
+
+    fn reset(&mut self, batch: usize) {
+        self.batch = batch;
+        self.pos.clear();
+        self.out.clear();
+        self.overflow = false;
+    }
+
+    /// Makes entry `idx` exist; false (and overflow) when it is beyond the preallocation.
+    fn ensure(&mut self, idx: usize) -> bool {
+        if idx >= self.pos.capacity() || idx >= self.out.capacity() {
+            self.overflow = true;
+            return false;
+        }
+        while self.pos.len() <= idx {
+            self.pos.push(-1); // within capacity: no allocation
+            self.out.push(0);
+        }
+        true
+    }
+}
+
+/// Set when a batch-builder call could not update its shadow (state busy): the next process
+/// call then treats positions as unknown instead of trusting a stale copy.
+static LOST: AtomicBool = AtomicBool::new(false);
 
 struct Guarded {
     busy: AtomicBool,
@@ -250,12 +298,18 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 ubatch_len: 0,
                 last_layer: -1,
                 scratch: vec![0u8; 1 << 20],
+                shadows: std::array::from_fn(|_| Shadow::new(cap)),
+                next_evict: 0,
             });
         } else if let Some(st) = slot.as_mut() {
             // A later context may take larger batches; growing happens here, off the hot path.
             if st.pos.capacity() < cap {
                 st.pos.reserve(cap - st.pos.len());
                 st.out.reserve(cap - st.out.len());
+                for sh in &mut st.shadows {
+                    sh.pos.reserve(cap - sh.pos.len());
+                    sh.out.reserve(cap - sh.out.len());
+                }
             }
         }
         first
@@ -267,7 +321,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
         control::start(geometry(model));
     }
     if let Some(cb) = params.cb_eval() {
-        if cb as usize != eval_cb as usize {
+        if cb as usize != eval_cb as EvalCallback as usize {
             CHAIN_CB.store(cb as usize, Ordering::Relaxed);
             CHAIN_UD.store(params.cb_eval_user_data() as usize, Ordering::Relaxed);
         }
@@ -284,9 +338,7 @@ pub unsafe fn on_decode(_ctx: *mut c_void, batch: &LlamaBatch) {
     let n = batch.n_tokens.max(0) as usize;
     let done = with_state(|slot| {
         let Some(st) = slot.as_mut() else { return };
-        st.last_layer = -1;
-        st.ubatch_start = 0;
-        st.ubatch_len = 0;
+        st.begin_batch();
         st.n_tokens = n;
         st.pos.clear();
         st.out.clear();
@@ -307,12 +359,132 @@ pub unsafe fn on_decode(_ctx: *mut c_void, batch: &LlamaBatch) {
             let flags = unsafe { std::slice::from_raw_parts(batch.logits, n) };
             st.out.extend(flags.iter().map(|&f| u8::from(f != 0)));
         }
-        let n_out = st.out.iter().filter(|&&o| o != 0).count();
-        st.phase = if n > 0 && n_out == n {
+        st.set_phase();
+    });
+    if done.is_none() {
+        SHARED.unmapped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl State {
+    fn begin_batch(&mut self) {
+        self.last_layer = -1;
+        self.ubatch_start = 0;
+        self.ubatch_len = 0;
+    }
+
+    /// A batch whose every token is an output is a decode step; otherwise prompt processing.
+    fn set_phase(&mut self) {
+        let n = self.out.len();
+        let n_out = self.out.iter().filter(|&&o| o != 0).count();
+        self.phase = if n > 0 && n_out == n {
             PHASE_DECODE
         } else {
             PHASE_PROMPT
         };
+    }
+
+    fn shadow(&mut self, batch: usize, create: bool) -> Option<&mut Shadow> {
+        if let Some(i) = self.shadows.iter().position(|s| s.batch == batch) {
+            return Some(&mut self.shadows[i]);
+        }
+        if !create {
+            return None;
+        }
+        let i = match self.shadows.iter().position(|s| s.batch == 0) {
+            Some(i) => i,
+            None => {
+                self.next_evict = (self.next_evict + 1) % N_SHADOWS;
+                self.next_evict
+            }
+        };
+        self.shadows[i].reset(batch);
+        Some(&mut self.shadows[i])
+    }
+}
+
+/// What a batch-builder call did, mirrored into the batch's shadow.
+pub enum BatchEvent {
+    Clear,
+    Free,
+    Added(i32),
+    Pos(i32, i32),
+    Output(i32, bool),
+}
+
+/// Mirrors one `llama_batch_ext_*` call (after the real one succeeded).
+pub fn on_batch(batch: *mut c_void, ev: BatchEvent) {
+    let batch = batch as usize;
+    if batch == 0 {
+        return;
+    }
+    let done = with_state(|slot| {
+        let Some(st) = slot.as_mut() else { return };
+        match ev {
+            BatchEvent::Clear => {
+                if let Some(sh) = st.shadow(batch, true) {
+                    sh.reset(batch);
+                }
+            }
+            BatchEvent::Free => {
+                if let Some(sh) = st.shadow(batch, false) {
+                    sh.reset(0);
+                }
+            }
+            BatchEvent::Added(idx) if idx >= 0 => {
+                if let Some(sh) = st.shadow(batch, true) {
+                    if sh.ensure(idx as usize) {
+                        sh.pos[idx as usize] = -1;
+                        sh.out[idx as usize] = 0;
+                    }
+                }
+            }
+            BatchEvent::Pos(idx, p) if idx >= 0 => {
+                if let Some(sh) = st.shadow(batch, true) {
+                    if sh.ensure(idx as usize) {
+                        sh.pos[idx as usize] = p;
+                    }
+                }
+            }
+            BatchEvent::Output(idx, v) if idx >= 0 => {
+                if let Some(sh) = st.shadow(batch, true) {
+                    if sh.ensure(idx as usize) {
+                        sh.out[idx as usize] = u8::from(v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    });
+    if done.is_none() {
+        LOST.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Called from the `llama_process` wrapper before the real call: the shadow of `batch`
+/// becomes the layout the callback attributes rows to.
+pub fn on_process(batch: *mut c_void) {
+    let batch = batch as usize;
+    let lost = LOST.swap(false, Ordering::Relaxed);
+    let done = with_state(|slot| {
+        let Some(st) = slot.as_mut() else { return };
+        st.begin_batch();
+        st.pos.clear();
+        st.out.clear();
+        let (mut pos, mut out) = (std::mem::take(&mut st.pos), std::mem::take(&mut st.out));
+        let known = match st.shadow(batch, false) {
+            Some(sh) if !sh.overflow && !lost && sh.pos.len() <= pos.capacity() => {
+                pos.extend_from_slice(&sh.pos); // within capacity: no allocation
+                out.extend_from_slice(&sh.out);
+                !sh.pos.iter().any(|&p| p < 0)
+            }
+            _ => false,
+        };
+        st.pos = pos;
+        st.out = out;
+        st.n_tokens = st.pos.len();
+        st.pos_known = known;
+        st.set_phase();
     });
     if done.is_none() {
         SHARED.unmapped.fetch_add(1, Ordering::Relaxed);

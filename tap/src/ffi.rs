@@ -121,11 +121,30 @@ const _: () = assert!(std::mem::size_of::<GgmlTensor>() == GGML_TENSOR_SIZE);
 const _: () = assert!(std::mem::size_of::<LlamaBatch>() == 56);
 const _: () = assert!(std::mem::size_of::<LlamaContextParams>() == LLAMA_CONTEXT_PARAMS_SIZE);
 
+/// `struct llama_embd` (passed by value to `llama_batch_ext_add_embd`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LlamaEmbd {
+    pub data: *const f32,
+    pub n_rows: usize,
+    pub n_embd: usize,
+}
+
+/// `LLAMA_PROCESS_TYPE_DECODE`.
+pub const LLAMA_PROCESS_TYPE_DECODE: i32 = 1;
+
+pub type ProcessFn = unsafe extern "C" fn(*mut c_void, i32, *mut c_void) -> i32;
+pub type BatchClearFn = unsafe extern "C" fn(*mut c_void);
+pub type BatchAddFn = unsafe extern "C" fn(*mut c_void, i32) -> i32;
+pub type BatchAddTokenFn = unsafe extern "C" fn(*mut c_void, i32, i32) -> i32;
+pub type BatchAddEmbdFn = unsafe extern "C" fn(*mut c_void, i32, LlamaEmbd) -> i32;
+pub type BatchSetPosFn = unsafe extern "C" fn(*mut c_void, i32, *const i32) -> bool;
+pub type BatchSetOutputFn = unsafe extern "C" fn(*mut c_void, i32, bool) -> bool;
+
 pub type InitFn = unsafe extern "C" fn(*mut c_void, LlamaContextParams) -> *mut c_void;
 pub type DecodeFn = unsafe extern "C" fn(*mut c_void, LlamaBatch) -> i32;
 pub type ModelI32Fn = unsafe extern "C" fn(*const c_void) -> i32;
 pub type MetaStrFn = unsafe extern "C" fn(*const c_void, *const c_char, *mut c_char, usize) -> i32;
-pub type GetModelFn = unsafe extern "C" fn(*const c_void) -> *const c_void;
 pub type BufferIsHostFn = unsafe extern "C" fn(*mut c_void) -> bool;
 pub type TensorGetFn = unsafe extern "C" fn(*const GgmlTensor, *mut c_void, usize, usize);
 pub type NbytesFn = unsafe extern "C" fn(*const GgmlTensor) -> usize;
@@ -172,18 +191,22 @@ impl Sym {
         self.ptr.store(p, Ordering::Release);
         p
     }
-
-    pub fn name(&self) -> &'static str {
-        self.name.to_str().unwrap_or("?")
-    }
 }
 
 pub static REAL_INIT: Sym = Sym::next(c"llama_init_from_model");
 pub static REAL_DECODE: Sym = Sym::next(c"llama_decode");
+pub static REAL_PROCESS: Sym = Sym::next(c"llama_process");
+pub static REAL_BATCH_CLEAR: Sym = Sym::next(c"llama_batch_ext_clear");
+pub static REAL_BATCH_FREE: Sym = Sym::next(c"llama_batch_ext_free");
+pub static REAL_BATCH_ADD: Sym = Sym::next(c"llama_batch_ext_add");
+pub static REAL_BATCH_ADD_TOKEN: Sym = Sym::next(c"llama_batch_ext_add_token");
+pub static REAL_BATCH_ADD_EMBD: Sym = Sym::next(c"llama_batch_ext_add_embd");
+pub static REAL_BATCH_SET_POS: Sym = Sym::next(c"llama_batch_ext_set_pos");
+pub static REAL_BATCH_SET_OUTPUT_LOGITS: Sym = Sym::next(c"llama_batch_ext_set_output_logits");
+pub static REAL_BATCH_SET_OUTPUT_EMBD: Sym = Sym::next(c"llama_batch_ext_set_output_embd");
 pub static MODEL_N_LAYER: Sym = Sym::global(c"llama_model_n_layer");
 pub static MODEL_N_EMBD: Sym = Sym::global(c"llama_model_n_embd");
 pub static MODEL_META_STR: Sym = Sym::global(c"llama_model_meta_val_str");
-pub static GET_MODEL: Sym = Sym::global(c"llama_get_model");
 pub static BUFFER_IS_HOST: Sym = Sym::global(c"ggml_backend_buffer_is_host");
 pub static TENSOR_GET: Sym = Sym::global(c"ggml_backend_tensor_get");
 pub static NBYTES: Sym = Sym::global(c"ggml_nbytes");
@@ -241,6 +264,7 @@ int main(void) {
     offsetof(struct llama_context_params, cb_eval), offsetof(struct llama_context_params, cb_eval_user_data));
   printf("%zu %zu %zu %zu\n", sizeof(struct llama_batch), offsetof(struct llama_batch, pos),
     offsetof(struct llama_batch, logits), _Alignof(struct llama_context_params));
+  printf("%zu %zu\n", sizeof(struct llama_embd), (size_t)LLAMA_PROCESS_TYPE_DECODE);
   printf("%zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(struct ggml_tensor), offsetof(struct ggml_tensor, buffer),
     offsetof(struct ggml_tensor, ne), offsetof(struct ggml_tensor, nb), offsetof(struct ggml_tensor, src),
     offsetof(struct ggml_tensor, data), offsetof(struct ggml_tensor, name), (size_t)GGML_TYPE_I32);
@@ -281,6 +305,8 @@ int main(void) {
             std::mem::offset_of!(LlamaBatch, pos),
             std::mem::offset_of!(LlamaBatch, logits),
             std::mem::align_of::<LlamaContextParams>(),
+            std::mem::size_of::<LlamaEmbd>(),
+            LLAMA_PROCESS_TYPE_DECODE as usize,
             GGML_TENSOR_SIZE,
             t,
             std::mem::offset_of!(GgmlTensor, ne),

@@ -5,8 +5,10 @@
 //! - `llama_init_from_model` forwards to the real function after installing the tap's
 //!   `cb_eval` (chaining any callback the caller had set), opens the ring named by `SPARK_RING`
 //!   and starts the control thread on the socket in `SPARK_CONTROL_FD`;
-//! - `llama_decode` remembers the batch's token positions and output flags (preallocated
-//!   buffers) so every record can say which token it belongs to, then forwards;
+//! - `llama_decode` (classic batches) and `llama_process` with the `llama_batch_ext_*` builder
+//!   calls (the extended batches llama-server uses) are mirrored into preallocated shadows of
+//!   each batch's token positions and output flags, so every record can say which token it
+//!   belongs to; each wrapper forwards to the real function;
 //! - the callback asks the scheduler only for `ffn_moe_weights-<il>` (whose sources hold the
 //!   selected expert ids) and, when switched on, the pre-gate hidden state; it answers "no" for
 //!   every other tensor so the graph is not split elsewhere.
@@ -22,7 +24,14 @@ mod ffi;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use ffi::{as_fn, DecodeFn, InitFn, LlamaBatch, LlamaContextParams, REAL_DECODE, REAL_INIT};
+use capture::BatchEvent;
+use ffi::{
+    as_fn, BatchAddEmbdFn, BatchAddFn, BatchAddTokenFn, BatchClearFn, BatchSetOutputFn,
+    BatchSetPosFn, DecodeFn, InitFn, LlamaBatch, LlamaContextParams, LlamaEmbd, ProcessFn,
+    LLAMA_PROCESS_TYPE_DECODE, REAL_BATCH_ADD, REAL_BATCH_ADD_EMBD, REAL_BATCH_ADD_TOKEN,
+    REAL_BATCH_CLEAR, REAL_BATCH_FREE, REAL_BATCH_SET_OUTPUT_EMBD, REAL_BATCH_SET_OUTPUT_LOGITS,
+    REAL_BATCH_SET_POS, REAL_DECODE, REAL_INIT, REAL_PROCESS,
+};
 
 /// Interposes `llama_init_from_model`: installs the tap's eval callback, then creates the
 /// context with the real function.
@@ -67,4 +76,81 @@ pub unsafe extern "C" fn llama_decode(ctx: *mut c_void, batch: LlamaBatch) -> i3
     }));
     // SAFETY: forwarding the caller's arguments to the real function.
     unsafe { real(ctx, batch) }
+}
+
+/// Interposes `llama_process` (the extended-batch API llama-server uses): the batch's shadow
+/// becomes the layout the callback attributes rows to, then the real function runs.
+///
+/// # Safety
+/// Called by llama.cpp's callers with the same contract as the real function.
+#[no_mangle]
+pub unsafe extern "C" fn llama_process(ctx: *mut c_void, kind: i32, batch: *mut c_void) -> i32 {
+    // SAFETY: ProcessFn is the declared signature of llama_process in llama.h.
+    let Some(real) = (unsafe { as_fn::<ProcessFn>(&REAL_PROCESS) }) else {
+        control::warn("llama_process not found after the tap; is libllama loaded?");
+        return -1;
+    };
+    if kind == LLAMA_PROCESS_TYPE_DECODE {
+        let _ = catch_unwind(|| capture::on_process(batch));
+    }
+    // SAFETY: forwarding the caller's arguments to the real function.
+    unsafe { real(ctx, kind, batch) }
+}
+
+/// Defines an interposed batch-builder function: forward to the real one, then mirror the
+/// effect into the batch's shadow (never failing the caller because of the tap).
+macro_rules! batch_fn {
+    ($name:ident, $sym:ident, $ty:ty, ($($arg:ident: $t:ty),*) -> $ret:ty, $missing:expr, |$r:ident| $event:expr) => {
+        /// Interposed `llama_batch_ext_*` builder call (see `batch_fn!`).
+        ///
+        /// # Safety
+        /// Called by llama.cpp's callers with the same contract as the real function.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(batch: *mut c_void, $($arg: $t),*) -> $ret {
+            // SAFETY: the type is the declared signature of this function in llama.h.
+            let Some(real) = (unsafe { as_fn::<$ty>(&$sym) }) else {
+                control::warn(concat!(stringify!($name), " not found after the tap"));
+                return $missing;
+            };
+            // SAFETY: forwarding the caller's arguments to the real function.
+            let $r = unsafe { real(batch, $($arg),*) };
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                if let Some(ev) = $event {
+                    capture::on_batch(batch, ev);
+                }
+            }));
+            $r
+        }
+    };
+}
+
+batch_fn!(llama_batch_ext_clear, REAL_BATCH_CLEAR, BatchClearFn, () -> (), (),
+    |_r| Some(BatchEvent::Clear));
+batch_fn!(llama_batch_ext_add, REAL_BATCH_ADD, BatchAddFn, (seq_id: i32) -> i32, -1,
+    |r| Some(BatchEvent::Added(r)));
+batch_fn!(llama_batch_ext_add_token, REAL_BATCH_ADD_TOKEN, BatchAddTokenFn,
+    (seq_id: i32, id: i32) -> i32, -1, |r| Some(BatchEvent::Added(r)));
+batch_fn!(llama_batch_ext_add_embd, REAL_BATCH_ADD_EMBD, BatchAddEmbdFn,
+    (seq_id: i32, embd: LlamaEmbd) -> i32, -1, |r| Some(BatchEvent::Added(r)));
+batch_fn!(llama_batch_ext_set_pos, REAL_BATCH_SET_POS, BatchSetPosFn,
+    (idx: i32, pos: *const i32) -> bool, false,
+    // SAFETY: a successful call read at least one position from `pos`.
+    |r| (r && !pos.is_null()).then(|| BatchEvent::Pos(idx, unsafe { *pos })));
+batch_fn!(llama_batch_ext_set_output_logits, REAL_BATCH_SET_OUTPUT_LOGITS, BatchSetOutputFn,
+    (idx: i32, value: bool) -> bool, false, |r| r.then_some(BatchEvent::Output(idx, value)));
+batch_fn!(llama_batch_ext_set_output_embd, REAL_BATCH_SET_OUTPUT_EMBD, BatchSetOutputFn,
+    (idx: i32, value: bool) -> bool, false, |r| r.then_some(BatchEvent::Output(idx, value)));
+
+/// Interposes `llama_batch_ext_free`: forgets the batch's shadow, then frees it.
+///
+/// # Safety
+/// Called by llama.cpp's callers with the same contract as the real function.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_free(batch: *mut c_void) {
+    let _ = catch_unwind(|| capture::on_batch(batch, BatchEvent::Free));
+    // SAFETY: BatchClearFn has the same signature as llama_batch_ext_free.
+    if let Some(real) = unsafe { as_fn::<BatchClearFn>(&REAL_BATCH_FREE) } {
+        // SAFETY: forwarding the caller's argument to the real function.
+        unsafe { real(batch) }
+    }
 }

@@ -1,0 +1,200 @@
+//! `spark bench tap`: decode speed of llama-server with the tap preloaded versus without.
+//!
+//! Owns the overhead measurement: one stock and one tapped llama-server on the same model,
+//! started side by side, then alternating repetitions of the same greedy completion (the
+//! order flips every repetition so drift and warm-up hit both equally). Reports llama-server's
+//! own decode tokens/s per repetition, the medians and their ratio. A benchmark reports a
+//! number; it never asserts one. Never spawns processes itself (the supervisor does).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::engine::{self, Engine, EngineError};
+use crate::fixture::{self, FixtureError, FixtureSpec, Size};
+use crate::telemetry::{locate_tap, Session, SessionConfig, TelemetryError};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchTapArgs {
+    /// Model to serve (default: a medium fixture written to a temporary directory)
+    #[arg(short = 'm', long)]
+    pub model: Option<PathBuf>,
+    /// Repetitions per side
+    #[arg(long, default_value_t = 6)]
+    pub reps: u32,
+    /// Tokens generated per repetition
+    #[arg(long, default_value_t = 96)]
+    pub n_predict: u32,
+    /// llama-server binary (default: $SPARK_LLAMA_SERVER, then the build in the cache)
+    #[arg(long, value_name = "PATH")]
+    pub llama_server: Option<PathBuf>,
+    /// The tap library (default: $SPARK_TAP, then next to the spark executable)
+    #[arg(long, value_name = "PATH")]
+    pub tap: Option<PathBuf>,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Arguments passed to both llama-servers unchanged
+    #[arg(last = true)]
+    pub server_args: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchTapError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Fixture(#[from] FixtureError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    #[error("create a work directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bench tap: {0}")]
+    NoTiming(String),
+}
+
+impl BenchTapError {
+    pub fn is_usage(&self) -> bool {
+        match self {
+            BenchTapError::Engine(_) | BenchTapError::Fixture(_) => true,
+            BenchTapError::Telemetry(e) => e.is_usage(),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchTapReport {
+    pub model: PathBuf,
+    pub reps: u32,
+    pub n_predict: u32,
+    pub stock_tok_s: Vec<f64>,
+    pub tapped_tok_s: Vec<f64>,
+    pub stock_median: f64,
+    pub tapped_median: f64,
+    /// tapped ÷ stock (target ≥ 0.97 for routing only)
+    pub ratio: f64,
+    pub records: u64,
+    pub dropped: u64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {
+    let engine = Engine::locate(a.llama_server.as_deref())?;
+    let tap = locate_tap(a.tap.as_deref())?;
+    let work = tempfile::Builder::new()
+        .prefix("spark-bench-tap-")
+        .tempdir()?;
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => {
+            let out = work.path().join("medium.gguf");
+            let vocab = engine::vocab_path(engine::DEFAULT_VOCAB)?;
+            fixture::write_fixture(&FixtureSpec::preset(Size::Medium), &vocab, &out)?;
+            out
+        }
+    };
+    let cfg = |tap: Option<PathBuf>, name: &str| SessionConfig {
+        llama_server: engine.llama_server.clone(),
+        model: model.clone(),
+        tap,
+        extra_args: a.server_args.clone(),
+        ring_capacity: 1 << 18,
+        ready_timeout: Duration::from_secs(180),
+        log_path: work.path().join(name),
+    };
+    let mut stock = Session::start(&cfg(None, "stock.log"))?;
+    let mut tapped = Session::start(&cfg(Some(tap), "tapped.log"))?;
+    tapped.discard();
+    let prompt = serde_json::json!("The experts that a mixture-of-experts model routes to");
+    let (mut s_tps, mut t_tps) = (Vec::new(), Vec::new());
+    let mut records = Vec::new();
+    let mut total = 0u64;
+    // One unmeasured round each, so both have touched every page of the model.
+    stock.complete(0, &prompt, 8, &mut records)?;
+    tapped.complete(0, &prompt, 8, &mut records)?;
+    for rep in 0..a.reps {
+        let order: [bool; 2] = if rep % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for with_tap in order {
+            records.clear();
+            let side = if with_tap { &mut tapped } else { &mut stock };
+            let c = side.complete(rep + 1, &prompt, a.n_predict, &mut records)?;
+            let tps = c.predicted_per_second.ok_or_else(|| {
+                BenchTapError::NoTiming("llama-server reported no decode timing".into())
+            })?;
+            if with_tap {
+                total += records.len() as u64;
+                t_tps.push(tps);
+            } else {
+                s_tps.push(tps);
+            }
+        }
+    }
+    let dropped = tapped.ring_dropped();
+    stock.stop();
+    tapped.stop();
+    let (sm, tm) = (median(&s_tps), median(&t_tps));
+    Ok(BenchTapReport {
+        model,
+        reps: a.reps,
+        n_predict: a.n_predict,
+        stock_tok_s: s_tps,
+        tapped_tok_s: t_tps,
+        stock_median: sm,
+        tapped_median: tm,
+        ratio: if sm > 0.0 { tm / sm } else { 0.0 },
+        records: total,
+        dropped,
+    })
+}
+
+/// Runs the bench and prints the report.
+pub fn run_and_print(a: &BenchTapArgs) -> Result<(), BenchTapError> {
+    let r = run(a)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("report serialises")
+        );
+    } else {
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!("model        {}", r.model.display());
+        println!(
+            "stock  tok/s {}  (median {:.2})",
+            fmt(&r.stock_tok_s),
+            r.stock_median
+        );
+        println!(
+            "tapped tok/s {}  (median {:.2})",
+            fmt(&r.tapped_tok_s),
+            r.tapped_median
+        );
+        println!(
+            "ratio        {:.3}  (tapped ÷ stock, routing only; {} records captured, {} dropped)",
+            r.ratio, r.records, r.dropped
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Telemetry end to end: the tap inside stock llama-server, the ring, the control channel,
+//! `spark trace record`, and exactness against the analytic fixture.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use spark::gguf::GgufFile;
+use spark::telemetry::{Session, SessionConfig};
+use spark_proto::trace::{RoutingRecord, PHASE_DECODE, PHASE_PROMPT};
+
+use crate::util::{fixture, llama_server, spark, tempdir};
+
+/// The tap library: `$SPARK_TAP`, else built once here with cargo (a workspace member, so CI's
+/// `cargo test --workspace` has the sources; building is a no-op when it is fresh).
+pub fn tap_lib() -> PathBuf {
+    static TAP: OnceLock<PathBuf> = OnceLock::new();
+    TAP.get_or_init(|| {
+        if let Some(p) = std::env::var_os("SPARK_TAP").filter(|v| !v.is_empty()) {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = std::process::Command::new(cargo)
+            .args(["build", "-p", "spark-tap", "--message-format=short"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("run cargo build -p spark-tap");
+        assert!(
+            out.status.success(),
+            "building the tap failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The spark binary under test sits in the same profile directory as the tap.
+        let dir = crate::util::spark_bin().parent().unwrap().to_path_buf();
+        let p = dir.join(spark::telemetry::TAP_FILE);
+        assert!(p.is_file(), "tap not at {}", p.display());
+        p
+    })
+    .clone()
+}
+
+fn session(dir: &Path, model: &Path, extra: &[&str]) -> Session {
+    Session::start(&SessionConfig {
+        llama_server: llama_server(),
+        model: model.to_path_buf(),
+        tap: Some(tap_lib()),
+        extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        ring_capacity: 1 << 16,
+        ready_timeout: Duration::from_secs(120),
+        log_path: dir.join("server.log"),
+    })
+    .expect("start a tapped llama-server")
+}
+
+/// A prompt of well over 200 tokens for the llama-spm vocabulary.
+fn long_prompt() -> String {
+    let words = [
+        "river", "mountain", "expert", "routing", "table", "cache", "silver", "window", "garden",
+        "engine", "quiet", "number", "yellow", "paper", "signal", "forest", "market", "thunder",
+    ];
+    let mut s = String::from("Once upon a time");
+    for i in 0..220 {
+        s.push(' ');
+        s.push_str(words[(i * 7 + i / 3) % words.len()]);
+    }
+    s
+}
+
+#[test]
+fn routing_matches_the_analytic_computation_exactly() {
+    let dir = tempdir();
+    let model = fixture(dir.path(), "analytic.gguf", &["--router", "analytic"]);
+    let trace = dir.path().join("analytic.trace");
+    let n_predict = 60u32;
+    let out = spark(&[
+        "trace",
+        "record",
+        "-m",
+        model.to_str().unwrap(),
+        "--out",
+        trace.to_str().unwrap(),
+        "--prompt",
+        &long_prompt(),
+        "--n-predict",
+        &n_predict.to_string(),
+        "--llama-server",
+        llama_server().to_str().unwrap(),
+        "--tap",
+        tap_lib().to_str().unwrap(),
+        "--json",
+        "--",
+        "-np",
+        "1",
+        "-c",
+        "1024",
+    ]);
+    assert!(
+        out.status.success(),
+        "spark trace record failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let req = &summary["requests"][0];
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let prompt = ids(&req["prompt_tokens"]);
+    let generated = ids(&req["generated_tokens"]);
+    assert!(prompt.len() >= 200, "prompt has {} tokens", prompt.len());
+    assert_eq!(generated.len(), n_predict as usize);
+    assert_eq!(summary["dropped"], 0);
+    assert_eq!(summary["unmapped"], 0);
+
+    let records = read_records(&trace);
+    let file = GgufFile::open(&model).unwrap();
+    let (n_layer, k) = (
+        summary["n_layer"].as_u64().unwrap() as usize,
+        summary["k"].as_u64().unwrap() as usize,
+    );
+    let seq: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
+    let expected = spark::fixture::analytic_routing(&file, &seq).unwrap();
+    let p = prompt.len() as u32;
+    let decoded = n_predict - 1; // the last sampled token is never evaluated
+
+    // Exactness: every captured (token, layer) expert set equals the independent one.
+    let (mut compared, mut skipped) = (0usize, 0usize);
+    let mut per_layer: BTreeMap<(u16, u8), Vec<u32>> = BTreeMap::new();
+    let mut counts = vec![vec![0u64; 64]; n_layer];
+    for r in &records {
+        assert_eq!(r.request, 1);
+        assert_eq!(usize::from(r.n_used), k);
+        assert!(
+            (r.token as usize) < seq.len(),
+            "token position {} out of range",
+            r.token
+        );
+        per_layer
+            .entry((r.layer, r.phase))
+            .or_default()
+            .push(r.token);
+        for &id in r.used_ids() {
+            counts[usize::from(r.layer)][usize::from(id)] += 1;
+        }
+        let (want, margin) = &expected[r.token as usize][usize::from(r.layer)];
+        if *margin < 1e-3 {
+            skipped += 1;
+            continue;
+        }
+        let mut got: Vec<u32> = r.used_ids().iter().map(|&i| u32::from(i)).collect();
+        let mut want = want.clone();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(
+            got, want,
+            "token {} (id {}) layer {}",
+            r.token, seq[r.token as usize], r.layer
+        );
+        compared += 1;
+    }
+    eprintln!("exactness: {compared} (token, layer) pairs compared, {skipped} near-ties skipped");
+    assert!(skipped * 100 <= compared, "too many near ties: {skipped}");
+
+    // Token accounting: all prompt tokens at every layer but the last, which sees only the
+    // output row; every evaluated decode token at every layer.
+    for layer in 0..n_layer as u16 {
+        let prompt_tokens = &per_layer[&(layer, PHASE_PROMPT)];
+        let decode_tokens = &per_layer[&(layer, PHASE_DECODE)];
+        if usize::from(layer) + 1 < n_layer {
+            assert_eq!(*prompt_tokens, (0..p).collect::<Vec<_>>(), "layer {layer}");
+        } else {
+            assert_eq!(*prompt_tokens, vec![p - 1], "last layer");
+        }
+        assert_eq!(
+            *decode_tokens,
+            (p..p + decoded).collect::<Vec<_>>(),
+            "layer {layer}"
+        );
+        let total: u64 = counts[usize::from(layer)].iter().sum();
+        assert_eq!(
+            total,
+            ((prompt_tokens.len() + decode_tokens.len()) * k) as u64,
+            "layer {layer}: per-expert counts must sum to tokens × k"
+        );
+    }
+}
+
+/// Records of a binary trace, read with the proto layout only.
+fn read_records(path: &Path) -> Vec<RoutingRecord> {
+    let bytes = std::fs::read(path).unwrap();
+    let hs = spark_proto::trace::HEADER_SIZE;
+    let body = &bytes[hs..];
+    assert_eq!(
+        body.len() % spark_proto::trace::RECORD_SIZE,
+        0,
+        "truncated trace"
+    );
+    body.chunks_exact(spark_proto::trace::RECORD_SIZE)
+        .map(bytemuck::pod_read_unaligned)
+        .collect()
+}
+
+#[test]
+fn control_channel_greets_answers_and_rejects_unknown_verbs() {
+    let dir = tempdir();
+    let model = fixture(dir.path(), "tiny.gguf", &[]);
+    let mut s = session(dir.path(), &model, &["-np", "1"]);
+    let g = s.greeting.clone().unwrap();
+    assert_eq!(g.arch, "qwen3moe");
+    assert_eq!((g.n_layer, g.n_expert, g.n_expert_used), (4, 8, 2));
+    let c = s.control().unwrap();
+    let t = Duration::from_secs(10);
+    let lines =
+        |c: &mut spark::control::ControlClient, l: &str| c.call_line(l, t).unwrap().to_line();
+    assert_eq!(lines(c, "request 7"), "ok request=7");
+    assert_eq!(
+        lines(c, "frobnicate"),
+        "err unknown-verb unknown verb \"frobnicate\""
+    );
+    assert_eq!(
+        lines(c, "stats now"),
+        "err bad-args stats takes no arguments"
+    );
+    let stats = c.stats(t).unwrap();
+    // The server's warm-up already ran through the tap.
+    assert_eq!(stats.moe_layers, 4);
+    assert!(stats.records > 0);
+    assert_eq!(lines(c, "reset"), "ok");
+    assert_eq!(c.stats(t).unwrap().records, 0);
+    s.discard();
+    let mut recs = Vec::new();
+    s.complete(7, &serde_json::json!("Hello there"), 4, &mut recs)
+        .unwrap();
+    assert!(!recs.is_empty());
+    assert!(recs.iter().all(|r| r.request == 7));
+    assert_eq!(lines(s.control().unwrap(), "quit"), "ok bye");
+    let ring = s.ring().unwrap().path().to_path_buf();
+    assert!(ring.exists());
+    s.stop();
+    assert!(!ring.exists(), "ring file left behind");
+}
