@@ -565,3 +565,76 @@ fn planned_flags_start_llama_server() {
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
     assert!(log.contains("n_ctx") || log.contains("listening"), "{log}");
 }
+
+#[test]
+fn profile_gives_a_routing_verdict_and_a_cache_hit_ratio() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    let file = spark::gguf::GgufFile::open(&model).unwrap();
+    let fp = spark::gguf::MoeGeometry::of(&file)
+        .unwrap()
+        .fingerprint
+        .to_string();
+    let mut counts = spark::cache::Counts::zero(4, 8);
+    for l in 0..4 {
+        for (e, c) in [70u64, 20, 5, 5].iter().enumerate() {
+            counts.set(l, e, *c);
+        }
+    }
+    let profile = dir.path().join("tiny.gguf.spark.csv");
+    spark::profile::Profile::new(counts.clone(), 2, Some(fp))
+        .write(&profile)
+        .unwrap();
+    // 13 MiB: layer 0's experts on the host, 144 640 B headroom = 2 expert slots, which hold the
+    // two hottest experts: 90% of layer 0's routing. With a GPU (--vram-bw) the offloaded reads
+    // (2 × 49 152 B per token) are 90% served from VRAM: 88 474 B, the host reads 9 830 B.
+    let (o, j) = plan_json(
+        dir.path(),
+        &model,
+        &[
+            "--ctx",
+            "1024",
+            "--vram-budget",
+            "13",
+            "--vram-bw",
+            "1000",
+            "--profile",
+            profile.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = &j["routing"];
+    assert_eq!(r["experts_for_90"], serde_json::json!([2, 2, 2, 2]));
+    assert_eq!(r["cache_helps"], true);
+    assert!(r["verdict"].as_str().unwrap().starts_with("concentrated"));
+    let roof = &j["forecast"]["roofline"];
+    assert_eq!(roof["regime"], "experts_offloaded");
+    assert!((roof["cache_hit_ratio"].as_f64().unwrap() - 0.9).abs() < 1e-12);
+    assert_eq!(roof["host_bytes_per_token"], 9_830);
+    assert_eq!(
+        roof["vram_bytes_per_token"],
+        8_399_872 + 3 * 2 * 49_152 + 88_474
+    );
+
+    // A profile made for another model is refused as bad input.
+    let stale = dir.path().join("stale.csv");
+    spark::profile::Profile::new(counts, 2, Some("gguf-1-00".into()))
+        .write(&stale)
+        .unwrap();
+    let o = spark_in(
+        dir.path(),
+        &[
+            "plan",
+            "-m",
+            model.to_str().unwrap(),
+            "--profile",
+            stale.to_str().unwrap(),
+            "--host-bw",
+            "10",
+            "--host-gflops",
+            "50",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("stale"), "{}", stderr(&o));
+}

@@ -123,8 +123,11 @@ pub struct PlanArgs {
     pub depth: u64,
     /// Routing counts to judge concentration and the expert-cache hit ratio: a Spark profile CSV
     /// (`<model>.gguf.spark.csv`) or its hotness table
-    #[arg(long, value_name = "CSV")]
+    #[arg(long, value_name = "CSV", conflicts_with = "trace")]
     pub profile: Option<PathBuf>,
+    /// Routing trace (binary, JSONL or CSV) for the same verdict and hit ratio
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Do not fold stored receipts into the forecast
     #[arg(long)]
     pub no_receipts: bool,
@@ -247,8 +250,6 @@ pub struct HardwareArgs {
 pub enum BenchCommand {
     /// Validate `spark plan` forecasts against llama-bench on fixtures (leave-one-model-out)
     Plan(validate::BenchPlanArgs),
-    /// Decode tok/s of llama-server with the routing tap vs without (alternating repetitions)
-    Tap(crate::bench_tap::BenchTapArgs),
 }
 
 /// Resolved settings of one plan.
@@ -640,9 +641,10 @@ fn load_store(use_receipts: bool) -> Result<Option<ReceiptStore>, PlanError> {
 }
 
 fn load_routing(a: &PlanArgs, model: &ModelFacts) -> Result<Option<Concentration>, PlanError> {
-    match &a.profile {
-        None => Ok(None),
-        Some(path) => routing::from_profile(path, model).map(Some),
+    match (&a.profile, &a.trace) {
+        (Some(path), _) => routing::from_profile(path, model).map(Some),
+        (None, Some(path)) => routing::from_trace(path, model).map(Some),
+        (None, None) => Ok(None),
     }
 }
 

@@ -3,7 +3,8 @@
 //! a pinned hot set would reach in the VRAM the fit leaves over.
 //!
 //! Owns the verdict arithmetic only. Counts come from the profile reader ([`crate::profile`]) or
-//! the trace readers; this module never parses a profile or trace format itself.
+//! the trace readers ([`crate::trace`]); this module never parses a profile or trace format
+//! itself. The hit ratio is that of a pinned hot set on the recorded distribution.
 
 use std::path::Path;
 
@@ -132,13 +133,53 @@ impl Concentration {
     }
 }
 
-/// Reads routing counts from a Spark profile CSV and checks they belong to `model`.
+/// Reads routing counts from a Spark profile CSV (through [`crate::profile`]) and checks that it
+/// belongs to `model`: a profile for another model is an error, never used silently.
 pub fn from_profile(path: &Path, model: &ModelFacts) -> Result<Concentration, PlanError> {
-    let _ = model;
-    Err(PlanError::Routing {
+    let routing = |message: String| PlanError::Routing {
         path: path.to_path_buf(),
-        message: "this build has no profile reader yet (src/profile.rs)".into(),
-    })
+        message,
+    };
+    let p = crate::profile::Profile::read(path).map_err(|e| routing(e.to_string()))?;
+    p.check_fresh(&model.fingerprint, path)
+        .map_err(|e| routing(e.to_string()))?;
+    check_shape(p.counts.n_layer, p.counts.n_expert, model).map_err(routing)?;
+    Ok(from_counts_table(&p.counts))
+}
+
+/// Reads routing counts from a routing trace (binary, JSONL or CSV, through [`crate::trace`]).
+pub fn from_trace(path: &Path, model: &ModelFacts) -> Result<Concentration, PlanError> {
+    let routing = |message: String| PlanError::Routing {
+        path: path.to_path_buf(),
+        message,
+    };
+    let t = crate::trace::Trace::read(path, None).map_err(|e| routing(e.to_string()))?;
+    if let Some(fp) = &t.fingerprint {
+        if fp != &model.fingerprint {
+            return Err(routing(format!(
+                "the trace was recorded on model {fp}, not {}",
+                model.fingerprint
+            )));
+        }
+    }
+    check_shape(t.n_layer as usize, t.n_expert as usize, model).map_err(routing)?;
+    let counts = crate::cache::Counts::of(&t.decode, t.n_expert as usize);
+    Ok(from_counts_table(&counts))
+}
+
+fn check_shape(n_layer: usize, n_expert: usize, m: &ModelFacts) -> Result<(), String> {
+    if n_layer != m.n_layer as usize || n_expert != m.n_expert as usize {
+        return Err(format!(
+            "it has {n_layer} layers × {n_expert} experts, the model {} × {}",
+            m.n_layer, m.n_expert
+        ));
+    }
+    Ok(())
+}
+
+fn from_counts_table(c: &crate::cache::Counts) -> Concentration {
+    let rows: Vec<Vec<u64>> = (0..c.n_layer).map(|l| c.layer(l).to_vec()).collect();
+    Concentration::from_counts(&rows)
 }
 
 #[cfg(test)]
