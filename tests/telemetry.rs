@@ -243,3 +243,58 @@ fn control_channel_greets_answers_and_rejects_unknown_verbs() {
     s.stop();
     assert!(!ring.exists(), "ring file left behind");
 }
+
+/// Reads the ring's write cursor straight from the file (the layout is the contract).
+fn ring_written(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let at = spark_proto::ring::WRITE_OFFSET;
+    bytes
+        .get(at..at + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_server_killed_mid_request_is_reported_not_waited_on() {
+    let dir = tempdir();
+    let model = fixture(dir.path(), "tiny.gguf", &[]);
+    let mut s = session(dir.path(), &model, &["-np", "1", "-c", "4096"]);
+    s.discard();
+    let ring = s.ring().unwrap().path().to_path_buf();
+    let pid = s.server().pid() as i32;
+    let start = ring_written(&ring);
+    let killer = std::thread::spawn(move || {
+        // Kill once decoding is visibly under way (records keep arriving in the ring).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while ring_written(&ring) < start + 200 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    });
+    let mut recs = Vec::new();
+    let err = s
+        .complete(
+            1,
+            &serde_json::json!("Tell me a long story"),
+            3000,
+            &mut recs,
+        )
+        .expect_err("the server was killed");
+    killer.join().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("llama-server exited during the request"),
+        "unexpected error: {msg}"
+    );
+    assert!(
+        !recs.is_empty(),
+        "records captured before the crash are kept"
+    );
+    let ring = s.ring().unwrap().path().to_path_buf();
+    s.stop();
+    assert!(!ring.exists(), "ring file left behind");
+}
