@@ -136,7 +136,13 @@ impl SessionsError {
     /// True for errors caused by the arguments or the input (exit 2); false for I/O failures
     /// while writing.
     pub fn is_usage(&self) -> bool {
-        !matches!(self, SessionsError::Io { what, .. } if what.starts_with("write") || what.starts_with("rename") || what.starts_with("create"))
+        match self {
+            SessionsError::Io { what, .. } => !matches!(
+                *what,
+                "write" | "create" | "rename" | "rename into place" | "remove"
+            ),
+            _ => true,
+        }
     }
 
     pub(crate) fn io(

@@ -90,6 +90,48 @@ pub fn write_tree(cfg: &SynthConfig) -> Result<SynthReport, SessionsError> {
     })
 }
 
+/// Sessions, seed and chunk size of the demo's built-in corpus.
+pub const DEMO_SESSIONS: u32 = 16;
+pub const DEMO_SEED: u64 = 2026;
+pub const DEMO_CHUNK_CHARS: usize = 2000;
+
+/// The small built-in corpus of `spark demo`: writes the synthetic tree under `dir/sessions`
+/// and extracts it (test fraction 0.25, chunks of 2000 chars) into `dir/corpus`, replacing a
+/// corpus left by an earlier run. The same files every time.
+pub fn demo_corpus(dir: &Path) -> Result<super::Corpus, SessionsError> {
+    let tree = dir.join("sessions");
+    if tree.exists() {
+        fs::remove_dir_all(&tree).map_err(|e| SessionsError::io("remove", &tree, e))?;
+    }
+    let report = write_tree(&SynthConfig {
+        out: tree,
+        sessions: DEMO_SESSIONS,
+        seed: DEMO_SEED,
+    })?;
+    let out = dir.join("corpus");
+    let roots = [
+        (super::Source::Claude, report.claude_root),
+        (super::Source::Codex, report.codex_root),
+    ];
+    super::extract(&super::ExtractConfig {
+        roots: roots
+            .into_iter()
+            .map(|(source, root)| super::SourceRoot {
+                source,
+                root,
+                explicit: true,
+            })
+            .collect(),
+        out: out.clone(),
+        test_frac: 0.25,
+        chunk_chars: DEMO_CHUNK_CHARS,
+        max_line_bytes: super::DEFAULT_MAX_LINE_BYTES,
+        force: true,
+        progress: false,
+    })?;
+    super::Corpus::open(&out)
+}
+
 struct TreeWriter {
     root: PathBuf,
     lines: u64,
@@ -859,6 +901,26 @@ mod tests {
         assert!(ta
             .iter()
             .all(|(p, b)| p.extension().unwrap() == "jsonl" && !b.is_empty()));
+    }
+
+    #[test]
+    fn demo_corpus_has_both_splits_and_is_reproducible() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = demo_corpus(dir.path()).unwrap();
+        assert!(!a.is_empty(super::super::Split::Train));
+        assert!(!a.is_empty(super::super::Split::Test));
+        let first: Vec<_> = a
+            .chunks(super::super::Split::Test)
+            .map(Result::unwrap)
+            .collect();
+        // A second run over the same directory replaces both the tree and the corpus.
+        let b = demo_corpus(dir.path()).unwrap();
+        let second: Vec<_> = b
+            .chunks(super::super::Split::Test)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(first, second);
+        assert_eq!(a.manifest().sources, b.manifest().sources);
     }
 
     #[test]
