@@ -195,8 +195,8 @@ fn extract_counts_every_line_exactly() {
     assert_eq!(
         got,
         vec![
-            ("claude:proj/e/subagents/agent-1.jsonl", 0, SUBAGENT_TEXT),
             ("claude:proj/e.jsonl", 0, CLAUDE_TEXT),
+            ("claude:proj/e/subagents/agent-1.jsonl", 0, SUBAGENT_TEXT),
         ]
     );
     let train = all_chunks(&corpus, Split::Train);
@@ -222,7 +222,7 @@ fn huge_line_limit_is_a_flag() {
     let m = ok_manifest(&run_extract(&claude, &codex, &out, &["--json"]));
     assert_eq!(m.sources[0].skipped.too_long, 0);
     assert_eq!(m.sources[0].messages, 7);
-    let text = &all_chunks(&Corpus::open(&out).unwrap(), Split::Test)[1].text;
+    let text = &all_chunks(&Corpus::open(&out).unwrap(), Split::Test)[0].text;
     assert!(text.contains(&"x".repeat(5000)));
 }
 
@@ -517,6 +517,14 @@ fn output_is_replaced_atomically_or_not_at_all() {
     let empty = dir.path().join("empty");
     fs::create_dir(&empty).unwrap();
     ok_manifest(&run_extract(&claude, &codex, &empty, &["--json"]));
+
+    // A staging directory left by a killed run (its process is gone: no pid is this large) is
+    // cleaned up by the next run; a live one would be kept.
+    let stale = dir.path().join(".corpus.spark-tmp-999999999-1");
+    fs::create_dir(&stale).unwrap();
+    fs::write(stale.join("train-000.jsonl"), "partial").unwrap();
+    ok_manifest(&run_extract(&claude, &codex, &out, &["--json", "--force"]));
+    assert!(!stale.exists());
 
     // No staging or set-aside directories are left next to the outputs.
     assert_eq!(

@@ -147,6 +147,7 @@ impl StagingDir {
             _ => PathBuf::from("."),
         };
         fs::create_dir_all(&parent).map_err(|e| SessionsError::io("create", &parent, e))?;
+        remove_stale(&parent, &name);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -201,6 +202,28 @@ impl Drop for StagingDir {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Removes staging directories `.NAME.spark-tmp-PID-…` (and their `.old` set-asides) left next
+/// to the target by a run that was killed, when process PID no longer exists. A live run's
+/// directory is never touched.
+fn remove_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.spark-tmp-");
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_dir_all(entry.path());
         }
     }
 }

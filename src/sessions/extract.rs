@@ -138,7 +138,8 @@ pub fn extract(cfg: &ExtractConfig) -> Result<Manifest, SessionsError> {
         let mut files = Vec::new();
         if exists {
             walk(&r.root, Path::new(""), r.source, &mut files)?;
-            files.sort();
+            // By `/`-joined string, so a session sorts before its own subagent files.
+            files.sort_by_cached_key(|p| (rel_string(p), p.clone()));
         }
         found.push((r, exists, files));
     }
