@@ -579,3 +579,37 @@ fn text_summary_names_what_was_found() {
     assert!(text.contains("train  1 sessions, 1 chunks"), "{text}");
     assert!(text.contains("test   2 sessions, 2 chunks"), "{text}");
 }
+
+#[test]
+fn lines_over_the_default_limit_are_skipped_not_fatal() {
+    let dir = tempdir();
+    let claude = dir.path().join("claude");
+    let huge = format!(
+        r#"{{"type":"user","message":{{"content":"{}"}}}}"#,
+        "y".repeat(5 << 20)
+    );
+    write_lines(
+        &claude.join("p/s.jsonl"),
+        &[
+            huge.as_bytes(),
+            br#"{"type":"user","message":{"content":"after the huge line"}}"#,
+        ],
+    );
+    let codex = dir.path().join("codex");
+    fs::create_dir(&codex).unwrap();
+    let out = dir.path().join("corpus");
+    let m = ok_manifest(&run_extract(&claude, &codex, &out, &["--json"]));
+    let c = &m.sources[0];
+    assert_eq!((c.lines, c.messages, c.skipped.too_long), (2, 1, 1));
+    assert_eq!(
+        c.bytes,
+        fs::metadata(claude.join("p/s.jsonl")).unwrap().len()
+    );
+    let corpus = Corpus::open(&out).unwrap();
+    let texts: Vec<String> = [Split::Train, Split::Test]
+        .into_iter()
+        .flat_map(|s| all_chunks(&corpus, s))
+        .map(|c| c.text)
+        .collect();
+    assert_eq!(texts, vec!["[user]\nafter the huge line\n".to_string()]);
+}
