@@ -1,8 +1,9 @@
 //! `spark bench tap`: decode speed of llama-server with the tap preloaded versus without.
 //!
-//! Owns the overhead measurement: one stock and one tapped llama-server on the same model,
-//! started side by side, then alternating repetitions of the same greedy completion (the
-//! order flips every repetition so drift and warm-up hit both equally). Reports llama-server's
+//! Owns the overhead measurement: a stock, a tapped (routing only) and a tapped llama-server
+//! capturing hidden states of every token, on the same model, started side by side, then
+//! alternating repetitions of the same greedy completion (the order rotates every repetition
+//! so drift and warm-up hit all sides equally). Reports llama-server's
 //! own decode tokens/s per repetition, the medians and their ratio. A benchmark reports a
 //! number; it never asserts one. Never spawns processes itself (the supervisor does).
 
@@ -14,6 +15,7 @@ use serde::Serialize;
 use crate::engine::{self, Engine, EngineError};
 use crate::fixture::{self, FixtureError, FixtureSpec, Size};
 use crate::telemetry::{locate_tap, Session, SessionConfig, TelemetryError};
+use spark_proto::control::{HiddenConfig, HiddenTensor};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchTapArgs {
@@ -32,6 +34,9 @@ pub struct BenchTapArgs {
     /// The tap library (default: $SPARK_TAP, then next to the spark executable)
     #[arg(long, value_name = "PATH")]
     pub tap: Option<PathBuf>,
+    /// Skip the third server that also captures hidden states of every token
+    #[arg(long)]
+    pub no_hidden: bool,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
@@ -71,12 +76,18 @@ pub struct BenchTapReport {
     pub n_predict: u32,
     pub stock_tok_s: Vec<f64>,
     pub tapped_tok_s: Vec<f64>,
+    pub hidden_tok_s: Vec<f64>,
     pub stock_median: f64,
     pub tapped_median: f64,
+    pub hidden_median: Option<f64>,
     /// tapped ÷ stock (target ≥ 0.97 for routing only)
     pub ratio: f64,
+    /// tapped with hidden states of every token ÷ stock (target ≥ 0.90)
+    pub hidden_ratio: Option<f64>,
     pub records: u64,
     pub dropped: u64,
+    pub hidden_chunks: u64,
+    pub hidden_dropped: u64,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -107,61 +118,85 @@ pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {
             out
         }
     };
-    let cfg = |tap: Option<PathBuf>, name: &str| SessionConfig {
+    let cfg = |tap: Option<PathBuf>, hidden: bool, name: &str| SessionConfig {
         llama_server: engine.llama_server.clone(),
         model: model.clone(),
         tap,
         extra_args: a.server_args.clone(),
         ring_capacity: 1 << 18,
+        hidden_capacity: hidden.then_some(1 << 14),
         ready_timeout: Duration::from_secs(180),
         log_path: work.path().join(name),
     };
-    let mut stock = Session::start(&cfg(None, "stock.log"))?;
-    let mut tapped = Session::start(&cfg(Some(tap), "tapped.log"))?;
-    tapped.discard();
+    let mut sides = vec![
+        Session::start(&cfg(None, false, "stock.log"))?,
+        Session::start(&cfg(Some(tap.clone()), false, "tapped.log"))?,
+    ];
+    if !a.no_hidden {
+        let mut h = Session::start(&cfg(Some(tap), true, "hidden.log"))?;
+        h.keep_hidden = false;
+        h.set_hidden(Some(HiddenConfig {
+            every: 1,
+            budget_mib: u32::MAX >> 12,
+            tensor: HiddenTensor::FfnNorm,
+        }))?;
+        sides.push(h);
+    }
+    for s in &mut sides {
+        s.discard();
+    }
     let prompt = serde_json::json!("The experts that a mixture-of-experts model routes to");
-    let (mut s_tps, mut t_tps) = (Vec::new(), Vec::new());
+    let mut tps: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
     let mut records = Vec::new();
     let mut total = 0u64;
-    // One unmeasured round each, so both have touched every page of the model.
-    stock.complete(0, &prompt, 8, &mut records)?;
-    tapped.complete(0, &prompt, 8, &mut records)?;
+    // One unmeasured round each, so every server has touched every page of the model.
+    for s in &mut sides {
+        s.complete(0, &prompt, 8, &mut records)?;
+    }
+    let n = sides.len();
     for rep in 0..a.reps {
-        let order: [bool; 2] = if rep % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for with_tap in order {
+        // Rotate the order every repetition so no side always runs first.
+        for i in 0..n {
+            let side = (i + rep as usize) % n;
             records.clear();
-            let side = if with_tap { &mut tapped } else { &mut stock };
-            let c = side.complete(rep + 1, &prompt, a.n_predict, &mut records)?;
-            let tps = c.predicted_per_second.ok_or_else(|| {
+            let c = sides[side].complete(rep + 1, &prompt, a.n_predict, &mut records)?;
+            let t = c.predicted_per_second.ok_or_else(|| {
                 BenchTapError::NoTiming("llama-server reported no decode timing".into())
             })?;
-            if with_tap {
+            if side == 1 {
                 total += records.len() as u64;
-                t_tps.push(tps);
-            } else {
-                s_tps.push(tps);
             }
+            tps[side].push(t);
         }
     }
-    let dropped = tapped.ring_dropped();
-    stock.stop();
-    tapped.stop();
+    let dropped = sides[1].ring_dropped();
+    let (hidden_chunks, hidden_dropped) = sides
+        .get(2)
+        .map(|h| (h.hidden_drained, h.hidden_dropped()))
+        .unwrap_or((0, 0));
+    for s in sides {
+        s.stop();
+    }
+    let hidden_tok_s = tps.get(2).cloned().unwrap_or_default();
+    let (s_tps, t_tps) = (tps[0].clone(), tps[1].clone());
     let (sm, tm) = (median(&s_tps), median(&t_tps));
+    let hm = (!hidden_tok_s.is_empty()).then(|| median(&hidden_tok_s));
     Ok(BenchTapReport {
         model,
         reps: a.reps,
         n_predict: a.n_predict,
         stock_tok_s: s_tps,
         tapped_tok_s: t_tps,
+        hidden_tok_s,
         stock_median: sm,
         tapped_median: tm,
+        hidden_median: hm,
         ratio: if sm > 0.0 { tm / sm } else { 0.0 },
+        hidden_ratio: hm.map(|h| if sm > 0.0 { h / sm } else { 0.0 }),
         records: total,
         dropped,
+        hidden_chunks,
+        hidden_dropped,
     })
 }
 
@@ -195,6 +230,13 @@ pub fn run_and_print(a: &BenchTapArgs) -> Result<(), BenchTapError> {
             "ratio        {:.3}  (tapped ÷ stock, routing only; {} records captured, {} dropped)",
             r.ratio, r.records, r.dropped
         );
+        if let (Some(hm), Some(hr)) = (r.hidden_median, r.hidden_ratio) {
+            println!("hidden tok/s {}  (median {hm:.2})", fmt(&r.hidden_tok_s));
+            println!(
+                "ratio        {hr:.3}  (routing + hidden states every token ÷ stock; {} chunks, {} dropped)",
+                r.hidden_chunks, r.hidden_dropped
+            );
+        }
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The supervisor's side of the shared-memory routing ring.
+//! The supervisor's side of the shared-memory rings (routing records, hidden-state chunks).
 //!
 //! Owns the ring file: creates it in `/dev/shm` with mode 0600 (never reusing an existing name),
 //! sizes and maps it, writes the header with the model geometry, and unlinks it when the
@@ -12,8 +12,31 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
-use spark_proto::ring::{self as proto_ring, Consumer, RingGeometry, KIND_ROUTING};
+use spark_proto::ring::{
+    self as proto_ring, Consumer, HiddenChunk, RingGeometry, KIND_HIDDEN, KIND_ROUTING,
+};
 use spark_proto::trace::RoutingRecord;
+
+/// A record type that travels through a ring, with the kind its header carries.
+pub trait RingRecord: bytemuck::Pod {
+    const KIND: u32;
+    const NAME: &'static str;
+}
+
+impl RingRecord for RoutingRecord {
+    const KIND: u32 = KIND_ROUTING;
+    const NAME: &'static str = "ring";
+}
+
+impl RingRecord for HiddenChunk {
+    const KIND: u32 = KIND_HIDDEN;
+    const NAME: &'static str = "hidden";
+}
+
+/// The routing ring.
+pub type ShmRing = RingFile<RoutingRecord>;
+/// The hidden-state ring.
+pub type HiddenRing = RingFile<HiddenChunk>;
 
 /// Default slots: 2^18 routing records (about 27 MiB).
 pub const DEFAULT_CAPACITY: u64 = 1 << 18;
@@ -34,19 +57,19 @@ pub enum RingError {
     Layout { path: PathBuf, message: String },
 }
 
-/// A routing ring in `/dev/shm`, owned by this process; the file is unlinked on drop.
-pub struct ShmRing {
+/// A ring in `/dev/shm`, owned by this process; the file is unlinked on drop.
+pub struct RingFile<T> {
     path: PathBuf,
     // Field order matters: the consumer points into the map, so it is dropped first.
-    consumer: Consumer<RoutingRecord>,
+    consumer: Consumer<T>,
     _map: MmapMut,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
-impl ShmRing {
+impl<T: RingRecord> RingFile<T> {
     /// Creates a fresh ring of `capacity` records (a power of two) in `/dev/shm`.
-    pub fn create(capacity: u64, geometry: RingGeometry) -> Result<ShmRing, RingError> {
+    pub fn create(capacity: u64, geometry: RingGeometry) -> Result<RingFile<T>, RingError> {
         Self::create_in(Path::new("/dev/shm"), capacity, geometry)
     }
 
@@ -56,9 +79,10 @@ impl ShmRing {
         dir: &Path,
         capacity: u64,
         geometry: RingGeometry,
-    ) -> Result<ShmRing, RingError> {
+    ) -> Result<RingFile<T>, RingError> {
         let path = dir.join(format!(
-            "spark-ring-{}-{}-{:08x}",
+            "spark-{}-{}-{}-{:08x}",
+            T::NAME,
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed),
             rand::random::<u32>()
@@ -68,7 +92,7 @@ impl ShmRing {
             message,
         };
         proto_ring::check_capacity(capacity).map_err(|e| layout(e.to_string()))?;
-        let len = proto_ring::ring_bytes::<RoutingRecord>(capacity);
+        let len = proto_ring::ring_bytes::<T>(capacity);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -101,11 +125,11 @@ impl ShmRing {
         let base = map.as_mut_ptr();
         // SAFETY: the map is page-aligned, `len` bytes long and not yet shared with anyone.
         unsafe {
-            proto_ring::init_ring::<RoutingRecord>(
+            proto_ring::init_ring::<T>(
                 base,
                 map.len(),
                 capacity,
-                KIND_ROUTING,
+                T::KIND,
                 geometry,
                 std::process::id(),
             )
@@ -113,9 +137,9 @@ impl ShmRing {
         .map_err(|e| cleanup(layout(e.to_string())))?;
         // SAFETY: the map lives in the same struct and outlives the consumer (field order), and
         // this is the only consumer of this ring.
-        let consumer = unsafe { Consumer::<RoutingRecord>::attach(base, map.len(), KIND_ROUTING) }
+        let consumer = unsafe { Consumer::<T>::attach(base, map.len(), T::KIND) }
             .map_err(|e| cleanup(layout(e.to_string())))?;
-        Ok(ShmRing {
+        Ok(RingFile {
             path,
             consumer,
             _map: map,
@@ -128,12 +152,12 @@ impl ShmRing {
     }
 
     /// The consumer half.
-    pub fn reader(&mut self) -> &mut Consumer<RoutingRecord> {
+    pub fn reader(&mut self) -> &mut Consumer<T> {
         &mut self.consumer
     }
 
     /// Moves up to `max` records into `out`; returns how many.
-    pub fn drain_into(&mut self, out: &mut Vec<RoutingRecord>, max: usize) -> usize {
+    pub fn drain_into(&mut self, out: &mut Vec<T>, max: usize) -> usize {
         self.consumer.pop_into(out, max)
     }
 
@@ -156,25 +180,49 @@ impl ShmRing {
     ///
     /// # Safety
     /// At most one producer may exist per ring, and it must not outlive `self`.
-    pub unsafe fn local_producer(
-        &mut self,
-    ) -> Result<proto_ring::Producer<RoutingRecord>, RingError> {
+    pub unsafe fn local_producer(&mut self) -> Result<proto_ring::Producer<T>, RingError> {
         let len = self._map.len();
         let base = self._map.as_mut_ptr();
         // SAFETY: forwarded from the caller: a single producer that does not outlive the map.
-        unsafe { proto_ring::Producer::attach(base, len, KIND_ROUTING) }.map_err(|e| {
-            RingError::Layout {
-                path: self.path.clone(),
-                message: e.to_string(),
-            }
+        unsafe { proto_ring::Producer::attach(base, len, T::KIND) }.map_err(|e| RingError::Layout {
+            path: self.path.clone(),
+            message: e.to_string(),
         })
     }
 }
 
-impl Drop for ShmRing {
+impl<T> Drop for RingFile<T> {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Removes ring files in `dir` left by spark processes that no longer run (a SIGKILLed
+/// supervisor cannot unlink its ring). Rings of live processes are never touched. Returns the
+/// paths removed.
+pub fn remove_stale_rings(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("spark-ring-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // Signal 0 checks existence; EPERM means it exists under another user.
+        let alive = !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if !alive && std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }
 
 #[cfg(test)]

@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use spark_proto::control::{Command, Greeting};
-use spark_proto::ring::{RingGeometry, ENV_CONTROL_FD, ENV_RING};
+use spark_proto::control::{Command, Greeting, HiddenConfig};
+use spark_proto::ring::{HiddenChunk, RingGeometry, ENV_CONTROL_FD, ENV_HIDDEN_RING, ENV_RING};
 use spark_proto::trace::RoutingRecord;
 
 use crate::control::{self, ControlClient, ControlError};
 use crate::gguf::{GgufError, GgufFile, MoeGeometry};
-use crate::ring::{RingError, ShmRing};
+use crate::ring::{HiddenRing, RingError, ShmRing};
 use crate::supervisor::{LlamaServer, LlamaServerConfig, ServerError};
 
 /// File name of the tap library.
@@ -108,6 +108,8 @@ pub struct SessionConfig {
     pub tap: Option<PathBuf>,
     pub extra_args: Vec<String>,
     pub ring_capacity: u64,
+    /// Slots of a hidden-state ring (4 KiB each); None: no hidden-state capture possible.
+    pub hidden_capacity: Option<u64>,
     pub ready_timeout: Duration,
     pub log_path: PathBuf,
 }
@@ -116,6 +118,13 @@ pub struct SessionConfig {
 pub struct Session {
     server: Option<LlamaServer>,
     ring: Option<ShmRing>,
+    hidden: Option<HiddenRing>,
+    /// Hidden-state chunks drained so far (when kept).
+    pub hidden_chunks: Vec<HiddenChunk>,
+    /// Keep drained hidden-state chunks (false: count them only).
+    pub keep_hidden: bool,
+    /// Hidden-state chunks drained so far, kept or not.
+    pub hidden_drained: u64,
     control: Option<ControlClient>,
     pub greeting: Option<Greeting>,
     pub geometry: MoeGeometry,
@@ -160,6 +169,10 @@ impl Session {
             return Ok(Session {
                 server: Some(server),
                 ring: None,
+                hidden: None,
+                hidden_chunks: Vec::new(),
+                keep_hidden: true,
+                hidden_drained: 0,
                 control: None,
                 greeting: None,
                 geometry,
@@ -167,15 +180,17 @@ impl Session {
                 agent,
             });
         };
-        let ring = ShmRing::create(
-            cfg.ring_capacity,
-            RingGeometry {
-                n_layer: geometry.n_layer,
-                n_expert: geometry.n_expert,
-                n_expert_used: geometry.n_expert_used,
-                n_embd: geometry.n_embd as u32,
-            },
-        )?;
+        let ring_geometry = RingGeometry {
+            n_layer: geometry.n_layer,
+            n_expert: geometry.n_expert,
+            n_expert_used: geometry.n_expert_used,
+            n_embd: geometry.n_embd as u32,
+        };
+        let ring = ShmRing::create(cfg.ring_capacity, ring_geometry)?;
+        let hidden = match cfg.hidden_capacity {
+            Some(c) => Some(HiddenRing::create(c, ring_geometry)?),
+            None => None,
+        };
         let (mut client, theirs) = control::pair()?;
         use std::os::fd::AsRawFd;
         let fd = theirs.as_raw_fd();
@@ -184,6 +199,11 @@ impl Session {
             (ENV_RING.into(), ring.path().display().to_string()),
             (ENV_CONTROL_FD.into(), fd.to_string()),
         ];
+        if let Some(h) = &hidden {
+            server_cfg
+                .env
+                .push((ENV_HIDDEN_RING.into(), h.path().display().to_string()));
+        }
         let server = LlamaServer::start_inheriting(&server_cfg, &[fd])?;
         // Only the child keeps its end open, so its death closes the channel.
         drop(theirs);
@@ -191,6 +211,10 @@ impl Session {
         Ok(Session {
             server: Some(server),
             ring: Some(ring),
+            hidden,
+            hidden_chunks: Vec::new(),
+            keep_hidden: true,
+            hidden_drained: 0,
             control: Some(client),
             greeting: Some(greeting),
             geometry,
@@ -211,8 +235,19 @@ impl Session {
         self.ring.as_mut()
     }
 
+    /// Switches hidden-state capture on (with its sampling and budget) or off.
+    pub fn set_hidden(&mut self, cfg: Option<HiddenConfig>) -> Result<(), TelemetryError> {
+        if let Some(c) = self.control.as_mut() {
+            c.call(&Command::Hidden(cfg), CONTROL_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
     /// Discards whatever is in the ring (e.g. the server's warm-up run).
     pub fn discard(&mut self) -> u64 {
+        if let Some(h) = self.hidden.as_mut() {
+            h.reader().skip_all();
+        }
         self.ring
             .as_mut()
             .map(|r| r.reader().skip_all())
@@ -277,14 +312,30 @@ impl Session {
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|s| {
             let ring = self.ring.as_mut();
-            let drainer = s.spawn(|| {
+            let mut hidden = self.hidden.as_mut();
+            let (keep, chunks, drained) = (
+                self.keep_hidden,
+                &mut self.hidden_chunks,
+                &mut self.hidden_drained,
+            );
+            let (done, out) = (&done, &mut *out);
+            let drainer = s.spawn(move || {
                 let Some(ring) = ring else { return };
                 let mut buf = Vec::with_capacity(4096);
                 loop {
                     let finished = done.load(Ordering::Acquire);
                     buf.clear();
-                    let n = ring.drain_into(&mut buf, 65536);
+                    let mut n = ring.drain_into(&mut buf, 65536);
                     out.extend_from_slice(&buf);
+                    if let Some(h) = hidden.as_mut() {
+                        let m = if keep {
+                            h.drain_into(chunks, 4096)
+                        } else {
+                            h.reader().consume(4096, |_| {})
+                        };
+                        *drained += m as u64;
+                        n += m;
+                    }
                     if n == 0 {
                         if finished {
                             return;
@@ -328,6 +379,11 @@ impl Session {
             tokens: ids(&v["tokens"]).unwrap_or_default(),
             predicted_per_second: v["timings"]["predicted_per_second"].as_f64(),
         })
+    }
+
+    /// Hidden-state chunks the producer dropped (ring full) so far.
+    pub fn hidden_dropped(&self) -> u64 {
+        self.hidden.as_ref().map(|r| r.dropped()).unwrap_or(0)
     }
 
     /// Records the producer dropped (ring full) so far.

@@ -47,6 +47,7 @@ fn session(dir: &Path, model: &Path, extra: &[&str]) -> Session {
         tap: Some(tap_lib()),
         extra_args: extra.iter().map(|s| s.to_string()).collect(),
         ring_capacity: 1 << 16,
+        hidden_capacity: Some(1 << 10),
         ready_timeout: Duration::from_secs(120),
         log_path: dir.join("server.log"),
     })
@@ -297,4 +298,87 @@ fn a_server_killed_mid_request_is_reported_not_waited_on() {
     let ring = s.ring().unwrap().path().to_path_buf();
     s.stop();
     assert!(!ring.exists(), "ring file left behind");
+}
+
+/// Hidden-state capture on the analytic fixture: the router input at every layer is
+/// `rmsnorm(embedding[token]) * ffn_norm[layer]`, so the captured vectors can be checked
+/// against the file.
+#[test]
+fn hidden_states_are_sampled_and_match_the_router_input() {
+    let dir = tempdir();
+    let model = fixture(dir.path(), "analytic.gguf", &["--router", "analytic"]);
+    let trace = dir.path().join("h.trace");
+    let out = spark(&[
+        "trace",
+        "record",
+        "-m",
+        model.to_str().unwrap(),
+        "--out",
+        trace.to_str().unwrap(),
+        "--prompt",
+        "The quick brown fox jumps over the lazy dog again and again",
+        "--n-predict",
+        "12",
+        "--hidden-every",
+        "2",
+        "--llama-server",
+        llama_server().to_str().unwrap(),
+        "--tap",
+        tap_lib().to_str().unwrap(),
+        "--json",
+        "--",
+        "-np",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "spark trace record failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seq: Vec<u32> = ["prompt_tokens", "generated_tokens"]
+        .iter()
+        .flat_map(|k| summary["requests"][0][k].as_array().unwrap().clone())
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let bytes = std::fs::read(dir.path().join("h.trace.hidden")).unwrap();
+    let header: spark_proto::ring::HiddenFileHeader = bytemuck::pod_read_unaligned(&bytes[..32]);
+    assert_eq!(&header.magic, b"SPKHIDDN");
+    let chunk_size = std::mem::size_of::<spark_proto::ring::HiddenChunk>();
+    assert_eq!(bytes.len() - 32, header.count as usize * chunk_size);
+    let chunks: Vec<spark_proto::ring::HiddenChunk> = bytes[32..]
+        .chunks_exact(chunk_size)
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
+    assert!(!chunks.is_empty());
+
+    let file = GgufFile::open(&model).unwrap();
+    let f32s = |name: &str| -> Vec<f32> {
+        let t = file.tensor(name).unwrap();
+        spark::fixture::decode(file.tensor_data(t).unwrap(), t.ggml_type.unwrap()).unwrap()
+    };
+    let embd = f32s("token_embd.weight");
+    let n = header.n_embd as usize;
+    let mut layers_seen = std::collections::BTreeSet::new();
+    for c in &chunks {
+        assert_eq!(c.token % 2, 0, "only every 2nd token is sampled");
+        assert_eq!((c.offset, c.len as usize), (0, n));
+        layers_seen.insert(c.layer);
+        let tok = seq[c.token as usize] as usize;
+        let x = &embd[tok * n..(tok + 1) * n];
+        let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let scale = 1.0 / (ss + spark::fixture::RMS_EPS).sqrt();
+        let w = f32s(&format!("blk.{}.ffn_norm.weight", c.layer));
+        for i in 0..n {
+            let want = x[i] * scale * w[i];
+            let got = c.values[i];
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "token {} layer {} [{i}]: {got} vs {want}",
+                c.token,
+                c.layer
+            );
+        }
+    }
+    assert_eq!(layers_seen.len(), 4);
 }

@@ -33,6 +33,60 @@ pub const RING_VERSION: u32 = 1;
 pub const RING_HEADER_SIZE: usize = 256;
 /// `RingHeader::record_kind` of a ring carrying `trace::RoutingRecord`s.
 pub const KIND_ROUTING: u32 = 1;
+/// `RingHeader::record_kind` of a ring carrying [`HiddenChunk`]s.
+pub const KIND_HIDDEN: u32 = 2;
+/// Floats of hidden state one [`HiddenChunk`] carries.
+pub const HIDDEN_CHUNK_FLOATS: usize = 1016;
+
+/// Environment variable naming the hidden-state ring file in the child (absent: no capture).
+pub const ENV_HIDDEN_RING: &str = "SPARK_HIDDEN_RING";
+
+/// Up to [`HIDDEN_CHUNK_FLOATS`] values of one token's pre-gate hidden state at one layer.
+/// A vector longer than one chunk spans consecutive chunks (`offset` counts floats).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct HiddenChunk {
+    pub request: u32,
+    /// Token position, as in `RoutingRecord::token`.
+    pub token: u32,
+    pub layer: u16,
+    /// `RoutingRecord::phase` values.
+    pub phase: u8,
+    /// 1 for `attn_norm`, 0 for `ffn_norm`.
+    pub tensor: u8,
+    /// Length of the whole vector (n_embd).
+    pub n_embd: u32,
+    /// Index of this chunk's first value in the vector.
+    pub offset: u32,
+    /// Valid values in `values`.
+    pub len: u32,
+    pub reserved: [u32; 2],
+    pub values: [f32; HIDDEN_CHUNK_FLOATS],
+}
+
+const _: () = assert!(std::mem::size_of::<HiddenChunk>() == 4096);
+
+/// First eight bytes of a hidden-state file (`spark trace record --hidden-every`).
+pub const HIDDEN_FILE_MAGIC: [u8; 8] = *b"SPKHIDDN";
+/// Version of the hidden-state file layout.
+pub const HIDDEN_FILE_VERSION: u32 = 1;
+
+/// Header of a hidden-state file: this header, then `count` [`HiddenChunk`]s, as they left the
+/// ring. A file whose body is not exactly `count` whole chunks is truncated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct HiddenFileHeader {
+    pub magic: [u8; 8],
+    pub version: u32,
+    /// `size_of::<HiddenChunk>()`.
+    pub chunk_size: u32,
+    pub n_embd: u32,
+    pub reserved: u32,
+    pub count: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<HiddenFileHeader>() == 32);
+
 /// Largest capacity a header may claim (2^26 records, several GiB of routing records).
 pub const MAX_CAPACITY: u64 = 1 << 26;
 

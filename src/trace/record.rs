@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
+use spark_proto::control::{HiddenConfig, HiddenTensor};
+use spark_proto::ring::{HiddenChunk, HiddenFileHeader, HIDDEN_FILE_MAGIC, HIDDEN_FILE_VERSION};
 use spark_proto::trace::{TraceHeader, FLAG_HAS_PROMPT, FLAG_WEIGHTS};
 
 use super::{TraceError, TraceWriter};
@@ -58,6 +60,15 @@ pub struct RecordArgs {
     /// Where llama-server's log goes (default: next to --out, with `.server.log` appended)
     #[arg(long)]
     pub log: Option<PathBuf>,
+    /// Also capture the pre-gate hidden state of every Nth token into `<out>.hidden`
+    #[arg(long, value_name = "N")]
+    pub hidden_every: Option<u32>,
+    /// Byte budget of hidden-state capture, in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub hidden_budget: u32,
+    /// Graph tensor holding the hidden state: ffn_norm (the router's input) or attn_norm
+    #[arg(long, value_name = "NAME", default_value = "ffn_norm")]
+    pub hidden_tensor: String,
     /// Print the summary as JSON (includes each request's prompt and generated token ids)
     #[arg(long)]
     pub json: bool,
@@ -83,6 +94,15 @@ pub enum RecordError {
     Telemetry(#[from] TelemetryError),
     #[error(transparent)]
     Trace(#[from] TraceError),
+    #[error("parse --hidden-tensor {0}: expected ffn_norm or attn_norm")]
+    HiddenTensor(String),
+    #[error("parse --hidden-every 0: sample at least every token (N ≥ 1)")]
+    HiddenEvery,
+    #[error("write {path}: {source}")]
+    HiddenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl RecordError {
@@ -91,7 +111,10 @@ impl RecordError {
             RecordError::Prompts { .. }
             | RecordError::NoPrompt
             | RecordError::Dense { .. }
-            | RecordError::Engine(_) => true,
+            | RecordError::Engine(_)
+            | RecordError::HiddenTensor(_)
+            | RecordError::HiddenEvery => true,
+            RecordError::HiddenFile { .. } => false,
             RecordError::Telemetry(e) => e.is_usage(),
             RecordError::Trace(_) => false,
         }
@@ -125,6 +148,10 @@ pub struct RecordSummary {
     pub dropped: u64,
     /// Records whose token position the tap could not attribute.
     pub unmapped: u64,
+    /// The hidden-state file and its chunk count, when captured.
+    pub hidden_path: Option<PathBuf>,
+    pub hidden_chunks: u64,
+    pub hidden_dropped: u64,
     pub requests: Vec<RequestSummary>,
 }
 
@@ -159,6 +186,16 @@ fn default_log(out: &Path) -> PathBuf {
 /// Runs `spark trace record`.
 pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
     let prompts = read_prompts(a)?;
+    let hidden_cfg = match a.hidden_every {
+        None => None,
+        Some(0) => return Err(RecordError::HiddenEvery),
+        Some(every) => Some(HiddenConfig {
+            every,
+            budget_mib: a.hidden_budget.max(1),
+            tensor: HiddenTensor::parse(&a.hidden_tensor)
+                .ok_or_else(|| RecordError::HiddenTensor(a.hidden_tensor.clone()))?,
+        }),
+    };
     let engine = Engine::locate(a.llama_server.as_deref())?;
     let tap = locate_tap(a.tap.as_deref())?;
     let cfg = SessionConfig {
@@ -167,6 +204,7 @@ pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
         tap: Some(tap),
         extra_args: a.server_args.clone(),
         ring_capacity: a.ring_capacity,
+        hidden_capacity: hidden_cfg.map(|_| 1 << 14),
         ready_timeout: Duration::from_secs(a.ready_timeout),
         log_path: a.log.clone().unwrap_or_else(|| default_log(&a.out)),
     };
@@ -182,6 +220,9 @@ pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
             model: a.model.clone(),
             arch,
         });
+    }
+    if hidden_cfg.is_some() {
+        session.set_hidden(hidden_cfg)?;
     }
     // Routing of the server's warm-up run belongs to no request.
     session.discard();
@@ -226,8 +267,21 @@ pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
         None => None,
     };
     let ring_dropped = session.ring_dropped();
+    let hidden_dropped = session.hidden_dropped();
+    let chunks = std::mem::take(&mut session.hidden_chunks);
+    let n_embd = session.geometry.n_embd as u32;
     session.stop();
     let records = writer.finish()?;
+    let hidden_path = match hidden_cfg {
+        Some(_) => {
+            let mut p = a.out.as_os_str().to_owned();
+            p.push(".hidden");
+            let p = PathBuf::from(p);
+            write_hidden(&p, n_embd, &chunks)?;
+            Some(p)
+        }
+        None => None,
+    };
     Ok(RecordSummary {
         path: a.out.clone(),
         n_layer: header.n_layer,
@@ -238,8 +292,37 @@ pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
         decode_records,
         dropped: stats.map(|s| s.dropped).unwrap_or(0).max(ring_dropped),
         unmapped: stats.map(|s| s.unmapped).unwrap_or(0),
+        hidden_path,
+        hidden_chunks: chunks.len() as u64,
+        hidden_dropped,
         requests,
     })
+}
+
+/// Writes hidden-state chunks as a `spark_proto::ring::HiddenFileHeader` file, atomically.
+fn write_hidden(path: &Path, n_embd: u32, chunks: &[HiddenChunk]) -> Result<(), RecordError> {
+    use std::io::Write;
+    let err = |source| RecordError::HiddenFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let header = HiddenFileHeader {
+        magic: HIDDEN_FILE_MAGIC,
+        version: HIDDEN_FILE_VERSION,
+        chunk_size: std::mem::size_of::<HiddenChunk>() as u32,
+        n_embd,
+        reserved: 0,
+        count: chunks.len() as u64,
+    };
+    let file = crate::atomic_file::AtomicFile::create(path).map_err(err)?;
+    {
+        let mut w = std::io::BufWriter::new(file.as_file());
+        w.write_all(bytemuck::bytes_of(&header)).map_err(err)?;
+        w.write_all(bytemuck::cast_slice(chunks)).map_err(err)?;
+        w.flush().map_err(err)?;
+    }
+    file.commit().map_err(err)?;
+    Ok(())
 }
 
 /// Runs `spark trace record` and prints its summary.
@@ -268,6 +351,16 @@ pub fn run(a: &RecordArgs) -> Result<(), RecordError> {
             "spark: warning: the tap dropped {} records (ring full); the trace is incomplete — raise --ring-capacity",
             s.dropped
         );
+    }
+    if let Some(p) = &s.hidden_path {
+        if !a.json {
+            println!(
+                "wrote {}: {} hidden-state chunks ({} dropped)",
+                p.display(),
+                s.hidden_chunks,
+                s.hidden_dropped
+            );
+        }
     }
     if s.unmapped > 0 {
         eprintln!(

@@ -11,7 +11,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use spark_proto::control::{Greeting, HiddenTensor, CONTROL_VERSION};
-use spark_proto::ring::{Producer, ENV_RING, KIND_ROUTING};
+use spark_proto::ring::{
+    HiddenChunk, Producer, ENV_HIDDEN_RING, ENV_RING, HIDDEN_CHUNK_FLOATS, KIND_HIDDEN,
+    KIND_ROUTING,
+};
 use spark_proto::trace::{RoutingRecord, MAX_K, PHASE_DECODE, PHASE_PROMPT};
 
 use crate::control;
@@ -31,7 +34,9 @@ pub struct Shared {
     pub hidden_bytes: AtomicU64,
     pub layers_seen: [AtomicU64; 8],
     pub hidden_on: AtomicBool,
+    pub hidden_available: AtomicBool,
     pub hidden_every: AtomicU32,
+    pub hidden_budget: AtomicU64,
     pub hidden_tensor: AtomicU8,
 }
 
@@ -47,7 +52,9 @@ pub static SHARED: Shared = Shared {
     hidden_bytes: AtomicU64::new(0),
     layers_seen: [ZERO; 8],
     hidden_on: AtomicBool::new(false),
+    hidden_available: AtomicBool::new(false),
     hidden_every: AtomicU32::new(1),
+    hidden_budget: AtomicU64::new(0),
     hidden_tensor: AtomicU8::new(0),
 };
 
@@ -82,9 +89,12 @@ struct State {
     n_tokens: usize,
     pos_known: bool,
     phase: u8,
-    ubatch_start: usize,
-    ubatch_len: usize,
-    last_layer: i32,
+    /// Where the routing tensors' rows are in the batch.
+    routing_rows: RowMap,
+    /// Where the hidden-state tensors' rows are in the batch.
+    hidden_rows: RowMap,
+    /// The hidden-state ring, when the supervisor created one.
+    hidden: Option<Producer<HiddenChunk>>,
     /// Copy target for tensors that live outside host memory.
     scratch: Vec<u8>,
     /// What the tap saw being put into each `llama_batch_ext` (positions, output flags).
@@ -225,7 +235,7 @@ fn geometry(model: *const c_void) -> Greeting {
     }
 }
 
-fn open_ring(path: &str) -> Result<Producer<RoutingRecord>, String> {
+fn open_ring<T: bytemuck::Pod>(path: &str, kind: u32) -> Result<Producer<T>, String> {
     let c = CString::new(path).map_err(|_| format!("ring path {path:?} contains NUL"))?;
     // SAFETY: c is NUL-terminated; open has no other preconditions.
     let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
@@ -260,7 +270,7 @@ fn open_ring(path: &str) -> Result<Producer<RoutingRecord>, String> {
     }
     // SAFETY: the mapping is never unmapped (it lives as long as the process) and this is the
     // ring's only producer (one tap per llama-server, one state per tap).
-    unsafe { Producer::attach(base as *mut u8, len, KIND_ROUTING) }
+    unsafe { Producer::attach(base as *mut u8, len, kind) }
         .map_err(|e| format!("attach {path}: {e}"))
 }
 
@@ -275,7 +285,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
         let first = slot.is_none();
         if first {
             let producer = match std::env::var(ENV_RING) {
-                Ok(path) => match open_ring(&path) {
+                Ok(path) => match open_ring::<RoutingRecord>(&path, KIND_ROUTING) {
                     Ok(p) => Some(p),
                     Err(e) => {
                         control::warn(&format!("routing capture off: {e}"));
@@ -287,6 +297,18 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                     None
                 }
             };
+            let hidden = std::env::var(ENV_HIDDEN_RING).ok().and_then(|path| {
+                match open_ring::<HiddenChunk>(&path, KIND_HIDDEN) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        control::warn(&format!("hidden-state capture unavailable: {e}"));
+                        None
+                    }
+                }
+            });
+            SHARED
+                .hidden_available
+                .store(hidden.is_some(), Ordering::Relaxed);
             *slot = Some(State {
                 producer,
                 pos: Vec::with_capacity(cap),
@@ -294,9 +316,9 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 n_tokens: 0,
                 pos_known: false,
                 phase: PHASE_PROMPT,
-                ubatch_start: 0,
-                ubatch_len: 0,
-                last_layer: -1,
+                routing_rows: RowMap::new(),
+                hidden_rows: RowMap::new(),
+                hidden,
                 scratch: vec![0u8; 1 << 20],
                 shadows: std::array::from_fn(|_| Shadow::new(cap)),
                 next_evict: 0,
@@ -368,9 +390,8 @@ pub unsafe fn on_decode(_ctx: *mut c_void, batch: &LlamaBatch) {
 
 impl State {
     fn begin_batch(&mut self) {
-        self.last_layer = -1;
-        self.ubatch_start = 0;
-        self.ubatch_len = 0;
+        self.routing_rows = RowMap::new();
+        self.hidden_rows = RowMap::new();
     }
 
     /// A batch whose every token is an output is a decode step; otherwise prompt processing.
@@ -493,16 +514,60 @@ pub fn on_process(batch: *mut c_void) {
 
 enum Kind {
     Routing(u32),
+    Hidden(u32),
 }
 
-/// Classifies a tensor by name without allocating.
+/// Classifies a tensor by name without allocating; the hidden-state tensor only while hidden
+/// capture is on.
 fn classify(name: &[c_char; 64]) -> Option<Kind> {
     const ROUTING: &[u8] = b"ffn_moe_weights-";
     let bytes = name.map(|c| c as u8);
     if bytes.starts_with(ROUTING) {
         return parse_layer(&bytes[ROUTING.len()..]).map(Kind::Routing);
     }
+    if SHARED.hidden_on.load(Ordering::Relaxed) {
+        let prefix: &[u8] = match SHARED.hidden_tensor() {
+            HiddenTensor::FfnNorm => b"ffn_norm-",
+            HiddenTensor::AttnNorm => b"attn_norm-",
+        };
+        if bytes.starts_with(prefix) {
+            return parse_layer(&bytes[prefix.len()..]).map(Kind::Hidden);
+        }
+    }
     None
+}
+
+/// Tracks which batch rows the tensors of one kind hold: a layer index that does not grow
+/// means the next ubatch of the same batch.
+#[derive(Clone, Copy)]
+struct RowMap {
+    last_layer: i32,
+    start: usize,
+    len: usize,
+}
+
+impl RowMap {
+    const fn new() -> RowMap {
+        RowMap {
+            last_layer: -1,
+            start: 0,
+            len: 0,
+        }
+    }
+
+    /// Advances for a tensor of `layer` with `rows` rows; true at a new ubatch.
+    fn advance(&mut self, layer: u32, rows: usize) -> bool {
+        if layer as i32 <= self.last_layer {
+            self.start += self.len;
+            self.len = 0;
+        }
+        self.last_layer = layer as i32;
+        if self.len == 0 {
+            self.len = rows;
+            return true;
+        }
+        false
+    }
 }
 
 fn parse_layer(b: &[u8]) -> Option<u32> {
@@ -552,11 +617,15 @@ unsafe fn eval(t: *mut GgmlTensor, ask: bool) -> bool {
         let theirs = chain.is_some_and(|cb| unsafe { cb(t, true, ud) });
         return kind.is_some() || theirs;
     }
-    if let Some(Kind::Routing(layer)) = kind {
+    if let Some(kind) = kind {
         let ok = with_state(|slot| {
             if let Some(st) = slot.as_mut() {
-                // SAFETY: the tensor has just been computed and its sources are still live.
-                unsafe { st.capture_routing(tensor, layer) };
+                match kind {
+                    // SAFETY: the tensor has just been computed and its sources are still live.
+                    Kind::Routing(layer) => unsafe { st.capture_routing(tensor, layer) },
+                    // SAFETY: as above.
+                    Kind::Hidden(layer) => unsafe { st.capture_hidden(tensor, layer) },
+                }
             }
         });
         if ok.is_none() {
@@ -585,7 +654,118 @@ fn is_host(buffer: *mut c_void) -> bool {
     }
 }
 
+/// Maps row j of a tensor to its token position.
+struct RowPositions {
+    map: RowMap,
+    full: bool,
+    cursor: usize,
+}
+
+impl RowPositions {
+    fn new(map: RowMap, rows: usize) -> RowPositions {
+        RowPositions {
+            map,
+            full: rows == map.len,
+            cursor: map.start,
+        }
+    }
+
+    /// Rows must be asked for in order.
+    fn next(&mut self, j: usize, known: bool, pos: &[i32], out: &[u8]) -> Option<u32> {
+        if !known {
+            return None;
+        }
+        let p = if self.full {
+            pos.get(self.map.start + j).copied()
+        } else {
+            // Rows dropped before the last layer: the survivors are the output tokens.
+            let end = (self.map.start + self.map.len)
+                .min(pos.len())
+                .min(out.len());
+            while self.cursor < end && out[self.cursor] == 0 {
+                self.cursor += 1;
+            }
+            let p = (self.cursor < end).then(|| pos[self.cursor]);
+            self.cursor += 1;
+            p
+        };
+        p.filter(|&p| p >= 0).map(|p| p as u32)
+    }
+}
+
 impl State {
+    /// Emits the sampled rows of a hidden-state tensor (`ffn_norm-<layer>` or
+    /// `attn_norm-<layer>`, f32 `[n_embd, rows]`) as chunks, within the byte budget.
+    ///
+    /// # Safety
+    /// `t` must be a computed, live tensor.
+    unsafe fn capture_hidden(&mut self, t: &GgmlTensor, layer: u32) {
+        let n_embd = t.ne[0].max(0) as usize;
+        let rows = (t.ne[1] * t.ne[2] * t.ne[3]).max(0) as usize;
+        self.hidden_rows.advance(layer, rows);
+        let map = self.hidden_rows;
+        if t.type_ != GGML_TYPE_F32 || n_embd == 0 {
+            return;
+        }
+        let every = SHARED.hidden_every.load(Ordering::Relaxed).max(1);
+        let budget = SHARED.hidden_budget.load(Ordering::Relaxed);
+        let tensor = u8::from(SHARED.hidden_tensor() == HiddenTensor::AttnNorm);
+        let request = SHARED.request.load(Ordering::Relaxed);
+        // SAFETY: t is computed and live.
+        let Some((base, _)) = (unsafe { self.bytes_of(t, 0) }) else {
+            SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+            return;
+        };
+        let Some(producer) = self.hidden.as_mut() else {
+            return;
+        };
+        let mut rows_pos = RowPositions::new(map, rows);
+        let row_bytes = (n_embd * 4) as u64;
+        let mut chunk: HiddenChunk = bytemuck::Zeroable::zeroed();
+        for j in 0..rows {
+            let token = rows_pos.next(j, self.pos_known, &self.pos, &self.out);
+            let sample = match token {
+                Some(p) => p % every == 0,
+                None => j as u32 % every == 0,
+            };
+            if !sample {
+                continue;
+            }
+            let used = SHARED.hidden_bytes.load(Ordering::Relaxed);
+            if used + row_bytes > budget {
+                SHARED.hidden_on.store(false, Ordering::Relaxed);
+                break;
+            }
+            chunk.request = request;
+            chunk.token = token.unwrap_or(u32::MAX);
+            chunk.layer = layer as u16;
+            chunk.phase = self.phase;
+            chunk.tensor = tensor;
+            chunk.n_embd = n_embd as u32;
+            let mut ok = true;
+            let mut off = 0;
+            while off < n_embd {
+                let len = (n_embd - off).min(HIDDEN_CHUNK_FLOATS);
+                for i in 0..len {
+                    let at = j * t.nb[1] + (off + i) * t.nb[0];
+                    // SAFETY: `at` addresses element (off + i, j), inside the tensor's extent.
+                    chunk.values[i] =
+                        unsafe { std::ptr::read_unaligned(base.add(at) as *const f32) };
+                }
+                chunk.offset = off as u32;
+                chunk.len = len as u32;
+                ok &= producer.write(&chunk);
+                off += len;
+            }
+            if ok {
+                SHARED.hidden_bytes.fetch_add(row_bytes, Ordering::Relaxed);
+            } else {
+                SHARED.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        producer.publish();
+    }
+
     /// Gives a readable pointer to `t`'s bytes: its own memory when host-resident, otherwise a
     /// copy in `scratch[at..]`. None when the copy does not fit the preallocated scratch.
     ///
@@ -641,42 +821,22 @@ impl State {
         };
 
         // Which batch tokens these rows are.
-        if layer as i32 <= self.last_layer {
-            self.ubatch_start += self.ubatch_len;
-            self.ubatch_len = 0;
-        }
-        self.last_layer = layer as i32;
-        if self.ubatch_len == 0 {
-            self.ubatch_len = rows;
+        if self.routing_rows.advance(layer, rows) {
             SHARED.ubatches.fetch_add(1, Ordering::Relaxed);
         }
+        let map = self.routing_rows;
         let word = (layer as usize / 64).min(7);
         SHARED.layers_seen[word].fetch_or(1 << (layer % 64), Ordering::Relaxed);
-        let full = rows == self.ubatch_len;
-        let end = (self.ubatch_start + self.ubatch_len).min(self.n_tokens);
-        let mut cursor = self.ubatch_start;
+        let mut rows_pos = RowPositions::new(map, rows);
         let request = SHARED.request.load(Ordering::Relaxed);
         let Some(producer) = self.producer.as_mut() else {
             return;
         };
         let (mut written, mut dropped, mut unmapped) = (0u64, 0u64, 0u64);
         for j in 0..rows {
-            let pos = if !self.pos_known {
-                None
-            } else if full {
-                self.pos.get(self.ubatch_start + j).copied()
-            } else {
-                // Rows dropped before the last layer: the survivors are the output tokens.
-                while cursor < end && self.out[cursor] == 0 {
-                    cursor += 1;
-                }
-                let p = (cursor < end).then(|| self.pos[cursor]);
-                cursor += 1;
-                p
-            };
-            let token = match pos {
-                Some(p) if p >= 0 => p as u32,
-                _ => {
+            let token = match rows_pos.next(j, self.pos_known, &self.pos, &self.out) {
+                Some(p) => p,
+                None => {
                     unmapped += 1;
                     u32::MAX
                 }

@@ -13,9 +13,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use spark_proto::control::{
-    respond, Greeting, HiddenConfig, Reply, TapControl, TapStats, ERR_TOO_LONG, MAX_LINE,
+    respond, Greeting, HiddenConfig, HiddenTensor, Reply, TapControl, TapStats, ERR_TOO_LONG,
+    MAX_LINE,
 };
-use spark_proto::ring::ENV_CONTROL_FD;
+use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING};
 
 use crate::capture::SHARED;
 
@@ -106,7 +107,24 @@ impl TapControl for Tap {
                 SHARED.hidden_on.store(false, Ordering::Relaxed);
                 Ok(())
             }
-            Some(_) => Err("hidden-state capture is not available in this tap build".into()),
+            Some(h) => {
+                if !SHARED.hidden_available.load(Ordering::Relaxed) {
+                    return Err(format!(
+                        "no hidden-state ring: the supervisor did not set {ENV_HIDDEN_RING}"
+                    ));
+                }
+                SHARED.hidden_every.store(h.every, Ordering::Relaxed);
+                SHARED
+                    .hidden_budget
+                    .store(u64::from(h.budget_mib) << 20, Ordering::Relaxed);
+                SHARED.hidden_tensor.store(
+                    u8::from(h.tensor == HiddenTensor::AttnNorm),
+                    Ordering::Relaxed,
+                );
+                SHARED.hidden_bytes.store(0, Ordering::Relaxed);
+                SHARED.hidden_on.store(true, Ordering::Release);
+                Ok(())
+            }
         }
     }
 }
