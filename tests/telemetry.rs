@@ -217,6 +217,27 @@ fn control_channel_greets_answers_and_rejects_unknown_verbs() {
     let t = Duration::from_secs(10);
     let lines =
         |c: &mut spark::control::ControlClient, l: &str| c.call_line(l, t).unwrap().to_line();
+    // The golden error transcript, replayed against the real tap (its `stats` replies hold
+    // live counters, so those lines are checked by shape only).
+    let golden = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/golden/control-errors.txt"),
+    )
+    .unwrap();
+    let mut sent = None;
+    for line in golden.lines() {
+        if let Some(cmd) = line.strip_prefix("> ") {
+            sent = Some(lines(c, cmd));
+        } else if let Some(want) = line.strip_prefix("< ") {
+            let got = sent
+                .take()
+                .expect("reply without command in the transcript");
+            if want.starts_with("ok records=") {
+                assert!(got.starts_with("ok records="), "{got}");
+            } else {
+                assert_eq!(got, want);
+            }
+        }
+    }
     assert_eq!(lines(c, "request 7"), "ok request=7");
     assert_eq!(
         lines(c, "frobnicate"),
