@@ -145,14 +145,14 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<spark::bench_tap::BenchTapError>() {
             return if e.is_usage() { exit::USAGE } else { exit::CHECK_FAILED };
         }
-        if let Some(e) = cause.downcast_ref::<spark::sessions::SessionsError>() {
-            return if e.is_usage() { exit::USAGE } else { exit::CHECK_FAILED };
-        }
         if let Some(e) = cause.downcast_ref::<spark::simulate::SimulateError>() {
             return e.exit_code();
         }
         if cause.is::<spark::trace::TraceError>() || cause.is::<spark::profile::ProfileError>() {
             return exit::USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<spark::sessions::SessionsError>() {
+            return if e.is_usage() { exit::USAGE } else { exit::CHECK_FAILED };
         }
         if let Some(e) = cause.downcast_ref::<spark::plan::PlanError>() {
             return e.exit_code();
@@ -163,6 +163,14 @@ fn exit_code(err: &anyhow::Error) -> i32 {
             || cause.is::<UsageError>()
         {
             return exit::USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<spark::telemetry::TelemetryError>() {
+            if e.is_usage() {
+                return exit::USAGE;
+            }
+            if e.is_timeout() {
+                return exit::TIMEOUT;
+            }
         }
         if let Some(e) = cause.downcast_ref::<ServerError>() {
             return if e.is_timeout() {

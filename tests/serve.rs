@@ -17,6 +17,8 @@ struct Served {
     child: Child,
     port: u16,
     stderr: mpsc::Receiver<String>,
+    /// What spark printed before it announced its address.
+    early: Vec<String>,
 }
 
 impl Served {
@@ -36,13 +38,15 @@ impl Served {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut early = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).expect("spark serve announces its address within 60 s");
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("spark serve announces its address within 60 s; it said {early:?}"));
             if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
                 let port = rest.split_whitespace().next().unwrap().parse().unwrap();
-                return Served { child, port, stderr: rx };
+                return Served { child, port, stderr: rx, early };
             }
+            early.push(line);
         }
     }
 
@@ -86,7 +90,11 @@ fn wait_gone(pid: u32, within: Duration) -> bool {
 }
 
 fn post(url: &str, body: &Value) -> Result<Value, String> {
-    ureq::post(url).timeout(Duration::from_secs(60)).send_json(body).map_err(|e| e.to_string())?.into_json().map_err(|e| e.to_string())
+    match ureq::post(url).timeout(Duration::from_secs(60)).send_json(body) {
+        Ok(r) => r.into_json().map_err(|e| e.to_string()),
+        Err(ureq::Error::Status(code, r)) => Err(format!("{url}: status {code}: {}", r.into_string().unwrap_or_default())),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The generated text of a streamed chat completion, from its SSE lines.
@@ -295,4 +303,130 @@ fn serve_rejects_a_bad_model_with_exit_2() {
     let o = util::spark(&["serve", "-m", bad.to_str().unwrap(), "--port", "0"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a GGUF file"));
+}
+
+fn ring_files_of(pid: u32) -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("spark-ring-{pid}-")))
+        .collect()
+}
+
+#[test]
+fn spark_mode_writes_a_profile_whose_counts_are_what_the_ring_delivered() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &["--router", "skewed"]);
+    let served = Served::start(&model, &["--quiet", "--spark"]);
+    let profile_path = spark::profile::path_for(&model);
+    assert!(!profile_path.exists(), "nothing is written before a request");
+    post(&served.url("/completion"), &json!({"prompt": "The expert cache keeps hot experts", "n_predict": 16, "temperature": 0.0})).unwrap();
+    // The rewrite follows the end of the answer; give the live thread its moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = served.status();
+        if st["profile"]["writes"].as_u64().unwrap_or(0) >= 1 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "profile never written: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let p = spark::profile::Profile::read(&profile_path).unwrap();
+    let file = spark::gguf::GgufFile::open(&model).unwrap();
+    let geo = spark::gguf::MoeGeometry::of(&file).unwrap();
+    assert_eq!(p.fingerprint.as_deref(), Some(geo.fingerprint.to_string().as_str()));
+    assert_eq!((p.n_layer(), p.n_expert()), (4, 8));
+    let routing = &st["routing"];
+    let records = routing["ring"]["read"].as_u64().unwrap();
+    assert!(records > 0);
+    assert_eq!(routing["ring"]["dropped"], 0);
+    // Every record carries k = 2 experts; the profile holds every one of them.
+    assert_eq!(p.counts.total(), 2 * records, "{st}");
+    assert_eq!(p.counts.total(), routing["prompt"]["expert_uses"].as_u64().unwrap() + routing["decode"]["expert_uses"].as_u64().unwrap());
+    // 16 generated tokens: the first comes from the prompt batch, 15 decode steps per layer.
+    assert_eq!(routing["decode"]["tokens"], 15, "{st}");
+    assert!(routing["shadow_cache"]["hit_ratio"].as_f64().unwrap() > 0.0);
+    let bel = routing["shadow_cache"]["window"]["belady_hit_ratio"].as_f64().unwrap();
+    assert!(bel >= routing["shadow_cache"]["window"]["hit_ratio"].as_f64().unwrap(), "belady is a bound: {st}");
+
+    // A second request adds to the same table.
+    post(&served.url("/completion"), &json!({"prompt": "again", "n_predict": 8, "temperature": 0.0})).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served.status()["profile"]["writes"].as_u64().unwrap() < 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = served.status();
+    let p2 = spark::profile::Profile::read(&profile_path).unwrap();
+    assert_eq!(p2.counts.total(), 2 * st["routing"]["ring"]["read"].as_u64().unwrap());
+    assert!(p2.counts.total() > p.counts.total());
+}
+
+#[test]
+fn a_profile_of_another_model_is_set_aside_as_stale() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let other = util::fixture(dir.path(), "other.gguf", &["--seed", "9"]);
+    // A profile written for `other`, placed where `model`'s profile goes.
+    let served = Served::start(&other, &["--quiet", "--spark"]);
+    post(&served.url("/completion"), &json!({"prompt": "hello", "n_predict": 4})).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served.status()["profile"]["writes"].as_u64().unwrap() < 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(served);
+    let theirs = std::fs::read_to_string(spark::profile::path_for(&other)).unwrap();
+    std::fs::write(spark::profile::path_for(&model), &theirs).unwrap();
+
+    let served = Served::start(&model, &["--spark"]);
+    let st = served.status();
+    assert_eq!(st["profile"]["at_start"], "stale", "{st}");
+    let mut stale = spark::profile::path_for(&model).into_os_string();
+    stale.push(".stale");
+    assert_eq!(std::fs::read_to_string(&stale).unwrap(), theirs, "the old file is kept as .stale");
+    assert!(!spark::profile::path_for(&model).exists(), "nothing loaded silently");
+    assert!(served.early.iter().any(|l| l.contains("belongs to another model")), "{:?}", served.early);
+}
+
+#[test]
+fn sigkill_during_profile_rewrites_never_leaves_a_broken_profile_or_a_stale_ring() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let profile = spark::profile::path_for(&model);
+    for round in 0..4u64 {
+        let mut served = Served::start(&model, &["--quiet", "--spark"]);
+        let spark_pid = served.child.id();
+        let llama = served.child_pid();
+        assert_eq!(ring_files_of(spark_pid).len(), 1, "one ring while serving");
+        if round > 0 {
+            let st = served.status();
+            assert_eq!(st["profile"]["at_start"], "fresh", "the profile a killed run left is whole: {st}");
+        }
+        // Requests in a loop so rewrites are under way when the kill lands.
+        let url = served.url("/completion");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let load = std::thread::spawn(move || {
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = post(&url, &json!({"prompt": "load", "n_predict": 2}));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300 + 170 * round));
+        served.child.kill().unwrap();
+        served.child.wait().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        load.join().unwrap();
+        assert!(wait_gone(llama, Duration::from_secs(5)), "llama-server outlived a SIGKILLed spark");
+        if profile.exists() {
+            spark::profile::Profile::read(&profile).expect("the profile is whole after SIGKILL");
+        }
+        assert_eq!(ring_files_of(spark_pid).len(), 1, "SIGKILL cannot unlink; the next start does");
+        // The next start cleans the dead run's ring.
+        let next = Served::start(&model, &["--quiet", "--spark"]);
+        assert!(ring_files_of(spark_pid).is_empty(), "stale ring of {spark_pid} left after the next start");
+        drop(next);
+    }
+    assert!(profile.exists());
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
 use crate::supervisor::Backoff;
 
 use super::ServeConfig;
@@ -38,15 +38,36 @@ pub struct ServeArgs {
     /// Don't print llama-server's log lines
     #[arg(long)]
     pub quiet: bool,
+    /// Learn placement: load `<model>.gguf.spark.csv` when it belongs to this model and rewrite
+    /// it after every completed request
+    #[arg(long)]
+    pub spark: bool,
+    /// Profile path instead of `<model>.gguf.spark.csv`
+    #[arg(long, value_name = "PATH")]
+    pub profile: Option<PathBuf>,
+    /// Run llama-server without the routing tap (a plain proxy: no routing statistics)
+    #[arg(long, conflicts_with = "spark")]
+    pub no_tap: bool,
+    /// The tap library (default: $SPARK_TAP, then next to the spark binary)
+    #[arg(long, value_name = "PATH")]
+    pub tap: Option<PathBuf>,
+    /// Slots per MoE layer of the shadow cache (default: 2 × experts per token)
+    #[arg(long)]
+    pub cache_slots: Option<u32>,
+    /// Policy of the shadow cache
+    #[arg(long, value_enum, default_value = "spark")]
+    pub cache_policy: crate::cache::PolicyKind,
     /// Arguments for llama-server, after `--`; they win over spark's choices
     #[arg(last = true)]
     pub llama_args: Vec<String>,
 }
 
 impl ServeArgs {
-    /// Resolves the flags: finds the engine, checks the model exists.
-    pub fn resolve(self, work_dir: PathBuf) -> Result<ServeConfig, EngineError> {
+    /// Resolves the flags: finds the engine and (unless `--no-tap`) the tap.
+    pub fn resolve(self, work_dir: PathBuf) -> Result<ServeConfig, anyhow::Error> {
         let engine = Engine::locate(self.llama_server.as_deref())?;
+        let tap = if self.no_tap { None } else { Some(crate::telemetry::locate_tap(self.tap.as_deref())?) };
+        let profile = self.spark.then(|| self.profile.clone().unwrap_or_else(|| crate::profile::path_for(&self.model)));
         Ok(ServeConfig {
             model: self.model,
             engine,
@@ -60,6 +81,10 @@ impl ServeArgs {
             work_dir,
             forward_log: !self.quiet,
             backoff: Backoff::default(),
+            tap,
+            profile,
+            cache_slots: self.cache_slots,
+            cache_policy: self.cache_policy,
         })
     }
 }

@@ -6,6 +6,7 @@
 //! Process lifecycle lives in [`crate::supervisor`]; forwarding in [`proxy`].
 
 pub mod cli;
+pub mod live;
 pub mod proxy;
 pub mod stats;
 
@@ -59,6 +60,12 @@ pub struct ServeConfig {
     /// Print llama-server's log lines with a prefix.
     pub forward_log: bool,
     pub backoff: Backoff,
+    /// The routing tap to preload; `None` serves without routing statistics.
+    pub tap: Option<PathBuf>,
+    /// `--spark`: the profile to load when fresh and rewrite after every request.
+    pub profile: Option<PathBuf>,
+    pub cache_slots: Option<u32>,
+    pub cache_policy: crate::cache::PolicyKind,
 }
 
 /// State shared by every connection.
@@ -74,12 +81,26 @@ pub struct ServeState {
     pub started: Instant,
     pub completed: AtomicU64,
     pub listen: SocketAddr,
+    /// Live routing statistics, when the tap runs.
+    pub live: Option<LiveHandle>,
+}
+
+/// The serve side of the live routing thread.
+pub struct LiveHandle {
+    pub shared: live::LiveShared,
+    pub cfg: live::LiveConfig,
+    pub tx: std::sync::Mutex<std::sync::mpsc::Sender<live::LiveMsg>>,
+    /// What happened to the profile at start: `fresh`, `new`, `stale`, `unknown`.
+    pub profile_start: String,
 }
 
 impl ServeState {
     /// Called once per request whose answer reached the client whole.
     pub fn request_completed(&self) {
         self.completed.fetch_add(1, Ordering::AcqRel);
+        if let Some(live) = &self.live {
+            let _ = live.tx.lock().unwrap_or_else(|e| e.into_inner()).send(live::LiveMsg::Completed);
+        }
     }
 
     pub fn status_json(&self) -> Value {
@@ -96,6 +117,11 @@ impl ServeState {
             "child": {"pid": k.pid.load(Ordering::Acquire), "port": k.port(), "ready": k.port().is_some(), "restarts": k.restarts.load(Ordering::Acquire), "last_exit": last_exit},
             "requests": self.stats.to_json(),
             "completed_requests": self.completed.load(Ordering::Acquire),
+            "routing": self.live.as_ref().map(|l| l.shared.lock().unwrap_or_else(|e| e.into_inner()).to_json(&l.cfg)),
+            "profile": self.live.as_ref().and_then(|l| l.cfg.profile_path.as_ref().map(|p| {
+                let s = l.shared.lock().unwrap_or_else(|e| e.into_inner());
+                json!({"path": p.display().to_string(), "at_start": l.profile_start, "writes": s.profile_writes, "last_write_us": s.profile_last_write_us, "error": s.profile_error})
+            })),
         })
     }
 
@@ -106,6 +132,14 @@ impl ServeState {
         let k = &self.keeper;
         let _ = writeln!(out, "# HELP spark_child_restarts_total Times llama-server was restarted.\n# TYPE spark_child_restarts_total counter\nspark_child_restarts_total {}", k.restarts.load(Ordering::Acquire));
         let _ = writeln!(out, "# HELP spark_child_up Whether llama-server is ready.\n# TYPE spark_child_up gauge\nspark_child_up {}", u8::from(k.port().is_some()));
+        if let Some(l) = &self.live {
+            let s = l.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(out, "# HELP spark_ring_dropped_total Routing records the tap dropped because the ring was full.\n# TYPE spark_ring_dropped_total counter\nspark_ring_dropped_total {}", s.ring_dropped);
+            let _ = writeln!(out, "# HELP spark_routing_records_total Routing records read from the ring.\n# TYPE spark_routing_records_total counter\nspark_routing_records_total{{phase=\"prompt\"}} {}\nspark_routing_records_total{{phase=\"decode\"}} {}", s.prompt_records, s.decode_records);
+            let _ = writeln!(out, "# HELP spark_shadow_cache_accesses_total Expert lookups served by the shadow cache.\n# TYPE spark_shadow_cache_accesses_total counter\nspark_shadow_cache_accesses_total {}", s.shadow_accesses);
+            let _ = writeln!(out, "# HELP spark_shadow_cache_misses_total Shadow cache misses.\n# TYPE spark_shadow_cache_misses_total counter\nspark_shadow_cache_misses_total {}", s.shadow_misses);
+            let _ = writeln!(out, "# HELP spark_profile_writes_total Profile rewrites.\n# TYPE spark_profile_writes_total counter\nspark_profile_writes_total {}", s.profile_writes);
+        }
         out
     }
 }
@@ -146,7 +180,18 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
     };
     let prefix = cfg.forward_log.then(|| "[llama-server] ".to_string());
     let backoff = cfg.backoff;
-    let mut keeper = tokio::task::spawn_blocking(move || Keeper::start(server_cfg, backoff, prefix)).await??;
+    let (live, launcher, live_thread) = match &cfg.tap {
+        Some(tap) if geometry.is_moe() => {
+            let (handle, launcher, thread) = start_live(&cfg, &geometry, tap.clone())?;
+            (Some(handle), Some(launcher), Some(thread))
+        }
+        Some(_) => {
+            eprintln!("spark: {} has no MoE layers: serving without routing statistics", cfg.model.display());
+            (None, None, None)
+        }
+        None => (None, None, None),
+    };
+    let mut keeper = tokio::task::spawn_blocking(move || Keeper::start(server_cfg, backoff, prefix, launcher)).await??;
     let state = Arc::new(ServeState {
         keeper: keeper.state.clone(),
         stats: Stats::default(),
@@ -159,6 +204,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         started: Instant::now(),
         completed: AtomicU64::new(0),
         listen,
+        live,
     });
     eprintln!("spark: serving {} on http://{listen} (llama-server pid {})", cfg.model.display(), keeper.state.pid.load(Ordering::Acquire));
 
@@ -185,5 +231,109 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         eprintln!("spark: in-flight requests did not finish within {} s; closing them", cfg.grace.as_secs());
     }
     tokio::task::spawn_blocking(move || keeper.stop()).await?;
+    if let (Some(live), Some(thread)) = (&state.live, live_thread) {
+        let _ = live.tx.lock().unwrap_or_else(|e| e.into_inner()).send(live::LiveMsg::Stop);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     Ok(())
+}
+
+/// Loads the profile (when `--spark`), starts the live thread, and builds the launcher that
+/// gives every llama-server child the tap, a fresh ring and a control channel.
+fn start_live(
+    cfg: &ServeConfig,
+    geometry: &MoeGeometry,
+    tap: PathBuf,
+) -> Result<(LiveHandle, crate::supervisor::Launcher, std::thread::JoinHandle<()>), anyhow::Error> {
+    for stale in crate::ring::remove_stale_rings(std::path::Path::new("/dev/shm")) {
+        eprintln!("spark: removed {} left by a run that was killed", stale.display());
+    }
+    let fingerprint = geometry.fingerprint.to_string();
+    let (start_profile, profile_start) = match &cfg.profile {
+        Some(path) => load_profile(path, geometry, &fingerprint),
+        None => (None, "off".to_string()),
+    };
+    let k = geometry.n_expert_used as usize;
+    let live_cfg = live::LiveConfig {
+        n_layer: geometry.n_layer as usize,
+        n_expert: geometry.n_expert as usize,
+        k,
+        slots: cfg.cache_slots.unwrap_or((2 * k) as u32).min(geometry.n_expert),
+        policy: cfg.cache_policy,
+        window: 2048,
+        half_life: 256.0,
+        profile_path: cfg.profile.clone(),
+        fingerprint,
+        start_profile,
+    };
+    let (runner, shared) = live::Live::new(live_cfg.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new().name("spark-live".into()).spawn(move || runner.run(rx))?;
+    let ring_tx = tx.clone();
+    let ring_geometry = spark_proto::ring::RingGeometry {
+        n_layer: geometry.n_layer,
+        n_expert: geometry.n_expert,
+        n_expert_used: geometry.n_expert_used,
+        n_embd: geometry.n_embd as u32,
+    };
+    let launcher: crate::supervisor::Launcher = Box::new(move |c: &LlamaServerConfig| {
+        let launch = |e: String| ServerError::Launch(e);
+        let ring = crate::ring::ShmRing::create(crate::ring::DEFAULT_CAPACITY, ring_geometry).map_err(|e| launch(e.to_string()))?;
+        let (mut control, theirs) = crate::control::pair().map_err(|e| launch(e.to_string()))?;
+        use std::os::fd::AsRawFd;
+        let fd = theirs.as_raw_fd();
+        let mut c = c.clone();
+        c.env.push(("LD_PRELOAD".into(), tap.display().to_string()));
+        c.env.push((spark_proto::ring::ENV_RING.into(), ring.path().display().to_string()));
+        c.env.push((spark_proto::ring::ENV_CONTROL_FD.into(), fd.to_string()));
+        let server = crate::supervisor::LlamaServer::start_inheriting(&c, &[fd])?;
+        drop(theirs);
+        control.greeting(crate::telemetry::CONTROL_TIMEOUT).map_err(|e| launch(e.to_string()))?;
+        let _ = ring_tx.send(live::LiveMsg::Ring(ring, control));
+        Ok(server)
+    });
+    let handle = LiveHandle { shared, cfg: live_cfg, tx: std::sync::Mutex::new(tx), profile_start };
+    Ok((handle, launcher, thread))
+}
+
+/// Reads the profile at `path` for a model with this fingerprint. A profile of another model
+/// (or one that cannot be read) is kept as `<path>.stale` and ignored, with a warning.
+fn load_profile(path: &std::path::Path, geometry: &MoeGeometry, fingerprint: &str) -> (Option<crate::profile::Profile>, String) {
+    use crate::profile::{Freshness, Profile};
+    if !path.exists() {
+        return (None, "new".into());
+    }
+    let set_aside = |why: &str| {
+        let mut stale = path.as_os_str().to_owned();
+        stale.push(".stale");
+        let stale = PathBuf::from(stale);
+        match std::fs::rename(path, &stale) {
+            Ok(()) => eprintln!("spark: warning: profile {} {why}; kept as {} and starting fresh", path.display(), stale.display()),
+            Err(e) => eprintln!("spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh", path.display()),
+        }
+    };
+    match Profile::read(path) {
+        Err(e) => {
+            set_aside(&format!("cannot be read ({e})"));
+            (None, "unreadable".into())
+        }
+        Ok(p) => match p.freshness(fingerprint) {
+            Freshness::Fresh if p.n_layer() == geometry.n_layer as usize && p.n_expert() == geometry.n_expert as usize => {
+                eprintln!("spark: loaded profile {} ({} tokens)", path.display(), p.tokens.unwrap_or(0));
+                (Some(p), "fresh".into())
+            }
+            Freshness::Unknown if p.n_layer() == geometry.n_layer as usize && p.n_expert() == geometry.n_expert as usize => {
+                eprintln!("spark: warning: profile {} has no model fingerprint; its shape matches, so it is used and will be stamped", path.display());
+                (Some(p), "unknown".into())
+            }
+            Freshness::Stale(other) => {
+                set_aside(&format!("belongs to another model ({other})"));
+                (None, "stale".into())
+            }
+            _ => {
+                set_aside("does not match the model's shape");
+                (None, "stale".into())
+            }
+        },
+    }
 }

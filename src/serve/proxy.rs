@@ -32,11 +32,14 @@ const TAIL_BYTES: usize = 16 * 1024;
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
 
+/// The upstream client. Idle pooled connections are dropped after 2 s, before llama-server's
+/// own keep-alive timeout (5 s in cpp-httplib) can close one under a request that cannot be
+/// retried (its body streams).
 pub fn client() -> Client<HttpConnector, Incoming> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(2)).build(connector)
 }
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<ProxyBody> {

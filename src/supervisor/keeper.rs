@@ -50,6 +50,10 @@ impl Default for Backoff {
     }
 }
 
+/// Starts one llama-server child (the keeper calls it for the first start and every restart).
+/// The default is a plain [`LlamaServer::start`]; `spark serve` passes one that sets up the tap.
+pub type Launcher = Box<dyn FnMut(&LlamaServerConfig) -> Result<LlamaServer, ServerError> + Send>;
+
 /// A running keeper thread.
 pub struct Keeper {
     pub state: Arc<KeeperState>,
@@ -62,7 +66,13 @@ impl Keeper {
     /// Starts the server and returns once it is ready (or the first start failed). Later deaths
     /// are handled on the keeper thread. `log_prefix`: lines of the child's log are printed to
     /// stderr with this prefix (none when `None`).
-    pub fn start(cfg: LlamaServerConfig, backoff: Backoff, log_prefix: Option<String>) -> Result<Keeper, ServerError> {
+    pub fn start(
+        cfg: LlamaServerConfig,
+        backoff: Backoff,
+        log_prefix: Option<String>,
+        launcher: Option<Launcher>,
+    ) -> Result<Keeper, ServerError> {
+        let launcher = launcher.unwrap_or_else(|| Box::new(|c: &LlamaServerConfig| LlamaServer::start(c)));
         let state = Arc::new(KeeperState::default());
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), ServerError>>();
@@ -70,7 +80,7 @@ impl Keeper {
         let st = state.clone();
         let thread = std::thread::Builder::new()
             .name("spark-keeper".into())
-            .spawn(move || keep(cfg, backoff, st, stop_rx, ready_tx))
+            .spawn(move || keep(cfg, backoff, st, stop_rx, ready_tx, launcher))
             .map_err(ServerError::Io)?;
         let mut keeper = Keeper { state, stop_tx, thread: Some(thread), forwarder };
         // The first start has its own deadline inside LlamaServer::start; a thread that dies
@@ -113,6 +123,7 @@ fn keep(
     state: Arc<KeeperState>,
     stop_rx: mpsc::Receiver<()>,
     ready_tx: mpsc::Sender<Result<(), ServerError>>,
+    mut launch: Launcher,
 ) {
     let mut first = Some(ready_tx);
     let mut delay = backoff.first;
@@ -120,7 +131,7 @@ fn keep(
         let mut run_cfg = cfg.clone();
         run_cfg.port = None;
         let started = Instant::now();
-        match LlamaServer::start(&run_cfg) {
+        match launch(&run_cfg) {
             Ok(mut server) => {
                 state.pid.store(server.pid(), Ordering::Release);
                 state.port.store(server.port, Ordering::Release);

@@ -23,6 +23,8 @@ pub enum ServerError {
     NotReady { secs: u64, log: String },
     #[error("request {route}: {message}")]
     Http { route: String, message: String },
+    #[error("start llama-server with the tap: {0}")]
+    Launch(String),
 }
 
 impl ServerError {

@@ -10,6 +10,6 @@ mod llama;
 mod run;
 
 pub use child::{ChildGroup, SpawnError};
-pub use keeper::{Backoff, Keeper, KeeperState};
+pub use keeper::{Backoff, Keeper, KeeperState, Launcher};
 pub use llama::{free_port, LlamaServer, LlamaServerConfig, ServerError};
 pub use run::{run_with_deadline, Captured, RunError};

@@ -1,0 +1,437 @@
+//! Live routing statistics of `spark serve`, fed from the tap's ring: per-(layer, expert)
+//! counts kept apart for prompt processing and decode (cumulative and decayed), the shadow
+//! cache (spark's policy over the real decode routing, as if the planned slots existed) with
+//! its hit ratio and the Belady bound over a recent window, and the profile rewrite after
+//! every completed request.
+//!
+//! Runs on one thread that owns the ring of the current llama-server child; the keeper hands
+//! it a new ring after every restart. Never blocks the engine (the ring overruns and counts),
+//! never writes a profile for another model (the fingerprint is checked at start).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use spark_proto::trace::RoutingRecord;
+
+use crate::cache::{self, Belady, Counts, Policy, PolicyKind, Setup};
+use crate::profile::Profile;
+use crate::ring::ShmRing;
+use crate::trace::Routing;
+
+/// Messages to the live thread.
+pub enum LiveMsg {
+    /// A new child started with this ring and control channel; the previous ones are drained
+    /// and dropped (which unlinks the old ring).
+    Ring(ShmRing, crate::control::ControlClient),
+    /// A request's answer reached its client whole: fold everything, rewrite the profile.
+    Completed,
+    /// Fold what is left, write the profile once more, end.
+    Stop,
+}
+
+/// What the live thread is configured with.
+#[derive(Debug, Clone)]
+pub struct LiveConfig {
+    pub n_layer: usize,
+    pub n_expert: usize,
+    pub k: usize,
+    /// Slots per MoE layer of the shadow cache.
+    pub slots: u32,
+    pub policy: PolicyKind,
+    /// Decode steps kept for the Belady bound.
+    pub window: usize,
+    /// Half-life of the decayed decode counts, in decode tokens.
+    pub half_life: f64,
+    /// Where to rewrite the profile, and the model fingerprint to stamp; `None` without
+    /// `--spark`.
+    pub profile_path: Option<PathBuf>,
+    pub fingerprint: String,
+    /// A fresh profile loaded at start: its counts seed the tables and the policy's prior.
+    pub start_profile: Option<Profile>,
+}
+
+/// The numbers `/spark/status` shows, updated by the live thread.
+#[derive(Debug, Clone)]
+pub struct LiveSnapshot {
+    pub prompt: Counts,
+    pub decode: Counts,
+    /// Decayed decode counts, valid at `decode_tokens`.
+    pub decayed: Vec<f64>,
+    pub decode_tokens: u64,
+    pub prompt_records: u64,
+    pub decode_records: u64,
+    pub bad_records: u64,
+    pub ring_read: u64,
+    pub ring_dropped: u64,
+    pub rings: u64,
+    pub shadow_accesses: u64,
+    pub shadow_misses: u64,
+    pub window_steps: usize,
+    pub window_accesses: u64,
+    pub window_misses: u64,
+    pub window_belady_misses: u64,
+    pub profile_writes: u64,
+    pub profile_last_write_us: Option<u64>,
+    pub profile_error: Option<String>,
+    pub base_tokens: u64,
+}
+
+/// Shared view of the live statistics.
+pub type LiveShared = Arc<Mutex<LiveSnapshot>>;
+
+fn ratio(num: u64, den: u64) -> Value {
+    if den == 0 {
+        Value::Null
+    } else {
+        json!(num as f64 / den as f64)
+    }
+}
+
+impl LiveSnapshot {
+    fn new(cfg: &LiveConfig) -> LiveSnapshot {
+        let zero = Counts::zero(cfg.n_layer, cfg.n_expert);
+        LiveSnapshot {
+            prompt: zero.clone(),
+            decode: zero,
+            decayed: vec![0.0; cfg.n_layer * cfg.n_expert],
+            decode_tokens: 0,
+            prompt_records: 0,
+            decode_records: 0,
+            bad_records: 0,
+            ring_read: 0,
+            ring_dropped: 0,
+            rings: 0,
+            shadow_accesses: 0,
+            shadow_misses: 0,
+            window_steps: 0,
+            window_accesses: 0,
+            window_misses: 0,
+            window_belady_misses: 0,
+            profile_writes: 0,
+            profile_last_write_us: None,
+            profile_error: None,
+            base_tokens: cfg.start_profile.as_ref().and_then(|p| p.tokens).unwrap_or(0),
+        }
+    }
+
+    /// The `routing` block of `/spark/status`.
+    pub fn to_json(&self, cfg: &LiveConfig) -> Value {
+        let top = |c: &Counts| -> Vec<Vec<u16>> { (0..c.n_layer).map(|l| c.ranked(l).into_iter().take(cfg.k.max(1)).collect()).collect() };
+        json!({
+            "prompt": {"records": self.prompt_records, "expert_uses": self.prompt.total(), "top_per_layer": top(&self.prompt)},
+            "decode": {"records": self.decode_records, "tokens": self.decode_tokens, "expert_uses": self.decode.total(), "top_per_layer": top(&self.decode), "half_life_tokens": cfg.half_life},
+            "ring": {"read": self.ring_read, "dropped": self.ring_dropped, "rings": self.rings, "bad_records": self.bad_records},
+            "shadow_cache": {
+                "policy": cfg.policy.name(),
+                "slots_per_layer": cfg.slots,
+                "accesses": self.shadow_accesses,
+                "misses": self.shadow_misses,
+                "hit_ratio": ratio(self.shadow_accesses - self.shadow_misses, self.shadow_accesses),
+                "window": {
+                    "steps": self.window_steps,
+                    "accesses": self.window_accesses,
+                    "misses": self.window_misses,
+                    "belady_misses": self.window_belady_misses,
+                    "hit_ratio": ratio(self.window_accesses - self.window_misses, self.window_accesses),
+                    "belady_hit_ratio": ratio(self.window_accesses.saturating_sub(self.window_belady_misses), self.window_accesses),
+                },
+            },
+        })
+    }
+}
+
+/// Decode routing being assembled into whole steps (one token, every layer), keyed by
+/// (request, token position) so interleaved sequences of parallel slots stay apart.
+struct Assembler {
+    n_layer: usize,
+    open: HashMap<(u32, u32), (Vec<Vec<u16>>, u32)>,
+}
+
+impl Assembler {
+    /// Adds one record; returns the step's layers when its last layer arrived.
+    fn add(&mut self, r: &RoutingRecord, ids: &[u16], misses: u32) -> Option<(Vec<Vec<u16>>, u32)> {
+        let key = (r.request, r.token);
+        let entry = self.open.entry(key).or_insert_with(|| (vec![Vec::new(); self.n_layer], 0));
+        entry.0[usize::from(r.layer)] = ids.to_vec();
+        entry.1 += misses;
+        if usize::from(r.layer) + 1 == self.n_layer {
+            return self.open.remove(&key);
+        }
+        if self.open.len() > 4096 {
+            // Steps whose last layer never came (a child that died mid-step): forget them.
+            self.open.clear();
+        }
+        None
+    }
+}
+
+/// The live thread's state.
+pub struct Live {
+    cfg: LiveConfig,
+    shared: LiveShared,
+    policy: Box<dyn Policy + Send>,
+    ring: Option<ShmRing>,
+    /// Kept open so the tap keeps its session; closing it would end the tap's control thread.
+    control: Option<crate::control::ControlClient>,
+    buf: Vec<RoutingRecord>,
+    assembler: Assembler,
+    /// Recent decode steps and the shadow's misses on each.
+    window: VecDeque<(Vec<Vec<u16>>, u32)>,
+    decayed_at: Vec<u64>,
+}
+
+impl Live {
+    pub fn new(cfg: LiveConfig) -> (Live, LiveShared) {
+        let mut snap = LiveSnapshot::new(&cfg);
+        if let Some(p) = &cfg.start_profile {
+            // A profile does not say which counts were prefill: they continue the decode table,
+            // the one placement follows.
+            snap.decode = p.counts.clone();
+        }
+        let shared = Arc::new(Mutex::new(snap));
+        let zero = Counts::zero(cfg.n_layer, cfg.n_expert);
+        let prior = cfg.start_profile.as_ref().map(|p| &p.counts);
+        let slots = vec![cfg.slots; cfg.n_layer];
+        let setup = Setup { n_expert: cfg.n_expert, k: cfg.k, slots: slots.clone(), counts: prior.unwrap_or(&zero), prior, calibration: None };
+        let policy = online_send(cfg.policy, &setup);
+        let live = Live {
+            assembler: Assembler { n_layer: cfg.n_layer, open: HashMap::new() },
+            decayed_at: vec![0; cfg.n_layer * cfg.n_expert],
+            cfg,
+            shared: shared.clone(),
+            policy,
+            ring: None,
+            control: None,
+            buf: Vec::with_capacity(1 << 14),
+            window: VecDeque::new(),
+        };
+        (live, shared)
+    }
+
+    /// Runs until [`LiveMsg::Stop`] or until every sender is gone.
+    pub fn run(mut self, rx: Receiver<LiveMsg>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(LiveMsg::Ring(r, control)) => {
+                    self.drain();
+                    self.ring = Some(r);
+                    self.control = Some(control);
+                    self.lock().rings += 1;
+                }
+                Ok(LiveMsg::Completed) => {
+                    self.drain();
+                    self.update_window();
+                    self.write_profile();
+                }
+                Ok(LiveMsg::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    self.drain();
+                    self.update_window();
+                    self.write_profile();
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => self.drain(),
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LiveSnapshot> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Folds every record waiting in the ring.
+    pub fn drain(&mut self) {
+        let Some(mut ring) = self.ring.take() else { return };
+        let mut buf = std::mem::take(&mut self.buf);
+        loop {
+            buf.clear();
+            if ring.drain_into(&mut buf, 1 << 14) == 0 {
+                break;
+            }
+            self.fold(&buf);
+        }
+        self.buf = buf;
+        let (read, dropped) = (ring.read_count(), ring.dropped());
+        self.ring = Some(ring);
+        let mut s = self.lock();
+        s.ring_read = read;
+        s.ring_dropped = dropped;
+    }
+
+    /// Folds records into the tables and the shadow cache.
+    pub fn fold(&mut self, records: &[RoutingRecord]) {
+        let (n_layer, n_expert) = (self.cfg.n_layer, self.cfg.n_expert);
+        let decay = std::f64::consts::LN_2 / self.cfg.half_life.max(1.0);
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *shared;
+        for r in records {
+            let n = usize::from(r.n_used).min(r.ids.len());
+            let ids = &r.ids[..n];
+            let layer = usize::from(r.layer);
+            if layer >= n_layer || ids.iter().any(|&e| usize::from(e) >= n_expert) {
+                s.bad_records += 1;
+                continue;
+            }
+            if r.phase == 0 {
+                s.prompt_records += 1;
+                for &e in ids {
+                    let c = s.prompt.get(layer, usize::from(e));
+                    s.prompt.set(layer, usize::from(e), c + 1);
+                }
+                continue;
+            }
+            s.decode_records += 1;
+            if layer == 0 {
+                s.decode_tokens += 1;
+            }
+            let now = s.decode_tokens;
+            for &e in ids {
+                let i = layer * n_expert + usize::from(e);
+                let c = s.decode.get(layer, usize::from(e));
+                s.decode.set(layer, usize::from(e), c + 1);
+                let age = now.saturating_sub(self.decayed_at[i]) as f64;
+                s.decayed[i] = s.decayed[i] * (-decay * age).exp() + 1.0;
+                self.decayed_at[i] = now;
+            }
+            let misses = self.policy.access(layer, ids);
+            s.shadow_accesses += n as u64;
+            s.shadow_misses += u64::from(misses);
+            if let Some(step) = self.assembler.add(r, ids, misses) {
+                self.window.push_back(step);
+                if self.window.len() > self.cfg.window {
+                    self.window.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Recomputes the Belady bound over the recent window (cheap: a few thousand steps).
+    fn update_window(&mut self) {
+        if self.window.is_empty() {
+            return;
+        }
+        let mut routing = Routing::new(self.cfg.n_layer);
+        let mut accesses = 0u64;
+        let mut misses = 0u64;
+        for (i, (layers, m)) in self.window.iter().enumerate() {
+            routing.push_step(0, i as u32, layers.iter().map(|ids| (ids.as_slice(), &[][..])));
+            accesses += layers.iter().map(|l| l.len() as u64).sum::<u64>();
+            misses += u64::from(*m);
+        }
+        let slots = vec![self.cfg.slots; self.cfg.n_layer];
+        let mut belady = Belady::new(&routing, self.cfg.n_expert, &slots);
+        let mut bmiss = 0u64;
+        for s in 0..routing.steps() {
+            for l in 0..self.cfg.n_layer {
+                bmiss += u64::from(belady.access(l, routing.ids(s, l)));
+            }
+        }
+        let mut s = self.lock();
+        s.window_steps = self.window.len();
+        s.window_accesses = accesses;
+        s.window_misses = misses;
+        s.window_belady_misses = bmiss;
+    }
+
+    /// Rewrites the profile with every count so far (prompt and decode), atomically.
+    fn write_profile(&mut self) {
+        let Some(path) = self.cfg.profile_path.clone() else { return };
+        let started = Instant::now();
+        let (counts, tokens) = {
+            let s = self.lock();
+            let mut c = s.decode.clone();
+            for l in 0..c.n_layer {
+                for e in 0..c.n_expert {
+                    c.set(l, e, c.get(l, e) + s.prompt.get(l, e));
+                }
+            }
+            let routed_tokens = (s.prompt_records + s.decode_records) / self.cfg.n_layer.max(1) as u64;
+            (c, s.base_tokens + routed_tokens)
+        };
+        let mut p = Profile::new(counts, self.cfg.k as u32, Some(self.cfg.fingerprint.clone()));
+        p.tokens = Some(tokens);
+        p.updated = Some(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+        let result = p.write(&path);
+        let mut s = self.lock();
+        match result {
+            Ok(()) => {
+                s.profile_writes += 1;
+                s.profile_last_write_us = Some(started.elapsed().as_micros() as u64);
+                s.profile_error = None;
+            }
+            Err(e) => {
+                eprintln!("spark: failed to {e}");
+                s.profile_error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// An online policy that can move to the live thread. Belady needs the future: the shadow
+/// falls back to spark's policy for it.
+fn online_send(kind: PolicyKind, setup: &Setup<'_>) -> Box<dyn Policy + Send> {
+    match kind {
+        PolicyKind::Lru => Box::new(cache::Lru::new(setup.n_expert, &setup.slots)),
+        PolicyKind::Lfu => Box::new(cache::Lfu::new(setup.n_expert, &setup.slots)),
+        PolicyKind::Lfru => Box::new(cache::Lfru::new(setup.n_expert, &setup.slots)),
+        PolicyKind::Static => Box::new(cache::Static::new(setup.n_expert, &setup.slots, setup.counts)),
+        PolicyKind::PinLru => Box::new(cache::PinLru::new(setup)),
+        PolicyKind::Spark | PolicyKind::Belady => Box::new(cache::Spark::new(setup.n_expert, &setup.slots, setup.prior, setup.k)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(request: u32, token: u32, layer: u16, phase: u8, ids: &[u16]) -> RoutingRecord {
+        let mut r = RoutingRecord { request, token, layer, phase, n_used: ids.len() as u8, ids: [0; 16], weights: [0.0; 16] };
+        r.ids[..ids.len()].copy_from_slice(ids);
+        r
+    }
+
+    fn cfg(profile_path: Option<PathBuf>) -> LiveConfig {
+        LiveConfig { n_layer: 2, n_expert: 4, k: 2, slots: 2, policy: PolicyKind::Lru, window: 100, half_life: 10.0, profile_path, fingerprint: "fp".into(), start_profile: None }
+    }
+
+    #[test]
+    fn prompt_and_decode_are_counted_apart_and_the_shadow_cache_scores_decode() {
+        let (mut live, shared) = Live::new(cfg(None));
+        live.fold(&[rec(0, 0, 0, 0, &[0, 1]), rec(0, 0, 1, 0, &[2, 3])]);
+        // Decode: two tokens, both layers; the second token repeats the first's experts.
+        live.fold(&[rec(0, 1, 0, 1, &[0, 1]), rec(0, 1, 1, 1, &[2, 3]), rec(0, 2, 0, 1, &[0, 1]), rec(0, 2, 1, 1, &[3, 2])]);
+        live.fold(&[rec(0, 3, 7, 1, &[0, 1]), rec(0, 3, 0, 1, &[9, 1])]);
+        live.update_window();
+        let s = shared.lock().unwrap();
+        assert_eq!(s.prompt.get(0, 1), 1);
+        assert_eq!(s.decode.get(0, 1), 2);
+        assert_eq!(s.decode.get(1, 3), 2);
+        assert_eq!(s.prompt.total(), 4);
+        assert_eq!(s.decode.total(), 8);
+        assert_eq!(s.bad_records, 2, "layer 7 and expert 9 are out of range");
+        assert_eq!(s.decode_tokens, 2);
+        assert_eq!((s.shadow_accesses, s.shadow_misses), (8, 4), "cold misses only");
+        assert_eq!(s.window_steps, 2);
+        assert_eq!(s.window_belady_misses, 0, "belady starts with the first S distinct experts");
+        // Decay: expert 0 of layer 0 was used at tokens 1 and 2 with half-life 10.
+        let expect = (-(std::f64::consts::LN_2 / 10.0)).exp() + 1.0;
+        assert!((s.decayed[0] - expect).abs() < 1e-9);
+    }
+
+    #[test]
+    fn profile_counts_equal_what_was_folded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf.spark.csv");
+        let (mut live, _shared) = Live::new(cfg(Some(path.clone())));
+        live.fold(&[rec(0, 0, 0, 0, &[0, 1]), rec(0, 0, 1, 0, &[2, 3]), rec(0, 1, 0, 1, &[0, 3]), rec(0, 1, 1, 1, &[1, 2])]);
+        live.write_profile();
+        let p = Profile::read(&path).unwrap();
+        assert_eq!(p.counts.layer(0), &[2, 1, 0, 1]);
+        assert_eq!(p.counts.layer(1), &[0, 1, 2, 1]);
+        assert_eq!(p.fingerprint.as_deref(), Some("fp"));
+        assert_eq!(p.tokens, Some(2));
+    }
+}
