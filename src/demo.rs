@@ -26,7 +26,7 @@ pub struct DemoConfig {
 pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     use anyhow::Context;
     let engine = Engine::locate(cfg.llama_server.as_deref())?;
-    eprintln!("[1/4] engine: {}", engine.llama_server.display());
+    eprintln!("[1/6] engine: {}", engine.llama_server.display());
     std::fs::create_dir_all(&cfg.dir)
         .with_context(|| format!("create demo directory {}", cfg.dir.display()))?;
 
@@ -36,33 +36,26 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
         let vocab = engine::vocab_path(engine::DEFAULT_VOCAB)?;
         let rep = fixture::write_fixture(&spec, &vocab, &model)?;
         eprintln!(
-            "[2/4] fixture: wrote {} ({} bytes, vocab {})",
+            "[2/6] fixture: wrote {} ({} bytes, vocab {})",
             model.display(),
             rep.bytes,
             rep.n_vocab
         );
     } else {
-        eprintln!("[2/4] fixture: reusing {}", model.display());
+        eprintln!("[2/6] fixture: reusing {}", model.display());
     }
 
     let file = GgufFile::open(&model)?;
     let geometry = MoeGeometry::of(&file)?;
-    eprintln!("[3/4] spark inspect {}", model.display());
+    eprintln!("[3/6] spark inspect {}", model.display());
     print!("{}", InspectReport::new(&file, geometry, None).render());
 
-    eprintln!("[4/4] llama-server: starting on the fixture");
+    eprintln!("[4/6] llama-server alone: a completion from the pinned stock build");
     let server = LlamaServer::start(&LlamaServerConfig {
         binary: engine.llama_server.clone(),
         model: model.clone(),
         port: None,
-        extra_args: vec![
-            "-c".into(),
-            "2048".into(),
-            "-t".into(),
-            "2".into(),
-            "-np".into(),
-            "1".into(),
-        ],
+        extra_args: vec!["-c".into(), "2048".into(), "-t".into(), "2".into(), "-np".into(), "1".into()],
         env: vec![],
         ready_timeout: cfg.ready_timeout,
         log_path: cfg.dir.join("llama-server.log"),
@@ -73,24 +66,111 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     );
     server.stop();
     let answer = answer?;
-    let content = answer
-        .get("content")
-        .and_then(|c| c.as_str())
-        .unwrap_or_default();
-    let predicted = answer
-        .pointer("/timings/predicted_n")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
-    let tps = answer
-        .pointer("/timings/predicted_per_second")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(0.0);
+    let content = answer.get("content").and_then(|c| c.as_str()).unwrap_or_default();
+    let predicted = answer.pointer("/timings/predicted_n").and_then(|v| v.as_u64()).unwrap_or(0);
+    let tps = answer.pointer("/timings/predicted_per_second").and_then(|v| v.as_f64()).unwrap_or(0.0);
     println!();
     println!("prompt     {:?}", cfg.prompt);
     println!("completion {content:?}");
-    println!(
-        "           {predicted} tokens at {tps:.1} tokens/s from llama-server (pid gone, log {})",
-        cfg.dir.join("llama-server.log").display()
-    );
+    println!("           {predicted} tokens at {tps:.1} tokens/s from llama-server");
+
+    serve_and_learn(cfg, &engine, &model)?;
+    Ok(())
+}
+
+/// Steps 5 and 6: `spark serve --spark` in this process, a few requests through it, the profile
+/// it rewrote and the live status.
+fn serve_and_learn(cfg: &DemoConfig, engine: &Engine, model: &std::path::Path) -> anyhow::Result<()> {
+    use std::time::Instant;
+    let tap = crate::telemetry::locate_tap(None)?;
+    let port = crate::supervisor::free_port()?;
+    let profile = crate::profile::path_for(model);
+    let serve_cfg = crate::serve::ServeConfig {
+        model: model.to_path_buf(),
+        engine: engine.clone(),
+        host: "127.0.0.1".into(),
+        port,
+        llama_args: vec!["-c".into(), "2048".into(), "-t".into(), "2".into(), "-np".into(), "2".into()],
+        ready_timeout: cfg.ready_timeout,
+        request_timeout: Duration::from_secs(120),
+        idle_timeout: Duration::from_secs(60),
+        grace: Duration::from_secs(5),
+        work_dir: cfg.dir.join("serve"),
+        forward_log: false,
+        backoff: crate::supervisor::Backoff::default(),
+        tap: Some(tap),
+        profile: Some(profile.clone()),
+        cache_slots: None,
+        cache_policy: crate::cache::PolicyKind::Spark,
+    };
+    eprintln!("[5/6] spark serve --spark -m {} --port {port}", model.display());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = rt.spawn(crate::serve::serve(serve_cfg, async move {
+        let _ = stop_rx.await;
+    }));
+    let base = format!("http://127.0.0.1:{port}");
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
+    let deadline = Instant::now() + cfg.ready_timeout + Duration::from_secs(5);
+    let result = (|| -> anyhow::Result<()> {
+        loop {
+            if serving.is_finished() {
+                anyhow::bail!("spark serve ended before it was ready");
+            }
+            if agent.get(&format!("{base}/health")).timeout(Duration::from_secs(1)).call().is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("spark serve was not ready within {} s", cfg.ready_timeout.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let prompts = [
+            "Write a function that caches the hottest experts",
+            "Explain why expert routing is skewed",
+            "List three ways to make decoding faster",
+        ];
+        for (i, p) in prompts.iter().enumerate() {
+            let body = serde_json::json!({"messages": [{"role": "user", "content": p}], "max_tokens": 24, "temperature": 0.0});
+            let r: serde_json::Value = agent.post(&format!("{base}/v1/chat/completions")).send_json(body)?.into_json()?;
+            let text = r.pointer("/choices/0/message/content").and_then(|c| c.as_str()).unwrap_or_default();
+            let clipped: String = text.chars().take(60).collect();
+            println!("request {}  POST /v1/chat/completions through spark -> {clipped:?}", i + 1);
+            // The profile is rewritten after each answer; wait (bounded) for the rewrite.
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let st: serde_json::Value = agent.get(&format!("{base}/spark/status")).call()?.into_json()?;
+                let writes = st.pointer("/profile/writes").and_then(|w| w.as_u64()).unwrap_or(0);
+                if writes > i as u64 || Instant::now() > until {
+                    let us = st.pointer("/profile/last_write_us").and_then(|w| w.as_u64()).unwrap_or(0);
+                    println!("           profile rewritten ({writes} writes so far, last took {:.2} ms)", us as f64 / 1000.0);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        eprintln!("[6/6] what spark learned");
+        let st: serde_json::Value = agent.get(&format!("{base}/spark/status")).call()?.into_json()?;
+        let text = std::fs::read_to_string(&profile)?;
+        println!();
+        println!("{} (first lines):", profile.display());
+        for line in text.lines().take(7) {
+            println!("  {line}");
+        }
+        let r = &st["routing"];
+        let pct = |v: &serde_json::Value| v.as_f64().map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "n/a".into());
+        println!();
+        println!("GET /spark/status:");
+        println!("  requests            {} ({} errors)", st["requests"]["count"], st["requests"]["errors"]);
+        println!("  routing records     {} prompt, {} decode ({} decode tokens), {} dropped", r["prompt"]["records"], r["decode"]["records"], r["decode"]["tokens"], r["ring"]["dropped"]);
+        println!("  hottest decode experts per layer {}", r["decode"]["top_per_layer"]);
+        let sc = &r["shadow_cache"];
+        println!("  shadow cache        {} slots/layer, policy {}: hit ratio {} (Belady bound over the window {})", sc["slots_per_layer"], sc["policy"].as_str().unwrap_or("?"), pct(&sc["hit_ratio"]), pct(&sc["window"]["belady_hit_ratio"]));
+        Ok(())
+    })();
+    let _ = stop_tx.send(());
+    let served = rt.block_on(serving);
+    result?;
+    served??;
     Ok(())
 }
