@@ -446,7 +446,7 @@ mod tests {
             ),
             (
                 "# hotness table: n_layer=2 n_expert=2 n_expert_used=1\n1,2\n",
-                "2 rows",
+                "1 rows",
             ),
             (
                 "# hotness table: n_layer=1 n_expert=2\n1,2\n",

@@ -28,7 +28,7 @@ impl FreqLayer {
     fn access(&mut self, ids: &[u16], weighted: bool) -> u32 {
         self.step += 1;
         let (count, last, step) = (&self.count, &self.last, self.step);
-        let misses = serve_scored(&mut self.set, ids, |m| {
+        let misses = serve_scored(&mut self.set, ids, false, |m| {
             let m = usize::from(m);
             let c = count[m] as f64;
             let s = if weighted {
@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn lfru_weighs_frequency_by_age() {
-        let mut p = Lfru::new(4, &[2]);
+        let mut p = Lfru::new(5, &[2]);
         // After steps 1..=4: count(1)=3 last=3, count(2)=1 last=4.
         // Step 5 {3}: score(1) = 3/(1+5-3) = 1.0, score(2) = 1/(1+5-4) = 0.5: evict 2.
         assert_eq!(
@@ -127,7 +127,7 @@ mod tests {
         );
         assert!(p.is_resident(0, 1) && !p.is_resident(0, 2));
         // Step 6 {4}: score(1) = 3/(1+6-3) = 0.75, score(3) = 1/(1+6-5) = 0.5: evict 3.
-        let mut q = Lfru::new(4, &[2]);
+        let mut q = Lfru::new(5, &[2]);
         let m = run(&mut q, &[&[1], &[1], &[1], &[2], &[3], &[4]]);
         assert_eq!(m, vec![1, 0, 0, 1, 1, 1]);
         assert!(q.is_resident(0, 1) && q.is_resident(0, 4) && !q.is_resident(0, 3));

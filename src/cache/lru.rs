@@ -57,18 +57,24 @@ impl LruList {
         self.resident[usize::from(e)]
     }
 
-    /// Serves one token's ids; returns the loads.
+    /// Serves one token's ids; returns the loads. Hits are refreshed first, so every resident
+    /// expert of the token sits ahead of the tail and is never evicted for its own token.
     #[inline]
     pub(crate) fn access(&mut self, ids: &[u16]) -> u32 {
         self.step = self.step.wrapping_add(1);
         let step = self.step;
-        let mut misses = 0;
         for &id in ids {
             let e = u32::from(id);
             if self.resident[e as usize] {
                 self.unlink(e);
                 self.push_front(e);
                 self.stamp[e as usize] = step;
+            }
+        }
+        let mut misses = 0;
+        for &id in ids {
+            let e = u32::from(id);
+            if self.stamp[e as usize] == step {
                 continue;
             }
             misses += 1;
@@ -123,6 +129,7 @@ impl Policy for Lru {
 mod tests {
     use super::*;
     use crate::cache::tests::run;
+    use proptest::strategy::Strategy as _;
 
     #[test]
     fn hand_computed() {
@@ -136,9 +143,63 @@ mod tests {
     #[test]
     fn token_larger_than_cache_streams() {
         let mut p = Lru::new(8, &[2]);
-        assert_eq!(run(&mut p, &[&[1, 2, 3], &[1, 2, 3]]), vec![3, 3]);
+        // 3 streams past {1, 2}; the next token hits 1 and 2.
+        assert_eq!(run(&mut p, &[&[1, 2, 3], &[1, 2, 3]]), vec![3, 1]);
         let mut p = Lru::new(8, &[0]);
         assert_eq!(run(&mut p, &[&[1], &[1]]), vec![1, 1]);
+    }
+
+    /// The obvious model: a vector from least to most recent; the token's hits are refreshed
+    /// first, then each miss evicts the least recent expert the token does not use.
+    fn reference(n_slots: usize, steps: &[Vec<u16>]) -> Vec<u32> {
+        let mut order: Vec<u16> = Vec::new();
+        steps
+            .iter()
+            .map(|ids| {
+                for &e in ids {
+                    if let Some(p) = order.iter().position(|&x| x == e) {
+                        order.remove(p);
+                        order.push(e);
+                    }
+                }
+                let mut misses = 0;
+                for &e in ids {
+                    if order.contains(&e) {
+                        continue;
+                    }
+                    misses += 1;
+                    if n_slots == 0 {
+                        continue;
+                    }
+                    if order.len() == n_slots {
+                        match order.iter().position(|x| !ids.contains(x)) {
+                            Some(p) => {
+                                order.remove(p);
+                            }
+                            None => continue,
+                        }
+                    }
+                    order.push(e);
+                }
+                misses
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn matches_the_reference_model(
+            slots in 0usize..6,
+            steps in proptest::collection::vec(
+                proptest::sample::subsequence((0u16..10).collect::<Vec<_>>(), 0..4)
+                    .prop_shuffle(),
+                0..80,
+            ),
+        ) {
+            let mut p = Lru::new(10, &[slots as u32]);
+            let refs: Vec<&[u16]> = steps.iter().map(|v| v.as_slice()).collect();
+            proptest::prop_assert_eq!(run(&mut p, &refs), reference(slots, &steps));
+        }
     }
 
     #[test]

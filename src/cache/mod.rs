@@ -2,16 +2,22 @@
 //!
 //! Owns the replacement policies (`lru`, `lfu`, `lfru`, `static`, `pin-lru`, `belady`, `spark`)
 //! and the per-(layer, expert) [`Counts`] they calibrate from. Everything here is pure
-//! computation: no I/O, no allocation on the lookup path, and nothing can fail (a slot count
-//! smaller than a token's experts is served by streaming the extra experts past the cache).
+//! computation: no I/O, no allocation on the lookup path, and nothing can fail.
+//!
+//! The cache model: a token's experts at a layer are served together; a resident expert is a
+//! hit, any other is a miss (one load over the bus, or one host-side computation). A policy may
+//! stream a missing expert past the cache instead of keeping it (`static` does so for every
+//! expert it did not pin; a slot count smaller than a token's experts forces it).
 //!
 //! The honesty rule: an online policy sees a token's routing at a layer only when it is asked to
 //! serve it ([`Policy::access`]), so it can use earlier tokens, earlier layers of the same token
 //! and calibration counts, never the routing it is about to be scored on. Only [`Belady`] is
 //! given the future, because it is the yardstick.
 //!
-//! A miss is one expert load. Loads are what the cache costs, so prefetching cannot lower the
-//! miss count (Belady's demand-paging optimality), and no online policy here beats [`Belady`].
+//! Misses are what the cache costs, so prefetching cannot lower them (a prefetch is a load too;
+//! Belady's demand-paging optimality). [`Belady`] keeps, after each token, the S experts whose
+//! next use is nearest, streaming past anything farther: that is the optimum of this model
+//! (checked against exhaustive search), so no policy here can beat it.
 
 mod belady;
 mod fixed;
@@ -236,10 +242,12 @@ impl ResidentSet {
 }
 
 /// Serves `ids` on a score-evicting set: hits are free; a miss on a full set evicts the member
-/// with the lowest `score` (ties: lowest second key) among those not in `ids`, or streams the
-/// expert past when every member is in `ids`. Returns the loads.
+/// with the lowest `score` (ties: lowest second key) among those not in `ids`. With `admit`,
+/// the missing expert itself competes too (its score is asked for while it is not resident) and
+/// is streamed past the cache when it scores lowest; without, it is streamed past only when every
+/// member is in `ids`. Returns the loads.
 #[inline]
-pub(crate) fn serve_scored<S>(set: &mut ResidentSet, ids: &[u16], mut score: S) -> u32
+pub(crate) fn serve_scored<S>(set: &mut ResidentSet, ids: &[u16], admit: bool, mut score: S) -> u32
 where
     S: FnMut(u16) -> (f64, u64),
 {
@@ -255,6 +263,10 @@ where
         if set.is_full() {
             let mut victim = None;
             let mut best = (f64::INFINITY, u64::MAX);
+            if admit {
+                best = score(e);
+                victim = Some(e);
+            }
             for &m in &set.members {
                 if ids.contains(&m) {
                     continue;
@@ -266,8 +278,8 @@ where
                 }
             }
             match victim {
-                Some(v) => set.remove(v),
-                None => continue,
+                Some(v) if v != e => set.remove(v),
+                _ => continue,
             }
         }
         set.insert(e);

@@ -127,11 +127,17 @@ impl SparkLayer {
         let misses = {
             let this = &*self;
             let model = &*model;
-            serve_scored(&mut set, ids, |m| {
+            serve_scored(&mut set, ids, true, |m| {
                 let e = usize::from(m);
-                // The observation after this token: gap t - last.
-                let d = model.predict(this.cell(e, t - this.last[e]));
-                (-d, this.last[e])
+                // The observation after this token: gap 0 for the token's own expert (the
+                // newcomer competing for admission), t - last for the others.
+                let gap = if ids.contains(&m) {
+                    0
+                } else {
+                    t - this.last[e]
+                };
+                let d = model.predict(this.cell(e, gap));
+                (-d, if gap == 0 { t } else { this.last[e] })
             })
         };
         self.set = set;
@@ -148,7 +154,7 @@ impl SparkLayer {
         }
         for e in 0..self.last.len() {
             let gap = t - self.last[e];
-            if gap > h && !ids.contains(&(e as u16)) {
+            if gap >= h && !ids.contains(&(e as u16)) {
                 // The observation made h tokens ago has waited the whole horizon.
                 model.observe(self.cell(e, gap - h), h);
             }
