@@ -403,3 +403,56 @@ fn hidden_states_are_sampled_and_match_the_router_input() {
     }
     assert_eq!(layers_seen.len(), 4);
 }
+
+#[test]
+fn trace_record_rejects_bad_input_with_one_line_and_exit_2() {
+    let dir = tempdir();
+    let out = dir.path().join("x.trace");
+    let base = [
+        "trace",
+        "record",
+        "-m",
+        "/nonexistent.gguf",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    for (extra, needle) in [
+        (&[][..], "give --prompt TEXT or --prompts FILE"),
+        (
+            &["--prompt", "hi", "--hidden-every", "0"][..],
+            "--hidden-every 0",
+        ),
+        (
+            &[
+                "--prompt",
+                "hi",
+                "--hidden-every",
+                "1",
+                "--hidden-tensor",
+                "ffn_up",
+            ][..],
+            "--hidden-tensor ffn_up",
+        ),
+        (
+            &["--prompt", "hi", "--ring-capacity", "1000"][..],
+            "--ring-capacity 1000",
+        ),
+        (
+            &["--prompts", "/nonexistent/prompts.txt"][..],
+            "read prompts",
+        ),
+        (
+            &["--prompt", "hi", "--tap", "/nonexistent/libspark_tap.so"][..],
+            "tap",
+        ),
+    ] {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        let o = spark(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(!out.exists());
+    }
+}

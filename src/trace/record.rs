@@ -98,6 +98,8 @@ pub enum RecordError {
     HiddenTensor(String),
     #[error("parse --hidden-every 0: sample at least every token (N ≥ 1)")]
     HiddenEvery,
+    #[error("parse --ring-capacity {0}: must be a power of two between 1 and 67108864")]
+    RingCapacity(u64),
     #[error("write {path}: {source}")]
     HiddenFile {
         path: PathBuf,
@@ -113,7 +115,8 @@ impl RecordError {
             | RecordError::Dense { .. }
             | RecordError::Engine(_)
             | RecordError::HiddenTensor(_)
-            | RecordError::HiddenEvery => true,
+            | RecordError::HiddenEvery
+            | RecordError::RingCapacity(_) => true,
             RecordError::HiddenFile { .. } => false,
             RecordError::Telemetry(e) => e.is_usage(),
             RecordError::Trace(_) => false,
@@ -186,6 +189,8 @@ fn default_log(out: &Path) -> PathBuf {
 /// Runs `spark trace record`.
 pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
     let prompts = read_prompts(a)?;
+    spark_proto::ring::check_capacity(a.ring_capacity)
+        .map_err(|_| RecordError::RingCapacity(a.ring_capacity))?;
     let hidden_cfg = match a.hidden_every {
         None => None,
         Some(0) => return Err(RecordError::HiddenEvery),
