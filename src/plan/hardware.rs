@@ -251,6 +251,14 @@ fn read_bandwidth(a: &[u8], b: &[u8], threads: u32, passes: u32) -> f64 {
     (a.len() + b.len()) as f64 / best / 1e9
 }
 
+/// Measures host read bandwidth at `threads` now (about 0.3 s): for validation on a shared
+/// machine, where the bandwidth left to one process changes minute to minute.
+pub fn read_gbps_now(threads: u32) -> f64 {
+    let a = vec![0x5au8; 128 << 20];
+    let b = vec![0x5au8; 128 << 20];
+    read_bandwidth(&a, &b, threads.max(1), 4)
+}
+
 /// f32 multiply-add throughput in GFLOP/s with `threads` threads.
 fn gflops(threads: u32, iters: u32) -> f64 {
     let t0 = Instant::now();

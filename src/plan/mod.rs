@@ -797,6 +797,7 @@ pub fn pair(
             n_gpu_layers: first.n_gpu_layers,
             n_cpu_moe: first.n_cpu_moe,
             source: source.to_string(),
+            host_gbps: f.roofline.host_gbps,
             decode_ceiling_tps: f.roofline.decode_tps,
             decode_measured_tps: decode.map(|r| r.avg_ts),
             decode_forecast_tps: f.decode.tps,

@@ -189,6 +189,9 @@ pub struct Receipt {
     pub n_cpu_moe: u32,
     /// `llama-bench` (run by spark), `file` (read from JSON) or `bench plan`.
     pub source: String,
+    /// Host read bandwidth the ceiling assumed, GB/s.
+    #[serde(default)]
+    pub host_gbps: f64,
     pub decode_ceiling_tps: f64,
     pub decode_measured_tps: Option<f64>,
     pub decode_forecast_tps: f64,

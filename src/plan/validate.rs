@@ -44,6 +44,10 @@ pub struct BenchPlanArgs {
     /// Do not add the measurements to this machine's receipts
     #[arg(long)]
     pub no_store: bool,
+    /// Use the cached host bandwidth for every configuration instead of measuring it again just
+    /// before each one (on a shared machine the bandwidth left to one process drifts)
+    #[arg(long)]
+    pub cached_bandwidth: bool,
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
@@ -98,6 +102,8 @@ pub struct Row {
     pub model: String,
     pub threads: u32,
     pub n_cpu_moe: u32,
+    /// Host bandwidth the ceiling used, GB/s.
+    pub host_gbps: f64,
     pub ceiling_tps: f64,
     pub measured_tps: f64,
     /// Forecast calibrated from the other models' receipts.
@@ -143,6 +149,7 @@ pub fn score(receipts: &[(String, Receipt)]) -> Vec<Row> {
             model: name.clone(),
             threads: r.threads,
             n_cpu_moe: r.n_cpu_moe,
+            host_gbps: r.host_gbps,
             ceiling_tps: r.decode_ceiling_tps,
             measured_tps: measured,
             forecast_strict_tps: fs,
@@ -176,16 +183,27 @@ pub fn render(rep: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<12} {:>3} {:>6} {:>9} {:>9} {:>9} {:>8} {:>6} {:>9} {:>8}",
-        "model", "t", "ncmoe", "ceiling", "measured", "strict", "error", "band", "loo", "error"
+        "{:<12} {:>3} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>6} {:>9} {:>8}",
+        "model",
+        "t",
+        "ncmoe",
+        "GB/s",
+        "ceiling",
+        "measured",
+        "strict",
+        "error",
+        "band",
+        "loo",
+        "error"
     );
     for r in &rep.rows {
         let _ = writeln!(
             s,
-            "{:<12} {:>3} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>+7.1}% {:>6} {:>9.1} {:>+7.1}%",
+            "{:<12} {:>3} {:>6} {:>6.1} {:>9.1} {:>9.1} {:>9.1} {:>+7.1}% {:>6} {:>9.1} {:>+7.1}%",
             r.model,
             r.threads,
             r.n_cpu_moe,
+            r.host_gbps,
             r.ceiling_tps,
             r.measured_tps,
             r.forecast_strict_tps,
@@ -272,9 +290,18 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
                     n_gen: a.n_gen.max(1),
                     repetitions: a.repetitions.max(1),
                 };
+                let mut hw_now = hw.clone();
+                if !a.cached_bandwidth {
+                    hw_now.host_read_gbps = vec![hardware::RatePoint {
+                        threads: t,
+                        rate: hardware::read_gbps_now(t),
+                    }];
+                }
                 eprintln!("measuring {} threads {t} --n-cpu-moe {ncmoe}", m.name);
                 let rows = super::run_llama_bench(&bench, &spec, Duration::from_secs(a.timeout))?;
-                for r in pair(&facts, &input, &hw, &rows, None, "bench plan", &|_| false) {
+                for r in pair(&facts, &input, &hw_now, &rows, None, "bench plan", &|_| {
+                    false
+                }) {
                     receipts.push((m.name.to_string(), r));
                 }
             }
@@ -321,6 +348,7 @@ mod tests {
                 n_gpu_layers: 99,
                 n_cpu_moe: 0,
                 source: "test".into(),
+                host_gbps: 10.0,
                 decode_ceiling_tps: ceiling,
                 decode_measured_tps: Some(measured),
                 decode_forecast_tps: 0.0,
