@@ -8,9 +8,11 @@ pub const CHECK_FAILED: i32 = 1;
 pub const USAGE: i32 = 2;
 /// The planner refused: the model cannot fit the given budget.
 pub const REFUSED: i32 = 3;
+/// Interrupted by SIGINT or SIGTERM (128 + 2, the shell's convention); a partial report is kept.
+pub const INTERRUPTED: i32 = 130;
 /// A deadline passed (server never ready, a stalled request, a whole-run deadline).
 pub const TIMEOUT: i32 = 124;
 
 /// The table printed at the end of `spark --help`.
 pub const HELP: &str =
-    "Exit codes: 0 ok, 1 check failed, 2 usage or input error, 3 plan refused, 124 timeout";
+    "Exit codes: 0 ok, 1 check failed, 2 usage or input error, 3 plan refused, 124 timeout, 130 interrupted";

@@ -23,3 +23,4 @@ pub mod supervisor;
 pub mod svg;
 pub mod telemetry;
 pub mod trace;
+pub mod validate;

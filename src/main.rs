@@ -45,6 +45,10 @@ enum Command {
     Trace(spark::trace::record::TraceCli),
     /// Replay a routing trace through the cache policies: misses, ratio to Belady, plots
     Simulate(spark::simulate::SimulateArgs),
+    /// Build a placement profile by replaying the train chunks of a session corpus (resumable)
+    Calibrate(spark::validate::CalibrateArgs),
+    /// Check a profile on the held-out chunks: cold-hit rates per placement, report, exit code
+    Validate(spark::validate::ValidateArgs),
     /// Placement profiles (`<model>.gguf.spark.csv`): show, heatmap
     #[command(subcommand)]
     Profile(spark::profile::ProfileCommand),
@@ -133,6 +137,9 @@ fn main() -> ExitCode {
 /// Maps an error to a documented exit code by what caused it.
 fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<spark::validate::ValidateError>() {
+            return e.exit_code();
+        }
         if let Some(e) = cause.downcast_ref::<spark::trace::record::RecordError>() {
             return if e.is_usage() {
                 exit::USAGE
@@ -192,6 +199,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(spark::trace::record::TraceCli::Record(a)) => spark::trace::record::run(&a)?,
         Command::Trace(spark::trace::record::TraceCli::Files(c)) => spark::trace::cli::run(c)?,
         Command::Simulate(a) => spark::simulate::run(&a)?,
+        Command::Calibrate(a) => spark::validate::calibrate::run(&a)?,
+        Command::Validate(a) => spark::validate::check::run(&a)?,
         Command::Profile(c) => spark::profile::run(c)?,
         Command::Inspect(a) => {
             let file = GgufFile::open(&a.model)?;

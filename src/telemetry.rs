@@ -140,6 +140,8 @@ pub struct Completion {
     pub tokens: Vec<u32>,
     /// Decode tokens per second as llama-server measured it.
     pub predicted_per_second: Option<f64>,
+    /// Prompt tokens per second as llama-server measured it.
+    pub prompt_per_second: Option<f64>,
 }
 
 /// Deadline for one control command.
@@ -378,6 +380,7 @@ impl Session {
             content: v["content"].as_str().unwrap_or_default().to_string(),
             tokens: ids(&v["tokens"]).unwrap_or_default(),
             predicted_per_second: v["timings"]["predicted_per_second"].as_f64(),
+            prompt_per_second: v["timings"]["prompt_per_second"].as_f64(),
         })
     }
 

@@ -7,3 +7,4 @@ mod serve;
 mod plan;
 mod sessions;
 mod telemetry;
+mod validate;

@@ -57,6 +57,12 @@ impl ChildGroup {
         self.child.id()
     }
 
+    /// A handle that can SIGKILL this group from another thread (e.g. a watchdog whose
+    /// deadline passed while the owning thread is blocked in a request).
+    pub fn killer(&self) -> GroupKiller {
+        GroupKiller { pgid: self.pgid }
+    }
+
     /// The exit status if the child has exited (never blocks).
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         if self.exited.is_none() {
@@ -91,6 +97,20 @@ impl ChildGroup {
         // Grandchildren left in the group get the same end.
         let _ = killpg(self.pgid, Signal::SIGKILL);
         self.exited
+    }
+}
+
+/// Kills a [`ChildGroup`]'s process group from any thread. Only valid while the group's
+/// leader is unreaped (its owner still holds the [`ChildGroup`]): after that the id may be reused.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupKiller {
+    pgid: Pid,
+}
+
+impl GroupKiller {
+    /// SIGKILL to the whole group; the owner still reaps the leader.
+    pub fn kill(&self) {
+        let _ = killpg(self.pgid, Signal::SIGKILL);
     }
 }
 

@@ -172,6 +172,11 @@ impl LlamaServer {
         self.child.pid()
     }
 
+    /// A handle that kills this server's process group from another thread.
+    pub fn killer(&self) -> super::child::GroupKiller {
+        self.child.killer()
+    }
+
     /// The exit status, if the server has exited (never blocks).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_status()
