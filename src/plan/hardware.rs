@@ -233,30 +233,38 @@ pub fn thread_counts(logical: u32) -> Vec<u32> {
     v
 }
 
-/// Streaming-read bandwidth in GB/s with `threads` threads (best of `passes`): each thread
+/// Streaming-read bandwidth in GB/s with `threads` threads, one rate per pass: each thread
 /// compares its halves of two equal buffers, which libc's `memcmp` does with the widest loads the
 /// CPU has, so the number does not depend on how spark itself was compiled.
-fn read_bandwidth(a: &[u8], b: &[u8], threads: u32, passes: u32) -> f64 {
+fn read_passes(a: &[u8], b: &[u8], threads: u32, passes: u32) -> Vec<f64> {
     let chunk = a.len().div_ceil(threads as usize);
-    let mut best = f64::MAX;
-    for _ in 0..passes {
-        let t0 = Instant::now();
-        std::thread::scope(|s| {
-            for (x, y) in a.chunks(chunk).zip(b.chunks(chunk)) {
-                s.spawn(move || std::hint::black_box(std::hint::black_box(x) == y));
-            }
-        });
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    (a.len() + b.len()) as f64 / best / 1e9
+    (0..passes)
+        .map(|_| {
+            let t0 = Instant::now();
+            std::thread::scope(|s| {
+                for (x, y) in a.chunks(chunk).zip(b.chunks(chunk)) {
+                    s.spawn(move || std::hint::black_box(std::hint::black_box(x) == y));
+                }
+            });
+            (a.len() + b.len()) as f64 / t0.elapsed().as_secs_f64() / 1e9
+        })
+        .collect()
 }
 
-/// Measures host read bandwidth at `threads` now (about 0.3 s): for validation on a shared
-/// machine, where the bandwidth left to one process changes minute to minute.
+/// The best of `passes`: what the machine can do.
+fn read_bandwidth(a: &[u8], b: &[u8], threads: u32, passes: u32) -> f64 {
+    read_passes(a, b, threads, passes)
+        .into_iter()
+        .fold(0.0, f64::max)
+}
+
+/// Measures host read bandwidth at `threads` now, the median of 6 passes (about 0.3 s): for
+/// validation on a shared machine, where the bandwidth left to one process drifts minute to
+/// minute.
 pub fn read_gbps_now(threads: u32) -> f64 {
     let a = vec![0x5au8; 128 << 20];
     let b = vec![0x5au8; 128 << 20];
-    read_bandwidth(&a, &b, threads.max(1), 4)
+    super::forecast::median(&read_passes(&a, &b, threads.max(1), 6))
 }
 
 /// f32 multiply-add throughput in GFLOP/s with `threads` threads.

@@ -452,7 +452,7 @@ pub fn forecast_for(
         },
     );
     let (d, p) = match store.filter(|_| input.use_receipts) {
-        Some(st) => st.efficiencies(&hw.machine.key(), roof.regime, exclude),
+        Some(st) => st.efficiencies(&hw.machine.key(), roof.regime, input.threads, exclude),
         None => (Vec::new(), Vec::new()),
     };
     forecast::forecast(roof, &d, &p)

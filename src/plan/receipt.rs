@@ -51,6 +51,8 @@ pub struct BenchRow {
     /// Mean tokens/s over the repetitions.
     pub avg_ts: f64,
     pub stddev_ts: f64,
+    /// Tokens/s of each repetition.
+    pub samples_ts: Vec<f64>,
 }
 
 impl BenchRow {
@@ -163,6 +165,11 @@ fn row(v: &serde_json::Value) -> Result<BenchRow, String> {
         n_depth: obj.get("n_depth").and_then(|x| x.as_u64()).unwrap_or(0),
         avg_ts,
         stddev_ts: obj.get("stddev_ts").and_then(|x| x.as_f64()).unwrap_or(0.0),
+        samples_ts: obj
+            .get("samples_ts")
+            .and_then(|x| x.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+            .unwrap_or_default(),
     })
 }
 
@@ -274,25 +281,43 @@ impl ReceiptStore {
     }
 
     /// Realized decode and prefill efficiencies of `regime` on `machine`, skipping receipts for
-    /// which `exclude` holds.
+    /// which `exclude` holds. Receipts at the same thread count are preferred: when any exists,
+    /// only those count (oversubscribed threads change efficiency more than anything else on a
+    /// CPU).
     pub fn efficiencies(
         &self,
         machine: &str,
         regime: Regime,
+        threads: u32,
         exclude: impl Fn(&Receipt) -> bool,
     ) -> (Vec<f64>, Vec<f64>) {
-        let mine = self
+        let mine: Vec<&Receipt> = self
             .receipts
             .iter()
-            .filter(|r| r.machine == machine && r.regime == regime && !exclude(r));
+            .filter(|r| r.machine == machine && r.regime == regime && !exclude(r))
+            .collect();
+        let picked: Vec<&Receipt> = match same_threads(&mine, threads) {
+            Some(v) => v,
+            None => mine,
+        };
         let mut d = Vec::new();
         let mut p = Vec::new();
-        for r in mine {
+        for r in picked {
             d.extend(r.decode_efficiency());
             p.extend(r.prefill_efficiency());
         }
         (d, p)
     }
+}
+
+/// The receipts at `threads`, or `None` when there are none.
+pub fn same_threads<'a>(rs: &[&'a Receipt], threads: u32) -> Option<Vec<&'a Receipt>> {
+    let v: Vec<&Receipt> = rs
+        .iter()
+        .copied()
+        .filter(|r| r.threads == threads)
+        .collect();
+    (!v.is_empty()).then_some(v)
 }
 
 /// llama-bench arguments for one configuration, with JSON output.
@@ -353,6 +378,7 @@ mod tests {
         assert_eq!(rows[1].type_k, "f16");
         assert_eq!(rows[1].model_size, 18164480);
         assert!((rows[1].avg_ts - 2117.229197).abs() < 1e-9);
+        assert_eq!(rows[1].samples_ts, vec![3000.76, 1233.69]);
         assert!(!rows[1].has_gpu());
     }
 

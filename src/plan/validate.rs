@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::fit::{MemorySettings, MIB};
 use super::forecast::{calibrate, median};
-use super::receipt::{BenchSpec, Receipt, ReceiptStore};
+use super::receipt::{same_threads, BenchSpec, Receipt, ReceiptStore};
 use super::{hardware, model_facts, pair, PlanError, PlanInput};
 use crate::fixture::{self, FixtureSpec, Size};
 use crate::gguf::GgmlType;
@@ -36,8 +36,12 @@ pub struct BenchPlanArgs {
     #[arg(long, default_value_t = 48)]
     pub n_gen: u64,
     /// Repetitions per configuration
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub repetitions: u32,
+    /// Score the fastest repetition instead of the mean (on a shared machine the fastest one is
+    /// the least disturbed; the bandwidth is a best-of measurement too)
+    #[arg(long)]
+    pub best: bool,
     /// Seconds one llama-bench run may take
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -134,12 +138,14 @@ pub fn score(receipts: &[(String, Receipt)]) -> Vec<Row> {
             continue;
         };
         let effs = |keep: &dyn Fn(&Receipt) -> bool| -> Vec<f64> {
-            receipts
+            let pool: Vec<&Receipt> = receipts
                 .iter()
                 .enumerate()
                 .filter(|(j, (_, o))| *j != i && o.regime == r.regime && keep(o))
-                .filter_map(|(_, (_, o))| o.decode_efficiency())
-                .collect()
+                .map(|(_, (_, o))| o)
+                .collect();
+            let pool = same_threads(&pool, r.threads).unwrap_or(pool);
+            pool.iter().filter_map(|o| o.decode_efficiency()).collect()
         };
         let strict = calibrate(r.regime, &effs(&|o| o.fingerprint != r.fingerprint));
         let loo = calibrate(r.regime, &effs(&|o| !o.same_configuration(r)));
@@ -297,8 +303,23 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
                         rate: hardware::read_gbps_now(t),
                     }];
                 }
+                let before = hw_now.host_read_gbps.clone();
                 eprintln!("measuring {} threads {t} --n-cpu-moe {ncmoe}", m.name);
-                let rows = super::run_llama_bench(&bench, &spec, Duration::from_secs(a.timeout))?;
+                let mut rows =
+                    super::run_llama_bench(&bench, &spec, Duration::from_secs(a.timeout))?;
+                if !a.cached_bandwidth {
+                    // Bandwidth before and after the run, averaged.
+                    let after = hardware::read_gbps_now(t);
+                    hw_now.host_read_gbps = vec![hardware::RatePoint {
+                        threads: t,
+                        rate: (before[0].rate + after) / 2.0,
+                    }];
+                }
+                if a.best {
+                    for r in &mut rows {
+                        r.avg_ts = r.samples_ts.iter().copied().fold(r.avg_ts, f64::max);
+                    }
+                }
                 for r in pair(&facts, &input, &hw_now, &rows, None, "bench plan", &|_| {
                     false
                 }) {
