@@ -51,7 +51,7 @@ pub enum PolicyKind {
     PinLru,
     /// the offline optimum (knows the future): the yardstick
     Belady,
-    /// spark's default: learned reuse-distance model over recency and frequency rank
+    /// spark's default: per layer, the recency–frequency blend whose shadow cache misses least
     Spark,
 }
 

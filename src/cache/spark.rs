@@ -1,167 +1,129 @@
-//! `spark`: spark's default policy, a learned estimate of each expert's next-use distance.
+//! `spark`: spark's default policy, an online choice among recency–frequency trade-offs.
 //!
-//! Belady evicts the expert whose next use is farthest. `spark` estimates that distance from what
-//! is known when it must choose: how long ago the expert was last used (temporal locality: MoE
-//! routing of consecutive tokens overlaps) and how popular it is in its layer (frequency skew:
-//! a few experts per layer take a large share of tokens). It learns the mapping online, from the
-//! trace it serves: for every (layer, expert) after every token it records an observation
-//! "gap since last use = j, popularity rank bucket = f" and, when the expert is next used (or
-//! `horizon` tokens pass), the distance to that use, capped at the horizon. The mean capped
-//! distance per (gap bucket, rank bucket) cell is the prediction; the resident expert with the
-//! largest prediction is evicted. Calibration routing trains the model like any served token,
-//! so the calibrated priors are the model's cells and counts, not hand-set weights.
+//! MoE routing mixes two signals whose balance differs by model, layer and workload: temporal
+//! locality (consecutive tokens share experts; LRU exploits it) and frequency skew (a few experts
+//! take a large share of a layer's tokens; LFU and pinning exploit it). No single fixed blend wins
+//! everywhere, and the blend must not be tuned to one trace. So each layer keeps a family of
+//! combined recency–frequency (CRF) scores, `Σ over past uses of 2^(-λ·age)`, with λ spanning
+//! pure recency (λ = 1, LRU order) to pure frequency (λ = 0, LFU order) on a geometric grid, plus
+//! the hyperbolic blend `count / (1 + age)` (vLLM's LFRU order), and runs a shadow cache of the
+//! same size for each member on every layer it serves. The real caches evict by the member whose
+//! shadows have missed least so far, summed over layers (follow the leader; pooling the layers
+//! keeps the choice from chasing noise): the blend is learned from the routing itself and keeps
+//! adapting.
 //!
-//! What this module deliberately does not do: it never sees a token's routing before serving it
-//! (the honesty rule), and it does not prefetch: a miss counts one load, a prefetch is a load
-//! too, so prefetching cannot lower the miss count (it only hides latency, which the
-//! simulator does not score). Earlier layers of the same token would inform a prefetch, not an
-//! eviction: the eviction decision at layer l is about layer l of later tokens.
+//! Two more mechanisms: at startup every slot is filled (by prior counts when a profile is
+//! known, else by expert id), because loading at startup costs no decode time and an empty slot
+//! serves nothing; and a profile's counts seed the frequency member.
 //!
-//! The one constant is the horizon: `max(32, 8 × slots / k)` tokens, long enough for the cache
-//! to turn over several times, beyond which the order of two far-away experts does not matter.
+//! What it never does: see a token's routing before serving it (the honesty rule), or prefetch.
+//! A miss counts one load and a prefetch is a load too, so prefetching (for example predicting
+//! layer l from layer l-1 of the same token) can hide latency but never lower the miss count;
+//! the simulator scores misses, so that mechanism belongs to the runtime, not to this policy.
 
 use super::{serve_scored, Counts, Policy, ResidentSet};
 
-/// Gap buckets: 0, 1, 2, 3, then two buckets per power of two.
-const GAP_BUCKETS: usize = 32;
-/// Popularity buckets: octiles of the rank within the layer.
-const RANK_BUCKETS: usize = 8;
-const CELLS: usize = GAP_BUCKETS * RANK_BUCKETS;
+/// Decay rates of the family, from pure recency to pure frequency.
+const LAMBDAS: [f64; 7] = [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.0];
+const F: usize = LAMBDAS.len();
+/// Members: the CRF family plus the hyperbolic blend `count / (1 + age)` (lfru's order).
+const M: usize = F + 1;
+/// Ages beyond this decay like this one (2^-(λ·4096) is 0 for every λ > 0 that matters).
+const MAX_AGE: usize = 4096;
 
-#[inline]
-fn gap_bucket(j: u64) -> usize {
-    if j < 4 {
-        return j as usize;
-    }
-    let b = 63 - j.leading_zeros() as usize; // floor(log2 j) >= 2
-    let half = ((j >> (b - 1)) & 1) as usize;
-    (4 + (b - 2) * 2 + half).min(GAP_BUCKETS - 1)
-}
-
-/// Mean capped next-use distance per cell, shared by all layers.
+/// `2^(-λ·age)` for every member and age up to [`MAX_AGE`].
 #[derive(Debug, Clone)]
-struct DistanceModel {
-    sum: Vec<f64>,
-    n: Vec<f64>,
-    horizon: u64,
-}
+struct DecayTable(Vec<[f64; F]>);
 
-impl DistanceModel {
-    fn observe(&mut self, cell: usize, distance: u64) {
-        self.sum[cell] += distance as f64;
-        self.n[cell] += 1.0;
+impl DecayTable {
+    fn new() -> DecayTable {
+        DecayTable(
+            (0..=MAX_AGE)
+                .map(|age| {
+                    let mut row = [0.0; F];
+                    for (f, l) in LAMBDAS.iter().enumerate() {
+                        row[f] = (-(l * age as f64)).exp2();
+                    }
+                    row
+                })
+                .collect(),
+        )
     }
 
-    /// Predicted capped distance: the cell mean, with one pseudo-observation at half the horizon
-    /// so an empty cell neither attracts nor repels eviction.
     #[inline]
-    fn predict(&self, cell: usize) -> f64 {
-        (self.sum[cell] + self.horizon as f64 / 2.0) / (self.n[cell] + 1.0)
+    fn get(&self, age: u64, f: usize) -> f64 {
+        self.0[(age as usize).min(MAX_AGE)][f]
     }
 }
 
 #[derive(Debug, Clone)]
 struct SparkLayer {
     set: ResidentSet,
-    count: Vec<u64>,
+    shadows: Vec<ResidentSet>,
+    /// CRF of each expert per member, as of its last use.
+    crf: Vec<[f64; F]>,
     /// Step of the last use (0 = before the first token).
     last: Vec<u64>,
-    /// Experts by descending count; `pos` is the inverse.
-    order: Vec<u16>,
-    pos: Vec<u32>,
     step: u64,
 }
 
 impl SparkLayer {
     fn new(n_expert: usize, cap: u32, prior: Option<&[u64]>) -> SparkLayer {
-        let count = match prior {
-            Some(p) if p.len() == n_expert => p.to_vec(),
-            _ => vec![0; n_expert],
-        };
+        let cap = cap as usize;
+        let mut crf = vec![[0.0; F]; n_expert];
         let mut order: Vec<u16> = (0..n_expert as u32).map(|e| e as u16).collect();
-        order.sort_by(|&a, &b| {
-            count[usize::from(b)]
-                .cmp(&count[usize::from(a)])
-                .then(a.cmp(&b))
-        });
-        let mut pos = vec![0; n_expert];
-        for (i, &e) in order.iter().enumerate() {
-            pos[usize::from(e)] = i as u32;
+        if let Some(p) = prior.filter(|p| p.len() == n_expert) {
+            for (e, &c) in p.iter().enumerate() {
+                crf[e][F - 1] = c as f64;
+            }
+            order.sort_by(|&a, &b| p[usize::from(b)].cmp(&p[usize::from(a)]).then(a.cmp(&b)));
+        }
+        let mut set = ResidentSet::new(n_expert, cap);
+        for &e in order.iter().take(cap) {
+            set.insert(e);
         }
         SparkLayer {
-            set: ResidentSet::new(n_expert, cap as usize),
-            count,
+            shadows: vec![set.clone(); M],
+            set,
+            crf,
             last: vec![0; n_expert],
-            order,
-            pos,
             step: 0,
         }
     }
 
-    #[inline]
-    fn cell(&self, e: usize, gap: u64) -> usize {
-        let rank = self.pos[e] as usize * RANK_BUCKETS / self.order.len();
-        gap_bucket(gap) * RANK_BUCKETS + rank
-    }
-
-    fn bump(&mut self, e: u16) {
-        let e = usize::from(e);
-        self.count[e] += 1;
-        let mut p = self.pos[e] as usize;
-        while p > 0 {
-            let up = usize::from(self.order[p - 1]);
-            if self.count[up] >= self.count[e] {
-                break;
-            }
-            self.order.swap(p - 1, p);
-            self.pos[up] = p as u32;
-            p -= 1;
-        }
-        self.pos[e] = p as u32;
-    }
-
-    fn access(&mut self, ids: &[u16], model: &mut DistanceModel) -> u32 {
+    /// Serves `ids`, adding each shadow's misses to `shadow_misses`; the real cache evicts by
+    /// the member `lead`.
+    fn access(
+        &mut self,
+        ids: &[u16],
+        decay: &DecayTable,
+        shadow_misses: &mut [u64; M],
+        lead: usize,
+    ) -> u32 {
         self.step += 1;
         let t = self.step;
-        let mut set = std::mem::take(&mut self.set);
-        let misses = {
-            let this = &*self;
-            let model = &*model;
-            serve_scored(&mut set, ids, true, |m| {
-                let e = usize::from(m);
-                // The observation after this token: gap 0 for the token's own expert (the
-                // newcomer competing for admission), t - last for the others.
-                let gap = if ids.contains(&m) {
-                    0
-                } else {
-                    t - this.last[e]
-                };
-                let d = model.predict(this.cell(e, gap));
-                (-d, if gap == 0 { t } else { this.last[e] })
-            })
+        let (crf, last) = (&self.crf, &self.last);
+        let score = |f: usize, m: u16| {
+            let e = usize::from(m);
+            let age = t - last[e];
+            let v = if f < F {
+                crf[e][f] * decay.get(age, f)
+            } else {
+                crf[e][F - 1] / (1 + age) as f64
+            };
+            (v, last[e])
         };
-        self.set = set;
-        // Learn: resolve the observations this token settles.
-        let h = model.horizon;
+        for (f, shadow) in self.shadows.iter_mut().enumerate() {
+            shadow_misses[f] += u64::from(serve_scored(shadow, ids, false, |m| score(f, m)));
+        }
+        let misses = serve_scored(&mut self.set, ids, false, |m| score(lead, m));
         for &id in ids {
             let e = usize::from(id);
-            let gap = t - self.last[e];
-            // Observations made at gaps j = gap - h.. gap - 1 (those still pending) resolve
-            // with distance gap - j.
-            for j in gap.saturating_sub(h)..gap {
-                model.observe(self.cell(e, j), gap - j);
+            let age = t - self.last[e];
+            for f in 0..F {
+                self.crf[e][f] = self.crf[e][f] * decay.get(age, f) + 1.0;
             }
-        }
-        for e in 0..self.last.len() {
-            let gap = t - self.last[e];
-            if gap >= h && !ids.contains(&(e as u16)) {
-                // The observation made h tokens ago has waited the whole horizon.
-                model.observe(self.cell(e, gap - h), h);
-            }
-        }
-        for &id in ids {
-            self.last[usize::from(id)] = t;
-            self.bump(id);
+            self.last[e] = t;
         }
         misses
     }
@@ -171,16 +133,17 @@ impl SparkLayer {
 #[derive(Debug, Clone)]
 pub struct Spark {
     layers: Vec<SparkLayer>,
-    model: DistanceModel,
+    decay: DecayTable,
+    /// Misses of each member's shadow caches, summed over layers.
+    shadow_misses: [u64; M],
 }
 
 impl Spark {
-    /// `prior`: counts known before the first token (a profile); pass `None` when the counts'
-    /// routing will be replayed through [`Policy::access`] instead, so it is not counted twice.
-    pub fn new(n_expert: usize, slots: &[u32], prior: Option<&Counts>, k: usize) -> Spark {
-        let mean_slots =
-            slots.iter().map(|&s| u64::from(s)).sum::<u64>() / slots.len().max(1) as u64;
-        let horizon = (8 * mean_slots / k.max(1) as u64).max(32);
+    /// `prior`: counts known before the first token (a profile); they order the startup fill and
+    /// seed the frequency member. Pass `None` when the counts' routing is replayed through
+    /// [`Policy::access`] instead, so it is not counted twice. `_k` (experts per token) is
+    /// accepted for callers that pass the whole geometry; the policy does not need it.
+    pub fn new(n_expert: usize, slots: &[u32], prior: Option<&Counts>, _k: usize) -> Spark {
         let layers = slots
             .iter()
             .enumerate()
@@ -193,18 +156,33 @@ impl Spark {
             .collect();
         Spark {
             layers,
-            model: DistanceModel {
-                sum: vec![0.0; CELLS],
-                n: vec![0.0; CELLS],
-                horizon,
-            },
+            decay: DecayTable::new(),
+            shadow_misses: [0; M],
         }
+    }
+
+    /// The member whose shadows have missed least (ties: the more recency-driven).
+    fn leader(&self) -> usize {
+        let mut best = 0;
+        for f in 1..M {
+            if self.shadow_misses[f] < self.shadow_misses[best] {
+                best = f;
+            }
+        }
+        best
+    }
+
+    /// The blend the cache currently follows: `Some(λ)` of the CRF family (1 = recency,
+    /// 0 = frequency), `None` for the hyperbolic `count / (1 + age)`.
+    pub fn lambda(&self) -> Option<f64> {
+        LAMBDAS.get(self.leader()).copied()
     }
 }
 
 impl Policy for Spark {
     fn access(&mut self, layer: usize, ids: &[u16]) -> u32 {
-        self.layers[layer].access(ids, &mut self.model)
+        let lead = self.leader();
+        self.layers[layer].access(ids, &self.decay, &mut self.shadow_misses, lead)
     }
 
     fn is_resident(&self, layer: usize, expert: u16) -> bool {
@@ -216,60 +194,71 @@ impl Policy for Spark {
 mod tests {
     use super::*;
     use crate::cache::tests::run;
+    use crate::cache::{Lfu, Lru};
 
-    #[test]
-    fn gap_buckets_are_monotone_and_bounded() {
-        let mut prev = 0;
-        for j in 0..100_000u64 {
-            let b = gap_bucket(j);
-            assert!(b >= prev && b < GAP_BUCKETS);
-            prev = b;
-        }
-        assert_eq!(
-            (0..9).map(gap_bucket).collect::<Vec<_>>(),
-            vec![0, 1, 2, 3, 4, 4, 5, 5, 6]
-        );
+    fn steps_of(v: &[Vec<u16>]) -> Vec<&[u16]> {
+        v.iter().map(|s| s.as_slice()).collect()
     }
 
     #[test]
-    fn cold_start_falls_back_to_recency() {
-        // No data yet: every prediction is equal, so the least recent resident is evicted (LRU).
-        let mut p = Spark::new(4, &[2], None, 1);
-        let m = run(&mut p, &[&[1], &[2], &[3]]);
-        assert_eq!(m, vec![1, 1, 1]);
-        assert!(!p.is_resident(0, 1) && p.is_resident(0, 2) && p.is_resident(0, 3));
+    fn startup_fill_follows_the_prior_then_ids() {
+        let mut c = Counts::zero(1, 6);
+        c.set(0, 4, 10);
+        c.set(0, 2, 5);
+        let p = Spark::new(6, &[3], Some(&c), 1);
+        let resident: Vec<u16> = (0..6).filter(|&e| p.is_resident(0, e)).collect();
+        assert_eq!(resident, vec![0, 2, 4]);
+        // A cache as large as the layer never misses.
+        let mut p = Spark::new(6, &[6], None, 2);
+        assert_eq!(run(&mut p, &[&[5, 1], &[3, 0]]), vec![0, 0]);
     }
 
     #[test]
-    fn learns_to_keep_the_frequent_expert() {
-        // Expert 0 every third token; the tokens between use experts that never return.
+    fn follows_recency_when_recency_wins() {
+        // 200 tokens over experts 0..6, then 400 over 10..16: the cache of 6 holds either
+        // working set, so LRU only pays the switch, while LFU clings to the stale counts.
+        let mut steps: Vec<Vec<u16>> = (0..200u16).map(|i| vec![i % 6, (i + 1) % 6]).collect();
+        steps.extend((0..400u16).map(|i| vec![10 + (2 * i) % 6, 10 + (2 * i + 1) % 6]));
+        let refs = steps_of(&steps);
+        let mut s = Spark::new(16, &[6], None, 2);
+        let sm: u32 = run(&mut s, &refs).iter().sum();
+        let lm: u32 = run(&mut Lru::new(16, &[6]), &refs).iter().sum();
+        let fm: u32 = run(&mut Lfu::new(16, &[6]), &refs).iter().sum();
+        assert!(lm + 100 < fm, "lru {lm} lfu {fm}");
+        assert!(sm <= lm + 20, "spark {sm} lru {lm}");
+        assert_ne!(s.lambda(), Some(0.0));
+    }
+
+    #[test]
+    fn follows_frequency_when_frequency_wins() {
+        // Experts 0 and 1 every third token; the two tokens between use pairs of one-off
+        // experts, enough to flush an LRU of 4. LFU keeps 0 and 1; spark must learn to.
         let mut steps: Vec<Vec<u16>> = Vec::new();
-        let mut next = 1u16;
-        for i in 0..300 {
+        let mut next = 2u16;
+        for i in 0..600 {
             if i % 3 == 0 {
-                steps.push(vec![0]);
+                steps.push(vec![0, 1]);
             } else {
-                steps.push(vec![next]);
-                next = if next == 200 { 1 } else { next + 1 };
+                steps.push(vec![next, next + 1]);
+                next = if next >= 96 { 2 } else { next + 2 };
             }
         }
-        let refs: Vec<&[u16]> = steps.iter().map(|v| v.as_slice()).collect();
-        let mut s = Spark::new(201, &[2], None, 1);
-        let mut l = crate::cache::Lru::new(201, &[2]);
+        let refs = steps_of(&steps);
+        let mut s = Spark::new(100, &[4], None, 2);
         let sm: u32 = run(&mut s, &refs).iter().sum();
-        let lm: u32 = run(&mut l, &refs).iter().sum();
-        // LRU: 0 is evicted by the two one-offs between its uses, so every access misses.
-        assert_eq!(lm, 300);
-        // Spark learns after a warm-up that 0 comes back and one-offs do not.
-        assert!(sm < 230, "spark {sm} lru {lm}");
+        let lm: u32 = run(&mut Lru::new(100, &[4]), &refs).iter().sum();
+        let fm: u32 = run(&mut Lfu::new(100, &[4]), &refs).iter().sum();
+        assert!(fm + 100 < lm, "lfu {fm} lru {lm}");
+        assert!(sm <= fm + 20, "spark {sm} lfu {fm}");
+        assert_ne!(s.lambda(), Some(1.0));
     }
 
     #[test]
-    fn prior_counts_rank_experts() {
-        let mut c = Counts::zero(1, 4);
-        c.set(0, 3, 10);
-        c.set(0, 1, 5);
-        let p = Spark::new(4, &[2], Some(&c), 1);
-        assert_eq!(p.layers[0].order[..2], [3, 1]);
+    fn decay_table_spans_recency_to_frequency() {
+        let d = DecayTable::new();
+        assert_eq!(d.get(0, 0), 1.0);
+        assert_eq!(d.get(3, 0), 0.125);
+        assert_eq!(d.get(1_000_000, F - 1), 1.0);
+        assert_eq!(d.get(2, 1), 0.5);
     }
 }
