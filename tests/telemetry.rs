@@ -456,3 +456,88 @@ fn trace_record_rejects_bad_input_with_one_line_and_exit_2() {
         assert!(!out.exists());
     }
 }
+
+/// A dense two-layer llama model with the pinned vocabulary, so llama-server runs it.
+fn dense_model(path: &Path) {
+    use spark::gguf::{GgmlType, GgufWriter, Value};
+    let vocab = GgufFile::open(&crate::util::default_vocab()).unwrap();
+    let n_vocab = vocab
+        .get("tokenizer.ggml.tokens")
+        .and_then(Value::as_array)
+        .unwrap()
+        .len() as u64;
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::String("llama".into()));
+    w.set("llama.block_count", Value::U32(2));
+    w.set("llama.embedding_length", Value::U32(64));
+    w.set("llama.feed_forward_length", Value::U32(128));
+    w.set("llama.attention.head_count", Value::U32(4));
+    w.set("llama.attention.head_count_kv", Value::U32(2));
+    w.set("llama.context_length", Value::U32(2048));
+    w.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-6));
+    for (key, value) in &vocab.metadata {
+        if key.starts_with("tokenizer.") {
+            w.set(key, value.clone());
+        }
+    }
+    let mut t = |name: &str, dims: &[u64], fill: f32| {
+        let n: u64 = dims.iter().product();
+        let bytes: Vec<u8> = (0..n).flat_map(|_| fill.to_le_bytes()).collect();
+        w.add_tensor(name, dims, GgmlType::F32, bytes);
+    };
+    t("token_embd.weight", &[64, n_vocab], 0.01);
+    t("output_norm.weight", &[64], 1.0);
+    t("output.weight", &[64, n_vocab], 0.0);
+    for l in 0..2 {
+        let b = |s: &str| format!("blk.{l}.{s}.weight");
+        t(&b("attn_norm"), &[64], 1.0);
+        t(&b("attn_q"), &[64, 64], 0.0);
+        t(&b("attn_k"), &[64, 32], 0.0);
+        t(&b("attn_v"), &[64, 32], 0.0);
+        t(&b("attn_output"), &[64, 64], 0.0);
+        t(&b("ffn_norm"), &[64], 1.0);
+        t(&b("ffn_gate"), &[64, 128], 0.0);
+        t(&b("ffn_up"), &[64, 128], 0.0);
+        t(&b("ffn_down"), &[128, 64], 0.0);
+    }
+    w.write(path).unwrap();
+}
+
+#[test]
+fn a_dense_model_loads_with_the_tap_and_reports_no_moe_layers() {
+    let dir = tempdir();
+    let model = dir.path().join("dense.gguf");
+    dense_model(&model);
+    let mut s = session(dir.path(), &model, &["-np", "1"]);
+    let g = s.greeting.clone().unwrap();
+    assert_eq!((g.arch.as_str(), g.n_expert), ("llama", 0));
+    s.discard();
+    let mut recs = Vec::new();
+    s.complete(1, &serde_json::json!("Hello"), 4, &mut recs)
+        .unwrap();
+    assert!(recs.is_empty());
+    let stats = s.control().unwrap().stats(Duration::from_secs(10)).unwrap();
+    assert_eq!((stats.moe_layers, stats.records), (0, 0));
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("no MoE layers"), "{log}");
+    s.stop();
+
+    let o = spark(&[
+        "trace",
+        "record",
+        "-m",
+        model.to_str().unwrap(),
+        "--out",
+        dir.path().join("d.trace").to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--llama-server",
+        llama_server().to_str().unwrap(),
+        "--tap",
+        tap_lib().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("has no MoE layers"), "{err}");
+    assert!(!dir.path().join("d.trace").exists());
+}
