@@ -8,3 +8,4 @@ mod plan;
 mod sessions;
 mod telemetry;
 mod validate;
+mod simulate;

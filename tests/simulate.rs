@@ -1,0 +1,409 @@
+//! `spark simulate`, `spark trace show|convert` and `spark profile show` end to end: the shared
+//! real trace, both text formats, the binary format, pictures, profiles, budgets, bad input.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::util::{spark, tempdir};
+
+fn shared_trace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/traces/olmoe-1b-7b-decode-299.jsonl")
+}
+
+fn ok_stdout(args: &[&str]) -> String {
+    let o = spark(args);
+    assert!(
+        o.status.success(),
+        "spark {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Runs spark expecting exit code `code`; returns stderr, checked to be one line, no panic.
+fn fails_with(args: &[&str], code: i32) -> String {
+    let o = spark(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(code), "spark {args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("spark: failed to "), "{err}");
+    err
+}
+
+fn json(args: &[&str]) -> Value {
+    serde_json::from_str(&ok_stdout(args)).unwrap()
+}
+
+/// Two layers, six experts, top-2, eight steps.
+const JSONL: &str = "\
+{\"tok\": 1, \"layers\": [[0, 1], [2, 3]]}
+{\"tok\": 2, \"layers\": [[0, 2], [2, 4]]}
+{\"tok\": 3, \"layers\": [[0, 1], [3, 5]]}
+{\"tok\": 4, \"layers\": [[3, 4], [2, 3]]}
+{\"tok\": 5, \"layers\": [[0, 5], [1, 2]]}
+{\"tok\": 6, \"layers\": [[0, 1], [2, 3]]}
+{\"tok\": 7, \"layers\": [[2, 3], [0, 4]]}
+{\"tok\": 8, \"layers\": [[0, 1], [2, 3]]}
+";
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, text).unwrap();
+    p
+}
+
+fn misses(report: &Value) -> Vec<(u64, String, u64)> {
+    report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["slots"].as_u64().unwrap(),
+                r["policy"].as_str().unwrap().to_string(),
+                r["misses"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn shared_trace_simulates_with_the_issue_json_shape() {
+    let t = shared_trace();
+    let r = json(&[
+        "simulate",
+        "--trace",
+        t.to_str().unwrap(),
+        "--policy",
+        "all",
+        "--slots",
+        "16,32,64",
+        "--json",
+    ]);
+    assert_eq!(r["layers"], 16);
+    assert_eq!(r["steps"], 299);
+    assert_eq!(r["k"], 8);
+    assert!(r["trace"]
+        .as_str()
+        .unwrap()
+        .ends_with("olmoe-1b-7b-decode-299.jsonl"));
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3 * 7);
+    for row in results {
+        for key in [
+            "slots",
+            "policy",
+            "misses",
+            "accesses",
+            "miss_ratio",
+            "vs_belady",
+        ] {
+            assert!(row.get(key).is_some(), "{key} missing in {row}");
+        }
+        // 150 scored steps × 16 layers × 8 experts.
+        assert_eq!(row["accesses"], 150 * 16 * 8);
+        let ratio = row["misses"].as_f64().unwrap() / row["accesses"].as_f64().unwrap();
+        assert!((row["miss_ratio"].as_f64().unwrap() - ratio).abs() < 1e-12);
+    }
+    for (slots, policy, m) in misses(&r) {
+        let b = misses(&r)
+            .into_iter()
+            .find(|(s, p, _)| *s == slots && p == "belady")
+            .unwrap()
+            .2;
+        assert!(m >= b, "{policy} at {slots}: {m} < belady {b}");
+        if policy == "belady" {
+            assert_eq!(
+                results
+                    .iter()
+                    .find(|x| x["slots"] == slots && x["policy"] == "belady")
+                    .unwrap()["vs_belady"],
+                1.0
+            );
+        }
+    }
+    // Slots equal to the experts: everything fits after the preload, and spark fills every
+    // slot at startup.
+    let at = |p: &str| {
+        misses(&r)
+            .into_iter()
+            .find(|(s, q, _)| *s == 64 && q == p)
+            .unwrap()
+            .2
+    };
+    assert_eq!(at("belady"), 0);
+    assert_eq!(at("spark"), 0);
+    assert!(at("lru") > 0);
+}
+
+#[test]
+fn text_formats_import_convert_and_agree() {
+    let dir = tempdir();
+    let d = dir.path();
+    let jsonl = write(d, "t.jsonl", JSONL);
+    let bin = d.join("t.trace");
+    let csv = d.join("t.csv");
+    let out = ok_stdout(&[
+        "trace",
+        "convert",
+        jsonl.to_str().unwrap(),
+        bin.to_str().unwrap(),
+    ]);
+    assert!(out.contains("8 decode steps"), "{out}");
+    ok_stdout(&[
+        "trace",
+        "convert",
+        bin.to_str().unwrap(),
+        csv.to_str().unwrap(),
+    ]);
+    let text = fs::read_to_string(&csv).unwrap();
+    assert!(
+        text.starts_with("layer_id,expert_ids\n0,0 1\n1,2 3\n0,0 2\n"),
+        "{text}"
+    );
+    let show = ok_stdout(&["trace", "show", bin.to_str().unwrap()]);
+    assert!(show.contains("2 layers, 6 experts, k=2"), "{show}");
+    assert!(show.contains("8 decode, 0 prompt"), "{show}");
+    // An explicit --from reads a file whose extension says nothing.
+    let odd = d.join("t.data");
+    fs::copy(&csv, &odd).unwrap();
+    let show = ok_stdout(&["trace", "show", odd.to_str().unwrap(), "--from", "csv"]);
+    assert!(show.contains("(csv)"), "{show}");
+    // The three formats simulate identically.
+    let run = |p: &Path| {
+        misses(&json(&[
+            "simulate",
+            "--trace",
+            p.to_str().unwrap(),
+            "--slots",
+            "2,3,4",
+            "--json",
+        ]))
+    };
+    let a = run(&jsonl);
+    assert_eq!(a.len(), 3 * 7);
+    assert_eq!(a, run(&bin));
+    assert_eq!(a, run(&csv));
+}
+
+#[test]
+fn hand_checked_small_trace() {
+    // Layer 0 scored steps 4..8 (calibrate-frac 0.5): {0,5} {0,1} {2,3} {0,1};
+    // layer 1: {1,2} {2,3} {0,4} {2,3}. Two slots each.
+    let dir = tempdir();
+    let jsonl = write(dir.path(), "t.jsonl", JSONL);
+    let r = json(&[
+        "simulate",
+        "--trace",
+        jsonl.to_str().unwrap(),
+        "--slots",
+        "2",
+        "--policy",
+        "lru,belady,static",
+        "--json",
+    ]);
+    let m: Vec<(String, u64)> = misses(&r).into_iter().map(|(_, p, m)| (p, m)).collect();
+    // lru, warmed by steps 0..4 (layer 0 ends {3,4}, layer 1 ends {2,3}):
+    //   layer 0: 2 + 1 + 2 + 2 = 7; layer 1: 1 + 1 + 2 + 2 = 6.
+    // belady, preloaded with {0,5} and {1,2}:
+    //   layer 0: 0, then {0,1}: 1 (evict 5), {2,3}: 2 (0,1 return first: stream both), {0,1}: 0;
+    //   layer 1: 0, {2,3}: 1 (evict 1), {0,4}: 2 (streamed), {2,3}: 0.  Total 6.
+    // static, top-2 of the calibration counts (layer 0: 0 and 1; layer 1: 2 and 3):
+    //   layer 0: 1 + 0 + 2 + 0 = 3; layer 1: 1 + 0 + 2 + 0 = 3.
+    assert_eq!(
+        m,
+        vec![
+            ("lru".to_string(), 13),
+            ("belady".to_string(), 6),
+            ("static".to_string(), 6)
+        ]
+    );
+}
+
+#[test]
+fn truncated_and_corrupt_traces_exit_2() {
+    let dir = tempdir();
+    let d = dir.path();
+    let jsonl = write(d, "t.jsonl", JSONL);
+    let bin = d.join("t.trace");
+    ok_stdout(&[
+        "trace",
+        "convert",
+        jsonl.to_str().unwrap(),
+        bin.to_str().unwrap(),
+    ]);
+    let bytes = fs::read(&bin).unwrap();
+    let cut = d.join("cut.trace");
+    fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let e = fails_with(&["trace", "show", cut.to_str().unwrap()], 2);
+    assert!(e.contains("truncated") && e.contains("cut.trace"), "{e}");
+    let e = fails_with(&["simulate", "--trace", cut.to_str().unwrap()], 2);
+    assert!(e.contains("truncated"), "{e}");
+    let mut bad = bytes.clone();
+    bad[0] = b'X';
+    let magic = d.join("magic.trace");
+    fs::write(&magic, &bad).unwrap();
+    let e = fails_with(&["trace", "show", magic.to_str().unwrap()], 2);
+    assert!(e.contains("bad magic"), "{e}");
+    let broken = write(
+        d,
+        "broken.jsonl",
+        "{\"tok\": 1, \"layers\": [[0, 1]]}\n{\"tok\": 2\n",
+    );
+    let e = fails_with(&["simulate", "--trace", broken.to_str().unwrap()], 2);
+    assert!(e.contains("broken.jsonl line 2"), "{e}");
+}
+
+#[test]
+fn bad_flags_exit_2() {
+    let dir = tempdir();
+    let jsonl = write(dir.path(), "t.jsonl", JSONL);
+    let t = jsonl.to_str().unwrap();
+    let e = fails_with(&["simulate", "--trace", t, "--policy", "lru,mru"], 2);
+    assert!(e.contains("\"mru\""), "{e}");
+    let e = fails_with(&["simulate", "--trace", t, "--slots", "1"], 2);
+    assert!(e.contains("below k=2"), "{e}");
+    let e = fails_with(&["simulate", "--trace", t, "--calibrate-frac", "1.5"], 2);
+    assert!(e.contains("--calibrate-frac"), "{e}");
+    let e = fails_with(&["simulate", "--trace", "/nonexistent/x.jsonl"], 2);
+    assert!(e.contains("/nonexistent/x.jsonl"), "{e}");
+    let e = fails_with(&["trace", "show", "/tmp/whatever.xyz"], 2);
+    assert!(e.contains("unknown trace format"), "{e}");
+    let e = fails_with(&["simulate", "--trace", t, "--budget-mib", "4"], 2);
+    assert!(e.contains("expert sizes are unknown"), "{e}");
+}
+
+#[test]
+fn plot_and_heatmap_are_svg() {
+    let dir = tempdir();
+    let d = dir.path();
+    let jsonl = write(d, "t.jsonl", JSONL);
+    let plot = d.join("plot.svg");
+    let out = ok_stdout(&[
+        "simulate",
+        "--trace",
+        jsonl.to_str().unwrap(),
+        "--slots",
+        "2,3,4,5",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(out.contains("wrote"), "{out}");
+    let svg = fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(svg.trim_end().ends_with("</svg>"));
+    for p in ["lru", "belady", "spark", "pin-lru"] {
+        assert!(svg.contains(&format!(">{p}</text>")), "{p}");
+    }
+    // 7 policies × 4 slot counts.
+    assert_eq!(svg.matches("<circle").count(), 28);
+
+    let prof = write(
+        d,
+        "m.gguf.spark.csv",
+        "# hotness table: n_layer=2 n_expert=6 n_expert_used=2\n9,5,1,1,1,0\n0,1,8,8,2,1\n",
+    );
+    let heat = d.join("heat.svg");
+    let out = ok_stdout(&[
+        "profile",
+        "show",
+        prof.to_str().unwrap(),
+        "--heatmap",
+        heat.to_str().unwrap(),
+    ]);
+    assert!(out.contains("2 layers, 6 experts, k=2"), "{out}");
+    assert!(out.contains("none (a Luce Spark file)"), "{out}");
+    let svg = fs::read_to_string(&heat).unwrap();
+    assert!(svg.starts_with("<svg"));
+    assert_eq!(svg.matches("<rect x=").count(), 12);
+    assert!(svg.contains("layer 0 expert 0: 9"));
+}
+
+#[test]
+fn profile_scoring_mode() {
+    let dir = tempdir();
+    let d = dir.path();
+    let jsonl = write(d, "t.jsonl", JSONL);
+    // The profile says layer 0's hot experts are 4 and 5, layer 1's are 0 and 1: static pins
+    // those instead of the calibration part's.
+    let prof = write(
+        d,
+        "p.csv",
+        "# hotness table: n_layer=2 n_expert=6 n_expert_used=2\n0,0,0,0,9,8\n9,8,0,0,0,0\n",
+    );
+    let r = json(&[
+        "simulate",
+        "--trace",
+        jsonl.to_str().unwrap(),
+        "--profile",
+        prof.to_str().unwrap(),
+        "--slots",
+        "2",
+        "--policy",
+        "static",
+        "--json",
+    ]);
+    assert!(r["profile"].as_str().unwrap().ends_with("p.csv"));
+    // Scored layer 0: {0,5} {0,1} {2,3} {0,1} → 1 + 2 + 2 + 2 = 7;
+    // layer 1: {1,2} {2,3} {0,4} {2,3} → 1 + 2 + 1 + 2 = 6.
+    assert_eq!(r["results"][0]["misses"], 13);
+    let wrong = write(
+        d,
+        "wrong.csv",
+        "# hotness table: n_layer=3 n_expert=6 n_expert_used=2\n1,1,1,1,1,1\n1,1,1,1,1,1\n1,1,1,1,1,1\n",
+    );
+    let e = fails_with(
+        &[
+            "simulate",
+            "--trace",
+            jsonl.to_str().unwrap(),
+            "--profile",
+            wrong.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(e.contains("wrong.csv") && e.contains("3 layers"), "{e}");
+}
+
+#[test]
+fn budget_mode_places_and_refuses() {
+    let dir = tempdir();
+    let jsonl = write(dir.path(), "t.jsonl", JSONL);
+    let t = jsonl.to_str().unwrap();
+    // 1 MiB experts, 6 MiB: the floor is k = 2 slots per layer (4 MiB); the 2 MiB left pin the
+    // two hottest calibration experts across layers: layer 0's expert 0 and layer 1's expert 2
+    // (3 uses each; layer 1's expert 3 also has 3 and loses the tie to the lower id).
+    let r = json(&[
+        "simulate",
+        "--trace",
+        t,
+        "--budget-mib",
+        "6",
+        "--expert-bytes",
+        "1048576",
+        "--policy",
+        "lru,belady",
+        "--json",
+    ]);
+    let row = &r["results"][0];
+    assert_eq!(row["slots_per_layer"], serde_json::json!([3, 3]));
+    assert_eq!(row["slots"], 3);
+    let moved = row["bytes_moved"].as_u64().unwrap();
+    assert_eq!(moved, row["misses"].as_u64().unwrap() * 1_048_576);
+    let e = fails_with(
+        &[
+            "simulate",
+            "--trace",
+            t,
+            "--budget-mib",
+            "3",
+            "--expert-bytes",
+            "1048576",
+        ],
+        3,
+    );
+    assert!(e.contains("cannot hold the per-layer floor"), "{e}");
+}
