@@ -553,3 +553,20 @@ fn concurrent_validations_do_not_collide() {
     }
     assert_ne!(read_pid(&runs[0].2), read_pid(&runs[1].2));
 }
+
+#[test]
+fn demo_loop_calibrates_and_validates_the_builtin_corpus() {
+    let dir = tempdir();
+    let model = fixture(dir.path(), "tiny.gguf", &["--router", "skewed"]);
+    let engine = spark::engine::Engine::locate(Some(&crate::util::llama_server())).unwrap();
+    let t0 = Instant::now();
+    let s = spark::validate::demo_loop(&model, &engine, &dir.path().join("demo")).unwrap();
+    eprintln!(
+        "demo loop: {:.1} s\n{}",
+        t0.elapsed().as_secs_f64(),
+        s.render()
+    );
+    assert_eq!(s.validate.report.status, "pass");
+    assert!(s.calibrate.chunks > 0 && s.profile.exists());
+    assert!(s.render().contains("| spark |"));
+}

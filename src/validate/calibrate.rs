@@ -232,7 +232,7 @@ pub fn calibrate(
     if !todo.is_empty() {
         let log = with_suffix(&profile_path, ".server.log");
         let cfg = a.server.replay_config(&a.model, log, None, interrupt)?;
-        let mut progress = Progress::new("calibrate", todo.len(), a.quiet);
+        let progress = super::SharedProgress::new(Progress::new("calibrate", todo.len(), a.quiet));
         let mut commit = |run: ChunkRun| -> Result<(), ValidateError> {
             let bytes: &[u8] = bytemuck::cast_slice(&run.records);
             records
@@ -256,10 +256,14 @@ pub fn calibrate(
             crate::atomic_file::write_atomic(&spath, &json)
                 .map_err(|e| ValidateError::io(&spath, e))?;
             state = next;
-            progress.chunk(&run.key, tokens);
+            progress.borrow_mut().chunk(&run.key, tokens);
             Ok(())
         };
-        replay(&cfg, todo, |_| Ok(()), &mut commit)?;
+        let on_start = |_: &super::replay::Started| {
+            progress.borrow_mut().restart();
+            Ok(())
+        };
+        replay(&cfg, todo, on_start, &mut commit)?;
     }
 
     // Every chunk is done: publish the trace, then the profile, then forget the state.

@@ -447,13 +447,18 @@ pub fn validate(
         .replay_config(&a.model, log.clone(), Some(deadline), interrupt)
     {
         Ok(cfg) => {
-            let mut progress = Progress::new("validate", planned, a.quiet);
+            let progress = super::SharedProgress::new(Progress::new("validate", planned, a.quiet));
             replay(
                 &cfg,
                 todo,
-                |_| Ok(()),
+                |_| {
+                    progress.borrow_mut().restart();
+                    Ok(())
+                },
                 |run| {
-                    progress.chunk(&run.key, (run.prompt_tokens + run.generated) as u64);
+                    progress
+                        .borrow_mut()
+                        .chunk(&run.key, (run.prompt_tokens + run.generated) as u64);
                     runs.push(run);
                     Ok(())
                 },
@@ -593,7 +598,16 @@ pub fn validate(
 /// Runs `spark validate` with Ctrl-C handling and prints the summary table.
 pub fn run(a: &ValidateArgs) -> Result<(), ValidateError> {
     let interrupt = super::interrupt_on_signals()?;
-    let o = validate(a, Some(interrupt))?;
+    let o = validate(a, Some(interrupt)).inspect_err(|e| {
+        let md = a.report.join("report.md");
+        if e.exit_code() != crate::exit::USAGE && md.exists() {
+            eprintln!(
+                "spark validate: report ({}) in {}",
+                e.status(),
+                md.display()
+            );
+        }
+    })?;
     println!(
         "{}: pass ({} held-out chunks, {} slots per layer)",
         o.markdown.display(),

@@ -261,6 +261,9 @@ pub(crate) struct Progress {
     quiet: bool,
 }
 
+/// A [`Progress`] shared by the start and chunk callbacks of one replay.
+pub(crate) type SharedProgress = std::cell::RefCell<Progress>;
+
 impl Progress {
     pub(crate) fn new(what: &'static str, total: usize, quiet: bool) -> Progress {
         Progress {
@@ -271,6 +274,11 @@ impl Progress {
             started: Instant::now(),
             quiet,
         }
+    }
+
+    /// Rates count from now (the server is ready), not from the start of the run.
+    pub(crate) fn restart(&mut self) {
+        self.started = Instant::now();
     }
 
     pub(crate) fn chunk(&mut self, key: &str, tokens: u64) {
@@ -337,9 +345,9 @@ pub fn demo_loop(model: &Path, engine: &Engine, dir: &Path) -> Result<DemoSummar
     std::fs::create_dir_all(dir).map_err(|e| ValidateError::io(dir, e))?;
     let corpus = crate::sessions::synth::demo_corpus(dir)?;
     let mut server = ServerArgs::new(Some(engine.llama_server.clone()));
-    server.chunk_tokens = 192;
+    server.chunk_tokens = 128;
     server.n_gen = 8;
-    server.max_chunks = Some(4);
+    server.max_chunks = Some(3);
     server.server_args = vec!["-t".into(), "2".into()];
     let profile = dir.join("demo.spark.csv");
     // A fresh calibration every time: the demo shows the whole loop.
