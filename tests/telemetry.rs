@@ -117,6 +117,32 @@ fn routing_matches_the_analytic_computation_exactly() {
     assert_eq!(summary["dropped"], 0);
     assert_eq!(summary["unmapped"], 0);
 
+    // The recorded file is a valid trace for the rest of spark.
+    let show = spark(&["trace", "show", trace.to_str().unwrap()]);
+    assert!(
+        show.status.success(),
+        "spark trace show failed: {}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let jsonl = dir.path().join("analytic.jsonl");
+    let conv = spark(&[
+        "trace",
+        "convert",
+        trace.to_str().unwrap(),
+        jsonl.to_str().unwrap(),
+    ]);
+    assert!(
+        conv.status.success(),
+        "spark trace convert failed: {}",
+        String::from_utf8_lossy(&conv.stderr)
+    );
+    let steps = std::fs::read_to_string(&jsonl).unwrap().lines().count();
+    assert_eq!(
+        steps,
+        prompt.len() + n_predict as usize - 1,
+        "one JSONL line per evaluated token (prompt and decode)"
+    );
+
     let records = read_records(&trace);
     let file = GgufFile::open(&model).unwrap();
     let (n_layer, k) = (

@@ -281,6 +281,14 @@ fn open_ring<T: bytemuck::Pod>(path: &str, kind: u32) -> Result<Producer<T>, Str
 /// `model` must be a live `llama_model`.
 pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextParams) -> bool {
     let cap = params.n_batch().max(params.n_ubatch()).max(512) as usize;
+    // Geometry is read before taking the state (it calls into llama.cpp and allocates).
+    let geo = geometry(model);
+    // Scratch for tensors outside host memory (GPU builds): a ubatch of router ids and
+    // weights plus a ubatch of hidden states. Zeroed allocations are committed lazily.
+    let ubatch = params.n_ubatch().max(1) as usize;
+    let scratch_len = (ubatch
+        * (geo.n_expert.max(1) as usize * 4 + 2 * MAX_K * 4 + geo.n_embd as usize * 4))
+        .max(1 << 20);
     let first = with_state_init(|slot| {
         let first = slot.is_none();
         if first {
@@ -319,7 +327,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 routing_rows: RowMap::new(),
                 hidden_rows: RowMap::new(),
                 hidden,
-                scratch: vec![0u8; 1 << 20],
+                scratch: vec![0u8; scratch_len],
                 shadows: std::array::from_fn(|_| Shadow::new(cap)),
                 next_evict: 0,
             });
@@ -340,7 +348,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
         return false;
     };
     if first {
-        control::start(geometry(model));
+        control::start(geo);
     }
     if let Some(cb) = params.cb_eval() {
         if cb as usize != eval_cb as EvalCallback as usize {
