@@ -86,7 +86,7 @@ pub struct PlanCommand {
 #[derive(Debug, Subcommand)]
 pub enum PlanAction {
     /// Measure the plan with llama-bench (or read llama-bench JSON) and keep it as a receipt
-    Receipt(ReceiptArgs),
+    Receipt(Box<ReceiptArgs>),
     /// Show this machine's hardware profile (measured once, cached per machine)
     Hardware(HardwareArgs),
 }
@@ -250,6 +250,8 @@ pub struct HardwareArgs {
 pub enum BenchCommand {
     /// Validate `spark plan` forecasts against llama-bench on fixtures (leave-one-model-out)
     Plan(validate::BenchPlanArgs),
+    /// Decode tok/s of llama-server with the routing tap vs without (alternating repetitions)
+    Tap(crate::bench_tap::BenchTapArgs),
 }
 
 /// Resolved settings of one plan.
@@ -651,7 +653,7 @@ fn load_routing(a: &PlanArgs, model: &ModelFacts) -> Result<Option<Concentration
 /// `spark plan`: prints the plan; a refusal is printed and returned as an error (exit 3).
 pub fn run(cmd: PlanCommand) -> Result<(), PlanError> {
     match cmd.action {
-        Some(PlanAction::Receipt(a)) => run_receipt(a),
+        Some(PlanAction::Receipt(a)) => run_receipt(*a),
         Some(PlanAction::Hardware(a)) => {
             a.hardware.validate()?;
             let hw = hardware::gather(&a.hardware.overrides())?;
