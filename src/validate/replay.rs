@@ -9,6 +9,7 @@
 //! blocked request returns at once. Never spawns or kills a process itself, and never waits
 //! without a deadline.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
@@ -102,6 +103,10 @@ pub fn replay(
     mut on_start: impl FnMut(&Started) -> Result<(), ValidateError>,
     mut on_chunk: impl FnMut(ChunkRun) -> Result<(), ValidateError>,
 ) -> Result<(), ValidateError> {
+    // Rings of SIGKILLed supervisors (which could not unlink them) go before a new one is made.
+    for stale in crate::ring::remove_stale_rings(Path::new("/dev/shm")) {
+        eprintln!("spark: removed stale ring {}", stale.display());
+    }
     let mut session_cfg = cfg.session.clone();
     if let Some(d) = cfg.deadline {
         let left = d.saturating_duration_since(Instant::now());
