@@ -638,3 +638,70 @@ fn profile_gives_a_routing_verdict_and_a_cache_hit_ratio() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("stale"), "{}", stderr(&o));
 }
+
+#[test]
+fn gpu_from_flags_moves_the_reads_to_vram() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    // All on a 100 GB/s GPU: the 8 793 088 B a token reads come from VRAM.
+    let (o, j) = plan_json(
+        dir.path(),
+        &model,
+        &["--ctx", "1024", "--vram-budget", "14", "--vram-bw", "100"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = &j["forecast"]["roofline"];
+    assert_eq!(r["regime"], "all_vram");
+    assert_eq!(r["vram_bytes_per_token"], 8_793_088);
+    assert_eq!(r["host_bytes_per_token"], 0);
+    assert!((r["decode_tps"].as_f64().unwrap() - 100e9 / 8_793_088.0).abs() < 1e-6);
+    // --n-cpu-moe 1 (13 MiB): layer 0's two active experts (98 304 B) are read from host memory
+    // at 10 GB/s, the rest from VRAM.
+    let (_, j) = plan_json(
+        dir.path(),
+        &model,
+        &["--ctx", "1024", "--vram-budget", "13", "--vram-bw", "100"],
+    );
+    let r = &j["forecast"]["roofline"];
+    assert_eq!(r["regime"], "experts_offloaded");
+    assert_eq!(r["host_bytes_per_token"], 98_304);
+    assert_eq!(r["vram_bytes_per_token"], 8_793_088 - 98_304);
+    let secs = 98_304.0 / 10e9 + (8_793_088.0 - 98_304.0) / 100e9;
+    assert!((r["decode_tps"].as_f64().unwrap() - 1.0 / secs).abs() < 1e-6);
+}
+
+#[test]
+fn hardware_profile_honours_flag_overrides() {
+    let dir = util::tempdir();
+    let o = spark_in(
+        dir.path(),
+        &[
+            "plan",
+            "hardware",
+            "--json",
+            "--host-bw",
+            "5",
+            "--host-gflops",
+            "9",
+            "--ram-total",
+            "1000",
+            "--ram-available",
+            "600",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Json = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["ram_total_bytes"], 1000 * MIB);
+    assert_eq!(j["ram_available_bytes"], 600 * MIB);
+    assert_eq!(j["host_read_gbps"][0]["rate"], 5.0);
+    assert_eq!(j["host_gflops"][0]["rate"], 9.0);
+    assert!(j["gpu"].is_null());
+    assert!(j["machine"]["logical_cpus"].as_u64().unwrap() >= 1);
+    let o = spark_in(dir.path(), &["plan", "hardware", "--host-bw", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--host-bw 0: must be a positive number"),
+        "{}",
+        stderr(&o)
+    );
+}
