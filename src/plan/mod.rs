@@ -756,8 +756,14 @@ pub fn pair(
     exclude: &dyn Fn(&Receipt) -> bool,
 ) -> Vec<Receipt> {
     let mut out = Vec::new();
-    let mut keys: Vec<String> = rows.iter().map(|r| r.settings_key()).collect();
-    keys.dedup();
+    // One receipt per configuration, in the order llama-bench ran them.
+    let mut keys: Vec<String> = Vec::new();
+    for r in rows {
+        let k = r.settings_key();
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
     for key in keys {
         let same: Vec<&BenchRow> = rows.iter().filter(|r| r.settings_key() == key).collect();
         let first = same[0];
