@@ -902,6 +902,32 @@ mod tests {
     }
 
     #[test]
+    fn rows_map_to_positions_across_ubatches_and_the_trimmed_last_layer() {
+        // A batch of 6 tokens at positions 10..16, split into ubatches of 4 and 2; only the
+        // last token is an output, so the last layer keeps no row in the first ubatch and one
+        // in the second.
+        let pos: Vec<i32> = (10..16).collect();
+        let out = [0u8, 0, 0, 0, 0, 1];
+        let mut map = RowMap::new();
+        let mut got = Vec::new();
+        for (layer, rows) in [(0u32, 4usize), (1, 4), (2, 0), (0, 2), (1, 2), (2, 1)] {
+            map.advance(layer, rows.max(1));
+            let mut rp = RowPositions::new(map, rows.max(1));
+            let v: Vec<Option<u32>> = (0..rows).map(|j| rp.next(j, true, &pos, &out)).collect();
+            got.push((layer, v));
+        }
+        let p = |v: &[u32]| v.iter().map(|&x| Some(x)).collect::<Vec<_>>();
+        assert_eq!(got[0], (0, p(&[10, 11, 12, 13])));
+        assert_eq!(got[1], (1, p(&[10, 11, 12, 13])));
+        assert_eq!(got[3], (0, p(&[14, 15])));
+        assert_eq!(got[4], (1, p(&[14, 15])));
+        assert_eq!(got[5], (2, p(&[15])));
+        // Unknown positions stay unknown.
+        let mut rp = RowPositions::new(RowMap::new(), 1);
+        assert_eq!(rp.next(0, false, &pos, &out), None);
+    }
+
+    #[test]
     fn only_the_routing_weights_are_asked_for() {
         assert!(matches!(
             classify(&name("ffn_moe_weights-17")),
