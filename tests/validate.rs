@@ -255,6 +255,14 @@ fn calibrate_then_validate_end_to_end() {
     assert!(md.contains("| belady bound |"), "{md}");
     assert!(report.join("cold_rate.svg").exists());
 
+    // A budget buys whole slots: 4 layers × 48 KiB per slot, so 0.5 MiB buys 2.
+    let mut args = validate_args(&st, &profile, &report);
+    let i = args.iter().position(|a| *a == "--slots").unwrap();
+    args.splice(i..i + 2, ["--budget-mib", "0.5"]);
+    let o = spark(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(report_json(&report)["slots"], 2);
+
     // A threshold nobody can meet at 3 of 8 slots: exit 1, report says fail.
     let mut args = validate_args(&st, &profile, &report);
     args.extend(["--min-hit-ratio", "1.0"]);

@@ -617,3 +617,46 @@ pub fn run(a: &ValidateArgs) -> Result<(), ValidateError> {
     print!("{}", policy_table(&o.report));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One layer, four experts, top-1: the tokens use experts 2 and 3 in turn.
+    fn routing() -> Routing {
+        let mut r = Routing::new(1);
+        for t in 0..10u32 {
+            let ids = [2 + (t % 2) as u16];
+            r.push_step(1, t, [(&ids[..], &[][..])]);
+        }
+        r
+    }
+
+    #[test]
+    fn placements_are_scored_on_the_same_lookups() {
+        let mut profile = Counts::zero(1, 4);
+        profile.set(0, 2, 50);
+        profile.set(0, 3, 40);
+        let s = score(&routing(), 4, 1, 2, &profile);
+        let by = |name: &str| s.rows.iter().find(|r| r.placement == name).unwrap().clone();
+        // Uniform keeps experts 0 and 1: every lookup is cold.
+        assert_eq!((by("uniform").cold, by("uniform").lookups), (10, 10));
+        // The profile's top two are exactly the used ones.
+        assert_eq!(by("calibrated static").cold, 0);
+        // Two slots hold both used experts: the bound has no cold hit, so no ratio to it.
+        assert_eq!(by("belady bound").cold, 0);
+        assert_eq!(by("uniform").vs_belady, None);
+        assert!(s.rows.iter().all(|r| r.lookups == 10));
+    }
+
+    #[test]
+    fn markdown_names_every_placement_and_the_status() {
+        let mut profile = Counts::zero(1, 4);
+        profile.set(0, 2, 1);
+        let scores = score(&routing(), 4, 1, 2, &profile);
+        let table = scores_table(&scores);
+        for (name, _) in PLACEMENTS {
+            assert!(table.contains(&format!("| {name} |")), "{table}");
+        }
+    }
+}
