@@ -85,7 +85,9 @@ async fn listen_proxy(upstream_port: u16) -> u16 {
     w.set("general.architecture", Value::String("qwen3moe".into()));
     w.set("qwen3moe.block_count", Value::U32(1));
     w.write(&model).unwrap();
-    let geometry = MoeGeometry::of(&GgufFile::open(&model).unwrap()).unwrap();
+    let file = GgufFile::open(&model).unwrap();
+    let geometry = MoeGeometry::of(&file).unwrap();
+    let placement = spark::serve::placement::choose(&file, &geometry, None, 4096, &[], u64::MAX).unwrap();
     let keeper = Arc::new(KeeperState::default());
     keeper.port.store(upstream_port, Ordering::Release);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -102,6 +104,8 @@ async fn listen_proxy(upstream_port: u16) -> u16 {
         started: Instant::now(),
         completed: AtomicU64::new(0),
         listen,
+        live: None,
+        placement,
     });
     tokio::spawn(async move {
         loop {

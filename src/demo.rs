@@ -102,6 +102,8 @@ fn serve_and_learn(cfg: &DemoConfig, engine: &Engine, model: &std::path::Path) -
         profile: Some(profile.clone()),
         cache_slots: None,
         cache_policy: crate::cache::PolicyKind::Spark,
+        vram_budget_mib: None,
+        ctx: 2048,
     };
     eprintln!("[5/6] spark serve --spark -m {} --port {port}", model.display());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

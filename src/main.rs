@@ -171,6 +171,9 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         {
             return exit::USAGE;
         }
+        if cause.is::<spark::serve::placement::Refused>() {
+            return exit::REFUSED;
+        }
         if let Some(e) = cause.downcast_ref::<spark::telemetry::TelemetryError>() {
             if e.is_usage() {
                 return exit::USAGE;

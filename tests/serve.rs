@@ -147,7 +147,7 @@ fn proxy_answers_equal_llama_server_answers() {
 
     let served = Served::start(&model, &["--quiet"]);
     for (p, (c, n, s)) in prompts.iter().zip(&expected) {
-        let got = post(&served.url("/completion"), &completion(p)).unwrap();
+        let got = post(&served.url("/completion"), &completion(p)).unwrap_or_else(|e| panic!("{e}; status {}", served.status()));
         assert_eq!(&got["content"], c, "/completion {p:?}");
         let got = post(&served.url("/v1/chat/completions"), &chat(p, false)).unwrap();
         assert_eq!(&got["choices"][0]["message"]["content"], n, "chat {p:?}");
@@ -429,4 +429,23 @@ fn sigkill_during_profile_rewrites_never_leaves_a_broken_profile_or_a_stale_ring
         drop(next);
     }
     assert!(profile.exists());
+}
+
+#[test]
+fn placement_flags_are_passed_and_an_impossible_budget_is_refused_with_3() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let o = util::spark(&["serve", "-m", model.to_str().unwrap(), "--port", "0", "--vram-budget", "1", "--llama-server", util::llama_server().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("VRAM budget of 1 MiB") && err.contains("what would help"), "{err}");
+
+    // CPU only: spark passes -ngl 0 and its context; the user's -c (after --) wins and is named.
+    let served = Served::start(&model, &["--quiet", "--no-tap"]);
+    let st = served.status();
+    assert_eq!(st["placement"]["placement"]["kind"], "cpu_only", "{st}");
+    assert_eq!(st["placement"]["flags"], json!(["-ngl", "0"]));
+    assert_eq!(st["placement"]["user_overrides"], json!(["-c 2048"]));
+    assert!(st["routing"].is_null(), "--no-tap serves without routing statistics");
+    assert!(served.early.iter().any(|l| l.contains("your arguments replace: -c 2048")), "{:?}", served.early);
 }

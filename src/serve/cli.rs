@@ -54,6 +54,12 @@ pub struct ServeArgs {
     /// Slots per MoE layer of the shadow cache (default: 2 × experts per token)
     #[arg(long)]
     pub cache_slots: Option<u32>,
+    /// VRAM spark may plan for, MiB (none: a CPU-only placement)
+    #[arg(long, value_name = "MiB")]
+    pub vram_budget: Option<u64>,
+    /// Context length the KV cache is planned for (a `-c` after `--` wins)
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: u64,
     /// Policy of the shadow cache
     #[arg(long, value_enum, default_value = "spark")]
     pub cache_policy: crate::cache::PolicyKind,
@@ -85,6 +91,8 @@ impl ServeArgs {
             profile,
             cache_slots: self.cache_slots,
             cache_policy: self.cache_policy,
+            vram_budget_mib: self.vram_budget,
+            ctx: self.ctx,
         })
     }
 }

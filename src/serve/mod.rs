@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod live;
+pub mod placement;
 pub mod proxy;
 pub mod stats;
 
@@ -66,6 +67,10 @@ pub struct ServeConfig {
     pub profile: Option<PathBuf>,
     pub cache_slots: Option<u32>,
     pub cache_policy: crate::cache::PolicyKind,
+    /// VRAM budget for the placement, MiB.
+    pub vram_budget_mib: Option<u64>,
+    /// Context length the placement plans for.
+    pub ctx: u64,
 }
 
 /// State shared by every connection.
@@ -83,6 +88,7 @@ pub struct ServeState {
     pub listen: SocketAddr,
     /// Live routing statistics, when the tap runs.
     pub live: Option<LiveHandle>,
+    pub placement: placement::ServePlacement,
 }
 
 /// The serve side of the live routing thread.
@@ -113,6 +119,7 @@ impl ServeState {
             "geometry": {"n_layer": self.geometry.n_layer, "n_expert": self.geometry.n_expert, "n_expert_used": self.geometry.n_expert_used, "moe_layers": self.geometry.moe_layers.len()},
             "engine": {"llama_server": self.engine.llama_server.display().to_string(), "variant": "stock", "version": crate::engine::ENGINE_VERSION},
             "listen": self.listen.to_string(),
+            "placement": self.placement,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "child": {"pid": k.pid.load(Ordering::Acquire), "port": k.port(), "ready": k.port().is_some(), "restarts": k.restarts.load(Ordering::Acquire), "last_exit": last_exit},
             "requests": self.stats.to_json(),
@@ -163,7 +170,15 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
 pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), anyhow::Error> {
     let file = GgufFile::open(&cfg.model)?;
     let geometry = MoeGeometry::of(&file)?;
+    let ram_total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| crate::plan::hardware::parse_meminfo(&t)).map(|(total, _)| total).unwrap_or(u64::MAX);
+    let placement = placement::choose(&file, &geometry, cfg.vram_budget_mib, cfg.ctx, &cfg.llama_args, ram_total)?;
     drop(file);
+    eprintln!(
+        "spark: placement {:?}: llama-server {}{}",
+        placement.placement,
+        placement.flags.join(" "),
+        if placement.user_overrides.is_empty() { String::new() } else { format!(" (your arguments replace: {})", placement.user_overrides.join(", ")) }
+    );
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
     let listen = listener.local_addr()?;
@@ -173,7 +188,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         binary: cfg.engine.llama_server.clone(),
         model: cfg.model.clone(),
         port: None,
-        extra_args: cfg.llama_args.clone(),
+        extra_args: placement.flags.iter().chain(&cfg.llama_args).cloned().collect(),
         env: vec![],
         ready_timeout: cfg.ready_timeout,
         log_path: cfg.work_dir.join("llama-server.log"),
@@ -205,6 +220,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         completed: AtomicU64::new(0),
         listen,
         live,
+        placement,
     });
     eprintln!("spark: serving {} on http://{listen} (llama-server pid {})", cfg.model.display(), keeper.state.pid.load(Ordering::Acquire));
 

@@ -32,14 +32,15 @@ const TAIL_BYTES: usize = 16 * 1024;
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
 
-/// The upstream client. Idle pooled connections are dropped after 2 s, before llama-server's
-/// own keep-alive timeout (5 s in cpp-httplib) can close one under a request that cannot be
-/// retried (its body streams).
+/// The upstream client: one fresh loopback connection per request. llama-server closes a
+/// connection after some answers (streamed ones among them) without saying so in advance, and a
+/// request whose body streams through cannot be replayed on a new connection; a pooled
+/// connection would turn that race into a 502. A loopback connect costs tens of microseconds.
 pub fn client() -> Client<HttpConnector, Incoming> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(2)).build(connector)
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector)
 }
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<ProxyBody> {
