@@ -8,9 +8,11 @@
 //! pure recency (λ = 1, LRU order) to pure frequency (λ = 0, LFU order) on a geometric grid, plus
 //! the hyperbolic blend `count / (1 + age)` (vLLM's LFRU order), and runs a shadow cache of the
 //! same size for each member on every layer it serves. The real caches evict by the member whose
-//! shadows have missed least so far, summed over layers (follow the leader; pooling the layers
-//! keeps the choice from chasing noise): the blend is learned from the routing itself and keeps
-//! adapting.
+//! shadows have missed least recently, summed over layers (follow the leader; pooling the layers
+//! keeps the choice from chasing noise, forgetting with a half-life of 4 × n_expert / k tokens
+//! keeps it from clinging to a past workload), and first evict what the leader's shadow does not
+//! hold, so the real cache converges on the leader's contents: the blend is learned from the
+//! routing itself and keeps adapting.
 //!
 //! Two more mechanisms: at startup every slot is filled (by prior counts when a profile is
 //! known, else by expert id), because loading at startup costs no decode time and an empty slot
@@ -97,7 +99,8 @@ impl SparkLayer {
         &mut self,
         ids: &[u16],
         decay: &DecayTable,
-        shadow_misses: &mut [u64; M],
+        shadow_misses: &mut [f64; M],
+        forget: f64,
         lead: usize,
     ) -> u32 {
         self.step += 1;
@@ -114,9 +117,19 @@ impl SparkLayer {
             (v, last[e])
         };
         for (f, shadow) in self.shadows.iter_mut().enumerate() {
-            shadow_misses[f] += u64::from(serve_scored(shadow, ids, false, |m| score(f, m)));
+            let m = serve_scored(shadow, ids, false, |m| score(f, m));
+            shadow_misses[f] = shadow_misses[f] * forget + f64::from(m);
         }
-        let misses = serve_scored(&mut self.set, ids, false, |m| score(lead, m));
+        // Evict first what the leading shadow does not hold, so the real cache converges on the
+        // leader's contents without extra loads when the leader changes; then by its score.
+        let leader_set = &self.shadows[lead];
+        let misses = serve_scored(&mut self.set, ids, false, |m| {
+            if leader_set.contains(m) {
+                score(lead, m)
+            } else {
+                (-1.0, last[usize::from(m)])
+            }
+        });
         for &id in ids {
             let e = usize::from(id);
             let age = t - self.last[e];
@@ -134,16 +147,17 @@ impl SparkLayer {
 pub struct Spark {
     layers: Vec<SparkLayer>,
     decay: DecayTable,
-    /// Misses of each member's shadow caches, summed over layers.
-    shadow_misses: [u64; M],
+    /// Misses of each member's shadow caches, summed over layers, exponentially forgotten.
+    shadow_misses: [f64; M],
+    /// Per-access forgetting factor of `shadow_misses`.
+    forget: f64,
 }
 
 impl Spark {
     /// `prior`: counts known before the first token (a profile); they order the startup fill and
     /// seed the frequency member. Pass `None` when the counts' routing is replayed through
-    /// [`Policy::access`] instead, so it is not counted twice. `_k` (experts per token) is
-    /// accepted for callers that pass the whole geometry; the policy does not need it.
-    pub fn new(n_expert: usize, slots: &[u32], prior: Option<&Counts>, _k: usize) -> Spark {
+    /// [`Policy::access`] instead, so it is not counted twice. `k`: experts per token.
+    pub fn new(n_expert: usize, slots: &[u32], prior: Option<&Counts>, k: usize) -> Spark {
         let layers = slots
             .iter()
             .enumerate()
@@ -154,10 +168,16 @@ impl Spark {
                 SparkLayer::new(n_expert, s, row)
             })
             .collect();
+        // Routing statistics of a layer settle over a few uses of every expert: forget shadow
+        // misses with a half-life of 4 × n_expert / k tokens (each token is one access per
+        // layer), so the choice follows a workload that changes.
+        let half_life = 4.0 * n_expert as f64 / k.max(1) as f64 * slots.len().max(1) as f64;
+        let forget = (-1.0 / half_life).exp2();
         Spark {
             layers,
             decay: DecayTable::new(),
-            shadow_misses: [0; M],
+            shadow_misses: [0.0; M],
+            forget,
         }
     }
 
@@ -182,7 +202,7 @@ impl Spark {
 impl Policy for Spark {
     fn access(&mut self, layer: usize, ids: &[u16]) -> u32 {
         let lead = self.leader();
-        self.layers[layer].access(ids, &self.decay, &mut self.shadow_misses, lead)
+        self.layers[layer].access(ids, &self.decay, &mut self.shadow_misses, self.forget, lead)
     }
 
     fn is_resident(&self, layer: usize, expert: u16) -> bool {
