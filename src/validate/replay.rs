@@ -83,7 +83,7 @@ pub struct Started {
 }
 
 enum Event {
-    Started(Started, GroupKiller),
+    Started(Box<Started>, GroupKiller),
     Begin,
     /// A chunk with no tokens was skipped.
     Skipped,
@@ -240,7 +240,7 @@ fn run_jobs(
         fingerprint: session.fingerprint.clone(),
         pid: session.server().pid(),
     };
-    let _ = tx.send(Event::Started(started, session.server().killer()));
+    let _ = tx.send(Event::Started(Box::new(started), session.server().killer()));
     let r = (|| {
         for job in jobs {
             if abort.load(Ordering::Acquire) {
