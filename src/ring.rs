@@ -60,6 +60,8 @@ pub enum RingError {
 /// A ring in `/dev/shm`, owned by this process; the file is unlinked on drop.
 pub struct RingFile<T> {
     path: PathBuf,
+    /// The name is already gone (the mapping stays valid in both processes).
+    unlinked: bool,
     // Field order matters: the consumer points into the map, so it is dropped first.
     consumer: Consumer<T>,
     _map: MmapMut,
@@ -141,6 +143,7 @@ impl<T: RingRecord> RingFile<T> {
             .map_err(|e| cleanup(layout(e.to_string())))?;
         Ok(RingFile {
             path,
+            unlinked: false,
             consumer,
             _map: map,
         })
@@ -149,6 +152,17 @@ impl<T: RingRecord> RingFile<T> {
     /// The ring file's path (what the child gets in `SPARK_RING`).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Removes the file's name now. Call it once the child has mapped the ring (it has when
+    /// its greeting arrives): from then on nothing can leave the file behind, not even a
+    /// SIGKILL of this process. Idempotent.
+    pub fn unlink(&mut self) -> std::io::Result<()> {
+        if !self.unlinked {
+            std::fs::remove_file(&self.path)?;
+            self.unlinked = true;
+        }
+        Ok(())
     }
 
     /// The consumer half.
@@ -193,7 +207,9 @@ impl<T: RingRecord> RingFile<T> {
 
 impl<T> Drop for RingFile<T> {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !self.unlinked {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -207,7 +223,10 @@ pub fn remove_stale_rings(dir: &Path) -> Vec<PathBuf> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("spark-ring-")) else {
+        let Some(rest) = name.to_str().and_then(|n| {
+            n.strip_prefix("spark-ring-")
+                .or_else(|| n.strip_prefix("spark-hidden-"))
+        }) else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
@@ -264,6 +283,20 @@ mod tests {
         );
         drop(ring);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn an_unlinked_ring_keeps_working() {
+        let mut ring = ShmRing::create(64, RingGeometry::default()).unwrap();
+        // SAFETY: the only producer; dropped before `ring`.
+        let mut p = unsafe { ring.local_producer().unwrap() };
+        ring.unlink().unwrap();
+        ring.unlink().unwrap();
+        assert!(!ring.path().exists());
+        assert!(p.push(&record(3)));
+        let mut out = Vec::new();
+        assert_eq!(ring.drain_into(&mut out, 10), 1);
+        assert_eq!(out[0], record(3));
     }
 
     #[test]

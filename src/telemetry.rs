@@ -210,6 +210,14 @@ impl Session {
         // Only the child keeps its end open, so its death closes the channel.
         drop(theirs);
         let greeting = client.greeting(CONTROL_TIMEOUT)?;
+        // The tap maps both rings before it greets: drop their names now, so even a SIGKILL
+        // of spark cannot leave a file in /dev/shm.
+        let mut ring = ring;
+        let mut hidden = hidden;
+        ring.unlink().map_err(ControlError::Io)?;
+        if let Some(h) = hidden.as_mut() {
+            h.unlink().map_err(ControlError::Io)?;
+        }
         Ok(Session {
             server: Some(server),
             ring: Some(ring),
