@@ -396,14 +396,14 @@ fn sigkill_during_profile_rewrites_never_leaves_a_broken_profile_or_a_stale_ring
     let model = util::fixture(dir.path(), "m.gguf", &[]);
     let profile = spark::profile::path_for(&model);
     for round in 0..4u64 {
+        let existed = profile.exists();
         let mut served = Served::start(&model, &["--quiet", "--spark"]);
         let spark_pid = served.child.id();
         let llama = served.child_pid();
         assert_eq!(ring_files_of(spark_pid).len(), 1, "one ring while serving");
-        if round > 0 {
-            let st = served.status();
-            assert_eq!(st["profile"]["at_start"], "fresh", "the profile a killed run left is whole: {st}");
-        }
+        let st = served.status();
+        let expect = if existed { "fresh" } else { "new" };
+        assert_eq!(st["profile"]["at_start"], expect, "the profile a killed run left is whole: {st}");
         // Requests in a loop so rewrites are under way when the kill lands.
         let url = served.url("/completion");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -413,7 +413,14 @@ fn sigkill_during_profile_rewrites_never_leaves_a_broken_profile_or_a_stale_ring
                 let _ = post(&url, &json!({"prompt": "load", "n_predict": 2}));
             }
         });
-        std::thread::sleep(Duration::from_millis(300 + 170 * round));
+        // Wait for the first rewrite of this run, then kill a little later, at a different
+        // moment each round, while further rewrites are under way.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while served.status()["profile"]["writes"].as_u64().unwrap_or(0) < 1 {
+            assert!(Instant::now() < deadline, "no profile rewrite within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(37 * round));
         served.child.kill().unwrap();
         served.child.wait().unwrap();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
