@@ -578,3 +578,43 @@ fn demo_loop_calibrates_and_validates_the_builtin_corpus() {
     assert!(s.calibrate.chunks > 0 && s.profile.exists());
     assert!(s.render().contains("| spark |"));
 }
+
+#[test]
+fn ctrl_c_while_the_server_starts_ends_the_run_and_the_child() {
+    let st = setup();
+    let profile = flat_profile(&st);
+    let server = write_script(st.dir.path(), "never-ready.sh", NEVER_READY);
+    let report = st.dir.path().join("report-starting");
+    let pid_file = st.dir.path().join("fake-starting.pid");
+    let mut args = validate_args(&st, &profile, &report);
+    args.extend(["--llama-server", s(&server), "--ready-timeout", "300"]);
+    let mut child = Command::new(spark_bin())
+        .args(&args)
+        .env("FAKE_PID", &pid_file)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    signal_when(&mut child, &pid_file, nix::sys::signal::Signal::SIGINT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "validate waited for the server's ready timeout"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(report_json(&report)["status"], "interrupted");
+    let pid = read_pid(&pid_file);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !alive(pid),
+        "the starting server outlived an interrupted validate"
+    );
+}

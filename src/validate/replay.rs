@@ -161,10 +161,20 @@ pub fn replay(
                 if let Some(k) = &killer {
                     k.kill();
                 }
-                // Startup waits are bounded by the ready timeout and the control timeout.
-                wind_down = Some(
-                    now + cfg.session.ready_timeout + CONTROL_TIMEOUT + Duration::from_secs(5),
-                );
+                wind_down = Some(if killer.is_some() {
+                    // The killed server's request fails at once; stopping it is bounded.
+                    now + Duration::from_secs(10)
+                } else if matches!(halt, Some(ValidateError::Interrupted)) {
+                    // A server still starting cannot be killed from here: a user who pressed
+                    // Ctrl-C is not kept waiting for it. The runner sees the abort flag, stops
+                    // the server as soon as it is up (or its ready timeout passes), and a
+                    // process that exits first takes the server with it (parent-death signal).
+                    now + Duration::from_secs(2)
+                } else {
+                    // Startup waits are bounded by the ready timeout (itself capped by the
+                    // whole-run deadline) and the control timeout.
+                    now + cfg.session.ready_timeout + CONTROL_TIMEOUT + Duration::from_secs(5)
+                });
             }
         }
         if wind_down.is_some_and(|d| Instant::now() >= d) {
@@ -241,6 +251,10 @@ fn run_jobs(
         pid: session.server().pid(),
     };
     let _ = tx.send(Event::Started(Box::new(started), session.server().killer()));
+    if abort.load(Ordering::Acquire) {
+        session.stop();
+        return Ok(());
+    }
     let r = (|| {
         for job in jobs {
             if abort.load(Ordering::Acquire) {
