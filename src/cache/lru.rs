@@ -5,15 +5,22 @@
 
 use super::Policy;
 
+/// One list node: links, the step that last touched it, residency. 16 bytes, so one expert's
+/// state is one cache-line access.
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    prev: u32,
+    next: u32,
+    stamp: u32,
+    resident: bool,
+}
+
 /// One layer's LRU list: node `n_expert` is the sentinel; `next` runs from most to least recent.
 #[derive(Debug, Clone)]
 pub(crate) struct LruList {
     cap: u32,
     len: u32,
-    prev: Vec<u32>,
-    next: Vec<u32>,
-    resident: Vec<bool>,
-    stamp: Vec<u32>,
+    nodes: Vec<Node>,
     step: u32,
 }
 
@@ -23,38 +30,43 @@ impl LruList {
         LruList {
             cap,
             len: 0,
-            prev: vec![s; n_expert + 1],
-            next: vec![s; n_expert + 1],
-            resident: vec![false; n_expert],
-            stamp: vec![0; n_expert],
+            nodes: vec![
+                Node {
+                    prev: s,
+                    next: s,
+                    stamp: 0,
+                    resident: false,
+                };
+                n_expert + 1
+            ],
             step: 0,
         }
     }
 
     #[inline]
-    fn sentinel(&self) -> u32 {
-        self.resident.len() as u32
+    fn sentinel(&self) -> usize {
+        self.nodes.len() - 1
     }
 
     #[inline]
-    fn unlink(&mut self, e: u32) {
-        let (p, n) = (self.prev[e as usize], self.next[e as usize]);
-        self.next[p as usize] = n;
-        self.prev[n as usize] = p;
+    fn unlink(&mut self, e: usize) {
+        let Node { prev, next, .. } = self.nodes[e];
+        self.nodes[prev as usize].next = next;
+        self.nodes[next as usize].prev = prev;
     }
 
     #[inline]
-    fn push_front(&mut self, e: u32) {
+    fn push_front(&mut self, e: usize) {
         let s = self.sentinel();
-        let first = self.next[s as usize];
-        self.next[e as usize] = first;
-        self.prev[e as usize] = s;
-        self.prev[first as usize] = e;
-        self.next[s as usize] = e;
+        let first = self.nodes[s].next;
+        self.nodes[e].next = first;
+        self.nodes[e].prev = s as u32;
+        self.nodes[first as usize].prev = e as u32;
+        self.nodes[s].next = e as u32;
     }
 
     pub(crate) fn contains(&self, e: u16) -> bool {
-        self.resident[usize::from(e)]
+        self.nodes[usize::from(e)].resident
     }
 
     /// Serves one token's ids; returns the loads. Hits are refreshed first, so every resident
@@ -63,37 +75,38 @@ impl LruList {
     pub(crate) fn access(&mut self, ids: &[u16]) -> u32 {
         self.step = self.step.wrapping_add(1);
         let step = self.step;
-        for &id in ids {
-            let e = u32::from(id);
-            if self.resident[e as usize] {
-                self.unlink(e);
-                self.push_front(e);
-                self.stamp[e as usize] = step;
-            }
-        }
         let mut misses = 0;
         for &id in ids {
-            let e = u32::from(id);
-            if self.stamp[e as usize] == step {
-                continue;
+            let e = usize::from(id);
+            if self.nodes[e].resident {
+                self.unlink(e);
+                self.push_front(e);
+                self.nodes[e].stamp = step;
+            } else {
+                misses += 1;
             }
-            misses += 1;
-            if self.cap == 0 {
+        }
+        if misses == 0 || self.cap == 0 {
+            return misses;
+        }
+        for &id in ids {
+            let e = usize::from(id);
+            if self.nodes[e].stamp == step {
                 continue;
             }
             if self.len == self.cap {
-                let tail = self.prev[self.sentinel() as usize];
-                if self.stamp[tail as usize] == step {
+                let tail = self.nodes[self.sentinel()].prev as usize;
+                if self.nodes[tail].stamp == step {
                     // Every resident expert belongs to this token: stream this one past.
                     continue;
                 }
                 self.unlink(tail);
-                self.resident[tail as usize] = false;
+                self.nodes[tail].resident = false;
                 self.len -= 1;
             }
             self.push_front(e);
-            self.resident[e as usize] = true;
-            self.stamp[e as usize] = step;
+            self.nodes[e].resident = true;
+            self.nodes[e].stamp = step;
             self.len += 1;
         }
         misses
