@@ -305,6 +305,10 @@ fn start_live(
         let server = crate::supervisor::LlamaServer::start_inheriting(&c, &[fd])?;
         drop(theirs);
         control.greeting(crate::telemetry::CONTROL_TIMEOUT).map_err(|e| launch(e.to_string()))?;
+        // The tap has mapped the ring before greeting: the name can go now, so no way of
+        // killing spark can leave a /dev/shm file behind.
+        let mut ring = ring;
+        ring.unlink().map_err(|e| launch(format!("unlink {}: {e}", ring.path().display())))?;
         let _ = ring_tx.send(live::LiveMsg::Ring(ring, control));
         Ok(server)
     });
