@@ -317,6 +317,15 @@ fn calibrate_resumes_after_a_kill_without_double_counting() {
         assert!(Instant::now() < deadline, "no progress in the state file");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A second calibration of the same profile meanwhile is refused.
+    let o = calibrate_cmd(&st, &part).output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another calibration"));
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!part.exists(), "no profile before every chunk is done");

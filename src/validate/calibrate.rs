@@ -172,6 +172,12 @@ pub fn calibrate(
     };
     let spath = state_path(&profile_path);
     let rpath = records_path(&profile_path);
+    // One calibration per profile at a time (two would count the same chunks twice). The lock
+    // is released by the kernel whatever ends this process, so a killed run never blocks.
+    let _lock = lock(
+        &with_suffix(&profile_path, ".calibrate.lock"),
+        &profile_path,
+    )?;
     let mut state = match read_state(&spath)? {
         Some(s) if same_run(&s, &fresh) => {
             if !a.quiet {
@@ -313,6 +319,7 @@ pub fn calibrate(
     p.write(&profile_path)?;
     drop(records);
     remove_state(&profile_path);
+    let _ = std::fs::remove_file(with_suffix(&profile_path, ".calibrate.lock"));
     Ok(CalibrateSummary {
         profile: profile_path,
         trace: trace_path,
@@ -323,6 +330,25 @@ pub fn calibrate(
         n_layer: geo.n_layer,
         n_expert: geo.n_expert,
         k: geo.n_expert_used,
+    })
+}
+
+fn lock(path: &Path, profile: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ValidateError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| ValidateError::io(path, e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            ValidateError::Usage(format!(
+                "calibrate {}: another calibration is writing it",
+                profile.display()
+            ))
+        } else {
+            ValidateError::io(path, e.into())
+        }
     })
 }
 
