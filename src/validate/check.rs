@@ -481,8 +481,18 @@ pub fn validate(
     let _ = header.set_fingerprint(&fingerprint);
     let n_layer = geo.n_layer as usize;
     let (mut decode, mut all) = (Routing::new(n_layer), Routing::new(n_layer));
+    let mut result = result;
     for run in &runs {
-        let t = Trace::from_records(&header, &run.records, &a.report)?;
+        // Records the tap got wrong end the run with an error, never without a report.
+        let t = match Trace::from_records(&header, &run.records, &a.report) {
+            Ok(t) => t,
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(e.into());
+                }
+                continue;
+            }
+        };
         append(&mut all, &t.prompt);
         append(&mut all, &t.decode);
         append(&mut decode, &t.decode);
