@@ -6,6 +6,7 @@ pub mod atomic_file;
 pub mod bench_tap;
 pub mod cache;
 pub mod control;
+pub mod cuda;
 pub mod demo;
 pub mod engine;
 pub mod exit;

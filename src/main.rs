@@ -152,6 +152,9 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<spark::bench_tap::BenchTapError>() {
             return if e.is_usage() { exit::USAGE } else { exit::CHECK_FAILED };
         }
+        if let Some(e) = cause.downcast_ref::<spark::cuda::CudaError>() {
+            return e.exit_code();
+        }
         if let Some(e) = cause.downcast_ref::<spark::simulate::SimulateError>() {
             return e.exit_code();
         }
@@ -289,6 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(a) => spark::plan::run(a)?,
         Command::Bench(spark::plan::BenchCommand::Plan(a)) => spark::plan::validate::run(a)?,
         Command::Bench(spark::plan::BenchCommand::Tap(a)) => spark::bench_tap::run_and_print(&a)?,
+        Command::Bench(spark::plan::BenchCommand::Swap(a)) => spark::cuda::bench::run_and_print(&a)?,
         Command::Sessions(a) => spark::sessions::cli::run(a)?,
         Command::Engine(a) => {
             let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;

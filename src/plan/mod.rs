@@ -252,6 +252,8 @@ pub enum BenchCommand {
     Plan(validate::BenchPlanArgs),
     /// Decode tok/s of llama-server with the routing tap vs without (alternating repetitions)
     Tap(crate::bench_tap::BenchTapArgs),
+    /// Expert swap-in GB/s and latency against a plain pinned copy (GPU with --features cuda; --cpu: host memory)
+    Swap(crate::cuda::bench::BenchSwapArgs),
 }
 
 /// Resolved settings of one plan.
