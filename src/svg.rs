@@ -64,7 +64,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     let _ = writeln!(
         o,
         r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
-        left + pw / 2.0,
+        w / 2.0,
         escape(title)
     );
     // Axes and ticks.
