@@ -9,3 +9,4 @@ mod sessions;
 mod telemetry;
 mod validate;
 mod simulate;
+mod swap;
