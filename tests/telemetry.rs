@@ -569,3 +569,59 @@ fn a_dense_model_loads_with_the_tap_and_reports_no_moe_layers() {
     assert!(err.contains("has no MoE layers"), "{err}");
     assert!(!dir.path().join("d.trace").exists());
 }
+
+#[test]
+fn trace_record_stamps_each_prompt_of_a_prompts_file_with_its_request() {
+    let dir = tempdir();
+    let model = fixture(dir.path(), "tiny.gguf", &[]);
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "First prompt here\n\nA second, longer prompt to follow\n",
+    )
+    .unwrap();
+    let trace = dir.path().join("p.trace");
+    let out = spark(&[
+        "trace",
+        "record",
+        "-m",
+        model.to_str().unwrap(),
+        "--out",
+        trace.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--n-predict",
+        "5",
+        "--llama-server",
+        llama_server().to_str().unwrap(),
+        "--tap",
+        tap_lib().to_str().unwrap(),
+        "--json",
+        "--",
+        "-np",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "spark trace record failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let requests = summary["requests"].as_array().unwrap();
+    assert_eq!(requests.len(), 2, "the empty line is skipped");
+    let records = read_records(&trace);
+    for (i, req) in requests.iter().enumerate() {
+        let id = i as u32 + 1;
+        let p = req["prompt_tokens"].as_array().unwrap().len() as u32;
+        let mine: Vec<&RoutingRecord> = records.iter().filter(|r| r.request == id).collect();
+        assert_eq!(mine.len() as u64, req["records"].as_u64().unwrap());
+        // Layer 0 sees every prompt token and the 4 evaluated generated tokens, in order.
+        let layer0: Vec<u32> = mine
+            .iter()
+            .filter(|r| r.layer == 0)
+            .map(|r| r.token)
+            .collect();
+        assert_eq!(layer0, (0..p + 4).collect::<Vec<_>>(), "request {id}");
+    }
+    assert_eq!(records.len() as u64, summary["records"].as_u64().unwrap());
+}
