@@ -1,5 +1,6 @@
-//! `spark demo`: the whole loop on a model spark writes itself — a fixture, its inspection, and
-//! a real completion from the pinned stock llama-server.
+//! `spark demo`: the whole loop on a model spark writes itself — a fixture, its inspection, a
+//! real completion from the pinned stock llama-server, `spark serve --spark` learning from
+//! requests, and calibrate + validate on built-in synthetic agent sessions.
 //!
 //! Owns the demo's narrative only; every step calls the library module that owns it.
 
@@ -26,7 +27,7 @@ pub struct DemoConfig {
 pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     use anyhow::Context;
     let engine = Engine::locate(cfg.llama_server.as_deref())?;
-    eprintln!("[1/6] engine: {}", engine.llama_server.display());
+    eprintln!("[1/7] engine: {}", engine.llama_server.display());
     std::fs::create_dir_all(&cfg.dir)
         .with_context(|| format!("create demo directory {}", cfg.dir.display()))?;
 
@@ -36,21 +37,21 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
         let vocab = engine::vocab_path(engine::DEFAULT_VOCAB)?;
         let rep = fixture::write_fixture(&spec, &vocab, &model)?;
         eprintln!(
-            "[2/6] fixture: wrote {} ({} bytes, vocab {})",
+            "[2/7] fixture: wrote {} ({} bytes, vocab {})",
             model.display(),
             rep.bytes,
             rep.n_vocab
         );
     } else {
-        eprintln!("[2/6] fixture: reusing {}", model.display());
+        eprintln!("[2/7] fixture: reusing {}", model.display());
     }
 
     let file = GgufFile::open(&model)?;
     let geometry = MoeGeometry::of(&file)?;
-    eprintln!("[3/6] spark inspect {}", model.display());
+    eprintln!("[3/7] spark inspect {}", model.display());
     print!("{}", InspectReport::new(&file, geometry, None).render());
 
-    eprintln!("[4/6] llama-server alone: a completion from the pinned stock build");
+    eprintln!("[4/7] llama-server alone: a completion from the pinned stock build");
     let server = LlamaServer::start(&LlamaServerConfig {
         binary: engine.llama_server.clone(),
         model: model.clone(),
@@ -75,6 +76,11 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     println!("           {predicted} tokens at {tps:.1} tokens/s from llama-server");
 
     serve_and_learn(cfg, &engine, &model)?;
+
+    eprintln!("[7/7] calibrate on the built-in synthetic agent sessions, validate on the held-out ones");
+    let summary = crate::validate::demo_loop(&model, &engine, &cfg.dir.join("loop"))?;
+    println!();
+    print!("{}", summary.render());
     Ok(())
 }
 
@@ -105,7 +111,7 @@ fn serve_and_learn(cfg: &DemoConfig, engine: &Engine, model: &std::path::Path) -
         vram_budget_mib: None,
         ctx: 2048,
     };
-    eprintln!("[5/6] spark serve --spark -m {} --port {port}", model.display());
+    eprintln!("[5/7] spark serve --spark -m {} --port {port}", model.display());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = rt.spawn(crate::serve::serve(serve_cfg, async move {
@@ -151,7 +157,7 @@ fn serve_and_learn(cfg: &DemoConfig, engine: &Engine, model: &std::path::Path) -
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        eprintln!("[6/6] what spark learned");
+        eprintln!("[6/7] what spark learned");
         let st: serde_json::Value = agent.get(&format!("{base}/spark/status")).call()?.into_json()?;
         let text = std::fs::read_to_string(&profile)?;
         println!();
