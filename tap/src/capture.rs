@@ -100,6 +100,8 @@ struct State {
     /// What the tap saw being put into each `llama_batch_ext` (positions, output flags).
     shadows: [Shadow; N_SHADOWS],
     next_evict: usize,
+    /// Expert count of the model the ring was made for (0 = unknown).
+    ring_experts: u32,
 }
 
 const N_SHADOWS: usize = 4;
@@ -235,7 +237,8 @@ fn geometry(model: *const c_void) -> Greeting {
     }
 }
 
-fn open_ring<T: bytemuck::Pod>(path: &str, kind: u32) -> Result<Producer<T>, String> {
+/// Maps the ring at `path`; returns its producer and the expert count in its header.
+fn open_ring<T: bytemuck::Pod>(path: &str, kind: u32) -> Result<(Producer<T>, u32), String> {
     let c = CString::new(path).map_err(|_| format!("ring path {path:?} contains NUL"))?;
     // SAFETY: c is NUL-terminated; open has no other preconditions.
     let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
@@ -270,8 +273,18 @@ fn open_ring<T: bytemuck::Pod>(path: &str, kind: u32) -> Result<Producer<T>, Str
     }
     // SAFETY: the mapping is never unmapped (it lives as long as the process) and this is the
     // ring's only producer (one tap per llama-server, one state per tap).
-    unsafe { Producer::attach(base as *mut u8, len, kind) }
-        .map_err(|e| format!("attach {path}: {e}"))
+    let producer = unsafe { Producer::attach(base as *mut u8, len, kind) }
+        .map_err(|e| format!("attach {path}: {e}"))?;
+    // SAFETY: attach validated that the mapping holds at least a whole header.
+    let header = unsafe { spark_proto::ring::read_header(base as *const u8) };
+    Ok((producer, header.n_expert))
+}
+
+/// Whether a context of a model with `model_experts` experts is the one the supervisor made
+/// the ring for (`ring_experts`, 0 = unknown). A speculative-decoding draft model usually has
+/// a different expert count (often none); its routing must not mix into the target's.
+fn is_target_model(ring_experts: u32, model_experts: u32) -> bool {
+    ring_experts == 0 || ring_experts == model_experts
 }
 
 /// Called from the `llama_init_from_model` wrapper: sets up the tap (once) and installs the
@@ -291,10 +304,14 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
         .max(1 << 20);
     let first = with_state_init(|slot| {
         let first = slot.is_none();
+        let mut ring_experts = 0;
         if first {
             let producer = match std::env::var(ENV_RING) {
                 Ok(path) => match open_ring::<RoutingRecord>(&path, KIND_ROUTING) {
-                    Ok(p) => Some(p),
+                    Ok((p, experts)) => {
+                        ring_experts = experts;
+                        Some(p)
+                    }
                     Err(e) => {
                         control::warn(&format!("routing capture off: {e}"));
                         None
@@ -307,7 +324,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
             };
             let hidden = std::env::var(ENV_HIDDEN_RING).ok().and_then(|path| {
                 match open_ring::<HiddenChunk>(&path, KIND_HIDDEN) {
-                    Ok(p) => Some(p),
+                    Ok((p, _)) => Some(p),
                     Err(e) => {
                         control::warn(&format!("hidden-state capture unavailable: {e}"));
                         None
@@ -330,6 +347,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 scratch: vec![0u8; scratch_len],
                 shadows: std::array::from_fn(|_| Shadow::new(cap)),
                 next_evict: 0,
+                ring_experts,
             });
         } else if let Some(st) = slot.as_mut() {
             // A later context may take larger batches; growing happens here, off the hot path.
@@ -342,13 +360,23 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 }
             }
         }
-        first
+        let target = slot
+            .as_ref()
+            .is_some_and(|st| is_target_model(st.ring_experts, geo.n_expert));
+        (first, target)
     });
-    let Some(first) = first else {
+    let Some((first, target)) = first else {
         return false;
     };
     if first {
-        control::start(geo);
+        control::start(geo.clone());
+    }
+    if !target {
+        control::warn(&format!(
+            "not tapping a context of a {} model with {} experts (the ring is for another model)",
+            geo.arch, geo.n_expert
+        ));
+        return false;
     }
     if let Some(cb) = params.cb_eval() {
         if cb as usize != eval_cb as EvalCallback as usize {
@@ -925,6 +953,15 @@ mod tests {
         // Unknown positions stay unknown.
         let mut rp = RowPositions::new(RowMap::new(), 1);
         assert_eq!(rp.next(0, false, &pos, &out), None);
+    }
+
+    #[test]
+    fn draft_models_are_not_tapped() {
+        assert!(is_target_model(128, 128));
+        assert!(is_target_model(0, 0));
+        assert!(is_target_model(0, 64));
+        assert!(!is_target_model(128, 0));
+        assert!(!is_target_model(128, 64));
     }
 
     #[test]
