@@ -22,7 +22,7 @@ use spark_proto::trace::{RoutingRecord, TraceHeader, FLAG_HAS_PROMPT, FLAG_WEIGH
 use super::replay::{replay, ChunkRun};
 use super::{jobs, Progress, ServerArgs, ValidateError};
 use crate::cache::Counts;
-use crate::gguf::{GgufFile, MoeGeometry};
+
 use crate::profile::{self, Profile};
 use crate::sessions::{Corpus, Split};
 use crate::trace::TraceWriter;
@@ -132,16 +132,7 @@ pub fn calibrate(
     interrupt: Option<Arc<AtomicBool>>,
 ) -> Result<CalibrateSummary, ValidateError> {
     let corpus = Corpus::open(&a.corpus)?;
-    let file = GgufFile::open(&a.model)?;
-    let geo = MoeGeometry::of(&file)?;
-    drop(file);
-    if geo.n_expert == 0 || geo.n_expert_used == 0 {
-        return Err(ValidateError::Usage(format!(
-            "calibrate {}: it has no MoE layers (architecture {}); there is no routing to count",
-            a.model.display(),
-            geo.architecture
-        )));
-    }
+    let geo = super::moe_geometry(&a.model, "calibrate")?;
     let fingerprint = geo.fingerprint.to_string();
     let profile_path = a.out.clone().unwrap_or_else(|| profile::path_for(&a.model));
     let trace_path = a

@@ -21,7 +21,7 @@ use spark_proto::trace::{TraceHeader, FLAG_HAS_PROMPT, FLAG_WEIGHTS};
 use super::replay::{replay, ChunkRun};
 use super::{jobs, Progress, ServerArgs, ValidateError};
 use crate::cache::{Counts, PolicyKind};
-use crate::gguf::{GgufFile, MoeGeometry};
+use crate::gguf::MoeGeometry;
 use crate::profile::Profile;
 use crate::sessions::{Corpus, Split};
 use crate::simulate::{default_slots, Experiment};
@@ -392,16 +392,7 @@ pub fn validate(
         }
     }
     let corpus = Corpus::open(&a.corpus)?;
-    let file = GgufFile::open(&a.model)?;
-    let geo = MoeGeometry::of(&file)?;
-    drop(file);
-    if geo.n_expert == 0 || geo.n_expert_used == 0 {
-        return Err(ValidateError::Usage(format!(
-            "validate {}: it has no MoE layers (architecture {})",
-            a.model.display(),
-            geo.architecture
-        )));
-    }
+    let geo = super::moe_geometry(&a.model, "validate")?;
     let fingerprint = geo.fingerprint.to_string();
     let profile = Profile::read(&a.profile)?;
     profile.check_fresh(&fingerprint, &a.profile)?;

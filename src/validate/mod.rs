@@ -196,6 +196,21 @@ impl ServerArgs {
     }
 }
 
+/// Opens `model` and returns its geometry, refusing a model without routed experts (`verb` is
+/// the command, for the message).
+pub fn moe_geometry(model: &Path, verb: &str) -> Result<crate::gguf::MoeGeometry, ValidateError> {
+    let file = crate::gguf::GgufFile::open(model)?;
+    let geo = crate::gguf::MoeGeometry::of(&file)?;
+    if geo.n_expert == 0 || geo.n_expert_used == 0 {
+        return Err(ValidateError::Usage(format!(
+            "{verb} {}: it has no MoE layers (architecture {}); there is no routing to count",
+            model.display(),
+            geo.architecture
+        )));
+    }
+    Ok(geo)
+}
+
 /// The chunks of `split`, at most `max` of them, as replay jobs numbered from 1 in corpus order.
 pub fn jobs(
     corpus: &Corpus,
