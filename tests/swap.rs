@@ -295,6 +295,15 @@ mod gpu {
     use rand::{Rng, SeedableRng};
     use spark::cuda::{Gpu, GpuArena};
 
+    /// The fixture of a GPU test: `$SPARK_GPU_FIXTURE` (scripts/gpu-check writes one, since
+    /// the device machine has no engine build), else a fresh one in `dir`.
+    fn gpu_fixture(dir: &Path) -> PathBuf {
+        match std::env::var_os("SPARK_GPU_FIXTURE") {
+            Some(p) => PathBuf::from(p),
+            None => small_medium(dir),
+        }
+    }
+
     fn enabled() -> bool {
         let on = std::env::var("SPARK_GPU_TESTS").as_deref() == Ok("1");
         if !on {
@@ -327,7 +336,7 @@ mod gpu {
             return;
         }
         let dir = util::tempdir();
-        let path = small_medium(dir.path());
+        let path = gpu_fixture(dir.path());
         let file = GgufFile::open(&path).unwrap();
         let geometry = MoeGeometry::of(&file).unwrap();
         let src = file.bytes();
@@ -359,11 +368,12 @@ mod gpu {
             return;
         }
         let dir = util::tempdir();
-        let path = small_medium(dir.path());
+        let path = gpu_fixture(dir.path());
         let file = GgufFile::open(&path).unwrap();
         let geometry = MoeGeometry::of(&file).unwrap();
         let src = file.bytes();
         let gpu = Gpu::open(0).unwrap();
+        gpu.kernels().expect("NVRTC compiles the kernels");
         let mut pool = SlotPool::new(&geometry, 4, PolicyKind::Lru, None).unwrap();
         let mut dev = GpuArena::new(&gpu, pool.layout(), src).unwrap();
         let mut cpu = CpuArena::new(pool.layout());

@@ -44,6 +44,11 @@ impl Gpu {
     /// Retains the primary context of device `ordinal` (shared with llama-server's CUDA
     /// backend in the same process) and creates a dedicated stream.
     pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
+        // SAFETY: only tries to dlopen the driver library by its usual names; no symbol is
+        // called. cudarc panics on first use when the library is absent, so check first.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoLibrary("the CUDA driver library (libcuda.so)"));
+        }
         let ctx = CudaContext::new(ordinal).map_err(drv)?;
         let stream = ctx.new_stream().map_err(drv)?;
         Ok(Gpu {
@@ -83,6 +88,10 @@ pub struct Kernels {
 impl Kernels {
     /// Compiles `remap.cu` and `checksum.cu` with NVRTC and loads them into the context.
     pub fn load(gpu: &Gpu) -> Result<Kernels, CudaError> {
+        // SAFETY: only tries to dlopen NVRTC by its usual names; no symbol is called.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(CudaError::NoLibrary("NVRTC (libnvrtc.so)"));
+        }
         let load = |name: &'static str, src: &str, func: &str| -> Result<CudaFunction, CudaError> {
             let ptx = cudarc::nvrtc::compile_ptx(src).map_err(|e| CudaError::Compile {
                 name,
@@ -161,7 +170,6 @@ impl GpuArena {
             .map_err(drv)?;
         let n_table = (layout.layers.len() * layout.n_expert as usize).max(1);
         let table = s.clone_htod(&vec![-1i32; n_table]).map_err(drv)?;
-        gpu.kernels()?;
         Ok(GpuArena {
             gpu: gpu.clone(),
             mem,
@@ -273,12 +281,23 @@ impl SwapDevice for GpuArena {
             }
         }
         let s = &self.gpu.stream;
+        let kernels = match self.gpu.kernels() {
+            Ok(k) => k.clone(),
+            Err(CudaError::NoLibrary(_)) => {
+                // no NVRTC on this machine: read the arena back and checksum on the host
+                let host = s.clone_dtoh(&self.mem).map_err(drv)?;
+                return Ok(ranges
+                    .iter()
+                    .map(|&(o, n)| super::reference::checksum(&host[o as usize..(o + n) as usize]))
+                    .collect());
+            }
+            Err(e) => return Err(e),
+        };
         let offsets: Vec<u64> = ranges.iter().map(|r| r.0).collect();
         let lens: Vec<u64> = ranges.iter().map(|r| r.1).collect();
         let d_off = s.clone_htod(&offsets).map_err(drv)?;
         let d_len = s.clone_htod(&lens).map_err(drv)?;
         let mut d_out = s.alloc_zeros::<u64>(ranges.len()).map_err(drv)?;
-        let kernels = self.gpu.kernels()?.clone();
         let mut b = s.launch_builder(&kernels.checksum);
         b.arg(&self.mem).arg(&d_off).arg(&d_len).arg(&mut d_out);
         let cfg = LaunchConfig {

@@ -39,6 +39,8 @@ pub const CHECKSUM_CU: &str = include_str!("../../kernels/checksum.cu");
 pub enum CudaError {
     #[error("run on a GPU: built without CUDA: rebuild with --features cuda")]
     Disabled,
+    #[error("load {0}: not found on this machine (no NVIDIA driver or CUDA runtime here; use --cpu for the host-memory check)")]
+    NoLibrary(&'static str),
     #[error("use the CUDA driver: {0}")]
     Driver(String),
     #[error("compile kernel {name} with NVRTC: {message}")]
@@ -55,7 +57,7 @@ impl CudaError {
     /// The documented exit code: a build without CUDA or bad input is a usage error (2).
     pub fn exit_code(&self) -> i32 {
         match self {
-            CudaError::Disabled | CudaError::Usage(_) => exit::USAGE,
+            CudaError::Disabled | CudaError::NoLibrary(_) | CudaError::Usage(_) => exit::USAGE,
             CudaError::Pool(e) if e.is_usage() => exit::USAGE,
             _ => exit::CHECK_FAILED,
         }
