@@ -209,36 +209,38 @@ impl SwapDevice for GpuArena {
     fn execute(&mut self, src: &[u8], plan: &Plan, table: &[i32]) -> Result<(), CudaError> {
         let total = plan.bytes() as usize;
         Self::pinned(&self.gpu.ctx, &mut self.staging, total)?;
-        let staging = self.staging.as_mut().expect("staging was just allocated");
-        {
-            let host = staging.as_mut_slice().map_err(drv)?;
-            let mut at = 0usize;
-            for c in &plan.copies {
-                let (s, n) = (c.src as usize, c.bytes as usize);
-                let from = src.get(s..s + n).ok_or_else(|| {
-                    CudaError::Usage(format!(
-                        "copy {n} bytes at {s}: past the end of the model file"
-                    ))
-                })?;
-                host[at..at + n].copy_from_slice(from);
-                at += n;
-            }
-        }
-        let stream = &self.gpu.stream;
-        let host = staging.as_slice().map_err(drv)?;
         let arena_len = self.mem.len() as u64;
+        for c in &plan.copies {
+            if c.src + c.bytes > src.len() as u64 {
+                return Err(CudaError::Usage(format!(
+                    "copy {} bytes at {}: past the end of the model file",
+                    c.bytes, c.src
+                )));
+            }
+            assert!(c.dst + c.bytes <= arena_len, "copy past the arena");
+        }
+        let staging = self.staging.as_mut().expect("staging was just allocated");
+        // waits for any earlier use of the staging buffer (there is none: every call ends
+        // synchronised), then hands out the host view
+        let host = staging.as_mut_slice().map_err(drv)?;
+        let stream = &self.gpu.stream;
         let (base, _sync) = self.mem.device_ptr_mut(stream);
         let mut at = 0usize;
+        // stage slice i, then queue its copy: the DMA of slice i overlaps staging slice i + 1
         for c in &plan.copies {
-            let n = c.bytes as usize;
-            assert!(c.dst + c.bytes <= arena_len, "copy past the arena");
+            let (s, n) = (c.src as usize, c.bytes as usize);
+            host[at..at + n].copy_from_slice(&src[s..s + n]);
             // SAFETY: the destination range lies inside `self.mem` (checked above); the source
-            // is pinned memory owned by `self.staging`, which is neither freed nor written until
-            // the stream is synchronised below.
-            unsafe {
+            // is pinned memory owned by `self.staging`, at a range no later slice reuses, and it
+            // is neither freed nor written again until the stream is synchronised below.
+            let queued = unsafe {
                 result::memcpy_htod_async(base + c.dst, &host[at..at + n], stream.cu_stream())
+            };
+            if let Err(e) = queued {
+                // copies already queued still read the staging buffer: let them finish
+                let _ = stream.synchronize();
+                return Err(drv(e));
             }
-            .map_err(drv)?;
             at += n;
         }
         drop(_sync);
