@@ -27,6 +27,11 @@ pub trait SwapDevice {
     fn checksums(&mut self, ranges: &[(u64, u64)]) -> Result<Vec<u64>, CudaError>;
     /// The table as the device holds it.
     fn table(&mut self) -> Result<Vec<i32>, CudaError>;
+    /// Seconds the device itself spent copying (event-timed) since the last call, when the
+    /// device times its copies (the GPU does; the CPU arena does not).
+    fn take_device_seconds(&mut self) -> Option<f64> {
+        None
+    }
 }
 
 /// Host memory standing in for VRAM.

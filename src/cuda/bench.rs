@@ -108,6 +108,15 @@ pub struct DecodeWait {
     pub measured_p99_ms: f64,
 }
 
+/// Device-side (event-timed) copy bandwidth: the DMA alone, without host staging.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceTimed {
+    pub single_gb_per_s: f64,
+    pub batched_gb_per_s: f64,
+    pub plain_gb_per_s: f64,
+    pub batched_fraction_of_plain: f64,
+}
+
 /// The report of `spark bench swap`.
 #[derive(Debug, Clone, Serialize)]
 pub struct SwapReport {
@@ -129,6 +138,8 @@ pub struct SwapReport {
     pub batched_fraction_of_plain: f64,
     pub latency_by_size: Vec<SizeLatency>,
     pub decode_wait: DecodeWait,
+    /// GPU only: the same copies timed by CUDA events on the stream.
+    pub device_timed: Option<DeviceTimed>,
     pub swaps: u64,
     pub evictions: u64,
     pub bytes_moved: u64,
@@ -183,6 +194,7 @@ pub fn measure<D: SwapDevice>(
     let mut step = 0u64;
 
     // single-expert swaps
+    dev.take_device_seconds();
     let mut by_size: std::collections::BTreeMap<u64, Histogram<u64>> = Default::default();
     let (mut single_bytes, mut single_s, mut single_n) = (0u64, 0f64, 0u64);
     for i in 0..args.swaps {
@@ -208,6 +220,8 @@ pub fn measure<D: SwapDevice>(
         single_s += dt;
         single_n += 1;
     }
+
+    let single_dev = dev.take_device_seconds();
 
     // batched swaps: a step that misses min(k, slots) experts at every layer, one plan
     let per_layer = k.min(slots) as usize;
@@ -235,10 +249,27 @@ pub fn measure<D: SwapDevice>(
     let mean_batch = batch_bytes.checked_div(batch_n).unwrap_or(0);
     let mut plain_s = 0f64;
     let plain_n = u64::from(args.batches.max(1));
+    let batch_dev = dev.take_device_seconds();
     dev.plain_copy(mean_batch)?; // first touch of the source buffer is not measured
+    dev.take_device_seconds();
     for _ in 0..plain_n {
         plain_s += dev.plain_copy(mean_batch)?.as_secs_f64();
     }
+    let plain_dev = dev.take_device_seconds();
+    let gbps = |bytes: u64, s: f64| if s > 0.0 { bytes as f64 / s / 1e9 } else { 0.0 };
+    let device_timed = match (single_dev, batch_dev, plain_dev) {
+        (Some(a), Some(b), Some(c)) => {
+            let plain = gbps(mean_batch * plain_n, c);
+            let batched = gbps(batch_bytes, b);
+            Some(DeviceTimed {
+                single_gb_per_s: gbps(single_bytes, a),
+                batched_gb_per_s: batched,
+                plain_gb_per_s: plain,
+                batched_fraction_of_plain: if plain > 0.0 { batched / plain } else { 0.0 },
+            })
+        }
+        _ => None,
+    };
     let single = Throughput::new(single_n, single_bytes, single_s);
     let batched = Throughput::new(batch_n, batch_bytes, batch_s);
     let plain_copy = Throughput::new(plain_n, mean_batch * plain_n, plain_s);
@@ -280,6 +311,7 @@ pub fn measure<D: SwapDevice>(
             })
             .collect(),
         decode_wait,
+        device_timed,
         swaps: st.swaps,
         evictions: st.evictions,
         bytes_moved: st.bytes_moved,
@@ -486,6 +518,15 @@ impl SwapReport {
                 .checked_div(self.plain_copy.count)
                 .unwrap_or(0)
         );
+        if let Some(d) = &self.device_timed {
+            s += &format!(
+                "device copy  event-timed DMA only: single {:.2} GB/s, batched {:.2} GB/s, plain {:.2} GB/s ({:.1}%)\n",
+                d.single_gb_per_s,
+                d.batched_gb_per_s,
+                d.plain_gb_per_s,
+                100.0 * d.batched_fraction_of_plain
+            );
+        }
         for l in &self.latency_by_size {
             s += &format!(
                 "latency      expert {} bytes: p50 {:.1} us, p99 {:.1} us ({} swaps)\n",

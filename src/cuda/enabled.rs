@@ -14,8 +14,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{
-    result, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DriverError,
-    LaunchConfig, PinnedHostSlice, PushKernelArg,
+    result, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut,
+    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 
 use super::arena::SwapDevice;
@@ -159,6 +159,11 @@ pub struct GpuArena {
     table: CudaSlice<i32>,
     staging: Option<PinnedHostSlice<u8>>,
     plain_src: Option<PinnedHostSlice<u8>>,
+    /// Timing events around each batch of copies.
+    start: CudaEvent,
+    end: CudaEvent,
+    /// Event-timed copy seconds since the last `take_device_seconds`.
+    device_s: f64,
 }
 
 impl GpuArena {
@@ -170,12 +175,16 @@ impl GpuArena {
             .map_err(drv)?;
         let n_table = (layout.layers.len() * layout.n_expert as usize).max(1);
         let table = s.clone_htod(&vec![-1i32; n_table]).map_err(drv)?;
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         Ok(GpuArena {
             gpu: gpu.clone(),
             mem,
             table,
             staging: None,
             plain_src: None,
+            start: gpu.ctx.new_event(timing).map_err(drv)?,
+            end: gpu.ctx.new_event(timing).map_err(drv)?,
+            device_s: 0.0,
         })
     }
 
@@ -224,6 +233,7 @@ impl SwapDevice for GpuArena {
         // synchronised), then hands out the host view
         let host = staging.as_mut_slice().map_err(drv)?;
         let stream = &self.gpu.stream;
+        self.start.record(stream).map_err(drv)?;
         let (base, _sync) = self.mem.device_ptr_mut(stream);
         let mut at = 0usize;
         // stage slice i, then queue its copy: the DMA of slice i overlaps staging slice i + 1
@@ -244,8 +254,11 @@ impl SwapDevice for GpuArena {
             at += n;
         }
         drop(_sync);
+        self.end.record(stream).map_err(drv)?;
         stream.memcpy_htod(table, &mut self.table).map_err(drv)?;
-        stream.synchronize().map_err(drv)
+        stream.synchronize().map_err(drv)?;
+        self.device_s += f64::from(self.start.elapsed_ms(&self.end).map_err(drv)?) / 1e3;
+        Ok(())
     }
 
     fn plain_copy(&mut self, bytes: u64) -> Result<Duration, CudaError> {
@@ -260,6 +273,7 @@ impl SwapDevice for GpuArena {
         let stream = &self.gpu.stream;
         stream.synchronize().map_err(drv)?;
         let t = Instant::now();
+        self.start.record(stream).map_err(drv)?;
         {
             let (base, _sync) = self.mem.device_ptr_mut(stream);
             // SAFETY: `n` bytes fit the arena (clamped above) and the pinned source holds at
@@ -267,8 +281,11 @@ impl SwapDevice for GpuArena {
             unsafe { result::memcpy_htod_async(base, &host[..n], stream.cu_stream()) }
                 .map_err(drv)?;
         }
+        self.end.record(stream).map_err(drv)?;
         stream.synchronize().map_err(drv)?;
-        Ok(t.elapsed())
+        let wall = t.elapsed();
+        self.device_s += f64::from(self.start.elapsed_ms(&self.end).map_err(drv)?) / 1e3;
+        Ok(wall)
     }
 
     fn checksums(&mut self, ranges: &[(u64, u64)]) -> Result<Vec<u64>, CudaError> {
@@ -316,5 +333,9 @@ impl SwapDevice for GpuArena {
 
     fn table(&mut self) -> Result<Vec<i32>, CudaError> {
         self.gpu.stream.clone_dtoh(&self.table).map_err(drv)
+    }
+
+    fn take_device_seconds(&mut self) -> Option<f64> {
+        Some(std::mem::take(&mut self.device_s))
     }
 }
