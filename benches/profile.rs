@@ -13,7 +13,11 @@ fn table() -> Profile {
             c.set(l, e, ((l * 7919 + e * 104729) % 1_000_003) as u64);
         }
     }
-    let mut p = Profile::new(c, 8, Some("gguf-17000000000-00112233445566778899aabbccddeeff".into()));
+    let mut p = Profile::new(
+        c,
+        8,
+        Some("gguf-17000000000-00112233445566778899aabbccddeeff".into()),
+    );
     p.tokens = Some(123_456_789);
     p.updated = Some(1_795_000_000);
     p

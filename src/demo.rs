@@ -56,7 +56,14 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
         binary: engine.llama_server.clone(),
         model: model.clone(),
         port: None,
-        extra_args: vec!["-c".into(), "2048".into(), "-t".into(), "2".into(), "-np".into(), "1".into()],
+        extra_args: vec![
+            "-c".into(),
+            "2048".into(),
+            "-t".into(),
+            "2".into(),
+            "-np".into(),
+            "1".into(),
+        ],
         env: vec![],
         ready_timeout: cfg.ready_timeout,
         log_path: cfg.dir.join("llama-server.log"),
@@ -67,9 +74,18 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     );
     server.stop();
     let answer = answer?;
-    let content = answer.get("content").and_then(|c| c.as_str()).unwrap_or_default();
-    let predicted = answer.pointer("/timings/predicted_n").and_then(|v| v.as_u64()).unwrap_or(0);
-    let tps = answer.pointer("/timings/predicted_per_second").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let content = answer
+        .get("content")
+        .and_then(|c| c.as_str())
+        .unwrap_or_default();
+    let predicted = answer
+        .pointer("/timings/predicted_n")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let tps = answer
+        .pointer("/timings/predicted_per_second")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.0);
     println!();
     println!("prompt     {:?}", cfg.prompt);
     println!("completion {content:?}");
@@ -77,7 +93,9 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
 
     serve_and_learn(cfg, &engine, &model)?;
 
-    eprintln!("[7/7] calibrate on the built-in synthetic agent sessions, validate on the held-out ones");
+    eprintln!(
+        "[7/7] calibrate on the built-in synthetic agent sessions, validate on the held-out ones"
+    );
     let summary = crate::validate::demo_loop(&model, &engine, &cfg.dir.join("loop"))?;
     println!();
     print!("{}", summary.render());
@@ -86,7 +104,11 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
 
 /// Steps 5 and 6: `spark serve --spark` in this process, a few requests through it, the profile
 /// it rewrote and the live status.
-fn serve_and_learn(cfg: &DemoConfig, engine: &Engine, model: &std::path::Path) -> anyhow::Result<()> {
+fn serve_and_learn(
+    cfg: &DemoConfig,
+    engine: &Engine,
+    model: &std::path::Path,
+) -> anyhow::Result<()> {
     use std::time::Instant;
     let tap = crate::telemetry::locate_tap(None)?;
     let port = crate::supervisor::free_port()?;
@@ -96,7 +118,14 @@ fn serve_and_learn(cfg: &DemoConfig, engine: &Engine, model: &std::path::Path) -
         engine: engine.clone(),
         host: "127.0.0.1".into(),
         port,
-        llama_args: vec!["-c".into(), "2048".into(), "-t".into(), "2".into(), "-np".into(), "2".into()],
+        llama_args: vec![
+            "-c".into(),
+            "2048".into(),
+            "-t".into(),
+            "2".into(),
+            "-np".into(),
+            "2".into(),
+        ],
         ready_timeout: cfg.ready_timeout,
         request_timeout: Duration::from_secs(120),
         idle_timeout: Duration::from_secs(60),
@@ -111,25 +140,41 @@ fn serve_and_learn(cfg: &DemoConfig, engine: &Engine, model: &std::path::Path) -
         vram_budget_mib: None,
         ctx: 2048,
     };
-    eprintln!("[5/7] spark serve --spark -m {} --port {port}", model.display());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    eprintln!(
+        "[5/7] spark serve --spark -m {} --port {port}",
+        model.display()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = rt.spawn(crate::serve::serve(serve_cfg, async move {
         let _ = stop_rx.await;
     }));
     let base = format!("http://127.0.0.1:{port}");
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build();
     let deadline = Instant::now() + cfg.ready_timeout + Duration::from_secs(5);
     let result = (|| -> anyhow::Result<()> {
         loop {
             if serving.is_finished() {
                 anyhow::bail!("spark serve ended before it was ready");
             }
-            if agent.get(&format!("{base}/health")).timeout(Duration::from_secs(1)).call().is_ok() {
+            if agent
+                .get(&format!("{base}/health"))
+                .timeout(Duration::from_secs(1))
+                .call()
+                .is_ok()
+            {
                 break;
             }
             if Instant::now() > deadline {
-                anyhow::bail!("spark serve was not ready within {} s", cfg.ready_timeout.as_secs());
+                anyhow::bail!(
+                    "spark serve was not ready within {} s",
+                    cfg.ready_timeout.as_secs()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -140,25 +185,49 @@ fn serve_and_learn(cfg: &DemoConfig, engine: &Engine, model: &std::path::Path) -
         ];
         for (i, p) in prompts.iter().enumerate() {
             let body = serde_json::json!({"messages": [{"role": "user", "content": p}], "max_tokens": 24, "temperature": 0.0});
-            let r: serde_json::Value = agent.post(&format!("{base}/v1/chat/completions")).send_json(body)?.into_json()?;
-            let text = r.pointer("/choices/0/message/content").and_then(|c| c.as_str()).unwrap_or_default();
+            let r: serde_json::Value = agent
+                .post(&format!("{base}/v1/chat/completions"))
+                .send_json(body)?
+                .into_json()?;
+            let text = r
+                .pointer("/choices/0/message/content")
+                .and_then(|c| c.as_str())
+                .unwrap_or_default();
             let clipped: String = text.chars().take(60).collect();
-            println!("request {}  POST /v1/chat/completions through spark -> {clipped:?}", i + 1);
+            println!(
+                "request {}  POST /v1/chat/completions through spark -> {clipped:?}",
+                i + 1
+            );
             // The profile is rewritten after each answer; wait (bounded) for the rewrite.
             let until = Instant::now() + Duration::from_secs(10);
             loop {
-                let st: serde_json::Value = agent.get(&format!("{base}/spark/status")).call()?.into_json()?;
-                let writes = st.pointer("/profile/writes").and_then(|w| w.as_u64()).unwrap_or(0);
+                let st: serde_json::Value = agent
+                    .get(&format!("{base}/spark/status"))
+                    .call()?
+                    .into_json()?;
+                let writes = st
+                    .pointer("/profile/writes")
+                    .and_then(|w| w.as_u64())
+                    .unwrap_or(0);
                 if writes > i as u64 || Instant::now() > until {
-                    let us = st.pointer("/profile/last_write_us").and_then(|w| w.as_u64()).unwrap_or(0);
-                    println!("           profile rewritten ({writes} writes so far, last took {:.2} ms)", us as f64 / 1000.0);
+                    let us = st
+                        .pointer("/profile/last_write_us")
+                        .and_then(|w| w.as_u64())
+                        .unwrap_or(0);
+                    println!(
+                        "           profile rewritten ({writes} writes so far, last took {:.2} ms)",
+                        us as f64 / 1000.0
+                    );
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
         eprintln!("[6/7] what spark learned");
-        let st: serde_json::Value = agent.get(&format!("{base}/spark/status")).call()?.into_json()?;
+        let st: serde_json::Value = agent
+            .get(&format!("{base}/spark/status"))
+            .call()?
+            .into_json()?;
         let text = std::fs::read_to_string(&profile)?;
         println!();
         println!("{} (first lines):", profile.display());
@@ -166,12 +235,28 @@ fn serve_and_learn(cfg: &DemoConfig, engine: &Engine, model: &std::path::Path) -
             println!("  {line}");
         }
         let r = &st["routing"];
-        let pct = |v: &serde_json::Value| v.as_f64().map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "n/a".into());
+        let pct = |v: &serde_json::Value| {
+            v.as_f64()
+                .map(|x| format!("{:.1}%", 100.0 * x))
+                .unwrap_or_else(|| "n/a".into())
+        };
         println!();
         println!("GET /spark/status:");
-        println!("  requests            {} ({} errors)", st["requests"]["count"], st["requests"]["errors"]);
-        println!("  routing records     {} prompt, {} decode ({} decode tokens), {} dropped", r["prompt"]["records"], r["decode"]["records"], r["decode"]["tokens"], r["ring"]["dropped"]);
-        println!("  hottest decode experts per layer {}", r["decode"]["top_per_layer"]);
+        println!(
+            "  requests            {} ({} errors)",
+            st["requests"]["count"], st["requests"]["errors"]
+        );
+        println!(
+            "  routing records     {} prompt, {} decode ({} decode tokens), {} dropped",
+            r["prompt"]["records"],
+            r["decode"]["records"],
+            r["decode"]["tokens"],
+            r["ring"]["dropped"]
+        );
+        println!(
+            "  hottest decode experts per layer {}",
+            r["decode"]["top_per_layer"]
+        );
         let sc = &r["shadow_cache"];
         println!("  shadow cache        {} slots/layer, policy {}: hit ratio {} (Belady bound over the window {})", sc["slots_per_layer"], sc["policy"].as_str().unwrap_or("?"), pct(&sc["hit_ratio"]), pct(&sc["window"]["belady_hit_ratio"]));
         Ok(())

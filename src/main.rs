@@ -128,10 +128,26 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::from(exit::OK as u8),
         Err(err) => {
-            eprintln!("spark: failed to {err:#}");
+            eprintln!("spark: failed to {}", one_line(&err));
             ExitCode::from(exit_code(&err) as u8)
         }
     }
+}
+
+/// The error and its causes on one line. Library errors often quote their source in their own
+/// message already; a cause whose text the line already ends with is not repeated.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 /// Maps an error to a documented exit code by what caused it.
@@ -150,7 +166,11 @@ fn exit_code(err: &anyhow::Error) -> i32 {
             };
         }
         if let Some(e) = cause.downcast_ref::<spark::bench_tap::BenchTapError>() {
-            return if e.is_usage() { exit::USAGE } else { exit::CHECK_FAILED };
+            return if e.is_usage() {
+                exit::USAGE
+            } else {
+                exit::CHECK_FAILED
+            };
         }
         if let Some(e) = cause.downcast_ref::<spark::cuda::CudaError>() {
             return e.exit_code();
@@ -162,7 +182,11 @@ fn exit_code(err: &anyhow::Error) -> i32 {
             return exit::USAGE;
         }
         if let Some(e) = cause.downcast_ref::<spark::sessions::SessionsError>() {
-            return if e.is_usage() { exit::USAGE } else { exit::CHECK_FAILED };
+            return if e.is_usage() {
+                exit::USAGE
+            } else {
+                exit::CHECK_FAILED
+            };
         }
         if let Some(e) = cause.downcast_ref::<spark::plan::PlanError>() {
             return e.exit_code();
@@ -285,14 +309,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => {
             let model = a.model.clone();
             GgufFile::open(&model)?;
-            let work = tempfile::Builder::new().prefix("spark-serve-").tempdir().context("create a work directory")?;
+            let work = tempfile::Builder::new()
+                .prefix("spark-serve-")
+                .tempdir()
+                .context("create a work directory")?;
             let cfg = a.resolve(work.path().to_path_buf())?;
             spark::serve::run_until_signal(cfg)?;
         }
         Command::Plan(a) => spark::plan::run(a)?,
         Command::Bench(spark::plan::BenchCommand::Plan(a)) => spark::plan::validate::run(a)?,
         Command::Bench(spark::plan::BenchCommand::Tap(a)) => spark::bench_tap::run_and_print(&a)?,
-        Command::Bench(spark::plan::BenchCommand::Swap(a)) => spark::cuda::bench::run_and_print(&a)?,
+        Command::Bench(spark::plan::BenchCommand::Swap(a)) => {
+            spark::cuda::bench::run_and_print(&a)?
+        }
         Command::Sessions(a) => spark::sessions::cli::run(a)?,
         Command::Engine(a) => {
             let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;

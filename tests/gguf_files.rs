@@ -12,7 +12,11 @@ use crate::util;
 
 fn inspect_json(path: &std::path::Path) -> Json {
     let o = util::spark(&["inspect", "--json", path.to_str().unwrap()]);
-    assert!(o.status.success(), "inspect failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "inspect failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_slice(&o.stdout).expect("inspect --json prints JSON")
 }
 
@@ -31,8 +35,22 @@ fn inspect_reports_what_fixture_wrote() {
     for (i, (router, ty)) in VARIANTS.iter().enumerate() {
         let (layers, experts, k, embd, ff) = (3 + i as u64, 4 + 2 * i as u64, 2u64, 64u64, 96u64);
         let flags = [
-            "--router", router, "--type", ty, "--layers", &layers.to_string(), "--experts", &experts.to_string(),
-            "--top-k", &k.to_string(), "--embd", &embd.to_string(), "--expert-ff", &ff.to_string(), "--seed", &i.to_string(),
+            "--router",
+            router,
+            "--type",
+            ty,
+            "--layers",
+            &layers.to_string(),
+            "--experts",
+            &experts.to_string(),
+            "--top-k",
+            &k.to_string(),
+            "--embd",
+            &embd.to_string(),
+            "--expert-ff",
+            &ff.to_string(),
+            "--seed",
+            &i.to_string(),
         ];
         let path = util::fixture(dir.path(), &format!("f{i}.gguf"), &flags);
         let j = inspect_json(&path);
@@ -63,7 +81,9 @@ fn inspect_reports_what_fixture_wrote() {
             assert!(last.offset + last.bytes <= file.file_size);
         }
         assert_eq!(j["fingerprint"], geo.fingerprint.to_string());
-        let routed = j["geometry"]["groups"]["bytes"]["routed_experts"].as_u64().unwrap();
+        let routed = j["geometry"]["groups"]["bytes"]["routed_experts"]
+            .as_u64()
+            .unwrap();
         assert_eq!(routed, layers * experts * 3 * slice);
     }
 }
@@ -88,18 +108,36 @@ fn every_vocab_gguf_of_the_pinned_source_parses() {
             continue;
         }
         let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let tokens = file.get("tokenizer.ggml.tokens").and_then(Value::as_array).map(|a| a.len()).unwrap_or(0);
+        let tokens = file
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .map(|a| a.len())
+            .unwrap_or(0);
         assert!(tokens > 1000, "{} has {tokens} tokens", path.display());
-        assert!(file.get_str("tokenizer.ggml.model").is_some(), "{}", path.display());
+        assert!(
+            file.get_str("tokenizer.ggml.model").is_some(),
+            "{}",
+            path.display()
+        );
         let geo = MoeGeometry::of(&file).unwrap();
         assert!(!geo.is_moe(), "vocab-only files have no experts");
         n += 1;
     }
-    assert!(n >= 15, "expected the pinned source's vocab files, found {n}");
+    assert!(
+        n >= 15,
+        "expected the pinned source's vocab files, found {n}"
+    );
 }
 
 fn start(model: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> LlamaServer {
-    let mut extra_args: Vec<String> = vec!["-c".into(), "1024".into(), "-t".into(), "2".into(), "-np".into(), "1".into()];
+    let mut extra_args: Vec<String> = vec![
+        "-c".into(),
+        "1024".into(),
+        "-t".into(),
+        "2".into(),
+        "-np".into(),
+        "1".into(),
+    ];
     extra_args.extend(extra.iter().map(|s| s.to_string()));
     LlamaServer::start(&LlamaServerConfig {
         binary: util::llama_server(),
@@ -108,7 +146,10 @@ fn start(model: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> Llam
         extra_args,
         env: vec![],
         ready_timeout: Duration::from_secs(60),
-        log_path: dir.join(format!("{}.log", model.file_stem().unwrap().to_string_lossy())),
+        log_path: dir.join(format!(
+            "{}.log",
+            model.file_stem().unwrap().to_string_lossy()
+        )),
     })
     .unwrap_or_else(|e| panic!("llama-server on {}: {e}", model.display()))
 }
@@ -117,15 +158,28 @@ fn start(model: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> Llam
 fn stock_llama_server_runs_every_fixture_variant() {
     let dir = util::tempdir();
     for (i, (router, ty)) in VARIANTS.iter().enumerate() {
-        let path = util::fixture(dir.path(), &format!("v{i}.gguf"), &["--router", router, "--type", ty]);
+        let path = util::fixture(
+            dir.path(),
+            &format!("v{i}.gguf"),
+            &["--router", router, "--type", ty],
+        );
         let server = start(&path, dir.path(), &[]);
         let answer = server
-            .post_json("/completion", &serde_json::json!({"prompt": "Hello experts", "n_predict": 8, "temperature": 0.0}))
+            .post_json(
+                "/completion",
+                &serde_json::json!({"prompt": "Hello experts", "n_predict": 8, "temperature": 0.0}),
+            )
             .unwrap();
         server.stop();
-        let predicted = answer.pointer("/timings/predicted_n").and_then(Json::as_u64).unwrap_or(0);
+        let predicted = answer
+            .pointer("/timings/predicted_n")
+            .and_then(Json::as_u64)
+            .unwrap_or(0);
         assert_eq!(predicted, 8, "{router}/{ty}: {answer}");
-        assert!(answer["content"].as_str().is_some_and(|c| !c.is_empty()), "{router}/{ty}: {answer}");
+        assert!(
+            answer["content"].as_str().is_some_and(|c| !c.is_empty()),
+            "{router}/{ty}: {answer}"
+        );
     }
 }
 
@@ -142,9 +196,18 @@ fn inspect_agrees_with_llama_cpp_on_the_medium_fixture() {
     let printed: BTreeMap<String, String> = log
         .lines()
         .filter_map(|l| l.split_once("print_info: ").map(|(_, r)| r))
-        .filter_map(|r| r.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .filter_map(|r| {
+            r.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
         .collect();
-    let num = |k: &str| -> u64 { printed.get(k).unwrap_or_else(|| panic!("llama.cpp did not print {k}")).parse().unwrap() };
+    let num = |k: &str| -> u64 {
+        printed
+            .get(k)
+            .unwrap_or_else(|| panic!("llama.cpp did not print {k}"))
+            .parse()
+            .unwrap()
+    };
     let g = &j["geometry"];
     assert_eq!(g["n_layer"].as_u64().unwrap(), num("n_layer"));
     assert_eq!(g["n_expert"].as_u64().unwrap(), num("n_expert"));
@@ -154,19 +217,43 @@ fn inspect_agrees_with_llama_cpp_on_the_medium_fixture() {
     assert_eq!(g["head_dim_k"].as_u64().unwrap(), num("n_embd_head_k"));
     // Per-expert bytes from llama.cpp's own numbers: gate, up ([n_embd, n_ff_exp]) and down
     // ([n_ff_exp, n_embd]) in the fixture's q8_0.
-    let slice = GgmlType::Q8_0.tensor_bytes(&[num("n_embd"), num("n_ff_exp")]).unwrap();
+    let slice = GgmlType::Q8_0
+        .tensor_bytes(&[num("n_embd"), num("n_ff_exp")])
+        .unwrap();
     for b in j["expert_bytes_per_layer"].as_array().unwrap() {
         assert_eq!(b.as_u64().unwrap(), 3 * slice);
     }
     // llama.cpp's "file size" is the sum of tensor bytes, in MiB with two decimals.
-    let size_mib: f64 = printed["file size"].split_whitespace().next().unwrap().parse().unwrap();
+    let size_mib: f64 = printed["file size"]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let ours = j["geometry"]["total_tensor_bytes"].as_u64().unwrap() as f64 / 1048576.0;
-    assert!((size_mib - ours).abs() < 0.006, "llama.cpp {size_mib} MiB vs spark {ours} MiB");
+    assert!(
+        (size_mib - ours).abs() < 0.006,
+        "llama.cpp {size_mib} MiB vs spark {ours} MiB"
+    );
     // KV cache: llama.cpp allocates n_ctx (1024 here) × per-token bytes at f16.
-    let kv_line = log.lines().find(|l| l.contains("KV buffer size")).expect("llama.cpp prints its KV buffer");
-    let kv_mib: f64 = kv_line.split('=').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let kv_line = log
+        .lines()
+        .find(|l| l.contains("KV buffer size"))
+        .expect("llama.cpp prints its KV buffer");
+    let kv_mib: f64 = kv_line
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let per_tok = j["kv_bytes_per_token_f16"].as_u64().unwrap() as f64;
-    assert!((kv_mib - per_tok * 1024.0 / 1048576.0).abs() < 0.006, "KV {kv_mib} MiB vs {per_tok} B/token");
+    assert!(
+        (kv_mib - per_tok * 1024.0 / 1048576.0).abs() < 0.006,
+        "KV {kv_mib} MiB vs {per_tok} B/token"
+    );
 }
 
 #[test]
@@ -179,12 +266,41 @@ fn bad_files_are_input_errors_not_panics() {
         ("empty", vec![], "empty"),
         ("text", b"hello, not a model\n".to_vec(), "not a GGUF file"),
         ("magic-only", b"GGUF".to_vec(), "truncated"),
-        ("v1", [&b"GGUF"[..], &1u32.to_le_bytes(), &[0u8; 16]].concat(), "version 1"),
+        (
+            "v1",
+            [&b"GGUF"[..], &1u32.to_le_bytes(), &[0u8; 16]].concat(),
+            "version 1",
+        ),
         ("header-cut", bytes[..100].to_vec(), "truncated"),
-        ("data-cut", bytes[..bytes.len() - 1000].to_vec(), "truncated"),
-        ("table-cut", bytes[..file.data_offset as usize - 8].to_vec(), "truncated"),
-        ("huge-count", { let mut b = bytes.clone(); b[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); b }, "truncated"),
-        ("bad-type", { let mut b = bytes.clone(); let p = 24 + 8 + "general.architecture".len(); b[p..p + 4].copy_from_slice(&77u32.to_le_bytes()); b }, "unknown value type 77"),
+        (
+            "data-cut",
+            bytes[..bytes.len() - 1000].to_vec(),
+            "truncated",
+        ),
+        (
+            "table-cut",
+            bytes[..file.data_offset as usize - 8].to_vec(),
+            "truncated",
+        ),
+        (
+            "huge-count",
+            {
+                let mut b = bytes.clone();
+                b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+                b
+            },
+            "truncated",
+        ),
+        (
+            "bad-type",
+            {
+                let mut b = bytes.clone();
+                let p = 24 + 8 + "general.architecture".len();
+                b[p..p + 4].copy_from_slice(&77u32.to_le_bytes());
+                b
+            },
+            "unknown value type 77",
+        ),
     ];
     for (name, content, expect) in cases {
         let p = dir.path().join(format!("{name}.gguf"));
@@ -192,9 +308,19 @@ fn bad_files_are_input_errors_not_panics() {
         let o = util::spark(&["inspect", p.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{name}: {err}");
-        assert!(err.contains(expect), "{name}: expected {expect:?} in {err:?}");
-        assert!(err.contains(p.to_str().unwrap()), "{name}: the error names the file: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{name}: one-line error: {err}");
+        assert!(
+            err.contains(expect),
+            "{name}: expected {expect:?} in {err:?}"
+        );
+        assert!(
+            err.contains(p.to_str().unwrap()),
+            "{name}: the error names the file: {err}"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{name}: one-line error: {err}"
+        );
         assert!(!err.contains("panicked"), "{name}: {err}");
     }
     let o = util::spark(&["inspect", dir.path().join("missing.gguf").to_str().unwrap()]);
@@ -207,23 +333,50 @@ fn bad_files_are_input_errors_not_panics() {
 fn every_metadata_type_and_several_tensor_types_round_trip() {
     use spark::gguf::ValueType as T;
     let mut w = GgufWriter::new();
-    let nested = Value::Array(T::Array, vec![
-        Value::Array(T::I16, vec![Value::I16(-3), Value::I16(7)]),
-        Value::Array(T::I16, vec![]),
-    ]);
+    let nested = Value::Array(
+        T::Array,
+        vec![
+            Value::Array(T::I16, vec![Value::I16(-3), Value::I16(7)]),
+            Value::Array(T::I16, vec![]),
+        ],
+    );
     let values = vec![
-        ("t.u8", Value::U8(250)), ("t.i8", Value::I8(-100)), ("t.u16", Value::U16(65000)), ("t.i16", Value::I16(-32000)),
-        ("t.u32", Value::U32(4_000_000_000)), ("t.i32", Value::I32(-2_000_000_000)), ("t.f32", Value::F32(1.5e-7)),
-        ("t.bool", Value::Bool(true)), ("t.string", Value::String("héllo ✓".into())), ("t.u64", Value::U64(u64::MAX)),
-        ("t.i64", Value::I64(i64::MIN)), ("t.f64", Value::F64(-2.25e300)),
-        ("t.arr_str", Value::Array(T::String, vec![Value::String("a".into()), Value::String(String::new())])),
-        ("t.arr_empty", Value::Array(T::F32, vec![])), ("t.nested", nested),
+        ("t.u8", Value::U8(250)),
+        ("t.i8", Value::I8(-100)),
+        ("t.u16", Value::U16(65000)),
+        ("t.i16", Value::I16(-32000)),
+        ("t.u32", Value::U32(4_000_000_000)),
+        ("t.i32", Value::I32(-2_000_000_000)),
+        ("t.f32", Value::F32(1.5e-7)),
+        ("t.bool", Value::Bool(true)),
+        ("t.string", Value::String("héllo ✓".into())),
+        ("t.u64", Value::U64(u64::MAX)),
+        ("t.i64", Value::I64(i64::MIN)),
+        ("t.f64", Value::F64(-2.25e300)),
+        (
+            "t.arr_str",
+            Value::Array(
+                T::String,
+                vec![Value::String("a".into()), Value::String(String::new())],
+            ),
+        ),
+        ("t.arr_empty", Value::Array(T::F32, vec![])),
+        ("t.nested", nested),
         ("general.alignment", Value::U32(64)),
     ];
     for (k, v) in &values {
         w.set(k, v.clone());
     }
-    let types = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::IQ2_XXS, GgmlType::MXFP4, GgmlType::TQ1_0];
+    let types = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::IQ2_XXS,
+        GgmlType::MXFP4,
+        GgmlType::TQ1_0,
+    ];
     let mut datas = Vec::new();
     for (i, t) in types.iter().enumerate() {
         let dims = [256u64, 3, 2];
@@ -243,7 +396,11 @@ fn every_metadata_type_and_several_tensor_types_round_trip() {
         assert_eq!(f.get(k), Some(v), "{k}");
     }
     let keys: Vec<&str> = f.metadata.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(keys, values.iter().map(|(k, _)| *k).collect::<Vec<_>>(), "order is kept");
+    assert_eq!(
+        keys,
+        values.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        "order is kept"
+    );
     for (i, t) in types.iter().enumerate() {
         let info = f.tensor(&format!("t{i}")).unwrap();
         assert_eq!(info.ggml_type, Some(*t));
@@ -272,7 +429,10 @@ fn unknown_tensor_type_is_reported_not_fatal() {
     let o = util::spark(&["inspect", p.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("unknown type: blk.0.attn_q.weight (type#99)"), "{out}");
+    assert!(
+        out.contains("unknown type: blk.0.attn_q.weight (type#99)"),
+        "{out}"
+    );
     assert!(out.contains("dense model"), "{out}");
 }
 
@@ -287,7 +447,13 @@ fn fixture_rejects_bad_flags_with_exit_2() {
         (vec!["--type", "q9_9"], "--type q9_9"),
         (vec!["--experts", "1"], "--experts 1"),
     ] {
-        let mut args = vec!["fixture", "--out", out.to_str().unwrap(), "--vocab", vocab.to_str().unwrap()];
+        let mut args = vec![
+            "fixture",
+            "--out",
+            out.to_str().unwrap(),
+            "--vocab",
+            vocab.to_str().unwrap(),
+        ];
         args.extend(flags);
         let o = util::spark(&args);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -295,7 +461,13 @@ fn fixture_rejects_bad_flags_with_exit_2() {
         assert!(err.contains(expect), "{expect} in {err}");
         assert!(!out.exists(), "nothing written on bad input");
     }
-    let o = util::spark(&["fixture", "--out", out.to_str().unwrap(), "--vocab", dir.path().join("nope.gguf").to_str().unwrap()]);
+    let o = util::spark(&[
+        "fixture",
+        "--out",
+        out.to_str().unwrap(),
+        "--vocab",
+        dir.path().join("nope.gguf").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(!out.exists());
 }
@@ -303,7 +475,11 @@ fn fixture_rejects_bad_flags_with_exit_2() {
 #[test]
 fn analytic_routing_is_computable_and_skewed_routing_is_hot() {
     let dir = util::tempdir();
-    let path = util::fixture(dir.path(), "an.gguf", &["--router", "analytic", "--experts", "16", "--top-k", "4"]);
+    let path = util::fixture(
+        dir.path(),
+        "an.gguf",
+        &["--router", "analytic", "--experts", "16", "--top-k", "4"],
+    );
     let f = GgufFile::open(&path).unwrap();
     let tokens: Vec<u32> = (100..400).collect();
     let routing = spark::fixture::analytic_routing(&f, &tokens).unwrap();
@@ -323,7 +499,10 @@ fn analytic_routing_is_computable_and_skewed_routing_is_hot() {
             }
         }
     }
-    assert!(tight * 100 < tokens.len() * 4, "near-ties are rare: {tight}");
+    assert!(
+        tight * 100 < tokens.len() * 4,
+        "near-ties are rare: {tight}"
+    );
     // Not analytic: refused.
     let skewed = util::fixture(dir.path(), "sk.gguf", &[]);
     assert!(spark::fixture::analytic_routing(&GgufFile::open(&skewed).unwrap(), &tokens).is_err());

@@ -24,10 +24,23 @@ struct Served {
 impl Served {
     fn start(model: &Path, extra: &[&str]) -> Served {
         let mut cmd = Command::new(util::spark_bin());
-        cmd.args(["serve", "-m", model.to_str().unwrap(), "--port", "0", "--llama-server", util::llama_server().to_str().unwrap()]);
+        cmd.args([
+            "serve",
+            "-m",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--llama-server",
+            util::llama_server().to_str().unwrap(),
+        ]);
         cmd.args(extra);
         cmd.args(["--", "-c", "2048", "-t", "2", "-np", "4"]);
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let (tx, rx) = mpsc::channel();
         let err = child.stderr.take().unwrap();
         std::thread::spawn(move || {
@@ -41,10 +54,17 @@ impl Served {
         let mut early = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("spark serve announces its address within 60 s; it said {early:?}"));
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("spark serve announces its address within 60 s; it said {early:?}")
+            });
             if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
                 let port = rest.split_whitespace().next().unwrap().parse().unwrap();
-                return Served { child, port, stderr: rx, early };
+                return Served {
+                    child,
+                    port,
+                    stderr: rx,
+                    early,
+                };
             }
             early.push(line);
         }
@@ -55,7 +75,12 @@ impl Served {
     }
 
     fn status(&self) -> Value {
-        ureq::get(&self.url("/spark/status")).timeout(Duration::from_secs(5)).call().unwrap().into_json().unwrap()
+        ureq::get(&self.url("/spark/status"))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
     }
 
     fn child_pid(&self) -> u32 {
@@ -73,7 +98,12 @@ impl Drop for Served {
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry; it counts as gone.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -90,32 +120,50 @@ fn wait_gone(pid: u32, within: Duration) -> bool {
 }
 
 fn post(url: &str, body: &Value) -> Result<Value, String> {
-    match ureq::post(url).timeout(Duration::from_secs(60)).send_json(body) {
+    match ureq::post(url)
+        .timeout(Duration::from_secs(60))
+        .send_json(body)
+    {
         Ok(r) => r.into_json().map_err(|e| e.to_string()),
-        Err(ureq::Error::Status(code, r)) => Err(format!("{url}: status {code}: {}", r.into_string().unwrap_or_default())),
+        Err(ureq::Error::Status(code, r)) => Err(format!(
+            "{url}: status {code}: {}",
+            r.into_string().unwrap_or_default()
+        )),
         Err(e) => Err(e.to_string()),
     }
 }
 
 /// The generated text of a streamed chat completion, from its SSE lines.
 fn stream_chat(url: &str, body: &Value) -> Result<String, String> {
-    let resp = ureq::post(url).timeout(Duration::from_secs(60)).send_json(body).map_err(|e| e.to_string())?;
+    let resp = ureq::post(url)
+        .timeout(Duration::from_secs(60))
+        .send_json(body)
+        .map_err(|e| e.to_string())?;
     let mut text = String::new();
     let mut done = false;
     for line in BufReader::new(resp.into_reader()).lines() {
         let line = line.map_err(|e| e.to_string())?;
-        let Some(data) = line.strip_prefix("data: ") else { continue };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
         if data == "[DONE]" {
             // Keep reading to the end of the body, as a well-behaved client does.
             done = true;
             continue;
         }
         let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
-        if let Some(c) = v.pointer("/choices/0/delta/content").and_then(Value::as_str) {
+        if let Some(c) = v
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+        {
             text.push_str(c);
         }
     }
-    if done { Ok(text) } else { Err("stream ended without [DONE]".into()) }
+    if done {
+        Ok(text)
+    } else {
+        Err("stream ended without [DONE]".into())
+    }
 }
 
 #[test]
@@ -130,7 +178,10 @@ fn proxy_answers_equal_llama_server_answers() {
         binary: util::llama_server(),
         model: model.clone(),
         port: None,
-        extra_args: ["-c", "2048", "-t", "2", "-np", "4"].iter().map(|s| s.to_string()).collect(),
+        extra_args: ["-c", "2048", "-t", "2", "-np", "4"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         env: vec![],
         ready_timeout: Duration::from_secs(60),
         log_path: dir.path().join("direct.log"),
@@ -141,13 +192,18 @@ fn proxy_answers_equal_llama_server_answers() {
         let c = post(&direct.url("/completion"), &completion(p)).unwrap();
         let n = post(&direct.url("/v1/chat/completions"), &chat(p, false)).unwrap();
         let s = stream_chat(&direct.url("/v1/chat/completions"), &chat(p, true)).unwrap();
-        expected.push((c["content"].clone(), n["choices"][0]["message"]["content"].clone(), s));
+        expected.push((
+            c["content"].clone(),
+            n["choices"][0]["message"]["content"].clone(),
+            s,
+        ));
     }
     direct.stop();
 
     let served = Served::start(&model, &["--quiet"]);
     for (p, (c, n, s)) in prompts.iter().zip(&expected) {
-        let got = post(&served.url("/completion"), &completion(p)).unwrap_or_else(|e| panic!("{e}; status {}", served.status()));
+        let got = post(&served.url("/completion"), &completion(p))
+            .unwrap_or_else(|e| panic!("{e}; status {}", served.status()));
         assert_eq!(&got["content"], c, "/completion {p:?}");
         let got = post(&served.url("/v1/chat/completions"), &chat(p, false)).unwrap();
         assert_eq!(&got["choices"][0]["message"]["content"], n, "chat {p:?}");
@@ -160,7 +216,10 @@ fn proxy_answers_equal_llama_server_answers() {
     for route in ["/health", "/v1/models", "/props", "/slots", "/metrics"] {
         // /slots and /metrics answer 501 unless llama-server was started with them enabled:
         // the proxy passes that through too.
-        match ureq::get(&served.url(route)).timeout(Duration::from_secs(5)).call() {
+        match ureq::get(&served.url(route))
+            .timeout(Duration::from_secs(5))
+            .call()
+        {
             Ok(_) => {}
             Err(ureq::Error::Status(501, _)) => refused += 1,
             Err(e) => panic!("{route}: {e}"),
@@ -171,10 +230,17 @@ fn proxy_answers_equal_llama_server_answers() {
     let st = served.status();
     assert_eq!(st["requests"]["errors"], refused, "{st}");
     assert_eq!(st["requests"]["aborted"], 0, "{st}");
-    assert!(st["requests"]["generated_tokens"].as_u64().unwrap() >= 12 * 6, "{st}");
+    assert!(
+        st["requests"]["generated_tokens"].as_u64().unwrap() >= 12 * 6,
+        "{st}"
+    );
     assert!(st["completed_requests"].as_u64().unwrap() >= 9, "{st}");
     assert!(st["requests"]["first_byte_ms"]["p50"].as_f64().unwrap() > 0.0);
-    let metrics = ureq::get(&served.url("/spark/metrics")).call().unwrap().into_string().unwrap();
+    let metrics = ureq::get(&served.url("/spark/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
     assert!(metrics.contains("spark_requests_total"), "{metrics}");
     assert!(metrics.contains("spark_child_up 1"), "{metrics}");
 }
@@ -194,7 +260,8 @@ fn sixteen_concurrent_streaming_clients_see_no_errors() {
             })
         })
         .collect();
-    let results: Vec<Result<String, String>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results: Vec<Result<String, String>> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
     let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(errors.is_empty(), "errors: {errors:?}");
     let st = served.status();
@@ -211,7 +278,9 @@ fn a_dead_llama_server_is_restarted_and_the_client_gets_an_error() {
     // A long streamed request, killed mid-way.
     let url = served.url("/completion");
     let req = std::thread::spawn(move || {
-        let resp = ureq::post(&url).timeout(Duration::from_secs(60)).send_json(json!({"prompt": "count", "n_predict": 100000, "stream": true, "ignore_eos": true}));
+        let resp = ureq::post(&url).timeout(Duration::from_secs(60)).send_json(
+            json!({"prompt": "count", "n_predict": 100000, "stream": true, "ignore_eos": true}),
+        );
         match resp {
             Ok(r) => {
                 let mut body = String::new();
@@ -225,9 +294,16 @@ fn a_dead_llama_server_is_restarted_and_the_client_gets_an_error() {
         }
     });
     std::thread::sleep(Duration::from_millis(500));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let outcome = req.join().unwrap();
-    assert!(outcome.is_err(), "the client must see the failure, not a clean end");
+    assert!(
+        outcome.is_err(),
+        "the client must see the failure, not a clean end"
+    );
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let st = loop {
@@ -239,8 +315,18 @@ fn a_dead_llama_server_is_restarted_and_the_client_gets_an_error() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(st["child"]["restarts"], 1);
-    assert!(st["child"]["last_exit"].as_str().unwrap().contains("signal"), "{st}");
-    let got = post(&served.url("/completion"), &json!({"prompt": "again", "n_predict": 4})).unwrap();
+    assert!(
+        st["child"]["last_exit"]
+            .as_str()
+            .unwrap()
+            .contains("signal"),
+        "{st}"
+    );
+    let got = post(
+        &served.url("/completion"),
+        &json!({"prompt": "again", "n_predict": 4}),
+    )
+    .unwrap();
     assert_eq!(got["tokens_predicted"], 4);
 }
 
@@ -251,7 +337,11 @@ fn sigterm_stops_cleanly_and_sigkill_leaves_no_llama_server() {
 
     let mut served = Served::start(&model, &["--quiet"]);
     let child = served.child_pid();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(served.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(served.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = served.child.try_wait().unwrap() {
@@ -261,7 +351,10 @@ fn sigterm_stops_cleanly_and_sigkill_leaves_no_llama_server() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
-    assert!(wait_gone(child, Duration::from_secs(5)), "llama-server {child} outlived spark");
+    assert!(
+        wait_gone(child, Duration::from_secs(5)),
+        "llama-server {child} outlived spark"
+    );
     let said: Vec<String> = served.stderr.try_iter().collect();
     assert!(said.iter().any(|l| l.contains("SIGTERM")), "{said:?}");
 
@@ -269,7 +362,10 @@ fn sigterm_stops_cleanly_and_sigkill_leaves_no_llama_server() {
     let child = served.child_pid();
     served.child.kill().unwrap();
     served.child.wait().unwrap();
-    assert!(wait_gone(child, Duration::from_secs(5)), "llama-server {child} outlived a SIGKILLed spark");
+    assert!(
+        wait_gone(child, Duration::from_secs(5)),
+        "llama-server {child} outlived a SIGKILLed spark"
+    );
 }
 
 #[test]
@@ -278,12 +374,29 @@ fn a_server_that_never_gets_ready_times_out_with_124() {
     let model = util::fixture(dir.path(), "m.gguf", &[]);
     let fake = dir.path().join("stuck-server");
     let pidfile = dir.path().join("stuck.pid");
-    std::fs::write(&fake, format!("#!/bin/sh\necho $$ > {}\nexec sleep 600\n", pidfile.display())).unwrap();
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+            pidfile.display()
+        ),
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let started = Instant::now();
     let o = Command::new(util::spark_bin())
-        .args(["serve", "-m", model.to_str().unwrap(), "--port", "0", "--ready-timeout", "2", "--llama-server", fake.to_str().unwrap()])
+        .args([
+            "serve",
+            "-m",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--ready-timeout",
+            "2",
+            "--llama-server",
+            fake.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let took = started.elapsed();
@@ -291,8 +404,15 @@ fn a_server_that_never_gets_ready_times_out_with_124() {
     assert_eq!(o.status.code(), Some(124), "{err}");
     assert!(err.contains("not ready after 2 s"), "{err}");
     assert!(took < Duration::from_secs(2 + 8), "took {took:?}");
-    let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
-    assert!(wait_gone(pid, Duration::from_secs(5)), "the stuck server {pid} was left running");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_gone(pid, Duration::from_secs(5)),
+        "the stuck server {pid} was left running"
+    );
 }
 
 #[test]
@@ -320,7 +440,10 @@ fn spark_mode_writes_a_profile_whose_counts_are_what_the_ring_delivered() {
     let model = util::fixture(dir.path(), "m.gguf", &["--router", "skewed"]);
     let served = Served::start(&model, &["--quiet", "--spark"]);
     let profile_path = spark::profile::path_for(&model);
-    assert!(!profile_path.exists(), "nothing is written before a request");
+    assert!(
+        !profile_path.exists(),
+        "nothing is written before a request"
+    );
     post(&served.url("/completion"), &json!({"prompt": "The expert cache keeps hot experts", "n_predict": 16, "temperature": 0.0})).unwrap();
     // The rewrite follows the end of the answer; give the live thread its moment.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -335,7 +458,10 @@ fn spark_mode_writes_a_profile_whose_counts_are_what_the_ring_delivered() {
     let p = spark::profile::Profile::read(&profile_path).unwrap();
     let file = spark::gguf::GgufFile::open(&model).unwrap();
     let geo = spark::gguf::MoeGeometry::of(&file).unwrap();
-    assert_eq!(p.fingerprint.as_deref(), Some(geo.fingerprint.to_string().as_str()));
+    assert_eq!(
+        p.fingerprint.as_deref(),
+        Some(geo.fingerprint.to_string().as_str())
+    );
     assert_eq!((p.n_layer(), p.n_expert()), (4, 8));
     let routing = &st["routing"];
     let records = routing["ring"]["read"].as_u64().unwrap();
@@ -343,15 +469,30 @@ fn spark_mode_writes_a_profile_whose_counts_are_what_the_ring_delivered() {
     assert_eq!(routing["ring"]["dropped"], 0);
     // Every record carries k = 2 experts; the profile holds every one of them.
     assert_eq!(p.counts.total(), 2 * records, "{st}");
-    assert_eq!(p.counts.total(), routing["prompt"]["expert_uses"].as_u64().unwrap() + routing["decode"]["expert_uses"].as_u64().unwrap());
+    assert_eq!(
+        p.counts.total(),
+        routing["prompt"]["expert_uses"].as_u64().unwrap()
+            + routing["decode"]["expert_uses"].as_u64().unwrap()
+    );
     // 16 generated tokens: the first comes from the prompt batch, 15 decode steps per layer.
     assert_eq!(routing["decode"]["tokens"], 15, "{st}");
     assert!(routing["shadow_cache"]["hit_ratio"].as_f64().unwrap() > 0.0);
-    let bel = routing["shadow_cache"]["window"]["belady_hit_ratio"].as_f64().unwrap();
-    assert!(bel >= routing["shadow_cache"]["window"]["hit_ratio"].as_f64().unwrap(), "belady is a bound: {st}");
+    let bel = routing["shadow_cache"]["window"]["belady_hit_ratio"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        bel >= routing["shadow_cache"]["window"]["hit_ratio"]
+            .as_f64()
+            .unwrap(),
+        "belady is a bound: {st}"
+    );
 
     // A second request adds to the same table.
-    post(&served.url("/completion"), &json!({"prompt": "again", "n_predict": 8, "temperature": 0.0})).unwrap();
+    post(
+        &served.url("/completion"),
+        &json!({"prompt": "again", "n_predict": 8, "temperature": 0.0}),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while served.status()["profile"]["writes"].as_u64().unwrap() < 2 {
         assert!(Instant::now() < deadline);
@@ -359,7 +500,10 @@ fn spark_mode_writes_a_profile_whose_counts_are_what_the_ring_delivered() {
     }
     let st = served.status();
     let p2 = spark::profile::Profile::read(&profile_path).unwrap();
-    assert_eq!(p2.counts.total(), 2 * st["routing"]["ring"]["read"].as_u64().unwrap());
+    assert_eq!(
+        p2.counts.total(),
+        2 * st["routing"]["ring"]["read"].as_u64().unwrap()
+    );
     assert!(p2.counts.total() > p.counts.total());
 }
 
@@ -370,7 +514,11 @@ fn a_profile_of_another_model_is_set_aside_as_stale() {
     let other = util::fixture(dir.path(), "other.gguf", &["--seed", "9"]);
     // A profile written for `other`, placed where `model`'s profile goes.
     let served = Served::start(&other, &["--quiet", "--spark"]);
-    post(&served.url("/completion"), &json!({"prompt": "hello", "n_predict": 4})).unwrap();
+    post(
+        &served.url("/completion"),
+        &json!({"prompt": "hello", "n_predict": 4}),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while served.status()["profile"]["writes"].as_u64().unwrap() < 1 {
         assert!(Instant::now() < deadline);
@@ -385,9 +533,23 @@ fn a_profile_of_another_model_is_set_aside_as_stale() {
     assert_eq!(st["profile"]["at_start"], "stale", "{st}");
     let mut stale = spark::profile::path_for(&model).into_os_string();
     stale.push(".stale");
-    assert_eq!(std::fs::read_to_string(&stale).unwrap(), theirs, "the old file is kept as .stale");
-    assert!(!spark::profile::path_for(&model).exists(), "nothing loaded silently");
-    assert!(served.early.iter().any(|l| l.contains("belongs to another model")), "{:?}", served.early);
+    assert_eq!(
+        std::fs::read_to_string(&stale).unwrap(),
+        theirs,
+        "the old file is kept as .stale"
+    );
+    assert!(
+        !spark::profile::path_for(&model).exists(),
+        "nothing loaded silently"
+    );
+    assert!(
+        served
+            .early
+            .iter()
+            .any(|l| l.contains("belongs to another model")),
+        "{:?}",
+        served.early
+    );
 }
 
 #[test]
@@ -400,10 +562,16 @@ fn sigkill_during_profile_rewrites_never_leaves_a_broken_profile_or_a_stale_ring
         let mut served = Served::start(&model, &["--quiet", "--spark"]);
         let spark_pid = served.child.id();
         let llama = served.child_pid();
-        assert!(ring_files_of(spark_pid).is_empty(), "the ring's name is unlinked once the tap has mapped it");
+        assert!(
+            ring_files_of(spark_pid).is_empty(),
+            "the ring's name is unlinked once the tap has mapped it"
+        );
         let st = served.status();
         let expect = if existed { "fresh" } else { "new" };
-        assert_eq!(st["profile"]["at_start"], expect, "the profile a killed run left is whole: {st}");
+        assert_eq!(
+            st["profile"]["at_start"], expect,
+            "the profile a killed run left is whole: {st}"
+        );
         // Requests in a loop so rewrites are under way when the kill lands.
         let url = served.url("/completion");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -425,11 +593,17 @@ fn sigkill_during_profile_rewrites_never_leaves_a_broken_profile_or_a_stale_ring
         served.child.wait().unwrap();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         load.join().unwrap();
-        assert!(wait_gone(llama, Duration::from_secs(5)), "llama-server outlived a SIGKILLed spark");
+        assert!(
+            wait_gone(llama, Duration::from_secs(5)),
+            "llama-server outlived a SIGKILLed spark"
+        );
         if profile.exists() {
             spark::profile::Profile::read(&profile).expect("the profile is whole after SIGKILL");
         }
-        assert!(ring_files_of(spark_pid).is_empty(), "nothing left in /dev/shm after SIGKILL");
+        assert!(
+            ring_files_of(spark_pid).is_empty(),
+            "nothing left in /dev/shm after SIGKILL"
+        );
     }
     assert!(profile.exists());
     // A ring file of a dead process (from a spark killed between creating the ring and the
@@ -440,7 +614,10 @@ fn sigkill_during_profile_rewrites_never_leaves_a_broken_profile_or_a_stale_ring
     let stale = std::path::PathBuf::from(format!("/dev/shm/spark-ring-{dead}-0-00000000"));
     std::fs::write(&stale, b"").unwrap();
     let next = Served::start(&model, &["--quiet", "--spark"]);
-    assert!(!stale.exists(), "stale ring of dead pid {dead} left after the next start");
+    assert!(
+        !stale.exists(),
+        "stale ring of dead pid {dead} left after the next start"
+    );
     drop(next);
 }
 
@@ -448,10 +625,23 @@ fn sigkill_during_profile_rewrites_never_leaves_a_broken_profile_or_a_stale_ring
 fn placement_flags_are_passed_and_an_impossible_budget_is_refused_with_3() {
     let dir = util::tempdir();
     let model = util::fixture(dir.path(), "m.gguf", &[]);
-    let o = util::spark(&["serve", "-m", model.to_str().unwrap(), "--port", "0", "--vram-budget", "1", "--llama-server", util::llama_server().to_str().unwrap()]);
+    let o = util::spark(&[
+        "serve",
+        "-m",
+        model.to_str().unwrap(),
+        "--port",
+        "0",
+        "--vram-budget",
+        "1",
+        "--llama-server",
+        util::llama_server().to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{err}");
-    assert!(err.contains("VRAM budget of 1 MiB") && err.contains("what would help"), "{err}");
+    assert!(
+        err.contains("VRAM budget of 1 MiB") && err.contains("what would help"),
+        "{err}"
+    );
 
     // CPU only: spark passes -ngl 0 and its context; the user's -c (after --) wins and is named.
     let served = Served::start(&model, &["--quiet", "--no-tap"]);
@@ -459,6 +649,16 @@ fn placement_flags_are_passed_and_an_impossible_budget_is_refused_with_3() {
     assert_eq!(st["placement"]["placement"]["kind"], "cpu_only", "{st}");
     assert_eq!(st["placement"]["flags"], json!(["-ngl", "0"]));
     assert_eq!(st["placement"]["user_overrides"], json!(["-c 2048"]));
-    assert!(st["routing"].is_null(), "--no-tap serves without routing statistics");
-    assert!(served.early.iter().any(|l| l.contains("your arguments replace: -c 2048")), "{:?}", served.early);
+    assert!(
+        st["routing"].is_null(),
+        "--no-tap serves without routing statistics"
+    );
+    assert!(
+        served
+            .early
+            .iter()
+            .any(|l| l.contains("your arguments replace: -c 2048")),
+        "{:?}",
+        served.early
+    );
 }

@@ -3,10 +3,10 @@
 mod util;
 
 mod gguf_files;
-mod serve;
 mod plan;
+mod serve;
 mod sessions;
-mod telemetry;
-mod validate;
 mod simulate;
 mod swap;
+mod telemetry;
+mod validate;

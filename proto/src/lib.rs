@@ -5,6 +5,6 @@
 //! control protocol and the scheduler hook ABI as they land. Nothing here does I/O; both sides
 //! (the `spark` library and the preloaded tap) use these types so a layout is written once.
 
-pub mod trace;
-pub mod ring;
 pub mod control;
+pub mod ring;
+pub mod trace;

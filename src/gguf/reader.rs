@@ -386,8 +386,19 @@ mod tests {
         let mut w = GgufWriter::new();
         w.set("general.architecture", Value::String("qwen3moe".into()));
         w.set("qwen3moe.expert_count", Value::U32(4));
-        w.set("a.nested", Value::Array(ValueType::Array, vec![Value::Array(ValueType::U8, vec![Value::U8(1)])]));
-        w.add_tensor("blk.0.ffn_up_exps.weight", &[32, 2, 4], GgmlType::Q8_0, vec![7; 8 * 34]);
+        w.set(
+            "a.nested",
+            Value::Array(
+                ValueType::Array,
+                vec![Value::Array(ValueType::U8, vec![Value::U8(1)])],
+            ),
+        );
+        w.add_tensor(
+            "blk.0.ffn_up_exps.weight",
+            &[32, 2, 4],
+            GgmlType::Q8_0,
+            vec![7; 8 * 34],
+        );
         w.add_tensor("token_embd.weight", &[4, 3], GgmlType::F32, vec![1; 48]);
         w.to_bytes()
     }
@@ -403,7 +414,10 @@ mod tests {
     fn every_prefix_of_a_valid_file_is_an_error_not_a_panic() {
         let bytes = sample();
         for n in 0..bytes.len() {
-            assert!(parse_bytes(&bytes[..n]).is_err(), "prefix of {n} bytes parsed");
+            assert!(
+                parse_bytes(&bytes[..n]).is_err(),
+                "prefix of {n} bytes parsed"
+            );
         }
     }
 

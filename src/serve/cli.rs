@@ -72,8 +72,16 @@ impl ServeArgs {
     /// Resolves the flags: finds the engine and (unless `--no-tap`) the tap.
     pub fn resolve(self, work_dir: PathBuf) -> Result<ServeConfig, anyhow::Error> {
         let engine = Engine::locate(self.llama_server.as_deref())?;
-        let tap = if self.no_tap { None } else { Some(crate::telemetry::locate_tap(self.tap.as_deref())?) };
-        let profile = self.spark.then(|| self.profile.clone().unwrap_or_else(|| crate::profile::path_for(&self.model)));
+        let tap = if self.no_tap {
+            None
+        } else {
+            Some(crate::telemetry::locate_tap(self.tap.as_deref())?)
+        };
+        let profile = self.spark.then(|| {
+            self.profile
+                .clone()
+                .unwrap_or_else(|| crate::profile::path_for(&self.model))
+        });
         Ok(ServeConfig {
             model: self.model,
             engine,

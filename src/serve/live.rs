@@ -114,13 +114,21 @@ impl LiveSnapshot {
             profile_writes: 0,
             profile_last_write_us: None,
             profile_error: None,
-            base_tokens: cfg.start_profile.as_ref().and_then(|p| p.tokens).unwrap_or(0),
+            base_tokens: cfg
+                .start_profile
+                .as_ref()
+                .and_then(|p| p.tokens)
+                .unwrap_or(0),
         }
     }
 
     /// The `routing` block of `/spark/status`.
     pub fn to_json(&self, cfg: &LiveConfig) -> Value {
-        let top = |c: &Counts| -> Vec<Vec<u16>> { (0..c.n_layer).map(|l| c.ranked(l).into_iter().take(cfg.k.max(1)).collect()).collect() };
+        let top = |c: &Counts| -> Vec<Vec<u16>> {
+            (0..c.n_layer)
+                .map(|l| c.ranked(l).into_iter().take(cfg.k.max(1)).collect())
+                .collect()
+        };
         json!({
             "prompt": {"records": self.prompt_records, "expert_uses": self.prompt.total(), "top_per_layer": top(&self.prompt)},
             "decode": {"records": self.decode_records, "tokens": self.decode_tokens, "expert_uses": self.decode.total(), "top_per_layer": top(&self.decode), "half_life_tokens": cfg.half_life},
@@ -155,7 +163,10 @@ impl Assembler {
     /// Adds one record; returns the step's layers when its last layer arrived.
     fn add(&mut self, r: &RoutingRecord, ids: &[u16], misses: u32) -> Option<(Vec<Vec<u16>>, u32)> {
         let key = (r.request, r.token);
-        let entry = self.open.entry(key).or_insert_with(|| (vec![Vec::new(); self.n_layer], 0));
+        let entry = self
+            .open
+            .entry(key)
+            .or_insert_with(|| (vec![Vec::new(); self.n_layer], 0));
         entry.0[usize::from(r.layer)] = ids.to_vec();
         entry.1 += misses;
         if usize::from(r.layer) + 1 == self.n_layer {
@@ -196,10 +207,20 @@ impl Live {
         let zero = Counts::zero(cfg.n_layer, cfg.n_expert);
         let prior = cfg.start_profile.as_ref().map(|p| &p.counts);
         let slots = vec![cfg.slots; cfg.n_layer];
-        let setup = Setup { n_expert: cfg.n_expert, k: cfg.k, slots: slots.clone(), counts: prior.unwrap_or(&zero), prior, calibration: None };
+        let setup = Setup {
+            n_expert: cfg.n_expert,
+            k: cfg.k,
+            slots: slots.clone(),
+            counts: prior.unwrap_or(&zero),
+            prior,
+            calibration: None,
+        };
         let policy = online_send(cfg.policy, &setup);
         let live = Live {
-            assembler: Assembler { n_layer: cfg.n_layer, open: HashMap::new() },
+            assembler: Assembler {
+                n_layer: cfg.n_layer,
+                open: HashMap::new(),
+            },
             decayed_at: vec![0; cfg.n_layer * cfg.n_expert],
             cfg,
             shared: shared.clone(),
@@ -244,7 +265,9 @@ impl Live {
 
     /// Folds every record waiting in the ring.
     pub fn drain(&mut self) {
-        let Some(mut ring) = self.ring.take() else { return };
+        let Some(mut ring) = self.ring.take() else {
+            return;
+        };
         let mut buf = std::mem::take(&mut self.buf);
         loop {
             buf.clear();
@@ -317,7 +340,11 @@ impl Live {
         let mut accesses = 0u64;
         let mut misses = 0u64;
         for (i, (layers, m)) in self.window.iter().enumerate() {
-            routing.push_step(0, i as u32, layers.iter().map(|ids| (ids.as_slice(), &[][..])));
+            routing.push_step(
+                0,
+                i as u32,
+                layers.iter().map(|ids| (ids.as_slice(), &[][..])),
+            );
             accesses += layers.iter().map(|l| l.len() as u64).sum::<u64>();
             misses += u64::from(*m);
         }
@@ -338,7 +365,9 @@ impl Live {
 
     /// Rewrites the profile with every count so far (prompt and decode), atomically.
     fn write_profile(&mut self) {
-        let Some(path) = self.cfg.profile_path.clone() else { return };
+        let Some(path) = self.cfg.profile_path.clone() else {
+            return;
+        };
         let started = Instant::now();
         let (counts, tokens) = {
             let s = self.lock();
@@ -348,12 +377,22 @@ impl Live {
                     c.set(l, e, c.get(l, e) + s.prompt.get(l, e));
                 }
             }
-            let routed_tokens = (s.prompt_records + s.decode_records) / self.cfg.n_layer.max(1) as u64;
+            let routed_tokens =
+                (s.prompt_records + s.decode_records) / self.cfg.n_layer.max(1) as u64;
             (c, s.base_tokens + routed_tokens)
         };
-        let mut p = Profile::new(counts, self.cfg.k as u32, Some(self.cfg.fingerprint.clone()));
+        let mut p = Profile::new(
+            counts,
+            self.cfg.k as u32,
+            Some(self.cfg.fingerprint.clone()),
+        );
         p.tokens = Some(tokens);
-        p.updated = Some(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+        p.updated = Some(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        );
         let result = p.write(&path);
         let mut s = self.lock();
         match result {
@@ -377,9 +416,18 @@ fn online_send(kind: PolicyKind, setup: &Setup<'_>) -> Box<dyn Policy + Send> {
         PolicyKind::Lru => Box::new(cache::Lru::new(setup.n_expert, &setup.slots)),
         PolicyKind::Lfu => Box::new(cache::Lfu::new(setup.n_expert, &setup.slots)),
         PolicyKind::Lfru => Box::new(cache::Lfru::new(setup.n_expert, &setup.slots)),
-        PolicyKind::Static => Box::new(cache::Static::new(setup.n_expert, &setup.slots, setup.counts)),
+        PolicyKind::Static => Box::new(cache::Static::new(
+            setup.n_expert,
+            &setup.slots,
+            setup.counts,
+        )),
         PolicyKind::PinLru => Box::new(cache::PinLru::new(setup)),
-        PolicyKind::Spark | PolicyKind::Belady => Box::new(cache::Spark::new(setup.n_expert, &setup.slots, setup.prior, setup.k)),
+        PolicyKind::Spark | PolicyKind::Belady => Box::new(cache::Spark::new(
+            setup.n_expert,
+            &setup.slots,
+            setup.prior,
+            setup.k,
+        )),
     }
 }
 
@@ -388,13 +436,32 @@ mod tests {
     use super::*;
 
     fn rec(request: u32, token: u32, layer: u16, phase: u8, ids: &[u16]) -> RoutingRecord {
-        let mut r = RoutingRecord { request, token, layer, phase, n_used: ids.len() as u8, ids: [0; 16], weights: [0.0; 16] };
+        let mut r = RoutingRecord {
+            request,
+            token,
+            layer,
+            phase,
+            n_used: ids.len() as u8,
+            ids: [0; 16],
+            weights: [0.0; 16],
+        };
         r.ids[..ids.len()].copy_from_slice(ids);
         r
     }
 
     fn cfg(profile_path: Option<PathBuf>) -> LiveConfig {
-        LiveConfig { n_layer: 2, n_expert: 4, k: 2, slots: 2, policy: PolicyKind::Lru, window: 100, half_life: 10.0, profile_path, fingerprint: "fp".into(), start_profile: None }
+        LiveConfig {
+            n_layer: 2,
+            n_expert: 4,
+            k: 2,
+            slots: 2,
+            policy: PolicyKind::Lru,
+            window: 100,
+            half_life: 10.0,
+            profile_path,
+            fingerprint: "fp".into(),
+            start_profile: None,
+        }
     }
 
     #[test]
@@ -402,7 +469,12 @@ mod tests {
         let (mut live, shared) = Live::new(cfg(None));
         live.fold(&[rec(0, 0, 0, 0, &[0, 1]), rec(0, 0, 1, 0, &[2, 3])]);
         // Decode: two tokens, both layers; the second token repeats the first's experts.
-        live.fold(&[rec(0, 1, 0, 1, &[0, 1]), rec(0, 1, 1, 1, &[2, 3]), rec(0, 2, 0, 1, &[0, 1]), rec(0, 2, 1, 1, &[3, 2])]);
+        live.fold(&[
+            rec(0, 1, 0, 1, &[0, 1]),
+            rec(0, 1, 1, 1, &[2, 3]),
+            rec(0, 2, 0, 1, &[0, 1]),
+            rec(0, 2, 1, 1, &[3, 2]),
+        ]);
         live.fold(&[rec(0, 3, 7, 1, &[0, 1]), rec(0, 3, 0, 1, &[9, 1])]);
         live.update_window();
         let s = shared.lock().unwrap();
@@ -413,9 +485,16 @@ mod tests {
         assert_eq!(s.decode.total(), 8);
         assert_eq!(s.bad_records, 2, "layer 7 and expert 9 are out of range");
         assert_eq!(s.decode_tokens, 2);
-        assert_eq!((s.shadow_accesses, s.shadow_misses), (8, 4), "cold misses only");
+        assert_eq!(
+            (s.shadow_accesses, s.shadow_misses),
+            (8, 4),
+            "cold misses only"
+        );
         assert_eq!(s.window_steps, 2);
-        assert_eq!(s.window_belady_misses, 0, "belady starts with the first S distinct experts");
+        assert_eq!(
+            s.window_belady_misses, 0,
+            "belady starts with the first S distinct experts"
+        );
         // Decay: expert 0 of layer 0 was used at tokens 1 and 2 with half-life 10.
         let expect = (-(std::f64::consts::LN_2 / 10.0)).exp() + 1.0;
         assert!((s.decayed[0] - expect).abs() < 1e-9);
@@ -426,7 +505,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf.spark.csv");
         let (mut live, _shared) = Live::new(cfg(Some(path.clone())));
-        live.fold(&[rec(0, 0, 0, 0, &[0, 1]), rec(0, 0, 1, 0, &[2, 3]), rec(0, 1, 0, 1, &[0, 3]), rec(0, 1, 1, 1, &[1, 2])]);
+        live.fold(&[
+            rec(0, 0, 0, 0, &[0, 1]),
+            rec(0, 0, 1, 0, &[2, 3]),
+            rec(0, 1, 0, 1, &[0, 3]),
+            rec(0, 1, 1, 1, &[1, 2]),
+        ]);
         live.write_profile();
         let p = Profile::read(&path).unwrap();
         assert_eq!(p.counts.layer(0), &[2, 1, 0, 1]);

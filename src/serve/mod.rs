@@ -34,7 +34,10 @@ use stats::Stats;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Server(#[from] ServerError),
     #[error("start the async runtime: {0}")]
@@ -105,13 +108,21 @@ impl ServeState {
     pub fn request_completed(&self) {
         self.completed.fetch_add(1, Ordering::AcqRel);
         if let Some(live) = &self.live {
-            let _ = live.tx.lock().unwrap_or_else(|e| e.into_inner()).send(live::LiveMsg::Completed);
+            let _ = live
+                .tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(live::LiveMsg::Completed);
         }
     }
 
     pub fn status_json(&self) -> Value {
         let k = &self.keeper;
-        let last_exit = k.last_exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let last_exit = k
+            .last_exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         json!({
             "model": self.model.display().to_string(),
             "fingerprint": self.geometry.fingerprint.to_string(),
@@ -153,7 +164,11 @@ impl ServeState {
 
 /// Runs `spark serve` on its own runtime until SIGINT or SIGTERM.
 pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(ServeError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
     rt.block_on(async move {
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
@@ -167,20 +182,46 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
 
 /// Serves until `shutdown` resolves, then drains in-flight requests for up to the grace period
 /// and stops the child.
-pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), anyhow::Error> {
+pub async fn serve(
+    cfg: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), anyhow::Error> {
     let file = GgufFile::open(&cfg.model)?;
     let geometry = MoeGeometry::of(&file)?;
-    let ram_total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| crate::plan::hardware::parse_meminfo(&t)).map(|(total, _)| total).unwrap_or(u64::MAX);
-    let placement = placement::choose(&file, &geometry, cfg.vram_budget_mib, cfg.ctx, &cfg.llama_args, ram_total)?;
+    let ram_total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| crate::plan::hardware::parse_meminfo(&t))
+        .map(|(total, _)| total)
+        .unwrap_or(u64::MAX);
+    let placement = placement::choose(
+        &file,
+        &geometry,
+        cfg.vram_budget_mib,
+        cfg.ctx,
+        &cfg.llama_args,
+        ram_total,
+    )?;
     drop(file);
     eprintln!(
         "spark: placement {:?}: llama-server {}{}",
         placement.placement,
         placement.flags.join(" "),
-        if placement.user_overrides.is_empty() { String::new() } else { format!(" (your arguments replace: {})", placement.user_overrides.join(", ")) }
+        if placement.user_overrides.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (your arguments replace: {})",
+                placement.user_overrides.join(", ")
+            )
+        }
     );
     let addr = format!("{}:{}", cfg.host, cfg.port);
-    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
     let listen = listener.local_addr()?;
     std::fs::create_dir_all(&cfg.work_dir)?;
 
@@ -188,7 +229,12 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         binary: cfg.engine.llama_server.clone(),
         model: cfg.model.clone(),
         port: None,
-        extra_args: placement.flags.iter().chain(&cfg.llama_args).cloned().collect(),
+        extra_args: placement
+            .flags
+            .iter()
+            .chain(&cfg.llama_args)
+            .cloned()
+            .collect(),
         env: vec![],
         ready_timeout: cfg.ready_timeout,
         log_path: cfg.work_dir.join("llama-server.log"),
@@ -201,12 +247,17 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
             (Some(handle), Some(launcher), Some(thread))
         }
         Some(_) => {
-            eprintln!("spark: {} has no MoE layers: serving without routing statistics", cfg.model.display());
+            eprintln!(
+                "spark: {} has no MoE layers: serving without routing statistics",
+                cfg.model.display()
+            );
             (None, None, None)
         }
         None => (None, None, None),
     };
-    let mut keeper = tokio::task::spawn_blocking(move || Keeper::start(server_cfg, backoff, prefix, launcher)).await??;
+    let mut keeper =
+        tokio::task::spawn_blocking(move || Keeper::start(server_cfg, backoff, prefix, launcher))
+            .await??;
     let state = Arc::new(ServeState {
         keeper: keeper.state.clone(),
         stats: Stats::default(),
@@ -222,7 +273,11 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         live,
         placement,
     });
-    eprintln!("spark: serving {} on http://{listen} (llama-server pid {})", cfg.model.display(), keeper.state.pid.load(Ordering::Acquire));
+    eprintln!(
+        "spark: serving {} on http://{listen} (llama-server pid {})",
+        cfg.model.display(),
+        keeper.state.pid.load(Ordering::Acquire)
+    );
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -243,12 +298,22 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
     }
     drop(listener);
-    if tokio::time::timeout(cfg.grace, graceful.shutdown()).await.is_err() {
-        eprintln!("spark: in-flight requests did not finish within {} s; closing them", cfg.grace.as_secs());
+    if tokio::time::timeout(cfg.grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "spark: in-flight requests did not finish within {} s; closing them",
+            cfg.grace.as_secs()
+        );
     }
     tokio::task::spawn_blocking(move || keeper.stop()).await?;
     if let (Some(live), Some(thread)) = (&state.live, live_thread) {
-        let _ = live.tx.lock().unwrap_or_else(|e| e.into_inner()).send(live::LiveMsg::Stop);
+        let _ = live
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(live::LiveMsg::Stop);
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     Ok(())
@@ -260,9 +325,19 @@ fn start_live(
     cfg: &ServeConfig,
     geometry: &MoeGeometry,
     tap: PathBuf,
-) -> Result<(LiveHandle, crate::supervisor::Launcher, std::thread::JoinHandle<()>), anyhow::Error> {
+) -> Result<
+    (
+        LiveHandle,
+        crate::supervisor::Launcher,
+        std::thread::JoinHandle<()>,
+    ),
+    anyhow::Error,
+> {
     for stale in crate::ring::remove_stale_rings(std::path::Path::new("/dev/shm")) {
-        eprintln!("spark: removed {} left by a run that was killed", stale.display());
+        eprintln!(
+            "spark: removed {} left by a run that was killed",
+            stale.display()
+        );
     }
     let fingerprint = geometry.fingerprint.to_string();
     let (start_profile, profile_start) = match &cfg.profile {
@@ -274,7 +349,10 @@ fn start_live(
         n_layer: geometry.n_layer as usize,
         n_expert: geometry.n_expert as usize,
         k,
-        slots: cfg.cache_slots.unwrap_or((2 * k) as u32).min(geometry.n_expert),
+        slots: cfg
+            .cache_slots
+            .unwrap_or((2 * k) as u32)
+            .min(geometry.n_expert),
         policy: cfg.cache_policy,
         window: 2048,
         half_life: 256.0,
@@ -284,7 +362,9 @@ fn start_live(
     };
     let (runner, shared) = live::Live::new(live_cfg.clone());
     let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new().name("spark-live".into()).spawn(move || runner.run(rx))?;
+    let thread = std::thread::Builder::new()
+        .name("spark-live".into())
+        .spawn(move || runner.run(rx))?;
     let ring_tx = tx.clone();
     let ring_geometry = spark_proto::ring::RingGeometry {
         n_layer: geometry.n_layer,
@@ -294,31 +374,48 @@ fn start_live(
     };
     let launcher: crate::supervisor::Launcher = Box::new(move |c: &LlamaServerConfig| {
         let launch = |e: String| ServerError::Launch(e);
-        let ring = crate::ring::ShmRing::create(crate::ring::DEFAULT_CAPACITY, ring_geometry).map_err(|e| launch(e.to_string()))?;
+        let ring = crate::ring::ShmRing::create(crate::ring::DEFAULT_CAPACITY, ring_geometry)
+            .map_err(|e| launch(e.to_string()))?;
         let (mut control, theirs) = crate::control::pair().map_err(|e| launch(e.to_string()))?;
         use std::os::fd::AsRawFd;
         let fd = theirs.as_raw_fd();
         let mut c = c.clone();
         c.env.push(("LD_PRELOAD".into(), tap.display().to_string()));
-        c.env.push((spark_proto::ring::ENV_RING.into(), ring.path().display().to_string()));
-        c.env.push((spark_proto::ring::ENV_CONTROL_FD.into(), fd.to_string()));
+        c.env.push((
+            spark_proto::ring::ENV_RING.into(),
+            ring.path().display().to_string(),
+        ));
+        c.env
+            .push((spark_proto::ring::ENV_CONTROL_FD.into(), fd.to_string()));
         let server = crate::supervisor::LlamaServer::start_inheriting(&c, &[fd])?;
         drop(theirs);
-        control.greeting(crate::telemetry::CONTROL_TIMEOUT).map_err(|e| launch(e.to_string()))?;
+        control
+            .greeting(crate::telemetry::CONTROL_TIMEOUT)
+            .map_err(|e| launch(e.to_string()))?;
         // The tap has mapped the ring before greeting: the name can go now, so no way of
         // killing spark can leave a /dev/shm file behind.
         let mut ring = ring;
-        ring.unlink().map_err(|e| launch(format!("unlink {}: {e}", ring.path().display())))?;
+        ring.unlink()
+            .map_err(|e| launch(format!("unlink {}: {e}", ring.path().display())))?;
         let _ = ring_tx.send(live::LiveMsg::Ring(ring, control));
         Ok(server)
     });
-    let handle = LiveHandle { shared, cfg: live_cfg, tx: std::sync::Mutex::new(tx), profile_start };
+    let handle = LiveHandle {
+        shared,
+        cfg: live_cfg,
+        tx: std::sync::Mutex::new(tx),
+        profile_start,
+    };
     Ok((handle, launcher, thread))
 }
 
 /// Reads the profile at `path` for a model with this fingerprint. A profile of another model
 /// (or one that cannot be read) is kept as `<path>.stale` and ignored, with a warning.
-fn load_profile(path: &std::path::Path, geometry: &MoeGeometry, fingerprint: &str) -> (Option<crate::profile::Profile>, String) {
+fn load_profile(
+    path: &std::path::Path,
+    geometry: &MoeGeometry,
+    fingerprint: &str,
+) -> (Option<crate::profile::Profile>, String) {
     use crate::profile::{Freshness, Profile};
     if !path.exists() {
         return (None, "new".into());
@@ -328,8 +425,15 @@ fn load_profile(path: &std::path::Path, geometry: &MoeGeometry, fingerprint: &st
         stale.push(".stale");
         let stale = PathBuf::from(stale);
         match std::fs::rename(path, &stale) {
-            Ok(()) => eprintln!("spark: warning: profile {} {why}; kept as {} and starting fresh", path.display(), stale.display()),
-            Err(e) => eprintln!("spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh", path.display()),
+            Ok(()) => eprintln!(
+                "spark: warning: profile {} {why}; kept as {} and starting fresh",
+                path.display(),
+                stale.display()
+            ),
+            Err(e) => eprintln!(
+                "spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh",
+                path.display()
+            ),
         }
     };
     match Profile::read(path) {
@@ -338,11 +442,21 @@ fn load_profile(path: &std::path::Path, geometry: &MoeGeometry, fingerprint: &st
             (None, "unreadable".into())
         }
         Ok(p) => match p.freshness(fingerprint) {
-            Freshness::Fresh if p.n_layer() == geometry.n_layer as usize && p.n_expert() == geometry.n_expert as usize => {
-                eprintln!("spark: loaded profile {} ({} tokens)", path.display(), p.tokens.unwrap_or(0));
+            Freshness::Fresh
+                if p.n_layer() == geometry.n_layer as usize
+                    && p.n_expert() == geometry.n_expert as usize =>
+            {
+                eprintln!(
+                    "spark: loaded profile {} ({} tokens)",
+                    path.display(),
+                    p.tokens.unwrap_or(0)
+                );
                 (Some(p), "fresh".into())
             }
-            Freshness::Unknown if p.n_layer() == geometry.n_layer as usize && p.n_expert() == geometry.n_expert as usize => {
+            Freshness::Unknown
+                if p.n_layer() == geometry.n_layer as usize
+                    && p.n_expert() == geometry.n_expert as usize =>
+            {
                 eprintln!("spark: warning: profile {} has no model fingerprint; its shape matches, so it is used and will be stamped", path.display());
                 (Some(p), "unknown".into())
             }

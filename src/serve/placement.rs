@@ -13,7 +13,14 @@ use crate::plan::fit::{self, FitOutcome, MemorySettings, ModelFacts, Placement, 
 /// Aliases of each flag spark may set; the first is what spark writes.
 const FLAG_GROUPS: &[&[&str]] = &[
     &["-ngl", "--gpu-layers", "--n-gpu-layers"],
-    &["--n-cpu-moe", "-ncmoe", "--cpu-moe", "-cmoe", "-ot", "--override-tensor"],
+    &[
+        "--n-cpu-moe",
+        "-ncmoe",
+        "--cpu-moe",
+        "-cmoe",
+        "-ot",
+        "--override-tensor",
+    ],
     &["-c", "--ctx-size"],
 ];
 
@@ -41,7 +48,9 @@ pub struct Refused {
 
 /// The context length the user asked llama-server for, if any.
 fn user_ctx(args: &[String]) -> Option<u64> {
-    args.windows(2).find(|w| w[0] == "-c" || w[0] == "--ctx-size").and_then(|w| w[1].parse().ok())
+    args.windows(2)
+        .find(|w| w[0] == "-c" || w[0] == "--ctx-size")
+        .and_then(|w| w[1].parse().ok())
 }
 
 /// Chooses the placement and the flags. `ram_total` bounds what host memory can hold.
@@ -55,14 +64,24 @@ pub fn choose(
 ) -> Result<ServePlacement, Refused> {
     let ctx = user_ctx(user_args).unwrap_or(default_ctx);
     let facts = ModelFacts::of(file, geometry.clone());
-    let settings = MemorySettings { ctx, k_type: GgmlType::F16, v_type: GgmlType::F16, ubatch: 512, reserve_bytes: 256 * MIB };
+    let settings = MemorySettings {
+        ctx,
+        k_type: GgmlType::F16,
+        v_type: GgmlType::F16,
+        ubatch: 512,
+        reserve_bytes: 256 * MIB,
+    };
     let budget = budget_mib.map(|b| b.saturating_mul(MIB));
     let (placement, usage) = match fit::fit(&facts, &settings, budget, ram_total) {
-        FitOutcome::Fits { placement, usage, .. } => (placement, usage),
+        FitOutcome::Fits {
+            placement, usage, ..
+        } => (placement, usage),
         FitOutcome::Refused(r) => {
             return Err(Refused {
                 model: file.path.display().to_string(),
-                budget: budget_mib.map(|b| format!("{b} MiB")).unwrap_or_else(|| "none".into()),
+                budget: budget_mib
+                    .map(|b| format!("{b} MiB"))
+                    .unwrap_or_else(|| "none".into()),
                 reason: r.reason,
                 help: r.suggestions.join("; "),
             })
@@ -77,14 +96,24 @@ pub fn choose(
     let mut flags = Vec::new();
     let mut user_overrides = Vec::new();
     for w in wanted {
-        let group = FLAG_GROUPS.iter().find(|g| g.contains(&w[0].as_str())).expect("every flag has a group");
+        let group = FLAG_GROUPS
+            .iter()
+            .find(|g| g.contains(&w[0].as_str()))
+            .expect("every flag has a group");
         if user_args.iter().any(|a| group.contains(&a.as_str())) {
             user_overrides.push(w.join(" "));
         } else {
             flags.extend(w);
         }
     }
-    Ok(ServePlacement { placement, ctx, budget_mib, usage, flags, user_overrides })
+    Ok(ServePlacement {
+        placement,
+        ctx,
+        budget_mib,
+        usage,
+        flags,
+        user_overrides,
+    })
 }
 
 #[cfg(test)]
@@ -95,13 +124,31 @@ mod tests {
     fn model(dir: &std::path::Path) -> GgufFile {
         let mut w = GgufWriter::new();
         w.set("general.architecture", Value::String("qwen3moe".into()));
-        for (k, v) in [("block_count", 2u32), ("embedding_length", 64), ("attention.head_count", 4), ("attention.head_count_kv", 2), ("expert_count", 4), ("expert_used_count", 2), ("expert_feed_forward_length", 64)] {
+        for (k, v) in [
+            ("block_count", 2u32),
+            ("embedding_length", 64),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 2),
+            ("expert_count", 4),
+            ("expert_used_count", 2),
+            ("expert_feed_forward_length", 64),
+        ] {
             w.set(&format!("qwen3moe.{k}"), Value::U32(v));
         }
-        w.add_tensor("token_embd.weight", &[64, 100], GgmlType::F32, vec![0; 64 * 100 * 4]);
+        w.add_tensor(
+            "token_embd.weight",
+            &[64, 100],
+            GgmlType::F32,
+            vec![0; 64 * 100 * 4],
+        );
         for l in 0..2 {
             for t in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
-                w.add_tensor(&format!("blk.{l}.{t}.weight"), &[64, 64, 4], GgmlType::F32, vec![0; 64 * 64 * 4 * 4]);
+                w.add_tensor(
+                    &format!("blk.{l}.{t}.weight"),
+                    &[64, 64, 4],
+                    GgmlType::F32,
+                    vec![0; 64 * 64 * 4 * 4],
+                );
             }
         }
         let p = dir.join("m.gguf");
@@ -125,7 +172,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = model(dir.path());
         let g = MoeGeometry::of(&f).unwrap();
-        let args: Vec<String> = ["--ctx-size", "512", "--gpu-layers", "3"].iter().map(|s| s.to_string()).collect();
+        let args: Vec<String> = ["--ctx-size", "512", "--gpu-layers", "3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let p = choose(&f, &g, Some(4096), 2048, &args, 1 << 34).unwrap();
         assert_eq!(p.placement, Placement::AllGpu);
         assert_eq!(p.ctx, 512, "the user's context sizes the KV cache");

@@ -30,7 +30,14 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 const TAIL_BYTES: usize = 16 * 1024;
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
 
 /// The upstream client: one fresh loopback connection per request. llama-server closes a
 /// connection after some answers (streamed ones among them) without saying so in advance, and a
@@ -40,13 +47,22 @@ pub fn client() -> Client<HttpConnector, Incoming> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector)
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector)
 }
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_str(content_type).expect("static content type"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_str(content_type).expect("static content type"),
+    );
     r
 }
 
@@ -56,36 +72,86 @@ fn error_json(status: StatusCode, message: &str) -> Response<ProxyBody> {
 }
 
 /// Handles one request.
-pub async fn handle(state: Arc<ServeState>, req: Request<Incoming>) -> Result<Response<ProxyBody>, BoxError> {
+pub async fn handle(
+    state: Arc<ServeState>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, BoxError> {
     let received = Instant::now();
     match req.uri().path() {
-        "/spark/status" => return Ok(full(StatusCode::OK, "application/json", state.status_json().to_string())),
-        "/spark/metrics" => return Ok(full(StatusCode::OK, "text/plain; version=0.0.4", state.metrics_text())),
+        "/spark/status" => {
+            return Ok(full(
+                StatusCode::OK,
+                "application/json",
+                state.status_json().to_string(),
+            ))
+        }
+        "/spark/metrics" => {
+            return Ok(full(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.metrics_text(),
+            ))
+        }
         _ => {}
     }
     let route = req.uri().path().to_string();
     let Some(port) = state.keeper.port() else {
-        state.stats.record(&RequestRecord { route, status: 503, total: received.elapsed(), ..Default::default() });
-        return Ok(error_json(StatusCode::SERVICE_UNAVAILABLE, "llama-server is not ready (starting or restarting)"));
+        state.stats.record(&RequestRecord {
+            route,
+            status: 503,
+            total: received.elapsed(),
+            ..Default::default()
+        });
+        return Ok(error_json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "llama-server is not ready (starting or restarting)",
+        ));
     };
     let (mut parts, body) = req.into_parts();
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     parts.uri = format!("http://127.0.0.1:{port}{pq}").parse()?;
     for h in HOP_BY_HOP {
         parts.headers.remove(*h);
     }
-    parts.headers.insert(HOST, HeaderValue::from_str(&format!("127.0.0.1:{port}"))?);
+    parts
+        .headers
+        .insert(HOST, HeaderValue::from_str(&format!("127.0.0.1:{port}"))?);
     let upstream = Request::from_parts(parts, body);
     let answer = tokio::time::timeout(state.request_timeout, state.client.request(upstream)).await;
     let resp = match answer {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
-            state.stats.record(&RequestRecord { route, status: 502, total: received.elapsed(), aborted: true, ..Default::default() });
-            return Ok(error_json(StatusCode::BAD_GATEWAY, &format!("llama-server failed: {e}")));
+            state.stats.record(&RequestRecord {
+                route,
+                status: 502,
+                total: received.elapsed(),
+                aborted: true,
+                ..Default::default()
+            });
+            return Ok(error_json(
+                StatusCode::BAD_GATEWAY,
+                &format!("llama-server failed: {e}"),
+            ));
         }
         Err(_) => {
-            state.stats.record(&RequestRecord { route, status: 504, total: received.elapsed(), aborted: true, ..Default::default() });
-            return Ok(error_json(StatusCode::GATEWAY_TIMEOUT, &format!("llama-server sent no answer within {} s", state.request_timeout.as_secs())));
+            state.stats.record(&RequestRecord {
+                route,
+                status: 504,
+                total: received.elapsed(),
+                aborted: true,
+                ..Default::default()
+            });
+            return Ok(error_json(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "llama-server sent no answer within {} s",
+                    state.request_timeout.as_secs()
+                ),
+            ));
         }
     };
     let (mut parts, body) = resp.into_parts();
@@ -96,7 +162,11 @@ pub async fn handle(state: Arc<ServeState>, req: Request<Incoming>) -> Result<Re
     let metered = Metered {
         inner: body,
         state: state.clone(),
-        record: RequestRecord { route, status, ..Default::default() },
+        record: RequestRecord {
+            route,
+            status,
+            ..Default::default()
+        },
         received,
         tail: Vec::new(),
         idle: Box::pin(tokio::time::sleep(state.idle_timeout)),
@@ -143,7 +213,10 @@ impl Body for Metered {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -178,7 +251,10 @@ impl Body for Metered {
             Poll::Pending => match this.idle.as_mut().poll(cx) {
                 Poll::Ready(()) => {
                     this.finish(true);
-                    let msg = format!("llama-server sent nothing for {} s", this.idle_timeout.as_secs());
+                    let msg = format!(
+                        "llama-server sent nothing for {} s",
+                        this.idle_timeout.as_secs()
+                    );
                     Poll::Ready(Some(Err(msg.into())))
                 }
                 Poll::Pending => Poll::Pending,

@@ -77,16 +77,22 @@ impl Stats {
         s.prompt_tokens += r.prompt_tokens.unwrap_or(0);
         s.generated_tokens += r.generated_tokens.unwrap_or(0);
         if let Some(fb) = r.first_byte {
-            s.first_byte_us.saturating_record(fb.as_micros().max(1) as u64);
+            s.first_byte_us
+                .saturating_record(fb.as_micros().max(1) as u64);
         }
-        s.total_us.saturating_record(r.total.as_micros().max(1) as u64);
+        s.total_us
+            .saturating_record(r.total.as_micros().max(1) as u64);
         if let Some(tps) = r.decode_tps.filter(|t| t.is_finite() && *t > 0.0) {
-            s.decode_mtps.saturating_record((tps * 1000.0).max(1.0) as u64);
+            s.decode_mtps
+                .saturating_record((tps * 1000.0).max(1.0) as u64);
         }
     }
 
     pub fn requests(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).requests
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requests
     }
 
     /// The JSON block of `/spark/status`.
@@ -115,24 +121,66 @@ impl Stats {
     pub fn prometheus(&self, out: &mut String) {
         let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         };
-        counter("spark_requests_total", "Requests proxied to llama-server.", s.requests);
-        counter("spark_request_errors_total", "Proxied requests answered with status >= 400.", s.errors);
-        counter("spark_requests_aborted_total", "Requests whose body ended early.", s.aborted);
-        counter("spark_prompt_tokens_total", "Prompt tokens reported by llama-server.", s.prompt_tokens);
-        counter("spark_generated_tokens_total", "Generated tokens reported by llama-server.", s.generated_tokens);
+        counter(
+            "spark_requests_total",
+            "Requests proxied to llama-server.",
+            s.requests,
+        );
+        counter(
+            "spark_request_errors_total",
+            "Proxied requests answered with status >= 400.",
+            s.errors,
+        );
+        counter(
+            "spark_requests_aborted_total",
+            "Requests whose body ended early.",
+            s.aborted,
+        );
+        counter(
+            "spark_prompt_tokens_total",
+            "Prompt tokens reported by llama-server.",
+            s.prompt_tokens,
+        );
+        counter(
+            "spark_generated_tokens_total",
+            "Generated tokens reported by llama-server.",
+            s.generated_tokens,
+        );
         let mut summary = |name: &str, help: &str, h: &Histogram<u64>, scale: f64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
             for q in [0.5, 0.9, 0.99] {
-                let v = if h.is_empty() { 0.0 } else { h.value_at_quantile(q) as f64 / scale };
+                let v = if h.is_empty() {
+                    0.0
+                } else {
+                    h.value_at_quantile(q) as f64 / scale
+                };
                 let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
             }
             let _ = writeln!(out, "{name}_count {}", h.len());
         };
-        summary("spark_first_byte_seconds", "Time to the first byte of the answer.", &s.first_byte_us, 1e6);
-        summary("spark_request_seconds", "Whole request time.", &s.total_us, 1e6);
-        summary("spark_decode_tokens_per_second", "Decode speed reported by llama-server.", &s.decode_mtps, 1e3);
+        summary(
+            "spark_first_byte_seconds",
+            "Time to the first byte of the answer.",
+            &s.first_byte_us,
+            1e6,
+        );
+        summary(
+            "spark_request_seconds",
+            "Whole request time.",
+            &s.total_us,
+            1e6,
+        );
+        summary(
+            "spark_decode_tokens_per_second",
+            "Decode speed reported by llama-server.",
+            &s.decode_mtps,
+            1e3,
+        );
     }
 }
 
@@ -143,13 +191,24 @@ pub fn parse_tail(tail: &[u8]) -> (Option<u64>, Option<u64>, Option<f64>) {
         let pos = tail.windows(key.len()).rposition(|w| w == key)?;
         let rest = &tail[pos + key.len()..];
         let start = rest.iter().position(|&b| b == b'{')?;
-        serde_json::Deserializer::from_slice(&rest[start..]).into_iter::<Value>().next()?.ok()
+        serde_json::Deserializer::from_slice(&rest[start..])
+            .into_iter::<Value>()
+            .next()?
+            .ok()
     };
     if let Some(t) = find_obj(b"\"timings\"") {
-        return (t["prompt_n"].as_u64(), t["predicted_n"].as_u64(), t["predicted_per_second"].as_f64());
+        return (
+            t["prompt_n"].as_u64(),
+            t["predicted_n"].as_u64(),
+            t["predicted_per_second"].as_f64(),
+        );
     }
     if let Some(u) = find_obj(b"\"usage\"") {
-        return (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64(), None);
+        return (
+            u["prompt_tokens"].as_u64(),
+            u["completion_tokens"].as_u64(),
+            None,
+        );
     }
     (None, None, None)
 }
@@ -164,7 +223,11 @@ mod tests {
         assert_eq!(parse_tail(sse), (Some(12), Some(8), Some(150.5)));
         let oai = br#"{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":9,"total_tokens":14}}"#;
         assert_eq!(parse_tail(oai), (Some(9), Some(5), None));
-        assert_eq!(parse_tail(b"{\"timings\": {\"prompt_n\""), (None, None, None), "cut object");
+        assert_eq!(
+            parse_tail(b"{\"timings\": {\"prompt_n\""),
+            (None, None, None),
+            "cut object"
+        );
         assert_eq!(parse_tail(b""), (None, None, None));
     }
 

@@ -46,7 +46,11 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { first: Duration::from_millis(500), max: Duration::from_secs(30), stable: Duration::from_secs(60) }
+        Backoff {
+            first: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            stable: Duration::from_secs(60),
+        }
     }
 }
 
@@ -72,7 +76,8 @@ impl Keeper {
         log_prefix: Option<String>,
         launcher: Option<Launcher>,
     ) -> Result<Keeper, ServerError> {
-        let launcher = launcher.unwrap_or_else(|| Box::new(|c: &LlamaServerConfig| LlamaServer::start(c)));
+        let launcher =
+            launcher.unwrap_or_else(|| Box::new(|c: &LlamaServerConfig| LlamaServer::start(c)));
         let state = Arc::new(KeeperState::default());
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), ServerError>>();
@@ -82,7 +87,12 @@ impl Keeper {
             .name("spark-keeper".into())
             .spawn(move || keep(cfg, backoff, st, stop_rx, ready_tx, launcher))
             .map_err(ServerError::Io)?;
-        let mut keeper = Keeper { state, stop_tx, thread: Some(thread), forwarder };
+        let mut keeper = Keeper {
+            state,
+            stop_tx,
+            thread: Some(thread),
+            forwarder,
+        };
         // The first start has its own deadline inside LlamaServer::start; a thread that dies
         // without answering is reported instead of waited on.
         match ready_rx.recv() {
@@ -93,7 +103,9 @@ impl Keeper {
             }
             Err(_) => {
                 keeper.stop();
-                Err(ServerError::Io(std::io::Error::other("keeper thread ended before the server was ready")))
+                Err(ServerError::Io(std::io::Error::other(
+                    "keeper thread ended before the server was ready",
+                )))
             }
         }
     }

@@ -112,7 +112,11 @@ impl LlamaServer {
                     for &fd in &fds {
                         let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
                         if flags < 0
-                            || nix::libc::fcntl(fd, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0
+                            || nix::libc::fcntl(
+                                fd,
+                                nix::libc::F_SETFD,
+                                flags & !nix::libc::FD_CLOEXEC,
+                            ) < 0
                         {
                             return Err(std::io::Error::last_os_error());
                         }
