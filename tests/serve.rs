@@ -54,9 +54,12 @@ impl Served {
         let mut early = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                panic!("spark serve announces its address within 60 s; it said {early:?}")
-            });
+            let Ok(line) = rx.recv_timeout(left) else {
+                // Never leave a spark running behind a failed test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("spark serve announces its address within 60 s; it said {early:?}");
+            };
             if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
                 let port = rest.split_whitespace().next().unwrap().parse().unwrap();
                 return Served {
