@@ -135,7 +135,7 @@ impl InspectReport {
                 let _ = writeln!(
                     s,
                     "    {:<16} {:>12}  ({} tensors)",
-                    format!("{grp:?}").to_lowercase(),
+                    grp.name(),
                     human(*b),
                     g.groups.tensors.get(&grp).unwrap_or(&0)
                 );

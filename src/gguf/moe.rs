@@ -36,6 +36,21 @@ impl TensorGroup {
         TensorGroup::Other,
     ];
 
+    /// The group's name as printed and as serialised.
+    pub fn name(self) -> &'static str {
+        match self {
+            TensorGroup::Embeddings => "embeddings",
+            TensorGroup::Output => "output",
+            TensorGroup::Norms => "norms",
+            TensorGroup::Attention => "attention",
+            TensorGroup::Router => "router",
+            TensorGroup::RoutedExperts => "routed_experts",
+            TensorGroup::SharedExperts => "shared_experts",
+            TensorGroup::DenseFfn => "dense_ffn",
+            TensorGroup::Other => "other",
+        }
+    }
+
     /// Classifies a tensor by its llama.cpp name (`blk.N.<part>.weight`, `token_embd.weight`…).
     pub fn of(name: &str) -> TensorGroup {
         let part = name
