@@ -48,6 +48,21 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Which build this is, from the build's stamp: `cpu`, `cuda`, `cpu-hooked-<id>` (spark's
+    /// MoE residency hook patched in), or `external` for a llama-server outside the cache.
+    pub fn variant(&self) -> String {
+        self.prefix
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p.join(".spark-built")).ok())
+            .and_then(|stamp| stamp.split_whitespace().nth(1).map(str::to_string))
+            .unwrap_or_else(|| "external".to_string())
+    }
+
+    /// Whether the build carries spark's MoE residency hook.
+    pub fn is_hooked(&self) -> bool {
+        self.variant().contains("-hooked-")
+    }
+
     /// Locates llama-server: `explicit`, else `SPARK_LLAMA_SERVER`, else the cached CPU build.
     pub fn locate(explicit: Option<&Path>) -> Result<Engine, EngineError> {
         let from_env = std::env::var_os("SPARK_LLAMA_SERVER")

@@ -326,13 +326,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Engine(a) => {
             let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;
             println!("llama-server {}", e.llama_server.display());
-            if let Some(b) = e.llama_bench {
+            if let Some(b) = &e.llama_bench {
                 println!("llama-bench  {}", b.display());
             }
-            if let Some(p) = e.prefix {
+            if let Some(p) = &e.prefix {
                 println!("prefix       {}", p.display());
             }
-            println!("version      {} (stock)", engine::ENGINE_VERSION);
+            println!(
+                "version      {} ({}{})",
+                engine::ENGINE_VERSION,
+                e.variant(),
+                if e.is_hooked() {
+                    ", MoE residency hook patched in"
+                } else {
+                    ", stock"
+                }
+            );
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 mod util;
 
 mod gguf_files;
+mod hook;
 mod plan;
 mod serve;
 mod sessions;

@@ -128,7 +128,7 @@ impl ServeState {
             "fingerprint": self.geometry.fingerprint.to_string(),
             "architecture": self.geometry.architecture,
             "geometry": {"n_layer": self.geometry.n_layer, "n_expert": self.geometry.n_expert, "n_expert_used": self.geometry.n_expert_used, "moe_layers": self.geometry.moe_layers.len()},
-            "engine": {"llama_server": self.engine.llama_server.display().to_string(), "variant": "stock", "version": crate::engine::ENGINE_VERSION},
+            "engine": {"llama_server": self.engine.llama_server.display().to_string(), "variant": self.engine.variant(), "hooked": self.engine.is_hooked(), "version": crate::engine::ENGINE_VERSION},
             "listen": self.listen.to_string(),
             "placement": self.placement,
             "uptime_s": self.started.elapsed().as_secs_f64(),
