@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use spark::supervisor::{LlamaServer, LlamaServerConfig};
 
-use crate::util;
+use crate::util::{self, wait_gone};
 
 /// A `spark serve` child and the port it listens on.
 struct Served {
@@ -96,30 +96,6 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry; it counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
-fn wait_gone(pid: u32, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if !alive(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    !alive(pid)
 }
 
 fn post(url: &str, body: &Value) -> Result<Value, String> {
@@ -375,18 +351,15 @@ fn sigterm_stops_cleanly_and_sigkill_leaves_no_llama_server() {
 fn a_server_that_never_gets_ready_times_out_with_124() {
     let dir = util::tempdir();
     let model = util::fixture(dir.path(), "m.gguf", &[]);
-    let fake = dir.path().join("stuck-server");
     let pidfile = dir.path().join("stuck.pid");
-    std::fs::write(
-        &fake,
-        format!(
+    let fake = util::write_script(
+        dir.path(),
+        "stuck-server",
+        &format!(
             "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
             pidfile.display()
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let started = Instant::now();
     let o = Command::new(util::spark_bin())
         .args([

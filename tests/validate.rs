@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{fixture, spark, spark_bin, tempdir};
+use crate::util::{alive, fixture, spark, spark_bin, tempdir, write_script};
 
 /// A fake llama-server: answers /health, greets on the tap's control channel, answers
 /// /tokenize; on /completion it stalls (FAKE_MODE=stall, after the headers and part of the
@@ -77,25 +77,6 @@ ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 
 /// A fake llama-server that never answers /health.
 const NEVER_READY: &str = "#!/bin/sh\necho $$ > \"$FAKE_PID\"\nexec sleep 600\n";
-
-fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
-/// Whether `pid` is a live process (a zombie counts as gone).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let state = s.rsplit(')').next().unwrap_or("").trim_start();
-            !state.starts_with('Z')
-        }
-        Err(_) => false,
-    }
-}
 
 fn read_pid(path: &Path) -> u32 {
     std::fs::read_to_string(path)
