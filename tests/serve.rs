@@ -60,7 +60,11 @@ impl Served {
                 let _ = child.wait();
                 panic!("spark serve announces its address within 60 s; it said {early:?}");
             };
-            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+            // spark's own announcement, not a forwarded llama-server line that names its port.
+            if let Some(rest) = line
+                .strip_prefix("spark: serving ")
+                .and_then(|l| l.split("http://127.0.0.1:").nth(1))
+            {
                 let port = rest.split_whitespace().next().unwrap().parse().unwrap();
                 return Served {
                     child,
