@@ -170,10 +170,13 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
         .build()
         .map_err(ServeError::Runtime)?;
     rt.block_on(async move {
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        // Installed before anything starts: a signal that arrives while llama-server is still
+        // starting is kept and handled as soon as serving begins, instead of killing spark
+        // with the default action.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
+        let shutdown = async move {
             tokio::select! { _ = term.recv() => eprintln!("spark: SIGTERM, shutting down"), _ = int.recv() => eprintln!("spark: SIGINT, shutting down") }
         };
         serve(cfg, shutdown).await
