@@ -147,6 +147,73 @@ pub struct Completion {
 /// Deadline for one control command.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The ring geometry of a model.
+pub fn ring_geometry(g: &MoeGeometry) -> RingGeometry {
+    RingGeometry {
+        n_layer: g.n_layer,
+        n_expert: g.n_expert,
+        n_expert_used: g.n_expert_used,
+        n_embd: g.n_embd as u32,
+    }
+}
+
+/// A llama-server started with the tap: its rings (names already unlinked), its control channel
+/// and the tap's greeting.
+pub struct Tapped {
+    pub server: LlamaServer,
+    pub ring: ShmRing,
+    pub hidden: Option<HiddenRing>,
+    pub control: ControlClient,
+    pub greeting: Greeting,
+}
+
+/// Starts llama-server as `server_cfg` says, with the tap preloaded, a fresh routing ring (and a
+/// hidden-state ring when `hidden_capacity` is given) and a control socket pair; waits for the
+/// tap's greeting, then unlinks the ring names (the tap has mapped them by then), so no way of
+/// killing spark can leave a file in /dev/shm. The one place a tapped child is set up: sessions
+/// and `spark serve`'s keeper both call it.
+pub fn launch_tapped(
+    server_cfg: &LlamaServerConfig,
+    tap: &Path,
+    geometry: RingGeometry,
+    ring_capacity: u64,
+    hidden_capacity: Option<u64>,
+) -> Result<Tapped, TelemetryError> {
+    let mut ring = ShmRing::create(ring_capacity, geometry)?;
+    let mut hidden = match hidden_capacity {
+        Some(c) => Some(HiddenRing::create(c, geometry)?),
+        None => None,
+    };
+    let (mut control, theirs) = control::pair()?;
+    use std::os::fd::AsRawFd;
+    let fd = theirs.as_raw_fd();
+    let mut cfg = server_cfg.clone();
+    cfg.env
+        .push(("LD_PRELOAD".into(), tap.display().to_string()));
+    cfg.env
+        .push((ENV_RING.into(), ring.path().display().to_string()));
+    cfg.env.push((ENV_CONTROL_FD.into(), fd.to_string()));
+    if let Some(h) = &hidden {
+        cfg.env
+            .push((ENV_HIDDEN_RING.into(), h.path().display().to_string()));
+    }
+    let server = LlamaServer::start_inheriting(&cfg, &[fd])?;
+    // Only the child keeps its end open, so its death closes the channel.
+    drop(theirs);
+    let greeting = control.greeting(CONTROL_TIMEOUT)?;
+    ring.unlink().map_err(ControlError::Io)?;
+    if let Some(h) = hidden.as_mut() {
+        h.unlink().map_err(ControlError::Io)?;
+    }
+    Ok(Tapped {
+        server,
+        ring,
+        hidden,
+        control,
+        greeting,
+    })
+}
+
 impl Session {
     pub fn start(cfg: &SessionConfig) -> Result<Session, TelemetryError> {
         let file = GgufFile::open(&cfg.model)?;
@@ -157,7 +224,7 @@ impl Session {
             .timeout_connect(Duration::from_secs(2))
             .timeout(Duration::from_secs(600))
             .build();
-        let mut server_cfg = LlamaServerConfig {
+        let server_cfg = LlamaServerConfig {
             binary: cfg.llama_server.clone(),
             model: cfg.model.clone(),
             port: None,
@@ -182,51 +249,22 @@ impl Session {
                 agent,
             });
         };
-        let ring_geometry = RingGeometry {
-            n_layer: geometry.n_layer,
-            n_expert: geometry.n_expert,
-            n_expert_used: geometry.n_expert_used,
-            n_embd: geometry.n_embd as u32,
-        };
-        let ring = ShmRing::create(cfg.ring_capacity, ring_geometry)?;
-        let hidden = match cfg.hidden_capacity {
-            Some(c) => Some(HiddenRing::create(c, ring_geometry)?),
-            None => None,
-        };
-        let (mut client, theirs) = control::pair()?;
-        use std::os::fd::AsRawFd;
-        let fd = theirs.as_raw_fd();
-        server_cfg.env = vec![
-            ("LD_PRELOAD".into(), tap.display().to_string()),
-            (ENV_RING.into(), ring.path().display().to_string()),
-            (ENV_CONTROL_FD.into(), fd.to_string()),
-        ];
-        if let Some(h) = &hidden {
-            server_cfg
-                .env
-                .push((ENV_HIDDEN_RING.into(), h.path().display().to_string()));
-        }
-        let server = LlamaServer::start_inheriting(&server_cfg, &[fd])?;
-        // Only the child keeps its end open, so its death closes the channel.
-        drop(theirs);
-        let greeting = client.greeting(CONTROL_TIMEOUT)?;
-        // The tap maps both rings before it greets: drop their names now, so even a SIGKILL
-        // of spark cannot leave a file in /dev/shm.
-        let mut ring = ring;
-        let mut hidden = hidden;
-        ring.unlink().map_err(ControlError::Io)?;
-        if let Some(h) = hidden.as_mut() {
-            h.unlink().map_err(ControlError::Io)?;
-        }
+        let t = launch_tapped(
+            &server_cfg,
+            tap,
+            ring_geometry(&geometry),
+            cfg.ring_capacity,
+            cfg.hidden_capacity,
+        )?;
         Ok(Session {
-            server: Some(server),
-            ring: Some(ring),
-            hidden,
+            server: Some(t.server),
+            ring: Some(t.ring),
+            hidden: t.hidden,
             hidden_chunks: Vec::new(),
             keep_hidden: true,
             hidden_drained: 0,
-            control: Some(client),
-            greeting: Some(greeting),
+            control: Some(t.control),
+            greeting: Some(t.greeting),
             geometry,
             fingerprint,
             agent,

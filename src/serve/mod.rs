@@ -369,39 +369,22 @@ fn start_live(
         .name("spark-live".into())
         .spawn(move || runner.run(rx))?;
     let ring_tx = tx.clone();
-    let ring_geometry = spark_proto::ring::RingGeometry {
-        n_layer: geometry.n_layer,
-        n_expert: geometry.n_expert,
-        n_expert_used: geometry.n_expert_used,
-        n_embd: geometry.n_embd as u32,
-    };
+    let ring_geometry = crate::telemetry::ring_geometry(geometry);
     let launcher: crate::supervisor::Launcher = Box::new(move |c: &LlamaServerConfig| {
-        let launch = |e: String| ServerError::Launch(e);
-        let ring = crate::ring::ShmRing::create(crate::ring::DEFAULT_CAPACITY, ring_geometry)
-            .map_err(|e| launch(e.to_string()))?;
-        let (mut control, theirs) = crate::control::pair().map_err(|e| launch(e.to_string()))?;
-        use std::os::fd::AsRawFd;
-        let fd = theirs.as_raw_fd();
-        let mut c = c.clone();
-        c.env.push(("LD_PRELOAD".into(), tap.display().to_string()));
-        c.env.push((
-            spark_proto::ring::ENV_RING.into(),
-            ring.path().display().to_string(),
-        ));
-        c.env
-            .push((spark_proto::ring::ENV_CONTROL_FD.into(), fd.to_string()));
-        let server = crate::supervisor::LlamaServer::start_inheriting(&c, &[fd])?;
-        drop(theirs);
-        control
-            .greeting(crate::telemetry::CONTROL_TIMEOUT)
-            .map_err(|e| launch(e.to_string()))?;
-        // The tap has mapped the ring before greeting: the name can go now, so no way of
-        // killing spark can leave a /dev/shm file behind.
-        let mut ring = ring;
-        ring.unlink()
-            .map_err(|e| launch(format!("unlink {}: {e}", ring.path().display())))?;
-        let _ = ring_tx.send(live::LiveMsg::Ring(ring, control));
-        Ok(server)
+        use crate::telemetry::TelemetryError;
+        let t = crate::telemetry::launch_tapped(
+            c,
+            &tap,
+            ring_geometry,
+            crate::ring::DEFAULT_CAPACITY,
+            None,
+        )
+        .map_err(|e| match e {
+            TelemetryError::Server(e) => e,
+            e => ServerError::Launch(e.to_string()),
+        })?;
+        let _ = ring_tx.send(live::LiveMsg::Ring(t.ring, t.control));
+        Ok(t.server)
     });
     let handle = LiveHandle {
         shared,
