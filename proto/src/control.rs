@@ -12,6 +12,10 @@
 //!             " n_expert_used=" u " n_embd=" u            (tap → supervisor, once, first)
 //! command   = "stats" | "flush" | "reset" | "quit" | "request " u
 //!           | "hidden off" | "hidden on every=" u " budget=" u " tensor=" ("ffn_norm"|"attn_norm")
+//!           | "residency"                               (the provider's counters)
+//!           | "want " layer " " ids " " ids              (residency plan of one layer:
+//!                                                        pinned hot set, then dynamic tail)
+//! ids       = "-" | u ("," u)*
 //! reply     = "ok" [" " text] | "err " code " " message
 //! code      = "unknown-verb" | "bad-args" | "too-long" | "unavailable"
 //! ```
@@ -116,7 +120,163 @@ pub enum Command {
     /// Stamp following records with this request id.
     Request(u32),
     Hidden(Option<HiddenConfig>),
+    /// Report the residency provider's counters.
+    Residency,
+    /// The residency plan of one layer (`blk.<layer>`): experts to keep pinned, and the
+    /// dynamic tail the policy wants resident. Replaces the layer's previous plan.
+    Want(WantPlan),
+    /// More ids for the layer named (a plan too long for one line continues with `want+`).
+    WantMore(WantPlan),
 }
+
+/// One layer's residency plan, as the supervisor's policy wants it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WantPlan {
+    /// Model layer index (`blk.N`).
+    pub layer: u32,
+    /// Never evicted once resident.
+    pub pinned: Vec<u32>,
+    /// Kept resident while slots allow; evicted before any pinned expert.
+    pub tail: Vec<u32>,
+}
+
+impl WantPlan {
+    fn ids_text(ids: &[u32]) -> String {
+        if ids.is_empty() {
+            return "-".into();
+        }
+        let mut s = String::new();
+        for (i, e) in ids.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(s, "{e}");
+        }
+        s
+    }
+
+    fn parse_ids(w: &str) -> Result<Vec<u32>, String> {
+        if w == "-" {
+            return Ok(Vec::new());
+        }
+        w.split(',')
+            .map(|e| {
+                e.parse::<u32>()
+                    .map_err(|_| format!("expert id {:?} is not a u32", truncate(e, 16)))
+            })
+            .collect()
+    }
+
+    fn line(&self, verb: &str) -> String {
+        format!(
+            "{verb} {} {} {}",
+            self.layer,
+            Self::ids_text(&self.pinned),
+            Self::ids_text(&self.tail)
+        )
+    }
+
+    /// The plan as one or more command lines, each within [`MAX_LINE`]: a plan too long for
+    /// one line is split, the first line replacing the layer's plan and the rest adding to it
+    /// (`want+`).
+    pub fn to_lines(&self) -> Vec<String> {
+        let line = self.line("want");
+        if line.len() <= MAX_LINE {
+            return vec![line];
+        }
+        // 40 + 40 ids of up to 10 digits and their commas take at most 880 bytes.
+        let mut lines = Vec::new();
+        let chunks = |ids: &[u32]| ids.chunks(40).map(<[u32]>::to_vec).collect::<Vec<_>>();
+        let (p, t) = (chunks(&self.pinned), chunks(&self.tail));
+        for i in 0..p.len().max(t.len()) {
+            let part = WantPlan {
+                layer: self.layer,
+                pinned: p.get(i).cloned().unwrap_or_default(),
+                tail: t.get(i).cloned().unwrap_or_default(),
+            };
+            lines.push(part.line(if i == 0 { "want" } else { "want+" }));
+        }
+        lines
+    }
+}
+
+/// Counters of the residency provider (the tap's side of the scheduler hook), reported for
+/// `residency` and printed once when a process that ran the provider exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResidencyStats {
+    /// Slots per expert layer the provider was configured with (0: provider off).
+    pub slots: u32,
+    /// Layers that hold slot memory now.
+    pub layers: u32,
+    /// Layers the supervisor has sent a plan for.
+    pub planned: u32,
+    /// Hook calls (one per host-resident expert tensor per graph split).
+    pub calls: u64,
+    /// Calls declined (the stock path copied): provider off, unknown tensor, no memory.
+    pub declined: u64,
+    /// Expert slices served from a resident slot (device to device).
+    pub hits: u64,
+    /// Expert slices copied from host memory into a slot, then served from it.
+    pub loads: u64,
+    /// Expert slices copied from host memory straight into the engine's buffer (not cached).
+    pub streamed: u64,
+    /// Slots given to another expert.
+    pub evictions: u64,
+    /// Bytes served device to device.
+    pub bytes_hit: u64,
+    /// Bytes copied from host memory (loads and streamed).
+    pub bytes_host: u64,
+    /// Wall time spent inside the provider, in microseconds (enqueueing, not device time).
+    pub provider_us: u64,
+}
+
+impl ResidencyStats {
+    pub fn to_text(&self) -> String {
+        format!(
+            "slots={} layers={} planned={} calls={} declined={} hits={} loads={} streamed={} \
+             evictions={} bytes_hit={} bytes_host={} provider_us={}",
+            self.slots,
+            self.layers,
+            self.planned,
+            self.calls,
+            self.declined,
+            self.hits,
+            self.loads,
+            self.streamed,
+            self.evictions,
+            self.bytes_hit,
+            self.bytes_host,
+            self.provider_us
+        )
+    }
+
+    pub fn parse(text: &str) -> Result<ResidencyStats, String> {
+        let kv = KeyValues::parse(text.split_ascii_whitespace())?;
+        Ok(ResidencyStats {
+            slots: kv.u32("slots")?,
+            layers: kv.u32("layers")?,
+            planned: kv.u32("planned")?,
+            calls: kv.u64("calls")?,
+            declined: kv.u64("declined")?,
+            hits: kv.u64("hits")?,
+            loads: kv.u64("loads")?,
+            streamed: kv.u64("streamed")?,
+            evictions: kv.u64("evictions")?,
+            bytes_hit: kv.u64("bytes_hit")?,
+            bytes_host: kv.u64("bytes_host")?,
+            provider_us: kv.u64("provider_us")?,
+        })
+    }
+
+    /// Expert slices served from slots without a host copy, over all slices served.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let all = self.hits + self.loads + self.streamed;
+        (all > 0).then(|| self.hits as f64 / all as f64)
+    }
+}
+
+/// Prefix of the line a process that ran the provider prints on its stderr at exit.
+pub const RESIDENCY_EXIT_PREFIX: &str = "spark-tap: residency ";
 
 /// Error codes of `err` replies.
 pub const ERR_UNKNOWN_VERB: &str = "unknown-verb";
@@ -181,6 +341,9 @@ impl Command {
                 h.budget_mib,
                 h.tensor.name()
             ),
+            Command::Residency => "residency".into(),
+            Command::Want(p) => p.line("want"),
+            Command::WantMore(p) => p.line("want+"),
         }
     }
 
@@ -242,6 +405,28 @@ impl Command {
                     })))
                 }
                 _ => bad("usage: hidden off | hidden on every=N budget=MiB tensor=NAME".into()),
+            },
+            "residency" => no_args(Command::Residency),
+            "want" | "want+" => match rest.as_slice() {
+                [layer, pinned, tail] => {
+                    let layer = match layer.parse() {
+                        Ok(l) => l,
+                        Err(_) => return bad(format!("layer {layer:?} is not a u32")),
+                    };
+                    let parse =
+                        |w: &str| WantPlan::parse_ids(w).map_err(|m| Reply::err(ERR_BAD_ARGS, m));
+                    let plan = WantPlan {
+                        layer,
+                        pinned: parse(pinned)?,
+                        tail: parse(tail)?,
+                    };
+                    if verb == "want" {
+                        Ok(Command::Want(plan))
+                    } else {
+                        Ok(Command::WantMore(plan))
+                    }
+                }
+                _ => bad(format!("usage: {verb} <layer> <pinned ids|-> <tail ids|->")),
             },
             "" => Err(Reply::err(ERR_UNKNOWN_VERB, "empty line")),
             other => Err(Reply::err(
@@ -313,6 +498,11 @@ pub trait TapControl {
     fn set_request(&mut self, id: u32);
     /// Returns an error message when hidden capture cannot be switched on.
     fn set_hidden(&mut self, cfg: Option<HiddenConfig>) -> Result<(), String>;
+    /// The residency provider's counters.
+    fn residency(&mut self) -> ResidencyStats;
+    /// Sets (or, with `append`, extends) one layer's residency plan; the error says why the
+    /// plan cannot be taken (no provider, layer or expert out of range).
+    fn want(&mut self, plan: &WantPlan, append: bool) -> Result<(), String>;
 }
 
 /// Outcome of one command line.
@@ -358,6 +548,19 @@ pub fn respond(line: &str, tap: &mut dyn TapControl) -> Response {
             }),
             Err(m) => Reply::err(ERR_UNAVAILABLE, m),
         },
+        Command::Residency => Reply::ok(tap.residency().to_text()),
+        Command::Want(ref p) | Command::WantMore(ref p) => {
+            let append = matches!(cmd, Command::WantMore(_));
+            match tap.want(p, append) {
+                Ok(()) => Reply::ok(format!(
+                    "layer={} pinned={} tail={}",
+                    p.layer,
+                    p.pinned.len(),
+                    p.tail.len()
+                )),
+                Err(m) => Reply::err(ERR_UNAVAILABLE, m),
+            }
+        }
     };
     Response { reply, quit: false }
 }
@@ -412,6 +615,7 @@ mod tests {
         request: u32,
         hidden: Option<HiddenConfig>,
         records: u64,
+        planned: Vec<u32>,
     }
 
     impl TapControl for FakeTap {
@@ -437,6 +641,22 @@ mod tests {
         }
         fn set_hidden(&mut self, cfg: Option<HiddenConfig>) -> Result<(), String> {
             self.hidden = cfg;
+            Ok(())
+        }
+        fn residency(&mut self) -> ResidencyStats {
+            ResidencyStats {
+                slots: 4,
+                planned: self.planned.len() as u32,
+                ..ResidencyStats::default()
+            }
+        }
+        fn want(&mut self, plan: &WantPlan, append: bool) -> Result<(), String> {
+            if plan.layer >= 4 {
+                return Err(format!("layer {} of 4", plan.layer));
+            }
+            if !append || !self.planned.contains(&plan.layer) {
+                self.planned.push(plan.layer);
+            }
             Ok(())
         }
     }
@@ -472,6 +692,42 @@ mod tests {
     }
 
     #[test]
+    fn a_long_plan_is_split_into_lines_that_parse_back_to_it() {
+        let plan = WantPlan {
+            layer: 47,
+            pinned: (100_000..100_200).collect(),
+            tail: (200_000..200_300).collect(),
+        };
+        let lines = plan.to_lines();
+        assert!(lines.len() > 1);
+        let mut got = WantPlan {
+            layer: 47,
+            ..WantPlan::default()
+        };
+        for (i, l) in lines.iter().enumerate() {
+            assert!(l.len() <= MAX_LINE, "line {i} has {} bytes", l.len());
+            match Command::parse(l).unwrap() {
+                Command::Want(p) if i == 0 => {
+                    got.pinned.extend(p.pinned);
+                    got.tail.extend(p.tail);
+                }
+                Command::WantMore(p) if i > 0 => {
+                    got.pinned.extend(p.pinned);
+                    got.tail.extend(p.tail);
+                }
+                other => panic!("line {i} parsed as {other:?}"),
+            }
+        }
+        assert_eq!(got, plan);
+        let short = WantPlan {
+            layer: 0,
+            pinned: vec![],
+            tail: vec![5],
+        };
+        assert_eq!(short.to_lines(), vec!["want 0 - 5".to_string()]);
+    }
+
+    #[test]
     fn greeting_round_trips() {
         let g = Greeting {
             version: CONTROL_VERSION,
@@ -504,6 +760,17 @@ mod tests {
                 budget_mib: 16,
                 tensor: HiddenTensor::AttnNorm,
             })),
+            Command::Residency,
+            Command::Want(WantPlan {
+                layer: 3,
+                pinned: vec![1, 2],
+                tail: vec![],
+            }),
+            Command::WantMore(WantPlan {
+                layer: 3,
+                pinned: vec![],
+                tail: vec![9],
+            }),
         ] {
             assert_eq!(Command::parse(&c.to_line()).unwrap(), c);
         }
@@ -516,6 +783,22 @@ mod tests {
             unmapped: 6,
         };
         assert_eq!(TapStats::parse(&s.to_text()).unwrap(), s);
+        let r = ResidencyStats {
+            slots: 1,
+            layers: 2,
+            planned: 3,
+            calls: 4,
+            declined: 5,
+            hits: 6,
+            loads: 7,
+            streamed: 8,
+            evictions: 9,
+            bytes_hit: 10,
+            bytes_host: 11,
+            provider_us: 12,
+        };
+        assert_eq!(ResidencyStats::parse(&r.to_text()).unwrap(), r);
+        assert_eq!(r.hit_ratio(), Some(6.0 / 21.0));
         for r in [
             Reply::ok(""),
             Reply::ok("a b"),

@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use spark_proto::control::{
-    respond, Greeting, HiddenConfig, HiddenTensor, Reply, TapControl, TapStats, ERR_TOO_LONG,
-    MAX_LINE,
+    respond, Greeting, HiddenConfig, HiddenTensor, Reply, ResidencyStats, TapControl, TapStats,
+    WantPlan, ERR_TOO_LONG, MAX_LINE,
 };
 use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING};
 
@@ -66,7 +66,10 @@ pub fn start(greeting: Greeting) {
     }
 }
 
-struct Tap;
+struct Tap {
+    n_layer: u32,
+    n_expert: u32,
+}
 
 impl TapControl for Tap {
     fn stats(&mut self) -> TapStats {
@@ -127,13 +130,24 @@ impl TapControl for Tap {
             }
         }
     }
+
+    fn residency(&mut self) -> ResidencyStats {
+        crate::provider::stats()
+    }
+
+    fn want(&mut self, plan: &WantPlan, append: bool) -> Result<(), String> {
+        crate::provider::want(plan, append, self.n_layer, self.n_expert)
+    }
 }
 
 fn serve(mut stream: UnixStream, greeting: &Greeting) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(1)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     send(&mut stream, &greeting.to_line())?;
-    let mut tap = Tap;
+    let mut tap = Tap {
+        n_layer: greeting.n_layer,
+        n_expert: greeting.n_expert,
+    };
     let mut line: Vec<u8> = Vec::with_capacity(MAX_LINE + 1);
     let mut started: Option<Instant> = None;
     let mut discarding = false;

@@ -95,6 +95,7 @@ pub const GGML_MAX_DIMS: usize = 4;
 pub const GGML_MAX_SRC: usize = 10;
 pub const GGML_MAX_NAME: usize = 64;
 pub const GGML_TYPE_F32: i32 = 0;
+pub const GGML_TYPE_I8: i32 = 24;
 pub const GGML_TYPE_I32: i32 = 26;
 
 /// `struct ggml_tensor`.
@@ -268,6 +269,7 @@ int main(void) {
   printf("%zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(struct ggml_tensor), offsetof(struct ggml_tensor, buffer),
     offsetof(struct ggml_tensor, ne), offsetof(struct ggml_tensor, nb), offsetof(struct ggml_tensor, src),
     offsetof(struct ggml_tensor, data), offsetof(struct ggml_tensor, name), (size_t)GGML_TYPE_I32);
+  printf("%zu\n", (size_t)GGML_TYPE_I8);
   return 0;
 }
 "#,
@@ -315,6 +317,7 @@ int main(void) {
             std::mem::offset_of!(GgmlTensor, data),
             std::mem::offset_of!(GgmlTensor, name),
             GGML_TYPE_I32 as usize,
+            GGML_TYPE_I8 as usize,
         ];
         assert_eq!(nums, expected);
     }

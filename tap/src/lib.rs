@@ -13,6 +13,10 @@
 //!   selected expert ids) and, when switched on, the pre-gate hidden state; it answers "no" for
 //!   every other tensor so the graph is not split elsewhere.
 //!
+//! It also exports the residency provider of spark's scheduler hook (`spark_moe_provide_v1`,
+//! `spark_moe_hook_abi`; see `provider.rs`), which a hooked llama.cpp build finds at run time
+//! and stock builds never look for. It serves only when `SPARK_RESIDENCY_SLOTS` is set.
+//!
 //! Must never: block the engine (a full ring drops and counts), allocate on the capture path
 //! (callback and decode wrapper), let a panic cross the C boundary (every exported function
 //! catches it), or link an async runtime.
@@ -20,6 +24,8 @@
 mod capture;
 mod control;
 mod ffi;
+mod provider;
+mod residency;
 
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -153,4 +159,22 @@ pub unsafe extern "C" fn llama_batch_ext_free(batch: *mut c_void) {
         // SAFETY: forwarding the caller's argument to the real function.
         unsafe { real(batch) }
     }
+}
+
+/// The residency hook's ABI version (`SPARK_MOE_HOOK_VERSION_SYMBOL`): the hooked scheduler
+/// uses the provider only when this equals its own `SPARK_MOE_HOOK_ABI`.
+#[no_mangle]
+pub extern "C" fn spark_moe_hook_abi() -> u32 {
+    spark_proto::hook::ABI
+}
+
+/// The residency provider (`SPARK_MOE_HOOK_SYMBOL`): 1 when every used expert of the request
+/// has been written into its destination in stream order, 0 to let the stock path copy.
+///
+/// # Safety
+/// Called by the hooked ggml scheduler with a request valid for the duration of the call.
+#[no_mangle]
+pub unsafe extern "C" fn spark_moe_provide_v1(req: *const spark_proto::hook::MoeRequestV1) -> i32 {
+    // SAFETY: forwarded from the scheduler; provide() catches panics itself.
+    i32::from(unsafe { provider::provide(req) })
 }

@@ -1,0 +1,426 @@
+//! The residency provider the hooked ggml scheduler calls (ABI v1, `spark_moe_hook.h`).
+//!
+//! Owns the two exported symbols' behaviour, the process-wide [`Residency`] state, the
+//! supervisor's plan (levels per layer and expert, written by the control thread through
+//! atomics) and the counters the control channel and the exit line report. Copies go through
+//! ggml's own backend API on the engine's backend — `ggml_backend_tensor_set_async` for host →
+//! device and `ggml_backend_tensor_copy_async` for slot → destination — so on CUDA they are
+//! `cudaMemcpyAsync` calls on the engine's stream, ordered with the MUL_MAT_ID that follows
+//! and with the previous step's reads of the same memory, with no CUDA code in the tap and no
+//! second CUDA context. Slot memory comes from the backend's default buffer type (VRAM on
+//! CUDA) and is kept until the process exits.
+//!
+//! Active only when `SPARK_RESIDENCY_SLOTS` is a positive number; otherwise every call is
+//! declined and the stock path runs. A call that cannot be served (tensor name not `blk.N.…`,
+//! a second model, no memory, the state busy) is declined, never half-served: declining after
+//! copies were enqueued is harmless too, because the stock path then writes the same bytes.
+
+use std::ffi::{c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use spark_proto::control::{ResidencyStats, WantPlan, RESIDENCY_EXIT_PREFIX};
+use spark_proto::hook::{MoeRequestV1, ABI};
+
+use crate::control;
+use crate::ffi::{as_fn, GgmlTensor, Sym, GGML_TYPE_I8};
+use crate::residency::{Call, Counters, Device, Residency, PINNED, TAIL};
+
+/// Environment variable with the number of slots per expert layer.
+pub const ENV_SLOTS: &str = "SPARK_RESIDENCY_SLOTS";
+
+static GET_BUFT: Sym = Sym::global(c"ggml_backend_get_default_buffer_type");
+static BUFT_ALLOC: Sym = Sym::global(c"ggml_backend_buft_alloc_buffer");
+static BUFFER_BASE: Sym = Sym::global(c"ggml_backend_buffer_get_base");
+static SET_ASYNC: Sym = Sym::global(c"ggml_backend_tensor_set_async");
+static COPY_ASYNC: Sym = Sym::global(c"ggml_backend_tensor_copy_async");
+
+type GetBuftFn = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
+type BuftAllocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+type BufferBaseFn = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
+type SetAsyncFn = unsafe extern "C" fn(*mut c_void, *mut GgmlTensor, *const c_void, usize, usize);
+type CopyAsyncFn =
+    unsafe extern "C" fn(*mut c_void, *mut c_void, *const GgmlTensor, *mut GgmlTensor);
+
+/// ggml's backend functions the provider calls, resolved once.
+#[derive(Clone, Copy)]
+struct Ggml {
+    get_buft: GetBuftFn,
+    buft_alloc: BuftAllocFn,
+    buffer_base: BufferBaseFn,
+    set_async: SetAsyncFn,
+    copy_async: CopyAsyncFn,
+}
+
+impl Ggml {
+    fn resolve() -> Option<Ggml> {
+        // SAFETY: each type is the declared signature of that function in ggml-backend.h.
+        unsafe {
+            Some(Ggml {
+                get_buft: as_fn(&GET_BUFT)?,
+                buft_alloc: as_fn(&BUFT_ALLOC)?,
+                buffer_base: as_fn(&BUFFER_BASE)?,
+                set_async: as_fn(&SET_ASYNC)?,
+                copy_async: as_fn(&COPY_ASYNC)?,
+            })
+        }
+    }
+}
+
+/// Slot memory of one expert tensor of one layer: a ggml backend buffer.
+pub struct GgmlSlots {
+    buffer: *mut c_void,
+    base: *mut u8,
+}
+
+// SAFETY: the buffer handle is only used under the provider's mutex, from whichever engine
+// thread runs the scheduler; ggml buffers are not tied to a thread.
+unsafe impl Send for GgmlSlots {}
+
+/// A 1-D byte tensor over `len` bytes at `data` inside `buffer`: what ggml's copy functions
+/// need to address a slot or an expert's bytes in the destination.
+fn byte_tensor(buffer: *mut c_void, data: *mut u8, len: usize) -> GgmlTensor {
+    // SAFETY: GgmlTensor is plain integers, pointers and byte arrays; all-zero is valid.
+    let mut t: GgmlTensor = unsafe { std::mem::zeroed() };
+    t.type_ = GGML_TYPE_I8;
+    t.buffer = buffer;
+    t.ne = [len as i64, 1, 1, 1];
+    t.nb = [1, len, len, len];
+    t.data = data.cast();
+    t
+}
+
+/// Copies on the engine's backend, through ggml.
+struct GgmlDevice {
+    ggml: Ggml,
+    backend: *mut c_void,
+}
+
+impl Device for GgmlDevice {
+    type Slots = GgmlSlots;
+    type Dst = *mut GgmlTensor;
+
+    fn alloc(&mut self, bytes: usize) -> Option<GgmlSlots> {
+        // SAFETY: backend is the live backend of the current hook call.
+        let buft = unsafe { (self.ggml.get_buft)(self.backend) };
+        if buft.is_null() {
+            return None;
+        }
+        // SAFETY: buft is a live buffer type; a failed allocation returns null.
+        let buffer = unsafe { (self.ggml.buft_alloc)(buft, bytes) };
+        if buffer.is_null() {
+            control::warn(&format!(
+                "residency: no room for {} MiB of slots; that layer takes the stock path",
+                bytes >> 20
+            ));
+            return None;
+        }
+        // SAFETY: buffer is live.
+        let base = unsafe { (self.ggml.buffer_base)(buffer) }.cast::<u8>();
+        Some(GgmlSlots { buffer, base })
+    }
+
+    fn host_to_dst(&mut self, dst: *mut GgmlTensor, dst_off: usize, src: &[u8]) {
+        // SAFETY: dst is the hook call's destination tensor; the range lies inside it (the
+        // same range stock ggml writes), src is host memory of that length.
+        unsafe { (self.ggml.set_async)(self.backend, dst, src.as_ptr().cast(), dst_off, src.len()) }
+    }
+
+    fn host_to_slots(&mut self, slots: &mut GgmlSlots, off: usize, src: &[u8]) {
+        // SAFETY: the slot range was sized by Residency (off + len within the buffer).
+        let mut t = byte_tensor(slots.buffer, unsafe { slots.base.add(off) }, src.len());
+        // SAFETY: t addresses memory of the buffer; src is host memory of that length.
+        unsafe { (self.ggml.set_async)(self.backend, &mut t, src.as_ptr().cast(), 0, src.len()) }
+    }
+
+    fn slots_to_dst(
+        &mut self,
+        slots: &GgmlSlots,
+        off: usize,
+        dst: *mut GgmlTensor,
+        dst_off: usize,
+        len: usize,
+    ) {
+        // SAFETY: both ranges lie inside their buffers (slot sized by Residency, destination
+        // range the one stock ggml writes); dst is the live destination tensor.
+        unsafe {
+            let s = byte_tensor(slots.buffer, slots.base.add(off), len);
+            let mut d = byte_tensor((*dst).buffer, (*dst).data.cast::<u8>().add(dst_off), len);
+            (self.ggml.copy_async)(self.backend, self.backend, &s, &mut d);
+        }
+    }
+}
+
+/// The supervisor's plan: a level per (layer, expert), written by the control thread.
+struct Plan {
+    n_layer: usize,
+    n_expert: usize,
+    levels: Box<[AtomicU8]>,
+    planned: Box<[AtomicBool]>,
+}
+
+static PLAN: OnceLock<Plan> = OnceLock::new();
+static STATE: Mutex<Option<Residency<GgmlSlots>>> = Mutex::new(None);
+static SLOTS: OnceLock<u32> = OnceLock::new();
+static GGML: OnceLock<Option<Ggml>> = OnceLock::new();
+static BROKEN: AtomicBool = AtomicBool::new(false);
+
+/// Counters as the control thread reads them (copied from the state after every call).
+static COUNTERS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static LAYERS: AtomicU64 = AtomicU64::new(0);
+static PROVIDER_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Slots per layer from the environment (0: provider off), read once.
+pub fn configured_slots() -> u32 {
+    *SLOTS.get_or_init(|| {
+        let v = std::env::var(ENV_SLOTS).ok();
+        let slots = match v.as_deref().map(str::trim) {
+            None | Some("") => 0,
+            Some(s) => s.parse::<u32>().unwrap_or_else(|_| {
+                control::warn(&format!("{ENV_SLOTS}={s:?} is not a number; residency off"));
+                0
+            }),
+        };
+        if slots > 0 {
+            // SAFETY: registering a plain extern "C" function with no captured state.
+            if unsafe { libc::atexit(report_at_exit) } != 0 {
+                control::warn("residency: could not register the exit report");
+            }
+        }
+        slots
+    })
+}
+
+extern "C" fn report_at_exit() {
+    let _ = catch_unwind(|| eprintln!("{RESIDENCY_EXIT_PREFIX}{}", stats().to_text()));
+}
+
+/// The counters, as `residency` reports them.
+pub fn stats() -> ResidencyStats {
+    let c = |i: usize| COUNTERS[i].load(Ordering::Relaxed);
+    let planned = PLAN.get().map_or(0, |p| {
+        p.planned
+            .iter()
+            .filter(|b| b.load(Ordering::Relaxed))
+            .count() as u32
+    });
+    ResidencyStats {
+        slots: configured_slots(),
+        layers: LAYERS.load(Ordering::Relaxed) as u32,
+        planned,
+        calls: c(0),
+        declined: c(1),
+        hits: c(2),
+        loads: c(3),
+        streamed: c(4),
+        evictions: c(5),
+        bytes_hit: c(6),
+        bytes_host: c(7),
+        provider_us: PROVIDER_NS.load(Ordering::Relaxed) / 1000,
+    }
+}
+
+fn publish(c: &Counters, layers: u32) {
+    let v = [
+        c.calls,
+        c.declined,
+        c.hits,
+        c.loads,
+        c.streamed,
+        c.evictions,
+        c.bytes_hit,
+        c.bytes_host,
+    ];
+    for (a, v) in COUNTERS.iter().zip(v) {
+        a.store(v, Ordering::Relaxed);
+    }
+    LAYERS.store(u64::from(layers), Ordering::Relaxed);
+}
+
+/// Applies one `want` / `want+` line from the supervisor.
+pub fn want(plan: &WantPlan, append: bool, n_layer: u32, n_expert: u32) -> Result<(), String> {
+    if configured_slots() == 0 {
+        return Err(format!("residency is off ({ENV_SLOTS} not set)"));
+    }
+    let p = PLAN.get_or_init(|| {
+        let (l, e) = (n_layer as usize, n_expert as usize);
+        Plan {
+            n_layer: l,
+            n_expert: e,
+            levels: (0..l * e).map(|_| AtomicU8::new(0)).collect(),
+            planned: (0..l).map(|_| AtomicBool::new(false)).collect(),
+        }
+    });
+    let layer = plan.layer as usize;
+    if layer >= p.n_layer {
+        return Err(format!(
+            "layer {layer} of a model with {} layers",
+            p.n_layer
+        ));
+    }
+    if let Some(&e) = plan
+        .pinned
+        .iter()
+        .chain(&plan.tail)
+        .find(|&&e| e as usize >= p.n_expert)
+    {
+        return Err(format!("expert {e} of a model with {} experts", p.n_expert));
+    }
+    let row = &p.levels[layer * p.n_expert..(layer + 1) * p.n_expert];
+    if !append {
+        for l in row {
+            l.store(0, Ordering::Relaxed);
+        }
+    }
+    for &e in &plan.tail {
+        row[e as usize].fetch_max(TAIL, Ordering::Relaxed);
+    }
+    for &e in &plan.pinned {
+        row[e as usize].store(PINNED, Ordering::Relaxed);
+    }
+    p.planned[layer].store(true, Ordering::Release);
+    Ok(())
+}
+
+/// `blk.N.rest` → (N, rest).
+fn split_name(name: &str) -> Option<(u32, &str)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (n, tensor) = rest.split_once('.')?;
+    Some((n.parse().ok()?, tensor))
+}
+
+/// Serves one hook call; `false` declines.
+///
+/// # Safety
+/// `req` is the scheduler's request, valid for the duration of the call (ABI v1 contract).
+pub unsafe fn provide(req: *const MoeRequestV1) -> bool {
+    let slots = configured_slots();
+    if slots == 0 || req.is_null() || BROKEN.load(Ordering::Relaxed) {
+        return false;
+    }
+    let started = Instant::now();
+    let ok = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: forwarded from our caller.
+        unsafe { provide_inner(slots, &*req) }
+    }))
+    .unwrap_or_else(|_| {
+        // The state may be inconsistent now: stop serving (the stock path stays exact).
+        BROKEN.store(true, Ordering::Relaxed);
+        control::warn("residency: provider panicked; declining from now on");
+        false
+    });
+    PROVIDER_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    ok
+}
+
+/// # Safety
+/// As [`provide`].
+unsafe fn provide_inner(slots: u32, req: &MoeRequestV1) -> bool {
+    let Ok(mut guard) = STATE.try_lock() else {
+        return false; // another engine thread is inside: let it be, take the stock path
+    };
+    let state = guard.get_or_insert_with(|| Residency::new(slots));
+    let declined = |state: &mut Residency<GgmlSlots>| {
+        state.counters.calls += 1;
+        state.counters.declined += 1;
+        publish(&state.counters, state.layers_with_memory());
+        false
+    };
+    let Some(ggml) = *GGML.get_or_init(|| {
+        let g = Ggml::resolve();
+        if g.is_none() {
+            control::warn("residency: ggml backend functions not found; residency off");
+        }
+        g
+    }) else {
+        return declined(state);
+    };
+    if req.abi != ABI
+        || req.backend.is_null()
+        || req.src.is_null()
+        || req.dst.is_null()
+        || req.used.is_null()
+        || req.n_expert <= 0
+    {
+        return declined(state);
+    }
+    // SAFETY: the scheduler passes live tensors (ABI v1).
+    let (src, dst) = unsafe { (&*req.src.cast::<GgmlTensor>(), req.dst.cast::<GgmlTensor>()) };
+    // SAFETY: ggml tensor names are NUL-terminated within GGML_MAX_NAME.
+    let name = unsafe { CStr::from_ptr(src.name.as_ptr()) };
+    let Some((layer, tensor)) = name.to_str().ok().and_then(split_name) else {
+        return declined(state);
+    };
+    let n = req.n_expert as usize;
+    let Some(bytes) = n.checked_mul(req.expert_size) else {
+        return declined(state);
+    };
+    if src.data.is_null() {
+        return declined(state);
+    }
+    // SAFETY: src is a host tensor of n_expert experts of expert_size bytes each (the
+    // scheduler's own reads of src->data rely on the same), and the bitset has ceil(n/32)
+    // words for the duration of the call.
+    let (host, used) = unsafe {
+        (
+            std::slice::from_raw_parts(src.data.cast::<u8>(), bytes),
+            std::slice::from_raw_parts(req.used, n.div_ceil(32)),
+        )
+    };
+    let call = Call {
+        layer,
+        tensor,
+        src_id: req.src as usize,
+        n_expert: n,
+        expert_size: req.expert_size,
+        src: host,
+        used,
+        dst,
+    };
+    let plan = PLAN
+        .get()
+        .filter(|p| (layer as usize) < p.n_layer && p.n_expert == n)
+        .filter(|p| p.planned[layer as usize].load(Ordering::Acquire));
+    let row = plan.map(|p| &p.levels[layer as usize * n..(layer as usize + 1) * n]);
+    let level = row.map(|r| move |e: u32| r[e as usize].load(Ordering::Relaxed));
+    let level_ref: Option<&dyn Fn(u32) -> u8> = level.as_ref().map(|f| f as &dyn Fn(u32) -> u8);
+    let mut dev = GgmlDevice {
+        ggml,
+        backend: req.backend,
+    };
+    let ok = state.serve(&mut dev, req.backend as usize, &call, level_ref);
+    publish(&state.counters, state.layers_with_memory());
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_names_give_layer_and_tensor() {
+        assert_eq!(
+            split_name("blk.12.ffn_gate_exps.weight"),
+            Some((12, "ffn_gate_exps.weight"))
+        );
+        assert_eq!(split_name("output.weight"), None);
+        assert_eq!(split_name("blk.x.ffn_up_exps.weight"), None);
+    }
+
+    #[test]
+    fn byte_tensors_describe_exactly_len_bytes() {
+        let mut mem = [0u8; 16];
+        let t = byte_tensor(std::ptr::null_mut(), mem.as_mut_ptr(), 16);
+        // ggml_nbytes for a block size of 1: type size + sum of (ne[i] - 1) * nb[i]
+        let nbytes = 1 + t
+            .ne
+            .iter()
+            .zip(t.nb)
+            .map(|(&ne, nb)| (ne as usize - 1) * nb)
+            .sum::<usize>();
+        assert_eq!(nbytes, 16);
+        assert_eq!(t.type_, GGML_TYPE_I8);
+    }
+}
