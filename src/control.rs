@@ -9,7 +9,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use spark_proto::control::{Command, Greeting, Reply, TapStats, MAX_LINE};
+use spark_proto::control::{
+    Command, Greeting, Reply, ResidencyStats, TapStats, WantPlan, MAX_LINE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -153,6 +155,26 @@ impl ControlClient {
     pub fn stats(&mut self, timeout: Duration) -> Result<TapStats, ControlError> {
         let t = self.call(&Command::Stats, timeout)?;
         TapStats::parse(&t).map_err(ControlError::Protocol)
+    }
+
+    /// `residency`: the provider's counters, parsed.
+    pub fn residency(&mut self, timeout: Duration) -> Result<ResidencyStats, ControlError> {
+        let t = self.call(&Command::Residency, timeout)?;
+        ResidencyStats::parse(&t).map_err(ControlError::Protocol)
+    }
+
+    /// Sends one layer's residency plan (one or more `want` lines), each under `timeout`.
+    pub fn want(&mut self, plan: &WantPlan, timeout: Duration) -> Result<(), ControlError> {
+        for line in plan.to_lines() {
+            if let Reply::Err { code, message } = self.call_line(&line, timeout)? {
+                return Err(ControlError::Rejected {
+                    command: line,
+                    code,
+                    message,
+                });
+            }
+        }
+        Ok(())
     }
 }
 

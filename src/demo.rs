@@ -136,6 +136,7 @@ fn serve_and_learn(
         tap: Some(tap),
         profile: Some(profile.clone()),
         cache_slots: None,
+        residency: false,
         cache_policy: crate::cache::PolicyKind::Spark,
         vram_budget_mib: None,
         ctx: 2048,

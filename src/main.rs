@@ -198,6 +198,12 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         {
             return exit::USAGE;
         }
+        if matches!(
+            cause.downcast_ref::<spark::serve::ServeError>(),
+            Some(spark::serve::ServeError::Usage(_))
+        ) {
+            return exit::USAGE;
+        }
         if cause.is::<spark::serve::placement::Refused>() {
             return exit::REFUSED;
         }

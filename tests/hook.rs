@@ -14,7 +14,7 @@ use crate::util;
 
 /// The hooked CPU build's prefix, as `scripts/build-engine --hooked` names it (scripts/test
 /// builds it before the tests run).
-fn hooked_prefix() -> PathBuf {
+pub fn hooked_prefix() -> PathBuf {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-engine");
     let o = Command::new(script)
         .args(["--hooked", "--print"])
@@ -34,22 +34,28 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+const PROMPT: &str = "Experts that stay resident";
+
+fn completion_body() -> Value {
+    json!({"prompt": PROMPT, "n_predict": 16, "temperature": 0.0, "n_probs": 4, "cache_prompt": false})
+}
+
 fn answer(server: PathBuf, model: &std::path::Path, log: PathBuf) -> Value {
+    answer_with(server, model, log, &["-c", "1024", "-t", "2", "-np", "1"])
+}
+
+fn answer_with(server: PathBuf, model: &std::path::Path, log: PathBuf, args: &[&str]) -> Value {
     let s = LlamaServer::start(&LlamaServerConfig {
         binary: server,
         model: model.to_path_buf(),
         port: None,
-        extra_args: ["-c", "1024", "-t", "2", "-np", "1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        extra_args: args.iter().map(|s| s.to_string()).collect(),
         env: vec![],
         ready_timeout: Duration::from_secs(60),
         log_path: log,
     })
     .unwrap();
-    let body = json!({"prompt": "Experts that stay resident", "n_predict": 16, "temperature": 0.0, "n_probs": 4, "cache_prompt": false});
-    let a = s.post_json("/completion", &body).unwrap();
+    let a = s.post_json("/completion", &completion_body()).unwrap();
     s.stop();
     a
 }
@@ -100,4 +106,115 @@ fn the_hooked_build_carries_the_hook_and_answers_like_stock_on_the_cpu() {
             "probabilities are compared, not absent"
         );
     }
+}
+
+/// `spark serve --residency` drives the hooked build with the tap's provider switched on: the
+/// supervisor sends every layer's plan over the control channel and reads the provider's
+/// counters into `/spark/status`, and the answers equal stock llama-server's exactly. On this
+/// CPU build the scheduler never offloads an expert matrix product, so the hook is never
+/// called (calls = 0); the GPU exactness run is `scripts/gpu-check`.
+#[test]
+fn serve_residency_sends_plans_to_the_provider_and_answers_like_stock() {
+    let hooked = hooked_prefix();
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "skewed.gguf", &["--router", "skewed"]);
+    let n_layer = 4; // the tiny fixture's layers (checked against status below)
+    let profile = dir.path().join("profile.csv");
+    let served = util::Served::start_with(
+        &model,
+        &hooked.join("bin/llama-server"),
+        &[
+            "--quiet",
+            "--residency",
+            "--vram-budget",
+            "4096",
+            "--cache-slots",
+            "3",
+            "--spark",
+            "--profile",
+            profile.to_str().unwrap(),
+        ],
+    );
+    let status = served.status();
+    assert_eq!(status["engine"]["hooked"], true, "{status}");
+    assert_eq!(status["geometry"]["n_layer"], n_layer, "{status}");
+
+    let through: Value = ureq::post(&served.url("/completion"))
+        .timeout(Duration::from_secs(60))
+        .send_json(completion_body())
+        .unwrap()
+        .into_json()
+        .unwrap();
+    // Plans go out when the child greets and after every completed request; wait for the
+    // counters read after this request.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let residency = loop {
+        let r = served.status()["routing"]["residency"].clone();
+        if r["layers_planned"] == n_layer && r["plans_sent"].as_u64() >= Some(n_layer) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no plan reached the provider: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(served);
+    assert_eq!(residency["slots_per_layer"], 3, "{residency}");
+    assert_eq!(residency["error"], Value::Null, "{residency}");
+    // CPU build: no GPU offload, so the scheduler's MoE-offload branch (and the hook) never runs.
+    assert_eq!(residency["hook_calls"], 0, "{residency}");
+
+    let direct = answer_with(
+        util::llama_server(),
+        &model,
+        dir.path().join("stock.log"),
+        &["-c", "2048", "-t", "2", "-np", "4"],
+    );
+    assert_eq!(through["content"], direct["content"]);
+    assert_eq!(
+        through["completion_probabilities"], direct["completion_probabilities"],
+        "token probabilities differ"
+    );
+    assert_eq!(
+        direct["completion_probabilities"].as_array().map(Vec::len),
+        Some(16)
+    );
+}
+
+#[test]
+fn serve_residency_needs_the_hooked_build_and_a_budget() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "tiny.gguf", &[]);
+    let m = model.to_str().unwrap();
+    let stock = util::llama_server();
+    let o = util::spark(&[
+        "serve",
+        "-m",
+        m,
+        "--residency",
+        "--vram-budget",
+        "4096",
+        "--llama-server",
+        stock.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("hooked") && err.contains("build-engine"),
+        "{err}"
+    );
+
+    let hooked = hooked_prefix().join("bin/llama-server");
+    let o = util::spark(&[
+        "serve",
+        "-m",
+        m,
+        "--residency",
+        "--llama-server",
+        hooked.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--vram-budget"), "{err}");
 }

@@ -2,105 +2,13 @@
 //! restarts, signals, concurrency, and that nothing is left behind.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spark::supervisor::{LlamaServer, LlamaServerConfig};
 
-use crate::util::{self, wait_gone};
-
-/// A `spark serve` child and the port it listens on.
-struct Served {
-    child: Child,
-    port: u16,
-    stderr: mpsc::Receiver<String>,
-    /// What spark printed before it announced its address.
-    early: Vec<String>,
-}
-
-impl Served {
-    fn start(model: &Path, extra: &[&str]) -> Served {
-        let mut cmd = Command::new(util::spark_bin());
-        cmd.args([
-            "serve",
-            "-m",
-            model.to_str().unwrap(),
-            "--port",
-            "0",
-            "--llama-server",
-            util::llama_server().to_str().unwrap(),
-        ]);
-        cmd.args(extra);
-        cmd.args(["--", "-c", "2048", "-t", "2", "-np", "4"]);
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, rx) = mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut early = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                // Never leave a spark running behind a failed test.
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("spark serve announces its address within 60 s; it said {early:?}");
-            };
-            // spark's own announcement, not a forwarded llama-server line that names its port.
-            if let Some(rest) = line
-                .strip_prefix("spark: serving ")
-                .and_then(|l| l.split("http://127.0.0.1:").nth(1))
-            {
-                let port = rest.split_whitespace().next().unwrap().parse().unwrap();
-                return Served {
-                    child,
-                    port,
-                    stderr: rx,
-                    early,
-                };
-            }
-            early.push(line);
-        }
-    }
-
-    fn url(&self, route: &str) -> String {
-        format!("http://127.0.0.1:{}{route}", self.port)
-    }
-
-    fn status(&self) -> Value {
-        ureq::get(&self.url("/spark/status"))
-            .timeout(Duration::from_secs(5))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap()
-    }
-
-    fn child_pid(&self) -> u32 {
-        self.status()["child"]["pid"].as_u64().unwrap() as u32
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::util::{self, wait_gone, Served};
 
 fn post(url: &str, body: &Value) -> Result<Value, String> {
     match ureq::post(url)

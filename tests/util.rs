@@ -1,8 +1,13 @@
 //! Shared helpers for the integration tests: the spark binary, the engine build, temp dirs,
 //! fixtures.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 /// The `spark` binary built for this test run.
 pub fn spark_bin() -> PathBuf {
@@ -99,4 +104,100 @@ pub fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
+}
+
+/// A `spark serve` child and the port it listens on.
+pub struct Served {
+    pub child: Child,
+    pub port: u16,
+    pub stderr: mpsc::Receiver<String>,
+    /// What spark printed before it announced its address.
+    pub early: Vec<String>,
+}
+
+impl Served {
+    /// `spark serve` of `model` on a free port with the stock llama-server.
+    pub fn start(model: &Path, extra: &[&str]) -> Served {
+        Served::start_with(model, &llama_server(), extra)
+    }
+
+    /// `spark serve` of `model` with the llama-server binary `server`.
+    pub fn start_with(model: &Path, server: &Path, extra: &[&str]) -> Served {
+        let mut cmd = Command::new(spark_bin());
+        cmd.args([
+            "serve",
+            "-m",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--llama-server",
+            server.to_str().unwrap(),
+        ]);
+        cmd.args(extra);
+        cmd.args(["--", "-c", "2048", "-t", "2", "-np", "4"]);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut early = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                // Never leave a spark running behind a failed test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("spark serve announces its address within 60 s; it said {early:?}");
+            };
+            // spark's own announcement, not a forwarded llama-server line that names its port.
+            if let Some(rest) = line
+                .strip_prefix("spark: serving ")
+                .and_then(|l| l.split("http://127.0.0.1:").nth(1))
+            {
+                let port = rest.split_whitespace().next().unwrap().parse().unwrap();
+                return Served {
+                    child,
+                    port,
+                    stderr: rx,
+                    early,
+                };
+            }
+            early.push(line);
+        }
+    }
+
+    pub fn url(&self, route: &str) -> String {
+        format!("http://127.0.0.1:{}{route}", self.port)
+    }
+
+    pub fn status(&self) -> Value {
+        ureq::get(&self.url("/spark/status"))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    }
+
+    pub fn child_pid(&self) -> u32 {
+        self.status()["child"]["pid"].as_u64().unwrap() as u32
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// Slots per MoE layer of the shadow cache (default: 2 × experts per token)
     #[arg(long)]
     pub cache_slots: Option<u32>,
+    /// Serve experts from VRAM slots through the hooked engine's scheduler hook
+    /// (`scripts/build-engine --cuda --hooked`): `--cache-slots` slots per expert layer,
+    /// following the shadow cache's policy; their VRAM comes out of `--vram-budget`
+    #[arg(long, conflicts_with = "no_tap")]
+    pub residency: bool,
     /// VRAM spark may plan for, MiB (none: a CPU-only placement)
     #[arg(long, value_name = "MiB")]
     pub vram_budget: Option<u64>,
@@ -72,6 +77,14 @@ impl ServeArgs {
     /// Resolves the flags: finds the engine and (unless `--no-tap`) the tap.
     pub fn resolve(self, work_dir: PathBuf) -> Result<ServeConfig, anyhow::Error> {
         let engine = Engine::locate(self.llama_server.as_deref())?;
+        if self.residency && !engine.is_hooked() {
+            return Err(super::ServeError::Usage(format!(
+                "--residency needs the hooked engine (scripts/build-engine --cuda --hooked); {} is the {} build",
+                engine.llama_server.display(),
+                engine.variant()
+            ))
+            .into());
+        }
         let tap = if self.no_tap {
             None
         } else {
@@ -98,6 +111,7 @@ impl ServeArgs {
             tap,
             profile,
             cache_slots: self.cache_slots,
+            residency: self.residency,
             cache_policy: self.cache_policy,
             vram_budget_mib: self.vram_budget,
             ctx: self.ctx,

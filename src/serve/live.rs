@@ -15,12 +15,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use spark_proto::control::{ResidencyStats, WantPlan};
 use spark_proto::trace::RoutingRecord;
 
 use crate::cache::{self, Belady, Counts, Policy, PolicyKind, Setup};
 use crate::profile::Profile;
 use crate::ring::ShmRing;
 use crate::trace::Routing;
+
+/// Decode tokens between plan updates while a request runs.
+const PLAN_EVERY: u64 = 64;
+/// Deadline of each plan line and counter read on the control channel.
+const PLAN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Messages to the live thread.
 pub enum LiveMsg {
@@ -41,6 +47,10 @@ pub struct LiveConfig {
     pub k: usize,
     /// Slots per MoE layer of the shadow cache.
     pub slots: u32,
+    /// `--residency`: the tap's provider caches experts in VRAM; the live thread sends it the
+    /// policy's plan (pinned hot set from the profile + the shadow cache's resident tail) and
+    /// reads its counters back.
+    pub residency: bool,
     pub policy: PolicyKind,
     /// Decode steps kept for the Belady bound.
     pub window: usize,
@@ -78,6 +88,11 @@ pub struct LiveSnapshot {
     pub profile_last_write_us: Option<u64>,
     pub profile_error: Option<String>,
     pub base_tokens: u64,
+    /// The provider's counters, read after every plan update (`--residency`).
+    pub residency: Option<ResidencyStats>,
+    /// Why the provider stopped taking plans, if it did.
+    pub residency_error: Option<String>,
+    pub residency_plans_sent: u64,
 }
 
 /// Shared view of the live statistics.
@@ -114,6 +129,9 @@ impl LiveSnapshot {
             profile_writes: 0,
             profile_last_write_us: None,
             profile_error: None,
+            residency: None,
+            residency_error: None,
+            residency_plans_sent: 0,
             base_tokens: cfg
                 .start_profile
                 .as_ref()
@@ -147,6 +165,27 @@ impl LiveSnapshot {
                     "hit_ratio": ratio(self.window_accesses - self.window_misses, self.window_accesses),
                     "belady_hit_ratio": ratio(self.window_accesses.saturating_sub(self.window_belady_misses), self.window_accesses),
                 },
+            },
+            "residency": if cfg.residency {
+                let r = self.residency.unwrap_or_default();
+                json!({
+                    "slots_per_layer": r.slots,
+                    "layers_with_slots": r.layers,
+                    "layers_planned": r.planned,
+                    "plans_sent": self.residency_plans_sent,
+                    "hook_calls": r.calls,
+                    "declined": r.declined,
+                    "hits": r.hits,
+                    "loads": r.loads,
+                    "streamed": r.streamed,
+                    "evictions": r.evictions,
+                    "bytes_from_slots": r.bytes_hit,
+                    "bytes_from_host": r.bytes_host,
+                    "hit_ratio": r.hit_ratio(),
+                    "error": self.residency_error,
+                })
+            } else {
+                Value::Null
             },
         })
     }
@@ -193,6 +232,10 @@ pub struct Live {
     /// Recent decode steps and the shadow's misses on each.
     window: VecDeque<(Vec<Vec<u16>>, u32)>,
     decayed_at: Vec<u64>,
+    /// The plan last sent to the current child, per layer (`--residency`).
+    sent: Vec<Option<WantPlan>>,
+    /// Decode tokens at the last plan update.
+    planned_at: u64,
 }
 
 impl Live {
@@ -229,6 +272,8 @@ impl Live {
             control: None,
             buf: Vec::with_capacity(1 << 14),
             window: VecDeque::new(),
+            sent: Vec::new(),
+            planned_at: 0,
         };
         (live, shared)
     }
@@ -242,9 +287,13 @@ impl Live {
                     self.ring = Some(r);
                     self.control = Some(control);
                     self.lock().rings += 1;
+                    // A new child has an empty plan.
+                    self.sent = vec![None; self.cfg.n_layer];
+                    self.publish_plan();
                 }
                 Ok(LiveMsg::Completed) => {
                     self.drain();
+                    self.publish_plan();
                     self.update_window();
                     self.write_profile();
                 }
@@ -254,7 +303,13 @@ impl Live {
                     self.write_profile();
                     return;
                 }
-                Err(RecvTimeoutError::Timeout) => self.drain(),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.drain();
+                    let now = self.lock().decode_tokens;
+                    if now >= self.planned_at + PLAN_EVERY {
+                        self.publish_plan();
+                    }
+                }
             }
         }
     }
@@ -328,6 +383,82 @@ impl Live {
                     self.window.pop_front();
                 }
             }
+        }
+    }
+
+    /// The plan of one layer: the profile's hottest experts pinned (half the slots, when a
+    /// profile was loaded), then the shadow cache's other resident experts as the tail.
+    pub fn plan_of(&self, layer: usize) -> WantPlan {
+        let slots = self.cfg.slots as usize;
+        let pinned: Vec<u32> = match &self.cfg.start_profile {
+            Some(p) => p
+                .counts
+                .ranked(layer)
+                .into_iter()
+                .filter(|&e| p.counts.get(layer, usize::from(e)) > 0)
+                .take(slots / 2)
+                .map(u32::from)
+                .collect(),
+            None => Vec::new(),
+        };
+        let tail = (0..self.cfg.n_expert as u32)
+            .filter(|&e| self.policy.is_resident(layer, e as u16) && !pinned.contains(&e))
+            .take(slots - pinned.len())
+            .collect();
+        WantPlan {
+            layer: layer as u32,
+            pinned,
+            tail,
+        }
+    }
+
+    /// Sends every layer whose plan changed to the provider, then reads its counters back.
+    /// A provider that refuses a plan (or a channel that fails) stops the updates for this
+    /// child; serving goes on, and `/spark/status` says why.
+    fn publish_plan(&mut self) {
+        if !self.cfg.residency || self.control.is_none() {
+            return;
+        }
+        let now = self.lock().decode_tokens;
+        self.planned_at = now;
+        if self.sent.len() != self.cfg.n_layer {
+            self.sent = vec![None; self.cfg.n_layer];
+        }
+        let mut sent = 0u64;
+        let mut error = None;
+        for layer in 0..self.cfg.n_layer {
+            let plan = self.plan_of(layer);
+            if self.sent[layer].as_ref() == Some(&plan) {
+                continue;
+            }
+            let control = self.control.as_mut().expect("checked above");
+            match control.want(&plan, PLAN_TIMEOUT) {
+                Ok(()) => {
+                    sent += 1;
+                    self.sent[layer] = Some(plan);
+                }
+                Err(e) => {
+                    error = Some(format!("plan for layer {layer}: {e}"));
+                    break;
+                }
+            }
+        }
+        let counters = match &error {
+            None => self.control.as_mut().map(|c| c.residency(PLAN_TIMEOUT)),
+            Some(_) => None,
+        };
+        let mut s = self.lock();
+        s.residency_plans_sent += sent;
+        match counters {
+            Some(Ok(r)) => s.residency = Some(r),
+            Some(Err(e)) => error = Some(format!("residency counters: {e}")),
+            None => {}
+        }
+        if let Some(e) = error {
+            if s.residency_error.as_deref() != Some(e.as_str()) {
+                eprintln!("spark: residency: {e}");
+            }
+            s.residency_error = Some(e);
         }
     }
 
@@ -455,6 +586,7 @@ mod tests {
             n_expert: 4,
             k: 2,
             slots: 2,
+            residency: false,
             policy: PolicyKind::Lru,
             window: 100,
             half_life: 10.0,

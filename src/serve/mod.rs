@@ -42,6 +42,8 @@ pub enum ServeError {
     Server(#[from] ServerError),
     #[error("start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Resolved options of `spark serve`.
@@ -69,6 +71,8 @@ pub struct ServeConfig {
     /// `--spark`: the profile to load when fresh and rewrite after every request.
     pub profile: Option<PathBuf>,
     pub cache_slots: Option<u32>,
+    /// `--residency`: the tap's provider serves experts from `cache_slots` VRAM slots per layer.
+    pub residency: bool,
     pub cache_policy: crate::cache::PolicyKind,
     /// VRAM budget for the placement, MiB.
     pub vram_budget_mib: Option<u64>,
@@ -196,10 +200,15 @@ pub async fn serve(
         .and_then(|t| crate::plan::hardware::parse_meminfo(&t))
         .map(|(total, _)| total)
         .unwrap_or(u64::MAX);
+    let residency = match cfg.residency {
+        true => Some(residency_setup(&cfg, &geometry)?),
+        false => None,
+    };
     let placement = placement::choose(
         &file,
         &geometry,
-        cfg.vram_budget_mib,
+        cfg.vram_budget_mib
+            .map(|b| b - residency.as_ref().map_or(0, |r| r.slot_mib)),
         cfg.ctx,
         &cfg.llama_args,
         ram_total,
@@ -238,7 +247,7 @@ pub async fn serve(
             .chain(&cfg.llama_args)
             .cloned()
             .collect(),
-        env: vec![],
+        env: residency.as_ref().map_or_else(Vec::new, |r| r.env.clone()),
         ready_timeout: cfg.ready_timeout,
         log_path: cfg.work_dir.join("llama-server.log"),
     };
@@ -322,6 +331,67 @@ pub async fn serve(
     Ok(())
 }
 
+/// Slots per MoE layer of the shadow cache, and of the VRAM cache with `--residency`.
+fn shadow_slots(cfg: &ServeConfig, geometry: &MoeGeometry) -> u32 {
+    cfg.cache_slots
+        .unwrap_or(2 * geometry.n_expert_used)
+        .min(geometry.n_expert)
+        .max(1)
+}
+
+/// What `--residency` adds to a serve run.
+struct ResidencySetup {
+    /// VRAM the slots take, MiB (taken out of the budget before placement).
+    slot_mib: u64,
+    /// For llama-server: the provider's slot count and the scheduler setting that sends
+    /// decode's expert matrix products to the GPU (so the hook sees them).
+    env: Vec<(String, String)>,
+}
+
+fn residency_setup(
+    cfg: &ServeConfig,
+    geometry: &MoeGeometry,
+) -> Result<ResidencySetup, ServeError> {
+    if !geometry.is_moe() {
+        return Err(ServeError::Usage(format!(
+            "--residency: {} has no MoE layers",
+            cfg.model.display()
+        )));
+    }
+    let Some(budget) = cfg.vram_budget_mib else {
+        return Err(ServeError::Usage(
+            "--residency needs --vram-budget: the slots and the placement share it".into(),
+        ));
+    };
+    let slots = u64::from(shadow_slots(cfg, geometry));
+    // Each slot holds every expert tensor's slice plus the padding stock copies after it.
+    let per_slot: u64 = geometry
+        .moe_layers
+        .iter()
+        .map(|l| {
+            l.tensors
+                .iter()
+                .map(|t| t.slice_bytes + t.slice_bytes.min(512))
+                .sum::<u64>()
+        })
+        .sum();
+    let slot_mib = (slots * per_slot).div_ceil(1 << 20);
+    if slot_mib >= budget {
+        return Err(ServeError::Usage(format!(
+            "--residency: {slots} slots per layer take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget"
+        )));
+    }
+    eprintln!(
+        "spark: residency: {slots} slots per expert layer, {slot_mib} MiB of VRAM, policy {}",
+        cfg.cache_policy.name()
+    );
+    let mut env = vec![("SPARK_RESIDENCY_SLOTS".to_string(), slots.to_string())];
+    if std::env::var_os("GGML_OP_OFFLOAD_MIN_BATCH").is_none() {
+        env.push(("GGML_OP_OFFLOAD_MIN_BATCH".into(), "1".into()));
+    }
+    Ok(ResidencySetup { slot_mib, env })
+}
+
 /// Loads the profile (when `--spark`), starts the live thread, and builds the launcher that
 /// gives every llama-server child the tap, a fresh ring and a control channel.
 fn start_live(
@@ -352,10 +422,8 @@ fn start_live(
         n_layer: geometry.n_layer as usize,
         n_expert: geometry.n_expert as usize,
         k,
-        slots: cfg
-            .cache_slots
-            .unwrap_or((2 * k) as u32)
-            .min(geometry.n_expert),
+        slots: shadow_slots(cfg, geometry),
+        residency: cfg.residency,
         policy: cfg.cache_policy,
         window: 2048,
         half_life: 256.0,
