@@ -159,7 +159,17 @@ fn serve_residency_sends_plans_to_the_provider_and_answers_like_stock() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
+    let metrics = ureq::get(&served.url("/spark/metrics"))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
     drop(served);
+    assert!(
+        metrics.contains("spark_residency_hook_calls_total 0"),
+        "{metrics}"
+    );
     assert_eq!(residency["slots_per_layer"], 3, "{residency}");
     assert_eq!(residency["error"], Value::Null, "{residency}");
     // CPU build: no GPU offload, so the scheduler's MoE-offload branch (and the hook) never runs.

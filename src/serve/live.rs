@@ -597,6 +597,35 @@ mod tests {
     }
 
     #[test]
+    fn the_plan_pins_the_profile_hot_set_and_adds_the_shadow_tail_within_the_slots() {
+        let mut c = cfg(None);
+        c.slots = 3;
+        c.n_expert = 6;
+        c.residency = true;
+        let mut counts = Counts::zero(2, 6);
+        counts.set(0, 4, 50); // hottest of layer 0
+        counts.set(0, 1, 20);
+        counts.set(1, 2, 7); // layer 1: one expert ever seen
+        c.start_profile = Some(crate::profile::Profile::new(counts, 2, None));
+        let (mut live, _) = Live::new(c);
+        // Pinned: slots / 2 = 1 per layer, only experts with counts.
+        let p0 = live.plan_of(0);
+        assert_eq!(p0.pinned, vec![4]);
+        let p1 = live.plan_of(1);
+        assert_eq!(p1.pinned, vec![2]);
+        // Decode traffic makes experts resident in the (LRU) shadow: they become the tail.
+        live.fold(&[rec(1, 0, 0, 1, &[0, 3]), rec(1, 1, 0, 1, &[5, 4])]);
+        let p0 = live.plan_of(0);
+        assert_eq!(p0.pinned, vec![4]);
+        assert!(p0.pinned.len() + p0.tail.len() <= 3, "{p0:?}");
+        assert!(!p0.tail.contains(&4), "a pinned expert is not repeated in the tail");
+        assert!(!p0.tail.is_empty(), "{p0:?}");
+        for e in &p0.tail {
+            assert!(live.policy.is_resident(0, *e as u16), "tail expert {e} is not resident");
+        }
+    }
+
+    #[test]
     fn prompt_and_decode_are_counted_apart_and_the_shadow_cache_scores_decode() {
         let (mut live, shared) = Live::new(cfg(None));
         live.fold(&[rec(0, 0, 0, 0, &[0, 1]), rec(0, 0, 1, 0, &[2, 3])]);

@@ -161,6 +161,11 @@ impl ServeState {
             let _ = writeln!(out, "# HELP spark_shadow_cache_accesses_total Expert lookups served by the shadow cache.\n# TYPE spark_shadow_cache_accesses_total counter\nspark_shadow_cache_accesses_total {}", s.shadow_accesses);
             let _ = writeln!(out, "# HELP spark_shadow_cache_misses_total Shadow cache misses.\n# TYPE spark_shadow_cache_misses_total counter\nspark_shadow_cache_misses_total {}", s.shadow_misses);
             let _ = writeln!(out, "# HELP spark_profile_writes_total Profile rewrites.\n# TYPE spark_profile_writes_total counter\nspark_profile_writes_total {}", s.profile_writes);
+            if let Some(r) = s.residency {
+                let _ = writeln!(out, "# HELP spark_residency_expert_slices_total Expert slices the residency provider served, by source (slot hit, loaded into a slot, streamed from host).\n# TYPE spark_residency_expert_slices_total counter\nspark_residency_expert_slices_total{{source=\"hit\"}} {}\nspark_residency_expert_slices_total{{source=\"load\"}} {}\nspark_residency_expert_slices_total{{source=\"stream\"}} {}", r.hits, r.loads, r.streamed);
+                let _ = writeln!(out, "# HELP spark_residency_bytes_total Bytes the provider copied, by source.\n# TYPE spark_residency_bytes_total counter\nspark_residency_bytes_total{{source=\"slots\"}} {}\nspark_residency_bytes_total{{source=\"host\"}} {}", r.bytes_hit, r.bytes_host);
+                let _ = writeln!(out, "# HELP spark_residency_hook_calls_total Scheduler hook calls, and how many the provider declined.\n# TYPE spark_residency_hook_calls_total counter\nspark_residency_hook_calls_total {}\nspark_residency_declined_total {}", r.calls, r.declined);
+            }
         }
         out
     }
