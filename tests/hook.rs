@@ -228,3 +228,117 @@ fn serve_residency_needs_the_hooked_build_and_a_budget() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("--vram-budget"), "{err}");
 }
+
+/// GPU exactness of the provider: only with `--features cuda` and `SPARK_GPU_TESTS=1`, on a
+/// machine with a hooked CUDA engine (scripts/gpu-check residency sets the variables).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use spark_proto::control::{ResidencyStats, RESIDENCY_EXIT_PREFIX};
+
+    fn var(name: &str) -> Option<PathBuf> {
+        let v = std::env::var_os(name).map(PathBuf::from);
+        if v.is_none() {
+            eprintln!("GPU test skipped: {name} is not set (scripts/gpu-check residency sets it)");
+        }
+        v
+    }
+
+    /// One greedy completion from the hooked CUDA llama-server with the experts of every layer
+    /// in host memory and decode's expert products offloaded; with `slots`, the tap's provider
+    /// serves them. Returns the answer and the provider's exit line, if it printed one.
+    fn run(
+        server: &std::path::Path,
+        tap: &std::path::Path,
+        model: &std::path::Path,
+        n_layer: u32,
+        slots: Option<u32>,
+        log: PathBuf,
+    ) -> (Value, Option<ResidencyStats>) {
+        let mut env = vec![("GGML_OP_OFFLOAD_MIN_BATCH".to_string(), "1".to_string())];
+        if let Some(s) = slots {
+            env.push(("LD_PRELOAD".into(), tap.display().to_string()));
+            env.push(("SPARK_RESIDENCY_SLOTS".into(), s.to_string()));
+        }
+        let s = LlamaServer::start(&LlamaServerConfig {
+            binary: server.to_path_buf(),
+            model: model.to_path_buf(),
+            port: None,
+            extra_args: ["-c", "1024", "-np", "1", "-ngl", "99", "--n-cpu-moe"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([n_layer.to_string()])
+                .collect(),
+            env,
+            ready_timeout: Duration::from_secs(300),
+            log_path: log.clone(),
+        })
+        .unwrap();
+        let body = json!({"prompt": PROMPT, "n_predict": 48, "temperature": 0.0, "n_probs": 8, "cache_prompt": false});
+        let a = s.post_json("/completion", &body).unwrap();
+        s.stop();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let stats = text
+            .lines()
+            .find_map(|l| {
+                l.split_once(RESIDENCY_EXIT_PREFIX)
+                    .map(|(_, r)| r.to_string())
+            })
+            .map(|r| ResidencyStats::parse(&r).unwrap());
+        (a, stats)
+    }
+
+    #[test]
+    fn gpu_provider_answers_exactly_like_the_stock_path() {
+        if std::env::var("SPARK_GPU_TESTS").as_deref() != Ok("1") {
+            eprintln!("GPU test skipped: set SPARK_GPU_TESTS=1 on a machine with a GPU");
+            return;
+        }
+        let (Some(server), Some(tap), Some(model)) = (
+            var("SPARK_GPU_HOOKED"),
+            var("SPARK_GPU_TAP"),
+            var("SPARK_GPU_MOE_FIXTURE"),
+        ) else {
+            panic!(
+                "SPARK_GPU_TESTS=1 needs SPARK_GPU_HOOKED, SPARK_GPU_TAP and SPARK_GPU_MOE_FIXTURE"
+            );
+        };
+        let geometry =
+            spark::gguf::MoeGeometry::of(&spark::gguf::GgufFile::open(&model).unwrap()).unwrap();
+        let n_layer = geometry.n_layer;
+        let dir = util::tempdir();
+        let log = |n: &str| dir.path().join(n);
+        // The stock path twice (the engine's own run-to-run spread), then the provider with a
+        // cache that must evict (a quarter of the experts) and one that holds them all.
+        let (stock, none) = run(&server, &tap, &model, n_layer, None, log("stock1.log"));
+        assert!(none.is_none(), "no provider without the tap");
+        let (stock2, _) = run(&server, &tap, &model, n_layer, None, log("stock2.log"));
+        let stock_spread = stock["completion_probabilities"] != stock2["completion_probabilities"];
+        for slots in [geometry.n_expert / 4, geometry.n_expert] {
+            let (got, stats) = run(
+                &server,
+                &tap,
+                &model,
+                n_layer,
+                Some(slots),
+                log(&format!("spark-{slots}.log")),
+            );
+            let stats = stats.expect("the provider prints its counters at exit");
+            eprintln!("slots {slots}: {stats:?} hit ratio {:?}", stats.hit_ratio());
+            assert!(
+                stats.calls > 0,
+                "the hook was never called: is decode offloaded? {stats:?}"
+            );
+            assert_eq!(stats.declined, 0, "{stats:?}");
+            assert!(stats.hits > 0, "{stats:?}");
+            assert_eq!(
+                got["content"], stock["content"],
+                "slots {slots}: tokens differ (stock runs differ from each other: {stock_spread})"
+            );
+            assert_eq!(
+                got["completion_probabilities"], stock["completion_probabilities"],
+                "slots {slots}: probabilities differ (stock runs differ from each other: {stock_spread})"
+            );
+        }
+    }
+}
