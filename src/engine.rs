@@ -1,8 +1,9 @@
 //! Finds the pinned llama.cpp build: `llama-server`, `llama-bench` and the vocab GGUFs.
 //!
 //! Owns the search order: an explicit `--llama-server PATH`, then `SPARK_LLAMA_SERVER`, then the
-//! cache that `scripts/build-engine` fills (`$SPARK_CACHE`, default `~/.cache/spark`). Never
-//! builds anything itself.
+//! cache that `scripts/build-engine` fills (`$SPARK_CACHE`, default `~/.cache/spark`), and the
+//! name of the hooked variant (keyed by the hook patch and ABI header, as the script keys it).
+//! Never builds anything itself.
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +36,31 @@ pub fn cache_dir() -> PathBuf {
 /// Install prefix of a build variant (`cpu` or `cuda`) in the cache.
 pub fn prefix(variant: &str) -> PathBuf {
     cache_dir().join(format!("llama.cpp-{ENGINE_VERSION}-{variant}"))
+}
+
+/// The patch and ABI header `scripts/build-engine --hooked` keys its build by, as this binary
+/// was compiled with them.
+const HOOK_PATCH: &[u8] = include_bytes!("../scripts/patches/ggml-moe-residency-hook.patch");
+const HOOK_HEADER: &[u8] = include_bytes!("../proto/include/spark_moe_hook.h");
+
+/// The hooked build's key, computed as `scripts/build-engine --hooked` does: the first 12 hex
+/// digits of the SHA-256 of the patch followed by the ABI header.
+pub fn hook_id() -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(HOOK_PATCH);
+    h.update(HOOK_HEADER);
+    h.finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Install prefix of the hooked build of `base` (`cpu` or `cuda`) that matches this binary's
+/// hook (see [`hook_id`]).
+pub fn hooked_prefix(base: &str) -> PathBuf {
+    prefix(&format!("{base}-hooked-{}", hook_id()))
 }
 
 /// A located engine.
@@ -92,6 +118,33 @@ impl Engine {
             llama_server: server,
             prefix,
         })
+    }
+
+    /// As [`Engine::locate`], except that with neither `explicit` nor `SPARK_LLAMA_SERVER` the
+    /// cache's CUDA build is taken when there is one (GPU measurements), else the CPU build.
+    pub fn locate_prefer_cuda(explicit: Option<&Path>) -> Result<Engine, EngineError> {
+        let from_env = std::env::var_os("SPARK_LLAMA_SERVER").filter(|v| !v.is_empty());
+        if explicit.is_none() && from_env.is_none() {
+            let cuda = prefix("cuda").join("bin").join("llama-server");
+            if cuda.exists() {
+                return Engine::locate(Some(&cuda));
+            }
+        }
+        Engine::locate(explicit)
+    }
+
+    /// The engine a `llama-bench` binary belongs to (its build's prefix, when it sits in one).
+    /// Checks nothing: the caller runs the binary and reports what happens.
+    pub fn of_bench(bench: &Path) -> Engine {
+        let bin_dir = bench.parent().map(Path::to_path_buf).unwrap_or_default();
+        Engine {
+            llama_server: bin_dir.join("llama-server"),
+            llama_bench: Some(bench.to_path_buf()),
+            prefix: bin_dir
+                .parent()
+                .filter(|p| p.join(".spark-built").exists())
+                .map(Path::to_path_buf),
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of modules and the invariants each one keeps.
 
 pub mod atomic_file;
+pub mod bench_residency;
 pub mod bench_tap;
 pub mod cache;
 pub mod control;

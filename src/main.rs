@@ -172,6 +172,9 @@ fn exit_code(err: &anyhow::Error) -> i32 {
                 exit::CHECK_FAILED
             };
         }
+        if let Some(e) = cause.downcast_ref::<spark::bench_residency::BenchResidencyError>() {
+            return e.exit_code();
+        }
         if let Some(e) = cause.downcast_ref::<spark::cuda::CudaError>() {
             return e.exit_code();
         }
@@ -327,6 +330,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(spark::plan::BenchCommand::Tap(a)) => spark::bench_tap::run_and_print(&a)?,
         Command::Bench(spark::plan::BenchCommand::Swap(a)) => {
             spark::cuda::bench::run_and_print(&a)?
+        }
+        Command::Bench(spark::plan::BenchCommand::Residency(a)) => {
+            spark::bench_residency::run_and_print(&a)?
         }
         Command::Sessions(a) => spark::sessions::cli::run(a)?,
         Command::Engine(a) => {

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod bench_residency;
 mod gguf_files;
 mod hook;
 mod plan;

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::engine::{Engine, EngineError};
 use crate::gguf::{GgmlType, GgufError, GgufFile, MoeGeometry};
-use crate::supervisor::{run_with_deadline, RunError};
+use crate::supervisor::{run_with_deadline, Captured, RunError};
 
 use fit::{FitOutcome, MemorySettings, ModelFacts, Placement, Refusal, MIB};
 use forecast::{Forecast, RooflineInput};
@@ -254,6 +254,8 @@ pub enum BenchCommand {
     Tap(crate::bench_tap::BenchTapArgs),
     /// Expert swap-in GB/s and latency against a plain pinned copy (GPU with --features cuda; --cpu: host memory)
     Swap(crate::cuda::bench::BenchSwapArgs),
+    /// Decode tok/s with experts in VRAM, in host memory (stock), stock with per-step expert copies, and spark residency (hooked build + tap provider)
+    Residency(crate::bench_residency::BenchResidencyArgs),
 }
 
 /// Resolved settings of one plan.
@@ -720,8 +722,20 @@ pub fn run_llama_bench(
     spec: &BenchSpec,
     timeout: Duration,
 ) -> Result<Vec<BenchRow>, PlanError> {
+    Ok(run_llama_bench_with(bench, spec, timeout, |_| {})?.0)
+}
+
+/// As [`run_llama_bench`], with `configure` applied to the command first (environment), and
+/// what the run left behind (its stderr carries the tap's exit line) returned with the rows.
+pub fn run_llama_bench_with(
+    bench: &Path,
+    spec: &BenchSpec,
+    timeout: Duration,
+    configure: impl FnOnce(&mut Command),
+) -> Result<(Vec<BenchRow>, Captured), PlanError> {
     let mut cmd = Command::new(bench);
     cmd.args(spec.args());
+    configure(&mut cmd);
     let out = run_with_deadline(&mut cmd, timeout)?;
     if !out.status.success() {
         return Err(PlanError::BenchFailed {
@@ -729,7 +743,8 @@ pub fn run_llama_bench(
             tail: out.stderr_tail(15),
         });
     }
-    Ok(receipt::parse_bench_json(&out.stdout, "from llama-bench")?)
+    let rows = receipt::parse_bench_json(&out.stdout, "from llama-bench")?;
+    Ok((rows, out))
 }
 
 /// Locates llama-bench: an explicit path, else next to the located llama-server.
