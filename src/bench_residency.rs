@@ -35,7 +35,7 @@ use crate::supervisor::run_with_deadline;
 use crate::telemetry::{locate_tap, TelemetryError};
 
 /// Slots per expert layer the tap's residency provider reserves (read by the tap at load).
-pub const ENV_RESIDENCY_SLOTS: &str = "SPARK_RESIDENCY_SLOTS";
+pub use spark_proto::hook::ENV_RESIDENCY_SLOTS;
 /// ggml's threshold (batch size) from which an op on host weights is offloaded to the GPU.
 pub const ENV_OFFLOAD_MIN_BATCH: &str = "GGML_OP_OFFLOAD_MIN_BATCH";
 /// The goal for (d) against (b), printed next to the measurement, never checked.

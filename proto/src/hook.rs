@@ -9,6 +9,8 @@ pub const ABI: u32 = 1;
 pub const PROVIDE_SYMBOL: &str = "spark_moe_provide_v1";
 /// Symbol the scheduler looks up for the provider's ABI version.
 pub const ABI_SYMBOL: &str = "spark_moe_hook_abi";
+/// Environment variable that switches the tap's provider on: slots per expert layer.
+pub const ENV_RESIDENCY_SLOTS: &str = "SPARK_RESIDENCY_SLOTS";
 
 /// `struct spark_moe_request_v1`. Pointers are opaque here (`ggml_backend`, `ggml_tensor`).
 #[repr(C)]

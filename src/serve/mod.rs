@@ -390,7 +390,10 @@ fn residency_setup(
         "spark: residency: {slots} slots per expert layer, {slot_mib} MiB of VRAM, policy {}",
         cfg.cache_policy.name()
     );
-    let mut env = vec![("SPARK_RESIDENCY_SLOTS".to_string(), slots.to_string())];
+    let mut env = vec![(
+        spark_proto::hook::ENV_RESIDENCY_SLOTS.to_string(),
+        slots.to_string(),
+    )];
     if std::env::var_os("GGML_OP_OFFLOAD_MIN_BATCH").is_none() {
         env.push(("GGML_OP_OFFLOAD_MIN_BATCH".into(), "1".into()));
     }

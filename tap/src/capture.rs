@@ -363,9 +363,12 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
         let target = slot
             .as_ref()
             .is_some_and(|st| is_target_model(st.ring_experts, geo.n_expert));
-        (first, target)
+        let capturing = slot
+            .as_ref()
+            .is_some_and(|st| st.producer.is_some() || st.hidden.is_some());
+        (first, target, capturing)
     });
-    let Some((first, target)) = first else {
+    let Some((first, target, capturing)) = first else {
         return false;
     };
     if first {
@@ -376,6 +379,11 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
             "not tapping a context of a {} model with {} experts (the ring is for another model)",
             geo.arch, geo.n_expert
         ));
+        return false;
+    }
+    if !capturing {
+        // No ring to write into (for example llama-bench run with only the residency
+        // provider): asking the scheduler for tensors would only split its graphs.
         return false;
     }
     if let Some(cb) = params.cb_eval() {

@@ -54,6 +54,9 @@ pub unsafe extern "C" fn llama_init_from_model(
         control::warn("llama_init_from_model not found after the tap; is libllama loaded?");
         return std::ptr::null_mut();
     };
+    // Reads SPARK_RESIDENCY_SLOTS now, so that a provider that is on reports at exit even if
+    // the scheduler never calls it (a CPU build never offloads).
+    let _ = catch_unwind(provider::configured_slots);
     let mut patched = params;
     let installed = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: model comes from llama.cpp's caller and is a live llama_model.

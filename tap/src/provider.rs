@@ -22,14 +22,11 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use spark_proto::control::{ResidencyStats, WantPlan, RESIDENCY_EXIT_PREFIX};
-use spark_proto::hook::{MoeRequestV1, ABI};
+use spark_proto::hook::{MoeRequestV1, ABI, ENV_RESIDENCY_SLOTS as ENV_SLOTS};
 
 use crate::control;
 use crate::ffi::{as_fn, GgmlTensor, Sym, GGML_TYPE_I8};
 use crate::residency::{Call, Counters, Device, Residency, PINNED, TAIL};
-
-/// Environment variable with the number of slots per expert layer.
-pub const ENV_SLOTS: &str = "SPARK_RESIDENCY_SLOTS";
 
 static GET_BUFT: Sym = Sym::global(c"ggml_backend_get_default_buffer_type");
 static BUFT_ALLOC: Sym = Sym::global(c"ggml_backend_buft_alloc_buffer");
