@@ -264,6 +264,16 @@ fn control_channel_greets_answers_and_rejects_unknown_verbs() {
             }
         }
     }
+    // Without SPARK_RESIDENCY_SLOTS the residency provider is off: plans are refused, the
+    // counters say so.
+    assert_eq!(
+        lines(c, "want 1 - 3"),
+        "err unavailable residency is off (SPARK_RESIDENCY_SLOTS not set)"
+    );
+    assert!(
+        lines(c, "residency").starts_with("ok slots=0 layers=0 planned=0 calls=0"),
+        "residency off reports zero slots"
+    );
     assert_eq!(lines(c, "request 7"), "ok request=7");
     assert_eq!(
         lines(c, "frobnicate"),

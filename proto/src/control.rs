@@ -652,7 +652,7 @@ mod tests {
         }
         fn want(&mut self, plan: &WantPlan, append: bool) -> Result<(), String> {
             if plan.layer >= 4 {
-                return Err(format!("layer {} of 4", plan.layer));
+                return Err(format!("layer {} of a model with 4 layers", plan.layer));
             }
             if !append || !self.planned.contains(&plan.layer) {
                 self.planned.push(plan.layer);
