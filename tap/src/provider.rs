@@ -395,6 +395,8 @@ unsafe fn provide_inner(slots: u32, req: &MoeRequestV1) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::residency::tests::{stock_copy, Rng};
+    use std::path::PathBuf;
 
     #[test]
     fn tensor_names_give_layer_and_tensor() {
@@ -419,5 +421,147 @@ mod tests {
             .sum::<usize>();
         assert_eq!(nbytes, 16);
         assert_eq!(t.type_, GGML_TYPE_I8);
+    }
+
+    /// The pinned CPU engine's library directory (scripts/build-engine, which CI runs).
+    fn engine_lib_dir() -> PathBuf {
+        let cache = std::env::var_os("SPARK_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/spark")))
+            .expect("HOME or SPARK_CACHE");
+        let d = cache.join("llama.cpp-11434.0.0-cpu/lib");
+        assert!(
+            d.join("libggml-base.so").exists(),
+            "pinned engine missing at {}; run scripts/build-engine",
+            d.display()
+        );
+        d
+    }
+
+    fn dlopen_global(path: &std::path::Path) {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: loading a shared library by path; its initialisers are ggml's own.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        assert!(!h.is_null(), "dlopen {}", path.display());
+    }
+
+    fn sym<F: Copy>(name: &CStr) -> F {
+        // SAFETY: dlsym on the global scope with a NUL-terminated name.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        assert!(!p.is_null(), "{name:?} not found");
+        // SAFETY: the caller names the symbol's C signature.
+        unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) }
+    }
+
+    /// The provider against the real ggml (the pinned CPU build, loaded into this process as
+    /// llama-server has it): slot buffers from the backend's buffer type, byte tensors accepted
+    /// by ggml_backend_tensor_set_async / ggml_backend_tensor_copy_async, and a destination
+    /// that ends up byte-identical to the stock scheduler's copy after random steps. On a GPU
+    /// the same calls run on the CUDA backend.
+    #[test]
+    fn serves_through_the_real_ggml_backend_api_exactly_like_the_stock_copy() {
+        let lib = engine_lib_dir();
+        dlopen_global(&lib.join("libggml-base.so"));
+        dlopen_global(&lib.join("libggml-cpu.so"));
+        // The only test in this binary that configures the provider (set directly, not via
+        // the environment, which other test threads may be reading).
+        assert!(SLOTS.set(3).is_ok());
+        assert_eq!(configured_slots(), 3);
+
+        type CpuInit = unsafe extern "C" fn() -> *mut c_void;
+        type AllocBuffer = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+        let cpu_init: CpuInit = sym(c"ggml_backend_cpu_init");
+        let alloc: AllocBuffer = sym(c"ggml_backend_alloc_buffer");
+        let base: BufferBaseFn = sym(c"ggml_backend_buffer_get_base");
+        // SAFETY: plain constructor calls of the loaded ggml.
+        let backend = unsafe { cpu_init() };
+        assert!(!backend.is_null());
+
+        let (n, es) = (16usize, 600usize); // expert larger than the 512-byte padding
+        let mut rng = Rng::new(11);
+        let host: Vec<u8> = (0..n * es).map(|_| rng.next() as u8).collect();
+        let named = |name: &str, data: *mut u8| {
+            let mut t = byte_tensor(std::ptr::null_mut(), data, n * es);
+            for (d, s) in t.name.iter_mut().zip(name.bytes()) {
+                *d = s as std::ffi::c_char;
+            }
+            t
+        };
+        let src = named("blk.3.ffn_up_exps.weight", host.as_ptr().cast_mut());
+        // SAFETY: allocating a CPU buffer of n * es bytes and reading its base.
+        let (buffer, mem) = unsafe {
+            let b = alloc(backend, n * es);
+            (b, base(b).cast::<u8>())
+        };
+        // The destination as the scheduler has it: a 3-D f32 weight of n experts.
+        let mut dst = byte_tensor(buffer, mem, n * es);
+        dst.type_ = 0; // GGML_TYPE_F32
+        dst.ne = [(es / 4) as i64, 1, n as i64, 1];
+        dst.nb = [4, es, es, es * n];
+        // SAFETY: the buffer holds n * es bytes of host memory (CPU backend).
+        let dst_bytes = || unsafe { std::slice::from_raw_parts_mut(mem, n * es) };
+
+        for step in 0..40 {
+            let mut ids: Vec<usize> = (0..1 + rng.below(4))
+                .map(|_| rng.below(n as u64) as usize)
+                .collect();
+            if step % 9 == 0 {
+                ids.push(n - 1);
+            }
+            let mut used = vec![0u32; n.div_ceil(32)];
+            for &e in &ids {
+                used[e / 32] |= 1 << (e % 32);
+            }
+            let garbage: Vec<u8> = (0..n * es).map(|_| rng.next() as u8).collect();
+            dst_bytes().copy_from_slice(&garbage);
+            let mut want = garbage;
+            stock_copy(&mut want, &host, &used, n, es);
+            let req = MoeRequestV1 {
+                abi: ABI,
+                reserved: 0,
+                backend,
+                src: (&src as *const GgmlTensor).cast(),
+                dst: (&mut dst as *mut GgmlTensor).cast(),
+                n_expert: n as i64,
+                expert_size: es,
+                used: used.as_ptr(),
+            };
+            // SAFETY: a request as the hooked scheduler builds it, valid for the call.
+            let served = unsafe { crate::spark_moe_provide_v1(&req) };
+            assert_eq!(served, 1, "step {step}");
+            assert!(
+                dst_bytes() == want.as_slice(),
+                "step {step}: differs from the stock copy"
+            );
+        }
+        let s = stats();
+        assert_eq!(
+            (s.slots, s.calls, s.declined, s.layers),
+            (3, 40, 0, 1),
+            "{s:?}"
+        );
+        assert!(s.hits > 0 && s.loads > 0 && s.evictions > 0, "{s:?}");
+
+        // Same name, another tensor (a second model): declined, nothing written.
+        let other = named(
+            "blk.3.ffn_up_exps.weight",
+            host.as_ptr().cast_mut().wrapping_add(0),
+        );
+        let before = dst_bytes().to_vec();
+        let used = [1u32];
+        let req = MoeRequestV1 {
+            abi: ABI,
+            reserved: 0,
+            backend,
+            src: (&other as *const GgmlTensor).cast(),
+            dst: (&mut dst as *mut GgmlTensor).cast(),
+            n_expert: n as i64,
+            expert_size: es,
+            used: used.as_ptr(),
+        };
+        // SAFETY: as above.
+        assert_eq!(unsafe { crate::spark_moe_provide_v1(&req) }, 0);
+        assert!(dst_bytes() == before.as_slice());
+        assert_eq!(stats().declined, 1);
     }
 }

@@ -324,7 +324,7 @@ fn admit<S, D>(
 }
 
 #[cfg(test)]
-pub mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Host memory standing in for the GPU: slot memory is a byte vector, the destination is
