@@ -401,10 +401,23 @@ impl Live {
                 .collect(),
             None => Vec::new(),
         };
-        let tail = (0..self.cfg.n_expert as u32)
+        let mut tail: Vec<u32> = (0..self.cfg.n_expert as u32)
             .filter(|&e| self.policy.is_resident(layer, e as u16) && !pinned.contains(&e))
-            .take(slots - pinned.len())
             .collect();
+        if tail.len() > slots - pinned.len() {
+            // More resident than the slots left (pinned experts the shadow does not hold):
+            // keep the hottest by decayed decode counts.
+            let n = self.cfg.n_expert;
+            let decay = std::f64::consts::LN_2 / self.cfg.half_life.max(1.0);
+            let s = self.lock();
+            let heat = |e: &u32| {
+                let i = layer * n + *e as usize;
+                let age = s.decode_tokens.saturating_sub(self.decayed_at[i]) as f64;
+                s.decayed[i] * (-decay * age).exp()
+            };
+            tail.sort_by(|a, b| heat(b).total_cmp(&heat(a)));
+            tail.truncate(slots - pinned.len());
+        }
         WantPlan {
             layer: layer as u32,
             pinned,
@@ -618,11 +631,32 @@ mod tests {
         let p0 = live.plan_of(0);
         assert_eq!(p0.pinned, vec![4]);
         assert!(p0.pinned.len() + p0.tail.len() <= 3, "{p0:?}");
-        assert!(!p0.tail.contains(&4), "a pinned expert is not repeated in the tail");
+        assert!(
+            !p0.tail.contains(&4),
+            "a pinned expert is not repeated in the tail"
+        );
         assert!(!p0.tail.is_empty(), "{p0:?}");
         for e in &p0.tail {
-            assert!(live.policy.is_resident(0, *e as u16), "tail expert {e} is not resident");
+            assert!(
+                live.policy.is_resident(0, *e as u16),
+                "tail expert {e} is not resident"
+            );
         }
+        // Layer 1: three experts resident in the (3-slot LRU) shadow, one slot pinned to an
+        // expert it does not hold: the tail keeps the two hottest by decayed decode counts
+        // (3 and 5, used twice; 1 only once), not the first two by id.
+        live.fold(&[
+            rec(1, 2, 1, 1, &[0, 3]),
+            rec(1, 2, 0, 1, &[0]),
+            rec(1, 3, 1, 1, &[5, 3]),
+            rec(1, 3, 0, 1, &[0]),
+            rec(1, 4, 1, 1, &[1, 5]),
+        ]);
+        let p1 = live.plan_of(1);
+        assert_eq!(p1.pinned, vec![2]);
+        let mut tail = p1.tail.clone();
+        tail.sort();
+        assert_eq!(tail, vec![3, 5], "{p1:?}");
     }
 
     #[test]
