@@ -159,6 +159,29 @@ fn serve_residency_sends_plans_to_the_provider_and_answers_like_stock() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
+    // A restarted child starts with no plan: it gets every layer's plan again.
+    let sent_before = residency["plans_sent"].as_u64().unwrap();
+    let first = served.child_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = served.status();
+        let r = &st["routing"]["residency"];
+        if st["child"]["pid"].as_u64() != Some(u64::from(first))
+            && r["plans_sent"].as_u64() >= Some(sent_before + n_layer)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted child got no plan: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let metrics = ureq::get(&served.url("/spark/metrics"))
         .timeout(Duration::from_secs(5))
         .call()
