@@ -138,6 +138,10 @@ fn serve_residency_sends_plans_to_the_provider_and_answers_like_stock() {
     let status = served.status();
     assert_eq!(status["engine"]["hooked"], true, "{status}");
     assert_eq!(status["geometry"]["n_layer"], n_layer, "{status}");
+    // The tiny model fits the budget whole: no layer keeps experts on the host, so no VRAM is
+    // kept for slots, and the budget shown is the one given.
+    assert_eq!(status["placement"]["budget_mib"], 4096, "{status}");
+    assert_eq!(status["placement"]["residency_mib"], 0, "{status}");
 
     let through: Value = ureq::post(&served.url("/completion"))
         .timeout(Duration::from_secs(60))

@@ -209,15 +209,25 @@ pub async fn serve(
         true => Some(residency_setup(&cfg, &geometry)?),
         false => None,
     };
-    let placement = placement::choose(
-        &file,
-        &geometry,
-        cfg.vram_budget_mib
-            .map(|b| b - residency.as_ref().map_or(0, |r| r.slot_mib)),
-        cfg.ctx,
-        &cfg.llama_args,
-        ram_total,
-    )?;
+    let choose = |reserve_mib: u64| {
+        placement::choose(
+            &file,
+            &geometry,
+            cfg.vram_budget_mib.map(|b| b - reserve_mib),
+            cfg.ctx,
+            &cfg.llama_args,
+            ram_total,
+        )
+    };
+    let placement = match &residency {
+        None => choose(0)?,
+        Some(r) => {
+            let moe_layers: Vec<u32> = geometry.moe_layers.iter().map(|l| l.layer).collect();
+            let mut p = place_with_slots(r, &moe_layers, choose)?;
+            p.budget_mib = cfg.vram_budget_mib;
+            p
+        }
+    };
     drop(file);
     eprintln!(
         "spark: placement {:?}: llama-server {}{}",
@@ -346,11 +356,64 @@ fn shadow_slots(cfg: &ServeConfig, geometry: &MoeGeometry) -> u32 {
 
 /// What `--residency` adds to a serve run.
 struct ResidencySetup {
-    /// VRAM the slots take, MiB (taken out of the budget before placement).
-    slot_mib: u64,
+    slots: u64,
+    /// Bytes of one slot in each MoE layer (every expert tensor's slice plus the padding
+    /// stock copies after it).
+    slot_bytes: Vec<(u32, u64)>,
     /// For llama-server: the provider's slot count and the scheduler setting that sends
     /// decode's expert matrix products to the GPU (so the hook sees them).
     env: Vec<(String, String)>,
+}
+
+impl ResidencySetup {
+    /// VRAM the slots of `layers` take, MiB.
+    fn mib(&self, layers: &[u32]) -> u64 {
+        let bytes: u64 = self
+            .slot_bytes
+            .iter()
+            .filter(|(l, _)| layers.contains(l))
+            .map(|(_, b)| b)
+            .sum();
+        (self.slots * bytes).div_ceil(1 << 20)
+    }
+}
+
+/// Places the model with VRAM kept for the slots. First with slots for every MoE layer (the
+/// most the provider could allocate), then, since the provider only allocates for layers
+/// whose experts stay in host memory, with slots for those layers only; more budget never
+/// moves more layers to the host, so the second placement needs at most what it reserves
+/// (checked, else the first stands).
+fn place_with_slots(
+    r: &ResidencySetup,
+    moe_layers: &[u32],
+    choose: impl Fn(u64) -> Result<placement::ServePlacement, placement::Refused>,
+) -> Result<placement::ServePlacement, placement::Refused> {
+    let host_of =
+        |p: &placement::ServePlacement| placement::host_expert_layers(p.placement, moe_layers);
+    let first_mib = r.mib(moe_layers);
+    let first = choose(first_mib)?;
+    let needed = r.mib(&host_of(&first));
+    let (mut p, reserved) = if needed < first_mib {
+        match choose(needed) {
+            Ok(second) if r.mib(&host_of(&second)) <= needed => (second, needed),
+            _ => (first, first_mib),
+        }
+    } else {
+        (first, first_mib)
+    };
+    let host = host_of(&p);
+    if host.is_empty() {
+        eprintln!("spark: residency: every expert fits in VRAM at this budget; the provider has nothing to serve");
+    } else {
+        eprintln!(
+            "spark: residency: {} slots per expert layer in {} host-resident expert layers, {} MiB of VRAM kept for them",
+            r.slots,
+            host.len(),
+            r.mib(&host)
+        );
+    }
+    p.residency_mib = Some(reserved);
+    Ok(p)
 }
 
 fn residency_setup(
@@ -369,27 +432,18 @@ fn residency_setup(
         ));
     };
     let slots = u64::from(shadow_slots(cfg, geometry));
-    // Each slot holds every expert tensor's slice plus the padding stock copies after it.
-    let per_slot: u64 = geometry
+    let slot_bytes = geometry
         .moe_layers
         .iter()
         .map(|l| {
-            l.tensors
+            let b = l
+                .tensors
                 .iter()
                 .map(|t| t.slice_bytes + t.slice_bytes.min(512))
-                .sum::<u64>()
+                .sum::<u64>();
+            (l.layer, b)
         })
-        .sum();
-    let slot_mib = (slots * per_slot).div_ceil(1 << 20);
-    if slot_mib >= budget {
-        return Err(ServeError::Usage(format!(
-            "--residency: {slots} slots per layer take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget"
-        )));
-    }
-    eprintln!(
-        "spark: residency: {slots} slots per expert layer, {slot_mib} MiB of VRAM, policy {}",
-        cfg.cache_policy.name()
-    );
+        .collect();
     let mut env = vec![(
         spark_proto::hook::ENV_RESIDENCY_SLOTS.to_string(),
         slots.to_string(),
@@ -397,7 +451,23 @@ fn residency_setup(
     if std::env::var_os("GGML_OP_OFFLOAD_MIN_BATCH").is_none() {
         env.push(("GGML_OP_OFFLOAD_MIN_BATCH".into(), "1".into()));
     }
-    Ok(ResidencySetup { slot_mib, env })
+    let r = ResidencySetup {
+        slots,
+        slot_bytes,
+        env,
+    };
+    let all: Vec<u32> = geometry.moe_layers.iter().map(|l| l.layer).collect();
+    let slot_mib = r.mib(&all);
+    if slot_mib >= budget {
+        return Err(ServeError::Usage(format!(
+            "--residency: {slots} slots per layer take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget"
+        )));
+    }
+    eprintln!(
+        "spark: residency: {slots} slots per expert layer (at most {slot_mib} MiB of VRAM), policy {}",
+        cfg.cache_policy.name()
+    );
+    Ok(r)
 }
 
 /// Loads the profile (when `--spark`), starts the live thread, and builds the launcher that
@@ -531,5 +601,77 @@ fn load_profile(
                 (None, "stale".into())
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::fit::{Placement, Usage};
+
+    fn placed(placement: Placement) -> placement::ServePlacement {
+        placement::ServePlacement {
+            placement,
+            ctx: 4096,
+            budget_mib: None,
+            usage: Usage {
+                vram_bytes: 0,
+                host_bytes: 0,
+            },
+            flags: vec![],
+            user_overrides: vec![],
+            residency_mib: None,
+        }
+    }
+
+    fn setup() -> ResidencySetup {
+        ResidencySetup {
+            slots: 4,
+            // 8 MoE layers of 1 MiB per slot: 4 MiB per layer for 4 slots
+            slot_bytes: (0..8).map(|l| (l, 1 << 20)).collect(),
+            env: vec![],
+        }
+    }
+
+    #[test]
+    fn slots_are_kept_only_for_the_layers_whose_experts_stay_on_the_host() {
+        let layers: Vec<u32> = (0..8).collect();
+        // A planner that moves one more layer's experts to the host per 10 MiB reserved.
+        let choose = |reserve: u64| {
+            Ok(placed(Placement::CpuMoe {
+                n: 2 + (reserve / 10) as u32,
+            }))
+        };
+        let p = place_with_slots(&setup(), &layers, choose).unwrap();
+        // All 8 layers: 32 MiB → 5 host layers → 20 MiB → 4 host layers (16 MiB ≤ 20).
+        assert_eq!(p.placement, Placement::CpuMoe { n: 4 });
+        assert_eq!(p.residency_mib, Some(20));
+
+        // Everything fits on the GPU once less is reserved: the slots of the one host layer
+        // the first placement had stay reserved (conservative), and no layer needs them.
+        let choose = |reserve: u64| {
+            Ok(placed(if reserve >= 30 {
+                Placement::CpuMoe { n: 1 }
+            } else {
+                Placement::AllGpu
+            }))
+        };
+        let p = place_with_slots(&setup(), &layers, choose).unwrap();
+        assert_eq!((p.placement, p.residency_mib), (Placement::AllGpu, Some(4)));
+    }
+
+    #[test]
+    fn a_planner_that_moves_more_layers_with_more_budget_keeps_the_first_placement() {
+        let layers: Vec<u32> = (0..8).collect();
+        // Perverse planner: less reserved → more host layers; the second placement would need
+        // more than it reserves, so the conservative first one stands.
+        let choose = |reserve: u64| {
+            Ok(placed(Placement::CpuMoe {
+                n: 8 - (reserve / 8) as u32,
+            }))
+        };
+        let p = place_with_slots(&setup(), &layers, choose).unwrap();
+        assert_eq!(p.placement, Placement::CpuMoe { n: 4 });
+        assert_eq!(p.residency_mib, Some(32));
     }
 }

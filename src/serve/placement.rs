@@ -35,6 +35,19 @@ pub struct ServePlacement {
     pub flags: Vec<String>,
     /// Flags spark would have set that the user's arguments replace.
     pub user_overrides: Vec<String>,
+    /// VRAM kept out of the budget for the residency provider's slots (`--residency`), MiB.
+    pub residency_mib: Option<u64>,
+}
+
+/// The model layers whose routed experts `placement` leaves in host memory: the only layers
+/// where the scheduler's MoE-offload copy, and so the residency hook, runs.
+pub fn host_expert_layers(placement: Placement, moe_layers: &[u32]) -> Vec<u32> {
+    let layers = moe_layers.iter().copied();
+    match placement {
+        Placement::AllGpu => Vec::new(),
+        Placement::CpuOnly => layers.collect(),
+        Placement::CpuMoe { n } => layers.filter(|&l| l < n).collect(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +126,7 @@ pub fn choose(
         usage,
         flags,
         user_overrides,
+        residency_mib: None,
     })
 }
 
