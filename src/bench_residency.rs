@@ -34,10 +34,7 @@ use crate::plan::{run_llama_bench_with, PlanError};
 use crate::supervisor::run_with_deadline;
 use crate::telemetry::{locate_tap, TelemetryError};
 
-/// Slots per expert layer the tap's residency provider reserves (read by the tap at load).
-pub use spark_proto::hook::ENV_RESIDENCY_SLOTS;
-/// ggml's threshold (batch size) from which an op on host weights is offloaded to the GPU.
-pub const ENV_OFFLOAD_MIN_BATCH: &str = "GGML_OP_OFFLOAD_MIN_BATCH";
+pub use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_SLOTS};
 /// The goal for (d) against (b), printed next to the measurement, never checked.
 pub const TARGET: &str = "(d) >= 1.5x (b)";
 const TARGET_RATIO: f64 = 1.5;

@@ -282,10 +282,13 @@ mod gpu {
         slots: Option<u32>,
         log: PathBuf,
     ) -> (Value, Option<ResidencyStats>) {
-        let mut env = vec![("GGML_OP_OFFLOAD_MIN_BATCH".to_string(), "1".to_string())];
+        let mut env = vec![(
+            spark_proto::hook::ENV_OFFLOAD_MIN_BATCH.to_string(),
+            "1".to_string(),
+        )];
         if let Some(s) = slots {
             env.push(("LD_PRELOAD".into(), tap.display().to_string()));
-            env.push(("SPARK_RESIDENCY_SLOTS".into(), s.to_string()));
+            env.push((spark_proto::hook::ENV_RESIDENCY_SLOTS.into(), s.to_string()));
         }
         let s = LlamaServer::start(&LlamaServerConfig {
             binary: server.to_path_buf(),

@@ -11,6 +11,9 @@ pub const PROVIDE_SYMBOL: &str = "spark_moe_provide_v1";
 pub const ABI_SYMBOL: &str = "spark_moe_hook_abi";
 /// Environment variable that switches the tap's provider on: slots per expert layer.
 pub const ENV_RESIDENCY_SLOTS: &str = "SPARK_RESIDENCY_SLOTS";
+/// ggml's batch size from which an op on host-resident weights is offloaded to the GPU (32 by
+/// default). At 1, decode's expert matrix products reach the MoE-offload copy, and the hook.
+pub const ENV_OFFLOAD_MIN_BATCH: &str = "GGML_OP_OFFLOAD_MIN_BATCH";
 
 /// `struct spark_moe_request_v1`. Pointers are opaque here (`ggml_backend`, `ggml_tensor`).
 #[repr(C)]

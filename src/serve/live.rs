@@ -434,9 +434,6 @@ impl Live {
         }
         let now = self.lock().decode_tokens;
         self.planned_at = now;
-        if self.sent.len() != self.cfg.n_layer {
-            self.sent = vec![None; self.cfg.n_layer];
-        }
         let mut sent = 0u64;
         let mut error = None;
         for layer in 0..self.cfg.n_layer {

@@ -25,6 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_SLOTS};
 
 use crate::engine::Engine;
 use crate::gguf::{GgufFile, MoeGeometry};
@@ -444,12 +445,9 @@ fn residency_setup(
             (l.layer, b)
         })
         .collect();
-    let mut env = vec![(
-        spark_proto::hook::ENV_RESIDENCY_SLOTS.to_string(),
-        slots.to_string(),
-    )];
-    if std::env::var_os("GGML_OP_OFFLOAD_MIN_BATCH").is_none() {
-        env.push(("GGML_OP_OFFLOAD_MIN_BATCH".into(), "1".into()));
+    let mut env = vec![(ENV_RESIDENCY_SLOTS.to_string(), slots.to_string())];
+    if std::env::var_os(ENV_OFFLOAD_MIN_BATCH).is_none() {
+        env.push((ENV_OFFLOAD_MIN_BATCH.into(), "1".into()));
     }
     let r = ResidencySetup {
         slots,

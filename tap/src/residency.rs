@@ -132,6 +132,8 @@ struct Layer<S> {
 pub struct Residency<S> {
     slots: u32,
     layers: Vec<Option<Layer<S>>>,
+    /// Layers that hold slot memory (kept as memory is allocated or a layer fails).
+    with_memory: u32,
     tick: u64,
     pub counters: Counters,
 }
@@ -142,6 +144,7 @@ impl<S> Residency<S> {
         Residency {
             slots,
             layers: Vec::new(),
+            with_memory: 0,
             tick: 0,
             counters: Counters::default(),
         }
@@ -149,11 +152,7 @@ impl<S> Residency<S> {
 
     /// Layers that hold slot memory.
     pub fn layers_with_memory(&self) -> u32 {
-        self.layers
-            .iter()
-            .flatten()
-            .filter(|l| !l.failed && !l.kinds.is_empty())
-            .count() as u32
+        self.with_memory
     }
 
     /// The expert in `slot` of `layer`, if any.
@@ -219,9 +218,15 @@ impl<S> Residency<S> {
             None => {
                 let stride = es + pad(es);
                 let Some(mem) = stride.checked_mul(slots).and_then(|b| dev.alloc(b)) else {
+                    if !layer.kinds.is_empty() {
+                        self.with_memory -= 1;
+                    }
                     layer.failed = true;
                     return false;
                 };
+                if layer.kinds.is_empty() {
+                    self.with_memory += 1;
+                }
                 layer.kinds.push(Kind {
                     name: call.tensor.to_string(),
                     src_id: call.src_id,
@@ -600,6 +605,26 @@ pub(crate) mod tests {
         );
         assert_eq!(poor.counters.declined, 2);
         assert_eq!(poor.layers_with_memory(), 0);
+
+        // Room for the gate slots (4 × 600 bytes) but not the up slots: the layer had memory,
+        // then fails, and no longer counts.
+        let mut half: Residency<Vec<u8>> = Residency::new(4);
+        let mut dev2 = HostDevice {
+            dst: before.clone(),
+            budget: Some(3000),
+            ..HostDevice::default()
+        };
+        assert!(half.serve(&mut dev2, 0, &call(1), None));
+        assert_eq!(half.layers_with_memory(), 1);
+        let (_, up, _, up_src) = &m.tensors[1];
+        let up_call = Call {
+            tensor: up,
+            src: up_src,
+            src_id: 7,
+            ..call(1)
+        };
+        assert!(!half.serve(&mut dev2, 0, &up_call, None));
+        assert_eq!(half.layers_with_memory(), 0);
 
         let mut res: Residency<Vec<u8>> = Residency::new(4);
         dev.budget = None;
