@@ -27,7 +27,7 @@ use serde::Serialize;
 use spark_proto::control::{ResidencyStats, RESIDENCY_EXIT_PREFIX};
 use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING, ENV_RING};
 
-use crate::engine::{self, Engine, EngineError};
+use crate::engine::{self, Backend, Engine, EngineError};
 use crate::gguf::{GgufError, GgufFile, MoeGeometry};
 use crate::plan::receipt::{BenchRow, BenchSpec};
 use crate::plan::{run_llama_bench_with, PlanError};
@@ -410,19 +410,23 @@ fn hooked_runner(
     if let Some(p) = &a.hooked_bench {
         return located_bench(p, "the hooked llama-bench");
     }
-    // The hooked build of the stock build's variant; without one, CUDA when it is built.
-    let base = match stock.map(|r| r.variant.split('-').next().unwrap_or("").to_string()) {
-        Some(b) if b == "cpu" || b == "cuda" => b,
-        _ if engine::prefix("cuda").join(".spark-built").exists() => "cuda".into(),
-        _ => "cpu".into(),
+    // The hooked build of the stock build's backend; without one, CUDA when it is built.
+    let backend = match stock.and_then(|r| Backend::of_variant(&r.variant)) {
+        Some(b) => b,
+        None if engine::is_built(Backend::Cuda, false) => Backend::Cuda,
+        None => Backend::Cpu,
     };
-    let prefix = engine::hooked_prefix(&base);
+    let prefix = engine::prefix(backend, true);
     let bench = prefix.join("bin").join("llama-bench");
     if !prefix.join(".spark-built").exists() || !bench.is_file() {
         return Err(BenchResidencyError::NoHooked {
-            variant: format!("{base}-hooked-{}", engine::hook_id()),
+            variant: engine::variant_name(backend, true),
             path: prefix,
-            flag: if base == "cuda" { " --cuda" } else { "" },
+            flag: match backend {
+                Backend::Cpu => "",
+                Backend::Cuda => " --cuda",
+                Backend::Vulkan => " --vulkan",
+            },
         });
     }
     Ok(Runner {

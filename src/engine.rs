@@ -2,7 +2,8 @@
 //!
 //! Owns the search order: an explicit `--llama-server PATH`, then `SPARK_LLAMA_SERVER`, then the
 //! cache that `scripts/build-engine` fills (`$SPARK_CACHE`, default `~/.cache/spark`), and the
-//! name of the hooked variant (keyed by the hook patch and ABI header, as the script keys it).
+//! names of the cached variants (keyed by their CMake flags and, when hooked, the hook patch and
+//! ABI header, as the script keys them).
 //! Never builds anything itself.
 
 use std::path::{Path, PathBuf};
@@ -33,18 +34,74 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("spark")
 }
 
-/// Install prefix of a build variant (`cpu` or `cuda`) in the cache.
-pub fn prefix(variant: &str) -> PathBuf {
-    cache_dir().join(format!("llama.cpp-{ENGINE_VERSION}-{variant}"))
-}
-
+/// The CMake flags of every variant, as `scripts/build-engine` reads them.
+const ENGINE_FLAGS: &str = include_str!("../scripts/engine-flags");
 /// The patch and ABI header `scripts/build-engine --hooked` keys its build by, as this binary
 /// was compiled with them.
 const HOOK_PATCH: &[u8] = include_bytes!("../scripts/patches/ggml-moe-residency-hook.patch");
 const HOOK_HEADER: &[u8] = include_bytes!("../proto/include/spark_moe_hook.h");
 
-/// The hooked build's key, computed as `scripts/build-engine --hooked` does: the first 12 hex
-/// digits of the SHA-256 of the patch followed by the ABI header.
+/// The engine's GPU-or-CPU backend family: `cpu`, `cuda` or `vulkan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Cpu,
+    Cuda,
+    Vulkan,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::Vulkan => "vulkan",
+        }
+    }
+
+    /// The backend a variant name (`cpu-…`, `cuda-hooked-…`) starts with.
+    pub fn of_variant(variant: &str) -> Option<Backend> {
+        match variant.split('-').next()? {
+            "cpu" => Some(Backend::Cpu),
+            "cuda" => Some(Backend::Cuda),
+            "vulkan" => Some(Backend::Vulkan),
+            _ => None,
+        }
+    }
+}
+
+/// The cache key of a build, computed as `scripts/build-engine` does: the first 12 hex digits of
+/// the SHA-256 of the lines of `scripts/engine-flags` that apply to the backend (`common`, the
+/// backend's own line, its `<backend>.*` lines; trailing blanks removed, each ending in a
+/// newline), followed by the hook patch and ABI header when `hooked`.
+pub fn build_key(backend: Backend, hooked: bool) -> String {
+    use sha2::{Digest, Sha256};
+    let name = backend.name();
+    let mut h = Sha256::new();
+    for line in ENGINE_FLAGS.lines() {
+        let first = line.split(' ').next().unwrap_or("");
+        let applies = first == "common"
+            || first == name
+            || first.strip_prefix(name).and_then(|r| r.strip_prefix('.')).is_some_and(|r| {
+                !r.is_empty() && r.bytes().all(|b| b.is_ascii_lowercase())
+            });
+        if applies {
+            h.update(line.trim_end().as_bytes());
+            h.update(b"\n");
+        }
+    }
+    if hooked {
+        h.update(HOOK_PATCH);
+        h.update(HOOK_HEADER);
+    }
+    h.finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The hook's own id: the first 12 hex digits of the SHA-256 of the patch followed by the ABI
+/// header (the hooked source tree `scripts/build-engine` patches is named by it).
 pub fn hook_id() -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -57,10 +114,24 @@ pub fn hook_id() -> String {
         .collect()
 }
 
-/// Install prefix of the hooked build of `base` (`cpu` or `cuda`) that matches this binary's
-/// hook (see [`hook_id`]).
-pub fn hooked_prefix(base: &str) -> PathBuf {
-    prefix(&format!("{base}-hooked-{}", hook_id()))
+/// The variant name of a build: `cpu-<key>`, `vulkan-hooked-<key>`…
+pub fn variant_name(backend: Backend, hooked: bool) -> String {
+    let hook = if hooked { "-hooked" } else { "" };
+    format!("{}{hook}-{}", backend.name(), build_key(backend, hooked))
+}
+
+/// Install prefix of a build in the cache, as `scripts/build-engine [--cuda|--vulkan]
+/// [--hooked]` names it for the flags and hook this binary was compiled with.
+pub fn prefix(backend: Backend, hooked: bool) -> PathBuf {
+    cache_dir().join(format!(
+        "llama.cpp-{ENGINE_VERSION}-{}",
+        variant_name(backend, hooked)
+    ))
+}
+
+/// Whether the cache holds a finished build of that variant.
+pub fn is_built(backend: Backend, hooked: bool) -> bool {
+    prefix(backend, hooked).join(".spark-built").exists()
 }
 
 /// A located engine.
@@ -74,8 +145,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Which build this is, from the build's stamp: `cpu`, `cuda`, `cpu-hooked-<id>` (spark's
-    /// MoE residency hook patched in), or `external` for a llama-server outside the cache.
+    /// Which build this is, from the build's stamp: `cpu-<key>`, `vulkan-<key>`,
+    /// `cuda-hooked-<key>` (spark's MoE residency hook patched in)…, or `external` for a
+    /// llama-server outside the cache.
     pub fn variant(&self) -> String {
         self.prefix
             .as_ref()
@@ -89,6 +161,11 @@ impl Engine {
         self.variant().contains("-hooked-")
     }
 
+    /// The build's backend family, when it is one of the cache's builds.
+    pub fn backend(&self) -> Option<Backend> {
+        Backend::of_variant(&self.variant())
+    }
+
     /// Locates llama-server: `explicit`, else `SPARK_LLAMA_SERVER`, else the cached CPU build.
     pub fn locate(explicit: Option<&Path>) -> Result<Engine, EngineError> {
         let from_env = std::env::var_os("SPARK_LLAMA_SERVER")
@@ -97,7 +174,7 @@ impl Engine {
         let server = match explicit.map(Path::to_path_buf).or(from_env) {
             Some(p) => p,
             None => {
-                let p = prefix("cpu").join("bin").join("llama-server");
+                let p = prefix(Backend::Cpu, false).join("bin").join("llama-server");
                 if !p.exists() {
                     return Err(EngineError::NotBuilt { cache: cache_dir() });
                 }
@@ -125,7 +202,7 @@ impl Engine {
     pub fn locate_prefer_cuda(explicit: Option<&Path>) -> Result<Engine, EngineError> {
         let from_env = std::env::var_os("SPARK_LLAMA_SERVER").filter(|v| !v.is_empty());
         if explicit.is_none() && from_env.is_none() {
-            let cuda = prefix("cuda").join("bin").join("llama-server");
+            let cuda = prefix(Backend::Cuda, false).join("bin").join("llama-server");
             if cuda.exists() {
                 return Engine::locate(Some(&cuda));
             }
@@ -150,7 +227,7 @@ impl Engine {
 
 /// Directory holding the pinned source's `models/ggml-vocab-*.gguf` files.
 pub fn vocab_dir() -> PathBuf {
-    prefix("cpu").join("models")
+    prefix(Backend::Cpu, false).join("models")
 }
 
 /// Path of a vocab GGUF by file name, e.g. [`DEFAULT_VOCAB`].

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use spark::engine::Engine;
+use spark::engine::{Backend, Engine};
 use spark::supervisor::{LlamaServer, LlamaServerConfig};
 
 use crate::util;
@@ -15,19 +15,45 @@ use crate::util;
 /// The hooked CPU build's prefix, as `scripts/build-engine --hooked` names it (scripts/test
 /// builds it before the tests run).
 pub fn hooked_prefix() -> PathBuf {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-engine");
-    let o = Command::new(script)
-        .args(["--hooked", "--print"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let p = PathBuf::from(String::from_utf8(o.stdout).unwrap().trim());
+    let p = spark::engine::prefix(Backend::Cpu, true);
     assert!(
         p.join(".spark-built").exists(),
         "hooked build missing at {}; run scripts/build-engine --hooked (scripts/test does)",
         p.display()
     );
     p
+}
+
+/// What `scripts/build-engine ARGS --print` says the install prefix is.
+fn script_prefix(args: &[&str]) -> PathBuf {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-engine");
+    let o = Command::new(script)
+        .args(args)
+        .arg("--print")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+}
+
+#[test]
+fn spark_names_every_engine_build_as_the_build_script_does() {
+    let mut seen = std::collections::HashSet::new();
+    for (backend, flag) in [
+        (Backend::Cpu, None),
+        (Backend::Cuda, Some("--cuda")),
+        (Backend::Vulkan, Some("--vulkan")),
+    ] {
+        for hooked in [false, true] {
+            let mut args: Vec<&str> = flag.into_iter().collect();
+            if hooked {
+                args.push("--hooked");
+            }
+            let p = spark::engine::prefix(backend, hooked);
+            assert_eq!(p, script_prefix(&args), "{args:?}");
+            assert!(seen.insert(p), "two variants share a cache key");
+        }
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

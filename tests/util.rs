@@ -32,7 +32,7 @@ pub fn tempdir() -> tempfile::TempDir {
 
 /// The cached engine install prefix (built by scripts/build-engine, which scripts/test runs).
 pub fn engine_prefix() -> PathBuf {
-    let p = spark::engine::prefix("cpu");
+    let p = spark::engine::prefix(spark::engine::Backend::Cpu, false);
     assert!(
         p.join(".spark-built").exists(),
         "the pinned llama.cpp build is missing at {}; run scripts/build-engine (scripts/test does)",
