@@ -34,7 +34,7 @@ use crate::plan::{run_llama_bench_with, PlanError};
 use crate::supervisor::run_with_deadline;
 use crate::telemetry::{locate_tap, TelemetryError};
 
-pub use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_SLOTS};
+pub use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_METER, ENV_RESIDENCY_SLOTS};
 /// The goal for (d) against (b), printed next to the measurement, never checked.
 pub const TARGET: &str = "(d) >= 1.5x (b)";
 const TARGET_RATIO: f64 = 1.5;
@@ -126,10 +126,26 @@ pub struct BenchResidencyArgs {
     /// The tap library (default: $SPARK_TAP, then next to the spark executable)
     #[arg(long, value_name = "PATH")]
     pub tap: Option<PathBuf>,
+    /// Also measure the bytes copied host→device per decoded token for (c) and (d) at three
+    /// slot counts, next to the hit ratio spark's LRU shadow cache predicts from the routing
+    /// captured in the same run (needs the hooked build and the tap)
+    #[arg(long)]
+    pub bytes: bool,
+    /// Slot counts for --bytes (default: n_expert/4, n_expert/2 and 3·n_expert/4, rounded up)
+    #[arg(long, value_delimiter = ',', value_name = "N,N,N")]
+    pub bytes_slots: Vec<u32>,
+    /// Link bandwidth for the --bytes forecast, GB/s (default: PCIe 4.0 x16, one direction)
+    #[arg(long, default_value_t = PCIE4_X16_GBPS, value_name = "GB/s")]
+    pub link_gbps: f64,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
 }
+
+/// PCIe 4.0 x16, one direction: 16 GT/s per lane × 16 lanes × 128b/130b encoding ÷ 8 bits
+/// = 31.5 GB/s (the PCI-SIG PCIe 4.0 base specification's signalling rate and encoding; real
+/// copies reach less, so the forecast is a lower bound on the time).
+pub const PCIE4_X16_GBPS: f64 = 31.5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchResidencyError {
@@ -155,6 +171,8 @@ pub enum BenchResidencyError {
     },
     #[error("measure ({letter}) {config}: llama-bench reported no decode result")]
     NoDecodeRow { letter: char, config: &'static str },
+    #[error("create the routing ring for --bytes: {0}")]
+    Ring(#[from] crate::ring::RingError),
 }
 
 impl BenchResidencyError {
@@ -269,6 +287,85 @@ pub struct BenchResidencyReport {
     pub residency: Option<Residency>,
     pub engines: Engines,
     pub machine: Machine,
+    /// `--bytes`: host→device bytes per decoded token, measured and predicted.
+    pub bytes: Option<BytesReport>,
+}
+
+/// One `--bytes` run: (c) metered, or (d) at one slot count.
+#[derive(Debug, Clone, Serialize)]
+pub struct BytesRow {
+    pub config: Config,
+    /// Slots per expert layer ((d) only).
+    pub slots: Option<u32>,
+    /// Tokens the run decoded (warmup included), each one evaluation.
+    pub decoded: u64,
+    /// The provider's exit counters: hit ratio, host and slot bytes per decoded token. For (c)
+    /// the meter's: every call declined, the stock copy's experts and bytes counted as
+    /// streamed and `bytes_host`.
+    pub residency: Residency,
+    /// The hit ratio of spark's `lru` shadow cache, same slots, on the routing this very run
+    /// captured ((d) only).
+    pub predicted_hit_ratio: Option<f64>,
+    /// Routing records the run's ring held (token × expert layer).
+    pub ring_records: u64,
+    /// Why a number is missing, when one is.
+    pub note: Option<String>,
+    /// Forecast: milliseconds per token the host bytes take at `--link-gbps`.
+    pub link_ms_per_token: Option<f64>,
+}
+
+/// The `--bytes` table.
+#[derive(Debug, Clone, Serialize)]
+pub struct BytesReport {
+    pub link_gbps: f64,
+    /// Whether the device is a CPU posing as one (Mesa's lavapipe / llvmpipe).
+    pub cpu_device: bool,
+    pub device: String,
+    pub rows: Vec<BytesRow>,
+}
+
+/// The default `--bytes` slot counts: a quarter, a half and three quarters of the experts,
+/// rounded up, at least 1, distinct.
+pub fn default_bytes_slots(n_expert: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = [1u32, 2, 3]
+        .iter()
+        .map(|q| (n_expert * q).div_ceil(4).clamp(1, n_expert.max(1)))
+        .collect();
+    v.dedup();
+    v
+}
+
+/// The hit ratio spark's `lru` shadow cache predicts for `records` (one run's routing, in ring
+/// order) with `slots` per layer: each layer's records in order are that layer's steps, ids
+/// ascending within a step as the provider serves them.
+pub fn predict_hit_ratio(
+    records: &[spark_proto::trace::RoutingRecord],
+    n_layer: usize,
+    n_expert: usize,
+    slots: u32,
+) -> Option<f64> {
+    use crate::cache::Policy;
+    let mut lru = crate::cache::Lru::new(n_expert, &vec![slots; n_layer]);
+    let (mut used, mut misses) = (0u64, 0u64);
+    let mut ids: Vec<u16> = Vec::new();
+    for r in records {
+        let layer = usize::from(r.layer);
+        if layer >= n_layer {
+            continue;
+        }
+        ids.clear();
+        ids.extend(
+            r.used_ids()
+                .iter()
+                .copied()
+                .filter(|&e| usize::from(e) < n_expert),
+        );
+        ids.sort_unstable();
+        ids.dedup();
+        used += ids.len() as u64;
+        misses += u64::from(lru.access(layer, &ids));
+    }
+    (used > 0).then(|| (used - misses) as f64 / used as f64)
 }
 
 /// Slots per expert layer and how they were chosen, for a model with `n` experts per layer and
@@ -499,9 +596,25 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
     } else {
         None
     };
-    let (hooked, tap, slots) = if want_spark {
+    if let Some(&bad) = a.bytes_slots.iter().find(|&&x| x == 0 || x > g.n_expert) {
+        return usage(format!(
+            "parse --bytes-slots {bad}: must be between 1 and the model's {} experts",
+            g.n_expert
+        ));
+    }
+    if !(a.link_gbps.is_finite() && a.link_gbps > 0.0) {
+        return usage(format!(
+            "parse --link-gbps {}: must be a positive number of GB/s",
+            a.link_gbps
+        ));
+    }
+    let (hooked, tap, slots) = if want_spark || a.bytes {
         let sizes: Vec<u64> = g.moe_layers.iter().map(|l| l.expert_bytes).collect();
-        let slots = choose_slots(g.n_expert, &sizes, a.slots, a.vram_budget)?;
+        let slots = if want_spark {
+            Some(choose_slots(g.n_expert, &sizes, a.slots, a.vram_budget)?)
+        } else {
+            None
+        };
         // A stock build located only to pick the hooked variant: its absence is no error.
         let base = match &stock {
             Some(_) => None,
@@ -510,7 +623,7 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
         };
         let h = hooked_runner(a, stock.as_ref().or(base.as_ref()))?;
         let tap = locate_tap(a.tap.as_deref())?;
-        (Some(h), Some(tap), Some(slots))
+        (Some(h), Some(tap), slots)
     } else {
         (None, None, None)
     };
@@ -570,6 +683,7 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
                 "LD_PRELOAD",
                 ENV_OFFLOAD_MIN_BATCH,
                 ENV_RESIDENCY_SLOTS,
+                ENV_RESIDENCY_METER,
                 ENV_RING,
                 ENV_HIDDEN_RING,
                 ENV_CONTROL_FD,
@@ -633,6 +747,13 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
         .iter()
         .find(|r| r.config == Config::Spark)
         .and_then(|r| r.ratio_to_host);
+    let bytes = if a.bytes {
+        let h = hooked.as_ref().expect("located for --bytes");
+        let tap = tap.as_ref().expect("located for --bytes");
+        Some(measure_bytes(a, &g, h, tap, threads)?)
+    } else {
+        None
+    };
     let used = |r: &Option<Runner>| {
         r.as_ref().map(|r| EngineUsed {
             variant: r.variant.clone(),
@@ -668,6 +789,134 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
             cpu,
             ran_on_gpu,
         },
+        bytes,
+    })
+}
+
+/// The `--bytes` runs: the hooked llama-bench decoding `--tokens` tokens once per row, every
+/// layer's experts on the host and decode offloaded, the tap preloaded with a routing ring;
+/// (c) with the provider as a meter (the stock copy runs and is counted), (d) with the
+/// provider at each slot count. The routing each run captured is replayed through spark's
+/// `lru` shadow cache with the same slots, for the predicted hit ratio.
+fn measure_bytes(
+    a: &BenchResidencyArgs,
+    g: &MoeGeometry,
+    hooked: &Runner,
+    tap: &Path,
+    threads: u32,
+) -> Result<BytesReport, BenchResidencyError> {
+    let slot_counts = if a.bytes_slots.is_empty() {
+        default_bytes_slots(g.n_expert)
+    } else {
+        a.bytes_slots.clone()
+    };
+    let decoded = a.tokens + 1; // one repetition plus llama-bench's one-token warmup
+    let runs: Vec<(Config, Option<u32>)> = std::iter::once((Config::HostCopy, None))
+        .chain(slot_counts.iter().map(|&s| (Config::Spark, Some(s))))
+        .collect();
+    let mut rows = Vec::new();
+    let mut device = String::new();
+    for (i, &(c, slots)) in runs.iter().enumerate() {
+        eprintln!(
+            "measuring bytes: ({}) {}{} [{}/{}]",
+            c.letter(),
+            c.name(),
+            slots.map(|s| format!(", {s} slots")).unwrap_or_default(),
+            i + 1,
+            runs.len()
+        );
+        // One token's records per expert layer, plus room: the ring never overruns here.
+        let capacity = (decoded * g.moe_layers.len() as u64 + 1024).next_power_of_two();
+        let mut ring = crate::ring::ShmRing::create(capacity, crate::telemetry::ring_geometry(g))?;
+        let spec = BenchSpec {
+            model: a.model.clone(),
+            threads,
+            n_gpu_layers: 99,
+            n_cpu_moe: g.n_layer,
+            type_k: "f16".into(),
+            type_v: "f16".into(),
+            flash_attn: false,
+            ubatch: 512,
+            n_prompt: 0,
+            n_gen: a.tokens,
+            repetitions: 1,
+        };
+        let ring_path = ring.path().to_path_buf();
+        let configure = |cmd: &mut Command| {
+            for k in [
+                ENV_RESIDENCY_SLOTS,
+                ENV_RESIDENCY_METER,
+                ENV_HIDDEN_RING,
+                ENV_CONTROL_FD,
+            ] {
+                cmd.env_remove(k);
+            }
+            cmd.env(ENV_OFFLOAD_MIN_BATCH, "1")
+                .env("LD_PRELOAD", tap)
+                .env(ENV_RING, &ring_path);
+            match slots {
+                Some(s) => cmd.env(ENV_RESIDENCY_SLOTS, s.to_string()),
+                None => cmd.env(ENV_RESIDENCY_METER, "1"),
+            };
+        };
+        let result = run_llama_bench_with(
+            &hooked.bench,
+            &spec,
+            Duration::from_secs(a.timeout),
+            configure,
+        );
+        // The run is over: nothing maps the ring's name any more.
+        let _ = ring.unlink();
+        let (bench_rows, out) = result.map_err(|source| BenchResidencyError::Measure {
+            letter: c.letter(),
+            config: c.name(),
+            source,
+        })?;
+        if device.is_empty() {
+            if let Some(r) = bench_rows.iter().find(|r| r.is_decode()) {
+                device = if r.gpu_info.trim().is_empty() {
+                    r.backends.clone()
+                } else {
+                    format!("{} ({})", r.gpu_info, r.backends)
+                };
+            }
+        }
+        let mut records = Vec::new();
+        while ring.drain_into(&mut records, 1 << 16) > 0 {}
+        let residency = residency_from_stderr(&out.stderr, decoded);
+        let mut note = residency.note.clone();
+        let predicted = match slots {
+            Some(_) if ring.dropped() > 0 => {
+                note = Some(format!("the ring dropped {} records", ring.dropped()));
+                None
+            }
+            Some(_) if records.is_empty() => {
+                note = Some("the tap captured no routing".into());
+                None
+            }
+            Some(s) => predict_hit_ratio(&records, g.n_layer as usize, g.n_expert as usize, s),
+            None => None,
+        };
+        let link_ms_per_token = residency
+            .host_bytes_per_token
+            .map(|b| b / (a.link_gbps * 1e9) * 1e3);
+        rows.push(BytesRow {
+            config: c,
+            slots,
+            decoded,
+            residency,
+            predicted_hit_ratio: predicted,
+            ring_records: records.len() as u64,
+            note,
+            link_ms_per_token,
+        });
+    }
+    let lower = device.to_ascii_lowercase();
+    Ok(BytesReport {
+        link_gbps: a.link_gbps,
+        cpu_device: lower.contains("llvmpipe") || lower.contains("lavapipe"),
+        device,
+        rows,
     })
 }
 
@@ -799,6 +1048,9 @@ pub fn render(r: &BenchResidencyReport) -> String {
             }
         }
     }
+    if let Some(b) = &r.bytes {
+        render_bytes(&mut s, b, r);
+    }
     let e = &r.engines;
     let mut first = true;
     let mut engine_line = |label: &str, text: String| {
@@ -831,6 +1083,12 @@ pub fn render(r: &BenchResidencyReport) -> String {
             &r.machine.cpu
         }
     );
+    if r.bytes.as_ref().is_some_and(|b| b.cpu_device) {
+        let _ = writeln!(
+            s,
+            "note       the device is Mesa's lavapipe, a CPU that poses as a Vulkan GPU: tok/s here are\n           not GPU figures; the bytes and hit ratios are what a GPU would see"
+        );
+    }
     if !r.machine.ran_on_gpu {
         let _ = writeln!(
             s,
@@ -838,6 +1096,58 @@ pub fn render(r: &BenchResidencyReport) -> String {
         );
     }
     s
+}
+
+fn render_bytes(s: &mut String, b: &BytesReport, r: &BenchResidencyReport) {
+    let decoded = b.rows.first().map_or(0, |x| x.decoded);
+    let _ = writeln!(
+        s,
+        "bytes      host→device per decoded token: hooked llama-bench -n {} -r 1 ({decoded} tokens with the warmup),\n           experts of all {} layers on the host, decode offloaded, on {}",
+        r.tokens,
+        r.n_layer,
+        if b.device.is_empty() { "-" } else { &b.device }
+    );
+    let _ = writeln!(
+        s,
+        "           {:<14} {:>5} {:>9} {:>15} {:>12} {:>12} {:>22}",
+        "config",
+        "slots",
+        "hit ratio",
+        "predicted (lru)",
+        "host/token",
+        "slots/token",
+        format!("at {} GB/s (forecast)", b.link_gbps)
+    );
+    let opt = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map(f).unwrap_or_else(|| "-".into());
+    for row in &b.rows {
+        let _ = writeln!(
+            s,
+            "           ({}) {:<10} {:>5} {:>9} {:>15} {:>12} {:>12} {:>22}",
+            row.config.letter(),
+            row.config.name(),
+            row.slots.map_or("-".into(), |x| x.to_string()),
+            opt(
+                row.residency.hit_ratio.filter(|_| row.slots.is_some()),
+                &|h| format!("{h:.3}")
+            ),
+            opt(row.predicted_hit_ratio, &|h| format!("{h:.3}")),
+            opt(row.residency.host_bytes_per_token, &bytes),
+            opt(
+                row.residency
+                    .slot_bytes_per_token
+                    .filter(|_| row.slots.is_some()),
+                &bytes
+            ),
+            opt(row.link_ms_per_token, &|ms| format!("{ms:.4} ms/token")),
+        );
+        if let Some(n) = &row.note {
+            let _ = writeln!(s, "               {n}");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "           (c) is metered at the hook: the provider declines and counts what the stock copy moves.\n           The prediction replays the routing the same run captured (the tap's ring) through spark's\n           lru cache; the provider breaks ties between experts loaded in the same step by slot, lru by\n           order, which can move a few hits. The forecast is host bytes ÷ link bandwidth only."
+    );
 }
 
 /// Runs the bench and prints the report (text, or JSON with `--json`).

@@ -123,6 +123,7 @@ pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {
         model: model.clone(),
         tap,
         extra_args: a.server_args.clone(),
+        env: Vec::new(),
         ring_capacity: 1 << 18,
         hidden_capacity: hidden.then_some(1 << 14),
         ready_timeout: Duration::from_secs(180),

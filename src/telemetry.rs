@@ -107,6 +107,9 @@ pub struct SessionConfig {
     /// None: start llama-server without the tap (the baseline of `spark bench tap`).
     pub tap: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// Extra environment of the child (for example the residency provider's slots, or the
+    /// Vulkan device to use).
+    pub env: Vec<(String, String)>,
     pub ring_capacity: u64,
     /// Slots of a hidden-state ring (4 KiB each); None: no hidden-state capture possible.
     pub hidden_capacity: Option<u64>,
@@ -229,7 +232,7 @@ impl Session {
             model: cfg.model.clone(),
             port: None,
             extra_args: cfg.extra_args.clone(),
-            env: Vec::new(),
+            env: cfg.env.clone(),
             ready_timeout: cfg.ready_timeout,
             log_path: cfg.log_path.clone(),
         };

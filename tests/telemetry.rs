@@ -46,6 +46,7 @@ fn session(dir: &Path, model: &Path, extra: &[&str]) -> Session {
         model: model.to_path_buf(),
         tap: Some(tap_lib()),
         extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        env: Vec::new(),
         ring_capacity: 1 << 16,
         hidden_capacity: Some(1 << 10),
         ready_timeout: Duration::from_secs(120),
@@ -70,32 +71,44 @@ fn long_prompt() -> String {
 
 #[test]
 fn routing_matches_the_analytic_computation_exactly() {
+    check_analytic_routing(&llama_server(), &[], &[]);
+}
+
+/// `spark trace record` through `server` (with `args` for llama-server and `env` for spark and
+/// its child) on the analytic fixture: every captured (token, layer) expert set equals the
+/// independent computation, and every token is accounted for. The lavapipe tests run it with
+/// every layer on the device.
+pub fn check_analytic_routing(server: &Path, args: &[String], env: &[(&str, &str)]) {
     let dir = tempdir();
     let model = fixture(dir.path(), "analytic.gguf", &["--router", "analytic"]);
     let trace = dir.path().join("analytic.trace");
     let n_predict = 60u32;
-    let out = spark(&[
-        "trace",
-        "record",
-        "-m",
-        model.to_str().unwrap(),
-        "--out",
-        trace.to_str().unwrap(),
-        "--prompt",
-        &long_prompt(),
-        "--n-predict",
-        &n_predict.to_string(),
-        "--llama-server",
-        llama_server().to_str().unwrap(),
-        "--tap",
-        tap_lib().to_str().unwrap(),
-        "--json",
-        "--",
-        "-np",
-        "1",
-        "-c",
-        "1024",
-    ]);
+    let out = spark_with(
+        env,
+        &[
+            "trace",
+            "record",
+            "-m",
+            model.to_str().unwrap(),
+            "--out",
+            trace.to_str().unwrap(),
+            "--prompt",
+            &long_prompt(),
+            "--n-predict",
+            &n_predict.to_string(),
+            "--llama-server",
+            server.to_str().unwrap(),
+            "--tap",
+            tap_lib().to_str().unwrap(),
+            "--json",
+            "--",
+            "-np",
+            "1",
+            "-c",
+            "1024",
+        ],
+        args,
+    );
     assert!(
         out.status.success(),
         "spark trace record failed: {}",
@@ -214,6 +227,17 @@ fn routing_matches_the_analytic_computation_exactly() {
             "layer {layer}: per-expert counts must sum to tokens × k"
         );
     }
+}
+
+/// `spark ARGS -- … EXTRA` with `env` added: the llama-server flags in `extra` follow the ones
+/// `args` already passes after its `--`.
+fn spark_with(env: &[(&str, &str)], args: &[&str], extra: &[String]) -> std::process::Output {
+    std::process::Command::new(crate::util::spark_bin())
+        .args(args)
+        .args(extra)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run spark")
 }
 
 /// Records of a binary trace, read with the proto layout only.
@@ -364,31 +388,40 @@ fn a_server_killed_mid_request_is_reported_not_waited_on() {
 /// against the file.
 #[test]
 fn hidden_states_are_sampled_and_match_the_router_input() {
+    check_hidden_states(&llama_server(), &[], &[]);
+}
+
+/// Hidden-state capture through `server` (see [`check_analytic_routing`] for `args`, `env`).
+pub fn check_hidden_states(server: &Path, args: &[String], env: &[(&str, &str)]) {
     let dir = tempdir();
     let model = fixture(dir.path(), "analytic.gguf", &["--router", "analytic"]);
     let trace = dir.path().join("h.trace");
-    let out = spark(&[
-        "trace",
-        "record",
-        "-m",
-        model.to_str().unwrap(),
-        "--out",
-        trace.to_str().unwrap(),
-        "--prompt",
-        "The quick brown fox jumps over the lazy dog again and again",
-        "--n-predict",
-        "12",
-        "--hidden-every",
-        "2",
-        "--llama-server",
-        llama_server().to_str().unwrap(),
-        "--tap",
-        tap_lib().to_str().unwrap(),
-        "--json",
-        "--",
-        "-np",
-        "1",
-    ]);
+    let out = spark_with(
+        env,
+        &[
+            "trace",
+            "record",
+            "-m",
+            model.to_str().unwrap(),
+            "--out",
+            trace.to_str().unwrap(),
+            "--prompt",
+            "The quick brown fox jumps over the lazy dog again and again",
+            "--n-predict",
+            "12",
+            "--hidden-every",
+            "2",
+            "--llama-server",
+            server.to_str().unwrap(),
+            "--tap",
+            tap_lib().to_str().unwrap(),
+            "--json",
+            "--",
+            "-np",
+            "1",
+        ],
+        args,
+    );
     assert!(
         out.status.success(),
         "spark trace record failed: {}",

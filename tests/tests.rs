@@ -5,6 +5,7 @@ mod util;
 mod bench_residency;
 mod gguf_files;
 mod hook;
+mod lavapipe;
 mod plan;
 mod serve;
 mod sessions;

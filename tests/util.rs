@@ -22,6 +22,39 @@ pub fn spark(args: &[&str]) -> Output {
         .expect("run spark")
 }
 
+/// How long a command that should end on its own deadline may run before the test calls it
+/// hung. Far above every deadline the tests set (2–5 s) and below every default those deadlines
+/// replace (validate's request timeout: 60 s; ready timeouts: 120 s), so a loaded machine never
+/// trips it and an ignored deadline does.
+pub const HANG_LIMIT: Duration = Duration::from_secs(45);
+
+/// Runs `cmd` to completion with its output captured, but kills it and fails the test when it
+/// is still running after `limit`: a hang fails, a slow machine does not.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
+    let t0 = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(o) => (o.expect("wait"), t0.elapsed()),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("{cmd:?} was still running after {limit:?}: it ignored its deadline");
+        }
+    }
+}
+
 /// A fresh temporary directory for one test.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -123,7 +156,19 @@ impl Served {
 
     /// `spark serve` of `model` with the llama-server binary `server`.
     pub fn start_with(model: &Path, server: &Path, extra: &[&str]) -> Served {
+        Served::start_env(model, server, extra, &[])
+    }
+
+    /// As [`Served::start_with`], with `env` added to spark's environment (which llama-server
+    /// inherits). When `extra` holds `--`, the llama-server flags after it are the test's own.
+    pub fn start_env(
+        model: &Path,
+        server: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Served {
         let mut cmd = Command::new(spark_bin());
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.args([
             "serve",
             "-m",
@@ -134,7 +179,9 @@ impl Served {
             server.to_str().unwrap(),
         ]);
         cmd.args(extra);
-        cmd.args(["--", "-c", "2048", "-t", "2", "-np", "4"]);
+        if !extra.contains(&"--") {
+            cmd.args(["--", "-c", "2048", "-t", "2", "-np", "4"]);
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

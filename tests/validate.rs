@@ -1,7 +1,9 @@
 //! `spark calibrate` and `spark validate`: end to end on a tiny fixture with the built-in
 //! synthetic corpus, resumability after a kill, and the hard timeouts with fake llama-servers
 //! (a never-ready one, one that stalls mid-answer, one that dies), each of which must end with
-//! the right exit code within its timeout plus 2 seconds and leave no process behind.
+//! the right exit code and leave no process behind. A run that ignores its deadline hangs past
+//! `util::HANG_LIMIT` (the defaults it would fall back to are longer) and fails; how long past
+//! the deadline a loaded machine took is printed, never asserted.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -334,19 +336,21 @@ fn run_fake(
     mode: &str,
     flags: &[&str],
 ) -> (Option<i32>, f64, serde_json::Value, PathBuf) {
+    // Ends within HANG_LIMIT or fails: the deadline under test fired (exit 124 and the report
+    // name it); how many seconds past it a loaded machine took is printed, never asserted.
     let report = st.dir.path().join(format!("report-{mode}"));
     let pid_file = st.dir.path().join(format!("fake-{mode}.pid"));
     let mut args = validate_args(st, profile, &report);
     args.extend(["--llama-server", s(server)]);
     args.extend_from_slice(flags);
-    let t0 = Instant::now();
-    let o = Command::new(spark_bin())
-        .args(&args)
-        .env("FAKE_MODE", mode)
-        .env("FAKE_PID", &pid_file)
-        .output()
-        .unwrap();
-    let secs = t0.elapsed().as_secs_f64();
+    let (o, took) = crate::util::output_within(
+        Command::new(spark_bin())
+            .args(&args)
+            .env("FAKE_MODE", mode)
+            .env("FAKE_PID", &pid_file),
+        crate::util::HANG_LIMIT,
+    );
+    let secs = took.as_secs_f64();
     eprintln!(
         "fake {mode}: exit {:?} after {secs:.2} s: {}",
         o.status.code(),
@@ -377,10 +381,9 @@ fn validate_times_out_on_a_server_that_never_becomes_ready() {
     let st = setup();
     let profile = flat_profile(&st);
     let server = write_script(st.dir.path(), "never-ready.sh", NEVER_READY);
-    let (code, secs, r, pid_file) =
+    let (code, _secs, r, pid_file) =
         run_fake(&st, &profile, &server, "never", &["--ready-timeout", "2"]);
     assert_eq!(code, Some(124));
-    assert!(secs <= 2.0 + 2.0, "took {secs:.2} s");
     assert_eq!(r["status"], "timeout");
     assert!(
         !alive(read_pid(&pid_file)),
@@ -393,10 +396,9 @@ fn validate_times_out_on_a_request_that_stalls_mid_answer() {
     let st = setup();
     let profile = flat_profile(&st);
     let server = write_script(st.dir.path(), "fake-server.py", FAKE_SERVER);
-    let (code, secs, r, pid_file) =
+    let (code, _secs, r, pid_file) =
         run_fake(&st, &profile, &server, "stall", &["--request-timeout", "2"]);
     assert_eq!(code, Some(124));
-    assert!(secs <= 2.0 + 2.0, "took {secs:.2} s");
     assert_eq!(r["status"], "timeout");
     assert!(pid_file.with_extension("pid.completion").exists());
     assert!(
@@ -410,15 +412,14 @@ fn validate_ends_on_the_whole_run_deadline() {
     let st = setup();
     let profile = flat_profile(&st);
     let server = write_script(st.dir.path(), "fake-server.py", FAKE_SERVER);
-    let (code, secs, r, pid_file) = run_fake(
+    let (code, _secs, r, pid_file) = run_fake(
         &st,
         &profile,
         &server,
         "stall",
-        &["--request-timeout", "60", "--deadline", "2"],
+        &["--request-timeout", "600", "--deadline", "2"],
     );
     assert_eq!(code, Some(124));
-    assert!(secs <= 2.0 + 2.0, "took {secs:.2} s");
     assert_eq!(r["status"], "timeout");
     assert!(
         !alive(read_pid(&pid_file)),
@@ -431,10 +432,9 @@ fn validate_reports_a_server_that_dies() {
     let st = setup();
     let profile = flat_profile(&st);
     let server = write_script(st.dir.path(), "fake-server.py", FAKE_SERVER);
-    let (code, secs, r, pid_file) =
+    let (code, _secs, r, pid_file) =
         run_fake(&st, &profile, &server, "die", &["--request-timeout", "5"]);
     assert_eq!(code, Some(1));
-    assert!(secs <= 5.0 + 2.0, "took {secs:.2} s");
     assert_eq!(r["status"], "error");
     assert!(r["error"].as_str().unwrap().contains("exited"), "{r}");
     assert!(!alive(read_pid(&pid_file)));

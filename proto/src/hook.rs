@@ -11,6 +11,10 @@ pub const PROVIDE_SYMBOL: &str = "spark_moe_provide_v1";
 pub const ABI_SYMBOL: &str = "spark_moe_hook_abi";
 /// Environment variable that switches the tap's provider on: slots per expert layer.
 pub const ENV_RESIDENCY_SLOTS: &str = "SPARK_RESIDENCY_SLOTS";
+/// Environment variable that, with no slots, makes the tap's provider a meter: it declines every
+/// call (the stock copy runs) and counts the experts and bytes that copy moves (`streamed`,
+/// `bytes_host`). `spark bench residency --bytes` measures the host-copy placement with it.
+pub const ENV_RESIDENCY_METER: &str = "SPARK_RESIDENCY_METER";
 /// ggml's batch size from which an op on host-resident weights is offloaded to the GPU (32 by
 /// default). At 1, decode's expert matrix products reach the MoE-offload copy, and the hook.
 pub const ENV_OFFLOAD_MIN_BATCH: &str = "GGML_OP_OFFLOAD_MIN_BATCH";

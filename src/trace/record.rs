@@ -208,6 +208,7 @@ pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
         model: a.model.clone(),
         tap: Some(tap),
         extra_args: a.server_args.clone(),
+        env: Vec::new(),
         ring_capacity: a.ring_capacity,
         hidden_capacity: hidden_cfg.map(|_| 1 << 14),
         ready_timeout: Duration::from_secs(a.ready_timeout),

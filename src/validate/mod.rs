@@ -182,6 +182,7 @@ impl ServerArgs {
                 model: model.to_path_buf(),
                 tap: Some(tap),
                 extra_args,
+                env: Vec::new(),
                 ring_capacity: crate::ring::DEFAULT_CAPACITY,
                 hidden_capacity: None,
                 ready_timeout: Duration::from_secs(self.ready_timeout),

@@ -22,7 +22,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use spark_proto::control::{ResidencyStats, WantPlan, RESIDENCY_EXIT_PREFIX};
-use spark_proto::hook::{MoeRequestV1, ABI, ENV_RESIDENCY_SLOTS as ENV_SLOTS};
+use spark_proto::hook::{
+    MoeRequestV1, ABI, ENV_RESIDENCY_METER as ENV_METER, ENV_RESIDENCY_SLOTS as ENV_SLOTS,
+};
 
 use crate::control;
 use crate::ffi::{as_fn, GgmlTensor, Sym, GGML_TYPE_I8};
@@ -161,6 +163,7 @@ struct Plan {
 static PLAN: OnceLock<Plan> = OnceLock::new();
 static STATE: Mutex<Option<Residency<GgmlSlots>>> = Mutex::new(None);
 static SLOTS: OnceLock<u32> = OnceLock::new();
+static METER: OnceLock<bool> = OnceLock::new();
 static GGML: OnceLock<Option<Ggml>> = OnceLock::new();
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
@@ -180,7 +183,7 @@ pub fn configured_slots() -> u32 {
                 0
             }),
         };
-        if slots > 0 {
+        if slots > 0 || metering() {
             // SAFETY: registering a plain extern "C" function with no captured state.
             if unsafe { libc::atexit(report_at_exit) } != 0 {
                 control::warn("residency: could not register the exit report");
@@ -188,6 +191,12 @@ pub fn configured_slots() -> u32 {
         }
         slots
     })
+}
+
+/// Meter mode (`SPARK_RESIDENCY_METER=1` and no slots): decline every call, count what the
+/// stock copy moves. Read once.
+fn metering() -> bool {
+    *METER.get_or_init(|| std::env::var(ENV_METER).is_ok_and(|v| v.trim() == "1"))
 }
 
 extern "C" fn report_at_exit() {
@@ -294,7 +303,14 @@ fn split_name(name: &str) -> Option<(u32, &str)> {
 /// `req` is the scheduler's request, valid for the duration of the call (ABI v1 contract).
 pub unsafe fn provide(req: *const MoeRequestV1) -> bool {
     let slots = configured_slots();
-    if slots == 0 || req.is_null() || BROKEN.load(Ordering::Relaxed) {
+    if req.is_null() || BROKEN.load(Ordering::Relaxed) {
+        return false;
+    }
+    if slots == 0 {
+        if metering() {
+            // SAFETY: forwarded from our caller.
+            let _ = catch_unwind(AssertUnwindSafe(|| unsafe { meter(&*req) }));
+        }
         return false;
     }
     let started = Instant::now();
@@ -310,6 +326,48 @@ pub unsafe fn provide(req: *const MoeRequestV1) -> bool {
     });
     PROVIDER_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     ok
+}
+
+/// Counts one call the stock path is about to serve (meter mode).
+///
+/// # Safety
+/// As [`provide`].
+unsafe fn meter(req: &MoeRequestV1) {
+    let Ok(mut guard) = STATE.try_lock() else {
+        return;
+    };
+    let state = guard.get_or_insert_with(|| Residency::new(0));
+    if req.abi != ABI || req.src.is_null() || req.used.is_null() || req.n_expert <= 0 {
+        state.counters.calls += 1;
+        state.counters.declined += 1;
+    } else {
+        // SAFETY: the scheduler passes a live source tensor and a bitset of ceil(n/32) words
+        // for the duration of the call (ABI v1); the source bytes are never read here.
+        let (src, used) = unsafe {
+            (
+                &*req.src.cast::<GgmlTensor>(),
+                std::slice::from_raw_parts(req.used, (req.n_expert as usize).div_ceil(32)),
+            )
+        };
+        // SAFETY: ggml tensor names are NUL-terminated within GGML_MAX_NAME.
+        let name = unsafe { CStr::from_ptr(src.name.as_ptr()) };
+        let tensor = name
+            .to_str()
+            .ok()
+            .and_then(split_name)
+            .map_or("", |(_, t)| t);
+        state.counters.meter_stock(&Call {
+            layer: 0,
+            tensor,
+            src_id: req.src as usize,
+            n_expert: req.n_expert as usize,
+            expert_size: req.expert_size,
+            src: &[],
+            used,
+            dst: (),
+        });
+    }
+    publish(&state.counters, 0);
 }
 
 /// # Safety

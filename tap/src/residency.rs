@@ -105,6 +105,34 @@ pub struct Counters {
     pub bytes_host: u64,
 }
 
+impl Counters {
+    /// Counts one call that the stock path serves (meter mode: no slots, every call declined):
+    /// every used expert is copied from host memory, in runs of consecutive ids with the
+    /// padding after each run, exactly as stock ggml copies them.
+    pub fn meter_stock<D>(&mut self, call: &Call<'_, D>) {
+        self.calls += 1;
+        self.declined += 1;
+        let (n, es) = (call.n_expert, call.expert_size);
+        if call.used.len() * 32 < n {
+            return;
+        }
+        let mut e = 0;
+        while e < n {
+            if !call.is_used(e) {
+                e += 1;
+                continue;
+            }
+            let first = e;
+            while e + 1 < n && call.is_used(e + 1) {
+                e += 1;
+            }
+            self.streamed += (e - first + 1) as u64;
+            self.bytes_host += (e * es + call.span(e) - first * es) as u64;
+            e += 1;
+        }
+    }
+}
+
 struct Kind<S> {
     name: String,
     src_id: usize,
@@ -569,6 +597,38 @@ pub(crate) mod tests {
         assert_eq!(res.counters.evictions, 0);
         assert_eq!(res.counters.streamed, 6);
         assert_eq!(res.counters.hits, 1);
+    }
+
+    #[test]
+    fn meter_counts_exactly_the_bytes_the_stock_copy_moves() {
+        let mut rng = Rng::new(7);
+        for &(n, es) in &[(8usize, 40usize), (33, 700), (64, 2048)] {
+            let src: Vec<u8> = (0..n * es + 600).map(|i| (i % 251) as u8).collect();
+            let mut c = Counters::default();
+            let (mut want_bytes, mut want_experts) = (0u64, 0u64);
+            for _ in 0..50 {
+                let ids: Vec<usize> = (0..n).filter(|_| rng.next() % 3 == 0).collect();
+                let used = bitset(&ids, n);
+                // The stock copy of an all-ones source into zeros: its sum is the bytes moved.
+                let mut dst = vec![0u8; n * es + 600];
+                stock_copy(&mut dst, &vec![1u8; src.len()], &used, n, es);
+                want_bytes += dst.iter().map(|&b| u64::from(b)).sum::<u64>();
+                want_experts += ids.len() as u64;
+                c.meter_stock(&Call {
+                    layer: 0,
+                    tensor: "ffn_up_exps.weight",
+                    src_id: 1,
+                    n_expert: n,
+                    expert_size: es,
+                    src: &src,
+                    used: &used,
+                    dst: (),
+                });
+            }
+            assert_eq!(c.bytes_host, want_bytes, "n={n} es={es}");
+            assert_eq!(c.streamed, want_experts);
+            assert_eq!((c.calls, c.declined, c.hits, c.loads), (50, 50, 0, 0));
+        }
     }
 
     #[test]

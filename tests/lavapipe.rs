@@ -1,0 +1,546 @@
+//! The residency path on a real GPU backend without a GPU: the hooked engine's Vulkan build
+//! (`scripts/build-engine --vulkan --hooked`) on Mesa's lavapipe, a conformant Vulkan device
+//! that runs on the CPU. Every layer's experts stay in host memory (`--n-cpu-moe`) and the
+//! expert matrix products of decode and prefill are offloaded to the device
+//! (`GGML_OP_OFFLOAD_MIN_BATCH=1`), so the scheduler's MoE copy, the hook, the tap's provider,
+//! its slots and the MUL_MAT_ID kernel all run for real, and the outputs are compared with the
+//! same placement without the provider.
+//!
+//! Flash attention is off throughout: lavapipe (Mesa 22.3) crashes inside it once a batch holds
+//! more than about 10 tokens, with or without the hook.
+//!
+//! scripts/test builds the Vulkan engine and sets `SPARK_REQUIRE_VULKAN=1`, so there (and in CI)
+//! these tests always run; without the build and that variable they say they were skipped.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use spark::engine::{Backend, Engine};
+use spark::supervisor::{LlamaServer, LlamaServerConfig};
+use spark::telemetry::{Session, SessionConfig};
+use spark_proto::control::{Command, ResidencyStats, WantPlan, RESIDENCY_EXIT_PREFIX};
+use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_SLOTS};
+
+use crate::telemetry::tap_lib;
+use crate::util;
+
+/// The variable that picks lavapipe: ggml skips CPU-type Vulkan devices unless it is set.
+const ENV_VK_DEVICES: &str = "GGML_VK_VISIBLE_DEVICES";
+
+/// The hooked Vulkan build's llama-server, or `None` (with a line saying the test is skipped)
+/// when it is not built and `SPARK_REQUIRE_VULKAN` is not set.
+pub fn vulkan_server() -> Option<PathBuf> {
+    let p = spark::engine::prefix(Backend::Vulkan, true);
+    if p.join(".spark-built").exists() {
+        return Some(p.join("bin/llama-server"));
+    }
+    let msg = format!(
+        "no hooked Vulkan engine at {}: run scripts/build-engine --vulkan --hooked (scripts/test does)",
+        p.display()
+    );
+    if std::env::var("SPARK_REQUIRE_VULKAN").as_deref() == Ok("1") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+/// Environment of every run on the device: lavapipe as device 0, expert products offloaded.
+pub fn device_env() -> Vec<(String, String)> {
+    vec![
+        (ENV_VK_DEVICES.into(), "0".into()),
+        (ENV_OFFLOAD_MIN_BATCH.into(), "1".into()),
+    ]
+}
+
+/// llama-server flags of every run: all layers on the device, every layer's experts on the
+/// host, no flash attention, two parallel sequences.
+pub fn device_args(n_layer: u32) -> Vec<String> {
+    let n = n_layer.to_string();
+    [
+        "-ngl",
+        "99",
+        "--n-cpu-moe",
+        &n,
+        "-fa",
+        "off",
+        "-c",
+        "2048",
+        "-np",
+        "2",
+        "-t",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Two prompts of a few dozen tokens each: the server prefills each in one batch, and with
+/// both sent in one request (a prompt array) the two sequences decode side by side in the same
+/// batches, the same way on every run.
+const PROMPTS: [&str; 2] = [
+    "Mixture of experts models route every token to a few experts per layer, and the experts \
+     that stay resident decide how fast a small GPU decodes",
+    "The quick brown fox jumps over the lazy dog while seven wizards quietly juggle boxes of \
+     frozen yellow quinces under a silver moon",
+];
+
+fn body(n_predict: u32) -> Value {
+    json!({"prompt": PROMPTS, "n_predict": n_predict, "temperature": 0.0, "n_probs": 4,
+           "cache_prompt": false})
+}
+
+/// The two answers of a prompt-array completion, each with 4 probabilities per token.
+fn two_answers(a: Value) -> Vec<Value> {
+    let v = a
+        .as_array()
+        .unwrap_or_else(|| panic!("a prompt array gives an array of answers: {a}"))
+        .clone();
+    assert_eq!(v.len(), 2, "{a}");
+    for x in &v {
+        let probs = x["completion_probabilities"].as_array().map(Vec::len);
+        assert_eq!(probs, x["tokens_predicted"].as_u64().map(|n| n as usize));
+        assert!(
+            probs.unwrap_or(0) > 0,
+            "probabilities are compared, not absent"
+        );
+    }
+    v
+}
+
+/// The provider's counters from the line the tap prints at exit.
+fn exit_stats(log: &Path) -> Option<ResidencyStats> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            l.split_once(RESIDENCY_EXIT_PREFIX)
+                .map(|(_, r)| r.to_string())
+        })
+        .last()
+        .map(|r| ResidencyStats::parse(&r).unwrap())
+}
+
+/// One prompt-array completion from the hooked Vulkan llama-server; with `slots`, the tap is
+/// preloaded as the provider. Returns the answers and the provider's exit counters.
+fn run(
+    server: &Path,
+    model: &Path,
+    n_layer: u32,
+    slots: Option<u32>,
+    log: PathBuf,
+) -> (Vec<Value>, Option<ResidencyStats>) {
+    let mut env = device_env();
+    if let Some(s) = slots {
+        env.push(("LD_PRELOAD".into(), tap_lib().display().to_string()));
+        env.push((ENV_RESIDENCY_SLOTS.into(), s.to_string()));
+    }
+    let s = LlamaServer::start(&LlamaServerConfig {
+        binary: server.to_path_buf(),
+        model: model.to_path_buf(),
+        port: None,
+        extra_args: device_args(n_layer),
+        env,
+        ready_timeout: Duration::from_secs(180),
+        log_path: log.clone(),
+    })
+    .unwrap();
+    let a = s.post_json("/completion", &body(24)).unwrap();
+    s.stop();
+    (two_answers(a), exit_stats(&log))
+}
+
+fn assert_same(got: &[Value], want: &[Value], what: &str) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            g["content"], w["content"],
+            "{what}, prompt {i}: tokens differ"
+        );
+        assert_eq!(
+            g["completion_probabilities"], w["completion_probabilities"],
+            "{what}, prompt {i}: probabilities differ"
+        );
+    }
+}
+
+/// The provider at every slot count from 1 to n_expert, on f16 and q8_0 experts: tokens and
+/// top-4 probabilities of two parallel sequences (batched prefill, then decode) equal the same
+/// placement without the provider; the hook was called, served hits, declined nothing, and
+/// evicted under pressure.
+#[test]
+fn the_provider_answers_exactly_like_the_stock_copy_at_every_slot_count() {
+    let Some(server) = vulkan_server() else {
+        return;
+    };
+    let dir = util::tempdir();
+    for ty in ["f16", "q8_0"] {
+        let model = util::fixture(
+            dir.path(),
+            &format!("{ty}.gguf"),
+            &["--router", "skewed", "--type", ty],
+        );
+        let g =
+            spark::gguf::MoeGeometry::of(&spark::gguf::GgufFile::open(&model).unwrap()).unwrap();
+        let log = |n: String| dir.path().join(n);
+        let (stock, none) = run(
+            &server,
+            &model,
+            g.n_layer,
+            None,
+            log(format!("{ty}-stock.log")),
+        );
+        assert!(none.is_none(), "no provider without the tap");
+        for slots in 1..=g.n_expert {
+            let started = Instant::now();
+            let (got, stats) = run(
+                &server,
+                &model,
+                g.n_layer,
+                Some(slots),
+                log(format!("{ty}-{slots}.log")),
+            );
+            let st = stats.expect("the provider prints its counters at exit");
+            eprintln!(
+                "{ty} slots {slots}: {} ({:.1} s)",
+                st.to_text(),
+                started.elapsed().as_secs_f64()
+            );
+            assert_same(&got, &stock, &format!("{ty}, {slots} slots"));
+            assert!(
+                st.calls > 0,
+                "{ty} {slots}: the hook was never called: {st:?}"
+            );
+            assert_eq!(st.declined, 0, "{ty} {slots}: {st:?}");
+            assert!(st.hits > 0, "{ty} {slots}: no hits: {st:?}");
+            assert_eq!(
+                st.layers, g.n_layer,
+                "{ty} {slots}: slot memory in every layer"
+            );
+            if slots < g.n_expert {
+                assert!(st.evictions > 0, "{ty} {slots}: no pressure: {st:?}");
+            } else {
+                assert_eq!(st.evictions, 0, "{ty} {slots}: {st:?}");
+                assert_eq!(st.streamed, 0, "{ty} {slots}: {st:?}");
+            }
+        }
+    }
+}
+
+/// A plan sent over the control channel (`want`: pinned experts plus a tail) is followed and
+/// changes nothing in the answers: the provider keeps the pinned experts and counts the plan.
+#[test]
+fn a_plan_sent_with_want_is_followed_and_the_answers_do_not_change() {
+    let Some(server) = vulkan_server() else {
+        return;
+    };
+    let dir = util::tempdir();
+    let model = util::fixture(
+        dir.path(),
+        "skewed.gguf",
+        &["--router", "skewed", "--type", "f16"],
+    );
+    let g = spark::gguf::MoeGeometry::of(&spark::gguf::GgufFile::open(&model).unwrap()).unwrap();
+    let (stock, _) = run(
+        &server,
+        &model,
+        g.n_layer,
+        None,
+        dir.path().join("stock.log"),
+    );
+
+    let slots = 3;
+    let mut env = device_env();
+    env.push((ENV_RESIDENCY_SLOTS.into(), slots.to_string()));
+    let mut session = Session::start(&SessionConfig {
+        llama_server: server.clone(),
+        model: model.clone(),
+        tap: Some(tap_lib()),
+        extra_args: device_args(g.n_layer),
+        env,
+        ring_capacity: 1 << 16,
+        hidden_capacity: None,
+        ready_timeout: Duration::from_secs(180),
+        log_path: dir.path().join("planned.log"),
+    })
+    .unwrap();
+    let control = session.control().expect("tapped");
+    for layer in 0..g.n_layer {
+        // Two experts pinned (slots hold three), two in the tail, the rest not wanted.
+        let plan = WantPlan {
+            layer,
+            pinned: vec![layer % g.n_expert, (layer + 3) % g.n_expert],
+            tail: vec![(layer + 1) % g.n_expert, (layer + 5) % g.n_expert],
+        };
+        control
+            .call(&Command::Want(plan), Duration::from_secs(10))
+            .unwrap();
+    }
+    let got = two_answers(
+        session
+            .server()
+            .post_json("/completion", &body(24))
+            .unwrap(),
+    );
+    let line = session
+        .control()
+        .unwrap()
+        .call(&Command::Residency, Duration::from_secs(10))
+        .unwrap();
+    session.stop();
+    let st = ResidencyStats::parse(&line).unwrap();
+    eprintln!("planned: {}", st.to_text());
+    assert_same(&got, &stock, "with a plan");
+    assert_eq!(st.planned, g.n_layer, "{st:?}");
+    assert!(st.calls > 0 && st.hits > 0, "{st:?}");
+    assert_eq!(st.declined, 0, "{st:?}");
+    // Pinned experts, once loaded, are never evicted: at most one eviction stream per layer
+    // goes through the one slot left to the tail and the rest.
+    assert!(
+        st.streamed > 0,
+        "unwanted experts stream past the pinned slots: {st:?}"
+    );
+}
+
+/// `spark serve --residency` on lavapipe: the plans reach the provider, its hits and loads
+/// grow with every request in `/spark/status` and `/spark/metrics`, a killed child gets every
+/// plan again, and the answers equal the same placement without the provider.
+#[test]
+fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
+    let Some(server) = vulkan_server() else {
+        return;
+    };
+    let dir = util::tempdir();
+    let model = util::fixture(
+        dir.path(),
+        "skewed.gguf",
+        &["--router", "skewed", "--type", "f16"],
+    );
+    let g = spark::gguf::MoeGeometry::of(&spark::gguf::GgufFile::open(&model).unwrap()).unwrap();
+    let n_layer = u64::from(g.n_layer);
+    let (stock, _) = run(
+        &server,
+        &model,
+        g.n_layer,
+        None,
+        dir.path().join("stock.log"),
+    );
+
+    let profile = dir.path().join("profile.csv");
+    let mut args: Vec<String> = [
+        "--quiet",
+        "--residency",
+        "--vram-budget",
+        "4096",
+        "--cache-slots",
+        "3",
+        "--spark",
+        "--profile",
+        profile.to_str().unwrap(),
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(device_args(g.n_layer));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let served = util::Served::start_env(&model, &server, &args, &device_env());
+    let status = served.status();
+    assert!(
+        Engine::locate(Some(&server))
+            .unwrap()
+            .variant()
+            .starts_with("vulkan-hooked-"),
+        "{status}"
+    );
+    assert_eq!(status["engine"]["hooked"], true, "{status}");
+
+    let residency_after = |want_calls_above: u64| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = served.status()["routing"]["residency"].clone();
+            if r["layers_planned"] == n_layer && r["hook_calls"].as_u64() > Some(want_calls_above) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no provider counters: {r}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let post = || -> Vec<Value> {
+        let a: Value = ureq::post(&served.url("/completion"))
+            .timeout(Duration::from_secs(300))
+            .send_json(body(24))
+            .unwrap()
+            .into_json()
+            .unwrap();
+        two_answers(a)
+    };
+    let first = post();
+    let r1 = residency_after(0);
+    let second = post();
+    let calls1 = r1["hook_calls"].as_u64().unwrap();
+    let r2 = residency_after(calls1);
+    eprintln!("after one request: {r1}\nafter two: {r2}");
+    assert_same(&first, &stock, "through serve --residency");
+    assert_same(&second, &stock, "through serve --residency, second request");
+    for k in ["hits", "loads"] {
+        assert!(r1[k].as_u64() > Some(0), "{k} after one request: {r1}");
+        assert!(
+            r2[k].as_u64() > r1[k].as_u64(),
+            "{k} did not grow: {r1} then {r2}"
+        );
+    }
+    assert_eq!(r2["declined"], 0, "{r2}");
+    assert_eq!(r2["error"], Value::Null, "{r2}");
+
+    let metrics = ureq::get(&served.url("/spark/metrics"))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let metric = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing from /spark/metrics:\n{metrics}"))
+    };
+    assert!(
+        metric("spark_residency_hook_calls_total ") >= calls1,
+        "{metrics}"
+    );
+    assert!(
+        metric("spark_residency_expert_slices_total{source=\"hit\"} ") > 0,
+        "{metrics}"
+    );
+
+    // A killed child comes back without a plan: serve sends every layer's plan again, and the
+    // new child's provider serves hits again.
+    let sent_before = r2["plans_sent"].as_u64().unwrap();
+    let old = served.child_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = served.status();
+        let r = &st["routing"]["residency"];
+        if st["child"]["pid"].as_u64() != Some(u64::from(old))
+            && st["child"]["ready"] == true
+            && r["plans_sent"].as_u64() >= Some(sent_before + n_layer)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted child got no plan: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let third = post();
+    assert_same(&third, &stock, "after the restart");
+    let r3 = residency_after(0);
+    assert!(r3["hits"].as_u64() > Some(0), "{r3}");
+    assert_eq!(r3["layers_planned"], n_layer, "{r3}");
+}
+
+/// `spark bench residency --bytes` on lavapipe: real bytes per decoded token for (c) and (d) at
+/// three slot counts, with the shadow cache's prediction for the same run.
+#[test]
+fn bench_residency_bytes_measures_the_copies_and_predicts_the_hits() {
+    let Some(server) = vulkan_server() else {
+        return;
+    };
+    let dir = util::tempdir();
+    for router in ["skewed", "uniform"] {
+        let model = util::fixture(
+            dir.path(),
+            &format!("{router}.gguf"),
+            &["--router", router, "--type", "f16"],
+        );
+        let mut cmd = std::process::Command::new(util::spark_bin());
+        cmd.args([
+            "bench",
+            "residency",
+            "-m",
+            model.to_str().unwrap(),
+            "--configs",
+            "spark",
+            "--slots",
+            "2",
+            "--tokens",
+            "32",
+            "--reps",
+            "1",
+            "--bytes",
+            "--json",
+            "--llama-server",
+            server.to_str().unwrap(),
+            "--hooked-bench",
+            server.with_file_name("llama-bench").to_str().unwrap(),
+            "--tap",
+            tap_lib().to_str().unwrap(),
+        ]);
+        for (k, v) in device_env() {
+            if k == ENV_VK_DEVICES {
+                cmd.env(k, v);
+            }
+        }
+        let (o, _) = util::output_within(&mut cmd, Duration::from_secs(600));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let b = &r["bytes"];
+        assert_eq!(b["cpu_device"], true, "lavapipe is named: {b}");
+        let rows = b["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 4, "(c) and (d) at three slot counts: {b}");
+        let host = |row: &Value| row["residency"]["host_bytes_per_token"].as_f64().unwrap();
+        let copy = &rows[0];
+        assert_eq!(copy["config"], "host-copy");
+        let stats = |row: &Value| {
+            ResidencyStats::parse(row["residency"]["line"].as_str().unwrap()).unwrap()
+        };
+        let c = stats(copy);
+        assert!(c.calls > 0 && c.calls == c.declined && c.hits == 0, "{c:?}");
+        for row in &rows[1..] {
+            let st = stats(row);
+            let live = row["residency"]["hit_ratio"].as_f64().unwrap();
+            let predicted = row["predicted_hit_ratio"].as_f64().unwrap();
+            eprintln!(
+                "{router} slots {}: host {:.0} B/token vs host-copy {:.0}, hit ratio {live:.3} predicted {predicted:.3}",
+                row["slots"],
+                host(row),
+                host(copy)
+            );
+            assert_eq!(st.declined, 0, "{st:?}");
+            // The same routing (residency changes no output): every expert slice (c) copies
+            // from the host, (d) serves from a slot, loads into one, or streams.
+            assert_eq!(
+                st.hits + st.loads + st.streamed,
+                c.streamed,
+                "{router}: {st:?} vs {c:?}"
+            );
+            assert!(host(row) < host(copy), "{router}: slots save host bytes");
+            assert!(
+                (live - predicted).abs() <= 0.05,
+                "{router}: the shadow cache predicts {predicted:.3}, the provider hit {live:.3}"
+            );
+        }
+    }
+}
+
+/// Telemetry with every layer on the device: the routing captured on lavapipe equals the
+/// analytic computation, and hidden states are captured there too.
+#[test]
+fn telemetry_on_the_device_is_exact() {
+    let Some(server) = vulkan_server() else {
+        return;
+    };
+    let args: Vec<String> = ["-ngl", "99", "-fa", "off"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    crate::telemetry::check_analytic_routing(&server, &args, &[(ENV_VK_DEVICES, "0")]);
+    crate::telemetry::check_hidden_states(&server, &args, &[(ENV_VK_DEVICES, "0")]);
+}
