@@ -236,10 +236,7 @@ mod tests {
         if let Some(d) = std::env::var_os("SPARK_ENGINE_INCLUDE") {
             return Some(PathBuf::from(d));
         }
-        let cache = std::env::var_os("SPARK_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/spark")))?;
-        let d = cache.join("llama.cpp-11434.0.0-cpu").join("include");
+        let d = crate::cpu_engine_prefix().join("include");
         d.join("llama.h").exists().then_some(d)
     }
 

@@ -27,6 +27,19 @@ mod ffi;
 mod provider;
 mod residency;
 
+/// The pinned CPU engine's install prefix, as `scripts/build-engine --print` names it (the
+/// name carries a key over the build's flags, which only the script and spark compute).
+#[cfg(test)]
+pub(crate) fn cpu_engine_prefix() -> std::path::PathBuf {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-engine");
+    let o = std::process::Command::new(&script)
+        .arg("--print")
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::path::PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+}
+
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -483,11 +483,7 @@ mod tests {
 
     /// The pinned CPU engine's library directory (scripts/build-engine, which CI runs).
     fn engine_lib_dir() -> PathBuf {
-        let cache = std::env::var_os("SPARK_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/spark")))
-            .expect("HOME or SPARK_CACHE");
-        let d = cache.join("llama.cpp-11434.0.0-cpu/lib");
+        let d = crate::cpu_engine_prefix().join("lib");
         assert!(
             d.join("libggml-base.so").exists(),
             "pinned engine missing at {}; run scripts/build-engine",
