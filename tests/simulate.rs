@@ -411,6 +411,27 @@ fn profiles_with_counts_out_of_range_exit_2_naming_the_line() {
 }
 
 #[test]
+fn a_closed_stdout_ends_quietly_with_141() {
+    let dir = tempdir();
+    let prof = write(
+        dir.path(),
+        "p.csv",
+        "# hotness table: n_layer=2 n_expert=6 n_expert_used=2\n9,5,1,1,1,0\n0,1,8,8,2,1\n",
+    );
+    // A pipe whose reader is gone before spark writes, as after `| head -1` has exited.
+    let (read, write_end) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let o = std::process::Command::new(crate::util::spark_bin())
+        .args(["profile", "show", prof.to_str().unwrap()])
+        .stdout(std::process::Stdio::from(write_end))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(141), "{err}");
+    assert!(err.is_empty(), "quiet: {err}");
+}
+
+#[test]
 fn budget_mode_places_and_refuses() {
     let dir = tempdir();
     let jsonl = write(dir.path(), "t.jsonl", JSONL);
