@@ -124,6 +124,7 @@ struct EngineArgs {
 }
 
 fn main() -> ExitCode {
+    exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::from(exit::OK as u8),
@@ -132,6 +133,29 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&err) as u8)
         }
     }
+}
+
+/// `print!` panics when stdout's reader has gone (EPIPE: SIGPIPE is ignored, as Rust sets it,
+/// because spark also writes to sockets and to pipes of its children). Every command prints
+/// through `print!`, so this one hook turns that panic, from any thread, into a quiet exit with
+/// [`exit::BROKEN_PIPE`]; any other panic goes to the default hook.
+fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        // std's message: "failed printing to stdout: Broken pipe (os error 32)".
+        if msg.starts_with("failed printing to stdout")
+            && msg.ends_with(&format!("(os error {})", nix::libc::EPIPE))
+        {
+            std::process::exit(exit::BROKEN_PIPE);
+        }
+        default(info);
+    }));
 }
 
 /// The error and its causes on one line. Library errors often quote their source in their own

@@ -2,7 +2,9 @@
 //!
 //! Owns the file layout, compatible with Luce Spark's: a comment header
 //! `# hotness table: n_layer=L n_expert=E n_expert_used=K`, then L rows of E comma-separated
-//! counts. spark adds its own comment lines (`# spark profile: version=1`, `# model fingerprint:
+//! counts (non-negative integers: a fraction, a count of 2^64 or more, `n_expert_used=0`, or
+//! counts adding up past [`MAX_TOTAL`] are refused with the file and line). spark adds its own
+//! comment lines (`# spark profile: version=1`, `# model fingerprint:
 //! …`, `# tokens: N`, `# updated: <unix seconds>`), which Spark ignores and which this reader does
 //! not require. It writes atomically and tells a fresh profile from a stale one; it never loads a
 //! profile for another model silently (callers check [`Profile::freshness`]) and never decides
@@ -15,6 +17,10 @@ use crate::cache::Counts;
 
 /// Version of spark's comment lines.
 pub const PROFILE_VERSION: u32 = 1;
+
+/// The most the counts of one profile may add up to (2^63). Every sum over a profile then fits
+/// in a `u64`, and the counts serve folds in (saturating) have room to grow.
+pub const MAX_TOTAL: u64 = 1 << 63;
 
 /// Why a profile could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +83,22 @@ pub fn path_for(model: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A count of the file: decimal digits only (no sign, fraction or exponent), below 2^64.
+fn parse_count(t: &str) -> Result<u64, &'static str> {
+    if t.is_empty() {
+        return Err("empty");
+    }
+    if !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(if t.parse::<f64>().is_ok() {
+            "not a whole number of uses (a count is a non-negative integer)"
+        } else {
+            "not a number"
+        });
+    }
+    t.parse::<u64>()
+        .map_err(|_| "2^64 or more, past what a count can hold")
+}
+
 fn key_value<'a>(s: &'a str, key: &str) -> Option<&'a str> {
     s.split_whitespace()
         .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
@@ -119,6 +141,7 @@ impl Profile {
         let mut updated = None;
         let mut version = None;
         let mut rows: Vec<Vec<u64>> = Vec::new();
+        let mut total = 0u64;
         for (i, raw) in text.lines().enumerate() {
             let line_no = i + 1;
             let perr = |msg: String| ProfileError::Parse {
@@ -134,14 +157,15 @@ impl Profile {
                 let c = c.trim();
                 if let Some(rest) = c.strip_prefix("hotness table:") {
                     let num = |k: &str| -> Result<u64, ProfileError> {
-                        key_value(rest, k)
-                            .and_then(|v| v.parse().ok())
-                            .ok_or_else(|| perr(format!("hotness table header lacks {k}")))
+                        let v = key_value(rest, k)
+                            .ok_or_else(|| perr(format!("hotness table header lacks {k}")))?;
+                        parse_count(v).map_err(|why| perr(format!("{k}={v}: {why}")))
                     };
                     let (l, e, k) = (num("n_layer")?, num("n_expert")?, num("n_expert_used")?);
-                    if l == 0 || e == 0 || e > 65536 || l > 65536 || k > e {
+                    if l == 0 || e == 0 || k == 0 || e > 65536 || l > 65536 || k > e {
                         return Err(perr(format!(
-                            "bad geometry n_layer={l} n_expert={e} n_expert_used={k}"
+                            "bad geometry n_layer={l} n_expert={e} n_expert_used={k} \
+                             (each at least 1, n_expert_used at most n_expert)"
                         )));
                     }
                     geometry = Some((l as usize, e as usize, k as u32));
@@ -173,25 +197,27 @@ impl Profile {
             };
             let row = line
                 .split(',')
-                .map(|t| {
+                .enumerate()
+                .map(|(e, t)| {
                     let t = t.trim();
-                    // Spark writes integer counts; accept decayed fractional counts too.
-                    t.parse::<u64>().or_else(|_| {
-                        t.parse::<f64>()
-                            .ok()
-                            .filter(|v| v.is_finite() && *v >= 0.0)
-                            .map(|v| v.round() as u64)
-                            .ok_or(())
-                    })
+                    parse_count(t).map_err(|why| perr(format!("bad count {} {t:?}: {why}", e + 1)))
                 })
-                .collect::<Result<Vec<u64>, ()>>()
-                .map_err(|_| perr(format!("bad count in {line:?}")))?;
+                .collect::<Result<Vec<u64>, ProfileError>>()?;
             if row.len() != n_expert {
                 return Err(perr(format!(
                     "{} counts in a row, expected n_expert={n_expert}",
                     row.len()
                 )));
             }
+            // Sums over a profile (per layer, in total) must not overflow anywhere downstream.
+            total = row
+                .iter()
+                .try_fold(total, |t, &c| t.checked_add(c).filter(|&t| t <= MAX_TOTAL))
+                .ok_or_else(|| {
+                    perr(format!(
+                        "the counts add up past {MAX_TOTAL} (2^63), the most a profile may hold"
+                    ))
+                })?;
             rows.push(row);
         }
         let Some((n_layer, n_expert, k)) = geometry else {
@@ -464,6 +490,70 @@ mod tests {
             assert!(e.contains(needle), "{e}");
             assert!(e.contains("p.csv"), "{e}");
         }
+    }
+
+    #[test]
+    fn out_of_range_counts_are_refused_with_the_file_and_line() {
+        const H: &str = "# hotness table: n_layer=2 n_expert=2 n_expert_used=1\n";
+        for (text, line, needle) in [
+            // 2^64: past u64 (the f64 fallback once saturated it to u64::MAX).
+            (
+                format!("{H}1,2\n18446744073709551616,0\n"),
+                3,
+                "2^64 or more",
+            ),
+            (
+                format!("{H}99999999999999999999999,0\n1,1\n"),
+                2,
+                "2^64 or more",
+            ),
+            // u64::MAX fits a count, but no profile's counts may add up past 2^63.
+            (
+                format!("{H}18446744073709551615,0\n1,1\n"),
+                2,
+                "add up past",
+            ),
+            (format!("{H}{0},0\n{0},1\n", 1u64 << 62), 3, "add up past"),
+            (format!("{H}1.5,2\n1,1\n"), 2, "not a whole number"),
+            (format!("{H}1,2\n1,2.0\n"), 3, "not a whole number"),
+            (format!("{H}1,2\n1e3,2\n"), 3, "not a whole number"),
+            (format!("{H}-1,2\n1,1\n"), 2, "not a whole number"),
+            (format!("{H}+1,2\n1,1\n"), 2, "not a whole number"),
+            (format!("{H}1,,\n1,1\n"), 2, "empty"),
+            (format!("{H}NaN,1\n1,1\n"), 2, "not a whole number"),
+            (format!("{H}0x10,1\n1,1\n"), 2, "not a number"),
+            (
+                "# hotness table: n_layer=1 n_expert=2 n_expert_used=0\n1,2\n".to_string(),
+                1,
+                "n_expert_used=0",
+            ),
+            (
+                "\n# hotness table: n_layer=1 n_expert=2 n_expert_used=1.5\n1,2\n".to_string(),
+                2,
+                "n_expert_used=1.5: not a whole number",
+            ),
+            (
+                "# hotness table: n_layer=18446744073709551616 n_expert=2 n_expert_used=1\n"
+                    .to_string(),
+                1,
+                "n_layer=18446744073709551616: 2^64 or more",
+            ),
+        ] {
+            let e = Profile::parse(&text, Path::new("/p/m.spark.csv"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("parse profile /p/m.spark.csv line {line}: ")),
+                "{text:?}: {e}"
+            );
+            assert!(e.contains(needle), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        // The edges that stay valid: zero counts, a total of exactly 2^63.
+        let ok = format!("{H}0,0\n{},0\n", 1u64 << 63);
+        let p = Profile::parse(&ok, Path::new("p.csv")).unwrap();
+        assert_eq!(p.counts.total(), MAX_TOTAL);
+        assert_eq!(p.counts.layer(1), &[1u64 << 63, 0]);
     }
 
     #[test]

@@ -563,6 +563,69 @@ fn a_failed_write_leaves_no_partial_corpus() {
     assert_eq!(names_in(dir.path()), vec!["claude", "codex", "file"]);
 }
 
+/// `spark sessions extract` with the file permissions enforced even for root: the capabilities
+/// that let root ignore them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) are dropped from the child's
+/// bounding set before it runs spark, so a mode-000 directory is unreadable to it as to any user.
+fn run_extract_without_dac_override(claude: &Path, codex: &Path, out: &Path) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(spark_bin());
+    cmd.args(["sessions", "extract", "--claude"])
+        .arg(claude)
+        .arg("--codex")
+        .arg(codex)
+        .arg("--out")
+        .arg(out);
+    // SAFETY: the closure only calls prctl(2) and geteuid(2), both async-signal-safe, and
+    // allocates nothing before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            for cap in [1, 2] {
+                // CAP_DAC_OVERRIDE = 1, CAP_DAC_READ_SEARCH = 2 (linux/capability.h).
+                if nix::libc::prctl(nix::libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                    && nix::libc::geteuid() == 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.output()
+        .expect("run spark without CAP_DAC_OVERRIDE (root needs CAP_SETPCAP to drop it)")
+}
+
+#[test]
+fn an_unreadable_subdirectory_is_skipped_counted_and_warned_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let (claude, codex) = handmade_tree(dir.path());
+    let locked = claude.join("locked");
+    write_lines(
+        &locked.join("deeper/s.jsonl"),
+        &[br#"{"type":"user","message":{"content":"never read"}}"#],
+    );
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    let out = dir.path().join("corpus");
+    let o = run_extract_without_dac_override(&claude, &codex, &out);
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let warning = format!("spark: warning: skipped directory {}: ", locked.display());
+    assert_eq!(err.matches(&warning).count(), 1, "one warning: {err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("3 sessions (1 empty, 0 unreadable), 14 lines, 7 messages kept"),
+        "the rest of the tree is read as before: {text}"
+    );
+    assert!(text.contains("1 unreadable directory skipped"), "{text}");
+    let m = Corpus::open(&out).unwrap().manifest().clone();
+    assert_eq!(
+        (m.sources[0].unreadable_dirs, m.sources[1].unreadable_dirs),
+        (1, 0)
+    );
+}
+
 #[test]
 fn text_summary_names_what_was_found() {
     let dir = tempdir();

@@ -369,6 +369,69 @@ fn profile_scoring_mode() {
 }
 
 #[test]
+fn profiles_with_counts_out_of_range_exit_2_naming_the_line() {
+    let dir = tempdir();
+    let d = dir.path();
+    let jsonl = write(d, "t.jsonl", JSONL);
+    let h = "# hotness table: n_layer=2 n_expert=6 n_expert_used=2\n";
+    for (name, text, line) in [
+        // 2^64: it used to be read as u64::MAX, and wrapped to 7 after one request.
+        (
+            "big.csv",
+            format!("{h}1,1,1,1,1,1\n18446744073709551616,0,0,0,0,0\n"),
+            3,
+        ),
+        ("frac.csv", format!("{h}1,1,1.5,1,1,1\n1,1,1,1,1,1\n"), 2),
+        (
+            "k0.csv",
+            "# hotness table: n_layer=2 n_expert=6 n_expert_used=0\n1,1,1,1,1,1\n1,1,1,1,1,1\n"
+                .to_string(),
+            1,
+        ),
+    ] {
+        let prof = write(d, name, &text);
+        let p = prof.to_str().unwrap();
+        for args in [
+            vec!["profile", "show", p],
+            vec![
+                "simulate",
+                "--trace",
+                jsonl.to_str().unwrap(),
+                "--profile",
+                p,
+            ],
+        ] {
+            let e = fails_with(&args, 2);
+            assert!(
+                e.contains(&format!("{p} line {line}:")),
+                "{args:?}: names the file and line: {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly_with_141() {
+    let dir = tempdir();
+    let prof = write(
+        dir.path(),
+        "p.csv",
+        "# hotness table: n_layer=2 n_expert=6 n_expert_used=2\n9,5,1,1,1,0\n0,1,8,8,2,1\n",
+    );
+    // A pipe whose reader is gone before spark writes, as after `| head -1` has exited.
+    let (read, write_end) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let o = std::process::Command::new(crate::util::spark_bin())
+        .args(["profile", "show", prof.to_str().unwrap()])
+        .stdout(std::process::Stdio::from(write_end))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(141), "{err}");
+    assert!(err.is_empty(), "quiet: {err}");
+}
+
+#[test]
 fn budget_mode_places_and_refuses() {
     let dir = tempdir();
     let jsonl = write(dir.path(), "t.jsonl", JSONL);

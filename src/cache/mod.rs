@@ -113,7 +113,7 @@ impl Counts {
             for l in 0..routing.n_layer().min(self.n_layer) {
                 for &e in routing.ids(s, l) {
                     if usize::from(e) < self.n_expert {
-                        self.data[l * self.n_expert + usize::from(e)] += 1;
+                        self.bump(l, usize::from(e));
                     }
                 }
             }
@@ -128,12 +128,20 @@ impl Counts {
         self.data[layer * self.n_expert + expert] = v;
     }
 
+    /// One more use of `expert` in `layer`; a count at `u64::MAX` stays there (never wraps to
+    /// the coldest).
+    pub fn bump(&mut self, layer: usize, expert: usize) {
+        let c = &mut self.data[layer * self.n_expert + expert];
+        *c = c.saturating_add(1);
+    }
+
     pub fn layer(&self, layer: usize) -> &[u64] {
         &self.data[layer * self.n_expert..(layer + 1) * self.n_expert]
     }
 
+    /// Every count added up (saturating at `u64::MAX`).
     pub fn total(&self) -> u64 {
-        self.data.iter().sum()
+        self.data.iter().fold(0u64, |t, &c| t.saturating_add(c))
     }
 
     /// Experts of `layer` by descending count, ties by ascending id.

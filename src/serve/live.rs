@@ -356,8 +356,7 @@ impl Live {
             if r.phase == 0 {
                 s.prompt_records += 1;
                 for &e in ids {
-                    let c = s.prompt.get(layer, usize::from(e));
-                    s.prompt.set(layer, usize::from(e), c + 1);
+                    s.prompt.bump(layer, usize::from(e));
                 }
                 continue;
             }
@@ -368,8 +367,7 @@ impl Live {
             let now = s.decode_tokens;
             for &e in ids {
                 let i = layer * n_expert + usize::from(e);
-                let c = s.decode.get(layer, usize::from(e));
-                s.decode.set(layer, usize::from(e), c + 1);
+                s.decode.bump(layer, usize::from(e));
                 let age = now.saturating_sub(self.decayed_at[i]) as f64;
                 s.decayed[i] = s.decayed[i] * (-decay * age).exp() + 1.0;
                 self.decayed_at[i] = now;
@@ -515,12 +513,12 @@ impl Live {
             let mut c = s.decode.clone();
             for l in 0..c.n_layer {
                 for e in 0..c.n_expert {
-                    c.set(l, e, c.get(l, e) + s.prompt.get(l, e));
+                    c.set(l, e, c.get(l, e).saturating_add(s.prompt.get(l, e)));
                 }
             }
             let routed_tokens =
                 (s.prompt_records + s.decode_records) / self.cfg.n_layer.max(1) as u64;
-            (c, s.base_tokens + routed_tokens)
+            (c, s.base_tokens.saturating_add(routed_tokens))
         };
         let mut p = Profile::new(
             counts,
@@ -690,6 +688,34 @@ mod tests {
         // Decay: expert 0 of layer 0 was used at tokens 1 and 2 with half-life 10.
         let expect = (-(std::f64::consts::LN_2 / 10.0)).exp() + 1.0;
         assert!((s.decayed[0] - expect).abs() < 1e-9);
+    }
+
+    #[test]
+    fn folded_counts_saturate_instead_of_wrapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf.spark.csv");
+        let mut c = cfg(Some(path.clone()));
+        let mut counts = Counts::zero(2, 4);
+        counts.set(0, 1, u64::MAX - 1); // the hottest expert, one use short of the limit
+        counts.set(0, 2, 5);
+        c.start_profile = Some(crate::profile::Profile::new(counts, 2, None));
+        let (mut live, shared) = Live::new(c);
+        // Eight uses of expert 1 in decode and two in the prompt: a wrapping add gave 7.
+        for t in 0..8 {
+            live.fold(&[rec(0, t, 0, 1, &[1, 2])]);
+        }
+        live.fold(&[rec(0, 0, 0, 0, &[1, 3]), rec(0, 1, 0, 0, &[1, 3])]);
+        {
+            let s = shared.lock().unwrap();
+            assert_eq!(s.decode.get(0, 1), u64::MAX);
+            assert_eq!(s.decode.get(0, 2), 13);
+            assert_eq!(s.prompt.get(0, 1), 2);
+            assert_eq!(s.decode.total(), u64::MAX, "the total saturates too");
+        }
+        live.write_profile();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let row0 = text.lines().find(|l| !l.starts_with('#')).unwrap();
+        assert_eq!(row0, format!("0,{},13,2", u64::MAX), "still the hottest");
     }
 
     #[test]

@@ -490,7 +490,7 @@ fn start_live(
     }
     let fingerprint = geometry.fingerprint.to_string();
     let (start_profile, profile_start) = match &cfg.profile {
-        Some(path) => load_profile(path, geometry, &fingerprint),
+        Some(path) => load_profile(path, geometry, &fingerprint)?,
         None => (None, "off".to_string()),
     };
     let k = geometry.n_expert_used as usize;
@@ -540,15 +540,17 @@ fn start_live(
 }
 
 /// Reads the profile at `path` for a model with this fingerprint. A profile of another model
-/// (or one that cannot be read) is kept as `<path>.stale` and ignored, with a warning.
+/// is kept as `<path>.stale` and ignored, with a warning; one that cannot be read or parsed (a
+/// count out of range, a fraction, `n_expert_used=0`…) is an error (exit 2): its counts would
+/// seed the placement.
 fn load_profile(
     path: &std::path::Path,
     geometry: &MoeGeometry,
     fingerprint: &str,
-) -> (Option<crate::profile::Profile>, String) {
+) -> Result<(Option<crate::profile::Profile>, String), crate::profile::ProfileError> {
     use crate::profile::{Freshness, Profile};
     if !path.exists() {
-        return (None, "new".into());
+        return Ok((None, "new".into()));
     }
     let set_aside = |why: &str| {
         let mut stale = path.as_os_str().to_owned();
@@ -566,11 +568,8 @@ fn load_profile(
             ),
         }
     };
-    match Profile::read(path) {
-        Err(e) => {
-            set_aside(&format!("cannot be read ({e})"));
-            (None, "unreadable".into())
-        }
+    Ok(match Profile::read(path) {
+        Err(e) => return Err(e),
         Ok(p) => match p.freshness(fingerprint) {
             Freshness::Fresh
                 if p.n_layer() == geometry.n_layer as usize
@@ -599,7 +598,7 @@ fn load_profile(
                 (None, "stale".into())
             }
         },
-    }
+    })
 }
 
 #[cfg(test)]

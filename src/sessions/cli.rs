@@ -173,6 +173,17 @@ pub fn render(m: &Manifest, out: &std::path::Path) -> String {
             k.non_utf8,
             k.too_long
         ));
+        if src.unreadable_dirs > 0 {
+            s.push_str(&format!(
+                "       {} unreadable {} skipped (see the warnings above)\n",
+                src.unreadable_dirs,
+                if src.unreadable_dirs == 1 {
+                    "directory"
+                } else {
+                    "directories"
+                }
+            ));
+        }
     }
     for (name, c) in [("train", &m.train), ("test", &m.test)] {
         s.push_str(&format!(

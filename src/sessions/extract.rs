@@ -81,6 +81,10 @@ pub struct SourceStats {
     pub empty_sessions: u64,
     /// Sessions that could not be opened or failed mid-read (what was read before is kept).
     pub unreadable_sessions: u64,
+    /// Subdirectories that could not be listed (skipped, with a warning each); their sessions
+    /// are not counted anywhere else.
+    #[serde(default)]
+    pub unreadable_dirs: u64,
     pub bytes: u64,
     pub lines: u64,
     /// Lines kept as conversation.
@@ -136,19 +140,26 @@ pub fn extract(cfg: &ExtractConfig) -> Result<Manifest, SessionsError> {
             });
         }
         let mut files = Vec::new();
+        let mut unreadable_dirs = 0;
         if exists {
-            walk(&r.root, Path::new(""), r.source, &mut files)?;
+            walk(
+                &r.root,
+                Path::new(""),
+                r.source,
+                &mut files,
+                &mut unreadable_dirs,
+            )?;
             // By `/`-joined string, so a session sorts before its own subagent files.
             files.sort_by_cached_key(|p| (rel_string(p), p.clone()));
         }
-        found.push((r, exists, files));
+        found.push((r, exists, files, unreadable_dirs));
     }
     let mut writer = CorpusWriter::create(&cfg.out, cfg.force)?;
-    let total: usize = found.iter().map(|(_, _, f)| f.len()).sum();
+    let total: usize = found.iter().map(|(_, _, f, _)| f.len()).sum();
     let mut progress = Progress::new(cfg.progress, total);
     let mut sources = Vec::new();
     let mut buf = Vec::new();
-    for (r, exists, files) in found {
+    for (r, exists, files, unreadable_dirs) in found {
         let mut stats = SourceStats {
             source: r.source,
             root: r.root.display().to_string(),
@@ -156,6 +167,7 @@ pub fn extract(cfg: &ExtractConfig) -> Result<Manifest, SessionsError> {
             sessions: 0,
             empty_sessions: 0,
             unreadable_sessions: 0,
+            unreadable_dirs,
             bytes: 0,
             lines: 0,
             messages: 0,
@@ -257,17 +269,34 @@ fn rel_string(rel: &Path) -> String {
 }
 
 /// Collects session files under `dir` (paths relative to the root), skipping hidden entries
-/// and not following symlinks.
+/// and not following symlinks. A subdirectory that cannot be listed (or fails mid-listing) is
+/// skipped with one warning and counted in `unreadable`; only an unreadable root is an error.
 fn walk(
     root: &Path,
     rel: &Path,
     source: Source,
     out: &mut Vec<PathBuf>,
+    unreadable: &mut u64,
 ) -> Result<(), SessionsError> {
     let dir = root.join(rel);
-    let entries = fs::read_dir(&dir).map_err(|e| SessionsError::io("read", &dir, e))?;
+    let skip = |e: std::io::Error, unreadable: &mut u64| {
+        if rel.as_os_str().is_empty() {
+            return Err(SessionsError::io("read", &dir, e));
+        }
+        eprintln!("spark: warning: skipped directory {}: {e}", dir.display());
+        *unreadable += 1;
+        Ok(())
+    };
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) => return skip(e, unreadable),
+    };
     for entry in entries {
-        let entry = entry.map_err(|e| SessionsError::io("read", &dir, e))?;
+        let entry = match entry {
+            Ok(entry) => entry,
+            // What was listed before stays; the rest of this directory is skipped.
+            Err(e) => return skip(e, unreadable),
+        };
         let name = entry.file_name();
         let name_str = name.to_string_lossy();
         if name_str.starts_with('.') {
@@ -276,7 +305,7 @@ fn walk(
         let Ok(ft) = entry.file_type() else { continue };
         let child = rel.join(&name);
         if ft.is_dir() {
-            walk(root, &child, source, out)?;
+            walk(root, &child, source, out, unreadable)?;
         } else if ft.is_file() && is_session_file(source, &name_str) {
             out.push(child);
         }

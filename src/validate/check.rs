@@ -116,8 +116,11 @@ pub struct CheckRow {
 /// `report.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// pass, fail, timeout, interrupted or error.
+    /// `pass` (thresholds given, all met), `measured` (no thresholds given: scores only), `fail`
+    /// (a threshold missed, or no decode token scored), `timeout`, `interrupted` or `error`.
     pub status: String,
+    /// The status in one line with its reason, as report.md and the command print it.
+    pub verdict: String,
     pub error: Option<String>,
     pub model: String,
     pub fingerprint: String,
@@ -240,7 +243,7 @@ pub fn slots_for_budget(geo: &MoeGeometry, budget_mib: f64) -> Result<u32, Strin
 pub fn policy_table(r: &Report) -> String {
     match &r.decode {
         Some(s) => scores_table(s),
-        None => "no decode tokens were scored\n".into(),
+        None => "no decode tokens were scored: nothing to compare\n".into(),
     }
 }
 
@@ -270,10 +273,7 @@ fn opt(v: Option<f64>) -> String {
 
 /// `report.md`.
 pub fn render_markdown(r: &Report) -> String {
-    let mut o = format!("# spark validate: {}\n\n", r.status);
-    if let Some(e) = &r.error {
-        o.push_str(&format!("Ended early: {e}\n\n"));
-    }
+    let mut o = format!("# spark validate: {}\n\n{}\n\n", r.status, r.verdict);
     o.push_str(&format!(
         "- model: `{}` ({} layers, {} experts, top-{}), fingerprint `{}`\n- profile: `{}`\n- corpus: `{}`, {} of {} held-out chunks replayed ({} prompt tokens max, {} generated)\n- budget: {} slots per layer{}\n- prompt {} tok/s, decode {} tok/s (means over chunks); {:.1} s\n\n",
         r.model, r.n_layer, r.n_expert, r.k, r.fingerprint, r.profile, r.corpus,
@@ -370,6 +370,50 @@ fn mean(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
 }
 
+/// The report's status and its one-line verdict. Only a run stopped by a deadline, an
+/// interrupt or a failure before its last chunk "ended early"; a missed threshold or nothing
+/// scored is a `fail` of a finished run; no thresholds at all is `measured`, never `pass`.
+fn verdict(
+    result: &Result<(), ValidateError>,
+    checks: &[CheckRow],
+    decode_steps: usize,
+    replayed: usize,
+    planned: usize,
+) -> (String, String) {
+    let status = match result {
+        Ok(()) if checks.is_empty() => "measured",
+        Ok(()) => "pass",
+        Err(e) => e.status(),
+    };
+    let line = match result {
+        Ok(()) if checks.is_empty() => format!(
+            "measured: {decode_steps} decode tokens scored; no thresholds given \
+             (--min-hit-ratio, --max-cold-rate), so nothing was passed or failed"
+        ),
+        Ok(()) => format!(
+            "pass: {decode_steps} decode tokens scored; every threshold met ({})",
+            checks
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        Err(ValidateError::Threshold(m)) => format!("fail: missed {m}"),
+        Err(ValidateError::NothingScored(m)) => format!("fail: {m}"),
+        Err(e @ (ValidateError::Timeout(_) | ValidateError::Interrupted)) => {
+            format!("ended early, {replayed} of {planned} chunks replayed: {e}")
+        }
+        Err(ValidateError::Telemetry(t)) if t.is_timeout() => {
+            format!("ended early, {replayed} of {planned} chunks replayed: {t}")
+        }
+        Err(e) if replayed < planned => {
+            format!("ended early, {replayed} of {planned} chunks replayed: failed to {e}")
+        }
+        Err(e) => format!("error after every chunk was replayed: failed to {e}"),
+    };
+    (status.into(), line)
+}
+
 /// Runs `spark validate`: always leaves a report when it got as far as the report directory.
 /// Errors after the report is written: a missed threshold, a timeout, an interrupt, a server
 /// failure (each with its exit code, [`ValidateError::exit_code`]).
@@ -390,6 +434,11 @@ pub fn validate(
                 )));
             }
         }
+    }
+    if a.server.n_gen == 0 {
+        return Err(ValidateError::Usage(
+            "parse --n-gen 0: validate scores decode tokens, so it needs at least one".into(),
+        ));
     }
     let corpus = Corpus::open(&a.corpus)?;
     let geo = super::moe_geometry(&a.model, "validate")?;
@@ -532,6 +581,27 @@ pub fn validate(
         });
     }
     let result = result.and_then(|()| {
+        if decode.steps() == 0 {
+            let generated: usize = runs.iter().map(|r| r.generated).sum();
+            let records: usize = runs.iter().map(|r| r.records.len()).sum();
+            let why = if generated == 0 {
+                "it generated no tokens".to_string()
+            } else if records == 0 {
+                format!(
+                    "it generated {generated} tokens but no routing was captured (is the tap \
+                     loaded? see llama-server.log next to the report)"
+                )
+            } else {
+                format!(
+                    "it generated {generated} tokens; of {records} routing records captured, \
+                     none was a decoded token's"
+                )
+            };
+            return Err(ValidateError::NothingScored(format!(
+                "no decode token was scored: the server answered {} of {planned} chunks, {why}",
+                runs.len(),
+            )));
+        }
         let missed: Vec<String> = checks
             .iter()
             .filter(|c| !c.ok)
@@ -550,11 +620,10 @@ pub fn validate(
             Err(ValidateError::Threshold(missed.join("; ")))
         }
     });
+    let (status, verdict) = verdict(&result, &checks, decode.steps(), runs.len(), planned);
     let report = Report {
-        status: match &result {
-            Ok(()) => "pass".into(),
-            Err(e) => e.status().into(),
-        },
+        status,
+        verdict,
         error: result.as_ref().err().map(|e| e.to_string()),
         model: a.model.display().to_string(),
         fingerprint,
@@ -610,8 +679,9 @@ pub fn run(a: &ValidateArgs) -> Result<(), ValidateError> {
         }
     })?;
     println!(
-        "{}: pass ({} held-out chunks, {} slots per layer)",
+        "{}: {} ({} held-out chunks, {} slots per layer)",
         o.markdown.display(),
+        o.report.verdict,
         o.report.chunks.len(),
         o.report.slots
     );
@@ -648,6 +718,67 @@ mod tests {
         assert_eq!(by("belady bound").cold, 0);
         assert_eq!(by("uniform").vs_belady, None);
         assert!(s.rows.iter().all(|r| r.lookups == 10));
+    }
+
+    #[test]
+    fn the_verdict_says_what_happened_and_ended_early_only_when_it_did() {
+        let check = |ok| CheckRow {
+            name: "spark hit ratio ≥ --min-hit-ratio".into(),
+            limit: 0.9,
+            value: Some(0.5),
+            ok,
+        };
+        let missed = ValidateError::Threshold(
+            "spark hit ratio ≥ --min-hit-ratio (limit 0.9, value 0.5000)".into(),
+        );
+        let none = ValidateError::NothingScored("no decode token was scored: …".into());
+        for (result, checks, status, starts) in [
+            (
+                Ok(()),
+                vec![],
+                "measured",
+                "measured: 40 decode tokens scored; no thresholds",
+            ),
+            (
+                Ok(()),
+                vec![check(true)],
+                "pass",
+                "pass: 40 decode tokens scored; every",
+            ),
+            (
+                Err(missed),
+                vec![check(false)],
+                "fail",
+                "fail: missed spark hit ratio",
+            ),
+            (
+                Err(none),
+                vec![],
+                "fail",
+                "fail: no decode token was scored",
+            ),
+            (
+                Err(ValidateError::Timeout(
+                    "the whole-run deadline passed".into(),
+                )),
+                vec![check(true)],
+                "timeout",
+                "ended early, 1 of 2 chunks replayed: finish in time",
+            ),
+            (
+                Err(ValidateError::Interrupted),
+                vec![],
+                "interrupted",
+                "ended early, 1 of 2 chunks replayed: finish: interrupted",
+            ),
+        ] {
+            let ended = status == "timeout" || status == "interrupted";
+            let (st, line) = verdict(&result, &checks, 40, if ended { 1 } else { 2 }, 2);
+            assert_eq!(st, status, "{line}");
+            assert!(line.starts_with(starts), "{line}");
+            assert_eq!(line.contains("ended early"), ended, "{line}");
+            assert!(!line.contains('\n'), "{line}");
+        }
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub enum ValidateError {
     State { path: PathBuf, msg: String },
     #[error("pass the thresholds: {0}")]
     Threshold(String),
+    /// The run finished but scored nothing: a pass on no evidence is a failure.
+    #[error("score the held-out routing: {0}")]
+    NothingScored(String),
 }
 
 impl ValidateError {
@@ -83,7 +86,7 @@ impl ValidateError {
             ValidateError::Timeout(_) => "timeout",
             ValidateError::Telemetry(e) if e.is_timeout() => "timeout",
             ValidateError::Interrupted => "interrupted",
-            ValidateError::Threshold(_) => "fail",
+            ValidateError::Threshold(_) | ValidateError::NothingScored(_) => "fail",
             _ => "error",
         }
     }
