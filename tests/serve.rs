@@ -119,20 +119,25 @@ fn proxy_answers_equal_llama_server_answers() {
     let tok = post(&served.url("/tokenize"), &json!({"content": "hello world"})).unwrap();
     assert!(!tok["tokens"].as_array().unwrap().is_empty());
     let st = served.status();
-    assert_eq!(st["requests"]["errors"], refused, "{st}");
+    assert_eq!(st["requests"]["errors"], 0, "{st}");
+    assert_eq!(st["requests"]["probes"]["errors"], refused, "{st}");
     assert_eq!(st["requests"]["aborted"], 0, "{st}");
     assert!(
         st["requests"]["generated_tokens"].as_u64().unwrap() >= 12 * 6,
         "{st}"
     );
-    assert!(st["completed_requests"].as_u64().unwrap() >= 9, "{st}");
+    assert_eq!(
+        st["completed_requests"], 9,
+        "generating requests only: {st}"
+    );
     assert!(st["requests"]["first_byte_ms"]["p50"].as_f64().unwrap() > 0.0);
     let metrics = ureq::get(&served.url("/spark/metrics"))
         .call()
         .unwrap()
         .into_string()
         .unwrap();
-    assert!(metrics.contains("spark_requests_total"), "{metrics}");
+    util::parse_metrics(&metrics);
+    assert!(metrics.contains("spark_requests_total 9\n"), "{metrics}");
     assert!(metrics.contains("spark_child_up 1"), "{metrics}");
 }
 
@@ -548,4 +553,210 @@ fn placement_flags_are_passed_and_an_impossible_budget_is_refused_with_3() {
         "{:?}",
         served.early
     );
+}
+
+/// The events of a streamed answer: the JSON of every `data:` line but `[DONE]`.
+fn sse_events(url: &str, body: &Value) -> Vec<Value> {
+    let resp = ureq::post(url)
+        .timeout(Duration::from_secs(60))
+        .send_json(body)
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let mut text = String::new();
+    resp.into_reader().read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{url}: {e}: {d}")))
+        .collect()
+}
+
+/// Tokens generated, as the answer itself says: the last event (or the answer) that carries
+/// `timings.predicted_n`, `tokens_predicted`, or a `usage` with `completion_tokens` or
+/// `output_tokens`, in any of llama-server's formats.
+fn own_count(events: &[Value]) -> Option<u64> {
+    events.iter().rev().find_map(|e| {
+        let usage = e
+            .get("usage")
+            .or_else(|| e.pointer("/response/usage"))
+            .filter(|u| !u.is_null());
+        e.pointer("/timings/predicted_n")
+            .and_then(Value::as_u64)
+            .or_else(|| e["tokens_predicted"].as_u64())
+            .or_else(|| usage.and_then(|u| u["completion_tokens"].as_u64()))
+            .or_else(|| usage.and_then(|u| u["output_tokens"].as_u64()))
+    })
+}
+
+#[test]
+fn every_generating_route_adds_its_tokens() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &["--router", "skewed"]);
+    let served = Served::start(&model, &["--quiet"]);
+    let p = "The expert cache keeps";
+    let msgs = json!([{"role": "user", "content": p}]);
+    // Every generating route of the pinned llama-server, plain and streamed.
+    let cases = [
+        ("/completion", json!({"prompt": p, "n_predict": 8})),
+        ("/v1/completions", json!({"prompt": p, "max_tokens": 8})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "max_tokens": 8}),
+        ),
+        ("/v1/responses", json!({"input": p, "max_output_tokens": 8})),
+        (
+            "/v1/messages",
+            json!({"model": "m", "messages": msgs, "max_tokens": 8}),
+        ),
+    ];
+    let mut routes_seen = 0;
+    let mut untimed = Vec::new();
+    for (route, body) in &cases {
+        for stream in [false, true] {
+            let mut body = body.clone();
+            body["stream"] = json!(stream);
+            body["temperature"] = json!(0.0);
+            let before = served.status()["requests"].clone();
+            let events = if stream {
+                sse_events(&served.url(route), &body)
+            } else {
+                vec![post(&served.url(route), &body).unwrap_or_else(|e| panic!("{e}"))]
+            };
+            let own = own_count(&events)
+                .unwrap_or_else(|| panic!("{route} (stream {stream}) says no count: {events:?}"));
+            let after = served.status()["requests"].clone();
+            let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+            assert!(own > 0, "{route}: {events:?}");
+            assert_eq!(delta("count"), 1, "{route} (stream {stream})");
+            assert_eq!(
+                delta("generated_tokens"),
+                own,
+                "{route} (stream {stream}) answered {own} tokens: {after}"
+            );
+            assert!(
+                delta("prompt_tokens") > 0,
+                "{route} (stream {stream}): {after}"
+            );
+            // A decode-speed sample: llama-server's timings, or measured over the stream when
+            // it carries none; a plain answer without timings gives none.
+            let timed = events.iter().any(|e| e.get("timings").is_some());
+            if !timed {
+                untimed.push(format!("{route} stream {stream}"));
+            }
+            let samples = |r: &Value| r["decode_tokens_per_s"]["count"].as_u64().unwrap_or(0);
+            let expect = u64::from(timed || (stream && own >= 2));
+            assert_eq!(
+                samples(&after) - samples(&before),
+                expect,
+                "{route} (stream {stream}): {after}"
+            );
+            routes_seen += 1;
+        }
+    }
+    assert_eq!(routes_seen, 10);
+    // What the pinned llama-server writes: no `timings` on these answers, so spark counts their
+    // tokens from `usage` (and times the stream itself).
+    assert_eq!(
+        untimed,
+        [
+            "/v1/responses stream false",
+            "/v1/messages stream false",
+            "/v1/messages stream true"
+        ]
+    );
+    let st = served.status();
+    assert_eq!(st["requests"]["errors"], 0, "{st}");
+    assert_eq!(st["requests"]["in_flight"], 0, "{st}");
+    let tps = st["requests"]["decode_tokens_per_s"]["p50"]
+        .as_f64()
+        .unwrap();
+    assert!(tps > 0.0, "{st}");
+    let m = util::parse_metrics(
+        &ureq::get(&served.url("/spark/metrics"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap(),
+    );
+    assert_eq!(
+        util::metric(&m, "spark_generated_tokens_total"),
+        st["requests"]["generated_tokens"].as_f64()
+    );
+    assert_eq!(util::metric(&m, "spark_requests_total"), Some(10.0));
+}
+
+#[test]
+fn probes_are_not_requests_and_rewrite_no_profile() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &["--router", "skewed"]);
+    let served = Served::start(&model, &["--quiet", "--spark"]);
+    let writes = || served.status()["profile"]["writes"].as_u64().unwrap();
+    let complete = |prompt: &str| {
+        post(
+            &served.url("/completion"),
+            &json!({"prompt": prompt, "n_predict": 8, "temperature": 0.0}),
+        )
+        .unwrap()
+    };
+    let wait_writes = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while writes() < n {
+            assert!(Instant::now() < deadline, "profile write {n} never came");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    complete("The expert cache keeps hot experts");
+    wait_writes(1);
+    let before = served.status()["requests"].clone();
+    let mut refused = 0;
+    for route in ["/health", "/slots", "/health", "/v1/models", "/health"] {
+        match ureq::get(&served.url(route)).call() {
+            Ok(_) => {}
+            Err(ureq::Error::Status(501, _)) => refused += 1,
+            Err(e) => panic!("{route}: {e}"),
+        }
+    }
+    // Not a probe, not a request either: it routes nothing, so it rewrites nothing.
+    post(&served.url("/tokenize"), &json!({"content": "hello"})).unwrap();
+    let after = served.status()["requests"].clone();
+    for k in ["count", "errors", "first_byte_ms", "total_ms"] {
+        assert_eq!(after[k], before[k], "{k} moved by probes: {after}");
+    }
+    assert_eq!(after["probes"], json!({"count": 5, "errors": refused}));
+    assert_eq!(after["other"], json!({"count": 1, "errors": 0}));
+    // The live thread handles messages in order: once the next request's rewrite is done,
+    // any rewrite the probes or the tokenize call had asked for would have been counted.
+    complete("again");
+    wait_writes(2);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(writes(), 2, "{}", served.status());
+
+    let text = ureq::get(&served.url("/spark/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let m = util::parse_metrics(&text);
+    assert_eq!(util::metric(&m, "spark_probes_total"), Some(5.0));
+    assert_eq!(util::metric(&m, "spark_requests_total"), Some(2.0));
+    assert_eq!(util::metric(&m, "spark_requests_in_flight"), Some(0.0));
+    assert_eq!(util::metric(&m, "spark_profile_writes_total"), Some(2.0));
+    let info = m
+        .samples
+        .iter()
+        .find(|s| s.metric == "spark_build_info")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(info.labels.get("version"), Some(env!("CARGO_PKG_VERSION")));
+    assert_eq!(info.labels.get("hook_abi"), Some("none"), "a stock build");
+    assert!(info
+        .labels
+        .get("engine_variant")
+        .unwrap()
+        .starts_with("cpu-"));
+    let st = served.status();
+    let window = &st["routing"]["shadow_cache"]["window"];
+    let belady = util::metric(&m, "spark_shadow_cache_belady_hit_ratio").unwrap();
+    // Within float parsing (serde_json's is not exact to the last bit).
+    let said = window["belady_hit_ratio"].as_f64().unwrap();
+    assert!((belady - said).abs() < 1e-12, "{belady} vs {st}");
+    assert!(belady >= util::metric(&m, "spark_shadow_cache_window_hit_ratio").unwrap());
 }

@@ -248,3 +248,113 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// Parses a Prometheus text exposition with the `prometheus-parse` crate, and checks what that
+/// lenient parser lets pass: every sample line parses (none silently skipped), every family has
+/// `# HELP` and `# TYPE` before its samples, counters end in `_total`, and every histogram has
+/// ascending `le` bounds, cumulative counts, a last `+Inf` bucket equal to its `_count`, and a
+/// `_sum`. Panics with the text on the first fault.
+pub fn parse_metrics(text: &str) -> prometheus_parse::Scrape {
+    use prometheus_parse::{LineInfo, SampleType};
+    use std::collections::HashMap;
+    let mut types: HashMap<String, SampleType> = HashMap::new();
+    let mut helped = std::collections::HashSet::new();
+    let mut sample_lines = 0;
+    for line in text.lines() {
+        match LineInfo::parse(line) {
+            LineInfo::Doc { metric_name, .. } => {
+                assert!(
+                    helped.insert(metric_name.to_string()),
+                    "HELP twice: {line}\n{text}"
+                );
+            }
+            LineInfo::Type {
+                metric_alias,
+                metric_name,
+                sample_type,
+            } => {
+                let family = metric_alias.unwrap_or(metric_name);
+                assert!(helped.contains(&family), "TYPE before HELP: {line}\n{text}");
+                assert!(
+                    types.insert(family, sample_type).is_none(),
+                    "TYPE twice: {line}"
+                );
+            }
+            LineInfo::Sample {
+                metric_name, value, ..
+            } => {
+                sample_lines += 1;
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        let base = metric_name.strip_suffix(s)?;
+                        (types.get(base) == Some(&SampleType::Histogram)).then_some(base)
+                    })
+                    .unwrap_or(metric_name);
+                let ty = types
+                    .get(family)
+                    .unwrap_or_else(|| panic!("sample without TYPE: {line}\n{text}"));
+                if *ty == SampleType::Counter {
+                    assert!(metric_name.ends_with("_total"), "counter name: {line}");
+                }
+                let v = if value == "+Inf" {
+                    Ok(f64::INFINITY)
+                } else {
+                    value.parse::<f64>()
+                };
+                assert!(v.is_ok(), "value of {line}");
+            }
+            LineInfo::Empty => {}
+            LineInfo::Ignored => panic!("a line the parser skips: {line:?}\n{text}"),
+        }
+    }
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("parse the exposition");
+    let mut parsed = 0;
+    for s in &scrape.samples {
+        match &s.value {
+            prometheus_parse::Value::Histogram(b) => {
+                parsed += b.len();
+                assert!(
+                    b.windows(2)
+                        .all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count),
+                    "{}: buckets not ascending and cumulative: {b:?}",
+                    s.metric
+                );
+                let last = b.last().expect("a histogram with buckets");
+                assert_eq!(last.less_than, f64::INFINITY, "{}: last bucket", s.metric);
+                let scalar = |suffix: &str| {
+                    scrape
+                        .samples
+                        .iter()
+                        .find(|x| x.metric == format!("{}{suffix}", s.metric))
+                        .map(|x| match x.value {
+                            prometheus_parse::Value::Untyped(v) => v,
+                            ref v => panic!("{}{suffix}: {v:?}", s.metric),
+                        })
+                        .unwrap_or_else(|| panic!("{}{suffix} missing\n{text}", s.metric))
+                };
+                assert_eq!(last.count, scalar("_count"), "{}: +Inf = _count", s.metric);
+                assert!(scalar("_sum") >= 0.0);
+            }
+            prometheus_parse::Value::Summary(q) => parsed += q.len(),
+            _ => parsed += 1,
+        }
+    }
+    assert_eq!(parsed, sample_lines, "every sample line was read\n{text}");
+    scrape
+}
+
+/// The value of the first sample named `name` (labels ignored) in a scrape.
+pub fn metric(scrape: &prometheus_parse::Scrape, name: &str) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .and_then(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}

@@ -39,7 +39,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Learn placement: load `<model>.gguf.spark.csv` when it belongs to this model and rewrite
-    /// it after every completed request
+    /// it after every completed request that routed tokens
     #[arg(long)]
     pub spark: bool,
     /// Profile path instead of `<model>.gguf.spark.csv`

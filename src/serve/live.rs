@@ -2,7 +2,7 @@
 //! counts kept apart for prompt processing and decode (cumulative and decayed), the shadow
 //! cache (spark's policy over the real decode routing, as if the planned slots existed) with
 //! its hit ratio and the Belady bound over a recent window, and the profile rewrite after
-//! every completed request.
+//! every completed request that routed something new.
 //!
 //! Runs on one thread that owns the ring of the current llama-server child; the keeper hands
 //! it a new ring after every restart. Never blocks the engine (the ring overruns and counts),
@@ -33,9 +33,10 @@ pub enum LiveMsg {
     /// A new child started with this ring and control channel; the previous ones are drained
     /// and dropped (which unlinks the old ring).
     Ring(ShmRing, crate::control::ControlClient),
-    /// A request's answer reached its client whole: fold everything, rewrite the profile.
+    /// A request's answer reached its client whole: fold everything, rewrite the profile if
+    /// the routing changed since the last write.
     Completed,
-    /// Fold what is left, write the profile once more, end.
+    /// Fold what is left, write the profile once more if the routing changed, end.
     Stop,
 }
 
@@ -236,6 +237,9 @@ pub struct Live {
     sent: Vec<Option<WantPlan>>,
     /// Decode tokens at the last plan update.
     planned_at: u64,
+    /// Routing records folded when the profile was last written (or at start); `None` until a
+    /// first write when the start profile needs its fingerprint stamped.
+    written_at: Option<u64>,
 }
 
 impl Live {
@@ -259,6 +263,10 @@ impl Live {
             calibration: None,
         };
         let policy = online_send(cfg.policy, &setup);
+        let cfg_profile_unstamped = cfg
+            .start_profile
+            .as_ref()
+            .is_some_and(|p| p.fingerprint.is_none());
         let live = Live {
             assembler: Assembler {
                 n_layer: cfg.n_layer,
@@ -274,6 +282,10 @@ impl Live {
             window: VecDeque::new(),
             sent: Vec::new(),
             planned_at: 0,
+            written_at: match cfg_profile_unstamped {
+                true => None,
+                false => Some(0),
+            },
         };
         (live, shared)
     }
@@ -502,11 +514,20 @@ impl Live {
         s.window_belady_misses = bmiss;
     }
 
-    /// Rewrites the profile with every count so far (prompt and decode), atomically.
+    /// Rewrites the profile with every count so far (prompt and decode), atomically, when
+    /// routing records arrived since the last write (a probe or a tokenize call routes nothing
+    /// and costs no fsync).
     fn write_profile(&mut self) {
         let Some(path) = self.cfg.profile_path.clone() else {
             return;
         };
+        let folded = {
+            let s = self.lock();
+            s.prompt_records + s.decode_records
+        };
+        if self.written_at == Some(folded) {
+            return;
+        }
         let started = Instant::now();
         let (counts, tokens) = {
             let s = self.lock();
@@ -533,6 +554,9 @@ impl Live {
                 .unwrap_or(0),
         );
         let result = p.write(&path);
+        if result.is_ok() {
+            self.written_at = Some(folded);
+        }
         let mut s = self.lock();
         match result {
             Ok(()) => {
@@ -735,5 +759,41 @@ mod tests {
         assert_eq!(p.counts.layer(1), &[0, 1, 2, 1]);
         assert_eq!(p.fingerprint.as_deref(), Some("fp"));
         assert_eq!(p.tokens, Some(2));
+    }
+
+    #[test]
+    fn the_profile_is_rewritten_only_when_routing_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf.spark.csv");
+        let (mut live, shared) = Live::new(cfg(Some(path.clone())));
+        let writes = || shared.lock().unwrap().profile_writes;
+        live.write_profile();
+        assert_eq!(writes(), 0, "nothing routed yet: nothing to write");
+        assert!(!path.exists());
+        live.fold(&[rec(0, 0, 0, 0, &[0, 1]), rec(0, 0, 1, 0, &[2, 3])]);
+        live.write_profile();
+        assert_eq!(writes(), 1);
+        // A probe or a tokenize call routes nothing: no rewrite, no fsync.
+        for _ in 0..5 {
+            live.write_profile();
+        }
+        assert_eq!(writes(), 1);
+        live.fold(&[rec(0, 1, 0, 1, &[0, 3])]);
+        live.write_profile();
+        assert_eq!(writes(), 2);
+        assert_eq!(Profile::read(&path).unwrap().counts.total(), 6);
+
+        // A profile loaded without a fingerprint is stamped by the first write, routed or not.
+        let mut c = cfg(Some(path.clone()));
+        c.start_profile = Some(Profile::new(Counts::zero(2, 4), 2, None));
+        let (mut live, shared) = Live::new(c);
+        live.write_profile();
+        assert_eq!(shared.lock().unwrap().profile_writes, 1);
+        assert_eq!(
+            Profile::read(&path).unwrap().fingerprint.as_deref(),
+            Some("fp")
+        );
+        live.write_profile();
+        assert_eq!(shared.lock().unwrap().profile_writes, 1);
     }
 }

@@ -109,9 +109,12 @@ pub struct LiveHandle {
 }
 
 impl ServeState {
-    /// Called once per request whose answer reached the client whole.
-    pub fn request_completed(&self) {
-        self.completed.fetch_add(1, Ordering::AcqRel);
+    /// Called once per call (probes aside) whose answer reached the client whole;
+    /// `completed_requests` counts the generating ones.
+    pub fn request_completed(&self, generating: bool) {
+        if generating {
+            self.completed.fetch_add(1, Ordering::AcqRel);
+        }
         if let Some(live) = &self.live {
             let _ = live
                 .tx
@@ -155,6 +158,11 @@ impl ServeState {
         let k = &self.keeper;
         let _ = writeln!(out, "# HELP spark_child_restarts_total Times llama-server was restarted.\n# TYPE spark_child_restarts_total counter\nspark_child_restarts_total {}", k.restarts.load(Ordering::Acquire));
         let _ = writeln!(out, "# HELP spark_child_up Whether llama-server is ready.\n# TYPE spark_child_up gauge\nspark_child_up {}", u8::from(k.port().is_some()));
+        let hook_abi = match self.engine.is_hooked() {
+            true => spark_proto::hook::ABI.to_string(),
+            false => "none".to_string(),
+        };
+        let _ = writeln!(out, "# HELP spark_build_info spark's version, the engine build it serves with, and the residency hook ABI that build carries.\n# TYPE spark_build_info gauge\nspark_build_info{{version=\"{}\",engine_version=\"{}\",engine_variant=\"{}\",hook_abi=\"{hook_abi}\"}} 1", env!("CARGO_PKG_VERSION"), crate::engine::ENGINE_VERSION, self.engine.variant());
         if let Some(l) = &self.live {
             let s = l.shared.lock().unwrap_or_else(|e| e.into_inner());
             let _ = writeln!(out, "# HELP spark_ring_dropped_total Routing records the tap dropped because the ring was full.\n# TYPE spark_ring_dropped_total counter\nspark_ring_dropped_total {}", s.ring_dropped);
@@ -162,6 +170,13 @@ impl ServeState {
             let _ = writeln!(out, "# HELP spark_shadow_cache_accesses_total Expert lookups served by the shadow cache.\n# TYPE spark_shadow_cache_accesses_total counter\nspark_shadow_cache_accesses_total {}", s.shadow_accesses);
             let _ = writeln!(out, "# HELP spark_shadow_cache_misses_total Shadow cache misses.\n# TYPE spark_shadow_cache_misses_total counter\nspark_shadow_cache_misses_total {}", s.shadow_misses);
             let _ = writeln!(out, "# HELP spark_profile_writes_total Profile rewrites.\n# TYPE spark_profile_writes_total counter\nspark_profile_writes_total {}", s.profile_writes);
+            if s.window_accesses > 0 {
+                let hit = |misses: u64| {
+                    s.window_accesses.saturating_sub(misses) as f64 / s.window_accesses as f64
+                };
+                let _ = writeln!(out, "# HELP spark_shadow_cache_window_hit_ratio Shadow cache hit ratio over the last decode steps (up to {} of them).\n# TYPE spark_shadow_cache_window_hit_ratio gauge\nspark_shadow_cache_window_hit_ratio {}", l.cfg.window, hit(s.window_misses));
+                let _ = writeln!(out, "# HELP spark_shadow_cache_belady_hit_ratio Belady bound: the best hit ratio any policy could reach with the same slots over the same decode steps.\n# TYPE spark_shadow_cache_belady_hit_ratio gauge\nspark_shadow_cache_belady_hit_ratio {}", hit(s.window_belady_misses));
+            }
             if let Some(r) = s.residency {
                 let _ = writeln!(out, "# HELP spark_residency_expert_slices_total Expert slices the residency provider served, by source (slot hit, loaded into a slot, streamed from host).\n# TYPE spark_residency_expert_slices_total counter\nspark_residency_expert_slices_total{{source=\"hit\"}} {}\nspark_residency_expert_slices_total{{source=\"load\"}} {}\nspark_residency_expert_slices_total{{source=\"stream\"}} {}", r.hits, r.loads, r.streamed);
                 let _ = writeln!(out, "# HELP spark_residency_bytes_total Bytes the provider copied, by source.\n# TYPE spark_residency_bytes_total counter\nspark_residency_bytes_total{{source=\"slots\"}} {}\nspark_residency_bytes_total{{source=\"host\"}} {}", r.bytes_hit, r.bytes_host);

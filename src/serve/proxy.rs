@@ -20,14 +20,17 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::stats::{parse_tail, RequestRecord};
+use super::stats::{parse_answer, route_kind, InFlight, RequestRecord, RouteKind};
 use super::ServeState;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// Bytes of the end of each answer kept to read llama-server's `timings`.
+/// Bytes of the end of each answer kept to read llama-server's `timings` or `usage`.
 const TAIL_BYTES: usize = 16 * 1024;
+/// Bytes of the start of each answer kept: a streamed Anthropic answer names its prompt tokens
+/// in its first event only.
+const HEAD_BYTES: usize = 4 * 1024;
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
@@ -95,6 +98,8 @@ pub async fn handle(
         _ => {}
     }
     let route = req.uri().path().to_string();
+    let kind = route_kind(&route);
+    let in_flight = state.stats.enter(kind);
     let Some(port) = state.keeper.port() else {
         state.stats.record(&RequestRecord {
             route,
@@ -159,6 +164,10 @@ pub async fn handle(
         parts.headers.remove(*h);
     }
     let status = parts.status.as_u16();
+    let streamed = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let metered = Metered {
         inner: body,
         state: state.clone(),
@@ -169,6 +178,11 @@ pub async fn handle(
         },
         received,
         tail: Vec::new(),
+        head: Vec::new(),
+        streamed,
+        last_byte: None,
+        kind,
+        in_flight,
         idle: Box::pin(tokio::time::sleep(state.idle_timeout)),
         idle_timeout: state.idle_timeout,
         done: false,
@@ -185,6 +199,12 @@ struct Metered {
     record: RequestRecord,
     received: Instant,
     tail: Vec<u8>,
+    head: Vec<u8>,
+    /// A server-sent-events answer: tokens arrive as they are generated.
+    streamed: bool,
+    last_byte: Option<Duration>,
+    kind: RouteKind,
+    in_flight: Option<InFlight>,
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
     done: bool,
@@ -198,14 +218,26 @@ impl Metered {
         self.done = true;
         self.record.total = self.received.elapsed();
         self.record.aborted = aborted;
-        let (p, g, tps) = parse_tail(&self.tail);
-        self.record.prompt_tokens = p;
-        self.record.generated_tokens = g;
-        self.record.decode_tps = tps;
+        let tokens = parse_answer(&self.head, &self.tail);
+        self.record.prompt_tokens = tokens.prompt;
+        self.record.generated_tokens = tokens.generated;
+        self.record.decode_tps = tokens.decode_tps.or_else(|| self.measured_tps());
         self.state.stats.record(&self.record);
-        if !aborted && self.record.status < 400 {
-            self.state.request_completed();
+        self.in_flight = None;
+        if !aborted && self.record.status < 400 && self.kind != RouteKind::Probe {
+            self.state
+                .request_completed(self.kind == RouteKind::Generate);
         }
+    }
+
+    /// Decode speed of a streamed answer whose end carries no `timings` (the Anthropic
+    /// Messages API): the first token arrives with the first body byte, every later one until
+    /// the last byte.
+    fn measured_tps(&self) -> Option<f64> {
+        let (first, last) = (self.record.first_byte?, self.last_byte?);
+        let n = self.record.generated_tokens?;
+        let secs = last.saturating_sub(first).as_secs_f64();
+        (self.streamed && n >= 2 && secs > 0.0).then(|| (n - 1) as f64 / secs)
     }
 }
 
@@ -224,8 +256,13 @@ impl Body for Metered {
                     if this.record.first_byte.is_none() {
                         this.record.first_byte = Some(this.received.elapsed());
                     }
+                    this.last_byte = Some(this.received.elapsed());
                     this.record.chunks += 1;
                     this.record.bytes += data.len() as u64;
+                    if this.head.len() < HEAD_BYTES {
+                        let take = data.len().min(HEAD_BYTES - this.head.len());
+                        this.head.extend_from_slice(&data[..take]);
+                    }
                     this.tail.extend_from_slice(data);
                     if this.tail.len() > 2 * TAIL_BYTES {
                         this.tail.drain(..this.tail.len() - TAIL_BYTES);
