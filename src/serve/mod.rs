@@ -2,10 +2,13 @@
 //! llama-server, while spark keeps the child alive and reports on every request.
 //!
 //! Owns the serve loop: the listener, graceful shutdown (stop accepting, let in-flight requests
-//! finish within a grace period, then stop the child), `/spark/status` and `/spark/metrics`.
-//! Process lifecycle lives in [`crate::supervisor`]; forwarding in [`proxy`].
+//! finish within a grace period, then stop the child within what is left of it),
+//! `/spark/status` and `/spark/metrics`. Process lifecycle lives in [`crate::supervisor`];
+//! forwarding in [`proxy`]; connection limits in [`listener`]; API keys in [`auth`].
 
+pub mod auth;
 pub mod cli;
+pub mod listener;
 pub mod live;
 pub mod placement;
 pub mod proxy;
@@ -18,18 +21,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_SLOTS};
 
 use crate::engine::Engine;
 use crate::gguf::{GgufFile, MoeGeometry};
-use crate::supervisor::{Backoff, Keeper, LlamaServerConfig, ServerError};
+use crate::supervisor::{Backoff, Health, Keeper, LlamaServerConfig, ServerError};
 use stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +44,35 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    ApiKeys(#[from] auth::KeyError),
 }
+
+/// What clients may hold or send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Client connections served at once; more get a 503 with `Retry-After`.
+    pub max_connections: usize,
+    /// Longest time a connection may take to send a request's headers (an idle keep-alive
+    /// connection too); then it is closed.
+    pub header_timeout: Duration,
+    /// Largest request body, bytes; a larger one gets 413.
+    pub max_body: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(30),
+            max_body: 32 << 20,
+        }
+    }
+}
+
+/// Least time llama-server gets between SIGTERM and SIGKILL on shutdown, even when the
+/// requests used up the whole grace period.
+const CHILD_STOP_MIN: Duration = Duration::from_secs(1);
 
 /// Resolved options of `spark serve`.
 #[derive(Debug, Clone)]
@@ -67,6 +94,9 @@ pub struct ServeConfig {
     /// Print llama-server's log lines with a prefix.
     pub forward_log: bool,
     pub backoff: Backoff,
+    /// Health probes of the child and the hang bound; `None` probes nothing.
+    pub health: Option<Health>,
+    pub limits: Limits,
     /// The routing tap to preload; `None` serves without routing statistics.
     pub tap: Option<PathBuf>,
     /// `--spark`: the profile to load when fresh and rewrite after every request.
@@ -85,7 +115,12 @@ pub struct ServeConfig {
 pub struct ServeState {
     pub keeper: Arc<crate::supervisor::KeeperState>,
     pub stats: Stats,
-    pub client: Client<HttpConnector, Incoming>,
+    pub client: Client<HttpConnector, proxy::ClientBody>,
+    /// Largest request body, bytes.
+    pub max_body: u64,
+    /// llama-server's API keys; spark's own routes ask for one when there are any.
+    pub api_keys: auth::ApiKeys,
+    pub connections: listener::Connections,
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub model: PathBuf,
@@ -137,7 +172,8 @@ impl ServeState {
             "listen": self.listen.to_string(),
             "placement": self.placement,
             "uptime_s": self.started.elapsed().as_secs_f64(),
-            "child": {"pid": k.pid.load(Ordering::Acquire), "port": k.port(), "ready": k.port().is_some(), "restarts": k.restarts.load(Ordering::Acquire), "last_exit": last_exit},
+            "child": {"pid": k.pid.load(Ordering::Acquire), "port": k.port(), "ready": k.port().is_some(), "state": k.phase().name(), "unresponsive_since_unix_s": k.unresponsive_since().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()), "failed_probes": k.probe_failures.load(Ordering::Acquire), "restarts": k.restarts.load(Ordering::Acquire), "last_exit": last_exit},
+            "connections": {"open": self.connections.open(), "max": self.connections.max, "rejected": self.connections.rejected.load(Ordering::Relaxed), "accept_errors": self.connections.accept_errors.load(Ordering::Relaxed), "header_timeout_s": self.connections.header_timeout.as_secs_f64()},
             "requests": self.stats.to_json(),
             "completed_requests": self.completed.load(Ordering::Acquire),
             "routing": self.live.as_ref().map(|l| l.shared.lock().unwrap_or_else(|e| e.into_inner()).to_json(&l.cfg)),
@@ -155,6 +191,10 @@ impl ServeState {
         let k = &self.keeper;
         let _ = writeln!(out, "# HELP spark_child_restarts_total Times llama-server was restarted.\n# TYPE spark_child_restarts_total counter\nspark_child_restarts_total {}", k.restarts.load(Ordering::Acquire));
         let _ = writeln!(out, "# HELP spark_child_up Whether llama-server is ready.\n# TYPE spark_child_up gauge\nspark_child_up {}", u8::from(k.port().is_some()));
+        let c = &self.connections;
+        let _ = writeln!(out, "# HELP spark_connections_open Client connections being served.\n# TYPE spark_connections_open gauge\nspark_connections_open {}", c.open());
+        let _ = writeln!(out, "# HELP spark_connections_rejected_total Client connections answered 503 because --max-connections were open.\n# TYPE spark_connections_rejected_total counter\nspark_connections_rejected_total {}", c.rejected.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP spark_accept_errors_total Failed accepts of client connections (EMFILE and the like).\n# TYPE spark_accept_errors_total counter\nspark_accept_errors_total {}", c.accept_errors.load(Ordering::Relaxed));
         if let Some(l) = &self.live {
             let s = l.shared.lock().unwrap_or_else(|e| e.into_inner());
             let _ = writeln!(out, "# HELP spark_ring_dropped_total Routing records the tap dropped because the ring was full.\n# TYPE spark_ring_dropped_total counter\nspark_ring_dropped_total {}", s.ring_dropped);
@@ -199,6 +239,8 @@ pub async fn serve(
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), anyhow::Error> {
+    let api_keys = auth::ApiKeys::of_llama_server(&cfg.llama_args, |k| std::env::var(k).ok())
+        .map_err(ServeError::from)?;
     let file = GgufFile::open(&cfg.model)?;
     let geometry = MoeGeometry::of(&file)?;
     let ram_total = std::fs::read_to_string("/proc/meminfo")
@@ -244,13 +286,13 @@ pub async fn serve(
         }
     );
     let addr = format!("{}:{}", cfg.host, cfg.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
+    let tcp = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|source| ServeError::Listen {
             addr: addr.clone(),
             source,
         })?;
-    let listen = listener.local_addr()?;
+    let listen = tcp.local_addr()?;
     std::fs::create_dir_all(&cfg.work_dir)?;
 
     let server_cfg = LlamaServerConfig {
@@ -269,6 +311,7 @@ pub async fn serve(
     };
     let prefix = cfg.forward_log.then(|| "[llama-server] ".to_string());
     let backoff = cfg.backoff;
+    let health = cfg.health;
     let (live, launcher, live_thread) = match &cfg.tap {
         Some(tap) if geometry.is_moe() => {
             let (handle, launcher, thread) = start_live(&cfg, &geometry, tap.clone())?;
@@ -283,13 +326,20 @@ pub async fn serve(
         }
         None => (None, None, None),
     };
-    let mut keeper =
-        tokio::task::spawn_blocking(move || Keeper::start(server_cfg, backoff, prefix, launcher))
-            .await??;
+    let mut keeper = tokio::task::spawn_blocking(move || {
+        Keeper::start(server_cfg, backoff, health, prefix, launcher)
+    })
+    .await??;
     let state = Arc::new(ServeState {
         keeper: keeper.state.clone(),
         stats: Stats::default(),
         client: proxy::client(),
+        max_body: cfg.limits.max_body,
+        api_keys,
+        connections: listener::Connections::new(
+            cfg.limits.max_connections,
+            cfg.limits.header_timeout,
+        ),
         request_timeout: cfg.request_timeout,
         idle_timeout: cfg.idle_timeout,
         model: cfg.model.clone(),
@@ -308,24 +358,37 @@ pub async fn serve(
     );
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut backoff = listener::AcceptBackoff::default();
     tokio::pin!(shutdown);
-    loop {
+    'accept: loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => { eprintln!("spark: accept failed: {e}"); continue; }
-                };
-                let _ = stream.set_nodelay(true);
-                let st = state.clone();
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(move |req| proxy::handle(st.clone(), req)));
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move { let _ = conn.await; });
-            }
-            _ = &mut shutdown => break,
+            accepted = tcp.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff.succeeded();
+                    listener::serve(stream, &state, &graceful, &mut tasks);
+                }
+                Err(e) if listener::is_per_connection(&e) => {}
+                Err(e) => {
+                    state.connections.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let pause = backoff.failed(Instant::now());
+                    if let Some(n) = pause.log {
+                        eprintln!("spark: accept failed: {e} ({n} failures since the last report); pausing accepts for {} ms", pause.sleep.as_millis());
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause.sleep) => {}
+                        _ = &mut shutdown => break 'accept,
+                    }
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = &mut shutdown => break 'accept,
         }
     }
-    drop(listener);
+    drop(tcp);
+    // One budget for the whole stop: the requests get the grace period, llama-server what is
+    // left of it (at least CHILD_STOP_MIN) between SIGTERM and SIGKILL.
+    let deadline = Instant::now() + cfg.grace;
     if tokio::time::timeout(cfg.grace, graceful.shutdown())
         .await
         .is_err()
@@ -335,7 +398,13 @@ pub async fn serve(
             cfg.grace.as_secs()
         );
     }
-    tokio::task::spawn_blocking(move || keeper.stop()).await?;
+    // Closing the client connections drops their upstream ones, so llama-server is not kept
+    // busy by answers nobody will read.
+    tasks.shutdown().await;
+    let child_grace = deadline
+        .saturating_duration_since(Instant::now())
+        .max(CHILD_STOP_MIN);
+    tokio::task::spawn_blocking(move || keeper.stop_within(child_grace)).await?;
     if let (Some(live), Some(thread)) = (&state.live, live_thread) {
         let _ = live
             .tx

@@ -211,8 +211,28 @@ impl LlamaServer {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// One `GET /health` with a deadline: `Ok` when it answered 200 within `timeout`, else why
+    /// not (a stopped or hung server accepts the connection and never answers).
+    pub fn probe_health(&self, timeout: Duration) -> Result<(), String> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(timeout)
+            .timeout(timeout)
+            .build();
+        match agent.get(&self.url("/health")).call() {
+            Ok(resp) if resp.status() == 200 => Ok(()),
+            Ok(resp) => Err(format!("/health answered {}", resp.status())),
+            Err(ureq::Error::Status(code, _)) => Err(format!("/health answered {code}")),
+            Err(e) => Err(format!("/health: {e}")),
+        }
+    }
+
     /// Stops the server (SIGTERM, grace, SIGKILL).
-    pub fn stop(mut self) {
-        self.child.stop(Duration::from_secs(5));
+    pub fn stop(self) {
+        self.stop_within(Duration::from_secs(5));
+    }
+
+    /// Stops the server: SIGTERM, up to `grace` to exit, then SIGKILL. Returns how it ended.
+    pub fn stop_within(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        self.child.stop(grace)
     }
 }
