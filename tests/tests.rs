@@ -7,6 +7,7 @@ mod gguf_files;
 mod hook;
 mod plan;
 mod serve;
+mod serve_hardening;
 mod sessions;
 mod simulate;
 mod swap;

@@ -123,6 +123,24 @@ impl Served {
 
     /// `spark serve` of `model` with the llama-server binary `server`.
     pub fn start_with(model: &Path, server: &Path, extra: &[&str]) -> Served {
+        Served::start_custom(
+            model,
+            server,
+            extra,
+            &["-c", "2048", "-t", "2", "-np", "4"],
+            |_| {},
+        )
+    }
+
+    /// `spark serve` of `model` with `server`, spark's flags `extra`, llama-server's arguments
+    /// `llama` (after `--`), and `configure` applied to the command last (an rlimit, say).
+    pub fn start_custom(
+        model: &Path,
+        server: &Path,
+        extra: &[&str],
+        llama: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Served {
         let mut cmd = Command::new(spark_bin());
         cmd.args([
             "serve",
@@ -134,7 +152,8 @@ impl Served {
             server.to_str().unwrap(),
         ]);
         cmd.args(extra);
-        cmd.args(["--", "-c", "2048", "-t", "2", "-np", "4"]);
+        cmd.arg("--").args(llama);
+        configure(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

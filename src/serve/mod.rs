@@ -212,6 +212,31 @@ impl ServeState {
     }
 }
 
+/// The first part of a stop, out of one budget: in-flight requests get up to `grace` to finish,
+/// then the connections left are closed (which drops their upstream ones, so llama-server is
+/// not kept busy by answers nobody will read). Returns what llama-server gets between SIGTERM
+/// and SIGKILL: what is left of `grace`, at least [`CHILD_STOP_MIN`].
+async fn drain(
+    grace: Duration,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Duration {
+    let deadline = tokio::time::Instant::now() + grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "spark: in-flight requests did not finish within {} s; closing them",
+            grace.as_secs()
+        );
+    }
+    tasks.shutdown().await;
+    deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(CHILD_STOP_MIN)
+}
+
 /// Runs `spark serve` on its own runtime until SIGINT or SIGTERM.
 pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -386,24 +411,7 @@ pub async fn serve(
         }
     }
     drop(tcp);
-    // One budget for the whole stop: the requests get the grace period, llama-server what is
-    // left of it (at least CHILD_STOP_MIN) between SIGTERM and SIGKILL.
-    let deadline = Instant::now() + cfg.grace;
-    if tokio::time::timeout(cfg.grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!(
-            "spark: in-flight requests did not finish within {} s; closing them",
-            cfg.grace.as_secs()
-        );
-    }
-    // Closing the client connections drops their upstream ones, so llama-server is not kept
-    // busy by answers nobody will read.
-    tasks.shutdown().await;
-    let child_grace = deadline
-        .saturating_duration_since(Instant::now())
-        .max(CHILD_STOP_MIN);
+    let child_grace = drain(cfg.grace, graceful, &mut tasks).await;
     tokio::task::spawn_blocking(move || keeper.stop_within(child_grace)).await?;
     if let (Some(live), Some(thread)) = (&state.live, live_thread) {
         let _ = live
@@ -675,6 +683,105 @@ fn load_profile(
 mod tests {
     use super::*;
     use crate::plan::fit::{Placement, Usage};
+
+    /// A response body that never ends.
+    struct Endless;
+
+    impl hyper::body::Body for Endless {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// One connection in `tasks`, watched by `graceful`, with a request in flight whose answer
+    /// takes `answer_after` (`None`: its body never ends). The flag is set when the task ends
+    /// or is dropped.
+    async fn in_flight(
+        graceful: &hyper_util::server::graceful::GracefulShutdown,
+        tasks: &mut tokio::task::JoinSet<()>,
+        answer_after: Option<Duration>,
+    ) -> (Arc<std::sync::atomic::AtomicBool>, tokio::io::DuplexStream) {
+        use tokio::io::AsyncWriteExt;
+        struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let (server, mut client) = tokio::io::duplex(1 << 16);
+        let service = hyper::service::service_fn(move |_req| async move {
+            let body = match answer_after {
+                Some(d) => {
+                    tokio::time::sleep(d).await;
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed()
+                }
+                None => http_body_util::BodyExt::boxed(Endless),
+            };
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let conn = graceful.watch(conn);
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = SetOnDrop(ended.clone());
+        tasks.spawn(async move {
+            let _guard = guard;
+            let _ = conn.await;
+        });
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Let the server read the request before the stop begins.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        (ended, client)
+    }
+
+    use http_body_util::BodyExt as _;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_child_gets_what_the_requests_left_of_the_grace_period() {
+        let grace = Duration::from_secs(5);
+        // A request that ends 2 s into the stop leaves 3 s for llama-server.
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let (_, _client) = in_flight(&graceful, &mut tasks, Some(Duration::from_secs(2))).await;
+        let t0 = tokio::time::Instant::now();
+        let left = drain(grace, graceful, &mut tasks).await;
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(
+            took + left,
+            grace,
+            "one budget for both: {took:?} + {left:?}"
+        );
+
+        // A request that never ends uses the whole period: it is closed, and llama-server still
+        // gets the minimum, not a second full period.
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let (ended, _client) = in_flight(&graceful, &mut tasks, None).await;
+        let t0 = tokio::time::Instant::now();
+        let left = drain(grace, graceful, &mut tasks).await;
+        assert_eq!(t0.elapsed(), grace);
+        assert_eq!(left, CHILD_STOP_MIN);
+        assert!(
+            ended.load(Ordering::Acquire),
+            "the connection left after the grace period is closed"
+        );
+        assert!(tasks.is_empty());
+    }
 
     fn placed(placement: Placement) -> placement::ServePlacement {
         placement::ServePlacement {

@@ -127,7 +127,7 @@ impl Health {
         Health {
             every: Duration::from_secs(1).min(hang_after / 4),
             timeout: Duration::from_secs(2).min(hang_after / 3),
-            mark_after: 3,
+            mark_after: 2,
             hang_after,
         }
     }
