@@ -398,7 +398,8 @@ pub async fn serve(
                     state.connections.accept_errors.fetch_add(1, Ordering::Relaxed);
                     let pause = backoff.failed(Instant::now());
                     if let Some(n) = pause.log {
-                        eprintln!("spark: accept failed: {e} ({n} failures since the last report); pausing accepts for {} ms", pause.sleep.as_millis());
+                        let times = if n > 1 { format!(" ({n} times since the last report)") } else { String::new() };
+                        eprintln!("spark: accept failed: {e}{times}; pausing accepts for {} ms", pause.sleep.as_millis());
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(pause.sleep) => {}

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::llama::{LlamaServer, LlamaServerConfig, ServerError};
+use super::llama::{LlamaServer, LlamaServerConfig, Probe, ServerError};
 
 /// What the proxy and `/spark/status` can see of the child.
 #[derive(Debug, Default)]
@@ -355,13 +355,18 @@ fn keep(
                     let sent = Instant::now();
                     let probe = server.probe_health(h.timeout);
                     next_probe = Some(Instant::now() + h.every);
-                    match probe {
-                        Ok(()) => state.probe_failures.store(0, Ordering::Release),
-                        Err(_) => {
-                            state.probe_failures.fetch_add(1, Ordering::AcqRel);
+                    let failure = match probe {
+                        Probe::Healthy => {
+                            state.probe_failures.store(0, Ordering::Release);
+                            None
                         }
-                    }
-                    let verdict = w.observe(probe.is_ok(), sent, Instant::now());
+                        Probe::Failed(why) => {
+                            state.probe_failures.fetch_add(1, Ordering::AcqRel);
+                            Some(why)
+                        }
+                        Probe::Inconclusive(_) => continue,
+                    };
+                    let verdict = w.observe(failure.is_none(), sent, Instant::now());
                     let since = w
                         .failing_since
                         .and_then(|s| SystemTime::now().checked_sub(s.elapsed()));
@@ -380,7 +385,7 @@ fn keep(
                             eprintln!(
                                 "spark: llama-server (pid {}) failed {failures} health probes in a row ({}); not ready, killed if it does not answer within {} s",
                                 server.pid(),
-                                probe.err().unwrap_or_default(),
+                                failure.unwrap_or_default(),
                                 h.hang_after.as_secs_f64()
                             );
                             state.set_unresponsive(Some(since.unwrap_or_else(SystemTime::now)));
@@ -400,7 +405,7 @@ fn keep(
                                 "llama-server (pid {}) answered no health probe for {} s ({}); killed",
                                 server.pid(),
                                 h.hang_after.as_secs_f64(),
-                                probe.err().unwrap_or_default()
+                                failure.unwrap_or_default()
                             );
                         }
                     }
