@@ -133,6 +133,8 @@ fn serve_and_learn(
         work_dir: cfg.dir.join("serve"),
         forward_log: false,
         backoff: crate::supervisor::Backoff::default(),
+        health: Some(crate::supervisor::Health::default()),
+        limits: crate::serve::Limits::default(),
         tap: Some(tap),
         profile: Some(profile.clone()),
         cache_slots: None,

@@ -327,24 +327,27 @@ fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
     );
 
     let profile = dir.path().join("profile.csv");
-    let mut args: Vec<String> = [
-        "--quiet",
-        "--residency",
-        "--vram-budget",
-        "4096",
-        "--cache-slots",
-        "3",
-        "--spark",
-        "--profile",
-        profile.to_str().unwrap(),
-        "--",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(device_args(g.n_layer));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let served = util::Served::start_env(&model, &server, &args, &device_env());
+    let llama = device_args(g.n_layer);
+    let llama: Vec<&str> = llama.iter().map(String::as_str).collect();
+    let served = util::Served::start_custom(
+        &model,
+        &server,
+        &[
+            "--quiet",
+            "--residency",
+            "--vram-budget",
+            "4096",
+            "--cache-slots",
+            "3",
+            "--spark",
+            "--profile",
+            profile.to_str().unwrap(),
+        ],
+        &llama,
+        |cmd| {
+            cmd.envs(device_env());
+        },
+    );
     let status = served.status();
     assert!(
         Engine::locate(Some(&server))

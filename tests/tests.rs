@@ -8,6 +8,7 @@ mod hook;
 mod lavapipe;
 mod plan;
 mod serve;
+mod serve_hardening;
 mod sessions;
 mod simulate;
 mod swap;

@@ -156,19 +156,25 @@ impl Served {
 
     /// `spark serve` of `model` with the llama-server binary `server`.
     pub fn start_with(model: &Path, server: &Path, extra: &[&str]) -> Served {
-        Served::start_env(model, server, extra, &[])
+        Served::start_custom(
+            model,
+            server,
+            extra,
+            &["-c", "2048", "-t", "2", "-np", "4"],
+            |_| {},
+        )
     }
 
-    /// As [`Served::start_with`], with `env` added to spark's environment (which llama-server
-    /// inherits). When `extra` holds `--`, the llama-server flags after it are the test's own.
-    pub fn start_env(
+    /// `spark serve` of `model` with `server`, spark's flags `extra`, llama-server's arguments
+    /// `llama` (after `--`), and `configure` applied to the command last (an rlimit, say).
+    pub fn start_custom(
         model: &Path,
         server: &Path,
         extra: &[&str],
-        env: &[(String, String)],
+        llama: &[&str],
+        configure: impl FnOnce(&mut Command),
     ) -> Served {
         let mut cmd = Command::new(spark_bin());
-        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.args([
             "serve",
             "-m",
@@ -179,9 +185,8 @@ impl Served {
             server.to_str().unwrap(),
         ]);
         cmd.args(extra);
-        if !extra.contains(&"--") {
-            cmd.args(["--", "-c", "2048", "-t", "2", "-np", "4"]);
-        }
+        cmd.arg("--").args(llama);
+        configure(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::engine::Engine;
-use crate::supervisor::Backoff;
+use crate::supervisor::{Backoff, Health};
 
 use super::ServeConfig;
 
@@ -32,9 +32,24 @@ pub struct ServeArgs {
     /// Seconds of silence allowed inside a streamed answer
     #[arg(long, default_value_t = 300)]
     pub idle_timeout: u64,
-    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM
+    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM (llama-server is stopped
+    /// within what is left of them, at least 1 s)
     #[arg(long, default_value_t = 10)]
     pub grace: u64,
+    /// Client connections served at once; more are answered 503 with Retry-After
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds a client connection may take to send a request's headers (idle keep-alive
+    /// connections included); then it is closed
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout: u64,
+    /// Largest request body, MiB; a larger one is answered 413
+    #[arg(long, value_name = "MiB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_body: u64,
+    /// Seconds llama-server may fail every health probe before it is killed and restarted
+    /// (0: no health probes)
+    #[arg(long, default_value_t = 30)]
+    pub hang_timeout: u64,
     /// Don't print llama-server's log lines
     #[arg(long)]
     pub quiet: bool,
@@ -108,6 +123,13 @@ impl ServeArgs {
             work_dir,
             forward_log: !self.quiet,
             backoff: Backoff::default(),
+            health: (self.hang_timeout > 0)
+                .then(|| Health::with_hang_timeout(Duration::from_secs(self.hang_timeout))),
+            limits: super::Limits {
+                max_connections: self.max_connections as usize,
+                header_timeout: Duration::from_secs(self.header_timeout),
+                max_body: self.max_body.saturating_mul(1 << 20),
+            },
             tap,
             profile,
             cache_slots: self.cache_slots,

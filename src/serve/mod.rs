@@ -2,10 +2,13 @@
 //! llama-server, while spark keeps the child alive and reports on every request.
 //!
 //! Owns the serve loop: the listener, graceful shutdown (stop accepting, let in-flight requests
-//! finish within a grace period, then stop the child), `/spark/status` and `/spark/metrics`.
-//! Process lifecycle lives in [`crate::supervisor`]; forwarding in [`proxy`].
+//! finish within a grace period, then stop the child within what is left of it),
+//! `/spark/status` and `/spark/metrics`. Process lifecycle lives in [`crate::supervisor`];
+//! forwarding in [`proxy`]; connection limits in [`listener`]; API keys in [`auth`].
 
+pub mod auth;
 pub mod cli;
+pub mod listener;
 pub mod live;
 pub mod placement;
 pub mod proxy;
@@ -18,18 +21,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_SLOTS};
 
 use crate::engine::Engine;
 use crate::gguf::{GgufFile, MoeGeometry};
-use crate::supervisor::{Backoff, Keeper, LlamaServerConfig, ServerError};
+use crate::supervisor::{Backoff, Health, Keeper, LlamaServerConfig, ServerError};
 use stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +44,35 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    ApiKeys(#[from] auth::KeyError),
 }
+
+/// What clients may hold or send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Client connections served at once; more get a 503 with `Retry-After`.
+    pub max_connections: usize,
+    /// Longest time a connection may take to send a request's headers (an idle keep-alive
+    /// connection too); then it is closed.
+    pub header_timeout: Duration,
+    /// Largest request body, bytes; a larger one gets 413.
+    pub max_body: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(30),
+            max_body: 32 << 20,
+        }
+    }
+}
+
+/// Least time llama-server gets between SIGTERM and SIGKILL on shutdown, even when the
+/// requests used up the whole grace period.
+const CHILD_STOP_MIN: Duration = Duration::from_secs(1);
 
 /// Resolved options of `spark serve`.
 #[derive(Debug, Clone)]
@@ -67,6 +94,9 @@ pub struct ServeConfig {
     /// Print llama-server's log lines with a prefix.
     pub forward_log: bool,
     pub backoff: Backoff,
+    /// Health probes of the child and the hang bound; `None` probes nothing.
+    pub health: Option<Health>,
+    pub limits: Limits,
     /// The routing tap to preload; `None` serves without routing statistics.
     pub tap: Option<PathBuf>,
     /// `--spark`: the profile to load when fresh and rewrite after every request.
@@ -85,7 +115,12 @@ pub struct ServeConfig {
 pub struct ServeState {
     pub keeper: Arc<crate::supervisor::KeeperState>,
     pub stats: Stats,
-    pub client: Client<HttpConnector, Incoming>,
+    pub client: Client<HttpConnector, proxy::ClientBody>,
+    /// Largest request body, bytes.
+    pub max_body: u64,
+    /// llama-server's API keys; spark's own routes ask for one when there are any.
+    pub api_keys: auth::ApiKeys,
+    pub connections: listener::Connections,
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub model: PathBuf,
@@ -140,7 +175,8 @@ impl ServeState {
             "listen": self.listen.to_string(),
             "placement": self.placement,
             "uptime_s": self.started.elapsed().as_secs_f64(),
-            "child": {"pid": k.pid.load(Ordering::Acquire), "port": k.port(), "ready": k.port().is_some(), "restarts": k.restarts.load(Ordering::Acquire), "last_exit": last_exit},
+            "child": {"pid": k.pid.load(Ordering::Acquire), "port": k.port(), "ready": k.port().is_some(), "state": k.phase().name(), "unresponsive_since_unix_s": k.unresponsive_since().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()), "failed_probes": k.probe_failures.load(Ordering::Acquire), "restarts": k.restarts.load(Ordering::Acquire), "last_exit": last_exit},
+            "connections": {"open": self.connections.open(), "max": self.connections.max, "rejected": self.connections.rejected.load(Ordering::Relaxed), "accept_errors": self.connections.accept_errors.load(Ordering::Relaxed), "header_timeout_s": self.connections.header_timeout.as_secs_f64()},
             "requests": self.stats.to_json(),
             "completed_requests": self.completed.load(Ordering::Acquire),
             "routing": self.live.as_ref().map(|l| l.shared.lock().unwrap_or_else(|e| e.into_inner()).to_json(&l.cfg)),
@@ -163,6 +199,10 @@ impl ServeState {
             false => "none".to_string(),
         };
         let _ = writeln!(out, "# HELP spark_build_info spark's version, the engine build it serves with, and the residency hook ABI that build carries.\n# TYPE spark_build_info gauge\nspark_build_info{{version=\"{}\",engine_version=\"{}\",engine_variant=\"{}\",hook_abi=\"{hook_abi}\"}} 1", env!("CARGO_PKG_VERSION"), crate::engine::ENGINE_VERSION, self.engine.variant());
+        let c = &self.connections;
+        let _ = writeln!(out, "# HELP spark_connections_open Client connections being served.\n# TYPE spark_connections_open gauge\nspark_connections_open {}", c.open());
+        let _ = writeln!(out, "# HELP spark_connections_rejected_total Client connections answered 503 because --max-connections were open.\n# TYPE spark_connections_rejected_total counter\nspark_connections_rejected_total {}", c.rejected.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP spark_accept_errors_total Failed accepts of client connections (EMFILE and the like).\n# TYPE spark_accept_errors_total counter\nspark_accept_errors_total {}", c.accept_errors.load(Ordering::Relaxed));
         if let Some(l) = &self.live {
             let s = l.shared.lock().unwrap_or_else(|e| e.into_inner());
             let _ = writeln!(out, "# HELP spark_ring_dropped_total Routing records the tap dropped because the ring was full.\n# TYPE spark_ring_dropped_total counter\nspark_ring_dropped_total {}", s.ring_dropped);
@@ -185,6 +225,31 @@ impl ServeState {
         }
         out
     }
+}
+
+/// The first part of a stop, out of one budget: in-flight requests get up to `grace` to finish,
+/// then the connections left are closed (which drops their upstream ones, so llama-server is
+/// not kept busy by answers nobody will read). Returns what llama-server gets between SIGTERM
+/// and SIGKILL: what is left of `grace`, at least [`CHILD_STOP_MIN`].
+async fn drain(
+    grace: Duration,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Duration {
+    let deadline = tokio::time::Instant::now() + grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "spark: in-flight requests did not finish within {} s; closing them",
+            grace.as_secs()
+        );
+    }
+    tasks.shutdown().await;
+    deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(CHILD_STOP_MIN)
 }
 
 /// Runs `spark serve` on its own runtime until SIGINT or SIGTERM.
@@ -214,6 +279,8 @@ pub async fn serve(
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), anyhow::Error> {
+    let api_keys = auth::ApiKeys::of_llama_server(&cfg.llama_args, |k| std::env::var(k).ok())
+        .map_err(ServeError::from)?;
     let file = GgufFile::open(&cfg.model)?;
     let geometry = MoeGeometry::of(&file)?;
     let ram_total = std::fs::read_to_string("/proc/meminfo")
@@ -259,13 +326,13 @@ pub async fn serve(
         }
     );
     let addr = format!("{}:{}", cfg.host, cfg.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
+    let tcp = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|source| ServeError::Listen {
             addr: addr.clone(),
             source,
         })?;
-    let listen = listener.local_addr()?;
+    let listen = tcp.local_addr()?;
     std::fs::create_dir_all(&cfg.work_dir)?;
 
     let server_cfg = LlamaServerConfig {
@@ -284,6 +351,7 @@ pub async fn serve(
     };
     let prefix = cfg.forward_log.then(|| "[llama-server] ".to_string());
     let backoff = cfg.backoff;
+    let health = cfg.health;
     let (live, launcher, live_thread) = match &cfg.tap {
         Some(tap) if geometry.is_moe() => {
             let (handle, launcher, thread) = start_live(&cfg, &geometry, tap.clone())?;
@@ -298,13 +366,20 @@ pub async fn serve(
         }
         None => (None, None, None),
     };
-    let mut keeper =
-        tokio::task::spawn_blocking(move || Keeper::start(server_cfg, backoff, prefix, launcher))
-            .await??;
+    let mut keeper = tokio::task::spawn_blocking(move || {
+        Keeper::start(server_cfg, backoff, health, prefix, launcher)
+    })
+    .await??;
     let state = Arc::new(ServeState {
         keeper: keeper.state.clone(),
         stats: Stats::default(),
         client: proxy::client(),
+        max_body: cfg.limits.max_body,
+        api_keys,
+        connections: listener::Connections::new(
+            cfg.limits.max_connections,
+            cfg.limits.header_timeout,
+        ),
         request_timeout: cfg.request_timeout,
         idle_timeout: cfg.idle_timeout,
         model: cfg.model.clone(),
@@ -323,34 +398,37 @@ pub async fn serve(
     );
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut backoff = listener::AcceptBackoff::default();
     tokio::pin!(shutdown);
-    loop {
+    'accept: loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => { eprintln!("spark: accept failed: {e}"); continue; }
-                };
-                let _ = stream.set_nodelay(true);
-                let st = state.clone();
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(move |req| proxy::handle(st.clone(), req)));
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move { let _ = conn.await; });
-            }
-            _ = &mut shutdown => break,
+            accepted = tcp.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff.succeeded();
+                    listener::serve(stream, &state, &graceful, &mut tasks);
+                }
+                Err(e) if listener::is_per_connection(&e) => {}
+                Err(e) => {
+                    state.connections.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let pause = backoff.failed(Instant::now());
+                    if let Some(n) = pause.log {
+                        let times = if n > 1 { format!(" ({n} times since the last report)") } else { String::new() };
+                        eprintln!("spark: accept failed: {e}{times}; pausing accepts for {} ms", pause.sleep.as_millis());
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause.sleep) => {}
+                        _ = &mut shutdown => break 'accept,
+                    }
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = &mut shutdown => break 'accept,
         }
     }
-    drop(listener);
-    if tokio::time::timeout(cfg.grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!(
-            "spark: in-flight requests did not finish within {} s; closing them",
-            cfg.grace.as_secs()
-        );
-    }
-    tokio::task::spawn_blocking(move || keeper.stop()).await?;
+    drop(tcp);
+    let child_grace = drain(cfg.grace, graceful, &mut tasks).await;
+    tokio::task::spawn_blocking(move || keeper.stop_within(child_grace)).await?;
     if let (Some(live), Some(thread)) = (&state.live, live_thread) {
         let _ = live
             .tx
@@ -620,6 +698,105 @@ fn load_profile(
 mod tests {
     use super::*;
     use crate::plan::fit::{Placement, Usage};
+
+    /// A response body that never ends.
+    struct Endless;
+
+    impl hyper::body::Body for Endless {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// One connection in `tasks`, watched by `graceful`, with a request in flight whose answer
+    /// takes `answer_after` (`None`: its body never ends). The flag is set when the task ends
+    /// or is dropped.
+    async fn in_flight(
+        graceful: &hyper_util::server::graceful::GracefulShutdown,
+        tasks: &mut tokio::task::JoinSet<()>,
+        answer_after: Option<Duration>,
+    ) -> (Arc<std::sync::atomic::AtomicBool>, tokio::io::DuplexStream) {
+        use tokio::io::AsyncWriteExt;
+        struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let (server, mut client) = tokio::io::duplex(1 << 16);
+        let service = hyper::service::service_fn(move |_req| async move {
+            let body = match answer_after {
+                Some(d) => {
+                    tokio::time::sleep(d).await;
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed()
+                }
+                None => http_body_util::BodyExt::boxed(Endless),
+            };
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let conn = graceful.watch(conn);
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = SetOnDrop(ended.clone());
+        tasks.spawn(async move {
+            let _guard = guard;
+            let _ = conn.await;
+        });
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Let the server read the request before the stop begins.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        (ended, client)
+    }
+
+    use http_body_util::BodyExt as _;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_child_gets_what_the_requests_left_of_the_grace_period() {
+        let grace = Duration::from_secs(5);
+        // A request that ends 2 s into the stop leaves 3 s for llama-server.
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let (_, _client) = in_flight(&graceful, &mut tasks, Some(Duration::from_secs(2))).await;
+        let t0 = tokio::time::Instant::now();
+        let left = drain(grace, graceful, &mut tasks).await;
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(
+            took + left,
+            grace,
+            "one budget for both: {took:?} + {left:?}"
+        );
+
+        // A request that never ends uses the whole period: it is closed, and llama-server still
+        // gets the minimum, not a second full period.
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let (ended, _client) = in_flight(&graceful, &mut tasks, None).await;
+        let t0 = tokio::time::Instant::now();
+        let left = drain(grace, graceful, &mut tasks).await;
+        assert_eq!(t0.elapsed(), grace);
+        assert_eq!(left, CHILD_STOP_MIN);
+        assert!(
+            ended.load(Ordering::Acquire),
+            "the connection left after the grace period is closed"
+        );
+        assert!(tasks.is_empty());
+    }
 
     fn placed(placement: Placement) -> placement::ServePlacement {
         placement::ServePlacement {

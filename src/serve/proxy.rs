@@ -3,10 +3,13 @@
 //! `/spark/metrics` are answered by spark itself.
 //!
 //! Owns request forwarding and metering. Never blocks on the child's lifecycle: while
-//! llama-server is restarting, requests get a 503 at once.
+//! llama-server is restarting (or unresponsive), requests get a 503 with `Retry-After` at once.
+//! A request body over `--max-body` gets 413 and one that is not valid HTTP framing (bad chunked
+//! encoding) 400, never a 502 that would blame llama-server. Every request is counted once,
+//! including one whose client leaves before the answer starts.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -14,7 +17,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -32,6 +35,93 @@ const TAIL_BYTES: usize = 16 * 1024;
 /// in its first event only.
 const HEAD_BYTES: usize = 4 * 1024;
 
+/// The status recorded for a request whose client closed the connection before the answer
+/// started (nothing was sent; nginx logs the same number).
+pub const CLIENT_GONE: u16 = 499;
+
+/// What the client's request body did wrong, found while it streamed upstream.
+#[derive(Debug, Clone)]
+enum BodyFault {
+    /// Not valid HTTP/1 framing (bad chunked encoding, for example).
+    Invalid(String),
+    /// More bytes than the limit.
+    TooLarge,
+}
+
+/// The client's request body on its way to llama-server: counts its bytes against the limit and
+/// remembers why it failed, so the proxy answers 400 or 413 instead of blaming the upstream.
+pub struct ClientBody {
+    inner: Incoming,
+    left: u64,
+    fault: Arc<OnceLock<BodyFault>>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if n > this.left {
+                    let _ = this.fault.set(BodyFault::TooLarge);
+                    return Poll::Ready(Some(Err("request body over the size limit".into())));
+                }
+                this.left -= n;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let _ = this.fault.set(BodyFault::Invalid(e.to_string()));
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Records a request whose future is dropped while it waits for llama-server's answer (hyper
+/// drops it when the client closes the connection), unless disarmed first.
+struct Pending<'a> {
+    state: &'a ServeState,
+    route: Option<String>,
+    received: Instant,
+}
+
+impl Pending<'_> {
+    /// The answer (or an error that is recorded elsewhere) came: nothing to record here.
+    fn disarm(mut self) -> String {
+        self.route.take().unwrap_or_default()
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(route) = self.route.take() {
+            self.state.stats.record(&RequestRecord {
+                route,
+                status: CLIENT_GONE,
+                total: self.received.elapsed(),
+                aborted: true,
+                ..Default::default()
+            });
+        }
+    }
+}
+
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -46,7 +136,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// connection after some answers (streamed ones among them) without saying so in advance, and a
 /// request whose body streams through cannot be replayed on a new connection; a pooled
 /// connection would turn that race into a 502. A loopback connect costs tens of microseconds.
-pub fn client() -> Client<HttpConnector, Incoming> {
+pub fn client() -> Client<HttpConnector, ClientBody> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
     connector.set_nodelay(true);
@@ -80,7 +170,21 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, BoxError> {
     let received = Instant::now();
-    match req.uri().path() {
+    let path = req.uri().path();
+    if path.starts_with("/spark/") && !state.api_keys.allows(req.headers()) {
+        let body = serde_json::json!({"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}});
+        let mut r = full(
+            StatusCode::UNAUTHORIZED,
+            "application/json",
+            body.to_string(),
+        );
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        return Ok(r);
+    }
+    match path {
         "/spark/status" => {
             return Ok(full(
                 StatusCode::OK,
@@ -107,11 +211,25 @@ pub async fn handle(
             total: received.elapsed(),
             ..Default::default()
         });
-        return Ok(error_json(
+        let mut r = error_json(
             StatusCode::SERVICE_UNAVAILABLE,
-            "llama-server is not ready (starting or restarting)",
-        ));
+            &format!(
+                "llama-server is not ready ({})",
+                state.keeper.phase().name()
+            ),
+        );
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(r);
     };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body) {
+        return Ok(too_large(&state, route, received));
+    }
     let (mut parts, body) = req.into_parts();
     let pq = parts
         .uri
@@ -125,11 +243,39 @@ pub async fn handle(
     parts
         .headers
         .insert(HOST, HeaderValue::from_str(&format!("127.0.0.1:{port}"))?);
+    let fault = Arc::new(OnceLock::new());
+    let body = ClientBody {
+        inner: body,
+        left: state.max_body,
+        fault: fault.clone(),
+    };
     let upstream = Request::from_parts(parts, body);
+    let pending = Pending {
+        state: &state,
+        route: Some(route),
+        received,
+    };
     let answer = tokio::time::timeout(state.request_timeout, state.client.request(upstream)).await;
+    let route = pending.disarm();
     let resp = match answer {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
+            match fault.get() {
+                Some(BodyFault::TooLarge) => return Ok(too_large(&state, route, received)),
+                Some(BodyFault::Invalid(why)) => {
+                    state.stats.record(&RequestRecord {
+                        route,
+                        status: 400,
+                        total: received.elapsed(),
+                        ..Default::default()
+                    });
+                    return Ok(error_json(
+                        StatusCode::BAD_REQUEST,
+                        &format!("invalid request body: {why}"),
+                    ));
+                }
+                None => {}
+            }
             state.stats.record(&RequestRecord {
                 route,
                 status: 502,
@@ -188,6 +334,22 @@ pub async fn handle(
         done: false,
     };
     Ok(Response::from_parts(parts, metered.boxed()))
+}
+
+fn too_large(state: &ServeState, route: String, received: Instant) -> Response<ProxyBody> {
+    state.stats.record(&RequestRecord {
+        route,
+        status: 413,
+        total: received.elapsed(),
+        ..Default::default()
+    });
+    error_json(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!(
+            "request body over {} bytes (spark serve --max-body)",
+            state.max_body
+        ),
+    )
 }
 
 /// A response body that forwards frames as they come and meters them; records the request

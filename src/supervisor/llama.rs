@@ -46,6 +46,16 @@ pub struct LlamaServerConfig {
     pub log_path: PathBuf,
 }
 
+/// What one health probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Healthy,
+    /// No answer within the deadline, or not a 200.
+    Failed(String),
+    /// Spark could not send the probe (out of descriptors, say): nothing learnt of the server.
+    Inconclusive(String),
+}
+
 /// A running llama-server.
 pub struct LlamaServer {
     child: ChildGroup,
@@ -211,8 +221,50 @@ impl LlamaServer {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// One `GET /health` with a deadline of `timeout` (a stopped or hung server accepts the
+    /// connection and never answers).
+    pub fn probe_health(&self, timeout: Duration) -> Probe {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(timeout)
+            .timeout(timeout)
+            .build();
+        match agent.get(&self.url("/health")).call() {
+            Ok(resp) if resp.status() == 200 => Probe::Healthy,
+            Ok(resp) => Probe::Failed(format!("/health answered {}", resp.status())),
+            Err(ureq::Error::Status(code, _)) => Probe::Failed(format!("/health answered {code}")),
+            Err(ureq::Error::Transport(t)) => {
+                // Out of descriptors or memory here says nothing about the server.
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&t);
+                while let Some(e) = source {
+                    let local = e
+                        .downcast_ref::<std::io::Error>()
+                        .and_then(std::io::Error::raw_os_error)
+                        .is_some_and(|c| {
+                            [
+                                nix::libc::EMFILE,
+                                nix::libc::ENFILE,
+                                nix::libc::ENOBUFS,
+                                nix::libc::ENOMEM,
+                            ]
+                            .contains(&c)
+                        });
+                    if local {
+                        return Probe::Inconclusive(format!("/health: {t}"));
+                    }
+                    source = e.source();
+                }
+                Probe::Failed(format!("/health: {t}"))
+            }
+        }
+    }
+
     /// Stops the server (SIGTERM, grace, SIGKILL).
-    pub fn stop(mut self) {
-        self.child.stop(Duration::from_secs(5));
+    pub fn stop(self) {
+        self.stop_within(Duration::from_secs(5));
+    }
+
+    /// Stops the server: SIGTERM, up to `grace` to exit, then SIGKILL. Returns how it ended.
+    pub fn stop_within(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        self.child.stop(grace)
     }
 }

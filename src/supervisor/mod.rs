@@ -10,6 +10,6 @@ mod llama;
 mod run;
 
 pub use child::{ChildGroup, GroupKiller, SpawnError};
-pub use keeper::{Backoff, Keeper, KeeperState, Launcher};
-pub use llama::{free_port, LlamaServer, LlamaServerConfig, ServerError};
+pub use keeper::{Backoff, ChildPhase, Health, Keeper, KeeperState, Launcher};
+pub use llama::{free_port, LlamaServer, LlamaServerConfig, Probe, ServerError};
 pub use run::{run_with_deadline, Captured, RunError};
