@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use spark_proto::control::{ResidencyStats, RESIDENCY_EXIT_PREFIX};
-use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING, ENV_RING};
+use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING_FD, ENV_RING_FD};
 
 use crate::engine::{self, Backend, Engine, EngineError};
 use crate::gguf::{GgufError, GgufFile, MoeGeometry};
@@ -570,8 +570,8 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
                 "LD_PRELOAD",
                 ENV_OFFLOAD_MIN_BATCH,
                 ENV_RESIDENCY_SLOTS,
-                ENV_RING,
-                ENV_HIDDEN_RING,
+                ENV_RING_FD,
+                ENV_HIDDEN_RING_FD,
                 ENV_CONTROL_FD,
             ] {
                 cmd.env_remove(k);

@@ -13,7 +13,7 @@ use crate::util::{alive, fixture, spark, spark_bin, tempdir, write_script};
 /// /tokenize; on /completion it stalls (FAKE_MODE=stall, after the headers and part of the
 /// body) or exits (FAKE_MODE=die). Writes its pid to $FAKE_PID, and `$FAKE_PID.completion`
 /// when a completion arrives.
-const FAKE_SERVER: &str = r#"#!/usr/bin/env python3
+pub const FAKE_SERVER: &str = r#"#!/usr/bin/env python3
 import json, os, socket, sys, threading, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 

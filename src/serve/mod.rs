@@ -540,7 +540,8 @@ fn start_live(
 }
 
 /// Reads the profile at `path` for a model with this fingerprint. A profile of another model
-/// (or one that cannot be read) is kept as `<path>.stale` and ignored, with a warning.
+/// (or one that cannot be read) is kept as `<path>.stale` (`.stale.1`, … when taken: never
+/// overwritten) and ignored, with a warning.
 fn load_profile(
     path: &std::path::Path,
     geometry: &MoeGeometry,
@@ -550,21 +551,16 @@ fn load_profile(
     if !path.exists() {
         return (None, "new".into());
     }
-    let set_aside = |why: &str| {
-        let mut stale = path.as_os_str().to_owned();
-        stale.push(".stale");
-        let stale = PathBuf::from(stale);
-        match std::fs::rename(path, &stale) {
-            Ok(()) => eprintln!(
-                "spark: warning: profile {} {why}; kept as {} and starting fresh",
-                path.display(),
-                stale.display()
-            ),
-            Err(e) => eprintln!(
-                "spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh",
-                path.display()
-            ),
-        }
+    let set_aside = |why: &str| match crate::profile::set_aside(path) {
+        Ok(stale) => eprintln!(
+            "spark: warning: profile {} {why}; kept as {} and starting fresh",
+            path.display(),
+            stale.display()
+        ),
+        Err(e) => eprintln!(
+            "spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh",
+            path.display()
+        ),
     };
     match Profile::read(path) {
         Err(e) => {

@@ -1,7 +1,6 @@
 //! One llama-server child: start it on a free loopback port, wait until `/health` answers,
 //! talk to it over HTTP with timeouts, stop it.
 
-use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -76,7 +75,8 @@ impl LlamaServer {
             Some(p) => p,
             None => free_port()?,
         };
-        let log = File::create(&cfg.log_path)?;
+        // Private: the log may hold prompts.
+        let log = crate::atomic_file::create_private(&cfg.log_path)?;
         let mut cmd = Command::new(&cfg.binary);
         cmd.arg("-m").arg(&cfg.model);
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
