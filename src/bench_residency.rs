@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use spark_proto::control::{ResidencyStats, RESIDENCY_EXIT_PREFIX};
-use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING, ENV_RING};
+use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING_FD, ENV_RING_FD};
 
 use crate::engine::{self, Backend, Engine, EngineError};
 use crate::gguf::{GgufError, GgufFile, MoeGeometry};
@@ -684,8 +684,8 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
                 ENV_OFFLOAD_MIN_BATCH,
                 ENV_RESIDENCY_SLOTS,
                 ENV_RESIDENCY_METER,
-                ENV_RING,
-                ENV_HIDDEN_RING,
+                ENV_RING_FD,
+                ENV_HIDDEN_RING_FD,
                 ENV_CONTROL_FD,
             ] {
                 cmd.env_remove(k);
@@ -841,19 +841,20 @@ fn measure_bytes(
             n_gen: a.tokens,
             repetitions: 1,
         };
-        let ring_path = ring.path().to_path_buf();
+        let ring_fd = ring.fd();
         let configure = |cmd: &mut Command| {
             for k in [
                 ENV_RESIDENCY_SLOTS,
                 ENV_RESIDENCY_METER,
-                ENV_HIDDEN_RING,
+                ENV_HIDDEN_RING_FD,
                 ENV_CONTROL_FD,
             ] {
                 cmd.env_remove(k);
             }
             cmd.env(ENV_OFFLOAD_MIN_BATCH, "1")
                 .env("LD_PRELOAD", tap)
-                .env(ENV_RING, &ring_path);
+                .env(ENV_RING_FD, ring_fd.to_string());
+            crate::supervisor::inherit_fds(cmd, &[ring_fd]);
             match slots {
                 Some(s) => cmd.env(ENV_RESIDENCY_SLOTS, s.to_string()),
                 None => cmd.env(ENV_RESIDENCY_METER, "1"),
@@ -865,8 +866,6 @@ fn measure_bytes(
             Duration::from_secs(a.timeout),
             configure,
         );
-        // The run is over: nothing maps the ring's name any more.
-        let _ = ring.unlink();
         let (bench_rows, out) = result.map_err(|source| BenchResidencyError::Measure {
             letter: c.letter(),
             config: c.name(),

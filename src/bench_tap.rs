@@ -106,9 +106,7 @@ fn median(v: &[f64]) -> f64 {
 pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {
     let engine = Engine::locate(a.llama_server.as_deref())?;
     let tap = locate_tap(a.tap.as_deref())?;
-    let work = tempfile::Builder::new()
-        .prefix("spark-bench-tap-")
-        .tempdir()?;
+    let work = crate::atomic_file::private_tempdir("spark-bench-tap-")?;
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {

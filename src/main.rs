@@ -342,9 +342,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => {
             let model = a.model.clone();
             GgufFile::open(&model)?;
-            let work = tempfile::Builder::new()
-                .prefix("spark-serve-")
-                .tempdir()
+            let work = spark::atomic_file::private_tempdir("spark-serve-")
                 .context("create a work directory")?;
             let cfg = a.resolve(work.path().to_path_buf())?;
             spark::serve::run_until_signal(cfg)?;

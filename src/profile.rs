@@ -99,6 +99,76 @@ fn parse_count(t: &str) -> Result<u64, &'static str> {
         .map_err(|_| "2^64 or more, past what a count can hold")
 }
 
+/// Most set-aside copies kept per profile (`.stale`, `.stale.1` … `.stale.999`).
+pub const MAX_SET_ASIDE: u32 = 1000;
+
+/// Moves the profile at `path` aside as `<path>.stale`, or `<path>.stale.1`, `.stale.2`, … when
+/// that name is taken, and returns the new name. Never replaces an existing file: a name is
+/// claimed with a hard link, which fails if it exists (on a filesystem without hard links, a
+/// name that exists is skipped before a rename). Fails once [`MAX_SET_ASIDE`] copies exist.
+pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    use std::io::ErrorKind;
+    for n in 0..MAX_SET_ASIDE {
+        let mut s = path.as_os_str().to_owned();
+        s.push(".stale");
+        if n > 0 {
+            s.push(format!(".{n}"));
+        }
+        let aside = PathBuf::from(s);
+        match std::fs::hard_link(path, &aside) {
+            Ok(()) => {
+                std::fs::remove_file(path)?;
+                return Ok(aside);
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(e),
+            Err(_) => {
+                // No hard links here (e.g. FAT): check, then rename.
+                if std::fs::symlink_metadata(&aside).is_ok() {
+                    continue;
+                }
+                std::fs::rename(path, &aside)?;
+                return Ok(aside);
+            }
+        }
+    }
+    Err(std::io::Error::new(
+        ErrorKind::AlreadyExists,
+        format!("{MAX_SET_ASIDE} set-aside copies exist already; remove some"),
+    ))
+}
+
+#[cfg(test)]
+mod set_aside_tests {
+    use super::*;
+
+    #[test]
+    fn every_set_aside_copy_is_kept_under_its_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf.spark.csv");
+        let mut names = Vec::new();
+        for i in 0..4 {
+            std::fs::write(&p, format!("profile {i}")).unwrap();
+            names.push(set_aside(&p).unwrap());
+            assert!(!p.exists());
+        }
+        let want: Vec<PathBuf> = [".stale", ".stale.1", ".stale.2", ".stale.3"]
+            .iter()
+            .map(|s| dir.path().join(format!("m.gguf.spark.csv{s}")))
+            .collect();
+        assert_eq!(names, want);
+        for (i, n) in names.iter().enumerate() {
+            assert_eq!(std::fs::read_to_string(n).unwrap(), format!("profile {i}"));
+        }
+        // A gap is filled, nothing is overwritten.
+        std::fs::remove_file(&names[1]).unwrap();
+        std::fs::write(&p, "profile 4").unwrap();
+        assert_eq!(set_aside(&p).unwrap(), names[1]);
+        assert_eq!(std::fs::read_to_string(&names[2]).unwrap(), "profile 2");
+        assert!(set_aside(&p).is_err(), "nothing to set aside");
+    }
+}
+
 fn key_value<'a>(s: &'a str, key: &str) -> Option<&'a str> {
     s.split_whitespace()
         .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
@@ -280,13 +350,17 @@ impl Profile {
         out
     }
 
-    /// Writes the profile atomically (temporary file, fsync, rename).
+    /// Writes the profile atomically (temporary file, fsync, rename), readable by all as before
+    /// (counts per expert, no session text).
     pub fn write(&self, path: &Path) -> Result<(), ProfileError> {
-        crate::atomic_file::write_atomic(path, self.render().as_bytes()).map_err(|source| {
-            ProfileError::Write {
-                path: path.to_path_buf(),
-                source,
-            }
+        crate::atomic_file::write_atomic_with(
+            path,
+            self.render().as_bytes(),
+            crate::atomic_file::Mode::Public,
+        )
+        .map_err(|source| ProfileError::Write {
+            path: path.to_path_buf(),
+            source,
         })
     }
 
@@ -407,11 +481,14 @@ pub fn run(cmd: ProfileCommand) -> Result<(), ProfileError> {
                     &format!("expert hotness: {}", a.profile.display()),
                     &p.counts,
                 );
-                crate::atomic_file::write_atomic(&out, svg.as_bytes()).map_err(|source| {
-                    ProfileError::Write {
-                        path: out.clone(),
-                        source,
-                    }
+                crate::atomic_file::write_atomic_with(
+                    &out,
+                    svg.as_bytes(),
+                    crate::atomic_file::Mode::Public,
+                )
+                .map_err(|source| ProfileError::Write {
+                    path: out.clone(),
+                    source,
                 })?;
                 println!("wrote {}", out.display());
             }

@@ -1,24 +1,25 @@
 //! The supervisor's side of the shared-memory rings (routing records, hidden-state chunks).
 //!
-//! Owns the ring file: creates it in `/dev/shm` with mode 0600 (never reusing an existing name),
-//! sizes and maps it, writes the header with the model geometry, and unlinks it when the
-//! [`ShmRing`] is dropped, so no file outlives spark. Reads records through the
-//! `spark_proto::ring` consumer. Never produces records (the tap does) and never blocks: a
-//! read returns what is there.
+//! Owns the ring memory: creates it as an anonymous memory file (`memfd_create`, close-on-exec,
+//! sealed against resizing), sizes and maps it, writes the header with the model geometry, and
+//! hands the child its descriptor by inheritance ([`RingFile::fd`]). The memory has no name in
+//! any filesystem at any moment, so nothing of it outlives the last process that maps it or
+//! holds its descriptor, not even when spark is SIGKILLed before the tap has greeted. Reads
+//! records through the `spark_proto::ring` consumer, which checks everything the producer
+//! wrote. Never produces records (the tap does) and never blocks: a read returns what is there.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
 use spark_proto::ring::{
-    self as proto_ring, Consumer, HiddenChunk, RingGeometry, KIND_HIDDEN, KIND_ROUTING,
+    self as proto_ring, Consumer, HiddenChunk, RingFault, RingGeometry, KIND_HIDDEN, KIND_ROUTING,
 };
 use spark_proto::trace::RoutingRecord;
 
 /// A record type that travels through a ring, with the kind its header carries.
-pub trait RingRecord: bytemuck::Pod {
+pub trait RingRecord: proto_ring::Record {
     const KIND: u32;
     const NAME: &'static str;
 }
@@ -43,86 +44,79 @@ pub const DEFAULT_CAPACITY: u64 = 1 << 18;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
-    #[error("create ring {path}: {source}")]
+    #[error("create ring {name}: {source}")]
     Create {
-        path: PathBuf,
+        name: String,
         source: std::io::Error,
     },
-    #[error("map ring {path}: {source}")]
+    #[error("map ring {name}: {source}")]
     Map {
-        path: PathBuf,
+        name: String,
         source: std::io::Error,
     },
-    #[error("set up ring {path}: {message}")]
-    Layout { path: PathBuf, message: String },
+    #[error("set up ring {name}: {message}")]
+    Layout { name: String, message: String },
 }
 
-/// A ring in `/dev/shm`, owned by this process; the file is unlinked on drop.
+/// A ring in an anonymous memory file owned by this process.
 pub struct RingFile<T> {
-    path: PathBuf,
-    /// The name is already gone (the mapping stays valid in both processes).
-    unlinked: bool,
+    name: String,
     // Field order matters: the consumer points into the map, so it is dropped first.
     consumer: Consumer<T>,
     _map: MmapMut,
+    /// The memory file; the child inherits it under the same number.
+    fd: OwnedFd,
+    /// A protocol error was reported already.
+    warned: bool,
 }
 
-static NEXT: AtomicU64 = AtomicU64::new(0);
+/// Creates an anonymous, close-on-exec memory file: memfd (sealable) where the kernel has it,
+/// else an unnamed file in /dev/shm (O_TMPFILE, or created and unlinked at once).
+fn anonymous_file(name: &str) -> std::io::Result<(File, bool)> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let cname = std::ffi::CString::new(name).expect("ring names have no NUL");
+    match memfd_create(
+        &cname,
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    ) {
+        Ok(fd) => Ok((File::from(fd), true)),
+        Err(_) => Ok((tempfile::tempfile_in("/dev/shm")?, false)),
+    }
+}
 
 impl<T: RingRecord> RingFile<T> {
-    /// Creates a fresh ring of `capacity` records (a power of two) in `/dev/shm`.
+    /// Creates a fresh ring of `capacity` records (a power of two).
     pub fn create(capacity: u64, geometry: RingGeometry) -> Result<RingFile<T>, RingError> {
-        Self::create_in(Path::new("/dev/shm"), capacity, geometry)
-    }
-
-    /// Creates a fresh ring in `dir` (tests use /dev/shm too; this exists for platforms where
-    /// shared memory lives elsewhere).
-    pub fn create_in(
-        dir: &Path,
-        capacity: u64,
-        geometry: RingGeometry,
-    ) -> Result<RingFile<T>, RingError> {
-        let path = dir.join(format!(
-            "spark-{}-{}-{}-{:08x}",
-            T::NAME,
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        ));
+        let name = format!("spark-{}", T::NAME);
         let layout = |message: String| RingError::Layout {
-            path: path.clone(),
+            name: name.clone(),
             message,
         };
         proto_ring::check_capacity(capacity).map_err(|e| layout(e.to_string()))?;
         let len = proto_ring::ring_bytes::<T>(capacity);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| RingError::Create {
-                path: path.clone(),
-                source,
-            })?;
-        // From here on the file exists: remove it on every error path.
-        let cleanup = |e: RingError| {
-            let _ = std::fs::remove_file(&path);
-            e
+        let create = |source| RingError::Create {
+            name: name.clone(),
+            source,
         };
-        file.set_len(len).map_err(|source| {
-            cleanup(RingError::Create {
-                path: path.clone(),
-                source,
-            })
-        })?;
-        // SAFETY: the file was just created by us with create_new and mode 0600; only the child
-        // we hand its name to maps it, and it follows the ring protocol (no truncation).
-        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|source| {
-            cleanup(RingError::Map {
-                path: path.clone(),
-                source,
-            })
+        let (file, sealable) = anonymous_file(&name).map_err(create)?;
+        file.set_len(len).map_err(create)?;
+        if sealable {
+            // The size is final: no process (the child included) can shrink the file under
+            // spark's mapping, which would turn reads into SIGBUS.
+            use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+            fcntl(
+                file.as_raw_fd(),
+                FcntlArg::F_ADD_SEALS(
+                    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+                ),
+            )
+            .map_err(|e| create(e.into()))?;
+        }
+        // SAFETY: the file was just created by us, has no name, and cannot be resized (sealed);
+        // only the child we hand its descriptor to maps it, and it follows the ring protocol.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|source| RingError::Map {
+            name: name.clone(),
+            source,
         })?;
         let base = map.as_mut_ptr();
         // SAFETY: the map is page-aligned, `len` bytes long and not yet shared with anyone.
@@ -136,33 +130,29 @@ impl<T: RingRecord> RingFile<T> {
                 std::process::id(),
             )
         }
-        .map_err(|e| cleanup(layout(e.to_string())))?;
+        .map_err(|e| layout(e.to_string()))?;
         // SAFETY: the map lives in the same struct and outlives the consumer (field order), and
         // this is the only consumer of this ring.
         let consumer = unsafe { Consumer::<T>::attach(base, map.len(), T::KIND) }
-            .map_err(|e| cleanup(layout(e.to_string())))?;
+            .map_err(|e| layout(e.to_string()))?;
         Ok(RingFile {
-            path,
-            unlinked: false,
+            name,
             consumer,
             _map: map,
+            fd: OwnedFd::from(file),
+            warned: false,
         })
     }
 
-    /// The ring file's path (what the child gets in `SPARK_RING`).
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The memory file's descriptor (close-on-exec; the child inherits it when it is passed
+    /// to `LlamaServer::start_inheriting`, and finds its number in `SPARK_RING_FD`).
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
-    /// Removes the file's name now. Call it once the child has mapped the ring (it has when
-    /// its greeting arrives): from then on nothing can leave the file behind, not even a
-    /// SIGKILL of this process. Idempotent.
-    pub fn unlink(&mut self) -> std::io::Result<()> {
-        if !self.unlinked {
-            std::fs::remove_file(&self.path)?;
-            self.unlinked = true;
-        }
-        Ok(())
+    /// A name for messages (`spark-ring`, `spark-hidden`); it names no file.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The consumer half.
@@ -170,9 +160,29 @@ impl<T: RingRecord> RingFile<T> {
         &mut self.consumer
     }
 
-    /// Moves up to `max` records into `out`; returns how many.
+    /// Moves up to `max` records into `out`; returns how many. A protocol error stops the
+    /// ring (it is reported once on stderr and by [`RingFile::fault`]).
     pub fn drain_into(&mut self, out: &mut Vec<T>, max: usize) -> usize {
-        self.consumer.pop_into(out, max)
+        let n = self.consumer.pop_into(out, max);
+        self.warn_on_fault();
+        n
+    }
+
+    fn warn_on_fault(&mut self) {
+        if !self.warned {
+            if let Some(f) = self.consumer.fault() {
+                self.warned = true;
+                eprintln!(
+                    "spark: warning: {}: protocol error ({f}); no more records are read from it",
+                    self.name
+                );
+            }
+        }
+    }
+
+    /// The protocol error that stopped this ring, if any.
+    pub fn fault(&self) -> Option<RingFault> {
+        self.consumer.fault()
     }
 
     /// Records the producer dropped because the ring was full.
@@ -199,23 +209,16 @@ impl<T: RingRecord> RingFile<T> {
         let base = self._map.as_mut_ptr();
         // SAFETY: forwarded from the caller: a single producer that does not outlive the map.
         unsafe { proto_ring::Producer::attach(base, len, T::KIND) }.map_err(|e| RingError::Layout {
-            path: self.path.clone(),
+            name: self.name.clone(),
             message: e.to_string(),
         })
     }
 }
 
-impl<T> Drop for RingFile<T> {
-    fn drop(&mut self) {
-        if !self.unlinked {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Removes ring files in `dir` left by spark processes that no longer run (a SIGKILLed
-/// supervisor cannot unlink its ring). Rings of live processes are never touched. Returns the
-/// paths removed.
+/// Removes ring files in `dir` left by spark processes that no longer run: rings used to be
+/// named files in /dev/shm (`spark-ring-<pid>-…`), which a SIGKILLed supervisor of an older
+/// version could leave behind. Rings of live processes are never touched. Returns the paths
+/// removed.
 pub fn remove_stale_rings(dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -249,7 +252,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use spark_proto::trace::MAX_K;
-    use std::os::unix::fs::PermissionsExt;
 
     /// A record whose every field is derived from `seq`, so a torn record cannot pass `check`.
     fn record(seq: u64) -> RoutingRecord {
@@ -271,32 +273,50 @@ mod tests {
     }
 
     #[test]
-    fn ring_file_is_private_and_unlinked_on_drop() {
-        let ring = ShmRing::create(64, RingGeometry::default()).unwrap();
-        let path = ring.path().to_path_buf();
-        assert!(path.starts_with("/dev/shm"));
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+    fn ring_memory_has_no_name_is_close_on_exec_and_cannot_be_resized() {
+        let before = shm_names();
+        let mut ring = ShmRing::create(64, RingGeometry::default()).unwrap();
+        let target = std::fs::read_link(format!("/proc/self/fd/{}", ring.fd())).unwrap();
+        assert!(
+            target.to_string_lossy().starts_with("/memfd:spark-ring"),
+            "{}",
+            target.display()
+        );
+        let created: Vec<_> = shm_names().difference(&before).cloned().collect();
+        assert!(
+            created.iter().all(|n| !n.starts_with("spark-")),
+            "nothing named in /dev/shm: {created:?}"
+        );
+        // SAFETY: fd is open for the whole test; F_GETFD reads flags only.
+        let fd_flags = unsafe { nix::libc::fcntl(ring.fd(), nix::libc::F_GETFD) };
+        assert_ne!(fd_flags & nix::libc::FD_CLOEXEC, 0);
+        let f = File::open(format!("/proc/self/fd/{}", ring.fd())).unwrap();
         assert_eq!(
-            std::fs::metadata(&path).unwrap().len(),
+            f.metadata().unwrap().len(),
             proto_ring::ring_bytes::<RoutingRecord>(64)
         );
-        drop(ring);
-        assert!(!path.exists());
-    }
-
-    #[test]
-    fn an_unlinked_ring_keeps_working() {
-        let mut ring = ShmRing::create(64, RingGeometry::default()).unwrap();
+        let rw = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/self/fd/{}", ring.fd()))
+            .unwrap();
+        assert!(rw.set_len(0).is_err(), "sealed against shrinking");
+        assert!(rw.set_len(1 << 30).is_err(), "sealed against growing");
         // SAFETY: the only producer; dropped before `ring`.
         let mut p = unsafe { ring.local_producer().unwrap() };
-        ring.unlink().unwrap();
-        ring.unlink().unwrap();
-        assert!(!ring.path().exists());
         assert!(p.push(&record(3)));
         let mut out = Vec::new();
         assert_eq!(ring.drain_into(&mut out, 10), 1);
         assert_eq!(out[0], record(3));
+    }
+
+    fn shm_names() -> std::collections::BTreeSet<String> {
+        std::fs::read_dir("/dev/shm")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     #[test]
@@ -364,6 +384,78 @@ mod tests {
                 last = Some(*seq);
             }
             prop_assert_eq!(seen.len() as u64 + ring.dropped(), total);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// A hostile or corrupt producer: arbitrary cursor values and arbitrary bytes anywhere
+        /// in the header and the records of a real ring mapping. Draining never panics, never
+        /// returns more than the ring holds, and after a protocol error never reads again.
+        #[test]
+        fn arbitrary_header_and_record_bytes_never_break_the_consumer(
+            cap_log in 0u32..6,
+            pushed in 0u64..40,
+            drained_first in 0usize..40,
+            write in prop_oneof![any::<u64>(), 0u64..80, Just(u64::MAX), Just(0u64)],
+            read in prop_oneof![any::<u64>(), 0u64..80],
+            pokes in proptest::collection::vec((0usize..256, any::<u8>()), 0..12),
+            record_pokes in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..24),
+            max in 0usize..100,
+        ) {
+            let cap = 1u64 << cap_log;
+            let mut ring = ShmRing::create(cap, RingGeometry {
+                n_layer: 48, n_expert: 64, n_expert_used: 8, n_embd: 0,
+            }).unwrap();
+            {
+                // SAFETY: the only producer; dropped at the end of this block.
+                let mut p = unsafe { ring.local_producer().unwrap() };
+                for seq in 0..pushed {
+                    p.push(&record(seq));
+                }
+            }
+            let mut out = Vec::new();
+            ring.drain_into(&mut out, drained_first);
+            let base = ring._map.as_mut_ptr();
+            let len = ring._map.len();
+            // SAFETY: every offset is inside the mapping (header offsets < 256 <= len, record
+            // offsets reduced modulo the record area); cursor offsets are 8-aligned.
+            unsafe {
+                std::ptr::write_volatile(base.add(proto_ring::WRITE_OFFSET) as *mut u64, write);
+                std::ptr::write_volatile(base.add(proto_ring::READ_OFFSET) as *mut u64, read);
+                for &(at, b) in &pokes {
+                    std::ptr::write_volatile(base.add(at), b);
+                }
+                let body = len - proto_ring::RING_HEADER_SIZE;
+                for &(at, b) in &record_pokes {
+                    std::ptr::write_volatile(base.add(proto_ring::RING_HEADER_SIZE + at % body), b);
+                }
+            }
+            let mut total = 0u64;
+            for round in 0..4 {
+                out.clear();
+                let n = match round {
+                    0 => ring.drain_into(&mut out, max),
+                    1 => ring.reader().consume(max, |r| assert!(usize::from(r.n_used) <= MAX_K)),
+                    2 => ring.reader().skip_all() as usize,
+                    _ => ring.reader().available() as usize,
+                };
+                prop_assert!(n as u64 <= cap, "round {} returned {} from a ring of {}", round, n, cap);
+                prop_assert_eq!(out.len(), if round == 0 { n } else { 0 });
+                for r in &out {
+                    prop_assert!(usize::from(r.n_used) <= MAX_K && r.phase <= 1 && r.layer < 48);
+                }
+                if round < 3 {
+                    total += n as u64;
+                }
+            }
+            prop_assert!(total <= 3 * cap);
+            if let Some(f) = ring.fault() {
+                prop_assert_eq!(ring.reader().protocol_errors(), 1);
+                out.clear();
+                prop_assert_eq!(ring.drain_into(&mut out, 1000), 0, "stopped after {}", f);
+                prop_assert_eq!(ring.reader().skip_all(), 0);
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! A llama-server with the routing tap preloaded: ring, control channel, greeting, requests.
 //!
 //! Owns one telemetry session: creates the ring, the control socket pair, finds the tap
-//! library, has the supervisor start llama-server with `LD_PRELOAD`, `SPARK_RING` and
+//! library, has the supervisor start llama-server with `LD_PRELOAD`, `SPARK_RING_FD` and
 //! `SPARK_CONTROL_FD`, reads the greeting, stamps requests, and drains records while a request
 //! runs (a drainer thread, so the ring does not overrun on long prompts). Never spawns or kills
 //! a process itself (the supervisor does) and never waits without a deadline: a server that
@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use spark_proto::control::{Command, Greeting, HiddenConfig};
-use spark_proto::ring::{HiddenChunk, RingGeometry, ENV_CONTROL_FD, ENV_HIDDEN_RING, ENV_RING};
+use spark_proto::ring::{
+    HiddenChunk, RingGeometry, ENV_CONTROL_FD, ENV_HIDDEN_RING_FD, ENV_RING_FD,
+};
 use spark_proto::trace::RoutingRecord;
 
 use crate::control::{self, ControlClient, ControlError};
@@ -160,8 +162,8 @@ pub fn ring_geometry(g: &MoeGeometry) -> RingGeometry {
     }
 }
 
-/// A llama-server started with the tap: its rings (names already unlinked), its control channel
-/// and the tap's greeting.
+/// A llama-server started with the tap: its rings (anonymous memory), its control channel and
+/// the tap's greeting.
 pub struct Tapped {
     pub server: LlamaServer,
     pub ring: ShmRing,
@@ -172,9 +174,10 @@ pub struct Tapped {
 
 /// Starts llama-server as `server_cfg` says, with the tap preloaded, a fresh routing ring (and a
 /// hidden-state ring when `hidden_capacity` is given) and a control socket pair; waits for the
-/// tap's greeting, then unlinks the ring names (the tap has mapped them by then), so no way of
-/// killing spark can leave a file in /dev/shm. The one place a tapped child is set up: sessions
-/// and `spark serve`'s keeper both call it.
+/// tap's greeting. The rings are anonymous memory files the child inherits by descriptor
+/// (`SPARK_RING_FD`, `SPARK_HIDDEN_RING_FD`): they have no name at any moment, so no way of
+/// killing spark, before or after the greeting, can leave anything in /dev/shm. The one place a
+/// tapped child is set up: sessions and `spark serve`'s keeper both call it.
 pub fn launch_tapped(
     server_cfg: &LlamaServerConfig,
     tap: &Path,
@@ -182,32 +185,29 @@ pub fn launch_tapped(
     ring_capacity: u64,
     hidden_capacity: Option<u64>,
 ) -> Result<Tapped, TelemetryError> {
-    let mut ring = ShmRing::create(ring_capacity, geometry)?;
-    let mut hidden = match hidden_capacity {
+    let ring = ShmRing::create(ring_capacity, geometry)?;
+    let hidden = match hidden_capacity {
         Some(c) => Some(HiddenRing::create(c, geometry)?),
         None => None,
     };
     let (mut control, theirs) = control::pair()?;
     use std::os::fd::AsRawFd;
     let fd = theirs.as_raw_fd();
+    let mut inherit = vec![fd, ring.fd()];
     let mut cfg = server_cfg.clone();
     cfg.env
         .push(("LD_PRELOAD".into(), tap.display().to_string()));
-    cfg.env
-        .push((ENV_RING.into(), ring.path().display().to_string()));
+    cfg.env.push((ENV_RING_FD.into(), ring.fd().to_string()));
     cfg.env.push((ENV_CONTROL_FD.into(), fd.to_string()));
     if let Some(h) = &hidden {
         cfg.env
-            .push((ENV_HIDDEN_RING.into(), h.path().display().to_string()));
+            .push((ENV_HIDDEN_RING_FD.into(), h.fd().to_string()));
+        inherit.push(h.fd());
     }
-    let server = LlamaServer::start_inheriting(&cfg, &[fd])?;
+    let server = LlamaServer::start_inheriting(&cfg, &inherit)?;
     // Only the child keeps its end open, so its death closes the channel.
     drop(theirs);
     let greeting = control.greeting(CONTROL_TIMEOUT)?;
-    ring.unlink().map_err(ControlError::Io)?;
-    if let Some(h) = hidden.as_mut() {
-        h.unlink().map_err(ControlError::Io)?;
-    }
     Ok(Tapped {
         server,
         ring,
@@ -443,7 +443,7 @@ impl Session {
         self.ring.as_ref().map(|r| r.dropped()).unwrap_or(0)
     }
 
-    /// Stops the server (the ring file is unlinked when the session drops).
+    /// Stops the server (the ring memory is freed once both processes let go of it).
     pub fn stop(mut self) {
         if let Some(c) = self.control.as_mut() {
             let _ = c.call(&Command::Quit, Duration::from_secs(2));

@@ -76,7 +76,10 @@ fn four_placements_measured_and_the_residency_line_read() {
     // (a)-(c) ran the stock CPU build, (d) the hooked build that scripts/build-engine names:
     // spark's compiled-in hook id agrees with the script's.
     for row in &rows[..3] {
-        assert_eq!(row["engine"], "cpu");
+        assert_eq!(
+            row["engine"],
+            spark::engine::variant_name(spark::engine::Backend::Cpu, false)
+        );
     }
     let variant = rows[3]["engine"].as_str().unwrap();
     let dir_name = hooked.file_name().unwrap().to_str().unwrap();

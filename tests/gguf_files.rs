@@ -507,3 +507,58 @@ fn analytic_routing_is_computable_and_skewed_routing_is_hot() {
     let skewed = util::fixture(dir.path(), "sk.gguf", &[]);
     assert!(spark::fixture::analytic_routing(&GgufFile::open(&skewed).unwrap(), &tokens).is_err());
 }
+
+/// Runs spark with `args`; None if it is still running after `deadline` (then it is killed).
+fn spark_within(args: &[&str], deadline: Duration) -> Option<std::process::Output> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(util::spark_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + deadline;
+    while std::time::Instant::now() < end {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn a_fifo_named_gguf_is_refused_at_once_not_waited_on() {
+    let dir = util::tempdir();
+    let fifo = dir.path().join("x.gguf");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let f = fifo.to_str().unwrap();
+    for args in [
+        vec!["inspect", f],
+        vec!["plan", "-m", f],
+        vec!["serve", "-m", f, "--port", "0"],
+    ] {
+        // Generous: a hang is forever, a refusal is milliseconds.
+        let o = spark_within(&args, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("`spark {}` hung on a FIFO", args.join(" ")));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "spark {}: {err}", args.join(" "));
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains(f) && err.contains("not a regular file"),
+            "names the file: {err}"
+        );
+    }
+    // A symlink to a regular file is still a model; a dangling one is an error naming it.
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let link = dir.path().join("link.gguf");
+    std::os::unix::fs::symlink(&model, &link).unwrap();
+    assert!(GgufFile::open(&link).is_ok());
+    let dangling = dir.path().join("dangling.gguf");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    let e = GgufFile::open(&dangling).unwrap_err().to_string();
+    assert!(e.contains("dangling.gguf"), "{e}");
+}

@@ -320,13 +320,43 @@ fn control_channel_greets_answers_and_rejects_unknown_verbs() {
     assert!(!recs.is_empty());
     assert!(recs.iter().all(|r| r.request == 7));
     assert_eq!(lines(s.control().unwrap(), "quit"), "ok bye");
-    let ring = s.ring().unwrap().path().to_path_buf();
-    assert!(ring.starts_with("/dev/shm"));
-    assert!(
-        !ring.exists(),
-        "the ring's name is removed once the tap has mapped it"
-    );
+    assert_ring_is_anonymous(s.server().pid());
     s.stop();
+}
+
+/// Ring files named for this process in /dev/shm (the old, named rings).
+pub fn named_rings_of(pid: u32) -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.starts_with(&format!("spark-ring-{pid}-"))
+                || n.starts_with(&format!("spark-hidden-{pid}-"))
+        })
+        .collect()
+}
+
+/// The tap mapped the rings from their inherited descriptors and closed those: llama-server
+/// maps anonymous memory files, holds no descriptor of them, and nothing has a name in /dev/shm.
+fn assert_ring_is_anonymous(server: u32) {
+    let maps = std::fs::read_to_string(format!("/proc/{server}/maps")).unwrap();
+    assert!(
+        maps.lines().any(|l| l.contains("/memfd:spark-ring")),
+        "llama-server maps the routing ring: {maps}"
+    );
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{server}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .filter(|t| t.contains("spark-ring") || t.contains("spark-hidden"))
+        .collect();
+    assert!(
+        fds.is_empty(),
+        "the tap closes the ring descriptors: {fds:?}"
+    );
+    assert!(named_rings_of(std::process::id()).is_empty());
 }
 
 /// CPU time (clock ticks, user + system) a process has used, from /proc.
@@ -378,9 +408,11 @@ fn a_server_killed_mid_request_is_reported_not_waited_on() {
         !recs.is_empty(),
         "records captured before the crash are kept"
     );
-    let ring = s.ring().unwrap().path().to_path_buf();
     s.stop();
-    assert!(!ring.exists(), "ring file left behind");
+    assert!(
+        named_rings_of(std::process::id()).is_empty(),
+        "ring file left behind"
+    );
 }
 
 /// Hidden-state capture on the analytic fixture: the router input at every layer is

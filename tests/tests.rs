@@ -3,6 +3,7 @@
 mod util;
 
 mod bench_residency;
+mod files;
 mod gguf_files;
 mod hook;
 mod lavapipe;

@@ -16,7 +16,7 @@ use crate::util::{alive, fixture, spark, spark_bin, tempdir, write_script};
 /// body), exits (FAKE_MODE=die), or answers in full with four generated tokens but never writes
 /// a routing record (FAKE_MODE=answer). Writes its pid to $FAKE_PID, and `$FAKE_PID.completion`
 /// when a completion arrives.
-const FAKE_SERVER: &str = r#"#!/usr/bin/env python3
+pub const FAKE_SERVER: &str = r#"#!/usr/bin/env python3
 import json, os, socket, sys, threading, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 

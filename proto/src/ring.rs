@@ -3,7 +3,8 @@
 //! Owns the bytes of the ring file (a [`RingHeader`] followed by `capacity` fixed-size records)
 //! and the two halves that move records through it: [`Producer`] (used by the preloaded tap
 //! inside llama-server) and [`Consumer`] (used by the supervisor). Both operate on memory that
-//! someone else mapped; nothing here opens, maps or unlinks a file, and nothing here allocates.
+//! someone else mapped; nothing here creates, maps or closes a file, and nothing here allocates
+//! (except the records a consumer appends to its caller's vector).
 //!
 //! Layout (little-endian, offsets in bytes):
 //!
@@ -20,6 +21,14 @@
 //! with Acquire before reusing a slot; the consumer mirrors that. The producer never overwrites
 //! an unread record: when the ring is full it drops the new record and increments `dropped`,
 //! so the engine never waits and a reader never sees a torn record.
+//!
+//! Neither side trusts the other's bytes. The consumer checks, on every read, that the write
+//! cursor is neither behind its read cursor nor more than `capacity` ahead, that the header's
+//! fixed fields still hold what it attached to, and that each record's own header fields are
+//! in range ([`Record::is_sane`]); the first violation is a protocol error ([`RingFault`]): it
+//! is counted, and the consumer reads nothing more from that ring. Slot indices are always
+//! masked by the capacity it validated at attach, so no cursor value can move a read outside
+//! the mapping. The producer treats a read cursor ahead of its write cursor as a full ring.
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -38,8 +47,9 @@ pub const KIND_HIDDEN: u32 = 2;
 /// Floats of hidden state one [`HiddenChunk`] carries.
 pub const HIDDEN_CHUNK_FLOATS: usize = 1016;
 
-/// Environment variable naming the hidden-state ring file in the child (absent: no capture).
-pub const ENV_HIDDEN_RING: &str = "SPARK_HIDDEN_RING";
+/// Environment variable holding the descriptor number of the hidden-state ring in the child
+/// (absent: no capture). Inherited like [`ENV_RING_FD`].
+pub const ENV_HIDDEN_RING_FD: &str = "SPARK_HIDDEN_RING_FD";
 
 /// Up to [`HIDDEN_CHUNK_FLOATS`] values of one token's pre-gate hidden state at one layer.
 /// A vector longer than one chunk spans consecutive chunks (`offset` counts floats).
@@ -90,10 +100,18 @@ const _: () = assert!(std::mem::size_of::<HiddenFileHeader>() == 32);
 /// Largest capacity a header may claim (2^26 records, several GiB of routing records).
 pub const MAX_CAPACITY: u64 = 1 << 26;
 
-/// Environment variable naming the ring file (an absolute path under /dev/shm) in the child.
-pub const ENV_RING: &str = "SPARK_RING";
+/// Environment variable holding the descriptor number of the routing ring in the child: an
+/// anonymous memory file (memfd) the child inherits, already sized and initialised. The ring has
+/// no name anywhere, so it cannot outlive the processes that hold it. The tap maps it and
+/// closes the descriptor.
+pub const ENV_RING_FD: &str = "SPARK_RING_FD";
 /// Environment variable holding the child's end of the control socket (a file descriptor).
 pub const ENV_CONTROL_FD: &str = "SPARK_CONTROL_FD";
+
+/// Bytes of the header that never change after creation: magic, version, header_size,
+/// record_size, record_kind, capacity.
+pub const FIXED_HEADER_BYTES: usize = 32;
+const _: () = assert!(std::mem::offset_of!(RingHeader, capacity) + 8 == FIXED_HEADER_BYTES);
 
 /// Byte offset of the write cursor.
 pub const WRITE_OFFSET: usize = 128;
@@ -210,6 +228,74 @@ impl std::fmt::Display for RingError {
 
 impl std::error::Error for RingError {}
 
+/// A record type a ring carries, and what a consumer checks of each record before handing it
+/// out: the fields a reader indexes or slices by.
+pub trait Record: bytemuck::Pod {
+    /// Whether this record's header fields are in range for a ring of `geometry` (a zero
+    /// geometry field means unknown and is not checked).
+    fn is_sane(&self, geometry: &RingGeometry) -> bool;
+}
+
+impl Record for crate::trace::RoutingRecord {
+    fn is_sane(&self, g: &RingGeometry) -> bool {
+        usize::from(self.n_used) <= crate::trace::MAX_K
+            && self.phase <= crate::trace::PHASE_DECODE
+            && (g.n_layer == 0 || u32::from(self.layer) < g.n_layer)
+    }
+}
+
+impl Record for HiddenChunk {
+    fn is_sane(&self, g: &RingGeometry) -> bool {
+        self.len as usize <= HIDDEN_CHUNK_FLOATS
+            && self
+                .offset
+                .checked_add(self.len)
+                .is_some_and(|end| end <= self.n_embd)
+            && self.tensor <= 1
+            && self.phase <= crate::trace::PHASE_DECODE
+            && (g.n_layer == 0 || u32::from(self.layer) < g.n_layer)
+    }
+}
+
+/// A protocol error the consumer found in a ring; after it, nothing more is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingFault {
+    /// The write cursor is behind what was already read.
+    CursorBehind { write: u64, read: u64 },
+    /// The write cursor claims more unread records than the ring holds.
+    CursorAhead {
+        write: u64,
+        read: u64,
+        capacity: u64,
+    },
+    /// A fixed header field (magic, version, sizes, kind, capacity) changed after attach.
+    HeaderChanged,
+    /// Record number `index` (since creation) has out-of-range header fields.
+    BadRecord { index: u64 },
+}
+
+impl std::fmt::Display for RingFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RingFault::CursorBehind { write, read } => {
+                write!(f, "write cursor {write} is behind read cursor {read}")
+            }
+            RingFault::CursorAhead {
+                write,
+                read,
+                capacity,
+            } => write!(
+                f,
+                "write cursor {write} is more than capacity {capacity} ahead of read cursor {read}"
+            ),
+            RingFault::HeaderChanged => write!(f, "the ring header changed after attach"),
+            RingFault::BadRecord { index } => {
+                write!(f, "record {index} has out-of-range header fields")
+            }
+        }
+    }
+}
+
 /// Bytes a ring of `capacity` records of `T` needs.
 pub fn ring_bytes<T>(capacity: u64) -> u64 {
     RING_HEADER_SIZE as u64 + capacity * std::mem::size_of::<T>() as u64
@@ -223,10 +309,11 @@ pub fn check_capacity(capacity: u64) -> Result<(), RingError> {
     Ok(())
 }
 
-/// A validated ring region: base pointer, capacity, record type.
+/// A validated ring region: base pointer, capacity, record type, and the header as validated.
 struct Region<T> {
     base: NonNull<u8>,
     mask: u64,
+    header: RingHeader,
     _t: PhantomData<T>,
 }
 
@@ -284,8 +371,31 @@ impl<T: bytemuck::Pod> Region<T> {
         Ok(Region {
             base,
             mask: h.capacity - 1,
+            header: h,
             _t: PhantomData,
         })
+    }
+
+    /// Whether the header's fixed fields (magic through capacity, the first
+    /// [`FIXED_HEADER_BYTES`] bytes) still hold what was validated at attach.
+    fn header_unchanged(&self) -> bool {
+        // SAFETY: the validated region holds at least RING_HEADER_SIZE > FIXED_HEADER_BYTES
+        // bytes at base; a byte array has no alignment requirement and every bit pattern is
+        // valid, and a volatile read tolerates another process writing these bytes (the value
+        // may be torn, never invalid). The cursors, which are accessed atomically, are not read.
+        let now: [u8; FIXED_HEADER_BYTES] = unsafe {
+            std::ptr::read_volatile(self.base.as_ptr() as *const [u8; FIXED_HEADER_BYTES])
+        };
+        now[..] == bytemuck::bytes_of(&self.header)[..FIXED_HEADER_BYTES]
+    }
+
+    fn geometry(&self) -> RingGeometry {
+        RingGeometry {
+            n_layer: self.header.n_layer,
+            n_expert: self.header.n_expert,
+            n_expert_used: self.header.n_expert_used,
+            n_embd: self.header.n_embd,
+        }
     }
 
     fn cursor(&self, offset: usize) -> &AtomicU64 {
@@ -296,8 +406,10 @@ impl<T: bytemuck::Pod> Region<T> {
     }
 
     fn slot(&self, n: u64) -> *mut T {
+        // Masked: whatever `n` is (a cursor from the other process included), i < capacity.
         let i = (n & self.mask) as usize;
-        // SAFETY: i < capacity, and the validated region holds capacity records after the header.
+        // SAFETY: i < capacity, and the validated region holds capacity records after the
+        // header, so the offset stays inside the mapping.
         unsafe {
             self.base
                 .as_ptr()
@@ -394,9 +506,11 @@ impl<T: bytemuck::Pod> Producer<T> {
     /// drop) if the ring is full. Call [`Producer::publish`] to make written records visible.
     #[inline]
     pub fn write(&mut self, rec: &T) -> bool {
-        if self.write - self.read_cache >= self.region.capacity() {
+        // A read cursor ahead of ours (a broken consumer) counts as a full ring.
+        let used = |read: u64| self.write.checked_sub(read).unwrap_or(u64::MAX);
+        if used(self.read_cache) >= self.region.capacity() {
             self.read_cache = self.region.cursor(READ_OFFSET).load(Ordering::Acquire);
-            if self.write - self.read_cache >= self.region.capacity() {
+            if used(self.read_cache) >= self.region.capacity() {
                 self.region
                     .cursor(DROPPED_OFFSET)
                     .fetch_add(1, Ordering::Relaxed);
@@ -447,9 +561,12 @@ impl<T: bytemuck::Pod> Producer<T> {
 pub struct Consumer<T> {
     region: Region<T>,
     read: u64,
+    geometry: RingGeometry,
+    fault: Option<RingFault>,
+    protocol_errors: u64,
 }
 
-impl<T: bytemuck::Pod> Consumer<T> {
+impl<T: Record> Consumer<T> {
     /// Attaches to an initialised ring.
     ///
     /// # Safety
@@ -459,7 +576,14 @@ impl<T: bytemuck::Pod> Consumer<T> {
         // SAFETY: forwarded from the caller.
         let region = unsafe { Region::<T>::validate(base, len, kind)? };
         let read = region.cursor(READ_OFFSET).load(Ordering::Relaxed);
-        Ok(Consumer { region, read })
+        let geometry = region.geometry();
+        Ok(Consumer {
+            region,
+            read,
+            geometry,
+            fault: None,
+            protocol_errors: 0,
+        })
     }
 
     /// Slots the ring holds.
@@ -467,53 +591,106 @@ impl<T: bytemuck::Pod> Consumer<T> {
         self.region.capacity()
     }
 
-    /// Records published but not yet consumed.
-    pub fn available(&self) -> u64 {
-        self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire) - self.read
+    /// Records the first protocol error: from now on nothing more is read.
+    fn fail(&mut self, fault: RingFault) {
+        if self.fault.is_none() {
+            self.fault = Some(fault);
+            self.protocol_errors += 1;
+        }
     }
 
-    /// Moves up to `max` published records into `out` (appending); returns how many.
+    /// The producer's write cursor, checked: the number of records published and not yet
+    /// consumed, or None (after recording a fault) if the ring is broken.
+    fn pending(&mut self) -> Option<(u64, u64)> {
+        if self.fault.is_some() {
+            return None;
+        }
+        let write = self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire);
+        let capacity = self.region.capacity();
+        let Some(n) = write.checked_sub(self.read) else {
+            self.fail(RingFault::CursorBehind {
+                write,
+                read: self.read,
+            });
+            return None;
+        };
+        if n > capacity {
+            self.fail(RingFault::CursorAhead {
+                write,
+                read: self.read,
+                capacity,
+            });
+            return None;
+        }
+        if !self.region.header_unchanged() {
+            self.fail(RingFault::HeaderChanged);
+            return None;
+        }
+        Some((write, n))
+    }
+
+    /// Copies record number `n`, if its header fields are sane.
+    fn record(&self, n: u64) -> Option<T> {
+        // SAFETY: slot() is always inside the mapping (masked index). Records in [read, write)
+        // were fully written before the producer's Release store of `write`, which pending()'s
+        // Acquire load observed, and the producer does not touch them until `read` is released.
+        // A producer that breaks that rule can only give torn bytes, and every bit pattern is
+        // a valid T (Pod); read_unaligned needs no alignment.
+        let rec = unsafe { std::ptr::read_unaligned(self.region.slot(n)) };
+        rec.is_sane(&self.geometry).then_some(rec)
+    }
+
+    /// Releases the records below `read` to the producer.
+    fn release(&mut self) {
+        self.region
+            .cursor(READ_OFFSET)
+            .store(self.read, Ordering::Release);
+    }
+
+    /// Records published but not yet consumed (0 once a protocol error was found; checking
+    /// may find one).
+    pub fn available(&mut self) -> u64 {
+        self.pending().map_or(0, |(_, n)| n)
+    }
+
+    /// Moves up to `max` published records into `out` (appending); returns how many. Stops at
+    /// the first protocol error (see [`Consumer::fault`]).
     pub fn pop_into(&mut self, out: &mut Vec<T>, max: usize) -> usize {
-        let write = self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire);
-        let n = (write - self.read).min(max as u64);
-        out.reserve(n as usize);
-        for i in 0..n {
-            // SAFETY: records in [read, write) were fully written before the producer's Release
-            // store of `write`, which our Acquire load observed; the producer will not touch
-            // them until we release `read` below.
-            out.push(unsafe { std::ptr::read_unaligned(self.region.slot(self.read + i)) });
-        }
-        self.read += n;
-        self.region
-            .cursor(READ_OFFSET)
-            .store(self.read, Ordering::Release);
-        n as usize
+        self.consume(max, |r| out.push(*r))
     }
 
-    /// Calls `f` on up to `max` published records in place, then releases them.
+    /// Calls `f` on up to `max` published records, then releases them. Stops at the first
+    /// protocol error (see [`Consumer::fault`]).
     pub fn consume(&mut self, max: usize, mut f: impl FnMut(&T)) -> usize {
-        let write = self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire);
-        let n = (write - self.read).min(max as u64);
-        for i in 0..n {
-            // SAFETY: as in pop_into: the slot holds a published, unreleased record.
-            let rec = unsafe { std::ptr::read_unaligned(self.region.slot(self.read + i)) };
-            f(&rec);
+        let Some((_, n)) = self.pending() else {
+            return 0;
+        };
+        // n <= capacity <= MAX_CAPACITY, so this fits a usize.
+        let n = n.min(max as u64);
+        let mut done = 0u64;
+        while done < n {
+            let index = self.read + done;
+            match self.record(index) {
+                Some(rec) => f(&rec),
+                None => {
+                    self.fail(RingFault::BadRecord { index });
+                    break;
+                }
+            }
+            done += 1;
         }
-        self.read += n;
-        self.region
-            .cursor(READ_OFFSET)
-            .store(self.read, Ordering::Release);
-        n as usize
+        self.read += done;
+        self.release();
+        done as usize
     }
 
-    /// Discards every published record; returns how many.
+    /// Discards every published record; returns how many (0 on a protocol error).
     pub fn skip_all(&mut self) -> u64 {
-        let write = self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire);
-        let n = write - self.read;
+        let Some((write, n)) = self.pending() else {
+            return 0;
+        };
         self.read = write;
-        self.region
-            .cursor(READ_OFFSET)
-            .store(self.read, Ordering::Release);
+        self.release();
         n
     }
 
@@ -522,14 +699,24 @@ impl<T: bytemuck::Pod> Consumer<T> {
         self.read
     }
 
-    /// Records the producer has dropped so far.
+    /// Records the producer has dropped so far (as it says).
     pub fn dropped(&self) -> u64 {
         self.region.cursor(DROPPED_OFFSET).load(Ordering::Relaxed)
     }
 
-    /// Records the producer has published so far.
+    /// Records the producer has published so far (its write cursor, unchecked).
     pub fn written(&self) -> u64 {
         self.region.cursor(WRITE_OFFSET).load(Ordering::Acquire)
+    }
+
+    /// The protocol error that stopped this consumer, if any.
+    pub fn fault(&self) -> Option<RingFault> {
+        self.fault
+    }
+
+    /// Protocol errors found (0 or 1: the first one stops the consumer).
+    pub fn protocol_errors(&self) -> u64 {
+        self.protocol_errors
     }
 }
 
@@ -542,6 +729,22 @@ mod tests {
     struct Rec {
         seq: u64,
         check: u64,
+    }
+
+    impl Record for Rec {
+        fn is_sane(&self, _: &RingGeometry) -> bool {
+            self.check == !self.seq
+        }
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+    struct Tiny([u8; 4]);
+
+    impl Record for Tiny {
+        fn is_sane(&self, _: &RingGeometry) -> bool {
+            true
+        }
     }
 
     fn region(cap: u64) -> Vec<u64> {
@@ -596,7 +799,7 @@ mod tests {
                 Err(RingError::RecordKind { .. })
             ));
             assert!(matches!(
-                Consumer::<[u8; 4]>::attach(base, len, 1),
+                Consumer::<Tiny>::attach(base, len, 1),
                 Err(RingError::RecordSize { .. })
             ));
             assert!(matches!(
@@ -608,5 +811,135 @@ mod tests {
                 Err(RingError::Capacity { found: 6 })
             ));
         }
+    }
+
+    /// A ring of 4 `Rec`s with `n` published records, and its consumer.
+    fn published(mem: &mut [u64], n: u64) -> (*mut u8, usize, Consumer<Rec>) {
+        let len = mem.len() * 8;
+        let base = mem.as_mut_ptr() as *mut u8;
+        // SAFETY: `mem` is 8-aligned and outlives every use in the calling test.
+        unsafe { init_ring::<Rec>(base, len, 4, 7, RingGeometry::default(), 1).unwrap() };
+        // SAFETY: as above; one producer and one consumer.
+        let mut p = unsafe { Producer::<Rec>::attach(base, len, 7).unwrap() };
+        for seq in 0..n {
+            p.push(&Rec { seq, check: !seq });
+        }
+        // SAFETY: as above.
+        let c = unsafe { Consumer::<Rec>::attach(base, len, 7).unwrap() };
+        (base, len, c)
+    }
+
+    fn poke(base: *mut u8, offset: usize, value: u64) {
+        // SAFETY: callers pass an offset inside the header of a live test region, 8-aligned.
+        unsafe { std::ptr::write_volatile(base.add(offset) as *mut u64, value) };
+    }
+
+    #[test]
+    fn a_write_cursor_behind_or_too_far_ahead_stops_the_consumer() {
+        for (write, fault) in [
+            (
+                u64::MAX,
+                RingFault::CursorAhead {
+                    write: u64::MAX,
+                    read: 2,
+                    capacity: 4,
+                },
+            ),
+            (
+                7,
+                RingFault::CursorAhead {
+                    write: 7,
+                    read: 2,
+                    capacity: 4,
+                },
+            ),
+            (1, RingFault::CursorBehind { write: 1, read: 2 }),
+        ] {
+            let mut mem = region(4);
+            let (base, _, mut c) = published(&mut mem, 3);
+            let mut out = Vec::new();
+            assert_eq!(c.pop_into(&mut out, 2), 2);
+            poke(base, WRITE_OFFSET, write);
+            assert_eq!(c.pop_into(&mut out, 100), 0);
+            assert_eq!(c.fault(), Some(fault));
+            assert_eq!(c.protocol_errors(), 1);
+            // Even once the cursor looks right again, nothing more is read.
+            poke(base, WRITE_OFFSET, 3);
+            assert_eq!(c.pop_into(&mut out, 100), 0);
+            assert_eq!(c.skip_all(), 0);
+            assert_eq!(c.available(), 0);
+            assert_eq!(c.protocol_errors(), 1);
+            assert_eq!(out.len(), 2);
+        }
+    }
+
+    #[test]
+    fn a_bad_record_or_a_changed_header_stops_the_consumer() {
+        let mut mem = region(4);
+        let (base, _, mut c) = published(&mut mem, 3);
+        // Record 1's check field no longer matches.
+        poke(base, RING_HEADER_SIZE + std::mem::size_of::<Rec>() + 8, 0);
+        let mut out = Vec::new();
+        assert_eq!(c.pop_into(&mut out, 100), 1, "the good record before it");
+        assert_eq!(c.fault(), Some(RingFault::BadRecord { index: 1 }));
+        assert_eq!(c.read_count(), 1);
+
+        let mut mem = region(4);
+        let (base, _, mut c) = published(&mut mem, 3);
+        poke(base, 24, 1 << 20); // capacity
+        assert_eq!(c.skip_all(), 0);
+        assert_eq!(c.fault(), Some(RingFault::HeaderChanged));
+    }
+
+    #[test]
+    fn a_read_cursor_ahead_of_the_producer_means_full() {
+        let mut mem = region(4);
+        let len = mem.len() * 8;
+        let base = mem.as_mut_ptr() as *mut u8;
+        // SAFETY: `mem` is 8-aligned and outlives the producer.
+        unsafe { init_ring::<Rec>(base, len, 4, 7, RingGeometry::default(), 1).unwrap() };
+        poke(base, READ_OFFSET, 1000);
+        // SAFETY: as above; the only producer.
+        let mut p = unsafe { Producer::<Rec>::attach(base, len, 7).unwrap() };
+        assert!(!p.push(&Rec { seq: 0, check: !0 }));
+        assert_eq!(p.counters(), (0, 1));
+    }
+
+    #[test]
+    fn record_checks_follow_the_geometry() {
+        use crate::trace::RoutingRecord;
+        let g = RingGeometry {
+            n_layer: 4,
+            n_expert: 8,
+            n_expert_used: 2,
+            n_embd: 64,
+        };
+        let ok = RoutingRecord::new(0, 0, 3, 1, &[1, 2]);
+        assert!(ok.is_sane(&g));
+        assert!(!RoutingRecord { layer: 4, ..ok }.is_sane(&g));
+        assert!(RoutingRecord { layer: 4, ..ok }.is_sane(&RingGeometry::default()));
+        assert!(!RoutingRecord { n_used: 17, ..ok }.is_sane(&g));
+        assert!(!RoutingRecord { phase: 2, ..ok }.is_sane(&g));
+        let h = HiddenChunk {
+            n_embd: 64,
+            offset: 32,
+            len: 32,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        assert!(h.is_sane(&g));
+        assert!(!HiddenChunk { len: 33, ..h }.is_sane(&g));
+        assert!(!HiddenChunk {
+            offset: u32::MAX,
+            ..h
+        }
+        .is_sane(&g));
+        assert!(!HiddenChunk {
+            n_embd: 2048,
+            offset: 0,
+            len: 1017,
+            ..h
+        }
+        .is_sane(&RingGeometry::default()));
+        assert!(!HiddenChunk { tensor: 2, ..h }.is_sane(&g));
     }
 }

@@ -47,6 +47,17 @@ impl TensorInfo {
     }
 }
 
+/// Clears `O_NONBLOCK` on an open file (regular files ignore it, but later reads through this
+/// descriptor should not see it).
+fn clear_nonblock(file: &File) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags & !OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
 /// A parsed GGUF file, kept memory-mapped so tensor bytes can be read without copying.
 #[derive(Debug)]
 pub struct GgufFile {
@@ -68,13 +79,31 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
+        let not_a_file = || GgufError::NotAFile {
+            path: path.to_path_buf(),
+        };
+        // Look before opening: opening a FIFO for reading blocks until a writer appears, and
+        // opening a device may have side effects. symlink_metadata first, so a dangling link
+        // is reported as what it is; a link to a regular file is fine.
+        std::fs::symlink_metadata(path).map_err(io)?;
+        if !std::fs::metadata(path).map_err(io)?.is_file() {
+            return Err(not_a_file());
+        }
+        // The name may be swapped for a FIFO between the check and the open: O_NONBLOCK makes
+        // that open return at once, and the descriptor is checked again.
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+                .open(path)
+                .map_err(io)?
+        };
         let meta = file.metadata().map_err(io)?;
         if !meta.is_file() {
-            return Err(GgufError::NotAFile {
-                path: path.to_path_buf(),
-            });
+            return Err(not_a_file());
         }
+        clear_nonblock(&file).map_err(io)?;
         if meta.len() == 0 {
             return Err(GgufError::at(path, "file is empty"));
         }

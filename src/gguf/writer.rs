@@ -10,7 +10,7 @@ use super::reader::{DEFAULT_ALIGNMENT, GGUF_MAGIC};
 use super::types::GgmlType;
 use super::value::Value;
 use super::GgufError;
-use crate::atomic_file::AtomicFile;
+use crate::atomic_file::{AtomicFile, Mode};
 
 /// A tensor waiting to be written: its data must be exactly `ggml_type.tensor_bytes(dims)`.
 struct PendingTensor {
@@ -75,13 +75,13 @@ impl GgufWriter {
         out
     }
 
-    /// Writes the file atomically at `path`.
+    /// Writes the file atomically at `path`, readable by all (a model holds no session text).
     pub fn write(&self, path: &Path) -> Result<(), GgufError> {
         let io = |source| GgufError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let file = AtomicFile::create(path).map_err(io)?;
+        let file = AtomicFile::create_with(path, Mode::Public).map_err(io)?;
         let mut w = BufWriter::with_capacity(1 << 20, file.as_file());
         self.write_to(&mut w).map_err(io)?;
         w.flush().map_err(io)?;

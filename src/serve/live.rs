@@ -31,7 +31,7 @@ const PLAN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages to the live thread.
 pub enum LiveMsg {
     /// A new child started with this ring and control channel; the previous ones are drained
-    /// and dropped (which unlinks the old ring).
+    /// and dropped (which frees the old ring once the old child is gone too).
     Ring(ShmRing, crate::control::ControlClient),
     /// A request's answer reached its client whole: fold everything, rewrite the profile if
     /// the routing changed since the last write.

@@ -633,9 +633,9 @@ fn start_live(
 }
 
 /// Reads the profile at `path` for a model with this fingerprint. A profile of another model
-/// is kept as `<path>.stale` and ignored, with a warning; one that cannot be read or parsed (a
-/// count out of range, a fraction, `n_expert_used=0`…) is an error (exit 2): its counts would
-/// seed the placement.
+/// is kept as `<path>.stale` (`.stale.1`, … when taken: never overwritten) and ignored, with a
+/// warning; one that cannot be read or parsed (a count out of range, a fraction,
+/// `n_expert_used=0`…) is an error (exit 2): its counts would seed the placement.
 fn load_profile(
     path: &std::path::Path,
     geometry: &MoeGeometry,
@@ -645,21 +645,16 @@ fn load_profile(
     if !path.exists() {
         return Ok((None, "new".into()));
     }
-    let set_aside = |why: &str| {
-        let mut stale = path.as_os_str().to_owned();
-        stale.push(".stale");
-        let stale = PathBuf::from(stale);
-        match std::fs::rename(path, &stale) {
-            Ok(()) => eprintln!(
-                "spark: warning: profile {} {why}; kept as {} and starting fresh",
-                path.display(),
-                stale.display()
-            ),
-            Err(e) => eprintln!(
-                "spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh",
-                path.display()
-            ),
-        }
+    let set_aside = |why: &str| match crate::profile::set_aside(path) {
+        Ok(stale) => eprintln!(
+            "spark: warning: profile {} {why}; kept as {} and starting fresh",
+            path.display(),
+            stale.display()
+        ),
+        Err(e) => eprintln!(
+            "spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh",
+            path.display()
+        ),
     };
     Ok(match Profile::read(path) {
         Err(e) => return Err(e),

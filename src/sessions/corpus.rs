@@ -152,7 +152,10 @@ impl StagingDir {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let tmp = parent.join(format!(".{name}.spark-tmp-{}-{nanos}", std::process::id()));
-        fs::create_dir(&tmp).map_err(|e| SessionsError::io("create", &tmp, e))?;
+        // Owner only: the corpus holds session text.
+        std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+            .create(&tmp)
+            .map_err(|e| SessionsError::io("create", &tmp, e))?;
         Ok(StagingDir {
             tmp,
             target: target.to_path_buf(),
@@ -296,7 +299,13 @@ impl CorpusWriter {
             let name = format!("{}-{:03}.jsonl", chunk.split.name(), self.next_shard[s]);
             self.next_shard[s] += 1;
             let path = self.staging.path().join(&name);
-            let f = File::create(&path).map_err(|e| SessionsError::io("create", &path, e))?;
+            // Session text: owner only, and a fresh file in our own staging directory.
+            let f = std::os::unix::fs::OpenOptionsExt::mode(
+                fs::OpenOptions::new().write(true).create_new(true),
+                0o600,
+            )
+            .open(&path)
+            .map_err(|e| SessionsError::io("create", &path, e))?;
             self.open[s] = Some(Shard {
                 entry: FileEntry {
                     name,

@@ -22,6 +22,30 @@ pub struct ChildGroup {
     exited: Option<ExitStatus>,
 }
 
+/// Lets the child of `cmd` inherit the descriptors `fds` (clears their close-on-exec flag in
+/// the child only, between fork and exec).
+pub fn inherit_fds(cmd: &mut Command, fds: &[std::os::fd::RawFd]) {
+    if fds.is_empty() {
+        return;
+    }
+    let fds = fds.to_vec();
+    // SAFETY: runs in the forked child before exec; fcntl is async-signal-safe and the closure
+    // allocates nothing (the Vec was built before fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
+                if flags < 0
+                    || nix::libc::fcntl(fd, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 impl ChildGroup {
     /// Spawns `cmd` as the leader of a new process group, with SIGKILL as its parent-death
     /// signal.

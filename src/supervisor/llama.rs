@@ -1,7 +1,6 @@
 //! One llama-server child: start it on a free loopback port, wait until `/health` answers,
 //! talk to it over HTTP with timeouts, stop it.
 
-use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -86,7 +85,8 @@ impl LlamaServer {
             Some(p) => p,
             None => free_port()?,
         };
-        let log = File::create(&cfg.log_path)?;
+        // Private: the log may hold prompts.
+        let log = crate::atomic_file::create_private(&cfg.log_path)?;
         let mut cmd = Command::new(&cfg.binary);
         cmd.arg("-m").arg(&cfg.model);
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
@@ -113,28 +113,7 @@ impl LlamaServer {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        if !inherit.is_empty() {
-            let fds = inherit.to_vec();
-            // SAFETY: runs in the forked child before exec; fcntl is async-signal-safe and the
-            // closure allocates nothing (the Vec was built before fork).
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    for &fd in &fds {
-                        let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
-                        if flags < 0
-                            || nix::libc::fcntl(
-                                fd,
-                                nix::libc::F_SETFD,
-                                flags & !nix::libc::FD_CLOEXEC,
-                            ) < 0
-                        {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
+        super::child::inherit_fds(&mut cmd, inherit);
         let child = ChildGroup::spawn(&mut cmd)?;
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(2))

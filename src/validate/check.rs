@@ -475,9 +475,7 @@ pub fn validate(
     }
     std::fs::create_dir_all(&a.report).map_err(|e| ValidateError::io(&a.report, e))?;
     // A private work directory: concurrent runs never share a log or temporary file.
-    let work = tempfile::Builder::new()
-        .prefix("spark-validate-")
-        .tempdir()
+    let work = crate::atomic_file::private_tempdir("spark-validate-")
         .map_err(|e| ValidateError::io(Path::new("a temporary directory"), e))?;
     let log = work.path().join("llama-server.log");
     let planned = todo.len();

@@ -103,7 +103,7 @@ pub fn replay(
     mut on_start: impl FnMut(&Started) -> Result<(), ValidateError>,
     mut on_chunk: impl FnMut(ChunkRun) -> Result<(), ValidateError>,
 ) -> Result<(), ValidateError> {
-    // Rings of SIGKILLed supervisors (which could not unlink them) go before a new one is made.
+    // Named rings left by SIGKILLed supervisors of older versions (rings no longer have names).
     for stale in crate::ring::remove_stale_rings(Path::new("/dev/shm")) {
         eprintln!("spark: removed stale ring {}", stale.display());
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
 
 use spark_proto::control::{Greeting, HiddenTensor, CONTROL_VERSION};
 use spark_proto::ring::{
-    HiddenChunk, Producer, ENV_HIDDEN_RING, ENV_RING, HIDDEN_CHUNK_FLOATS, KIND_HIDDEN,
+    HiddenChunk, Producer, ENV_HIDDEN_RING_FD, ENV_RING_FD, HIDDEN_CHUNK_FLOATS, KIND_HIDDEN,
     KIND_ROUTING,
 };
 use spark_proto::trace::{RoutingRecord, MAX_K, PHASE_DECODE, PHASE_PROMPT};
@@ -237,25 +237,33 @@ fn geometry(model: *const c_void) -> Greeting {
     }
 }
 
-/// Maps the ring at `path`; returns its producer and the expert count in its header.
-fn open_ring<T: bytemuck::Pod>(path: &str, kind: u32) -> Result<(Producer<T>, u32), String> {
-    let c = CString::new(path).map_err(|_| format!("ring path {path:?} contains NUL"))?;
-    // SAFETY: c is NUL-terminated; open has no other preconditions.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(format!("open {path}: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is an open descriptor; st is a plain C struct that fstat fills.
+/// Maps the ring whose inherited descriptor number `var` holds (the value of `SPARK_RING_FD` or
+/// `SPARK_HIDDEN_RING_FD`), then closes the descriptor (the mapping stays, and llama-server's
+/// own children never see the ring); returns its producer and the expert count in its header.
+fn open_ring<T: bytemuck::Pod>(var: &str, kind: u32) -> Result<(Producer<T>, u32), String> {
+    let fd: i32 = var
+        .trim()
+        .parse()
+        .ok()
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| format!("ring descriptor {var:?} is not a descriptor number above 2"))?;
+    // SAFETY: st is a plain C struct that fstat fills; fstat on an arbitrary integer only
+    // reports whether it is an open descriptor.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is open and st is writable.
+    // SAFETY: st is writable; fd is only inspected.
     let rc = unsafe { libc::fstat(fd, &mut st) };
     if rc != 0 {
-        // SAFETY: fd is open and ours.
-        unsafe { libc::close(fd) };
-        return Err(format!("stat {path}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "ring descriptor {fd}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(format!("ring descriptor {fd} is not a memory file"));
     }
     let len = st.st_size as usize;
-    // SAFETY: mapping `len` bytes of an open regular file, shared, read-write.
+    // SAFETY: mapping `len` bytes of an open regular file, shared, read-write; the kernel checks
+    // the descriptor's access mode.
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -266,15 +274,19 @@ fn open_ring<T: bytemuck::Pod>(path: &str, kind: u32) -> Result<(Producer<T>, u3
             0,
         )
     };
-    // SAFETY: fd is open and ours; the mapping stays valid after close.
+    // SAFETY: the supervisor handed this descriptor to us alone, for this mapping; the mapping
+    // stays valid after close.
     unsafe { libc::close(fd) };
     if base == libc::MAP_FAILED {
-        return Err(format!("map {path}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "map ring descriptor {fd}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: the mapping is never unmapped (it lives as long as the process) and this is the
     // ring's only producer (one tap per llama-server, one state per tap).
     let producer = unsafe { Producer::attach(base as *mut u8, len, kind) }
-        .map_err(|e| format!("attach {path}: {e}"))?;
+        .map_err(|e| format!("attach ring descriptor {fd}: {e}"))?;
     // SAFETY: attach validated that the mapping holds at least a whole header.
     let header = unsafe { spark_proto::ring::read_header(base as *const u8) };
     Ok((producer, header.n_expert))
@@ -306,8 +318,8 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
         let first = slot.is_none();
         let mut ring_experts = 0;
         if first {
-            let producer = match std::env::var(ENV_RING) {
-                Ok(path) => match open_ring::<RoutingRecord>(&path, KIND_ROUTING) {
+            let producer = match std::env::var(ENV_RING_FD) {
+                Ok(fd) => match open_ring::<RoutingRecord>(&fd, KIND_ROUTING) {
                     Ok((p, experts)) => {
                         ring_experts = experts;
                         Some(p)
@@ -318,12 +330,12 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                     }
                 },
                 Err(_) => {
-                    control::warn("routing capture off: SPARK_RING is not set");
+                    control::warn(&format!("routing capture off: {ENV_RING_FD} is not set"));
                     None
                 }
             };
-            let hidden = std::env::var(ENV_HIDDEN_RING).ok().and_then(|path| {
-                match open_ring::<HiddenChunk>(&path, KIND_HIDDEN) {
+            let hidden = std::env::var(ENV_HIDDEN_RING_FD).ok().and_then(|fd| {
+                match open_ring::<HiddenChunk>(&fd, KIND_HIDDEN) {
                     Ok((p, _)) => Some(p),
                     Err(e) => {
                         control::warn(&format!("hidden-state capture unavailable: {e}"));

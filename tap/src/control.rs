@@ -16,7 +16,7 @@ use spark_proto::control::{
     respond, Greeting, HiddenConfig, HiddenTensor, Reply, ResidencyStats, TapControl, TapStats,
     WantPlan, ERR_TOO_LONG, MAX_LINE,
 };
-use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING};
+use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING_FD};
 
 use crate::capture::SHARED;
 
@@ -113,7 +113,7 @@ impl TapControl for Tap {
             Some(h) => {
                 if !SHARED.hidden_available.load(Ordering::Relaxed) {
                     return Err(format!(
-                        "no hidden-state ring: the supervisor did not set {ENV_HIDDEN_RING}"
+                        "no hidden-state ring: the supervisor did not set {ENV_HIDDEN_RING_FD}"
                     ));
                 }
                 SHARED.hidden_every.store(h.every, Ordering::Relaxed);

@@ -3,8 +3,9 @@
 //!
 //! Owns two interposed llama.cpp entry points and the eval callback:
 //! - `llama_init_from_model` forwards to the real function after installing the tap's
-//!   `cb_eval` (chaining any callback the caller had set), opens the ring named by `SPARK_RING`
-//!   and starts the control thread on the socket in `SPARK_CONTROL_FD`;
+//!   `cb_eval` (chaining any callback the caller had set), maps the ring whose inherited
+//!   descriptor `SPARK_RING_FD` names and starts the control thread on the socket in
+//!   `SPARK_CONTROL_FD`;
 //! - `llama_decode` (classic batches) and `llama_process` with the `llama_batch_ext_*` builder
 //!   calls (the extended batches llama-server uses) are mirrored into preallocated shadows of
 //!   each batch's token positions and output flags, so every record can say which token it
