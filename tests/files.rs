@@ -420,24 +420,31 @@ fn a_second_stale_profile_does_not_overwrite_the_first() {
         s.push(suffix);
         PathBuf::from(s)
     };
-    for (i, body) in ["not a profile, first\n", "not a profile, second\n"]
-        .iter()
-        .enumerate()
-    {
-        std::fs::write(&profile, body).unwrap();
+    // Profiles of another model (their fingerprint differs) are set aside; one that cannot be
+    // parsed is an error instead (exit 2), so the bodies here are valid profiles.
+    let g = spark::gguf::MoeGeometry::of(&spark::gguf::GgufFile::open(&model).unwrap()).unwrap();
+    let mut bodies = Vec::new();
+    for i in 0..2u64 {
+        let mut c = spark::cache::Counts::zero(g.n_layer as usize, g.n_expert as usize);
+        c.set(0, 0, 100 + i);
+        let other = format!("gguf-1-{i:032x}");
+        spark::profile::Profile::new(c, g.n_expert_used, Some(other))
+            .write(&profile)
+            .unwrap();
+        bodies.push(std::fs::read_to_string(&profile).unwrap());
         let served = Served::start(&model, &["--quiet", "--spark"]);
-        assert_eq!(served.status()["profile"]["at_start"], "unreadable");
+        assert_eq!(served.status()["profile"]["at_start"], "stale");
         drop(served);
         eprintln!("run {i} set the profile aside");
     }
     assert_eq!(
         std::fs::read_to_string(aside(".stale")).unwrap(),
-        "not a profile, first\n",
+        bodies[0],
         "the first set-aside copy is kept"
     );
     assert_eq!(
         std::fs::read_to_string(aside(".stale.1")).unwrap(),
-        "not a profile, second\n",
+        bodies[1],
         "the second set-aside copy has its own name"
     );
 }
