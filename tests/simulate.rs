@@ -407,3 +407,188 @@ fn budget_mode_places_and_refuses() {
     );
     assert!(e.contains("cannot hold the per-layer floor"), "{e}");
 }
+
+/// Golden misses of the `spark` policy on the shared real trace, taken from the implementation
+/// before it was made fast (commit 2cad393): the fast one must make every decision the same.
+mod spark_golden {
+    use spark::cache::{Counts, Policy, PolicyKind, Spark};
+    use spark::placement::{place, PlacementInput};
+    use spark::simulate::Experiment;
+    use spark::trace::{Routing, Trace};
+
+    /// FNV-1a over a stream of u64 words.
+    struct Fnv(u64);
+
+    impl Fnv {
+        fn new() -> Fnv {
+            Fnv(0xcbf2_9ce4_8422_2325)
+        }
+        fn word(&mut self, w: u64) {
+            for b in w.to_le_bytes() {
+                self.0 ^= u64::from(b);
+                self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+
+    /// Replays steps `0..cal` unscored, then scores the rest; returns the scored misses. Every
+    /// access's misses, the blend followed after each step and the final residency of every
+    /// (layer, expert) go into `h`.
+    fn run(
+        r: &Routing,
+        n_expert: usize,
+        k: usize,
+        slots: &[u32],
+        prior: Option<&Counts>,
+        cal: usize,
+        h: &mut Fnv,
+    ) -> u64 {
+        let mut p = Spark::new(n_expert, slots, prior, k);
+        let mut scored = 0u64;
+        for s in 0..r.steps() {
+            for l in 0..r.n_layer() {
+                let m = p.access(l, r.ids(s, l));
+                h.word(u64::from(m));
+                if s >= cal {
+                    scored += u64::from(m);
+                }
+            }
+            h.word(p.lambda().map_or(u64::MAX, f64::to_bits));
+        }
+        for l in 0..r.n_layer() {
+            for e in 0..n_expert as u16 {
+                h.word(u64::from(p.is_resident(l, e)));
+            }
+        }
+        scored
+    }
+
+    fn trace() -> Trace {
+        Trace::read(&super::shared_trace(), None).expect("the shared trace reads")
+    }
+
+    const COLD: [u64; 64] = [
+        35707, 33496, 31302, 29165, 27084, 25185, 23366, 21650, 20102, 18948, 18039, 17182, 16372,
+        15709, 15035, 14390, 13805, 13198, 12641, 12133, 11620, 11088, 10547, 9943, 9486, 8947,
+        8527, 8129, 7686, 7292, 6903, 6508, 6177, 5751, 5361, 5039, 4684, 4381, 4064, 3770, 3516,
+        3235, 2980, 2755, 2555, 2319, 2112, 1882, 1695, 1521, 1357, 1180, 1037, 907, 778, 664, 546,
+        454, 361, 272, 196, 122, 50, 0,
+    ];
+    const COLD_HASH: u64 = 0xbe86_5f3b_2ff9_a348;
+    const CALIBRATED: [u64; 64] = [
+        17783, 16587, 15367, 14272, 13190, 12187, 11272, 10409, 9574, 8939, 8414, 7964, 7581, 7261,
+        6925, 6648, 6371, 6065, 5833, 5571, 5360, 5112, 4803, 4528, 4301, 4067, 3890, 3705, 3519,
+        3323, 3133, 2970, 2832, 2631, 2449, 2360, 2194, 2051, 1917, 1781, 1666, 1540, 1425, 1316,
+        1224, 1109, 1009, 887, 800, 716, 627, 550, 469, 416, 340, 282, 218, 177, 134, 97, 71, 46,
+        13, 0,
+    ];
+    // The same replay as COLD (calibration only decides what is scored), so the same hash.
+    const CALIBRATED_HASH: u64 = 0xbe86_5f3b_2ff9_a348;
+    const PROFILE: [u64; 64] = [
+        17783, 16587, 15367, 14272, 13190, 12187, 11272, 10409, 9559, 8881, 8354, 7948, 7557, 7217,
+        6915, 6597, 6328, 6070, 5826, 5513, 5261, 5019, 4742, 4492, 4255, 4041, 3829, 3624, 3454,
+        3252, 3114, 2963, 2812, 2656, 2506, 2352, 2187, 2065, 1906, 1801, 1656, 1548, 1440, 1335,
+        1202, 1083, 994, 902, 794, 711, 595, 531, 449, 364, 297, 228, 177, 133, 94, 63, 39, 22, 3,
+        0,
+    ];
+    const PROFILE_HASH: u64 = 0x7a10_291f_3452_e476;
+    const BUDGET: [u64; 29] = [
+        10409, 8966, 8001, 7339, 6655, 6147, 5590, 5102, 4610, 4088, 3717, 3310, 2959, 2598, 2265,
+        1963, 1693, 1431, 1209, 986, 789, 598, 459, 324, 217, 119, 56, 19, 0,
+    ];
+    const BUDGET_HASH: u64 = 0x1514_4a17_4038_4f1d;
+
+    fn check(name: &str, got: &[u64], hash: u64, want: &[u64], want_hash: u64) {
+        if std::env::var_os("SPARK_GOLDEN_PRINT").is_some() {
+            println!("{name}: {got:?} hash {hash:#018x}");
+            return;
+        }
+        assert_eq!(got, want, "{name}: misses per slot count");
+        assert_eq!(
+            hash, want_hash,
+            "{name}: per-access misses, blend or residency differ"
+        );
+    }
+
+    /// Every slot count 1..=64 per layer from a cold start (no calibration, no prior).
+    #[test]
+    fn cold_replay_at_every_slot_count() {
+        let t = trace();
+        let (r, n, k) = (&t.decode, t.n_expert as usize, t.k as usize);
+        let mut h = Fnv::new();
+        let got: Vec<u64> = (1..=64)
+            .map(|s| run(r, n, k, &vec![s; r.n_layer()], None, 0, &mut h))
+            .collect();
+        check("COLD", &got, h.0, &COLD, COLD_HASH);
+    }
+
+    /// What `spark simulate` does by default (calibrate-frac 0.5), at every slot count.
+    #[test]
+    fn calibrated_at_every_slot_count() {
+        let t = trace();
+        let (r, n, k) = (&t.decode, t.n_expert as usize, t.k as usize);
+        let cal = r.steps() / 2;
+        let exp = Experiment::new(r, n, k, cal);
+        let mut h = Fnv::new();
+        let got: Vec<u64> = (1..=64u32)
+            .map(|s| {
+                let slots = vec![s; r.n_layer()];
+                let m = run(r, n, k, &slots, None, cal, &mut h);
+                assert_eq!(m, exp.run(PolicyKind::Spark, &slots).misses);
+                m
+            })
+            .collect();
+        check("CALIBRATED", &got, h.0, &CALIBRATED, CALIBRATED_HASH);
+    }
+
+    /// `spark simulate --profile`: the counts are known up front (the prior seeds the fill and
+    /// the frequency member).
+    #[test]
+    fn profile_prior_at_every_slot_count() {
+        let t = trace();
+        let (r, n, k) = (&t.decode, t.n_expert as usize, t.k as usize);
+        let cal = r.steps() / 2;
+        let prior = Counts::of(r, n);
+        let mut exp = Experiment::new(r, n, k, cal);
+        exp.counts = prior.clone();
+        exp.prior = Some(prior.clone());
+        let mut h = Fnv::new();
+        let got: Vec<u64> = (1..=64u32)
+            .map(|s| {
+                let slots = vec![s; r.n_layer()];
+                let m = run(r, n, k, &slots, Some(&prior), cal, &mut h);
+                assert_eq!(m, exp.run(PolicyKind::Spark, &slots).misses);
+                m
+            })
+            .collect();
+        check("PROFILE", &got, h.0, &PROFILE, PROFILE_HASH);
+    }
+
+    /// `spark simulate --budget-mib` with 1 MiB experts: per-layer slots from the placement,
+    /// 128..=1024 MiB in steps of 32.
+    #[test]
+    fn budget_placements() {
+        let t = trace();
+        let (r, n, k) = (&t.decode, t.n_expert as usize, t.k as usize);
+        let cal = r.steps() / 2;
+        let exp = Experiment::new(r, n, k, cal);
+        let sizes = vec![1u64 << 20; r.n_layer()];
+        let mut h = Fnv::new();
+        let got: Vec<u64> = (0..29u64)
+            .map(|i| {
+                let plan = place(&PlacementInput {
+                    counts: &exp.counts,
+                    expert_bytes: &sizes,
+                    budget: (128 + 32 * i) << 20,
+                    floor: k as u32,
+                })
+                .expect("the budget holds the floor");
+                let slots = plan.slots();
+                let m = run(r, n, k, &slots, None, cal, &mut h);
+                assert_eq!(m, exp.run(PolicyKind::Spark, &slots).misses);
+                m
+            })
+            .collect();
+        check("BUDGET", &got, h.0, &BUDGET, BUDGET_HASH);
+    }
+}
