@@ -149,6 +149,8 @@ struct Cache {
     /// key of at least `thr`.
     low: Vec<u16>,
     thr: f64,
+    /// How far above the lowest key a rebuilt low list reaches (a ratio above 1).
+    spread: f64,
 }
 
 /// Scratch space of one access, kept to avoid allocating on the lookup path.
@@ -202,6 +204,7 @@ impl SparkLayer {
             members,
             low: Vec::new(),
             thr: 0.0,
+            spread: 2.0,
         };
         SparkLayer {
             ex,
@@ -231,7 +234,7 @@ impl SparkLayer {
         self.rebase(t);
         for f in 0..M {
             let m = if f == HYPER {
-                self.serve_hyper(ids, t, tab, scratch)
+                self.serve_hyper(ids, t, scratch)
             } else {
                 self.serve_keyed(f, ids, t, tab, scratch)
             };
@@ -381,26 +384,23 @@ impl SparkLayer {
     }
 
     /// Refills the low list of key-ranked shadow `f` with its members (not named by this
-    /// access) of the [`LOW`] lowest keys, and everything within [`SLACK`] of them.
-    fn rebuild_low(&mut self, f: usize, t: u64, scratch: &mut Scratch) {
+    /// access) whose keys are at most `spread` times the lowest; `spread` adapts so the list
+    /// holds about [`LOW`] members (any spread is correct: it only decides the list's length).
+    fn rebuild_low(&mut self, f: usize, t: u64) {
         let cache = &mut self.caches[f];
         for &m in &cache.low {
             self.ex[usize::from(m)].low &= !(1 << f);
         }
         cache.low.clear();
-        scratch.vals.clear();
+        let mut kmin = f64::INFINITY;
         for &m in &cache.members {
             let x = &self.ex[usize::from(m)];
-            if x.tok != t {
-                scratch.vals.push(x.key[f]);
+            if x.tok != t && x.key[f] < kmin {
+                kmin = x.key[f];
             }
         }
-        let limit = if scratch.vals.len() <= LOW {
-            f64::INFINITY
-        } else {
-            let (_, v, _) = scratch.vals.select_nth_unstable_by(LOW - 1, f64::total_cmp);
-            *v + *v * SLACK
-        };
+        // At least the slack above the lowest, so its whole window is on the list.
+        let limit = (kmin * cache.spread).max(kmin + kmin * SLACK);
         let mut thr = f64::INFINITY;
         for &m in &cache.members {
             let x = &mut self.ex[usize::from(m)];
@@ -415,6 +415,12 @@ impl SparkLayer {
             }
         }
         cache.thr = thr;
+        let n = cache.low.len();
+        if n < LOW / 2 && thr < f64::INFINITY {
+            cache.spread = (cache.spread * cache.spread).min(1e300);
+        } else if n > 2 * LOW {
+            cache.spread = cache.spread.sqrt();
+        }
     }
 
     /// The victim of key-ranked shadow `f` by its low list (the keys are exact enough).
@@ -428,16 +434,22 @@ impl SparkLayer {
         let mut rebuilt = false;
         if self.caches[f].low.len() > 3 * LOW {
             // Crowded with residents whose keys have grown since: start over.
-            self.rebuild_low(f, t, scratch);
+            self.rebuild_low(f, t);
             rebuilt = true;
         }
         loop {
             let cache = &self.caches[f];
-            let mut kmin = f64::INFINITY;
-            for &m in &cache.low {
+            // The lowest key (at `at`) and the next one.
+            let (mut kmin, mut next, mut at) = (f64::INFINITY, f64::INFINITY, usize::MAX);
+            for (i, &m) in cache.low.iter().enumerate() {
                 let x = &self.ex[usize::from(m)];
-                if x.tok != t && x.key[f] < kmin {
-                    kmin = x.key[f];
+                if x.tok != t {
+                    let k = x.key[f];
+                    if k < kmin {
+                        (next, kmin, at) = (kmin, k, i);
+                    } else if k < next {
+                        next = k;
+                    }
                 }
             }
             let limit = kmin + kmin * SLACK;
@@ -445,16 +457,30 @@ impl SparkLayer {
                 if kmin == f64::INFINITY {
                     return None;
                 }
-                scratch.cand.clear();
-                for &m in &cache.low {
-                    let x = &self.ex[usize::from(m)];
-                    if x.tok != t && x.key[f] <= limit {
-                        scratch.cand.push(m);
+                let victim = if next > limit {
+                    // Alone within the slack: it is the reference's choice.
+                    cache.low[at]
+                } else {
+                    scratch.cand.clear();
+                    for &m in &cache.low {
+                        let x = &self.ex[usize::from(m)];
+                        if x.tok != t && x.key[f] <= limit {
+                            scratch.cand.push(m);
+                        }
                     }
-                }
-                return self.pick(f, f, &scratch.cand, t, tab);
+                    let v = self.pick(f, f, &scratch.cand, t, tab)?;
+                    at = self.caches[f]
+                        .low
+                        .iter()
+                        .position(|&m| m == v)
+                        .expect("a candidate is on the low list");
+                    v
+                };
+                self.caches[f].low.swap_remove(at);
+                self.ex[usize::from(victim)].low &= !(1 << f);
+                return Some(victim);
             }
-            self.rebuild_low(f, t, scratch);
+            self.rebuild_low(f, t);
             rebuilt = true;
         }
     }
@@ -498,11 +524,11 @@ impl SparkLayer {
     }
 
     /// Serves `ids` on the hyperbolic member's shadow: its scores are computed once per access
-    /// with a miss, and each eviction picks among the few smallest.
-    fn serve_hyper(&mut self, ids: &[u16], t: u64, tab: &Tables, scratch: &mut Scratch) -> u32 {
+    /// with a miss, and each eviction takes the lowest (ties: the reference's order).
+    fn serve_hyper(&mut self, ids: &[u16], t: u64, scratch: &mut Scratch) -> u32 {
         let mut misses = 0;
         let mut ready = false;
-        for (i, &e) in ids.iter().enumerate() {
+        for &e in ids {
             if self.ex[usize::from(e)].pos[HYPER] != NONE {
                 continue;
             }
@@ -513,45 +539,46 @@ impl SparkLayer {
             }
             if cache.members.len() >= cache.cap {
                 if !ready {
+                    // Scores of the members that may go, in slot order; a victim's becomes +∞.
                     ready = true;
-                    // Evictions this access may need: the distinct ids not resident.
-                    let need = (i..ids.len())
-                        .filter(|&j| {
-                            self.ex[usize::from(ids[j])].pos[HYPER] == NONE
-                                && !ids[i..j].contains(&ids[j])
-                        })
-                        .count();
                     scratch.vals.clear();
+                    scratch.cand.clear();
                     for &m in &cache.members {
                         let x = &self.ex[usize::from(m)];
                         if x.tok != t {
                             scratch.vals.push(x.crf[F - 1] / (1 + (t - x.last)) as f64);
-                        }
-                    }
-                    let limit = if scratch.vals.len() <= need {
-                        f64::INFINITY
-                    } else {
-                        *scratch
-                            .vals
-                            .select_nth_unstable_by(need - 1, f64::total_cmp)
-                            .1
-                    };
-                    scratch.cand.clear();
-                    for &m in &cache.members {
-                        let x = &self.ex[usize::from(m)];
-                        if x.tok != t && x.crf[F - 1] / (1 + (t - x.last)) as f64 <= limit {
                             scratch.cand.push(m);
                         }
                     }
                 }
-                match self.pick(HYPER, HYPER, &scratch.cand, t, tab) {
-                    Some(v) => {
-                        let i = scratch.cand.iter().position(|&m| m == v).expect("picked");
-                        scratch.cand.swap_remove(i);
-                        self.remove(HYPER, v);
+                let (mut low, mut at, mut tied) = (f64::INFINITY, usize::MAX, false);
+                for (i, &v) in scratch.vals.iter().enumerate() {
+                    if v < low {
+                        (low, at, tied) = (v, i, false);
+                    } else if v == low {
+                        tied = true;
                     }
-                    None => continue,
                 }
+                if at == usize::MAX {
+                    continue;
+                }
+                if tied {
+                    // Equal scores: earlier last use, then earlier slot.
+                    for i in at + 1..scratch.vals.len() {
+                        if scratch.vals[i] == low {
+                            let (a, b) = (
+                                &self.ex[usize::from(scratch.cand[i])],
+                                &self.ex[usize::from(scratch.cand[at])],
+                            );
+                            if (a.last, a.pos[HYPER]) < (b.last, b.pos[HYPER]) {
+                                at = i;
+                            }
+                        }
+                    }
+                }
+                scratch.vals[at] = f64::INFINITY;
+                let v = scratch.cand[at];
+                self.remove(HYPER, v);
             }
             self.insert(HYPER, e);
         }
