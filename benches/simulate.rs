@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use spark::cache::{self, Belady, Counts, Policy, PolicyKind, Setup};
-use spark::simulate::Experiment;
+use spark::simulate::{Experiment, Start, Versus};
 use spark::trace::{Routing, Trace};
 
 fn real_trace() -> Option<(PathBuf, Trace)> {
@@ -92,11 +92,12 @@ fn quality_table(trace: &Trace, path: &std::path::Path) {
         let s = (mult * k).min(trace.n_expert);
         let slots = vec![s; r.n_layer()];
         let b = exp.run(PolicyKind::Belady, &slots).misses;
-        let mut lru = 0;
+        let mut lru = None;
         for p in PolicyKind::ALL {
-            let m = exp.run(p, &slots).misses;
+            let o = exp.run(p, &slots);
+            let m = o.misses;
             if p == PolicyKind::Lru {
-                lru = m;
+                lru = Some(o.clone());
             }
             let vs = if b > 0 {
                 format!("{:.3}", m as f64 / b as f64)
@@ -106,11 +107,14 @@ fn quality_table(trace: &Trace, path: &std::path::Path) {
                 "-".into()
             };
             println!("{s:>6}  {:<8} {m:>8} {vs:>10}", p.name());
-            if p == PolicyKind::Spark && lru > 0 {
-                println!(
-                    "{s:>6}  spark has {:.1}% fewer misses than lru",
-                    100.0 * (lru as f64 - m as f64) / lru as f64
+            if let (PolicyKind::Spark, Some(lru)) = (p, &lru) {
+                let start = |k| Start::of(k, false, exp.calibrate_steps);
+                let v = Versus::of(
+                    s,
+                    (&o, start(PolicyKind::Spark)),
+                    (lru, start(PolicyKind::Lru)),
                 );
+                println!("{s:>6}  {}", v.line());
             }
         }
     }

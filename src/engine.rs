@@ -81,9 +81,10 @@ pub fn build_key(backend: Backend, hooked: bool) -> String {
         let first = line.split(' ').next().unwrap_or("");
         let applies = first == "common"
             || first == name
-            || first.strip_prefix(name).and_then(|r| r.strip_prefix('.')).is_some_and(|r| {
-                !r.is_empty() && r.bytes().all(|b| b.is_ascii_lowercase())
-            });
+            || first
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('.'))
+                .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_lowercase()));
         if applies {
             h.update(line.trim_end().as_bytes());
             h.update(b"\n");
@@ -202,7 +203,9 @@ impl Engine {
     pub fn locate_prefer_cuda(explicit: Option<&Path>) -> Result<Engine, EngineError> {
         let from_env = std::env::var_os("SPARK_LLAMA_SERVER").filter(|v| !v.is_empty());
         if explicit.is_none() && from_env.is_none() {
-            let cuda = prefix(Backend::Cuda, false).join("bin").join("llama-server");
+            let cuda = prefix(Backend::Cuda, false)
+                .join("bin")
+                .join("llama-server");
             if cuda.exists() {
                 return Engine::locate(Some(&cuda));
             }

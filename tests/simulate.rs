@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use spark::trace::Trace;
 
 use crate::util::{spark, tempdir};
 
@@ -137,6 +138,127 @@ fn shared_trace_simulates_with_the_issue_json_shape() {
     assert_eq!(at("belady"), 0);
     assert_eq!(at("spark"), 0);
     assert!(at("lru") > 0);
+}
+
+#[test]
+fn spark_against_lru_compares_like_with_like() {
+    // At 64 slots (every expert fits) spark, filled by expert id before the first token, has
+    // no misses while lru, which starts empty, pays 50 first uses: that printed "spark has
+    // 100.0% fewer misses than lru". Like with like, first uses are left out for both.
+    let t = shared_trace();
+    let t = t.to_str().unwrap();
+    let text = ok_stdout(&["simulate", "--trace", t, "--slots", "32,64"]);
+    assert!(!text.contains("100.0% fewer"), "{text}");
+    assert!(
+        text.contains(
+            "slots 64: spark and lru both have 0 misses on reuses (first uses left out: lru starts cold, spark starts filled by expert id)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("slots 32: spark has "), "{text}");
+    let r = json(&["simulate", "--trace", t, "--slots", "32,64", "--json"]);
+    let row = |slots: u64, p: &str| {
+        r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["slots"] == slots && x["policy"] == p)
+            .unwrap()
+            .clone()
+    };
+    for (p, start) in [
+        ("lru", "cold"),
+        ("lfu", "cold"),
+        ("lfru", "cold"),
+        ("static", "calibration-counts"),
+        ("pin-lru", "calibration-counts"),
+        ("belady", "oracle"),
+        ("spark", "expert-ids"),
+    ] {
+        assert_eq!(row(64, p)["start"], start, "{p}");
+    }
+    // lru's 50 misses at 64 slots are all first uses; spark and belady have none.
+    assert_eq!(row(64, "lru")["misses"], 50);
+    assert_eq!(row(64, "lru")["first_use_misses"], 50);
+    assert_eq!(row(64, "spark")["misses"], 0);
+    let v = &r["spark_vs_lru"];
+    assert_eq!(v[1]["slots"], 64);
+    assert_eq!(v[1]["basis"], "reuse-misses");
+    assert_eq!(
+        (v[1]["spark"].as_u64(), v[1]["lru"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(v[1]["spark_fewer_pct"].is_null());
+    // At 32 slots: reuse misses are misses less first-use misses, for both.
+    let reuse = |p: &str| {
+        row(32, p)["misses"].as_u64().unwrap() - row(32, p)["first_use_misses"].as_u64().unwrap()
+    };
+    assert_eq!(v[0]["spark"].as_u64(), Some(reuse("spark")));
+    assert_eq!(v[0]["lru"].as_u64(), Some(reuse("lru")));
+    // A cold cache misses every first use.
+    for p in ["lru", "lfu", "lfru"] {
+        let first: u64 = r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["policy"] == p)
+            .map(|x| x["first_use_misses"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        assert_eq!(
+            first,
+            row(64, "lru")["first_use_misses"].as_u64().unwrap(),
+            "{p}"
+        );
+    }
+
+    // With a profile, spark and static start from it.
+    let dir = tempdir();
+    let trace = Trace::read(&shared_trace(), None).unwrap();
+    let counts = spark::cache::Counts::of(&trace.decode, trace.n_expert as usize);
+    let mut csv = format!(
+        "# hotness table: n_layer={} n_expert={} n_expert_used={}\n",
+        trace.n_layer, trace.n_expert, trace.k
+    );
+    for l in 0..counts.n_layer {
+        let row: Vec<String> = counts.layer(l).iter().map(u64::to_string).collect();
+        csv.push_str(&row.join(","));
+        csv.push('\n');
+    }
+    let prof = write(dir.path(), "p.csv", &csv);
+    let r = json(&[
+        "simulate",
+        "--trace",
+        t,
+        "--slots",
+        "64",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--json",
+    ]);
+    let starts: Vec<(String, String)> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["policy"].as_str().unwrap().to_string(),
+                x["start"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        starts.contains(&("spark".into(), "profile".into())),
+        "{starts:?}"
+    );
+    assert!(
+        starts.contains(&("static".into(), "profile".into())),
+        "{starts:?}"
+    );
+    assert!(
+        starts.contains(&("lru".into(), "cold".into())),
+        "{starts:?}"
+    );
 }
 
 #[test]
