@@ -421,7 +421,7 @@ fn plot_and_heatmap_are_svg() {
         assert!(svg.contains(&format!(">{p}</text>")), "{p}");
     }
     // 7 policies × 4 slot counts.
-    assert_eq!(svg.matches("<circle").count(), 28);
+    assert_eq!(svg.matches(r#"class="marker""#).count(), 28);
 
     let prof = write(
         d,
