@@ -456,6 +456,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn chart_lines_are_told_apart_and_the_title_fits() {
         let names = ["lru", "lfu", "lfru", "static", "pin-lru", "belady", "spark"];
         // Identical points: every line lies on the others.

@@ -47,6 +47,9 @@
 //! the real one), about 13 per token-layer on the shared trace at 32 of 64 slots, against LRU's
 //! one or two: it simulates at a few million lookups per second, not LRU's hundred million.
 
+// Members are indices into several parallel arrays (λ, tables, keys, misses): index loops read best.
+#![allow(clippy::needless_range_loop)]
+
 use std::sync::OnceLock;
 
 use super::{Counts, Policy, NONE};

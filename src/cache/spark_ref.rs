@@ -338,6 +338,7 @@ mod tests {
         ids
     }
 
+    #[allow(clippy::needless_range_loop)]
     fn case(seed: u64, long: bool) -> Case {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let n_layer = rng.gen_range(1..=3);
