@@ -1,4 +1,5 @@
-//! Simulator benchmarks: expert lookups per second (target ≥ 50 M/s for lru), and the quality
+//! Simulator benchmarks: expert lookups per second (target ≥ 50 M/s for lru; `lru-crate` is the
+//! same policy on the `lru` crate, for the dependency decision in ARCHITECTURE.md), and the quality
 //! table on a real trace (misses per policy at S = 2k, 4k, 8k with calibrate-frac 0.5, ratio to
 //! belady, spark's gain over lru), printed before criterion runs.
 //!
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use spark::cache::{self, Belady, Counts, Policy, PolicyKind, Setup};
-use spark::simulate::Experiment;
+use spark::simulate::{Experiment, Start, Versus};
 use spark::trace::{Routing, Trace};
 
 fn real_trace() -> Option<(PathBuf, Trace)> {
@@ -92,11 +93,12 @@ fn quality_table(trace: &Trace, path: &std::path::Path) {
         let s = (mult * k).min(trace.n_expert);
         let slots = vec![s; r.n_layer()];
         let b = exp.run(PolicyKind::Belady, &slots).misses;
-        let mut lru = 0;
+        let mut lru = None;
         for p in PolicyKind::ALL {
-            let m = exp.run(p, &slots).misses;
+            let o = exp.run(p, &slots);
+            let m = o.misses;
             if p == PolicyKind::Lru {
-                lru = m;
+                lru = Some(o.clone());
             }
             let vs = if b > 0 {
                 format!("{:.3}", m as f64 / b as f64)
@@ -106,15 +108,74 @@ fn quality_table(trace: &Trace, path: &std::path::Path) {
                 "-".into()
             };
             println!("{s:>6}  {:<8} {m:>8} {vs:>10}", p.name());
-            if p == PolicyKind::Spark && lru > 0 {
-                println!(
-                    "{s:>6}  spark has {:.1}% fewer misses than lru",
-                    100.0 * (lru as f64 - m as f64) / lru as f64
+            if let (PolicyKind::Spark, Some(lru)) = (p, &lru) {
+                let start = |k| Start::of(k, false, exp.calibrate_steps);
+                let v = Versus::of(
+                    s,
+                    (&o, start(PolicyKind::Spark)),
+                    (lru, start(PolicyKind::Lru)),
                 );
+                println!("{s:>6}  {}", v.line());
             }
         }
     }
     println!();
+}
+
+/// `lru` built on the `lru` crate, making the decisions of `spark::cache::Lru`: a token's hits
+/// are refreshed first, then each miss evicts the least recent expert unless that one belongs
+/// to the token too (then the miss streams past). It exists to measure the crate against the
+/// project's own list (ARCHITECTURE.md, "Dependencies and why").
+struct CrateLru {
+    layers: Vec<Option<lru::LruCache<u16, ()>>>,
+}
+
+impl CrateLru {
+    fn new(slots: &[u32]) -> CrateLru {
+        CrateLru {
+            layers: slots
+                .iter()
+                .map(|&s| std::num::NonZeroUsize::new(s as usize).map(lru::LruCache::new))
+                .collect(),
+        }
+    }
+}
+
+impl Policy for CrateLru {
+    fn access(&mut self, layer: usize, ids: &[u16]) -> u32 {
+        let Some(c) = &mut self.layers[layer] else {
+            return ids.len() as u32;
+        };
+        let mut misses = 0;
+        for e in ids {
+            if c.get(e).is_none() {
+                misses += 1;
+            }
+        }
+        if misses == 0 {
+            return 0;
+        }
+        for &e in ids {
+            if c.contains(&e) {
+                continue;
+            }
+            if c.len() == c.cap().get() {
+                let (&tail, _) = c.peek_lru().expect("a full cache has a tail");
+                if ids.contains(&tail) {
+                    continue;
+                }
+                c.pop_lru();
+            }
+            c.put(e, ());
+        }
+        misses
+    }
+
+    fn is_resident(&self, layer: usize, expert: u16) -> bool {
+        self.layers[layer]
+            .as_ref()
+            .is_some_and(|c| c.contains(&expert))
+    }
 }
 
 fn replay(p: &mut dyn Policy, r: &Routing) -> u64 {
@@ -146,6 +207,31 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(r.lookups()));
         let slots = vec![*s; r.n_layer()];
         let counts = Counts::zero(r.n_layer(), *n_expert);
+        // The crate makes the same decisions as our list (checked here), so only speed differs.
+        let ours = replay(
+            cache::online(
+                PolicyKind::Lru,
+                &Setup {
+                    n_expert: *n_expert,
+                    k: 8,
+                    slots: slots.clone(),
+                    counts: &counts,
+                    prior: None,
+                    calibration: None,
+                },
+            )
+            .expect("online policy")
+            .as_mut(),
+            r,
+        );
+        assert_eq!(
+            replay(&mut CrateLru::new(&slots), r),
+            ours,
+            "{name}: lru crate"
+        );
+        g.bench_with_input(BenchmarkId::new("lru-crate", name), r, |b, r| {
+            b.iter(|| black_box(replay(&mut CrateLru::new(&slots), r)))
+        });
         for kind in [
             PolicyKind::Lru,
             PolicyKind::Lfru,

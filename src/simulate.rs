@@ -96,6 +96,128 @@ pub struct Outcome {
     pub misses: u64,
     pub accesses: u64,
     pub per_layer: Vec<u64>,
+    /// Misses on an expert's first use in the trace (calibration included): every cache that
+    /// starts empty pays these, a pre-filled one may not.
+    pub first_use_misses: u64,
+}
+
+/// How a policy's cache holds experts before the first token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Start {
+    /// Empty (the calibration part then replays through it).
+    Cold,
+    /// Filled from the profile's counts.
+    Profile,
+    /// Filled (pinned) from the calibration part's counts.
+    CalibrationCounts,
+    /// Filled by expert id: no counts are known before the first token.
+    ExpertIds,
+    /// Filled with what the scored part uses first (belady knows the future).
+    Oracle,
+}
+
+impl Start {
+    /// How `kind` starts: with counts from a profile or not, with calibration steps or not.
+    pub fn of(kind: PolicyKind, profile: bool, calibrate_steps: usize) -> Start {
+        match kind {
+            PolicyKind::Lru | PolicyKind::Lfu | PolicyKind::Lfru => Start::Cold,
+            PolicyKind::Belady => Start::Oracle,
+            _ if profile => Start::Profile,
+            PolicyKind::Spark => Start::ExpertIds,
+            _ if calibrate_steps == 0 => Start::ExpertIds,
+            _ => Start::CalibrationCounts,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Start::Cold => "cold",
+            Start::Profile => "profile",
+            Start::CalibrationCounts => "calibration-counts",
+            Start::ExpertIds => "expert-ids",
+            Start::Oracle => "oracle",
+        }
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            Start::Cold => "starts cold",
+            Start::Profile => "starts filled from the profile",
+            Start::CalibrationCounts => "starts filled from the calibration counts",
+            Start::ExpertIds => "starts filled by expert id",
+            Start::Oracle => "starts filled with the future's first uses",
+        }
+    }
+}
+
+/// spark against lru at one slot count, like with like: all misses when both start alike,
+/// else only misses on reuses (an expert's first use left out for both, since a cache that
+/// starts empty must miss it and a pre-filled one may not).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Versus {
+    pub slots: u32,
+    /// `all-misses` or `reuse-misses`.
+    pub basis: &'static str,
+    pub spark: u64,
+    pub lru: u64,
+    /// (lru - spark) / lru × 100; null when lru has none on this basis.
+    pub spark_fewer_pct: Option<f64>,
+    pub spark_start: Start,
+    pub lru_start: Start,
+}
+
+impl Versus {
+    pub fn of(slots: u32, spark: (&Outcome, Start), lru: (&Outcome, Start)) -> Versus {
+        let same = spark.1 == lru.1;
+        let basis = |o: &Outcome| {
+            if same {
+                o.misses
+            } else {
+                o.misses - o.first_use_misses
+            }
+        };
+        let (sp, lr) = (basis(spark.0), basis(lru.0));
+        Versus {
+            slots,
+            basis: if same { "all-misses" } else { "reuse-misses" },
+            spark: sp,
+            lru: lr,
+            spark_fewer_pct: (lr > 0).then(|| 100.0 * (lr as f64 - sp as f64) / lr as f64),
+            spark_start: spark.1,
+            lru_start: lru.1,
+        }
+    }
+
+    /// One line for the table.
+    pub fn line(&self) -> String {
+        let what = if self.basis == "all-misses" {
+            "misses".to_string()
+        } else {
+            format!(
+                "misses on reuses (first uses left out: lru {}, spark {})",
+                self.lru_start.words(),
+                self.spark_start.words()
+            )
+        };
+        match self.spark_fewer_pct {
+            Some(p) if p >= 0.0 => format!(
+                "slots {}: spark has {p:.1}% fewer {what} than lru ({} vs {})",
+                self.slots, self.spark, self.lru
+            ),
+            Some(p) => format!(
+                "slots {}: spark has {:.1}% more {what} than lru ({} vs {})",
+                self.slots, -p, self.spark, self.lru
+            ),
+            None if self.spark == 0 => {
+                format!("slots {}: spark and lru both have 0 {what}", self.slots)
+            }
+            None => format!(
+                "slots {}: lru has 0 {what}, spark {}",
+                self.slots, self.spark
+            ),
+        }
+    }
 }
 
 /// The experiment, resolved from flags.
@@ -156,11 +278,33 @@ impl<'a> Experiment<'a> {
                 p
             }
         };
+        // Experts used before the scored part, then as it goes: a first use is a use of an
+        // expert not in here.
+        let n = self.n_expert;
+        let mut seen = vec![false; n_layer * n];
+        for s in 0..self.calibrate_steps {
+            for l in 0..n_layer {
+                for &e in r.ids(s, l) {
+                    if let Some(x) = seen.get_mut(l * n + usize::from(e)) {
+                        *x = true;
+                    }
+                }
+            }
+        }
         let mut per_layer = vec![0u64; n_layer];
         let mut accesses = 0u64;
+        let mut first_use_misses = 0u64;
         for s in self.calibrate_steps..r.steps() {
             for (l, m) in per_layer.iter_mut().enumerate() {
                 let ids = r.ids(s, l);
+                for &e in ids {
+                    if usize::from(e) < n && !seen[l * n + usize::from(e)] {
+                        seen[l * n + usize::from(e)] = true;
+                        if !policy.is_resident(l, e) {
+                            first_use_misses += 1;
+                        }
+                    }
+                }
                 *m += u64::from(policy.access(l, ids));
                 accesses += ids.len() as u64;
             }
@@ -169,6 +313,7 @@ impl<'a> Experiment<'a> {
             misses: per_layer.iter().sum(),
             accesses,
             per_layer,
+            first_use_misses,
         }
     }
 }
@@ -179,7 +324,11 @@ pub struct Row {
     /// Slots per layer (the mean when layers differ).
     pub slots: u32,
     pub policy: String,
+    /// How the policy's cache holds experts before the first token.
+    pub start: Start,
     pub misses: u64,
+    /// Misses on an expert's first use in the trace (a cold cache cannot avoid them).
+    pub first_use_misses: u64,
     pub accesses: u64,
     pub miss_ratio: f64,
     /// misses ÷ belady's misses at the same slots; null when belady has none and this does.
@@ -204,6 +353,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
     pub results: Vec<Row>,
+    /// spark against lru at each slot count, like with like.
+    pub spark_vs_lru: Vec<Versus>,
     /// Knee of each policy's miss curve (slots per layer), where there are enough points.
     pub knee: BTreeMap<String, u32>,
 }
@@ -377,14 +528,18 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report, SimulateError> {
         }
     };
     let mut results = Vec::new();
+    let mut spark_vs_lru = Vec::new();
+    let start = |p| Start::of(p, profile.is_some(), exp.calibrate_steps);
     for (label, slots, per_layer) in &configs {
         let belady = exp.run(PolicyKind::Belady, slots);
+        let mut outcomes = Vec::new();
         for &p in &policies {
             let o = if p == PolicyKind::Belady {
                 belady.clone()
             } else {
                 exp.run(p, slots)
             };
+            outcomes.push((p, o.clone()));
             let vs = match (o.misses, belady.misses) {
                 (0, 0) => Some(1.0),
                 (_, 0) => None,
@@ -396,13 +551,23 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report, SimulateError> {
             results.push(Row {
                 slots: *label,
                 policy: p.name().to_string(),
+                start: start(p),
                 misses: o.misses,
+                first_use_misses: o.first_use_misses,
                 accesses: o.accesses,
                 miss_ratio: o.misses as f64 / o.accesses.max(1) as f64,
                 vs_belady: vs,
                 bytes_moved,
                 slots_per_layer: per_layer.then(|| slots.clone()),
             });
+        }
+        let get = |k| outcomes.iter().find(|(p, _)| *p == k).map(|(_, o)| o);
+        if let (Some(sp), Some(lru)) = (get(PolicyKind::Spark), get(PolicyKind::Lru)) {
+            spark_vs_lru.push(Versus::of(
+                *label,
+                (sp, start(PolicyKind::Spark)),
+                (lru, start(PolicyKind::Lru)),
+            ));
         }
     }
     let mut knee = BTreeMap::new();
@@ -426,6 +591,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report, SimulateError> {
         scored_steps: routing.steps() - exp.calibrate_steps,
         profile: args.profile.as_ref().map(|p| p.display().to_string()),
         results,
+        spark_vs_lru,
         knee,
     };
     if let Some(out) = &args.plot {
@@ -488,10 +654,12 @@ pub fn render(report: &Report) -> String {
     let with_bytes = report.results.iter().any(|r| r.bytes_moved.is_some());
     let _ = writeln!(
         o,
-        "{:>6}  {:<8} {:>10} {:>10} {:>10} {:>10}{}",
+        "{:>6}  {:<8} {:<18} {:>10} {:>10} {:>10} {:>10} {:>10}{}",
         "slots",
         "policy",
+        "start",
         "misses",
+        "first_use",
         "accesses",
         "miss_ratio",
         "vs_belady",
@@ -500,10 +668,12 @@ pub fn render(report: &Report) -> String {
     for r in &report.results {
         let _ = writeln!(
             o,
-            "{:>6}  {:<8} {:>10} {:>10} {:>10.4} {:>10}{}",
+            "{:>6}  {:<8} {:<18} {:>10} {:>10} {:>10} {:>10.4} {:>10}{}",
             r.slots,
             r.policy,
+            r.start.name(),
             r.misses,
+            r.first_use_misses,
             r.accesses,
             r.miss_ratio,
             r.vs_belady.map_or("-".into(), |v| format!("{v:.3}")),
@@ -511,25 +681,12 @@ pub fn render(report: &Report) -> String {
                 .map_or(String::new(), |b| format!("  {b:>11}"))
         );
     }
-    let mut slots: Vec<u32> = report.results.iter().map(|r| r.slots).collect();
-    slots.dedup();
-    for s in slots {
-        let get = |p: &str| {
-            report
-                .results
-                .iter()
-                .find(|r| r.slots == s && r.policy == p)
-                .map(|r| r.misses)
-        };
-        if let (Some(sp), Some(lru)) = (get("spark"), get("lru")) {
-            if lru > 0 {
-                let _ = writeln!(
-                    o,
-                    "slots {s}: spark has {:.1}% fewer misses than lru",
-                    100.0 * (lru as f64 - sp as f64) / lru as f64
-                );
-            }
-        }
+    let _ = writeln!(
+        o,
+        "start: cold = empty before the first token (calibration replays through it); calibration-counts, profile, expert-ids = filled before it from those; oracle = filled with the scored part's first uses. first_use = misses on an expert's first use in the trace."
+    );
+    for v in &report.spark_vs_lru {
+        let _ = writeln!(o, "{}", v.line());
     }
     for (p, s) in &report.knee {
         let _ = writeln!(o, "knee of the {p} miss curve: {s} slots per layer");

@@ -676,3 +676,53 @@ fn lines_over_the_default_limit_are_skipped_not_fatal() {
         .collect();
     assert_eq!(texts, vec!["[user]\nafter the huge line\n".to_string()]);
 }
+
+#[test]
+fn eight_sessions_none_hashed_out_still_hold_one_out_with_a_warning() {
+    // Eight Claude Code sessions whose keys all hash at or above the default fraction 0.2: the
+    // hash rule alone holds none out (what made validate exit 2). The closest one is held out
+    // instead, with a warning.
+    let dir = tempdir();
+    let claude = dir.path().join("claude");
+    let codex = dir.path().join("codex");
+    fs::create_dir_all(&codex).unwrap();
+    let names: Vec<String> = (0..)
+        .map(|i| format!("proj/s{i}.jsonl"))
+        .filter(|k| sessions::split_unit(k) >= 0.2)
+        .take(8)
+        .collect();
+    for n in &names {
+        write_lines(
+            &claude.join(n),
+            &[br#"{"type":"user","message":{"role":"user","content":"Fix the failing parser test."}}"#],
+        );
+    }
+    let closest = names
+        .iter()
+        .min_by(|a, b| sessions::split_unit(a).total_cmp(&sessions::split_unit(b)))
+        .unwrap();
+    let out = dir.path().join("corpus");
+    let o = run_extract(&claude, &codex, &out, &["--json"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let m = ok_manifest(&o);
+    assert_eq!((m.train.sessions, m.test.sessions), (7, 1), "{err}");
+    assert!(
+        err.contains("spark: warning: --test-frac 0.2 held out none of the sessions")
+            && err.contains(closest.as_str()),
+        "{err}"
+    );
+    let corpus = Corpus::open(&out).unwrap();
+    let test = all_chunks(&corpus, Split::Test);
+    assert_eq!(test.len(), 1);
+    assert_eq!(test[0].session, format!("claude:{closest}"));
+    // With a fraction that holds some out by hash, nothing changes and nothing is said.
+    let out2 = dir.path().join("corpus2");
+    let o = run_extract(&claude, &codex, &out2, &["--json", "--test-frac", "0.9"]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+    let m = ok_manifest(&o);
+    let by_hash = names
+        .iter()
+        .filter(|k| sessions::split_unit(k) < 0.9)
+        .count() as u64;
+    assert_eq!(m.test.sessions, by_hash);
+}

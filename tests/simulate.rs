@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use spark::trace::Trace;
 
 use crate::util::{spark, tempdir};
 
@@ -137,6 +138,127 @@ fn shared_trace_simulates_with_the_issue_json_shape() {
     assert_eq!(at("belady"), 0);
     assert_eq!(at("spark"), 0);
     assert!(at("lru") > 0);
+}
+
+#[test]
+fn spark_against_lru_compares_like_with_like() {
+    // At 64 slots (every expert fits) spark, filled by expert id before the first token, has
+    // no misses while lru, which starts empty, pays 50 first uses: that printed "spark has
+    // 100.0% fewer misses than lru". Like with like, first uses are left out for both.
+    let t = shared_trace();
+    let t = t.to_str().unwrap();
+    let text = ok_stdout(&["simulate", "--trace", t, "--slots", "32,64"]);
+    assert!(!text.contains("100.0% fewer"), "{text}");
+    assert!(
+        text.contains(
+            "slots 64: spark and lru both have 0 misses on reuses (first uses left out: lru starts cold, spark starts filled by expert id)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("slots 32: spark has "), "{text}");
+    let r = json(&["simulate", "--trace", t, "--slots", "32,64", "--json"]);
+    let row = |slots: u64, p: &str| {
+        r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["slots"] == slots && x["policy"] == p)
+            .unwrap()
+            .clone()
+    };
+    for (p, start) in [
+        ("lru", "cold"),
+        ("lfu", "cold"),
+        ("lfru", "cold"),
+        ("static", "calibration-counts"),
+        ("pin-lru", "calibration-counts"),
+        ("belady", "oracle"),
+        ("spark", "expert-ids"),
+    ] {
+        assert_eq!(row(64, p)["start"], start, "{p}");
+    }
+    // lru's 50 misses at 64 slots are all first uses; spark and belady have none.
+    assert_eq!(row(64, "lru")["misses"], 50);
+    assert_eq!(row(64, "lru")["first_use_misses"], 50);
+    assert_eq!(row(64, "spark")["misses"], 0);
+    let v = &r["spark_vs_lru"];
+    assert_eq!(v[1]["slots"], 64);
+    assert_eq!(v[1]["basis"], "reuse-misses");
+    assert_eq!(
+        (v[1]["spark"].as_u64(), v[1]["lru"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(v[1]["spark_fewer_pct"].is_null());
+    // At 32 slots: reuse misses are misses less first-use misses, for both.
+    let reuse = |p: &str| {
+        row(32, p)["misses"].as_u64().unwrap() - row(32, p)["first_use_misses"].as_u64().unwrap()
+    };
+    assert_eq!(v[0]["spark"].as_u64(), Some(reuse("spark")));
+    assert_eq!(v[0]["lru"].as_u64(), Some(reuse("lru")));
+    // A cold cache misses every first use.
+    for p in ["lru", "lfu", "lfru"] {
+        let first: u64 = r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["policy"] == p)
+            .map(|x| x["first_use_misses"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        assert_eq!(
+            first,
+            row(64, "lru")["first_use_misses"].as_u64().unwrap(),
+            "{p}"
+        );
+    }
+
+    // With a profile, spark and static start from it.
+    let dir = tempdir();
+    let trace = Trace::read(&shared_trace(), None).unwrap();
+    let counts = spark::cache::Counts::of(&trace.decode, trace.n_expert as usize);
+    let mut csv = format!(
+        "# hotness table: n_layer={} n_expert={} n_expert_used={}\n",
+        trace.n_layer, trace.n_expert, trace.k
+    );
+    for l in 0..counts.n_layer {
+        let row: Vec<String> = counts.layer(l).iter().map(u64::to_string).collect();
+        csv.push_str(&row.join(","));
+        csv.push('\n');
+    }
+    let prof = write(dir.path(), "p.csv", &csv);
+    let r = json(&[
+        "simulate",
+        "--trace",
+        t,
+        "--slots",
+        "64",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--json",
+    ]);
+    let starts: Vec<(String, String)> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["policy"].as_str().unwrap().to_string(),
+                x["start"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        starts.contains(&("spark".into(), "profile".into())),
+        "{starts:?}"
+    );
+    assert!(
+        starts.contains(&("static".into(), "profile".into())),
+        "{starts:?}"
+    );
+    assert!(
+        starts.contains(&("lru".into(), "cold".into())),
+        "{starts:?}"
+    );
 }
 
 #[test]
@@ -299,7 +421,7 @@ fn plot_and_heatmap_are_svg() {
         assert!(svg.contains(&format!(">{p}</text>")), "{p}");
     }
     // 7 policies × 4 slot counts.
-    assert_eq!(svg.matches("<circle").count(), 28);
+    assert_eq!(svg.matches(r#"class="marker""#).count(), 28);
 
     let prof = write(
         d,
@@ -469,4 +591,189 @@ fn budget_mode_places_and_refuses() {
         3,
     );
     assert!(e.contains("cannot hold the per-layer floor"), "{e}");
+}
+
+/// Golden misses of the `spark` policy on the shared real trace, taken from the implementation
+/// before it was made fast (commit 2cad393): the fast one must make every decision the same.
+mod spark_golden {
+    use spark::cache::{Counts, Policy, PolicyKind, Spark};
+    use spark::placement::{place, PlacementInput};
+    use spark::simulate::Experiment;
+    use spark::trace::{Routing, Trace};
+
+    /// FNV-1a over a stream of u64 words.
+    struct Fnv(u64);
+
+    impl Fnv {
+        fn new() -> Fnv {
+            Fnv(0xcbf2_9ce4_8422_2325)
+        }
+        fn word(&mut self, w: u64) {
+            for b in w.to_le_bytes() {
+                self.0 ^= u64::from(b);
+                self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+
+    /// Replays steps `0..cal` unscored, then scores the rest; returns the scored misses. Every
+    /// access's misses, the blend followed after each step and the final residency of every
+    /// (layer, expert) go into `h`.
+    fn run(
+        r: &Routing,
+        n_expert: usize,
+        k: usize,
+        slots: &[u32],
+        prior: Option<&Counts>,
+        cal: usize,
+        h: &mut Fnv,
+    ) -> u64 {
+        let mut p = Spark::new(n_expert, slots, prior, k);
+        let mut scored = 0u64;
+        for s in 0..r.steps() {
+            for l in 0..r.n_layer() {
+                let m = p.access(l, r.ids(s, l));
+                h.word(u64::from(m));
+                if s >= cal {
+                    scored += u64::from(m);
+                }
+            }
+            h.word(p.lambda().map_or(u64::MAX, f64::to_bits));
+        }
+        for l in 0..r.n_layer() {
+            for e in 0..n_expert as u16 {
+                h.word(u64::from(p.is_resident(l, e)));
+            }
+        }
+        scored
+    }
+
+    fn trace() -> Trace {
+        Trace::read(&super::shared_trace(), None).expect("the shared trace reads")
+    }
+
+    const COLD: [u64; 64] = [
+        35707, 33496, 31302, 29165, 27084, 25185, 23366, 21650, 20102, 18948, 18039, 17182, 16372,
+        15709, 15035, 14390, 13805, 13198, 12641, 12133, 11620, 11088, 10547, 9943, 9486, 8947,
+        8527, 8129, 7686, 7292, 6903, 6508, 6177, 5751, 5361, 5039, 4684, 4381, 4064, 3770, 3516,
+        3235, 2980, 2755, 2555, 2319, 2112, 1882, 1695, 1521, 1357, 1180, 1037, 907, 778, 664, 546,
+        454, 361, 272, 196, 122, 50, 0,
+    ];
+    const COLD_HASH: u64 = 0xbe86_5f3b_2ff9_a348;
+    const CALIBRATED: [u64; 64] = [
+        17783, 16587, 15367, 14272, 13190, 12187, 11272, 10409, 9574, 8939, 8414, 7964, 7581, 7261,
+        6925, 6648, 6371, 6065, 5833, 5571, 5360, 5112, 4803, 4528, 4301, 4067, 3890, 3705, 3519,
+        3323, 3133, 2970, 2832, 2631, 2449, 2360, 2194, 2051, 1917, 1781, 1666, 1540, 1425, 1316,
+        1224, 1109, 1009, 887, 800, 716, 627, 550, 469, 416, 340, 282, 218, 177, 134, 97, 71, 46,
+        13, 0,
+    ];
+    // The same replay as COLD (calibration only decides what is scored), so the same hash.
+    const CALIBRATED_HASH: u64 = 0xbe86_5f3b_2ff9_a348;
+    const PROFILE: [u64; 64] = [
+        17783, 16587, 15367, 14272, 13190, 12187, 11272, 10409, 9559, 8881, 8354, 7948, 7557, 7217,
+        6915, 6597, 6328, 6070, 5826, 5513, 5261, 5019, 4742, 4492, 4255, 4041, 3829, 3624, 3454,
+        3252, 3114, 2963, 2812, 2656, 2506, 2352, 2187, 2065, 1906, 1801, 1656, 1548, 1440, 1335,
+        1202, 1083, 994, 902, 794, 711, 595, 531, 449, 364, 297, 228, 177, 133, 94, 63, 39, 22, 3,
+        0,
+    ];
+    const PROFILE_HASH: u64 = 0x7a10_291f_3452_e476;
+    const BUDGET: [u64; 29] = [
+        10409, 8966, 8001, 7339, 6655, 6147, 5590, 5102, 4610, 4088, 3717, 3310, 2959, 2598, 2265,
+        1963, 1693, 1431, 1209, 986, 789, 598, 459, 324, 217, 119, 56, 19, 0,
+    ];
+    const BUDGET_HASH: u64 = 0x1514_4a17_4038_4f1d;
+
+    fn check(name: &str, got: &[u64], hash: u64, want: &[u64], want_hash: u64) {
+        if std::env::var_os("SPARK_GOLDEN_PRINT").is_some() {
+            println!("{name}: {got:?} hash {hash:#018x}");
+            return;
+        }
+        assert_eq!(got, want, "{name}: misses per slot count");
+        assert_eq!(
+            hash, want_hash,
+            "{name}: per-access misses, blend or residency differ"
+        );
+    }
+
+    /// Every slot count 1..=64 per layer from a cold start (no calibration, no prior).
+    #[test]
+    fn cold_replay_at_every_slot_count() {
+        let t = trace();
+        let (r, n, k) = (&t.decode, t.n_expert as usize, t.k as usize);
+        let mut h = Fnv::new();
+        let got: Vec<u64> = (1..=64)
+            .map(|s| run(r, n, k, &vec![s; r.n_layer()], None, 0, &mut h))
+            .collect();
+        check("COLD", &got, h.0, &COLD, COLD_HASH);
+    }
+
+    /// What `spark simulate` does by default (calibrate-frac 0.5), at every slot count.
+    #[test]
+    fn calibrated_at_every_slot_count() {
+        let t = trace();
+        let (r, n, k) = (&t.decode, t.n_expert as usize, t.k as usize);
+        let cal = r.steps() / 2;
+        let exp = Experiment::new(r, n, k, cal);
+        let mut h = Fnv::new();
+        let got: Vec<u64> = (1..=64u32)
+            .map(|s| {
+                let slots = vec![s; r.n_layer()];
+                let m = run(r, n, k, &slots, None, cal, &mut h);
+                assert_eq!(m, exp.run(PolicyKind::Spark, &slots).misses);
+                m
+            })
+            .collect();
+        check("CALIBRATED", &got, h.0, &CALIBRATED, CALIBRATED_HASH);
+    }
+
+    /// `spark simulate --profile`: the counts are known up front (the prior seeds the fill and
+    /// the frequency member).
+    #[test]
+    fn profile_prior_at_every_slot_count() {
+        let t = trace();
+        let (r, n, k) = (&t.decode, t.n_expert as usize, t.k as usize);
+        let cal = r.steps() / 2;
+        let prior = Counts::of(r, n);
+        let mut exp = Experiment::new(r, n, k, cal);
+        exp.counts = prior.clone();
+        exp.prior = Some(prior.clone());
+        let mut h = Fnv::new();
+        let got: Vec<u64> = (1..=64u32)
+            .map(|s| {
+                let slots = vec![s; r.n_layer()];
+                let m = run(r, n, k, &slots, Some(&prior), cal, &mut h);
+                assert_eq!(m, exp.run(PolicyKind::Spark, &slots).misses);
+                m
+            })
+            .collect();
+        check("PROFILE", &got, h.0, &PROFILE, PROFILE_HASH);
+    }
+
+    /// `spark simulate --budget-mib` with 1 MiB experts: per-layer slots from the placement,
+    /// 128..=1024 MiB in steps of 32.
+    #[test]
+    fn budget_placements() {
+        let t = trace();
+        let (r, n, k) = (&t.decode, t.n_expert as usize, t.k as usize);
+        let cal = r.steps() / 2;
+        let exp = Experiment::new(r, n, k, cal);
+        let sizes = vec![1u64 << 20; r.n_layer()];
+        let mut h = Fnv::new();
+        let got: Vec<u64> = (0..29u64)
+            .map(|i| {
+                let plan = place(&PlacementInput {
+                    counts: &exp.counts,
+                    expert_bytes: &sizes,
+                    budget: (128 + 32 * i) << 20,
+                    floor: k as u32,
+                })
+                .expect("the budget holds the floor");
+                let slots = plan.slots();
+                let m = run(r, n, k, &slots, None, cal, &mut h);
+                assert_eq!(m, exp.run(PolicyKind::Spark, &slots).misses);
+                m
+            })
+            .collect();
+        check("BUDGET", &got, h.0, &BUDGET, BUDGET_HASH);
+    }
 }

@@ -24,6 +24,8 @@ mod fixed;
 mod freq;
 mod lru;
 mod spark;
+#[cfg(test)]
+mod spark_ref;
 
 pub use belady::Belady;
 pub use fixed::{PinLru, Static};

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::chunk::Chunker;
 use super::corpus::{Chunk, CorpusWriter, Manifest};
 use super::reader::{Line, LineReader};
-use super::split::{split_key, split_of};
+use super::split::{split_key, SplitPlan};
 use super::{claude, codex, SessionsError, Source};
 
 /// What one line contributes.
@@ -154,6 +154,7 @@ pub fn extract(cfg: &ExtractConfig) -> Result<Manifest, SessionsError> {
         }
         found.push((r, exists, files, unreadable_dirs));
     }
+    let plan = split_plan(cfg, &found);
     let mut writer = CorpusWriter::create(&cfg.out, cfg.force)?;
     let total: usize = found.iter().map(|(_, _, f, _)| f.len()).sum();
     let mut progress = Progress::new(cfg.progress, total);
@@ -175,7 +176,7 @@ pub fn extract(cfg: &ExtractConfig) -> Result<Manifest, SessionsError> {
         };
         for rel in files {
             stats.sessions += 1;
-            let chunks = read_session(cfg, r, &rel, &mut writer, &mut stats, &mut buf)?;
+            let chunks = read_session(cfg, &plan, r, &rel, &mut writer, &mut stats, &mut buf)?;
             if chunks == 0 {
                 stats.empty_sessions += 1;
             }
@@ -187,10 +188,27 @@ pub fn extract(cfg: &ExtractConfig) -> Result<Manifest, SessionsError> {
     writer.commit(cfg.test_frac, cfg.chunk_chars, cfg.max_line_bytes, sources)
 }
 
+/// The split of every session found; warns when no session would have been held out.
+fn split_plan(cfg: &ExtractConfig, found: &[(&SourceRoot, bool, Vec<PathBuf>, u64)]) -> SplitPlan {
+    let keys: Vec<String> = found
+        .iter()
+        .flat_map(|(r, _, files, _)| files.iter().map(|rel| split_key(r.source, rel)))
+        .collect();
+    let plan = SplitPlan::new(keys.iter().map(String::as_str), cfg.test_frac);
+    if let Some(key) = plan.promoted() {
+        eprintln!(
+            "spark: warning: --test-frac {} held out none of the sessions; holding out {key} (the closest to the fraction) so validation has one",
+            cfg.test_frac
+        );
+    }
+    plan
+}
+
 /// Reads one session file into the writer; returns how many chunks it gave. Only a write
 /// failure is an error; a file that cannot be read is counted as unreadable.
 fn read_session(
     cfg: &ExtractConfig,
+    plan: &SplitPlan,
     r: &SourceRoot,
     rel: &Path,
     writer: &mut CorpusWriter,
@@ -199,7 +217,7 @@ fn read_session(
 ) -> Result<u32, SessionsError> {
     let path = r.root.join(rel);
     let key = split_key(r.source, rel);
-    let split = split_of(&key, cfg.test_frac);
+    let split = plan.split_of(&key);
     let session = format!("{}:{}", r.source, rel_string(rel));
     let file = match File::open(&path) {
         Ok(f) => f,

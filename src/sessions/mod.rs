@@ -37,7 +37,7 @@ pub use corpus::{
     CORPUS_VERSION,
 };
 pub use extract::{extract, ExtractConfig, Skipped, SourceRoot, SourceStats};
-pub use split::{split_key, split_of, split_unit};
+pub use split::{split_key, split_of, split_unit, SplitPlan};
 
 use std::fmt;
 use std::io;
