@@ -644,19 +644,7 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
             .as_ref()
             .expect("located above for the selected configs");
         let n_cpu_moe = if c == Config::Vram { 0 } else { all_host };
-        let spec = BenchSpec {
-            model: a.model.clone(),
-            threads,
-            n_gpu_layers: 99,
-            n_cpu_moe,
-            type_k: "f16".into(),
-            type_v: "f16".into(),
-            flash_attn: false,
-            ubatch: 512,
-            n_prompt: 0,
-            n_gen: a.tokens,
-            repetitions: a.reps,
-        };
+        let spec = decode_spec(a, threads, n_cpu_moe, a.reps);
         let mut env: Vec<(&str, String)> = Vec::new();
         if matches!(c, Config::HostCopy | Config::Spark) {
             env.push((ENV_OFFLOAD_MIN_BATCH, "1".into()));
@@ -793,6 +781,25 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
     })
 }
 
+/// llama-bench decoding `--tokens` tokens `reps` times (no prompt), every layer on the device
+/// and the experts of the first `n_cpu_moe` layers on the host; no flash attention (lavapipe
+/// crashes in it for larger batches, and every configuration runs the same attention).
+fn decode_spec(a: &BenchResidencyArgs, threads: u32, n_cpu_moe: u32, reps: u32) -> BenchSpec {
+    BenchSpec {
+        model: a.model.clone(),
+        threads,
+        n_gpu_layers: 99,
+        n_cpu_moe,
+        type_k: "f16".into(),
+        type_v: "f16".into(),
+        flash_attn: false,
+        ubatch: 512,
+        n_prompt: 0,
+        n_gen: a.tokens,
+        repetitions: reps,
+    }
+}
+
 /// The `--bytes` runs: the hooked llama-bench decoding `--tokens` tokens once per row, every
 /// layer's experts on the host and decode offloaded, the tap preloaded with a routing ring;
 /// (c) with the provider as a meter (the stock copy runs and is counted), (d) with the
@@ -828,19 +835,7 @@ fn measure_bytes(
         // One token's records per expert layer, plus room: the ring never overruns here.
         let capacity = (decoded * g.moe_layers.len() as u64 + 1024).next_power_of_two();
         let mut ring = crate::ring::ShmRing::create(capacity, crate::telemetry::ring_geometry(g))?;
-        let spec = BenchSpec {
-            model: a.model.clone(),
-            threads,
-            n_gpu_layers: 99,
-            n_cpu_moe: g.n_layer,
-            type_k: "f16".into(),
-            type_v: "f16".into(),
-            flash_attn: false,
-            ubatch: 512,
-            n_prompt: 0,
-            n_gen: a.tokens,
-            repetitions: 1,
-        };
+        let spec = decode_spec(a, threads, g.n_layer, 1);
         let ring_fd = ring.fd();
         let configure = |cmd: &mut Command| {
             for k in [

@@ -94,6 +94,12 @@ pub fn build_key(backend: Backend, hooked: bool) -> String {
         h.update(HOOK_PATCH);
         h.update(HOOK_HEADER);
     }
+    short_hex(h)
+}
+
+/// The first 12 hex digits of a SHA-256, as the build script's `sha256sum | cut -c1-12`.
+fn short_hex(h: sha2::Sha256) -> String {
+    use sha2::Digest;
     h.finalize()
         .iter()
         .take(6)
@@ -108,11 +114,7 @@ pub fn hook_id() -> String {
     let mut h = Sha256::new();
     h.update(HOOK_PATCH);
     h.update(HOOK_HEADER);
-    h.finalize()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    short_hex(h)
 }
 
 /// The variant name of a build: `cpu-<key>`, `vulkan-hooked-<key>`…

@@ -193,28 +193,7 @@ fn serve_residency_sends_plans_to_the_provider_and_answers_like_stock() {
         std::thread::sleep(Duration::from_millis(100));
     };
     // A restarted child starts with no plan: it gets every layer's plan again.
-    let sent_before = residency["plans_sent"].as_u64().unwrap();
-    let first = served.child_pid();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(first as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = served.status();
-        let r = &st["routing"]["residency"];
-        if st["child"]["pid"].as_u64() != Some(u64::from(first))
-            && r["plans_sent"].as_u64() >= Some(sent_before + n_layer)
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restarted child got no plan: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    kill_child_and_wait_for_plans(&served, residency["plans_sent"].as_u64().unwrap(), n_layer);
     let metrics = ureq::get(&served.url("/spark/metrics"))
         .timeout(Duration::from_secs(5))
         .call()
@@ -246,6 +225,33 @@ fn serve_residency_sends_plans_to_the_provider_and_answers_like_stock() {
         direct["completion_probabilities"].as_array().map(Vec::len),
         Some(16)
     );
+}
+
+/// SIGKILLs serve's llama-server and waits until a new one is ready and has been sent every
+/// layer's plan (`n_layer` more than `sent_before`): a restarted child starts with no plan.
+pub fn kill_child_and_wait_for_plans(served: &util::Served, sent_before: u64, n_layer: u64) {
+    let old = served.child_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = served.status();
+        let r = &st["routing"]["residency"];
+        if st["child"]["pid"].as_u64() != Some(u64::from(old))
+            && st["child"]["ready"] == true
+            && r["plans_sent"].as_u64() >= Some(sent_before + n_layer)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted child got no plan: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

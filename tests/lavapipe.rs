@@ -455,29 +455,11 @@ fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
 
     // A killed child comes back without a plan: serve sends every layer's plan again, and the
     // new child's provider serves hits again.
-    let sent_before = r2["plans_sent"].as_u64().unwrap();
-    let old = served.child_pid();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let st = served.status();
-        let r = &st["routing"]["residency"];
-        if st["child"]["pid"].as_u64() != Some(u64::from(old))
-            && st["child"]["ready"] == true
-            && r["plans_sent"].as_u64() >= Some(sent_before + n_layer)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the restarted child got no plan: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    crate::hook::kill_child_and_wait_for_plans(
+        &served,
+        r2["plans_sent"].as_u64().unwrap(),
+        n_layer,
+    );
     let third = post();
     assert_same(&third, &stock, "after the restart");
     let r3 = residency_after(0);
