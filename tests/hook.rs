@@ -398,3 +398,39 @@ mod gpu {
         }
     }
 }
+
+/// Every cached engine's CPU code is the portable x86-64-v3 baseline of scripts/engine-flags:
+/// no AMX tile instructions (which die with SIGILL where the OS grants no tile state) and no
+/// AVX-512 registers, whatever CPU built it. Reads the machine code with objdump.
+#[test]
+fn engine_cpu_code_uses_no_amx_and_no_avx512() {
+    let mut checked = 0;
+    for (backend, hooked) in [
+        (Backend::Cpu, false),
+        (Backend::Cpu, true),
+        (Backend::Vulkan, true),
+    ] {
+        let lib = spark::engine::prefix(backend, hooked).join("lib/libggml-cpu.so");
+        if !lib.exists() {
+            continue; // scripts/test builds all three; the CPU build is checked below
+        }
+        let o = Command::new("objdump")
+            .args(["-d", "--no-show-raw-insn"])
+            .arg(&lib)
+            .output()
+            .expect("run objdump (binutils)");
+        assert!(o.status.success(), "objdump {}", lib.display());
+        let text = String::from_utf8_lossy(&o.stdout);
+        let count = |pat: &str| text.lines().filter(|l| l.contains(pat)).count();
+        for op in ["tilezero", "ldtilecfg", "tileloadd", "tdpb"] {
+            assert_eq!(count(op), 0, "{}: AMX instruction {op}", lib.display());
+        }
+        assert_eq!(count("%zmm"), 0, "{}: AVX-512 registers", lib.display());
+        assert!(count("%ymm") > 0, "{}: AVX2 code expected", lib.display());
+        checked += 1;
+    }
+    assert!(
+        spark::engine::is_built(Backend::Cpu, false) && checked > 0,
+        "the CPU engine is missing; run scripts/build-engine"
+    );
+}
