@@ -7,6 +7,7 @@
 //! own decode tokens/s per repetition, the medians and their ratio. A benchmark reports a
 //! number; it never asserts one. Never spawns processes itself (the supervisor does).
 
+use crate::plan::median::median;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -88,19 +89,6 @@ pub struct BenchTapReport {
     pub dropped: u64,
     pub hidden_chunks: u64,
     pub hidden_dropped: u64,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
 }
 
 pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fit::{ModelFacts, Placement};
 use super::hardware::HardwareFacts;
+use super::median::median_sorted;
 
 /// What bounds decode: where the bytes a token reads live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -175,25 +176,6 @@ pub fn calibrate(regime: Regime, effs: &[f64]) -> Calibration {
     }
 }
 
-pub fn median_sorted(v: &[f64]) -> f64 {
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// The median of unsorted values.
-pub fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    median_sorted(&v)
-}
-
 /// A rate with its band.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Banded {
@@ -310,11 +292,5 @@ mod tests {
             Regime::ExpertsOffloaded
         );
         assert_eq!(Regime::of(Placement::CpuOnly, true), Regime::CpuOnly);
-    }
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }

@@ -264,7 +264,7 @@ fn read_bandwidth(a: &[u8], b: &[u8], threads: u32, passes: u32) -> f64 {
 pub fn read_gbps_now(threads: u32) -> f64 {
     let a = vec![0x5au8; 128 << 20];
     let b = vec![0x5au8; 128 << 20];
-    super::forecast::median(&read_passes(&a, &b, threads.max(1), 6))
+    super::median::median(&read_passes(&a, &b, threads.max(1), 6))
 }
 
 /// f32 multiply-add throughput in GFLOP/s with `threads` threads.

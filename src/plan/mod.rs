@@ -11,6 +11,7 @@
 pub mod fit;
 pub mod forecast;
 pub mod hardware;
+pub mod median;
 pub mod receipt;
 pub mod routing;
 pub mod validate;

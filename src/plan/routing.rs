@@ -58,7 +58,7 @@ impl Concentration {
             experts_for_90.push(need);
             sorted_counts.push(c);
         }
-        let med = super::forecast::median(
+        let med = super::median::median(
             &experts_for_90
                 .iter()
                 .map(|&x| f64::from(x))

@@ -15,7 +15,8 @@ use clap::Args;
 use serde::Serialize;
 
 use super::fit::{MemorySettings, MIB};
-use super::forecast::{calibrate, median};
+use super::forecast::calibrate;
+use super::median::median;
 use super::receipt::{same_threads, BenchSpec, Receipt, ReceiptStore};
 use super::{hardware, model_facts, pair, PlanError, PlanInput};
 use crate::fixture::{self, FixtureSpec, Size};
