@@ -39,7 +39,7 @@ enum Command {
     Plan(spark::plan::PlanCommand),
     /// Benchmarks that report numbers (`spark bench plan`: forecast error against llama-bench)
     #[command(subcommand)]
-    Bench(spark::plan::BenchCommand),
+    Bench(BenchCommand),
     /// Routing traces: show one, convert between binary, JSONL and CSV
     #[command(subcommand)]
     Trace(spark::trace::record::TraceCli),
@@ -121,6 +121,19 @@ struct EngineArgs {
     /// llama-server binary (default: $SPARK_LLAMA_SERVER, then the build in the cache)
     #[arg(long, value_name = "PATH")]
     llama_server: Option<PathBuf>,
+}
+
+/// `spark bench …`: measurements that report numbers (not tests).
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Validate `spark plan` forecasts against llama-bench on fixtures (leave-one-model-out)
+    Plan(spark::plan::validate::BenchPlanArgs),
+    /// Decode tok/s of llama-server with the routing tap vs without (alternating repetitions)
+    Tap(spark::bench_tap::BenchTapArgs),
+    /// Expert swap-in GB/s and latency against a plain pinned copy (GPU with --features cuda; --cpu: host memory)
+    Swap(spark::cuda::bench::BenchSwapArgs),
+    /// Decode tok/s with experts in VRAM, in host memory (stock), stock with per-step expert copies, and spark residency (hooked build + tap provider)
+    Residency(spark::bench_residency::BenchResidencyArgs),
 }
 
 fn main() -> ExitCode {
@@ -348,12 +361,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spark::serve::run_until_signal(cfg)?;
         }
         Command::Plan(a) => spark::plan::run(a)?,
-        Command::Bench(spark::plan::BenchCommand::Plan(a)) => spark::plan::validate::run(a)?,
-        Command::Bench(spark::plan::BenchCommand::Tap(a)) => spark::bench_tap::run_and_print(&a)?,
-        Command::Bench(spark::plan::BenchCommand::Swap(a)) => {
+        Command::Bench(BenchCommand::Plan(a)) => spark::plan::validate::run(a)?,
+        Command::Bench(BenchCommand::Tap(a)) => spark::bench_tap::run_and_print(&a)?,
+        Command::Bench(BenchCommand::Swap(a)) => {
             spark::cuda::bench::run_and_print(&a)?
         }
-        Command::Bench(spark::plan::BenchCommand::Residency(a)) => {
+        Command::Bench(BenchCommand::Residency(a)) => {
             spark::bench_residency::run_and_print(&a)?
         }
         Command::Sessions(a) => spark::sessions::cli::run(a)?,

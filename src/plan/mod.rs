@@ -246,19 +246,6 @@ pub struct HardwareArgs {
     pub json: bool,
 }
 
-/// `spark bench …`: measurements that report numbers (not tests).
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Validate `spark plan` forecasts against llama-bench on fixtures (leave-one-model-out)
-    Plan(validate::BenchPlanArgs),
-    /// Decode tok/s of llama-server with the routing tap vs without (alternating repetitions)
-    Tap(crate::bench_tap::BenchTapArgs),
-    /// Expert swap-in GB/s and latency against a plain pinned copy (GPU with --features cuda; --cpu: host memory)
-    Swap(crate::cuda::bench::BenchSwapArgs),
-    /// Decode tok/s with experts in VRAM, in host memory (stock), stock with per-step expert copies, and spark residency (hooked build + tap provider)
-    Residency(crate::bench_residency::BenchResidencyArgs),
-}
-
 /// Resolved settings of one plan.
 #[derive(Debug, Clone)]
 pub struct PlanInput {
