@@ -363,12 +363,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(a) => spark::plan::run(a)?,
         Command::Bench(BenchCommand::Plan(a)) => spark::plan::validate::run(a)?,
         Command::Bench(BenchCommand::Tap(a)) => spark::bench_tap::run_and_print(&a)?,
-        Command::Bench(BenchCommand::Swap(a)) => {
-            spark::cuda::bench::run_and_print(&a)?
-        }
-        Command::Bench(BenchCommand::Residency(a)) => {
-            spark::bench_residency::run_and_print(&a)?
-        }
+        Command::Bench(BenchCommand::Swap(a)) => spark::cuda::bench::run_and_print(&a)?,
+        Command::Bench(BenchCommand::Residency(a)) => spark::bench_residency::run_and_print(&a)?,
         Command::Sessions(a) => spark::sessions::cli::run(a)?,
         Command::Engine(a) => {
             let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;

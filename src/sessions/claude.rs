@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 
-use super::extract::{push_block, tool_output_text, Parsed, Reason};
+use super::message::{push_block, tool_output_text, Parsed, Reason};
 
 pub fn parse_line(line: &str) -> Parsed {
     let v: Value = match serde_json::from_str(line) {

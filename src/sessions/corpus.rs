@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::extract::SourceStats;
+use super::message::SourceStats;
 use super::{SessionsError, Source, Split};
 
 /// `manifest.json`'s `format` field.

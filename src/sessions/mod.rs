@@ -28,6 +28,7 @@ pub mod cli;
 mod codex;
 mod corpus;
 mod extract;
+mod message;
 mod reader;
 mod split;
 pub mod synth;
@@ -36,7 +37,8 @@ pub use corpus::{
     Chunk, Chunks, Corpus, CorpusWriter, FileEntry, Manifest, SplitCounts, CORPUS_FORMAT,
     CORPUS_VERSION,
 };
-pub use extract::{extract, ExtractConfig, Skipped, SourceRoot, SourceStats};
+pub use extract::{extract, ExtractConfig, SourceRoot};
+pub use message::{Skipped, SourceStats};
 pub use split::{split_key, split_of, split_unit, SplitPlan};
 
 use std::fmt;
