@@ -15,10 +15,10 @@ use serde::Serialize;
 
 use crate::cache::{self, Belady, Counts, Policy, PolicyKind, Setup};
 use crate::gguf::{GgufError, GgufFile, MoeGeometry};
-use crate::placement::{self, PlacementError, PlacementInput};
 use crate::profile::{Profile, ProfileError};
 use crate::svg;
 use crate::trace::{Format, Routing, Trace, TraceError};
+use crate::vram_plan::{self, VramPlanError, VramPlanInput};
 
 /// Why a simulation could not run.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +30,7 @@ pub enum SimulateError {
     #[error(transparent)]
     Model(#[from] GgufError),
     #[error(transparent)]
-    Placement(#[from] PlacementError),
+    VramPlan(#[from] VramPlanError),
     #[error("{0}")]
     Usage(String),
     #[error("write {path}: {source}")]
@@ -45,7 +45,7 @@ impl SimulateError {
     /// user's input.
     pub fn exit_code(&self) -> i32 {
         match self {
-            SimulateError::Placement(PlacementError::BudgetTooSmall { .. }) => crate::exit::REFUSED,
+            SimulateError::VramPlan(VramPlanError::BudgetTooSmall { .. }) => crate::exit::REFUSED,
             SimulateError::Write { .. } => crate::exit::CHECK_FAILED,
             _ => crate::exit::USAGE,
         }
@@ -499,7 +499,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report, SimulateError> {
                     "parse --budget-mib {mib}: must be positive"
                 )));
             }
-            let plan = placement::place(&PlacementInput {
+            let plan = vram_plan::place(&VramPlanInput {
                 counts: &exp.counts,
                 expert_bytes: sizes,
                 budget: (mib * 1024.0 * 1024.0) as u64,
@@ -577,7 +577,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report, SimulateError> {
             .filter(|r| r.policy == p.name())
             .map(|r| (r.slots, r.miss_ratio))
             .collect();
-        if let Some(s) = placement::knee(&curve) {
+        if let Some(s) = vram_plan::knee(&curve) {
             knee.insert(p.name().to_string(), s);
         }
     }

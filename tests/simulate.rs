@@ -597,9 +597,9 @@ fn budget_mode_places_and_refuses() {
 /// before it was made fast (commit 2cad393): the fast one must make every decision the same.
 mod spark_golden {
     use spark::cache::{Counts, Policy, PolicyKind, Spark};
-    use spark::placement::{place, PlacementInput};
     use spark::simulate::Experiment;
     use spark::trace::{Routing, Trace};
+    use spark::vram_plan::{place, VramPlanInput};
 
     /// FNV-1a over a stream of u64 words.
     struct Fnv(u64);
@@ -761,7 +761,7 @@ mod spark_golden {
         let mut h = Fnv::new();
         let got: Vec<u64> = (0..29u64)
             .map(|i| {
-                let plan = place(&PlacementInput {
+                let plan = place(&VramPlanInput {
                     counts: &exp.counts,
                     expert_bytes: &sizes,
                     budget: (128 + 32 * i) << 20,

@@ -1,4 +1,5 @@
-//! Placement under a byte budget: which experts are pinned in VRAM, how many dynamic slots each
+//! The VRAM plan under a byte budget (not to be confused with `plan::fit::Placement`, which layers
+//! go where): which experts are pinned in VRAM, how many dynamic slots each
 //! layer gets, and how many slots are worth having at all (the knee of the miss curve).
 //!
 //! Owns the global choice across layers: every layer first gets its floor of dynamic slots, then
@@ -10,7 +11,7 @@ use crate::cache::Counts;
 
 /// Why no placement fits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PlacementError {
+pub enum VramPlanError {
     #[error("fit the budget: {budget} bytes cannot hold the per-layer floor of {floor} slots ({need} bytes)")]
     BudgetTooSmall { budget: u64, need: u64, floor: u32 },
     #[error("place experts: {layers} layers of counts but {sizes} expert sizes")]
@@ -19,7 +20,7 @@ pub enum PlacementError {
 
 /// What to place.
 #[derive(Debug, Clone)]
-pub struct PlacementInput<'a> {
+pub struct VramPlanInput<'a> {
     /// Per-(layer, expert) counts that rank experts.
     pub counts: &'a Counts,
     /// Bytes of one expert of each layer.
@@ -32,39 +33,39 @@ pub struct PlacementInput<'a> {
 
 /// One layer's share.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct LayerPlacement {
+pub struct LayerVram {
     /// Pinned experts, hottest first.
     pub pinned: Vec<u16>,
     /// Dynamic slots (the cache for the tail).
     pub dynamic: u32,
 }
 
-impl LayerPlacement {
+impl LayerVram {
     pub fn slots(&self) -> u32 {
         self.pinned.len() as u32 + self.dynamic
     }
 }
 
-/// A placement across layers.
+/// The plan across layers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Placement {
-    pub layers: Vec<LayerPlacement>,
+pub struct VramPlan {
+    pub layers: Vec<LayerVram>,
     /// Bytes the placement uses.
     pub bytes: u64,
 }
 
-impl Placement {
+impl VramPlan {
     /// Total slots per layer (pinned + dynamic).
     pub fn slots(&self) -> Vec<u32> {
-        self.layers.iter().map(LayerPlacement::slots).collect()
+        self.layers.iter().map(LayerVram::slots).collect()
     }
 }
 
 /// Places experts under the budget: floors first, then pins by count per byte, globally.
-pub fn place(input: &PlacementInput<'_>) -> Result<Placement, PlacementError> {
+pub fn place(input: &VramPlanInput<'_>) -> Result<VramPlan, VramPlanError> {
     let c = input.counts;
     if input.expert_bytes.len() != c.n_layer {
-        return Err(PlacementError::Geometry {
+        return Err(VramPlanError::Geometry {
             layers: c.n_layer,
             sizes: input.expert_bytes.len(),
         });
@@ -76,15 +77,15 @@ pub fn place(input: &PlacementInput<'_>) -> Result<Placement, PlacementError> {
         .map(|&b| b * u64::from(floor))
         .sum();
     if need > input.budget {
-        return Err(PlacementError::BudgetTooSmall {
+        return Err(VramPlanError::BudgetTooSmall {
             budget: input.budget,
             need,
             floor,
         });
     }
     let mut left = input.budget - need;
-    let mut layers: Vec<LayerPlacement> = (0..c.n_layer)
-        .map(|_| LayerPlacement {
+    let mut layers: Vec<LayerVram> = (0..c.n_layer)
+        .map(|_| LayerVram {
             pinned: Vec::new(),
             dynamic: floor,
         })
@@ -106,7 +107,7 @@ pub fn place(input: &PlacementInput<'_>) -> Result<Placement, PlacementError> {
             layers[l].pinned.push(e);
         }
     }
-    Ok(Placement {
+    Ok(VramPlan {
         layers,
         bytes: input.budget - left,
     })
@@ -158,7 +159,7 @@ mod tests {
     fn pins_globally_by_count() {
         let c = counts(&[&[9, 1, 5, 0], &[2, 8, 0, 7]]);
         // Floor 1 each (2 slots), 3 more slots: pins 9 (l0 e0), 8 (l1 e1), 7 (l1 e3).
-        let p = place(&PlacementInput {
+        let p = place(&VramPlanInput {
             counts: &c,
             expert_bytes: &[10, 10],
             budget: 50,
@@ -176,7 +177,7 @@ mod tests {
         let c = counts(&[&[10, 0], &[6, 0]]);
         // Layer 0 experts cost 4x: 10/40 < 6/10, so layer 1's expert is pinned first; the
         // 25 bytes left cannot hold a layer-0 expert.
-        let p = place(&PlacementInput {
+        let p = place(&VramPlanInput {
             counts: &c,
             expert_bytes: &[40, 10],
             budget: 35,
@@ -191,7 +192,7 @@ mod tests {
     #[test]
     fn floor_that_does_not_fit_is_refused() {
         let c = counts(&[&[1, 1], &[1, 1]]);
-        let e = place(&PlacementInput {
+        let e = place(&VramPlanInput {
             counts: &c,
             expert_bytes: &[10, 10],
             budget: 30,
@@ -200,7 +201,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e,
-            PlacementError::BudgetTooSmall {
+            VramPlanError::BudgetTooSmall {
                 budget: 30,
                 need: 40,
                 floor: 2
@@ -211,7 +212,7 @@ mod tests {
     #[test]
     fn never_pins_more_than_a_layer_has() {
         let c = counts(&[&[3, 2, 1]]);
-        let p = place(&PlacementInput {
+        let p = place(&VramPlanInput {
             counts: &c,
             expert_bytes: &[1],
             budget: 100,
