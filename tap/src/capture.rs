@@ -8,7 +8,7 @@
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use spark_proto::control::{Greeting, HiddenTensor, CONTROL_VERSION};
 use spark_proto::ring::{
@@ -23,58 +23,8 @@ use crate::ffi::{
     ModelI32Fn, NbytesFn, TensorGetFn, BUFFER_IS_HOST, GGML_TYPE_F32, GGML_TYPE_I32,
     MODEL_META_STR, MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, TENSOR_GET,
 };
-
-/// Counters and switches shared with the control thread (all lock-free).
-pub struct Shared {
-    pub request: AtomicU32,
-    pub records: AtomicU64,
-    pub dropped: AtomicU64,
-    pub ubatches: AtomicU64,
-    pub unmapped: AtomicU64,
-    pub hidden_bytes: AtomicU64,
-    pub layers_seen: [AtomicU64; 8],
-    pub hidden_on: AtomicBool,
-    pub hidden_available: AtomicBool,
-    pub hidden_every: AtomicU32,
-    pub hidden_budget: AtomicU64,
-    pub hidden_tensor: AtomicU8,
-}
-
-#[allow(clippy::declare_interior_mutable_const)]
-const ZERO: AtomicU64 = AtomicU64::new(0);
-
-pub static SHARED: Shared = Shared {
-    request: AtomicU32::new(0),
-    records: AtomicU64::new(0),
-    dropped: AtomicU64::new(0),
-    ubatches: AtomicU64::new(0),
-    unmapped: AtomicU64::new(0),
-    hidden_bytes: AtomicU64::new(0),
-    layers_seen: [ZERO; 8],
-    hidden_on: AtomicBool::new(false),
-    hidden_available: AtomicBool::new(false),
-    hidden_every: AtomicU32::new(1),
-    hidden_budget: AtomicU64::new(0),
-    hidden_tensor: AtomicU8::new(0),
-};
-
-impl Shared {
-    /// Distinct MoE layers seen so far.
-    pub fn moe_layers(&self) -> u32 {
-        self.layers_seen
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones())
-            .sum()
-    }
-
-    pub fn hidden_tensor(&self) -> HiddenTensor {
-        if self.hidden_tensor.load(Ordering::Relaxed) == 1 {
-            HiddenTensor::AttnNorm
-        } else {
-            HiddenTensor::FfnNorm
-        }
-    }
-}
+use crate::log::warn;
+use crate::shared::SHARED;
 
 /// The callback the caller had installed before the tap, chained after the tap's own work.
 static CHAIN_CB: AtomicUsize = AtomicUsize::new(0);
@@ -325,12 +275,12 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                         Some(p)
                     }
                     Err(e) => {
-                        control::warn(&format!("routing capture off: {e}"));
+                        warn(&format!("routing capture off: {e}"));
                         None
                     }
                 },
                 Err(_) => {
-                    control::warn(&format!("routing capture off: {ENV_RING_FD} is not set"));
+                    warn(&format!("routing capture off: {ENV_RING_FD} is not set"));
                     None
                 }
             };
@@ -338,7 +288,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 match open_ring::<HiddenChunk>(&fd, KIND_HIDDEN) {
                     Ok((p, _)) => Some(p),
                     Err(e) => {
-                        control::warn(&format!("hidden-state capture unavailable: {e}"));
+                        warn(&format!("hidden-state capture unavailable: {e}"));
                         None
                     }
                 }
@@ -387,7 +337,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
         control::start(geo.clone());
     }
     if !target {
-        control::warn(&format!(
+        warn(&format!(
             "not tapping a context of a {} model with {} experts (the ring is for another model)",
             geo.arch, geo.n_expert
         ));

@@ -18,15 +18,11 @@ use spark_proto::control::{
 };
 use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING_FD};
 
-use crate::capture::SHARED;
+use crate::log::warn;
+use crate::shared::SHARED;
 
 /// How long a started command line may take to arrive completely.
 pub const LINE_DEADLINE: Duration = Duration::from_secs(10);
-
-/// One line on llama-server's stderr (its log).
-pub fn warn(msg: &str) {
-    eprintln!("spark-tap: {msg}");
-}
 
 /// Starts the control thread if `SPARK_CONTROL_FD` names a socket; says "no MoE layers" for a
 /// dense model either way.

@@ -25,8 +25,10 @@
 mod capture;
 mod control;
 mod ffi;
+mod log;
 mod provider;
 mod residency;
+mod shared;
 
 /// The pinned CPU engine's install prefix, as `scripts/build-engine --print` names it (the
 /// name carries a key over the build's flags, which only the script and spark compute).
@@ -65,7 +67,7 @@ pub unsafe extern "C" fn llama_init_from_model(
 ) -> *mut c_void {
     // SAFETY: InitFn is the declared signature of llama_init_from_model in llama.h.
     let Some(real) = (unsafe { as_fn::<InitFn>(&REAL_INIT) }) else {
-        control::warn("llama_init_from_model not found after the tap; is libllama loaded?");
+        log::warn("llama_init_from_model not found after the tap; is libllama loaded?");
         return std::ptr::null_mut();
     };
     // Reads SPARK_RESIDENCY_SLOTS now, so that a provider that is on reports at exit even if
@@ -90,7 +92,7 @@ pub unsafe extern "C" fn llama_init_from_model(
 pub unsafe extern "C" fn llama_decode(ctx: *mut c_void, batch: LlamaBatch) -> i32 {
     // SAFETY: DecodeFn is the declared signature of llama_decode in llama.h.
     let Some(real) = (unsafe { as_fn::<DecodeFn>(&REAL_DECODE) }) else {
-        control::warn("llama_decode not found after the tap; is libllama loaded?");
+        log::warn("llama_decode not found after the tap; is libllama loaded?");
         return -1;
     };
     let _ = catch_unwind(AssertUnwindSafe(|| {
@@ -110,7 +112,7 @@ pub unsafe extern "C" fn llama_decode(ctx: *mut c_void, batch: LlamaBatch) -> i3
 pub unsafe extern "C" fn llama_process(ctx: *mut c_void, kind: i32, batch: *mut c_void) -> i32 {
     // SAFETY: ProcessFn is the declared signature of llama_process in llama.h.
     let Some(real) = (unsafe { as_fn::<ProcessFn>(&REAL_PROCESS) }) else {
-        control::warn("llama_process not found after the tap; is libllama loaded?");
+        log::warn("llama_process not found after the tap; is libllama loaded?");
         return -1;
     };
     if kind == LLAMA_PROCESS_TYPE_DECODE {
@@ -132,7 +134,7 @@ macro_rules! batch_fn {
         pub unsafe extern "C" fn $name(batch: *mut c_void, $($arg: $t),*) -> $ret {
             // SAFETY: the type is the declared signature of this function in llama.h.
             let Some(real) = (unsafe { as_fn::<$ty>(&$sym) }) else {
-                control::warn(concat!(stringify!($name), " not found after the tap"));
+                log::warn(concat!(stringify!($name), " not found after the tap"));
                 return $missing;
             };
             // SAFETY: forwarding the caller's arguments to the real function.

@@ -26,8 +26,8 @@ use spark_proto::hook::{
     MoeRequestV1, ABI, ENV_RESIDENCY_METER as ENV_METER, ENV_RESIDENCY_SLOTS as ENV_SLOTS,
 };
 
-use crate::control;
 use crate::ffi::{as_fn, GgmlTensor, Sym, GGML_TYPE_I8};
+use crate::log::warn;
 use crate::residency::{Call, Counters, Device, Residency, PINNED, TAIL};
 
 static GET_BUFT: Sym = Sym::global(c"ggml_backend_get_default_buffer_type");
@@ -110,7 +110,7 @@ impl Device for GgmlDevice {
         // SAFETY: buft is a live buffer type; a failed allocation returns null.
         let buffer = unsafe { (self.ggml.buft_alloc)(buft, bytes) };
         if buffer.is_null() {
-            control::warn(&format!(
+            warn(&format!(
                 "residency: no room for {} MiB of slots; that layer takes the stock path",
                 bytes >> 20
             ));
@@ -179,14 +179,14 @@ pub fn configured_slots() -> u32 {
         let slots = match v.as_deref().map(str::trim) {
             None | Some("") => 0,
             Some(s) => s.parse::<u32>().unwrap_or_else(|_| {
-                control::warn(&format!("{ENV_SLOTS}={s:?} is not a number; residency off"));
+                warn(&format!("{ENV_SLOTS}={s:?} is not a number; residency off"));
                 0
             }),
         };
         if slots > 0 || metering() {
             // SAFETY: registering a plain extern "C" function with no captured state.
             if unsafe { libc::atexit(report_at_exit) } != 0 {
-                control::warn("residency: could not register the exit report");
+                warn("residency: could not register the exit report");
             }
         }
         slots
@@ -321,7 +321,7 @@ pub unsafe fn provide(req: *const MoeRequestV1) -> bool {
     .unwrap_or_else(|_| {
         // The state may be inconsistent now: stop serving (the stock path stays exact).
         BROKEN.store(true, Ordering::Relaxed);
-        control::warn("residency: provider panicked; declining from now on");
+        warn("residency: provider panicked; declining from now on");
         false
     });
     PROVIDER_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -386,7 +386,7 @@ unsafe fn provide_inner(slots: u32, req: &MoeRequestV1) -> bool {
     let Some(ggml) = *GGML.get_or_init(|| {
         let g = Ggml::resolve();
         if g.is_none() {
-            control::warn("residency: ggml backend functions not found; residency off");
+            warn("residency: ggml backend functions not found; residency off");
         }
         g
     }) else {
