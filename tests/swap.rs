@@ -1,7 +1,7 @@
 //! The CUDA slot pool without a GPU: bookkeeping against a real fixture, byte equality of the
 //! host-memory arena after random swap/evict sequences, `spark bench swap --cpu`, and the
 //! "built without CUDA" stub. GPU checks (kernels vs references, device checksums) are behind
-//! the `cuda` feature; they are `#[ignore]`d with their reason and scripts/gpu-check runs them.
+//! the `cuda` feature; they are ignored with their reason (`#[ignore = "needs a GPU…"]`) and scripts/gpu-check runs them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
