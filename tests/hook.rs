@@ -296,7 +296,7 @@ fn serve_residency_needs_the_hooked_build_and_a_budget() {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use spark_proto::control::{ResidencyStats, RESIDENCY_EXIT_PREFIX};
+    use spark_proto::control::ResidencyStats;
 
     fn var(name: &str) -> Option<PathBuf> {
         std::env::var_os(name).map(PathBuf::from)
@@ -338,15 +338,7 @@ mod gpu {
         let body = json!({"prompt": PROMPT, "n_predict": 48, "temperature": 0.0, "n_probs": 8, "cache_prompt": false});
         let a = s.post_json("/completion", &body).unwrap();
         s.stop();
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let stats = text
-            .lines()
-            .find_map(|l| {
-                l.split_once(RESIDENCY_EXIT_PREFIX)
-                    .map(|(_, r)| r.to_string())
-            })
-            .map(|r| ResidencyStats::parse(&r).unwrap());
-        (a, stats)
+        (a, crate::lavapipe::exit_stats(&log))
     }
 
     #[test]

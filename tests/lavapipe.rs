@@ -110,8 +110,20 @@ fn two_answers(a: Value) -> Vec<Value> {
     v
 }
 
-/// The provider's counters from the line the tap prints at exit.
-fn exit_stats(log: &Path) -> Option<ResidencyStats> {
+/// A fixture and its MoE geometry.
+fn fixture_with_geometry(
+    dir: &Path,
+    name: &str,
+    flags: &[&str],
+) -> (PathBuf, spark::gguf::MoeGeometry) {
+    let model = util::fixture(dir, name, flags);
+    let file = spark::gguf::GgufFile::open(&model).unwrap();
+    let g = spark::gguf::MoeGeometry::of(&file).unwrap();
+    (model, g)
+}
+
+/// The provider's counters from the line the tap prints at exit (the last one, if several).
+pub fn exit_stats(log: &Path) -> Option<ResidencyStats> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
@@ -175,13 +187,11 @@ fn the_provider_answers_exactly_like_the_stock_copy_at_every_slot_count() {
     };
     let dir = util::tempdir();
     for ty in ["f16", "q8_0"] {
-        let model = util::fixture(
+        let (model, g) = fixture_with_geometry(
             dir.path(),
             &format!("{ty}.gguf"),
             &["--router", "skewed", "--type", ty],
         );
-        let g =
-            spark::gguf::MoeGeometry::of(&spark::gguf::GgufFile::open(&model).unwrap()).unwrap();
         let log = |n: String| dir.path().join(n);
         let (stock, none) = run(
             &server,
@@ -299,12 +309,11 @@ fn a_plan_sent_with_want_is_followed_and_the_answers_do_not_change() {
         return;
     };
     let dir = util::tempdir();
-    let model = util::fixture(
+    let (model, g) = fixture_with_geometry(
         dir.path(),
         "skewed.gguf",
         &["--router", "skewed", "--type", "f16"],
     );
-    let g = spark::gguf::MoeGeometry::of(&spark::gguf::GgufFile::open(&model).unwrap()).unwrap();
     let (n_layer, n_expert) = (g.n_layer, g.n_expert);
     let log = |n: &str| dir.path().join(n);
     let (stock, _) = tapped_run(
@@ -344,12 +353,11 @@ fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
         return;
     };
     let dir = util::tempdir();
-    let model = util::fixture(
+    let (model, g) = fixture_with_geometry(
         dir.path(),
         "skewed.gguf",
         &["--router", "skewed", "--type", "f16"],
     );
-    let g = spark::gguf::MoeGeometry::of(&spark::gguf::GgufFile::open(&model).unwrap()).unwrap();
     let n_layer = u64::from(g.n_layer);
     // serve runs llama-server tapped: its baseline is a tapped run without the provider.
     let (stock, _) = tapped_run(
