@@ -75,8 +75,6 @@ const REAL: usize = M;
 const SLACK: f64 = 1.0 / (1u64 << 40) as f64;
 /// A decaying member's keys are rebased before `λ·(t - t_ref)` passes this.
 const REBASE: u64 = 512;
-/// How many of a shadow's lowest keys its low list holds after a rebuild.
-const LOW: usize = 8;
 
 /// What every `spark` policy shares: the decay table and the fractional gains.
 struct Tables {
@@ -131,153 +129,301 @@ fn better(s: f64, last: u64, pos: u32, best: (f64, u64, u32)) -> bool {
     s < best.0 || (s == best.0 && (last < best.1 || (last == best.1 && pos < best.2)))
 }
 
-/// Everything a layer knows about one expert, in one place.
-#[derive(Debug, Clone, Copy)]
-struct Expert {
-    /// CRF per member, as of the last use.
-    crf: [f64; F],
-    /// Rank key per key-ranked member: `crf · 2^(λ·(last - t_ref))`.
-    key: [f64; F],
-    /// Step of the last use (0 = before the first token).
-    last: u64,
-    /// Step of the access that names the expert (it may not be evicted for its own token).
-    tok: u64,
-    /// Slot in each cache (the `M` shadows, then the real one), [`NONE`] when not resident.
-    pos: [u32; M + 1],
-    /// Bit `f`: on the low list of shadow `f`.
-    low: u8,
+/// The smallest of `v` (`+∞` when empty), with eight running minima so the compares do not
+/// wait on each other and vectorise.
+#[inline]
+fn smallest(v: &[f64]) -> f64 {
+    let mut acc = [f64::INFINITY; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] < acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = if x < *a { x } else { *a };
+    }
+    acc.iter()
+        .fold(f64::INFINITY, |m, &a| if a < m { a } else { m })
 }
 
-/// One cache of a layer (a shadow or the real one): members in slots, in the reference's
-/// `ResidentSet` order (swap-remove, push).
+/// Removes slot `p` of cache `c` the reference's way (the last slot moves into it); the caller
+/// removes slot `p` of its per-slot arrays the same way (`Vec::swap_remove`).
+#[inline]
+fn take_slot(
+    members: &mut Vec<u16>,
+    pos: &mut [[u32; M + 1]],
+    held: &mut [u16],
+    c: usize,
+    p: usize,
+) {
+    let e = members.swap_remove(p);
+    if let Some(&moved) = members.get(p) {
+        pos[usize::from(moved)][c] = p as u32;
+    }
+    pos[usize::from(e)][c] = NONE;
+    held[usize::from(e)] &= !(1 << c);
+}
+
+/// Appends `e` to cache `c`.
+#[inline]
+fn put_slot(members: &mut Vec<u16>, pos: &mut [[u32; M + 1]], held: &mut [u16], c: usize, e: u16) {
+    pos[usize::from(e)][c] = members.len() as u32;
+    held[usize::from(e)] |= 1 << c;
+    members.push(e);
+}
+
+/// Tags a key (or score) with its slot in the low bits of its mantissa, so the slot of the
+/// lowest comes with it. A tagged value differs from the value by a relative `2^(bits - 52)` at
+/// most for a normal float; a zero becomes the subnormal `slot · 2^-1074`, so zeros rank by slot.
+#[inline]
+fn tag(v: f64, slot: usize, mask: u64) -> f64 {
+    f64::from_bits((v.to_bits() & !mask) | slot as u64)
+}
+
+/// The slot a tagged value carries.
+#[inline]
+fn slot_of(v: f64, mask: u64) -> usize {
+    (v.to_bits() & mask) as usize
+}
+
+/// Tagged values from here up mark what the access being served names (never evicted for its
+/// own token); real keys and scores stay far below.
+const NAMED: f64 = f64::MAX;
+const NAMED_FLOOR: f64 = f64::MAX / 2.0;
+
+/// The lowest of a cache's tagged values.
+enum Lowest {
+    /// Every value marks a named resident.
+    None,
+    /// The lowest is alone within the window: its slot.
+    Alone(usize),
+    /// Several are within the window: its upper end (tagged values at most it).
+    Window(f64),
+}
+
+/// The lowest of `tagged`, alone or not within a relative `window` above it (a window wider
+/// than the tagging error only sends more cases to the exact choice). A zero is alone: every
+/// zero ranks the same but for its slot (never used: last use 0 too), and below every
+/// nonzero.
+#[inline]
+fn lowest(tagged: &[f64], mask: u64, window: f64) -> Lowest {
+    let low = smallest(tagged);
+    if low >= NAMED_FLOOR {
+        return Lowest::None;
+    }
+    if low < f64::MIN_POSITIVE {
+        return Lowest::Alone(slot_of(low, mask));
+    }
+    let limit = low + low * window;
+    if tagged.iter().filter(|&&v| v <= limit).count() == 1 {
+        Lowest::Alone(slot_of(low, mask))
+    } else {
+        Lowest::Window(limit)
+    }
+}
+
+/// The shadow of a key-ranked member: its residents in slots (the reference's `ResidentSet`
+/// order: swap-remove, push) and each one's rank key tagged with its slot; while an access with
+/// misses is served, what it names holds [`NAMED`].
 #[derive(Debug, Clone)]
-struct Cache {
+struct Keyed {
     cap: usize,
     members: Vec<u16>,
-    /// Key-ranked shadows: members that may hold the lowest keys. Every member not on it has a
-    /// key of at least `thr`.
-    low: Vec<u16>,
-    thr: f64,
-    /// How far above the lowest key a rebuilt low list reaches (a ratio above 1).
-    spread: f64,
+    key: Vec<f64>,
 }
 
-/// Scratch space of one access, kept to avoid allocating on the lookup path.
-#[derive(Debug, Clone, Default)]
-struct Scratch {
-    cand: Vec<u16>,
-    vals: Vec<f64>,
+/// The hyperbolic member's shadow: per slot the count and last use its score is made of, and
+/// the score itself tagged with the slot, computed once per access with an eviction
+/// ([`NAMED`] for what the access names).
+#[derive(Debug, Clone)]
+struct Hyper {
+    cap: usize,
+    members: Vec<u16>,
+    count: Vec<f64>,
+    /// The last use as a float (exact: steps stay far below 2^53).
+    last: Vec<f64>,
+    score: Vec<f64>,
+}
+
+/// The real cache: only its residents in slots; it evicts by per-expert state.
+#[derive(Debug, Clone)]
+struct Real {
+    cap: usize,
+    members: Vec<u16>,
 }
 
 #[derive(Debug, Clone)]
 struct SparkLayer {
-    ex: Vec<Expert>,
-    /// The `M` shadows, then the real cache.
-    caches: Vec<Cache>,
+    /// Per expert, CRF per member as of the last use.
+    crf: Vec<[f64; F]>,
+    /// Per expert, its rank key per key-ranked member as of the last use,
+    /// `crf · 2^(λ·(last - t_ref))`.
+    key: Vec<[f64; F]>,
+    /// Per expert, the step of the last use (0 = before the first token).
+    last: Vec<u64>,
+    /// Per expert, the step of the access that last named it.
+    tok: Vec<u64>,
+    /// Per expert, bit `c`: cache `c` holds it (the `M` shadows, then the real one).
+    held: Vec<u16>,
+    /// Per expert, its slot in each cache, [`NONE`] when not resident.
+    pos: Vec<[u32; M + 1]>,
+    keyed: [Keyed; F],
+    hyper: Hyper,
+    real: Real,
+    /// The slot bits of a tagged value (every cache of the layer has the same size).
+    mask: u64,
+    /// The windows above the lowest tagged value that hold every candidate: for keys, the
+    /// slack plus the tagging error; for hyperbolic scores (ranked exactly), the tagging error.
+    key_window: f64,
+    score_window: f64,
     step: u64,
     /// Per decaying member, the step its keys are relative to.
     t_ref: [u64; D],
-    /// Per decaying member, a lower bound on the last use of its residents that have been used.
+    /// Per decaying member, a lower bound on the last use of its shadow's residents that have
+    /// been used.
     oldest: [u64; D],
+    /// Scratch of one access: per named expert, bit `c` set when cache `c` did not hold it.
+    missing: Vec<u16>,
+    /// Scratch of one access: the real cache's residents the leader does not hold.
+    cand: Vec<u16>,
 }
+
+/// Bits of every cache in [`SparkLayer::held`].
+const ALL: u16 = (1 << (M + 1)) - 1;
 
 impl SparkLayer {
     fn new(n_expert: usize, cap: u32, prior: Option<&[u64]>) -> SparkLayer {
         let cap = cap as usize;
-        let mut ex = vec![
-            Expert {
-                crf: [0.0; F],
-                key: [0.0; F],
-                last: 0,
-                tok: 0,
-                pos: [NONE; M + 1],
-                low: 0,
-            };
-            n_expert
-        ];
+        let mut crf = vec![[0.0; F]; n_expert];
         let mut order: Vec<u16> = (0..n_expert as u32).map(|e| e as u16).collect();
         if let Some(p) = prior.filter(|p| p.len() == n_expert) {
             for (e, &c) in p.iter().enumerate() {
-                ex[e].crf[F - 1] = c as f64;
-                // At t = t_ref = 0 a key is the CRF itself.
-                ex[e].key[F - 1] = c as f64;
+                crf[e][F - 1] = c as f64;
             }
             order.sort_by(|&a, &b| p[usize::from(b)].cmp(&p[usize::from(a)]).then(a.cmp(&b)));
         }
         let members: Vec<u16> = order.iter().copied().take(cap).collect();
+        let mut pos = vec![[NONE; M + 1]; n_expert];
+        let mut held = vec![0; n_expert];
         for (i, &e) in members.iter().enumerate() {
-            ex[usize::from(e)].pos = [i as u32; M + 1];
+            pos[usize::from(e)] = [i as u32; M + 1];
+            held[usize::from(e)] = ALL;
         }
-        let cache = Cache {
+        // Slots 0..cap need this many bits; a tagged value is then within a relative
+        // 2^(bits - 52) of the value (bits ≤ 16: slots are u16 experts).
+        let bits = usize::BITS - cap.saturating_sub(1).leading_zeros();
+        let mask = (1u64 << bits) - 1;
+        let err = f64::from(1u32 << bits) * (1.0 / (1u64 << 52) as f64);
+        // At t = t_ref = 0 a key is the CRF itself: 0, or the prior count for λ = 0.
+        let key = crf.clone();
+        let keyed = std::array::from_fn(|f| Keyed {
             cap,
-            members,
-            low: Vec::new(),
-            thr: 0.0,
-            spread: 2.0,
+            key: members
+                .iter()
+                .enumerate()
+                .map(|(p, &e)| tag(key[usize::from(e)][f], p, mask))
+                .collect(),
+            members: members.clone(),
+        });
+        let hyper = Hyper {
+            cap,
+            members: members.clone(),
+            count: members
+                .iter()
+                .map(|&e| crf[usize::from(e)][F - 1])
+                .collect(),
+            last: vec![0.0; members.len()],
+            score: vec![0.0; members.len()],
         };
         SparkLayer {
-            ex,
-            caches: vec![cache; M + 1],
+            crf,
+            key,
+            last: vec![0; n_expert],
+            tok: vec![0; n_expert],
+            held,
+            pos,
+            keyed,
+            hyper,
+            real: Real { cap, members },
+            mask,
+            key_window: SLACK + 4.0 * err,
+            score_window: 4.0 * err,
             step: 0,
             t_ref: [0; D],
             oldest: [0; D],
+            missing: Vec::new(),
+            cand: Vec::new(),
         }
     }
 
     /// Serves `ids`, adding each shadow's misses to `shadow_misses`; the real cache evicts by
     /// the member `lead`.
+    ///
+    /// What `ids` names is counted first (CRF, last use, keys): every eviction chooses among
+    /// the residents `ids` does not name, whose state this does not touch, so the choices are
+    /// the reference's, which counts after serving.
     fn access(
         &mut self,
         ids: &[u16],
         tab: &Tables,
-        scratch: &mut Scratch,
         shadow_misses: &mut [f64; M],
         forget: f64,
         lead: usize,
     ) -> u32 {
         self.step += 1;
         let t = self.step;
-        for &id in ids {
-            self.ex[usize::from(id)].tok = t;
-        }
         self.rebase(t);
-        for f in 0..M {
-            let m = if f == HYPER {
-                self.serve_hyper(ids, t, scratch)
-            } else {
-                self.serve_keyed(f, ids, t, tab, scratch)
-            };
-            shadow_misses[f] = shadow_misses[f] * forget + f64::from(m);
-        }
-        let misses = self.serve_real(ids, t, lead, tab, scratch);
-        for &id in ids {
-            let x = &mut self.ex[usize::from(id)];
-            let d = &tab.decay[((t - x.last) as usize).min(MAX_AGE)];
-            for f in 0..F {
-                x.crf[f] = x.crf[f] * d[f] + 1.0;
-            }
-            x.last = t;
-        }
         let mut gain = [1.0; F];
         for (f, g) in gain.iter_mut().enumerate().take(D) {
             let d = t - self.t_ref[f];
             let s = SHIFT[f];
             *g = pow2((d >> s) as i64) * tab.frac[f][(d & ((1 << s) - 1)) as usize];
         }
+        self.missing.clear();
+        let mut any = 0u16;
         for &id in ids {
             let e = usize::from(id);
-            let x = &mut self.ex[e];
+            self.tok[e] = t;
+            let m = !self.held[e] & ALL;
+            any |= m;
+            self.missing.push(m);
+            let d = &tab.decay[((t - self.last[e]) as usize).min(MAX_AGE)];
             for f in 0..F {
-                x.key[f] = x.crf[f] * gain[f];
+                self.crf[e][f] = self.crf[e][f] * d[f] + 1.0;
+                self.key[e][f] = self.crf[e][f] * gain[f];
             }
-            for f in 0..F {
-                if x.pos[f] != NONE && x.key[f] < self.caches[f].thr && x.low & (1 << f) == 0 {
-                    x.low |= 1 << f;
-                    self.caches[f].low.push(id);
-                }
+            self.last[e] = t;
+        }
+        for f in 0..F {
+            let m = if any & (1 << f) == 0 {
+                0
+            } else {
+                self.serve_keyed(f, ids, t, tab)
+            };
+            self.rekey(f, ids);
+            shadow_misses[f] = shadow_misses[f] * forget + f64::from(m);
+        }
+        let m = self.serve_hyper(ids, t, any & (1 << HYPER) != 0);
+        shadow_misses[HYPER] = shadow_misses[HYPER] * forget + f64::from(m);
+        if any & (1 << REAL) == 0 {
+            0
+        } else {
+            self.serve_real(ids, t, lead, tab)
+        }
+    }
+
+    /// Writes the keys of the residents `ids` names into key-ranked shadow `f`.
+    #[inline]
+    fn rekey(&mut self, f: usize, ids: &[u16]) {
+        let c = &mut self.keyed[f];
+        for &id in ids {
+            let e = usize::from(id);
+            let p = self.pos[e][f] as usize;
+            if let Some(k) = c.key.get_mut(p) {
+                *k = tag(self.key[e][f], p, self.mask);
             }
         }
-        misses
     }
 
     /// Moves each decaying member's reference step forward before its gains grow large; keys
@@ -288,365 +434,260 @@ impl SparkLayer {
             let q = (t - self.t_ref[f]) >> s;
             if q >= REBASE {
                 let scale = pow2(-(q as i64));
-                for x in &mut self.ex {
-                    x.key[f] *= scale;
+                for k in &mut self.key {
+                    k[f] *= scale;
                 }
-                self.caches[f].thr *= scale;
+                let c = &mut self.keyed[f];
+                for (p, (k, &m)) in c.key.iter_mut().zip(&c.members).enumerate() {
+                    *k = tag(self.key[usize::from(m)][f], p, self.mask);
+                }
                 self.t_ref[f] += q << s;
             }
-        }
-    }
-
-    #[inline]
-    fn insert(&mut self, c: usize, e: u16) {
-        let cache = &mut self.caches[c];
-        debug_assert!(cache.members.len() < cache.cap);
-        self.ex[usize::from(e)].pos[c] = cache.members.len() as u32;
-        cache.members.push(e);
-    }
-
-    #[inline]
-    fn remove(&mut self, c: usize, e: u16) {
-        let cache = &mut self.caches[c];
-        let p = self.ex[usize::from(e)].pos[c] as usize;
-        let last = *cache.members.last().expect("remove from a non-empty set");
-        cache.members[p] = last;
-        self.ex[usize::from(last)].pos[c] = p as u32;
-        cache.members.pop();
-        let x = &mut self.ex[usize::from(e)];
-        x.pos[c] = NONE;
-        if c < F && x.low & (1 << c) != 0 {
-            x.low &= !(1 << c);
-            let i = cache
-                .low
-                .iter()
-                .position(|&m| m == e)
-                .expect("flagged on the low list");
-            cache.low.swap_remove(i);
         }
     }
 
     /// The exact score of `e` under member `f` at step `t` (the reference's formula).
     #[inline]
     fn score(&self, f: usize, e: usize, t: u64, tab: &Tables) -> f64 {
-        let x = &self.ex[e];
-        let age = t - x.last;
+        let age = t - self.last[e];
         if f < F {
-            x.crf[f] * tab.decay[(age as usize).min(MAX_AGE)][f]
+            self.crf[e][f] * tab.decay[(age as usize).min(MAX_AGE)][f]
         } else {
-            x.crf[F - 1] / (1 + age) as f64
+            self.crf[e][F - 1] / (1 + age) as f64
         }
     }
 
-    /// The reference's scan: the member of cache `c` not named by this access with the lowest
-    /// score under member `f`, ties by last use, then slot.
-    fn scan(&self, c: usize, f: usize, t: u64, tab: &Tables) -> Option<u16> {
+    /// The reference's choice among `members` (a cache's slots) under member `f`: the lowest
+    /// exact score, ties by last use, then slot, of the slots `take` admits that this access
+    /// does not name.
+    fn choose(
+        &self,
+        members: &[u16],
+        f: usize,
+        t: u64,
+        tab: &Tables,
+        take: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let mut victim = None;
         let mut best = (f64::INFINITY, u64::MAX, u32::MAX);
-        for (p, &m) in self.caches[c].members.iter().enumerate() {
+        for (p, &m) in members.iter().enumerate() {
             let e = usize::from(m);
-            if self.ex[e].tok == t {
+            if self.tok[e] == t || !take(p) {
                 continue;
             }
-            let (s, l) = (self.score(f, e, t, tab), self.ex[e].last);
+            let (s, l) = (self.score(f, e, t, tab), self.last[e]);
             if victim.is_none() || better(s, l, p as u32, best) {
                 best = (s, l, p as u32);
-                victim = Some(m);
+                victim = Some(p);
             }
         }
         victim
     }
 
-    /// Of `cand`, the reference's choice under member `f` in cache `c`.
-    fn pick(&self, c: usize, f: usize, cand: &[u16], t: u64, tab: &Tables) -> Option<u16> {
-        let mut victim = None;
-        let mut best = (f64::INFINITY, u64::MAX, u32::MAX);
-        for &m in cand {
+    /// Whether the residents of decaying member `f`'s shadow that may be evicted (used before,
+    /// not named by this access) are all young enough to compare by key.
+    fn young(&mut self, f: usize, t: u64, tab: &Tables) -> bool {
+        if f >= D || t - self.oldest[f] <= tab.safe_age[f] {
+            return true;
+        }
+        let mut low = t;
+        for &m in &self.keyed[f].members {
             let e = usize::from(m);
-            let (s, l, p) = (self.score(f, e, t, tab), self.ex[e].last, self.ex[e].pos[c]);
-            if victim.is_none() || better(s, l, p, best) {
-                best = (s, l, p);
-                victim = Some(m);
+            if self.tok[e] != t && self.crf[e][f] > 0.0 {
+                low = low.min(self.last[e]);
             }
         }
-        victim
+        self.oldest[f] = low;
+        t - low <= tab.safe_age[f]
     }
 
-    /// Whether every resident of decaying member `f` that may be evicted (used before, not
-    /// named by this access) is young enough to compare by key.
-    fn keys_exact(&mut self, f: usize, t: u64, tab: &Tables) -> bool {
-        if f >= D {
-            return true;
+    /// Serves `ids` on the shadow of a key-ranked member (decaying, or λ = 0) that misses some.
+    fn serve_keyed(&mut self, f: usize, ids: &[u16], t: u64, tab: &Tables) -> u32 {
+        if self.keyed[f].cap == 0 {
+            return ids.len() as u32;
         }
-        if t - self.oldest[f] <= tab.safe_age[f] {
-            return true;
-        }
-        let mut oldest = t;
-        for &m in &self.caches[f].members {
-            let x = &self.ex[usize::from(m)];
-            if x.tok != t && x.crf[f] > 0.0 {
-                oldest = oldest.min(x.last);
+        for &id in ids {
+            let p = self.pos[usize::from(id)][f] as usize;
+            if let Some(k) = self.keyed[f].key.get_mut(p) {
+                *k = tag(NAMED, p, self.mask);
             }
         }
-        self.oldest[f] = oldest;
-        t - oldest <= tab.safe_age[f]
-    }
-
-    /// Refills the low list of key-ranked shadow `f` with its members (not named by this
-    /// access) whose keys are at most `spread` times the lowest; `spread` adapts so the list
-    /// holds about [`LOW`] members (any spread is correct: it only decides the list's length).
-    fn rebuild_low(&mut self, f: usize, t: u64) {
-        let cache = &mut self.caches[f];
-        for &m in &cache.low {
-            self.ex[usize::from(m)].low &= !(1 << f);
-        }
-        cache.low.clear();
-        let mut kmin = f64::INFINITY;
-        for &m in &cache.members {
-            let x = &self.ex[usize::from(m)];
-            if x.tok != t && x.key[f] < kmin {
-                kmin = x.key[f];
-            }
-        }
-        // At least the slack above the lowest, so its whole window is on the list.
-        let limit = (kmin * cache.spread).max(kmin + kmin * SLACK);
-        let mut thr = f64::INFINITY;
-        for &m in &cache.members {
-            let x = &mut self.ex[usize::from(m)];
-            if x.tok == t {
-                continue;
-            }
-            if x.key[f] <= limit {
-                x.low |= 1 << f;
-                cache.low.push(m);
-            } else if x.key[f] < thr {
-                thr = x.key[f];
-            }
-        }
-        cache.thr = thr;
-        let n = cache.low.len();
-        if n < LOW / 2 && thr < f64::INFINITY {
-            cache.spread = (cache.spread * cache.spread).min(1e300);
-        } else if n > 2 * LOW {
-            cache.spread = cache.spread.sqrt();
-        }
-    }
-
-    /// The victim of key-ranked shadow `f` by its low list (the keys are exact enough).
-    fn victim_by_key(
-        &mut self,
-        f: usize,
-        t: u64,
-        tab: &Tables,
-        scratch: &mut Scratch,
-    ) -> Option<u16> {
-        let mut rebuilt = false;
-        if self.caches[f].low.len() > 3 * LOW {
-            // Crowded with residents whose keys have grown since: start over.
-            self.rebuild_low(f, t);
-            rebuilt = true;
-        }
-        loop {
-            let cache = &self.caches[f];
-            // The lowest key (at `at`) and the next one.
-            let (mut kmin, mut next, mut at) = (f64::INFINITY, f64::INFINITY, usize::MAX);
-            for (i, &m) in cache.low.iter().enumerate() {
-                let x = &self.ex[usize::from(m)];
-                if x.tok != t {
-                    let k = x.key[f];
-                    if k < kmin {
-                        (next, kmin, at) = (kmin, k, i);
-                    } else if k < next {
-                        next = k;
-                    }
-                }
-            }
-            let limit = kmin + kmin * SLACK;
-            if (kmin < f64::INFINITY && limit < cache.thr) || rebuilt {
-                if kmin == f64::INFINITY {
-                    return None;
-                }
-                let victim = if next > limit {
-                    // Alone within the slack: it is the reference's choice.
-                    cache.low[at]
-                } else {
-                    scratch.cand.clear();
-                    for &m in &cache.low {
-                        let x = &self.ex[usize::from(m)];
-                        if x.tok != t && x.key[f] <= limit {
-                            scratch.cand.push(m);
-                        }
-                    }
-                    let v = self.pick(f, f, &scratch.cand, t, tab)?;
-                    at = self.caches[f]
-                        .low
-                        .iter()
-                        .position(|&m| m == v)
-                        .expect("a candidate is on the low list");
-                    v
-                };
-                self.caches[f].low.swap_remove(at);
-                self.ex[usize::from(victim)].low &= !(1 << f);
-                return Some(victim);
-            }
-            self.rebuild_low(f, t);
-            rebuilt = true;
-        }
-    }
-
-    /// Serves `ids` on the shadow of a key-ranked member (decaying, or λ = 0).
-    fn serve_keyed(
-        &mut self,
-        f: usize,
-        ids: &[u16],
-        t: u64,
-        tab: &Tables,
-        scratch: &mut Scratch,
-    ) -> u32 {
         let mut misses = 0;
         // None until the first eviction; then whether keys may be trusted.
         let mut by_key: Option<bool> = None;
-        for &e in ids {
-            if self.ex[usize::from(e)].pos[f] != NONE {
+        for (i, &e) in ids.iter().enumerate() {
+            // A repeated id is a miss only the first time.
+            if self.missing[i] & (1 << f) == 0 || self.held[usize::from(e)] & (1 << f) != 0 {
                 continue;
             }
             misses += 1;
-            let cache = &self.caches[f];
-            if cache.cap == 0 {
-                continue;
-            }
-            if cache.members.len() >= cache.cap {
-                let trusted = *by_key.get_or_insert_with(|| self.keys_exact(f, t, tab));
-                let victim = if trusted {
-                    self.victim_by_key(f, t, tab, scratch)
-                } else {
-                    self.scan(f, f, t, tab)
+            if self.keyed[f].members.len() >= self.keyed[f].cap {
+                let trusted = match by_key {
+                    Some(b) => b,
+                    None => *by_key.insert(self.young(f, t, tab)),
                 };
-                match victim {
-                    Some(v) => self.remove(f, v),
-                    None => continue,
+                let c = &self.keyed[f];
+                let victim = if trusted {
+                    match lowest(&c.key, self.mask, self.key_window) {
+                        Lowest::None => None,
+                        Lowest::Alone(p) => Some(p),
+                        Lowest::Window(limit) => {
+                            self.choose(&c.members, f, t, tab, |p| c.key[p] <= limit)
+                        }
+                    }
+                } else {
+                    self.choose(&c.members, f, t, tab, |_| true)
+                };
+                let Some(p) = victim else { continue };
+                let c = &mut self.keyed[f];
+                take_slot(&mut c.members, &mut self.pos, &mut self.held, f, p);
+                c.key.swap_remove(p);
+                if let Some(k) = c.key.get_mut(p) {
+                    *k = tag(*k, p, self.mask);
                 }
             }
-            self.insert(f, e);
+            let c = &mut self.keyed[f];
+            let p = c.members.len();
+            put_slot(&mut c.members, &mut self.pos, &mut self.held, f, e);
+            c.key.push(tag(NAMED, p, self.mask));
         }
         misses
     }
 
     /// Serves `ids` on the hyperbolic member's shadow: its scores are computed once per access
-    /// with a miss, and each eviction takes the lowest (ties: the reference's order).
-    fn serve_hyper(&mut self, ids: &[u16], t: u64, scratch: &mut Scratch) -> u32 {
+    /// with an eviction, and each eviction takes the lowest (ties: the reference's order).
+    fn serve_hyper(&mut self, ids: &[u16], t: u64, any_miss: bool) -> u32 {
+        let h = &mut self.hyper;
+        let tf = t as f64;
+        for &id in ids {
+            let e = usize::from(id);
+            let p = self.pos[e][HYPER] as usize;
+            if p < h.members.len() {
+                h.count[p] = self.crf[e][F - 1];
+                h.last[p] = tf;
+            }
+        }
+        if !any_miss {
+            return 0;
+        }
+        if h.cap == 0 {
+            return ids.len() as u32;
+        }
+        let mask = self.mask;
         let mut misses = 0;
         let mut ready = false;
-        for &e in ids {
-            if self.ex[usize::from(e)].pos[HYPER] != NONE {
+        for (i, &e) in ids.iter().enumerate() {
+            if self.missing[i] & (1 << HYPER) == 0 || self.held[usize::from(e)] & (1 << HYPER) != 0
+            {
                 continue;
             }
             misses += 1;
-            let cache = &self.caches[HYPER];
-            if cache.cap == 0 {
-                continue;
-            }
-            if cache.members.len() >= cache.cap {
+            let h = &mut self.hyper;
+            if h.members.len() >= h.cap {
                 if !ready {
-                    // Scores of the members that may go, in slot order; a victim's becomes +∞.
+                    // The reference's `count / (1 + age)` (steps stay far below 2^53, so the
+                    // float arithmetic is exact up to the division), tagged; named: NAMED.
                     ready = true;
-                    scratch.vals.clear();
-                    scratch.cand.clear();
-                    for &m in &cache.members {
-                        let x = &self.ex[usize::from(m)];
-                        if x.tok != t {
-                            scratch.vals.push(x.crf[F - 1] / (1 + (t - x.last)) as f64);
-                            scratch.cand.push(m);
-                        }
+                    for (p, ((s, &c), &l)) in
+                        h.score.iter_mut().zip(&h.count).zip(&h.last).enumerate()
+                    {
+                        let v = if l == tf { NAMED } else { c / (1.0 + (tf - l)) };
+                        *s = tag(v, p, mask);
                     }
                 }
-                let (mut low, mut at, mut tied) = (f64::INFINITY, usize::MAX, false);
-                for (i, &v) in scratch.vals.iter().enumerate() {
-                    if v < low {
-                        (low, at, tied) = (v, i, false);
-                    } else if v == low {
-                        tied = true;
-                    }
-                }
-                if at == usize::MAX {
-                    continue;
-                }
-                if tied {
-                    // Equal scores: earlier last use, then earlier slot.
-                    for i in at + 1..scratch.vals.len() {
-                        if scratch.vals[i] == low {
-                            let (a, b) = (
-                                &self.ex[usize::from(scratch.cand[i])],
-                                &self.ex[usize::from(scratch.cand[at])],
-                            );
-                            if (a.last, a.pos[HYPER]) < (b.last, b.pos[HYPER]) {
-                                at = i;
+                let at = match lowest(&h.score, mask, self.score_window) {
+                    Lowest::None => continue,
+                    Lowest::Alone(p) => p,
+                    Lowest::Window(limit) => {
+                        // Equal scores: the earlier last use, then the earlier slot.
+                        let mut best = (f64::INFINITY, f64::INFINITY, usize::MAX);
+                        for (p, ((&s, &c), &l)) in
+                            h.score.iter().zip(&h.count).zip(&h.last).enumerate()
+                        {
+                            if s <= limit {
+                                let v = (c / (1.0 + (tf - l)), l, p);
+                                if v.0 < best.0 || (v.0 == best.0 && v.1 < best.1) {
+                                    best = v;
+                                }
                             }
                         }
+                        best.2
                     }
+                };
+                take_slot(&mut h.members, &mut self.pos, &mut self.held, HYPER, at);
+                h.count.swap_remove(at);
+                h.last.swap_remove(at);
+                h.score.swap_remove(at);
+                if let Some(s) = h.score.get_mut(at) {
+                    *s = tag(*s, at, mask);
                 }
-                scratch.vals[at] = f64::INFINITY;
-                let v = scratch.cand[at];
-                self.remove(HYPER, v);
             }
-            self.insert(HYPER, e);
+            let h = &mut self.hyper;
+            let p = h.members.len();
+            put_slot(&mut h.members, &mut self.pos, &mut self.held, HYPER, e);
+            h.count.push(self.crf[usize::from(e)][F - 1]);
+            h.last.push(tf);
+            h.score.push(tag(NAMED, p, mask));
         }
         misses
     }
 
-    /// Serves `ids` on the real cache: evict first what the leading shadow does not hold
-    /// (earliest last use, then slot), then by the leader's score.
-    fn serve_real(
-        &mut self,
-        ids: &[u16],
-        t: u64,
-        lead: usize,
-        tab: &Tables,
-        scratch: &mut Scratch,
-    ) -> u32 {
+    /// Serves `ids` on the real cache, which misses some: evict first what the leading shadow
+    /// does not hold (earliest last use, then slot), then by the leader's score.
+    fn serve_real(&mut self, ids: &[u16], t: u64, lead: usize, tab: &Tables) -> u32 {
+        if self.real.cap == 0 {
+            return ids.len() as u32;
+        }
         let mut misses = 0;
         let mut ready = false;
-        for &e in ids {
-            if self.ex[usize::from(e)].pos[REAL] != NONE {
+        for (i, &e) in ids.iter().enumerate() {
+            if self.missing[i] & (1 << REAL) == 0 || self.held[usize::from(e)] & (1 << REAL) != 0 {
                 continue;
             }
             misses += 1;
-            let cache = &self.caches[REAL];
-            if cache.cap == 0 {
-                continue;
-            }
-            if cache.members.len() >= cache.cap {
+            if self.real.members.len() >= self.real.cap {
                 if !ready {
                     ready = true;
-                    scratch.cand.clear();
-                    for &m in &cache.members {
-                        let x = &self.ex[usize::from(m)];
-                        if x.tok != t && x.pos[lead] == NONE {
-                            scratch.cand.push(m);
+                    self.cand.clear();
+                    for &m in &self.real.members {
+                        let x = usize::from(m);
+                        if self.tok[x] != t && self.held[x] & (1 << lead) == 0 {
+                            self.cand.push(m);
                         }
                     }
                 }
-                let victim = if scratch.cand.is_empty() {
-                    self.scan(REAL, lead, t, tab)
+                let victim = if self.cand.is_empty() {
+                    self.choose(&self.real.members, lead, t, tab, |_| true)
                 } else {
                     let key = |m: u16| {
-                        let x = &self.ex[usize::from(m)];
-                        (x.last, x.pos[REAL])
+                        let x = usize::from(m);
+                        (self.last[x], self.pos[x][REAL])
                     };
                     let mut at = 0;
-                    for i in 1..scratch.cand.len() {
-                        if key(scratch.cand[i]) < key(scratch.cand[at]) {
+                    for i in 1..self.cand.len() {
+                        if key(self.cand[i]) < key(self.cand[at]) {
                             at = i;
                         }
                     }
-                    Some(scratch.cand.swap_remove(at))
+                    let m = self.cand.swap_remove(at);
+                    Some(self.pos[usize::from(m)][REAL] as usize)
                 };
-                match victim {
-                    Some(v) => self.remove(REAL, v),
-                    None => continue,
-                }
+                let Some(p) = victim else { continue };
+                take_slot(
+                    &mut self.real.members,
+                    &mut self.pos,
+                    &mut self.held,
+                    REAL,
+                    p,
+                );
             }
-            self.insert(REAL, e);
+            put_slot(
+                &mut self.real.members,
+                &mut self.pos,
+                &mut self.held,
+                REAL,
+                e,
+            );
         }
         misses
     }
@@ -656,7 +697,6 @@ impl SparkLayer {
 #[derive(Debug, Clone)]
 pub struct Spark {
     layers: Vec<SparkLayer>,
-    scratch: Scratch,
     /// Misses of each member's shadow caches, summed over layers, exponentially forgotten.
     shadow_misses: [f64; M],
     /// Per-access forgetting factor of `shadow_misses`.
@@ -685,7 +725,6 @@ impl Spark {
         let forget = (-1.0 / half_life).exp2();
         Spark {
             layers,
-            scratch: Scratch::default(),
             shadow_misses: [0.0; M],
             forget,
         }
@@ -713,11 +752,11 @@ impl Spark {
 impl Spark {
     /// Every cache of `layer` in slot order: the shadows, then the real one.
     pub(crate) fn caches(&self, layer: usize) -> Vec<Vec<u16>> {
-        self.layers[layer]
-            .caches
-            .iter()
-            .map(|c| c.members.clone())
-            .collect()
+        let l = &self.layers[layer];
+        let mut v: Vec<Vec<u16>> = l.keyed.iter().map(|c| c.members.clone()).collect();
+        v.push(l.hyper.members.clone());
+        v.push(l.real.members.clone());
+        v
     }
 
     pub(crate) fn shadow_misses(&self) -> [f64; M] {
@@ -728,18 +767,11 @@ impl Spark {
 impl Policy for Spark {
     fn access(&mut self, layer: usize, ids: &[u16]) -> u32 {
         let lead = self.leader();
-        self.layers[layer].access(
-            ids,
-            tables(),
-            &mut self.scratch,
-            &mut self.shadow_misses,
-            self.forget,
-            lead,
-        )
+        self.layers[layer].access(ids, tables(), &mut self.shadow_misses, self.forget, lead)
     }
 
     fn is_resident(&self, layer: usize, expert: u16) -> bool {
-        self.layers[layer].ex[usize::from(expert)].pos[REAL] != NONE
+        self.layers[layer].held[usize::from(expert)] & (1 << REAL) != 0
     }
 }
 
