@@ -26,26 +26,32 @@
 //! How it avoids scoring every resident of every shadow on every miss, without changing a
 //! decision (`spark_ref.rs` in the tests keeps the original scan; a differential test on random
 //! traces and a golden test on the shared trace hold the two together, cache by cache):
+//! - An access counts what it names first (CRF, last use, keys). Every eviction chooses among
+//!   the residents it does not name, whose state that does not touch, so the choices are the
+//!   reference's, which counts after serving; `last == t` then marks what the access names.
 //! - A decaying member's score `crf · 2^(-λ·age)` keeps its order as time passes (every score
 //!   shrinks by the same factor), so each expert carries a time-invariant key per member,
-//!   `crf · 2^(λ·(last - t_ref))`, set once per use and shared by all caches. The victim is the
-//!   smallest key up to rounding: only residents whose key is within a relative 2^-40 of the
-//!   smallest (the rounding of a key and of a score is below 2^-49 each) are scored exactly,
-//!   with the reference's tie-breaks (lower last use, then earlier slot). `λ = 0` keys are the
-//!   scores themselves. Each shadow keeps a short "low list" of the residents that may hold the
-//!   lowest keys (every other resident's key is at least its threshold), rebuilt by a scan when
-//!   it runs dry.
+//!   `crf · 2^(λ·(last - t_ref))`, set once per use. The victim is the smallest key up to
+//!   rounding: only residents whose key is within a relative 2^-40 of the smallest (the
+//!   rounding of a key and of a score is below 2^-49 each) are scored exactly, with the
+//!   reference's tie-breaks (lower last use, then earlier slot). `λ = 0` keys are the scores
+//!   themselves.
+//! - Each shadow keeps its residents' keys in one dense array by slot, each tagged with its slot
+//!   in the low mantissa bits (a relative error of 2^(bits - 52), folded into the window), so
+//!   one vectorised pass finds the lowest and its slot, and a second counts what lies within the
+//!   window. A key of zero (never used) is alone: zeros rank by slot, below everything else.
 //! - Where that order argument needs care it is not used: a resident idle longer than its
 //!   member's safe age (the decay table's last age, or where `2^(-λ·age)` leaves the normal
 //!   floats) sends that shadow back to the exact scan until it is gone.
 //! - The hyperbolic member's order changes with time, so its scores are computed once per access
-//!   with a miss, and each eviction of that access takes the lowest.
+//!   with an eviction (tagged the same way), and each eviction of that access takes the lowest.
 //! - The real cache evicts first what the leader does not hold (a short list built once per
-//!   access), else by the leader's score.
+//!   access), else by the leader's exact score.
 //!
 //! Its cost is still about one eviction per miss of each of the nine caches (eight shadows and
 //! the real one), about 13 per token-layer on the shared trace at 32 of 64 slots, against LRU's
-//! one or two: it simulates at a few million lookups per second, not LRU's hundred million.
+//! one or two, plus the count of each named expert in each of them: it simulates at about 8 M
+//! lookups per second here, not LRU's couple of hundred million.
 
 // Members are indices into several parallel arrays (λ, tables, keys, misses): index loops read best.
 #![allow(clippy::needless_range_loop)]
@@ -198,8 +204,9 @@ enum Lowest {
     None,
     /// The lowest is alone within the window: its slot.
     Alone(usize),
-    /// Several are within the window: its upper end (tagged values at most it).
-    Window(f64),
+    /// Several are within the window: the lowest's slot and the window's upper end (tagged
+    /// values at most it).
+    Window(usize, f64),
 }
 
 /// The lowest of `tagged`, alone or not within a relative `window` above it (a window wider
@@ -219,7 +226,7 @@ fn lowest(tagged: &[f64], mask: u64, window: f64) -> Lowest {
     if tagged.iter().filter(|&&v| v <= limit).count() == 1 {
         Lowest::Alone(slot_of(low, mask))
     } else {
-        Lowest::Window(limit)
+        Lowest::Window(slot_of(low, mask), limit)
     }
 }
 
@@ -260,10 +267,9 @@ struct SparkLayer {
     /// Per expert, its rank key per key-ranked member as of the last use,
     /// `crf · 2^(λ·(last - t_ref))`.
     key: Vec<[f64; F]>,
-    /// Per expert, the step of the last use (0 = before the first token).
+    /// Per expert, the step of the last use (0 = before the first token). An access counts
+    /// what it names first, so `last == t` marks what the access at step `t` names.
     last: Vec<u64>,
-    /// Per expert, the step of the access that last named it.
-    tok: Vec<u64>,
     /// Per expert, bit `c`: cache `c` holds it (the `M` shadows, then the real one).
     held: Vec<u16>,
     /// Per expert, its slot in each cache, [`NONE`] when not resident.
@@ -340,7 +346,6 @@ impl SparkLayer {
             crf,
             key,
             last: vec![0; n_expert],
-            tok: vec![0; n_expert],
             held,
             pos,
             keyed,
@@ -384,7 +389,6 @@ impl SparkLayer {
         let mut any = 0u16;
         for &id in ids {
             let e = usize::from(id);
-            self.tok[e] = t;
             let m = !self.held[e] & ALL;
             any |= m;
             self.missing.push(m);
@@ -394,6 +398,19 @@ impl SparkLayer {
                 self.key[e][f] = self.crf[e][f] * gain[f];
             }
             self.last[e] = t;
+            // Where it is resident, its slots take its new key and count now.
+            let pos = &self.pos[e];
+            for f in 0..F {
+                let p = pos[f] as usize;
+                if let Some(k) = self.keyed[f].key.get_mut(p) {
+                    *k = tag(self.key[e][f], p, self.mask);
+                }
+            }
+            let p = pos[HYPER] as usize;
+            if p < self.hyper.members.len() {
+                self.hyper.count[p] = self.crf[e][F - 1];
+                self.hyper.last[p] = t as f64;
+            }
         }
         for f in 0..F {
             let m = if any & (1 << f) == 0 {
@@ -401,7 +418,6 @@ impl SparkLayer {
             } else {
                 self.serve_keyed(f, ids, t, tab)
             };
-            self.rekey(f, ids);
             shadow_misses[f] = shadow_misses[f] * forget + f64::from(m);
         }
         let m = self.serve_hyper(ids, t, any & (1 << HYPER) != 0);
@@ -413,15 +429,18 @@ impl SparkLayer {
         }
     }
 
-    /// Writes the keys of the residents `ids` names into key-ranked shadow `f`.
+    /// Writes the keys of the residents `ids` names into key-ranked shadow `f`; only those
+    /// that joined it when `all` is false.
     #[inline]
-    fn rekey(&mut self, f: usize, ids: &[u16]) {
+    fn rekey(&mut self, f: usize, ids: &[u16], all: bool) {
         let c = &mut self.keyed[f];
-        for &id in ids {
+        for (i, &id) in ids.iter().enumerate() {
             let e = usize::from(id);
             let p = self.pos[e][f] as usize;
-            if let Some(k) = c.key.get_mut(p) {
-                *k = tag(self.key[e][f], p, self.mask);
+            if all || self.missing[i] & (1 << f) != 0 {
+                if let Some(k) = c.key.get_mut(p) {
+                    *k = tag(self.key[e][f], p, self.mask);
+                }
             }
         }
     }
@@ -472,7 +491,7 @@ impl SparkLayer {
         let mut best = (f64::INFINITY, u64::MAX, u32::MAX);
         for (p, &m) in members.iter().enumerate() {
             let e = usize::from(m);
-            if self.tok[e] == t || !take(p) {
+            if self.last[e] == t || !take(p) {
                 continue;
             }
             let (s, l) = (self.score(f, e, t, tab), self.last[e]);
@@ -493,7 +512,7 @@ impl SparkLayer {
         let mut low = t;
         for &m in &self.keyed[f].members {
             let e = usize::from(m);
-            if self.tok[e] != t && self.crf[e][f] > 0.0 {
+            if self.last[e] != t && self.crf[e][f] > 0.0 {
                 low = low.min(self.last[e]);
             }
         }
@@ -502,16 +521,13 @@ impl SparkLayer {
     }
 
     /// Serves `ids` on the shadow of a key-ranked member (decaying, or λ = 0) that misses some.
+    /// The residents `ids` names hold their new keys, which are rarely the lowest; when one is,
+    /// every named resident is marked [`NAMED`] for the rest of the access.
     fn serve_keyed(&mut self, f: usize, ids: &[u16], t: u64, tab: &Tables) -> u32 {
         if self.keyed[f].cap == 0 {
             return ids.len() as u32;
         }
-        for &id in ids {
-            let p = self.pos[usize::from(id)][f] as usize;
-            if let Some(k) = self.keyed[f].key.get_mut(p) {
-                *k = tag(NAMED, p, self.mask);
-            }
-        }
+        let mut marked = false;
         let mut misses = 0;
         // None until the first eviction; then whether keys may be trusted.
         let mut by_key: Option<bool> = None;
@@ -526,17 +542,32 @@ impl SparkLayer {
                     Some(b) => b,
                     None => *by_key.insert(self.young(f, t, tab)),
                 };
-                let c = &self.keyed[f];
-                let victim = if trusted {
-                    match lowest(&c.key, self.mask, self.key_window) {
-                        Lowest::None => None,
-                        Lowest::Alone(p) => Some(p),
-                        Lowest::Window(limit) => {
-                            self.choose(&c.members, f, t, tab, |p| c.key[p] <= limit)
-                        }
+                let victim = loop {
+                    let c = &self.keyed[f];
+                    if !trusted {
+                        break self.choose(&c.members, f, t, tab, |_| true);
                     }
-                } else {
-                    self.choose(&c.members, f, t, tab, |_| true)
+                    let (low, window) = match lowest(&c.key, self.mask, self.key_window) {
+                        Lowest::None => break None,
+                        Lowest::Alone(p) => (p, None),
+                        Lowest::Window(p, limit) => (p, Some(limit)),
+                    };
+                    if self.last[usize::from(c.members[low])] == t {
+                        // A named resident holds the lowest key: mark them all, look again.
+                        debug_assert!(!marked);
+                        marked = true;
+                        for &id in ids {
+                            let p = self.pos[usize::from(id)][f] as usize;
+                            if let Some(k) = self.keyed[f].key.get_mut(p) {
+                                *k = tag(NAMED, p, self.mask);
+                            }
+                        }
+                        continue;
+                    }
+                    break match window {
+                        None => Some(low),
+                        Some(limit) => self.choose(&c.members, f, t, tab, |p| c.key[p] <= limit),
+                    };
                 };
                 let Some(p) = victim else { continue };
                 let c = &mut self.keyed[f];
@@ -551,6 +582,7 @@ impl SparkLayer {
             put_slot(&mut c.members, &mut self.pos, &mut self.held, f, e);
             c.key.push(tag(NAMED, p, self.mask));
         }
+        self.rekey(f, ids, marked);
         misses
     }
 
@@ -559,14 +591,6 @@ impl SparkLayer {
     fn serve_hyper(&mut self, ids: &[u16], t: u64, any_miss: bool) -> u32 {
         let h = &mut self.hyper;
         let tf = t as f64;
-        for &id in ids {
-            let e = usize::from(id);
-            let p = self.pos[e][HYPER] as usize;
-            if p < h.members.len() {
-                h.count[p] = self.crf[e][F - 1];
-                h.last[p] = tf;
-            }
-        }
         if !any_miss {
             return 0;
         }
@@ -598,7 +622,7 @@ impl SparkLayer {
                 let at = match lowest(&h.score, mask, self.score_window) {
                     Lowest::None => continue,
                     Lowest::Alone(p) => p,
-                    Lowest::Window(limit) => {
+                    Lowest::Window(_, limit) => {
                         // Equal scores: the earlier last use, then the earlier slot.
                         let mut best = (f64::INFINITY, f64::INFINITY, usize::MAX);
                         for (p, ((&s, &c), &l)) in
@@ -651,7 +675,7 @@ impl SparkLayer {
                     self.cand.clear();
                     for &m in &self.real.members {
                         let x = usize::from(m);
-                        if self.tok[x] != t && self.held[x] & (1 << lead) == 0 {
+                        if self.last[x] != t && self.held[x] & (1 << lead) == 0 {
                             self.cand.push(m);
                         }
                     }
