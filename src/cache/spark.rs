@@ -231,8 +231,9 @@ fn lowest(tagged: &[f64], mask: u64, window: f64) -> Lowest {
 }
 
 /// The shadow of a key-ranked member: its residents in slots (the reference's `ResidentSet`
-/// order: swap-remove, push) and each one's rank key tagged with its slot; while an access with
-/// misses is served, what it names holds [`NAMED`].
+/// order: swap-remove, push) and each one's rank key tagged with its slot. While an access is
+/// served, what joins holds [`NAMED`], and so does everything it names once a named resident
+/// turns out to hold the lowest key.
 #[derive(Debug, Clone)]
 struct Keyed {
     cap: usize,
