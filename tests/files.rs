@@ -201,12 +201,10 @@ fn only_entry(dir: &Path, prefix: &str) -> PathBuf {
     v[0].clone()
 }
 
-#[test]
-fn serve_work_dir_is_0700_and_its_log_0600() {
-    let dir = tempdir();
-    let tmp = dir.path().join("tmp");
-    let (mut child, _) = serve_with_fake(dir.path(), &tmp);
-    let work = only_entry(&tmp, "spark-serve-");
+/// The running `child`'s one work dir under `tmp` (named `prefix…`) is 0700 and its
+/// llama-server log 0600 (read while it runs; it is killed and reaped before the assertion).
+fn work_dir_is_private(tmp: &Path, prefix: &str, mut child: std::process::Child) {
+    let work = only_entry(tmp, prefix);
     let modes = (mode_of(&work), mode_of(&work.join("llama-server.log")));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -217,6 +215,14 @@ fn serve_work_dir_is_0700_and_its_log_0600() {
         modes.0,
         modes.1
     );
+}
+
+#[test]
+fn serve_work_dir_is_0700_and_its_log_0600() {
+    let dir = tempdir();
+    let tmp = dir.path().join("tmp");
+    let (child, _) = serve_with_fake(dir.path(), &tmp);
+    work_dir_is_private(&tmp, "spark-serve-", child);
 }
 
 #[test]
@@ -350,17 +356,7 @@ fn validate_work_dir_is_0700_and_its_log_0600() {
         assert!(Instant::now() < deadline, "the fake server got no request");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let work = only_entry(&tmp, "spark-validate-");
-    let modes = (mode_of(&work), mode_of(&work.join("llama-server.log")));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_eq!(
-        modes,
-        (0o700, 0o600),
-        "work dir {:o}, log {:o}",
-        modes.0,
-        modes.1
-    );
+    work_dir_is_private(&tmp, "spark-validate-", child);
 }
 
 #[test]
