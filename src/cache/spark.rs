@@ -40,6 +40,9 @@
 //!   in the low mantissa bits (a relative error of 2^(bits - 52), folded into the window), so
 //!   one vectorised pass finds the lowest and its slot, and a second counts what lies within the
 //!   window. A key of zero (never used) is alone: zeros rank by slot, below everything else.
+//! - Each cache serves only the ids it misses, from a per-cache bit mask built once per access,
+//!   and a named expert's new key goes to its slot in every shadow or, where it is not
+//!   resident, to a spare entry: no branch on residency per id and cache.
 //! - Where that order argument needs care it is not used: a resident idle longer than its
 //!   member's safe age (the decay table's last age, or where `2^(-λ·age)` leaves the normal
 //!   floats) sends that shadow back to the exact scan until it is gone.
@@ -50,7 +53,7 @@
 //!
 //! Its cost is still about one eviction per miss of each of the nine caches (eight shadows and
 //! the real one), about 13 per token-layer on the shared trace at 32 of 64 slots, against LRU's
-//! one or two, plus the count of each named expert in each of them: it simulates at about 8 M
+//! one or two, plus the count of each named expert in each of them: it simulates at about 9 M
 //! lookups per second here, not LRU's couple of hundred million.
 
 // Members are indices into several parallel arrays (λ, tables, keys, misses): index loops read best.
@@ -231,9 +234,10 @@ fn lowest(tagged: &[f64], mask: u64, window: f64) -> Lowest {
 }
 
 /// The shadow of a key-ranked member: its residents in slots (the reference's `ResidentSet`
-/// order: swap-remove, push) and each one's rank key tagged with its slot. While an access is
-/// served, what joins holds [`NAMED`], and so does everything it names once a named resident
-/// turns out to hold the lowest key.
+/// order: swap-remove, push) and each one's rank key tagged with its slot, in the first
+/// `members.len()` of `cap + 1` entries (the rest is spare, so a write needs no branch). While
+/// an access is served, what joins holds [`NAMED`], and so does everything it names once a
+/// named resident turns out to hold the lowest key.
 #[derive(Debug, Clone)]
 struct Keyed {
     cap: usize,
@@ -292,8 +296,54 @@ struct SparkLayer {
     oldest: [u64; D],
     /// Scratch of one access: per named expert, bit `c` set when cache `c` did not hold it.
     missing: Vec<u16>,
+    /// Scratch of one access of at most 64 ids: per cache, bit `i` set when it did not hold
+    /// `ids[i]`.
+    miss: [u64; M + 1],
     /// Scratch of one access: the real cache's residents the leader does not hold.
     cand: Vec<u16>,
+}
+
+/// The indices of an access's ids that one cache did not hold, in order: from the access's
+/// bit mask when it names at most 64, else by scanning the per-id bits.
+struct Missed {
+    bits: u64,
+    /// With more than 64 ids: the next index to look at, and the id count.
+    scan: Option<(usize, usize)>,
+}
+
+impl Missed {
+    #[inline]
+    fn new(bits: u64, n: usize) -> Missed {
+        Missed {
+            bits,
+            scan: (n > 64).then_some((0, n)),
+        }
+    }
+
+    /// The next index whose per-id bits in `missing` have bit `c`.
+    #[inline]
+    fn next(&mut self, missing: &[u16], c: usize) -> Option<usize> {
+        match &mut self.scan {
+            None => {
+                if self.bits == 0 {
+                    return None;
+                }
+                let i = self.bits.trailing_zeros() as usize;
+                self.bits &= self.bits - 1;
+                Some(i)
+            }
+            Some((next, n)) => {
+                while *next < *n {
+                    let i = *next;
+                    *next += 1;
+                    if missing[i] & (1 << c) != 0 {
+                        return Some(i);
+                    }
+                }
+                None
+            }
+        }
+    }
 }
 
 /// Bits of every cache in [`SparkLayer::held`].
@@ -326,10 +376,11 @@ impl SparkLayer {
         let key = crf.clone();
         let keyed = std::array::from_fn(|f| Keyed {
             cap,
-            key: members
-                .iter()
-                .enumerate()
-                .map(|(p, &e)| tag(key[usize::from(e)][f], p, mask))
+            key: (0..=cap)
+                .map(|p| match members.get(p) {
+                    Some(&e) => tag(key[usize::from(e)][f], p, mask),
+                    None => NAMED,
+                })
                 .collect(),
             members: members.clone(),
         });
@@ -359,6 +410,7 @@ impl SparkLayer {
             t_ref: [0; D],
             oldest: [0; D],
             missing: Vec::new(),
+            miss: [0; M + 1],
             cand: Vec::new(),
         }
     }
@@ -387,12 +439,18 @@ impl SparkLayer {
             *g = pow2((d >> s) as i64) * tab.frac[f][(d & ((1 << s) - 1)) as usize];
         }
         self.missing.clear();
+        self.miss = [0; M + 1];
         let mut any = 0u16;
-        for &id in ids {
+        for (i, &id) in ids.iter().enumerate() {
             let e = usize::from(id);
             let m = !self.held[e] & ALL;
             any |= m;
             self.missing.push(m);
+            if i < 64 {
+                for c in 0..=M {
+                    self.miss[c] |= u64::from((m >> c) & 1) << i;
+                }
+            }
             let d = &tab.decay[((t - self.last[e]) as usize).min(MAX_AGE)];
             for f in 0..F {
                 self.crf[e][f] = self.crf[e][f] * d[f] + 1.0;
@@ -400,12 +458,12 @@ impl SparkLayer {
             }
             self.last[e] = t;
             // Where it is resident, its slots take its new key and count now.
+            // (Without a branch: where it is not, the write goes to the spare slot.)
             let pos = &self.pos[e];
             for f in 0..F {
-                let p = pos[f] as usize;
-                if let Some(k) = self.keyed[f].key.get_mut(p) {
-                    *k = tag(self.key[e][f], p, self.mask);
-                }
+                let c = &mut self.keyed[f];
+                let p = (pos[f] as usize).min(c.cap);
+                c.key[p] = tag(self.key[e][f], p, self.mask);
             }
             let p = pos[HYPER] as usize;
             if p < self.hyper.members.len() {
@@ -532,9 +590,11 @@ impl SparkLayer {
         let mut misses = 0;
         // None until the first eviction; then whether keys may be trusted.
         let mut by_key: Option<bool> = None;
-        for (i, &e) in ids.iter().enumerate() {
+        let mut cur = Missed::new(self.miss[f], ids.len());
+        while let Some(i) = cur.next(&self.missing, f) {
+            let e = ids[i];
             // A repeated id is a miss only the first time.
-            if self.missing[i] & (1 << f) == 0 || self.held[usize::from(e)] & (1 << f) != 0 {
+            if self.held[usize::from(e)] & (1 << f) != 0 {
                 continue;
             }
             misses += 1;
@@ -548,7 +608,8 @@ impl SparkLayer {
                     if !trusted {
                         break self.choose(&c.members, f, t, tab, |_| true);
                     }
-                    let (low, window) = match lowest(&c.key, self.mask, self.key_window) {
+                    let live = &c.key[..c.members.len()];
+                    let (low, window) = match lowest(live, self.mask, self.key_window) {
                         Lowest::None => break None,
                         Lowest::Alone(p) => (p, None),
                         Lowest::Window(p, limit) => (p, Some(limit)),
@@ -573,15 +634,15 @@ impl SparkLayer {
                 let Some(p) = victim else { continue };
                 let c = &mut self.keyed[f];
                 take_slot(&mut c.members, &mut self.pos, &mut self.held, f, p);
-                c.key.swap_remove(p);
-                if let Some(k) = c.key.get_mut(p) {
-                    *k = tag(*k, p, self.mask);
+                let n = c.members.len();
+                if p < n {
+                    c.key[p] = tag(c.key[n], p, self.mask);
                 }
             }
             let c = &mut self.keyed[f];
             let p = c.members.len();
             put_slot(&mut c.members, &mut self.pos, &mut self.held, f, e);
-            c.key.push(tag(NAMED, p, self.mask));
+            c.key[p] = tag(NAMED, p, self.mask);
         }
         self.rekey(f, ids, marked);
         misses
@@ -601,9 +662,10 @@ impl SparkLayer {
         let mask = self.mask;
         let mut misses = 0;
         let mut ready = false;
-        for (i, &e) in ids.iter().enumerate() {
-            if self.missing[i] & (1 << HYPER) == 0 || self.held[usize::from(e)] & (1 << HYPER) != 0
-            {
+        let mut cur = Missed::new(self.miss[HYPER], ids.len());
+        while let Some(i) = cur.next(&self.missing, HYPER) {
+            let e = ids[i];
+            if self.held[usize::from(e)] & (1 << HYPER) != 0 {
                 continue;
             }
             misses += 1;
@@ -665,8 +727,10 @@ impl SparkLayer {
         }
         let mut misses = 0;
         let mut ready = false;
-        for (i, &e) in ids.iter().enumerate() {
-            if self.missing[i] & (1 << REAL) == 0 || self.held[usize::from(e)] & (1 << REAL) != 0 {
+        let mut cur = Missed::new(self.miss[REAL], ids.len());
+        while let Some(i) = cur.next(&self.missing, REAL) {
+            let e = ids[i];
+            if self.held[usize::from(e)] & (1 << REAL) != 0 {
                 continue;
             }
             misses += 1;
