@@ -491,14 +491,15 @@ pub fn decode(bytes: &[u8], t: GgmlType) -> Option<Vec<f32>> {
     })
 }
 
+/// One layer's selection for one token: the top-k expert ids, highest logit first, and the
+/// margin between the k-th and the (k+1)-th logit.
+pub type Selection = (Vec<u32>, f32);
+
 /// For an analytic fixture: the experts each token selects at each MoE layer, computed from the
 /// file's weights alone. Returns, per token, per layer, the top-k expert ids (highest logit
 /// first) and the margin between the k-th and the (k+1)-th logit, so callers can tell a
 /// numerically safe selection from a near tie.
-pub fn analytic_routing(
-    file: &GgufFile,
-    tokens: &[u32],
-) -> Result<Vec<Vec<(Vec<u32>, f32)>>, String> {
+pub fn analytic_routing(file: &GgufFile, tokens: &[u32]) -> Result<Vec<Vec<Selection>>, String> {
     if file.get_str("spark.fixture.router") != Some("analytic") {
         return Err(format!(
             "{} is not an analytic fixture",

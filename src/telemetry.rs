@@ -398,7 +398,8 @@ impl Session {
             let r = agent.post(&url).send_json(&body);
             done.store(true, Ordering::Release);
             let _ = drainer.join();
-            r
+            // Boxed: ureq's error is large, and only its message is used.
+            r.map_err(Box::new)
         });
         let v: serde_json::Value = match result {
             Ok(resp) => resp.into_json().map_err(|e| TelemetryError::Request {

@@ -126,11 +126,11 @@ fn fixture_with_geometry(
 pub fn exit_stats(log: &Path) -> Option<ResidencyStats> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
-        .filter_map(|l| {
+        .rev()
+        .find_map(|l| {
             l.split_once(RESIDENCY_EXIT_PREFIX)
                 .map(|(_, r)| r.to_string())
         })
-        .last()
         .map(|r| ResidencyStats::parse(&r).unwrap())
 }
 

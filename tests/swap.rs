@@ -274,7 +274,7 @@ fn swap_bench_bad_input_exits_2() {
 #[test]
 fn swap_without_cuda_the_stub_says_so_and_exits_2() {
     use spark::cuda::{CudaError, Gpu};
-    assert!(!spark::cuda::ENABLED);
+    const { assert!(!spark::cuda::ENABLED) };
     assert!(matches!(spark::cuda::available(), Err(CudaError::Disabled)));
     assert!(matches!(Gpu::open(0), Err(CudaError::Disabled)));
     let dir = util::tempdir();

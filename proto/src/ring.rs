@@ -327,7 +327,7 @@ impl<T: bytemuck::Pod> Region<T> {
     /// only with processes that follow this module's protocol.
     unsafe fn validate(base: *mut u8, len: usize, kind: u32) -> Result<Region<T>, RingError> {
         let base = NonNull::new(base).ok_or(RingError::Unaligned)?;
-        if base.as_ptr() as usize % 8 != 0 {
+        if !(base.as_ptr() as usize).is_multiple_of(8) {
             return Err(RingError::Unaligned);
         }
         if len < RING_HEADER_SIZE {
@@ -440,7 +440,7 @@ pub unsafe fn init_ring<T: bytemuck::Pod>(
     if (len as u64) < needed {
         return Err(RingError::TooSmall { len, needed });
     }
-    if base.is_null() || base as usize % 8 != 0 {
+    if base.is_null() || !(base as usize).is_multiple_of(8) {
         return Err(RingError::Unaligned);
     }
     let h = RingHeader {

@@ -292,7 +292,7 @@ impl TraceHeader {
         let body = file_len.saturating_sub(HEADER_SIZE as u64);
         let rs = RECORD_SIZE as u64;
         if self.record_count == COUNT_UNKNOWN {
-            if body % rs != 0 {
+            if !body.is_multiple_of(rs) {
                 return Err(TraceFormatError::Truncated {
                     body,
                     expected: body / rs * rs + rs,

@@ -206,7 +206,7 @@ impl MoeGeometry {
         if n_head_kv.is_empty() {
             n_head_kv = vec![n_head];
         }
-        let default_head = if n_head > 0 { n_embd / n_head } else { 0 };
+        let default_head = n_embd.checked_div(n_head).unwrap_or(0);
         let head_dim_k = file
             .get_u64(&key("attention.key_length"))
             .unwrap_or(default_head);

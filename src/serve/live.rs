@@ -28,7 +28,8 @@ const PLAN_EVERY: u64 = 64;
 /// Deadline of each plan line and counter read on the control channel.
 const PLAN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Messages to the live thread.
+/// Messages to the live thread. (A few per request: the size of `Ring` costs nothing.)
+#[allow(clippy::large_enum_variant)]
 pub enum LiveMsg {
     /// A new child started with this ring and control channel; the previous ones are drained
     /// and dropped (which frees the old ring once the old child is gone too).
@@ -196,8 +197,11 @@ impl LiveSnapshot {
 /// (request, token position) so interleaved sequences of parallel slots stay apart.
 struct Assembler {
     n_layer: usize,
-    open: HashMap<(u32, u32), (Vec<Vec<u16>>, u32)>,
+    open: HashMap<(u32, u32), Partial>,
 }
+
+/// A token's routing being assembled: its layers' ids so far, and how many layers arrived.
+type Partial = (Vec<Vec<u16>>, u32);
 
 impl Assembler {
     /// Adds one record; returns the step's layers when its last layer arrived.
