@@ -40,9 +40,9 @@
 //!   in the low mantissa bits (a relative error of 2^(bits - 52), folded into the window), so
 //!   one vectorised pass finds the lowest and its slot, and a second counts what lies within the
 //!   window. A key of zero (never used) is alone: zeros rank by slot, below everything else.
-//! - Each cache serves only the ids it misses, from a per-cache bit mask built once per access,
-//!   and a named expert's new key goes to its slot in every shadow or, where it is not
-//!   resident, to a spare entry: no branch on residency per id and cache.
+//! - Each cache that misses serves only the ids it misses, from a bit mask built without
+//!   branches, and a named expert's new key goes to its slot in every shadow or, where it is
+//!   not resident, to a spare entry: no branch on residency per id and cache.
 //! - Where that order argument needs care it is not used: a resident idle longer than its
 //!   member's safe age (the decay table's last age, or where `2^(-λ·age)` leaves the normal
 //!   floats) sends that shadow back to the exact scan until it is gone.
@@ -296,15 +296,12 @@ struct SparkLayer {
     oldest: [u64; D],
     /// Scratch of one access: per named expert, bit `c` set when cache `c` did not hold it.
     missing: Vec<u16>,
-    /// Scratch of one access of at most 64 ids: per cache, bit `i` set when it did not hold
-    /// `ids[i]`.
-    miss: [u64; M + 1],
     /// Scratch of one access: the real cache's residents the leader does not hold.
     cand: Vec<u16>,
 }
 
-/// The indices of an access's ids that one cache did not hold, in order: from the access's
-/// bit mask when it names at most 64, else by scanning the per-id bits.
+/// The indices of an access's ids that one cache did not hold, in order: from a bit mask
+/// built without branches when the access names at most 64, else by scanning the per-id bits.
 struct Missed {
     bits: u64,
     /// With more than 64 ids: the next index to look at, and the id count.
@@ -312,12 +309,21 @@ struct Missed {
 }
 
 impl Missed {
+    /// `missing`: per id of the access, bit `c` set when cache `c` did not hold it.
     #[inline]
-    fn new(bits: u64, n: usize) -> Missed {
-        Missed {
-            bits,
-            scan: (n > 64).then_some((0, n)),
+    fn new(missing: &[u16], c: usize) -> Missed {
+        let n = missing.len();
+        if n > 64 {
+            return Missed {
+                bits: 0,
+                scan: Some((0, n)),
+            };
         }
+        let mut bits = 0u64;
+        for (i, &m) in missing.iter().enumerate() {
+            bits |= u64::from((m >> c) & 1) << i;
+        }
+        Missed { bits, scan: None }
     }
 
     /// The next index whose per-id bits in `missing` have bit `c`.
@@ -410,7 +416,6 @@ impl SparkLayer {
             t_ref: [0; D],
             oldest: [0; D],
             missing: Vec::new(),
-            miss: [0; M + 1],
             cand: Vec::new(),
         }
     }
@@ -439,18 +444,12 @@ impl SparkLayer {
             *g = pow2((d >> s) as i64) * tab.frac[f][(d & ((1 << s) - 1)) as usize];
         }
         self.missing.clear();
-        self.miss = [0; M + 1];
         let mut any = 0u16;
-        for (i, &id) in ids.iter().enumerate() {
+        for &id in ids {
             let e = usize::from(id);
             let m = !self.held[e] & ALL;
             any |= m;
             self.missing.push(m);
-            if i < 64 {
-                for c in 0..=M {
-                    self.miss[c] |= u64::from((m >> c) & 1) << i;
-                }
-            }
             let d = &tab.decay[((t - self.last[e]) as usize).min(MAX_AGE)];
             for f in 0..F {
                 self.crf[e][f] = self.crf[e][f] * d[f] + 1.0;
@@ -590,7 +589,7 @@ impl SparkLayer {
         let mut misses = 0;
         // None until the first eviction; then whether keys may be trusted.
         let mut by_key: Option<bool> = None;
-        let mut cur = Missed::new(self.miss[f], ids.len());
+        let mut cur = Missed::new(&self.missing, f);
         while let Some(i) = cur.next(&self.missing, f) {
             let e = ids[i];
             // A repeated id is a miss only the first time.
@@ -662,7 +661,7 @@ impl SparkLayer {
         let mask = self.mask;
         let mut misses = 0;
         let mut ready = false;
-        let mut cur = Missed::new(self.miss[HYPER], ids.len());
+        let mut cur = Missed::new(&self.missing, HYPER);
         while let Some(i) = cur.next(&self.missing, HYPER) {
             let e = ids[i];
             if self.held[usize::from(e)] & (1 << HYPER) != 0 {
@@ -727,7 +726,7 @@ impl SparkLayer {
         }
         let mut misses = 0;
         let mut ready = false;
-        let mut cur = Missed::new(self.miss[REAL], ids.len());
+        let mut cur = Missed::new(&self.missing, REAL);
         while let Some(i) = cur.next(&self.missing, REAL) {
             let e = ids[i];
             if self.held[usize::from(e)] & (1 << REAL) != 0 {
