@@ -53,7 +53,7 @@ pub struct ServeArgs {
     /// Don't print llama-server's log lines
     #[arg(long)]
     pub quiet: bool,
-    /// Learn placement: load `<model>.gguf.spark.csv` when it belongs to this model and rewrite
+    /// Learn the routing profile: load `<model>.gguf.spark.csv` when it belongs to this model and rewrite
     /// it after every completed request that routed tokens
     #[arg(long)]
     pub spark: bool,
