@@ -41,7 +41,7 @@ pub struct BenchSwapArgs {
     #[arg(long, default_value_t = 256)]
     pub swaps: u32,
     /// Batched swaps (one decode step missing every expert of every layer) to time
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub batches: u32,
     /// Miss ratio for what a decode step waits for
     #[arg(long, default_value_t = 0.25)]
@@ -53,7 +53,7 @@ pub struct BenchSwapArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// CUDA device ordinal
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "cpu")]
     pub device: usize,
 }
 

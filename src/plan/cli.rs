@@ -155,13 +155,13 @@ pub struct ReceiptArgs {
     #[arg(long, value_name = "PATH")]
     pub llama_bench: Option<PathBuf>,
     /// Tokens generated per repetition
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub n_gen: u64,
     /// Prompt tokens per repetition (0: no prefill measurement)
     #[arg(long, default_value_t = 64)]
     pub n_prompt: u64,
     /// Repetitions
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub repetitions: u32,
     /// Seconds llama-bench may run before it is stopped (exit 124)
     #[arg(long, default_value_t = 300)]

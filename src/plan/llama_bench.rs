@@ -172,8 +172,8 @@ pub(super) fn run_receipt(a: ReceiptArgs) -> Result<(), PlanError> {
                 flash_attn: fit::needs_flash_attn(&input.settings),
                 ubatch: input.settings.ubatch,
                 n_prompt: a.n_prompt,
-                n_gen: a.n_gen.max(1),
-                repetitions: a.repetitions.max(1),
+                n_gen: a.n_gen,
+                repetitions: a.repetitions,
             };
             run_llama_bench(&bench, &spec, Duration::from_secs(a.timeout))?
         }

@@ -218,7 +218,8 @@ pub async fn serve(
         .map_err(ServeError::from)?;
     let file = GgufFile::open(&cfg.model)?;
     let geometry = MoeGeometry::of(&file)?;
-    let slots = placement::shadow_slots(cfg.cache_slots, &geometry);
+    let slots =
+        placement::shadow_slots(cfg.cache_slots, &geometry).map_err(|e| ServeError::Usage(e.0))?;
     let residency = match cfg.residency {
         true => Some(
             placement::residency_setup(

@@ -180,12 +180,20 @@ pub fn place(
     })
 }
 
-/// Slots per MoE layer of the shadow cache, and of the VRAM cache with `--residency`.
-pub fn shadow_slots(cache_slots: Option<u32>, geometry: &MoeGeometry) -> u32 {
-    cache_slots
-        .unwrap_or(2 * geometry.n_expert_used)
-        .min(geometry.n_expert)
-        .max(1)
+/// Slots per MoE layer of the shadow cache, and of the VRAM cache with `--residency`: the
+/// user's `--cache-slots` as given (more than the model's experts per layer is refused), else
+/// 2 × experts per token, at most the experts there are.
+pub fn shadow_slots(cache_slots: Option<u32>, geometry: &MoeGeometry) -> Result<u32, SlotsRefused> {
+    match cache_slots {
+        Some(s) if s == 0 || (geometry.is_moe() && s > geometry.n_expert) => {
+            Err(SlotsRefused(format!(
+                "parse --cache-slots {s}: must be between 1 and the model's {} experts per layer",
+                geometry.n_expert
+            )))
+        }
+        Some(s) => Ok(s),
+        None => Ok((2 * geometry.n_expert_used).min(geometry.n_expert).max(1)),
+    }
 }
 
 /// What `--residency` adds to a serve run.

@@ -143,10 +143,10 @@ pub struct BenchResidencyArgs {
     #[arg(long)]
     pub bytes: bool,
     /// Slot counts for --bytes (default: n_expert/4, n_expert/2 and 3·n_expert/4, rounded up)
-    #[arg(long, value_delimiter = ',', value_name = "N,N,N")]
+    #[arg(long, value_delimiter = ',', value_name = "N,N,N", requires = "bytes")]
     pub bytes_slots: Vec<u32>,
     /// Link bandwidth for the --bytes forecast, GB/s (default: PCIe 4.0 x16, one direction)
-    #[arg(long, default_value_t = PCIE4_X16_GBPS, value_name = "GB/s")]
+    #[arg(long, default_value_t = PCIE4_X16_GBPS, value_name = "GB/s", requires = "bytes")]
     pub link_gbps: f64,
     /// Print JSON
     #[arg(long)]

@@ -96,6 +96,39 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
         ));
     }
     let want_spark = configs.contains(&Config::Spark);
+    let want_stock = configs.iter().any(|c| c.stock());
+    // A flag for a row that does not run would be ignored: say so instead.
+    let spark_rows = "(d) spark in --configs";
+    let hooked_rows = "(d) spark in --configs, or --bytes";
+    let stock_rows = "one of vram, host, host-copy in --configs";
+    for (given, flag, needs, used) in [
+        (a.slots.is_some(), "--slots", spark_rows, want_spark),
+        (
+            a.vram_budget.is_some(),
+            "--vram-budget",
+            spark_rows,
+            want_spark,
+        ),
+        (
+            a.hooked_bench.is_some(),
+            "--hooked-bench",
+            hooked_rows,
+            want_spark || a.bytes,
+        ),
+        (a.tap.is_some(), "--tap", hooked_rows, want_spark || a.bytes),
+        (
+            a.llama_bench.is_some(),
+            "--llama-bench",
+            stock_rows,
+            want_stock,
+        ),
+    ] {
+        if given && !used {
+            return usage(format!(
+                "parse {flag}: it applies to {needs}, which this run leaves out"
+            ));
+        }
+    }
     let stock = if configs.iter().any(|c| c.stock()) {
         Some(stock_runner(a)?)
     } else {
