@@ -10,7 +10,7 @@ use spark::trace::Trace;
 use crate::util::{spark, tempdir};
 
 fn shared_trace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/traces/olmoe-1b-7b-decode-299.jsonl")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/traces/olmoe-1b-7b-decode-299.jsonl")
 }
 
 fn ok_stdout(args: &[&str]) -> String {
