@@ -37,7 +37,11 @@ fn the_cpu_build_configured_without_reaching_for_the_network() {
             log.display()
         )
     });
-    assert!(text.contains("Build files have been written"), "{}", log.display());
+    assert!(
+        text.contains("Build files have been written"),
+        "{}",
+        log.display()
+    );
     let lower = text.to_ascii_lowercase();
     for word in ["download", "http://", "https://"] {
         assert!(

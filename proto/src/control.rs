@@ -22,6 +22,9 @@
 //!
 //! Every command gets exactly one reply line. An unknown verb gets `err unknown-verb`; clean EOF
 //! from the supervisor ends the session and is not an error.
+//!
+//! Why this file is over 800 lines: the control grammar (commands, replies, plans, counters) is
+//! one protocol read as a whole, and about 200 of its lines are tests.
 
 use std::fmt::Write as _;
 
