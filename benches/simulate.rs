@@ -3,7 +3,7 @@
 //! table on a real trace (misses per policy at S = 2k, 4k, 8k with calibrate-frac 0.5, ratio to
 //! belady, spark's gain over lru), printed before criterion runs.
 //!
-//! The real trace is `$SPARK_TRACE`, else `../shared/traces/olmoe-1b-7b-decode-299.jsonl` next
+//! The real trace is `$SPARK_TRACE`, else `tests/data/traces/olmoe-1b-7b-decode-299.jsonl` in
 //! to the repository; without one the quality table is skipped. Throughput also runs on a
 //! synthetic Qwen3-30B-A3B-shaped trace (48 layers × 128 experts, top-8).
 
@@ -21,7 +21,7 @@ fn real_trace() -> Option<(PathBuf, Trace)> {
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../shared/traces/olmoe-1b-7b-decode-299.jsonl")
+                .join("tests/data/traces/olmoe-1b-7b-decode-299.jsonl")
         });
     let t = Trace::read(&path, None).ok()?;
     Some((path, t))

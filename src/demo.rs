@@ -1,6 +1,11 @@
 //! `spark demo`: the whole loop on a model spark writes itself — a fixture, its inspection, a
 //! real completion from the pinned stock llama-server, `spark serve --spark` learning from
-//! requests, and calibrate + validate on built-in synthetic agent sessions.
+//! requests, calibrate + validate on built-in synthetic agent sessions, and, where the hooked
+//! Vulkan engine is built, one request through `spark serve --residency` on Mesa's lavapipe
+//! (hits, loads, and the same answer as without the provider).
+//!
+//! The fixture's weights are seeded noise by design, so its text means nothing; the demo says so
+//! and points at what does (routing, the profile, hit ratios, residency counters).
 //!
 //! Owns the demo's narrative only; every step calls the library module that owns it.
 
@@ -27,7 +32,7 @@ pub struct DemoConfig {
 pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     use anyhow::Context;
     let engine = Engine::locate(cfg.llama_server.as_deref())?;
-    eprintln!("[1/7] engine: {}", engine.llama_server.display());
+    eprintln!("[1/8] engine: {}", engine.llama_server.display());
     std::fs::create_dir_all(&cfg.dir)
         .with_context(|| format!("create demo directory {}", cfg.dir.display()))?;
 
@@ -37,21 +42,24 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
         let vocab = engine::vocab_path(engine::DEFAULT_VOCAB)?;
         let rep = fixture::write_fixture(&spec, &vocab, &model)?;
         eprintln!(
-            "[2/7] fixture: wrote {} ({} bytes, vocab {})",
+            "[2/8] fixture: wrote {} ({} bytes, vocab {})",
             model.display(),
             rep.bytes,
             rep.n_vocab
         );
     } else {
-        eprintln!("[2/7] fixture: reusing {}", model.display());
+        eprintln!("[2/8] fixture: reusing {}", model.display());
     }
 
     let file = GgufFile::open(&model)?;
     let geometry = MoeGeometry::of(&file)?;
-    eprintln!("[3/7] spark inspect {}", model.display());
-    print!("{}", InspectReport::new(&file, geometry, None).render());
+    eprintln!("[3/8] spark inspect {}", model.display());
+    print!(
+        "{}",
+        InspectReport::new(&file, geometry.clone(), None).render()
+    );
 
-    eprintln!("[4/7] llama-server alone: a completion from the pinned stock build");
+    eprintln!("[4/8] llama-server alone: a completion from the pinned stock build");
     let server = LlamaServer::start(&LlamaServerConfig {
         binary: engine.llama_server.clone(),
         model: model.clone(),
@@ -90,16 +98,24 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     println!("prompt     {:?}", cfg.prompt);
     println!("completion {content:?}");
     println!("           {predicted} tokens at {tps:.1} tokens/s from llama-server");
+    println!(
+        "note       the fixture's weights are seeded noise by design: its text means nothing."
+    );
+    println!(
+        "           Look instead at what spark sees: routing per layer, the profile it writes,"
+    );
+    println!("           the shadow cache's hit ratio and, below, residency hits and loads.");
 
     serve_and_learn(cfg, &engine, &model)?;
 
     eprintln!(
-        "[7/7] calibrate on the built-in synthetic agent sessions, validate on the held-out ones"
+        "[7/8] calibrate on the built-in synthetic agent sessions, validate on the held-out ones"
     );
     let summary = crate::validate::demo_loop(&model, &engine, &cfg.dir.join("loop"))?;
     println!();
     print!("{}", summary.render());
-    Ok(())
+
+    residency_on_lavapipe(cfg, &model, &geometry)
 }
 
 /// Steps 5 and 6: `spark serve --spark` in this process, a few requests through it, the profile
@@ -118,6 +134,7 @@ fn serve_and_learn(
         engine: engine.clone(),
         host: "127.0.0.1".into(),
         port,
+        env: vec![],
         llama_args: vec![
             "-c".into(),
             "2048".into(),
@@ -144,43 +161,12 @@ fn serve_and_learn(
         ctx: 2048,
     };
     eprintln!(
-        "[5/7] spark serve --spark -m {} --port {port}",
+        "[5/8] spark serve --spark -m {} --port {port}",
         model.display()
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = rt.spawn(crate::serve::serve(serve_cfg, async move {
-        let _ = stop_rx.await;
-    }));
-    let base = format!("http://127.0.0.1:{port}");
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(120))
-        .build();
-    let deadline = Instant::now() + cfg.ready_timeout + Duration::from_secs(5);
+    let serving = Serving::start(serve_cfg, cfg.ready_timeout)?;
+    let (base, agent) = (&serving.base, &serving.agent);
     let result = (|| -> anyhow::Result<()> {
-        loop {
-            if serving.is_finished() {
-                anyhow::bail!("spark serve ended before it was ready");
-            }
-            if agent
-                .get(&format!("{base}/health"))
-                .timeout(Duration::from_secs(1))
-                .call()
-                .is_ok()
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!(
-                    "spark serve was not ready within {} s",
-                    cfg.ready_timeout.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
         let prompts = [
             "Write a function that caches the hottest experts",
             "Explain why expert routing is skewed",
@@ -226,7 +212,7 @@ fn serve_and_learn(
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        eprintln!("[6/7] what spark learned");
+        eprintln!("[6/8] what spark learned");
         let st: serde_json::Value = agent
             .get(&format!("{base}/spark/status"))
             .call()?
@@ -264,9 +250,219 @@ fn serve_and_learn(
         println!("  shadow cache        {} slots/layer, policy {}: hit ratio {} (Belady bound over the window {})", sc["slots_per_layer"], sc["policy"].as_str().unwrap_or("?"), pct(&sc["hit_ratio"]), pct(&sc["window"]["belady_hit_ratio"]));
         Ok(())
     })();
-    let _ = stop_tx.send(());
-    let served = rt.block_on(serving);
+    let stopped = serving.stop();
     result?;
-    served??;
+    stopped
+}
+
+/// `spark serve` running in this process on its own runtime, ready, until [`Serving::stop`].
+struct Serving {
+    rt: tokio::runtime::Runtime,
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<anyhow::Result<()>>,
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Serving {
+    /// Starts `serve_cfg` and waits (bounded by `ready_timeout`) until it answers `/health`.
+    fn start(
+        serve_cfg: crate::serve::ServeConfig,
+        ready_timeout: Duration,
+    ) -> anyhow::Result<Serving> {
+        let base = format!("http://127.0.0.1:{}", serve_cfg.port);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = rt.spawn(crate::serve::serve(serve_cfg, async move {
+            let _ = stop_rx.await;
+        }));
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(300))
+            .build();
+        let s = Serving {
+            rt,
+            stop_tx,
+            serving,
+            base,
+            agent,
+        };
+        let deadline = std::time::Instant::now() + ready_timeout + Duration::from_secs(5);
+        loop {
+            if s.serving.is_finished() {
+                return Err(s
+                    .stop()
+                    .err()
+                    .unwrap_or_else(|| anyhow::anyhow!("spark serve ended before it was ready")));
+            }
+            if s.agent
+                .get(&format!("{}/health", s.base))
+                .timeout(Duration::from_secs(1))
+                .call()
+                .is_ok()
+            {
+                return Ok(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = s.stop();
+                anyhow::bail!(
+                    "spark serve was not ready within {} s",
+                    ready_timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn status(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(self
+            .agent
+            .get(&format!("{}/spark/status", self.base))
+            .timeout(Duration::from_secs(10))
+            .call()?
+            .into_json()?)
+    }
+
+    /// Stops serving (graceful, within its grace period) and returns how serving ended.
+    fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop_tx.send(());
+        self.rt.block_on(self.serving)?
+    }
+}
+
+/// Step 8: where the hooked Vulkan engine is built, one greedy request through `spark serve`
+/// on Mesa's lavapipe without the provider, then the same through `spark serve --residency`:
+/// the provider's hits and loads, and whether the answers are equal (they must be). Elsewhere,
+/// one line on how to see it.
+fn residency_on_lavapipe(
+    cfg: &DemoConfig,
+    model: &std::path::Path,
+    geometry: &MoeGeometry,
+) -> anyhow::Result<()> {
+    use crate::engine::Backend;
+    println!();
+    if !engine::is_built(Backend::Vulkan, true) {
+        eprintln!("[8/8] residency: skipped, the hooked Vulkan engine is not built");
+        println!("residency  to see spark serve experts from VRAM slots (hits, loads, the same answer as");
+        println!("           without it) on this machine, no GPU needed: scripts/build-engine --vulkan --hooked");
+        println!("           (scripts/test builds it), then run scripts/demo again");
+        return Ok(());
+    }
+    let server = engine::prefix(Backend::Vulkan, true).join("bin/llama-server");
+    let vulkan = Engine::locate(Some(&server))?;
+    eprintln!(
+        "[8/8] residency: spark serve --residency on {} (Mesa's lavapipe: a CPU posing as a GPU)",
+        vulkan.variant()
+    );
+    let tap = crate::telemetry::locate_tap(None)?;
+    let n_layer = geometry.n_layer.to_string();
+    let mut answers = Vec::new();
+    let mut counters = serde_json::Value::Null;
+    for residency in [false, true] {
+        let port = crate::supervisor::free_port()?;
+        let serve_cfg = crate::serve::ServeConfig {
+            model: model.to_path_buf(),
+            engine: vulkan.clone(),
+            host: "127.0.0.1".into(),
+            port,
+            // Every layer on the device with its experts in host memory, so the scheduler
+            // copies experts every step: the copy the provider serves from its slots.
+            llama_args: [
+                "-ngl",
+                "99",
+                "--n-cpu-moe",
+                &n_layer,
+                "-fa",
+                "off",
+                "-c",
+                "2048",
+                "-np",
+                "1",
+                "-t",
+                "2",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+            // lavapipe is a CPU-type Vulkan device, which ggml uses only when named; decode's
+            // expert products go to the device (as they would on a GPU) in both runs.
+            env: vec![
+                ("GGML_VK_VISIBLE_DEVICES".into(), "0".into()),
+                (spark_proto::hook::ENV_OFFLOAD_MIN_BATCH.into(), "1".into()),
+            ],
+            ready_timeout: cfg.ready_timeout,
+            request_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(120),
+            grace: Duration::from_secs(5),
+            work_dir: cfg.dir.join(if residency {
+                "serve-residency"
+            } else {
+                "serve-vulkan"
+            }),
+            forward_log: false,
+            backoff: crate::supervisor::Backoff::default(),
+            health: Some(crate::supervisor::Health::default()),
+            limits: crate::serve::Limits::default(),
+            tap: Some(tap.clone()),
+            profile: None,
+            cache_slots: None,
+            residency,
+            cache_policy: crate::cache::PolicyKind::Spark,
+            vram_budget_mib: residency.then_some(4096),
+            ctx: 2048,
+        };
+        let serving = Serving::start(serve_cfg, cfg.ready_timeout)?;
+        let asked = (|| -> anyhow::Result<(String, serde_json::Value)> {
+            let body = serde_json::json!({"prompt": cfg.prompt, "n_predict": cfg.n_predict, "temperature": 0.0, "cache_prompt": false});
+            let a: serde_json::Value = serving
+                .agent
+                .post(&format!("{}/completion", serving.base))
+                .send_json(body)?
+                .into_json()?;
+            let text = a["content"].as_str().unwrap_or_default().to_string();
+            // The provider's counters reach the status with the next control reply.
+            let until = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let r = serving.status()?["routing"]["residency"].clone();
+                if !residency
+                    || r["hook_calls"].as_u64() > Some(0)
+                    || std::time::Instant::now() > until
+                {
+                    return Ok((text, r));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })();
+        let stopped = serving.stop();
+        let (text, r) = asked?;
+        stopped?;
+        answers.push(text);
+        if residency {
+            counters = r;
+        }
+    }
+    let n = |k: &str| counters[k].as_u64().unwrap_or(0);
+    println!(
+        "residency  serve --residency, {} slots per expert layer: {} hits, {} loads, {} streamed in {} hook calls",
+        counters["slots_per_layer"].as_u64().map_or("?".into(), |s| s.to_string()),
+        n("hits"),
+        n("loads"),
+        n("streamed"),
+        n("hook_calls")
+    );
+    let same = answers[0] == answers[1];
+    println!(
+        "           answer equals the same run without the provider: {}",
+        if same { "yes" } else { "NO" }
+    );
+    println!("           (lavapipe's speeds are not GPU speeds; its hits and bytes are what a GPU would see)");
+    anyhow::ensure!(
+        same,
+        "residency changed the answer: {:?} without the provider, {:?} with it",
+        answers[0],
+        answers[1]
+    );
     Ok(())
 }

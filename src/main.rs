@@ -49,7 +49,7 @@ enum Command {
     Simulate(spark::simulate::SimulateArgs),
     /// Build a routing profile by replaying the train chunks of a session corpus (resumable)
     Calibrate(spark::validate::CalibrateArgs),
-    /// Check a profile on the held-out chunks: cold-hit rates per placement, report, exit code
+    /// Check a profile on the held-out chunks: cold-hit rates per resident set, report, exit code
     Validate(spark::validate::ValidateArgs),
     /// Routing profiles (`<model>.gguf.spark.csv`): show, heatmap
     #[command(subcommand)]

@@ -499,7 +499,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report, SimulateError> {
                     "parse --budget-mib {mib}: must be positive"
                 )));
             }
-            let plan = vram_plan::place(&VramPlanInput {
+            let plan = vram_plan::plan(&VramPlanInput {
                 counts: &exp.counts,
                 expert_bytes: sizes,
                 budget: (mib * 1024.0 * 1024.0) as u64,

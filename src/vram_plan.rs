@@ -61,8 +61,8 @@ impl VramPlan {
     }
 }
 
-/// Places experts under the budget: floors first, then pins by count per byte, globally.
-pub fn place(input: &VramPlanInput<'_>) -> Result<VramPlan, VramPlanError> {
+/// Plans experts under the budget: floors first, then pins by count per byte, globally.
+pub fn plan(input: &VramPlanInput<'_>) -> Result<VramPlan, VramPlanError> {
     let c = input.counts;
     if input.expert_bytes.len() != c.n_layer {
         return Err(VramPlanError::Geometry {
@@ -159,7 +159,7 @@ mod tests {
     fn pins_globally_by_count() {
         let c = counts(&[&[9, 1, 5, 0], &[2, 8, 0, 7]]);
         // Floor 1 each (2 slots), 3 more slots: pins 9 (l0 e0), 8 (l1 e1), 7 (l1 e3).
-        let p = place(&VramPlanInput {
+        let p = plan(&VramPlanInput {
             counts: &c,
             expert_bytes: &[10, 10],
             budget: 50,
@@ -177,7 +177,7 @@ mod tests {
         let c = counts(&[&[10, 0], &[6, 0]]);
         // Layer 0 experts cost 4x: 10/40 < 6/10, so layer 1's expert is pinned first; the
         // 25 bytes left cannot hold a layer-0 expert.
-        let p = place(&VramPlanInput {
+        let p = plan(&VramPlanInput {
             counts: &c,
             expert_bytes: &[40, 10],
             budget: 35,
@@ -192,7 +192,7 @@ mod tests {
     #[test]
     fn floor_that_does_not_fit_is_refused() {
         let c = counts(&[&[1, 1], &[1, 1]]);
-        let e = place(&VramPlanInput {
+        let e = plan(&VramPlanInput {
             counts: &c,
             expert_bytes: &[10, 10],
             budget: 30,
@@ -212,7 +212,7 @@ mod tests {
     #[test]
     fn never_pins_more_than_a_layer_has() {
         let c = counts(&[&[3, 2, 1]]);
-        let p = place(&VramPlanInput {
+        let p = plan(&VramPlanInput {
             counts: &c,
             expert_bytes: &[1],
             budget: 100,

@@ -10,7 +10,7 @@ use spark::trace::Trace;
 use crate::util::{spark, tempdir};
 
 fn shared_trace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/traces/olmoe-1b-7b-decode-299.jsonl")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/traces/olmoe-1b-7b-decode-299.jsonl")
 }
 
 fn ok_stdout(args: &[&str]) -> String {
@@ -599,7 +599,7 @@ mod spark_golden {
     use spark::cache::{Counts, Policy, PolicyKind, Spark};
     use spark::simulate::Experiment;
     use spark::trace::{Routing, Trace};
-    use spark::vram_plan::{place, VramPlanInput};
+    use spark::vram_plan::{plan, VramPlanInput};
 
     /// FNV-1a over a stream of u64 words.
     struct Fnv(u64);
@@ -761,7 +761,7 @@ mod spark_golden {
         let mut h = Fnv::new();
         let got: Vec<u64> = (0..29u64)
             .map(|i| {
-                let plan = place(&VramPlanInput {
+                let plan = plan(&VramPlanInput {
                     counts: &exp.counts,
                     expert_bytes: &sizes,
                     budget: (128 + 32 * i) << 20,

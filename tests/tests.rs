@@ -3,6 +3,7 @@
 mod util;
 
 mod bench_residency;
+mod engine_build;
 mod files;
 mod flags;
 mod gguf_files;

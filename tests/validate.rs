@@ -236,10 +236,7 @@ fn calibrate_then_validate_end_to_end() {
         assert!(c["decode_tps"].as_f64().unwrap() > 0.0, "{c}");
     }
     let rows = r["decode"]["rows"].as_array().unwrap();
-    let names: Vec<&str> = rows
-        .iter()
-        .map(|x| x["placement"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = rows.iter().map(|x| x["set"].as_str().unwrap()).collect();
     assert_eq!(
         names,
         [

@@ -22,6 +22,9 @@
 //!
 //! Every command gets exactly one reply line. An unknown verb gets `err unknown-verb`; clean EOF
 //! from the supervisor ends the session and is not an error.
+//!
+//! Why this file is over 800 lines: the control grammar (commands, replies, plans, counters) is
+//! one protocol read as a whole, and about 200 of its lines are tests.
 
 use std::fmt::Write as _;
 
@@ -231,23 +234,31 @@ pub struct ResidencyStats {
 }
 
 impl ResidencyStats {
+    /// Every counter with its wire name, in wire order: the one list the text form, its readers
+    /// and reports are built from.
+    pub fn fields(&self) -> [(&'static str, u64); 12] {
+        [
+            ("slots", u64::from(self.slots)),
+            ("layers", u64::from(self.layers)),
+            ("planned", u64::from(self.planned)),
+            ("calls", self.calls),
+            ("declined", self.declined),
+            ("hits", self.hits),
+            ("loads", self.loads),
+            ("streamed", self.streamed),
+            ("evictions", self.evictions),
+            ("bytes_hit", self.bytes_hit),
+            ("bytes_host", self.bytes_host),
+            ("provider_us", self.provider_us),
+        ]
+    }
+
     pub fn to_text(&self) -> String {
-        format!(
-            "slots={} layers={} planned={} calls={} declined={} hits={} loads={} streamed={} \
-             evictions={} bytes_hit={} bytes_host={} provider_us={}",
-            self.slots,
-            self.layers,
-            self.planned,
-            self.calls,
-            self.declined,
-            self.hits,
-            self.loads,
-            self.streamed,
-            self.evictions,
-            self.bytes_hit,
-            self.bytes_host,
-            self.provider_us
-        )
+        self.fields()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     pub fn parse(text: &str) -> Result<ResidencyStats, String> {

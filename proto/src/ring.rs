@@ -29,6 +29,10 @@
 //! is counted, and the consumer reads nothing more from that ring. Slot indices are always
 //! masked by the capacity it validated at attach, so no cursor value can move a read outside
 //! the mapping. The producer treats a read cursor ahead of its write cursor as a full ring.
+//!
+//! Why this file is over 800 lines: the byte layout and both halves of the SPSC algorithm
+//! (with the consumer's checks) belong together, since the ordering argument spans producer and
+//! consumer; about 220 lines are tests.
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;

@@ -1,6 +1,6 @@
 //! `spark bench`: every benchmark in one folder, one file (or folder) per subcommand.
 //!
-//! - [`residency`]: decode tok/s under four expert placements with llama-bench, the tap's
+//! - [`residency`]: decode tok/s under four configurations with llama-bench, the tap's
 //!   residency counters, and `--bytes` (host→device bytes per token);
 //! - [`tap`]: llama-server's decode speed with and without the tap;
 //! - [`plan`]: the plan's decode forecast against llama-bench receipts (leave-one-out);

@@ -25,6 +25,8 @@ mod freq;
 mod lru;
 mod spark;
 #[cfg(test)]
+mod spark_diff;
+#[cfg(test)]
 mod spark_ref;
 
 pub use belady::Belady;

@@ -117,6 +117,7 @@ impl ServeArgs {
             host: self.host,
             port: self.port,
             llama_args: self.llama_args,
+            env: Vec::new(),
             ready_timeout: Duration::from_secs(self.ready_timeout),
             request_timeout: Duration::from_secs(self.request_timeout),
             idle_timeout: Duration::from_secs(self.idle_timeout),

@@ -7,6 +7,9 @@
 //! Runs on one thread that owns the ring of the current llama-server child; the keeper hands
 //! it a new ring after every restart. Never blocks the engine (the ring overruns and counts),
 //! never writes a profile for another model (the fingerprint is checked at start).
+//!
+//! Why this file is over 800 lines: about 200 of them are tests of the fold; the code itself
+//! (ring → counts, shadow cache, Belady window, plans, profile rewrite) is one thread's loop.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;

@@ -85,6 +85,9 @@ pub struct ServeConfig {
     pub port: u16,
     /// Arguments after `--`, passed to llama-server unchanged (they win).
     pub llama_args: Vec<String>,
+    /// Extra environment of llama-server (for example the Vulkan device to use); spark's own
+    /// settings for `--residency` come after it.
+    pub env: Vec<(String, String)>,
     pub ready_timeout: Duration,
     /// Longest wait for the answer's headers.
     pub request_timeout: Duration,
@@ -275,7 +278,12 @@ pub async fn serve(
             .chain(&cfg.llama_args)
             .cloned()
             .collect(),
-        env: residency.as_ref().map_or_else(Vec::new, |r| r.env.clone()),
+        env: cfg
+            .env
+            .iter()
+            .chain(residency.as_ref().map_or(&[][..], |r| &r.env[..]))
+            .cloned()
+            .collect(),
         ready_timeout: cfg.ready_timeout,
         log_path: cfg.work_dir.join("llama-server.log"),
     };

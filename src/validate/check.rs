@@ -1,10 +1,10 @@
-//! `spark validate`: replay the held-out chunks, score placements on their real routing, write
+//! `spark validate`: replay the held-out chunks, score resident sets on their real routing, write
 //! `report.json` and `report.md`, and turn the result into an exit status.
 //!
 //! Owns the report: per chunk the prompt and decode rates the server measured; from the captured
 //! routing, the cold-hit rate (share of selected experts not resident when a token needs them)
-//! at one slot budget for a uniform placement (the first S experts of every layer, what a
-//! calibration-free static split gives), the calibrated static placement (the profile's top S),
+//! at one slot budget for a uniform set (the first S experts of every layer, what a
+//! calibration-free static split gives), the calibrated static set (the profile's top S),
 //! pinned + cache (pin-lru from the profile), spark's default policy (seeded with the profile)
 //! and the Belady bound; the thresholds. Scoring goes through [`Experiment`], never a second
 //! simulator. A run that ends early (timeout, interrupt, dead server) still writes its report,
@@ -76,10 +76,10 @@ pub struct ChunkRow {
     pub records: usize,
 }
 
-/// One placement's cold hits.
+/// One resident set's cold hits.
 #[derive(Debug, Clone, Serialize)]
-pub struct PlacementRow {
-    pub placement: String,
+pub struct SetRow {
+    pub set: String,
     pub policy: String,
     pub cold: u64,
     pub lookups: u64,
@@ -89,18 +89,18 @@ pub struct PlacementRow {
     pub vs_belady: Option<f64>,
 }
 
-/// Placements scored on one stretch of routing.
+/// Resident sets scored on one stretch of routing.
 #[derive(Debug, Clone, Serialize)]
 pub struct Scores {
     pub steps: usize,
-    pub rows: Vec<PlacementRow>,
+    pub rows: Vec<SetRow>,
 }
 
 /// A point of the cold-rate curve.
 #[derive(Debug, Clone, Serialize)]
 pub struct CurvePoint {
     pub slots: u32,
-    pub placement: String,
+    pub set: String,
     pub cold_rate: f64,
 }
 
@@ -154,8 +154,8 @@ pub struct ValidateOutcome {
     pub markdown: PathBuf,
 }
 
-/// The placements of the report, in order: (name, policy, ranking counts).
-const PLACEMENTS: [(&str, PolicyKind); 5] = [
+/// The resident sets of the report, in order: (name, policy, ranking counts).
+const SETS: [(&str, PolicyKind); 5] = [
     ("uniform", PolicyKind::Static),
     ("calibrated static", PolicyKind::Static),
     ("pinned + cache", PolicyKind::PinLru),
@@ -163,11 +163,11 @@ const PLACEMENTS: [(&str, PolicyKind); 5] = [
     ("belady bound", PolicyKind::Belady),
 ];
 
-/// Scores the placements on `routing` at `slots` per layer; `profile` ranks and seeds them.
+/// Scores the resident sets on `routing` at `slots` per layer; `profile` ranks and seeds them.
 pub fn score(routing: &Routing, n_expert: usize, k: usize, slots: u32, profile: &Counts) -> Scores {
     let per_layer = vec![slots; routing.n_layer()];
     let uniform = Counts::zero(profile.n_layer, profile.n_expert);
-    let mut rows: Vec<PlacementRow> = PLACEMENTS
+    let mut rows: Vec<SetRow> = SETS
         .iter()
         .enumerate()
         .map(|(i, &(name, kind))| {
@@ -186,8 +186,8 @@ pub fn score(routing: &Routing, n_expert: usize, k: usize, slots: u32, profile: 
             } else {
                 o.misses as f64 / o.accesses as f64
             };
-            PlacementRow {
-                placement: name.to_string(),
+            SetRow {
+                set: name.to_string(),
                 policy: kind.name().to_string(),
                 cold: o.misses,
                 lookups: o.accesses,
@@ -249,13 +249,13 @@ pub fn policy_table(r: &Report) -> String {
 
 fn scores_table(s: &Scores) -> String {
     let mut o = String::from(
-        "| placement | policy | cold hits | lookups | cold-hit rate | hit ratio | × belady |\n\
+        "| resident set | policy | cold hits | lookups | cold-hit rate | hit ratio | × belady |\n\
          | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in &s.rows {
         o.push_str(&format!(
             "| {} | {} | {} | {} | {:.4} | {:.4} | {} |\n",
-            r.placement,
+            r.set,
             r.policy,
             r.cold,
             r.lookups,
@@ -333,10 +333,10 @@ fn plot(r: &Report) -> String {
     let mut series: Vec<svg::Series> = Vec::new();
     for p in &r.curve {
         let point = (f64::from(p.slots), p.cold_rate);
-        match series.iter_mut().find(|s| s.name == p.placement) {
+        match series.iter_mut().find(|s| s.name == p.set) {
             Some(s) => s.points.push(point),
             None => series.push(svg::Series {
-                name: p.placement.clone(),
+                name: p.set.clone(),
                 points: vec![point],
             }),
         }
@@ -550,7 +550,7 @@ pub fn validate(
             for row in score(&decode, n_expert, k, s, counts).rows {
                 curve.push(CurvePoint {
                     slots: s,
-                    placement: row.placement,
+                    set: row.set,
                     cold_rate: row.cold_rate,
                 });
             }
@@ -702,12 +702,12 @@ mod tests {
     }
 
     #[test]
-    fn placements_are_scored_on_the_same_lookups() {
+    fn resident_sets_are_scored_on_the_same_lookups() {
         let mut profile = Counts::zero(1, 4);
         profile.set(0, 2, 50);
         profile.set(0, 3, 40);
         let s = score(&routing(), 4, 1, 2, &profile);
-        let by = |name: &str| s.rows.iter().find(|r| r.placement == name).unwrap().clone();
+        let by = |name: &str| s.rows.iter().find(|r| r.set == name).unwrap().clone();
         // Uniform keeps experts 0 and 1: every lookup is cold.
         assert_eq!((by("uniform").cold, by("uniform").lookups), (10, 10));
         // The profile's top two are exactly the used ones.
@@ -780,12 +780,12 @@ mod tests {
     }
 
     #[test]
-    fn markdown_names_every_placement_and_the_status() {
+    fn markdown_names_every_resident_set_and_the_status() {
         let mut profile = Counts::zero(1, 4);
         profile.set(0, 2, 1);
         let scores = score(&routing(), 4, 1, 2, &profile);
         let table = scores_table(&scores);
-        for (name, _) in PLACEMENTS {
+        for (name, _) in SETS {
             assert!(table.contains(&format!("| {name} |")), "{table}");
         }
     }

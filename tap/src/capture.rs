@@ -5,6 +5,9 @@
 //! guarded by a try-lock that never waits: if two threads ever evaluate at once, the loser
 //! drops and counts. Everything allocated here is allocated in [`on_context_params`], outside
 //! the capture path; [`on_decode`] and the callback only copy into existing buffers.
+//!
+//! About 800 lines: the capture path is one state machine over the tap's only mutable state;
+//! its pure bookkeeping already lives in [`crate::batch`].
 
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void, CString};

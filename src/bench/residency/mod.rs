@@ -1,4 +1,4 @@
-//! `spark bench residency`: decode tokens/s of one model under four expert placements, measured
+//! `spark bench residency`: decode tokens/s of one model under four configurations, measured
 //! with the pinned llama-bench, and the residency provider's counters.
 //!
 //! Owns the four configurations — which llama-bench binary, which flags, which environment —
@@ -50,7 +50,7 @@ pub use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_METER, ENV_RESI
 pub const TARGET: &str = "(d) >= 1.5x (b)";
 const TARGET_RATIO: f64 = 1.5;
 
-/// One of the four placements.
+/// One of the four configurations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Config {

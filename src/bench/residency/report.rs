@@ -164,12 +164,9 @@ pub fn residency_from_stderr(stderr: &str, decoded: u64) -> Residency {
     match ResidencyStats::parse(&text) {
         Ok(s) => {
             let counters = s
-                .to_text()
-                .split_ascii_whitespace()
-                .filter_map(|w| {
-                    let (k, v) = w.split_once('=')?;
-                    Some((k.to_string(), v.parse().ok()?))
-                })
+                .fields()
+                .iter()
+                .map(|&(k, v)| (k.to_string(), v))
                 .collect();
             let per = |b: u64| (decoded > 0).then(|| b as f64 / decoded as f64);
             Residency {
