@@ -23,6 +23,7 @@ pub mod simulate;
 pub mod supervisor;
 pub mod svg;
 pub mod telemetry;
+pub mod text;
 pub mod trace;
 pub mod validate;
 pub mod vram_plan;

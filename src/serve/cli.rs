@@ -12,13 +12,14 @@ use super::ServeConfig;
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// The GGUF model llama-server serves
-    #[arg(short = 'm', long = "model")]
+    #[arg(short = 'm', long = "model", env = "LLAMA_ARG_MODEL")]
     pub model: PathBuf,
-    /// Address to listen on
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Addresses to listen on, separated by commas as llama-server takes them
+    /// (`127.0.0.1,::1`)
+    #[arg(long, default_value = "127.0.0.1", env = "LLAMA_ARG_HOST")]
     pub host: String,
     /// Port to listen on (0: any free port)
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = 8080, env = "LLAMA_ARG_PORT")]
     pub port: u16,
     /// llama-server binary (default: $SPARK_LLAMA_SERVER, then the build in the cache)
     #[arg(long, value_name = "PATH")]
@@ -27,7 +28,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 120)]
     pub ready_timeout: u64,
     /// Seconds to wait for the headers of an answer
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout: u64,
     /// Seconds of silence allowed inside a streamed answer
     #[arg(long, default_value_t = 300)]
@@ -91,6 +92,7 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Resolves the flags: finds the engine and (unless `--no-tap`) the tap.
     pub fn resolve(self, work_dir: PathBuf) -> Result<ServeConfig, anyhow::Error> {
+        super::listener::hosts(&self.host).map_err(super::ServeError::Usage)?;
         let engine = Engine::locate(self.llama_server.as_deref())?;
         if self.residency && !engine.is_hooked() {
             return Err(super::ServeError::Usage(format!(

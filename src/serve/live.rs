@@ -244,6 +244,11 @@ pub struct Live {
     /// Routing records folded when the profile was last written (or at start); `None` until a
     /// first write when the start profile needs its fingerprint stamped.
     written_at: Option<u64>,
+    /// The counts (prompt and decode, the start profile's included) and tokens this process had
+    /// when it last wrote the profile: each write adds only what came since, to what the file
+    /// holds then (another writer's counts included).
+    written_counts: Counts,
+    written_tokens: u64,
 }
 
 impl Live {
@@ -267,6 +272,10 @@ impl Live {
             calibration: None,
         };
         let policy = online_send(cfg.policy, &setup);
+        let snap_start = {
+            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            (s.decode.clone(), s.base_tokens)
+        };
         let cfg_profile_unstamped = cfg
             .start_profile
             .as_ref()
@@ -290,6 +299,8 @@ impl Live {
                 true => None,
                 false => Some(0),
             },
+            written_counts: snap_start.0,
+            written_tokens: snap_start.1,
         };
         (live, shared)
     }
@@ -545,21 +556,31 @@ impl Live {
                 (s.prompt_records + s.decode_records) / self.cfg.n_layer.max(1) as u64;
             (c, s.base_tokens.saturating_add(routed_tokens))
         };
-        let mut p = Profile::new(
-            counts,
-            self.cfg.k as u32,
-            Some(self.cfg.fingerprint.clone()),
-        );
-        p.tokens = Some(tokens);
-        p.updated = Some(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        );
-        let result = p.write(&path);
+        // Only what came since the last write is added, under the profile's writer lock, to
+        // what the file holds now: another serve or a calibration writing the same profile
+        // keeps its counts.
+        let mut delta = counts.clone();
+        for l in 0..delta.n_layer {
+            for e in 0..delta.n_expert {
+                delta.set(
+                    l,
+                    e,
+                    counts.get(l, e).saturating_sub(self.written_counts.get(l, e)),
+                );
+            }
+        }
+        let add = crate::profile::Addition {
+            delta: &delta,
+            delta_tokens: tokens.saturating_sub(self.written_tokens),
+            whole: &counts,
+            whole_tokens: tokens,
+        };
+        let result = crate::profile::add_to(&path, &add, self.cfg.k as u32, &self.cfg.fingerprint)
+        .map(|_| ());
         if result.is_ok() {
             self.written_at = Some(folded);
+            self.written_counts = counts;
+            self.written_tokens = tokens;
         }
         let mut s = self.lock();
         match result {
@@ -763,6 +784,32 @@ mod tests {
         assert_eq!(p.counts.layer(1), &[0, 1, 2, 1]);
         assert_eq!(p.fingerprint.as_deref(), Some("fp"));
         assert_eq!(p.tokens, Some(2));
+    }
+
+    #[test]
+    fn another_writers_counts_in_the_profile_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf.spark.csv");
+        let (mut live, _shared) = Live::new(cfg(Some(path.clone())));
+        live.fold(&[rec(0, 0, 0, 0, &[0, 1]), rec(0, 0, 1, 0, &[2, 3])]);
+        live.write_profile();
+        // Another serve (or a calibration) of the same model adds 100 uses of expert 3 of
+        // layer 0 and 50 tokens to the file meanwhile.
+        let mut theirs = Counts::zero(2, 4);
+        theirs.set(0, 3, 100);
+        let add = crate::profile::Addition {
+            delta: &theirs,
+            delta_tokens: 50,
+            whole: &theirs,
+            whole_tokens: 50,
+        };
+        crate::profile::add_to(&path, &add, 2, "fp").unwrap();
+        live.fold(&[rec(0, 1, 0, 1, &[0, 3]), rec(0, 1, 1, 1, &[1, 2])]);
+        live.write_profile();
+        let p = Profile::read(&path).unwrap();
+        assert_eq!(p.counts.layer(0), &[2, 1, 0, 101], "both writers' counts");
+        assert_eq!(p.counts.layer(1), &[0, 1, 2, 1]);
+        assert_eq!(p.tokens, Some(52));
     }
 
     #[test]

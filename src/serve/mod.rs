@@ -325,14 +325,9 @@ pub async fn serve(
             )
         }
     );
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let tcp = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: addr.clone(),
-            source,
-        })?;
-    let listen = tcp.local_addr()?;
+    let hosts = listener::hosts(&cfg.host).map_err(ServeError::Usage)?;
+    let tcp = listener::bind_all(&hosts, cfg.port).await?;
+    let listen = tcp[0].local_addr()?;
     std::fs::create_dir_all(&cfg.work_dir)?;
 
     let server_cfg = LlamaServerConfig {
@@ -391,19 +386,26 @@ pub async fn serve(
         live,
         placement,
     });
+    let urls: Vec<String> = tcp
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| format!("http://{a}"))
+        .collect();
     eprintln!(
-        "spark: serving {} on http://{listen} (llama-server pid {})",
+        "spark: serving {} on {} (llama-server pid {})",
         cfg.model.display(),
+        urls.join(", "),
         keeper.state.pid.load(Ordering::Acquire)
     );
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut backoff = listener::AcceptBackoff::default();
+    let mut next_listener = 0;
     tokio::pin!(shutdown);
     'accept: loop {
         tokio::select! {
-            accepted = tcp.accept() => match accepted {
+            accepted = listener::accept_any(&tcp, &mut next_listener) => match accepted {
                 Ok((stream, _)) => {
                     backoff.succeeded();
                     listener::serve(stream, &state, &graceful, &mut tasks);

@@ -142,6 +142,11 @@ pub fn client() -> Client<HttpConnector, ClientBody> {
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
+        // Header names travel as they were written, both ways (clients and llama.cpp's own
+        // tests compare them as written: `Access-Control-Allow-Origin`); names spark adds are
+        // written in title case, as llama-server writes its own.
+        .http1_preserve_header_case(true)
+        .http1_title_case_headers(true)
         .build(connector)
 }
 
