@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// connections included); then it is closed
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_timeout: u64,
+    /// Seconds a request's body may take to arrive after its headers; a slower one is
+    /// answered 408
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout: u64,
     /// Largest request body, MiB; a larger one is answered 413
     #[arg(long, value_name = "MiB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_body: u64,
@@ -131,6 +135,7 @@ impl ServeArgs {
                 max_connections: self.max_connections as usize,
                 header_timeout: Duration::from_secs(self.header_timeout),
                 max_body: self.max_body.saturating_mul(1 << 20),
+                body_timeout: Duration::from_secs(self.body_timeout),
             },
             tap,
             profile,

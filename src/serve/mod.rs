@@ -58,6 +58,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Largest request body, bytes; a larger one gets 413.
     pub max_body: u64,
+    /// Longest time a request's body may take to arrive once its headers have; a slower one
+    /// gets 408 (a body trickled a byte at a time must not hold a connection for ever).
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -66,6 +69,7 @@ impl Default for Limits {
             max_connections: 256,
             header_timeout: Duration::from_secs(30),
             max_body: 32 << 20,
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -118,6 +122,7 @@ pub struct ServeState {
     pub client: Client<HttpConnector, proxy::ClientBody>,
     /// Largest request body, bytes.
     pub max_body: u64,
+    pub body_timeout: Duration,
     /// llama-server's API keys; spark's own routes ask for one when there are any.
     pub api_keys: auth::ApiKeys,
     pub connections: listener::Connections,
@@ -266,8 +271,10 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
         let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
+        // A closed terminal (SIGHUP) stops spark the same graceful way.
+        let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Runtime)?;
         let shutdown = async move {
-            tokio::select! { _ = term.recv() => eprintln!("spark: SIGTERM, shutting down"), _ = int.recv() => eprintln!("spark: SIGINT, shutting down") }
+            tokio::select! { _ = term.recv() => eprintln!("spark: SIGTERM, shutting down"), _ = int.recv() => eprintln!("spark: SIGINT, shutting down"), _ = hup.recv() => eprintln!("spark: SIGHUP, shutting down") }
         };
         serve(cfg, shutdown).await
     })
@@ -370,6 +377,7 @@ pub async fn serve(
         stats: Stats::default(),
         client: proxy::client(),
         max_body: cfg.limits.max_body,
+        body_timeout: cfg.limits.body_timeout,
         api_keys,
         connections: listener::Connections::new(
             cfg.limits.max_connections,
@@ -394,7 +402,7 @@ pub async fn serve(
     eprintln!(
         "spark: serving {} on {} (llama-server pid {})",
         cfg.model.display(),
-        urls.join(", "),
+        urls.join(" and "),
         keeper.state.pid.load(Ordering::Acquire)
     );
 
@@ -636,8 +644,9 @@ fn start_live(
 
 /// Reads the profile at `path` for a model with this fingerprint. A profile of another model
 /// is kept as `<path>.stale` (`.stale.1`, … when taken: never overwritten) and ignored, with a
-/// warning; one that cannot be read or parsed (a count out of range, a fraction,
-/// `n_expert_used=0`…) is an error (exit 2): its counts would seed the placement.
+/// warning; so is one that cannot be parsed (a count out of range, a fraction,
+/// `n_expert_used=0`…): its counts must not seed the placement, and serving goes on. One that
+/// cannot be read at all is an error (exit 2).
 fn load_profile(
     path: &std::path::Path,
     geometry: &MoeGeometry,
@@ -659,6 +668,14 @@ fn load_profile(
         ),
     };
     Ok(match Profile::read(path) {
+        // serve's own profile, damaged (a bad count, a cut row): set aside like a stale one,
+        // so serving goes on and learns afresh. A file that cannot be read at all stays an
+        // error (it could not be replaced either).
+        Err(e @ (crate::profile::ProfileError::Parse { .. }
+        | crate::profile::ProfileError::Invalid { .. })) => {
+            set_aside(&format!("cannot be used ({e})"));
+            (None, "damaged".into())
+        }
         Err(e) => return Err(e),
         Ok(p) => match p.freshness(fingerprint) {
             Freshness::Fresh

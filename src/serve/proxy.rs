@@ -46,6 +46,8 @@ enum BodyFault {
     Invalid(String),
     /// More bytes than the limit.
     TooLarge,
+    /// Not all there within the body deadline.
+    TooSlow,
 }
 
 /// The client's request body on its way to llama-server: counts its bytes against the limit and
@@ -54,6 +56,8 @@ pub struct ClientBody {
     inner: Incoming,
     left: u64,
     fault: Arc<OnceLock<BodyFault>>,
+    /// When the whole body must have arrived (`--body-timeout` after its headers).
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Body for ClientBody {
@@ -80,7 +84,13 @@ impl Body for ClientBody {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let _ = this.fault.set(BodyFault::TooSlow);
+                    Poll::Ready(Some(Err("request body not received in time".into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
@@ -131,6 +141,24 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
     "upgrade",
 ];
+
+/// Removes the hop-by-hop headers: the fixed list, and every header the `Connection` header
+/// names (`Connection: close, X-Hop` makes `X-Hop` hop-by-hop too), RFC 9110 §7.6.1.
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let named: Vec<hyper::header::HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| hyper::header::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for h in named {
+        headers.remove(h);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+}
 
 /// The upstream client: one fresh loopback connection per request. llama-server closes a
 /// connection after some answers (streamed ones among them) without saying so in advance, and a
@@ -242,9 +270,7 @@ pub async fn handle(
         .map(|p| p.as_str())
         .unwrap_or("/");
     parts.uri = format!("http://127.0.0.1:{port}{pq}").parse()?;
-    for h in HOP_BY_HOP {
-        parts.headers.remove(*h);
-    }
+    strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
         .insert(HOST, HeaderValue::from_str(&format!("127.0.0.1:{port}"))?);
@@ -253,6 +279,7 @@ pub async fn handle(
         inner: body,
         left: state.max_body,
         fault: fault.clone(),
+        deadline: Box::pin(tokio::time::sleep(state.body_timeout)),
     };
     let upstream = Request::from_parts(parts, body);
     let pending = Pending {
@@ -267,6 +294,26 @@ pub async fn handle(
         Ok(Err(e)) => {
             match fault.get() {
                 Some(BodyFault::TooLarge) => return Ok(too_large(&state, route, received)),
+                Some(BodyFault::TooSlow) => {
+                    state.stats.record(&RequestRecord {
+                        route,
+                        status: 408,
+                        total: received.elapsed(),
+                        ..Default::default()
+                    });
+                    let mut r = error_json(
+                        StatusCode::REQUEST_TIMEOUT,
+                        &format!(
+                            "request body not received within {} s (spark serve --body-timeout)",
+                            state.body_timeout.as_secs()
+                        ),
+                    );
+                    // The rest of the body is never read: the connection cannot carry another
+                    // request.
+                    r.headers_mut()
+                        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                    return Ok(r);
+                }
                 Some(BodyFault::Invalid(why)) => {
                     state.stats.record(&RequestRecord {
                         route,
@@ -311,9 +358,7 @@ pub async fn handle(
         }
     };
     let (mut parts, body) = resp.into_parts();
-    for h in HOP_BY_HOP {
-        parts.headers.remove(*h);
-    }
+    strip_hop_by_hop(&mut parts.headers);
     let status = parts.status.as_u16();
     let streamed = parts
         .headers
@@ -483,3 +528,21 @@ impl Drop for Metered {
 }
 
 use std::future::Future as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_named_in_connection_are_hop_by_hop_too() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, X-Hop ,x-other"));
+        h.append("connection", HeaderValue::from_static("X-Third"));
+        for n in ["x-hop", "x-other", "x-third", "keep-alive", "x-end-to-end"] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-end-to-end"]);
+    }
+}
