@@ -166,8 +166,12 @@ pub fn serve(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(conns.header_timeout)
+        // Answers look like llama-server's: header names as llama-server wrote them (spark's
+        // own in title case, as llama-server writes its own), and no `Date`, which it never
+        // sends.
         .preserve_header_case(true)
         .title_case_headers(true)
+        .auto_date_header(false)
         .serve_connection(
             TokioIo::new(stream),
             service_fn(move |req| super::proxy::handle(st.clone(), req)),

@@ -132,6 +132,18 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// Methods forwarded to llama-server: those its HTTP library (cpp-httplib) handles; it answers
+/// any other 400 and closes the connection, and so does spark.
+const FORWARDED_METHODS: &[hyper::Method] = &[
+    hyper::Method::GET,
+    hyper::Method::HEAD,
+    hyper::Method::POST,
+    hyper::Method::PUT,
+    hyper::Method::DELETE,
+    hyper::Method::OPTIONS,
+    hyper::Method::PATCH,
+];
+
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -234,6 +246,27 @@ pub async fn handle(
         }
         _ => {}
     }
+    // Methods llama-server's HTTP library does not take (an invented or 100 KB one) get its
+    // answer, a 400 on a closed connection, from spark: never forwarded, never a 502.
+    if !FORWARDED_METHODS.contains(req.method()) {
+        let method = req.method().as_str();
+        state.stats.record(&RequestRecord {
+            route: req.uri().path().to_string(),
+            status: 400,
+            total: received.elapsed(),
+            ..Default::default()
+        });
+        let mut r = error_json(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "method {:?} is not supported",
+                crate::text::clip(method, crate::text::QUOTE_MAX)
+            ),
+        );
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(r);
+    }
     let route = req.uri().path().to_string();
     let kind = route_kind(&route);
     let in_flight = state.stats.enter(kind);
@@ -264,11 +297,12 @@ pub async fn handle(
         return Ok(too_large(&state, route, received));
     }
     let (mut parts, body) = req.into_parts();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    // `OPTIONS *` (asterisk form) asks about the server as a whole; the upstream client sends
+    // origin-form only, and llama-server answers `OPTIONS /` exactly as it answers `OPTIONS *`.
+    let pq = match parts.uri.path_and_query().map(|p| p.as_str()) {
+        Some("*") | None => "/",
+        Some(pq) => pq,
+    };
     parts.uri = format!("http://127.0.0.1:{port}{pq}").parse()?;
     strip_hop_by_hop(&mut parts.headers);
     parts
@@ -364,6 +398,14 @@ pub async fn handle(
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    // A body without a length can be ended properly when llama-server breaks off: with the
+    // chunked terminator, after an error event when it is a stream of events.
+    let end_on_error = match parts.headers.contains_key(CONTENT_LENGTH) {
+        true => None,
+        false if streamed && route.ends_with("/messages") => Some(ErrorEnd::AnthropicEvent),
+        false if streamed => Some(ErrorEnd::Event),
+        false => Some(ErrorEnd::Terminator),
+    };
     let metered = Metered {
         inner: body,
         state: state.clone(),
@@ -382,6 +424,8 @@ pub async fn handle(
         idle: Box::pin(tokio::time::sleep(state.idle_timeout)),
         idle_timeout: state.idle_timeout,
         done: false,
+        end_on_error,
+        ended: false,
     };
     Ok(Response::from_parts(parts, metered.boxed()))
 }
@@ -420,6 +464,59 @@ struct Metered {
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
     done: bool,
+    /// How to end the client's body when llama-server's breaks off (`None`: a body with a
+    /// length, which can only be cut).
+    end_on_error: Option<ErrorEnd>,
+    /// The body was ended after an error: the next poll reports the end.
+    ended: bool,
+}
+
+/// How a chunked answer is ended when llama-server's answer breaks off mid-way (it died, or
+/// went silent past `--idle-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorEnd {
+    /// Just the chunked terminator.
+    Terminator,
+    /// An error event as llama-server streams one (`data: {"error": …}`), then the terminator.
+    Event,
+    /// The Anthropic Messages API's error event (`event: error`), then the terminator.
+    AnthropicEvent,
+}
+
+impl ErrorEnd {
+    /// The last frame before the terminator, if any.
+    fn frame(self, message: &str) -> Option<Bytes> {
+        let text = match self {
+            ErrorEnd::Terminator => return None,
+            ErrorEnd::Event => format!(
+                "data: {}\n\n",
+                serde_json::json!({"error": {"code": 500, "message": message, "type": "server_error"}})
+            ),
+            ErrorEnd::AnthropicEvent => format!(
+                "event: error\ndata: {}\n\n",
+                serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}})
+            ),
+        };
+        Some(Bytes::from(text))
+    }
+}
+
+impl Metered {
+    /// Ends the client's body after llama-server's broke off with `message`: an error event
+    /// and the terminator where the framing allows, else an error (the connection is cut).
+    fn break_off(&mut self, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.finish(true);
+        match self.end_on_error {
+            None => Poll::Ready(Some(Err(message.into()))),
+            Some(end) => {
+                self.ended = true;
+                match end.frame(&message) {
+                    Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
 }
 
 impl Metered {
@@ -436,6 +533,12 @@ impl Metered {
         self.record.decode_tps = tokens.decode_tps.or_else(|| self.measured_tps());
         self.state.stats.record(&self.record);
         self.in_flight = None;
+        if !aborted && self.record.status < 400 {
+            self.state
+                .keeper
+                .served
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         if !aborted && self.record.status < 400 && self.kind != RouteKind::Probe {
             self.state
                 .request_completed(self.kind == RouteKind::Generate);
@@ -462,6 +565,9 @@ impl Body for Metered {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -490,33 +596,32 @@ impl Body for Metered {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.finish(true);
-                Poll::Ready(Some(Err(Box::new(e))))
+                this.break_off(format!("llama-server's answer broke off: {e}"))
             }
             Poll::Ready(None) => {
                 this.finish(false);
                 Poll::Ready(None)
             }
             Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    this.finish(true);
-                    let msg = format!(
-                        "llama-server sent nothing for {} s",
-                        this.idle_timeout.as_secs()
-                    );
-                    Poll::Ready(Some(Err(msg.into())))
-                }
+                Poll::Ready(()) => this.break_off(format!(
+                    "llama-server sent nothing for {} s",
+                    this.idle_timeout.as_secs()
+                )),
                 Poll::Pending => Poll::Pending,
             },
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        match self.end_on_error {
+            // The error event may add bytes to a body of unknown length.
+            Some(_) => hyper::body::SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
     }
 }
 
