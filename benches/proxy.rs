@@ -117,6 +117,7 @@ async fn listen_proxy(upstream_port: u16) -> u16 {
         stats: Stats::default(),
         client: proxy::client(),
         max_body: 32 << 20,
+        body_timeout: Duration::from_secs(60),
         api_keys: Default::default(),
         connections: spark::serve::listener::Connections::new(256, Duration::from_secs(30)),
         request_timeout: Duration::from_secs(30),

@@ -8,9 +8,11 @@
 //!   name makes the create fail instead of redirecting the write) under an unpredictable name in
 //!   the target's directory: `.<name>.spark-tmp-<pid>-<random>`. The rename replaces whatever
 //!   is at the target (a symlink included) and never follows it.
-//! - Every write first sweeps that directory of temporaries whose writer (the `<pid>` in the
-//!   name) no longer runs, the leftovers of a SIGKILL between create and rename. A live writer's
-//!   temporary is never touched.
+//! - The first write into a directory (and then one every [`SWEEP_EVERY`]) sweeps it of
+//!   temporaries whose writer (the `<pid>` in the name) no longer runs, the leftovers of a
+//!   SIGKILL between create and rename. A live writer's temporary is never touched. Not every
+//!   write: a profile rewritten after each request beside 200,000 other files must not list
+//!   them all each time.
 //! - Files are private (0600) unless the caller asks for [`Mode::Public`] (0666 less the umask,
 //!   what `File::create` gives): models and profiles, which hold no session text.
 //! - Work directories spark creates are 0700 ([`private_tempdir`]) and logs in them 0600
@@ -75,7 +77,9 @@ impl AtomicFile {
         let name = target
             .file_name()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-        sweep_dead_temporaries(&dir);
+        if sweep_due(&dir) {
+            sweep_dead_temporaries(&dir);
+        }
         let prefix = temp_prefix(&name.to_string_lossy(), std::process::id());
         let tmp = tempfile::Builder::new()
             .prefix(&prefix)
@@ -156,6 +160,48 @@ pub fn pid_alive(pid: u32) -> bool {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None),
         Err(nix::errno::Errno::ESRCH)
     )
+}
+
+/// How often writes into one directory sweep it again after the first time.
+pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether a write into `dir` should sweep it now: the first time this process writes there, then
+/// once every [`SWEEP_EVERY`]. Remembers at most a few thousand directories (then starts over).
+fn sweep_due(dir: &Path) -> bool {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+    static SWEPT: OnceLock<Mutex<HashMap<PathBuf, Instant>>> = OnceLock::new();
+    let mut swept = SWEPT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    let key = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    match swept.get(&key) {
+        Some(t) if now.duration_since(*t) < SWEEP_EVERY => false,
+        _ => {
+            if swept.len() >= 4096 {
+                swept.clear();
+            }
+            swept.insert(key, now);
+            true
+        }
+    }
+}
+
+/// Opens (creating it, 0666 less the umask like the profile it guards) a lock file for `flock`.
+/// Never follows a symlink at `path`, so a planted link cannot make spark create a file
+/// elsewhere.
+pub fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o666)
+        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
+        .open(path)
 }
 
 /// Removes regular files in `dir` named like our temporaries whose writer no longer runs; best
@@ -322,6 +368,28 @@ mod tests {
         assert!(!stale.exists(), "a dead writer's temporary is swept");
         assert!(live.exists(), "a live writer's temporary is kept");
         assert!(staged.is_dir());
+    }
+
+    #[test]
+    fn only_the_first_write_into_a_directory_sweeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("p.csv");
+        write_atomic(&target, b"first").unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        let stale = dir
+            .path()
+            .join(format!("{}abcdefABCDEF", temp_prefix("p.csv", dead)));
+        fs::write(&stale, b"half").unwrap();
+        // Rewrites (a profile after every request) do not list the directory again...
+        for _ in 0..3 {
+            write_atomic(&target, b"again").unwrap();
+        }
+        assert!(stale.exists(), "a rewrite does not sweep the directory again");
+        // ...and an explicit sweep still finds the leftover.
+        assert_eq!(sweep_dead_temporaries(dir.path()), vec![stale.clone()]);
+        assert_eq!(fs::read(&target).unwrap(), b"again");
     }
 
     #[test]

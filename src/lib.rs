@@ -22,6 +22,7 @@ pub mod simulate;
 pub mod supervisor;
 pub mod svg;
 pub mod telemetry;
+pub mod text;
 pub mod trace;
 pub mod units;
 pub mod validate;

@@ -140,6 +140,7 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     exit_quietly_on_closed_stdout();
+    spark::supervisor::ignore_file_size_signal();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::from(exit::OK as u8),

@@ -50,6 +50,10 @@ pub enum ProfileError {
         found: String,
         expected: String,
     },
+    #[error("lock profile {path}: {msg}")]
+    Lock { path: PathBuf, msg: String },
+    #[error("add to profile {path}: {msg}; it was left as it is")]
+    Merge { path: PathBuf, msg: String },
 }
 
 /// A profile's relation to a model.
@@ -143,6 +147,73 @@ pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
 mod set_aside_tests {
     use super::*;
 
+    fn one(l: usize, e: usize) -> Counts {
+        let mut c = Counts::zero(2, 4);
+        c.set(l, e, 1);
+        c
+    }
+
+    #[test]
+    fn concurrent_writers_add_their_counts_and_none_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf.spark.csv");
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    let d = one(t % 2, t);
+                    for _ in 0..25 {
+                        let add = Addition {
+                            delta: &d,
+                            delta_tokens: 1,
+                            whole: &d,
+                            whole_tokens: 1,
+                        };
+                        add_to(&p, &add, 2, "fp").unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let got = Profile::read(&p).unwrap();
+        assert_eq!(got.counts.total(), 100, "every writer's counts are there");
+        assert_eq!(got.counts.get(0, 0), 25);
+        assert_eq!(got.counts.get(1, 3), 25);
+        assert_eq!(got.tokens, Some(100));
+        assert!(lock_path(&p).exists());
+    }
+
+    #[test]
+    fn a_profile_that_changed_into_something_else_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf.spark.csv");
+        let d = one(0, 0);
+        let add = Addition {
+            delta: &d,
+            delta_tokens: 1,
+            whole: &d,
+            whole_tokens: 1,
+        };
+        for (text, why) in [
+            ("not a profile", "cannot be read"),
+            (
+                "# model fingerprint: other\n# hotness table: n_layer=2 n_expert=4 n_expert_used=2\n1,1,1,1\n1,1,1,1\n",
+                "another model",
+            ),
+            (
+                "# hotness table: n_layer=1 n_expert=4 n_expert_used=2\n1,1,1,1\n",
+                "1 layers",
+            ),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = add_to(&p, &add, 2, "fp").unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("left as it is"), "{e}");
+            assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
+        }
+    }
+
     #[test]
     fn every_set_aside_copy_is_kept_under_its_own_name() {
         let dir = tempfile::tempdir().unwrap();
@@ -168,6 +239,128 @@ mod set_aside_tests {
         assert_eq!(std::fs::read_to_string(&names[2]).unwrap(), "profile 2");
         assert!(set_aside(&p).is_err(), "nothing to set aside");
     }
+}
+
+/// The writer lock of a profile: `flock` on `<profile>.lock`, held by every writer (serve's
+/// rewrites, calibrate's publication) for one read-add-write, so no writer replaces counts
+/// another one wrote. The kernel releases it whatever ends the holder; the lock file stays
+/// (removing it would let two writers lock two different files).
+pub struct WriterLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// The lock file of the profile at `path`.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+/// How long a writer waits for another one's read-add-write (which takes milliseconds).
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl WriterLock {
+    /// Takes the writer lock of the profile at `path`, waiting up to `wait` for another writer.
+    pub fn acquire(path: &Path, wait: std::time::Duration) -> Result<WriterLock, ProfileError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let lpath = lock_path(path);
+        let err = |msg: String| ProfileError::Lock {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let deadline = std::time::Instant::now() + wait;
+        let mut file = crate::atomic_file::open_lock_file(&lpath)
+            .map_err(|e| err(format!("open {}: {e}", lpath.display())))?;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(WriterLock { _lock: lock }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(err(format!(
+                            "another writer held {} for {} s",
+                            lpath.display(),
+                            wait.as_secs_f64()
+                        )));
+                    }
+                    file = f;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err((_, e)) => return Err(err(format!("{}: {e}", lpath.display()))),
+            }
+        }
+    }
+}
+
+/// What one writer adds to a profile: the counts it gathered since its last write (`delta`),
+/// and everything it knows (`whole`: the start profile it loaded plus its own counts), which is
+/// written as it is when the file is not there.
+pub struct Addition<'a> {
+    pub delta: &'a Counts,
+    pub delta_tokens: u64,
+    pub whole: &'a Counts,
+    pub whole_tokens: u64,
+}
+
+/// Adds `add.delta` to the profile at `path` under its writer lock: reads what is there now,
+/// adds, writes atomically, and returns the profile written. A missing file gets `add.whole`.
+/// A file that cannot be parsed, names another model or has another shape is left as it is
+/// (an error): it is never overwritten.
+pub fn add_to(
+    path: &Path,
+    add: &Addition<'_>,
+    n_expert_used: u32,
+    fingerprint: &str,
+) -> Result<Profile, ProfileError> {
+    let delta = add.delta;
+    let _lock = WriterLock::acquire(path, LOCK_WAIT)?;
+    let merge_err = |msg: String| ProfileError::Merge {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let (mut p, missing) = match Profile::read(path) {
+        Ok(p) => {
+            if let Freshness::Stale(other) = p.freshness(fingerprint) {
+                return Err(merge_err(format!(
+                    "it now belongs to another model ({other})"
+                )));
+            }
+            if p.n_layer() != delta.n_layer || p.n_expert() != delta.n_expert {
+                return Err(merge_err(format!(
+                    "it now has {} layers × {} experts, not {} × {}",
+                    p.n_layer(),
+                    p.n_expert(),
+                    delta.n_layer,
+                    delta.n_expert
+                )));
+            }
+            (p, false)
+        }
+        Err(ProfileError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            let mut p = Profile::new(add.whole.clone(), n_expert_used, None);
+            p.tokens = Some(add.whole_tokens);
+            (p, true)
+        }
+        Err(e) => return Err(merge_err(format!("it cannot be read ({e})"))),
+    };
+    if !missing {
+        for l in 0..delta.n_layer {
+            for e in 0..delta.n_expert {
+                let c = p.counts.get(l, e).saturating_add(delta.get(l, e));
+                p.counts.set(l, e, c);
+            }
+        }
+        p.tokens = Some(p.tokens.unwrap_or(0).saturating_add(add.delta_tokens));
+    }
+    p.fingerprint = Some(fingerprint.to_string());
+    p.version = Some(PROFILE_VERSION);
+    p.updated = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs());
+    p.write(path)?;
+    Ok(p)
 }
 
 fn key_value<'a>(s: &'a str, key: &str) -> Option<&'a str> {
@@ -230,7 +423,12 @@ impl Profile {
                     let num = |k: &str| -> Result<u64, ProfileError> {
                         let v = key_value(rest, k)
                             .ok_or_else(|| perr(format!("hotness table header lacks {k}")))?;
-                        parse_count(v).map_err(|why| perr(format!("{k}={v}: {why}")))
+                        parse_count(v).map_err(|why| {
+                            perr(format!(
+                                "{k}={}: {why}",
+                                crate::text::clip(v, crate::text::QUOTE_MAX)
+                            ))
+                        })
                     };
                     let (l, e, k) = (num("n_layer")?, num("n_expert")?, num("n_expert_used")?);
                     if l == 0 || e == 0 || k == 0 || e > 65536 || l > 65536 || k > e {
@@ -271,7 +469,13 @@ impl Profile {
                 .enumerate()
                 .map(|(e, t)| {
                     let t = t.trim();
-                    parse_count(t).map_err(|why| perr(format!("bad count {} {t:?}: {why}", e + 1)))
+                    parse_count(t).map_err(|why| {
+                        perr(format!(
+                            "bad count {} {:?}: {why}",
+                            e + 1,
+                            crate::text::clip(t, crate::text::QUOTE_MAX)
+                        ))
+                    })
                 })
                 .collect::<Result<Vec<u64>, ProfileError>>()?;
             if row.len() != n_expert {
@@ -393,10 +597,11 @@ impl Profile {
 
     /// Reads the profile at `path` for `geometry`'s model, as `spark serve --spark` starts, and
     /// says what it found: `new` (no file), `fresh`, `unknown` (no fingerprint, same shape) or
-    /// `stale`. A profile of another model is kept as `<path>.stale` (`.stale.1`, … when taken:
-    /// never overwritten) and ignored, with a warning; one that cannot be read or parsed (a
-    /// count out of range, a fraction, `n_expert_used=0`…) is an error (exit 2): its counts
-    /// would seed the shadow cache.
+    /// `stale` or `damaged`. A profile of another model is kept as `<path>.stale` (`.stale.1`,
+    /// … when taken: never overwritten) and ignored, with a warning; so is one that cannot be
+    /// parsed (a count out of range, a fraction, `n_expert_used=0`…): its counts must not seed
+    /// the shadow cache, and serving goes on. One that cannot be read at all is an error (exit
+    /// 2). Explicit inputs (`profile show`, `validate`) stay errors: they do not come here.
     pub fn load_for(
         path: &Path,
         geometry: &MoeGeometry,
@@ -417,6 +622,13 @@ impl Profile {
             ),
         };
         Ok(match Profile::read(path) {
+            // serve's own profile, damaged (a bad count, a cut row): set aside like a stale
+            // one, so serving goes on and learns afresh. A file that cannot be read at all
+            // stays an error (it could not be replaced either).
+            Err(e @ (ProfileError::Parse { .. } | ProfileError::Invalid { .. })) => {
+                set_aside(&format!("cannot be used ({e})"));
+                (None, "damaged".into())
+            }
             Err(e) => return Err(e),
             Ok(p) => match p.freshness(&fingerprint) {
                 Freshness::Fresh

@@ -531,3 +531,288 @@ fn spark_routes_want_llama_servers_api_key() {
     );
     assert_eq!(get("/health", None).0, 200, "public in llama-server");
 }
+
+/// Entries of `dir` whose names start with `prefix` (serve's work directories).
+fn work_dirs(dir: &std::path::Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_body_trickled_past_the_body_timeout_gets_408() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let served = Served::start(&model, &["--quiet", "--no-tap", "--body-timeout", "2"]);
+    let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    s.write_all(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    // One byte every 300 ms: each byte well within any idle bound, the whole far past 2 s.
+    let mut writer = s.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..60 {
+            std::thread::sleep(Duration::from_millis(300));
+            if writer.write_all(b" ").is_err() {
+                return;
+            }
+        }
+    });
+    let a = read_answer(&mut s, Duration::from_secs(30)).unwrap();
+    assert_eq!(a.status, 408, "{a:?}");
+    assert!(a.body.contains("--body-timeout"), "{a:?}");
+    assert_eq!(a.header("connection"), Some("close"), "{a:?}");
+    drop(s);
+    trickle.join().unwrap();
+    // A body that arrives in time still passes.
+    let ok = exchange(
+        served.port,
+        b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{\"prompt\": \"hello\", \"n_predict\": 2}",
+    );
+    assert_eq!(ok.status, 200, "{ok:?}");
+}
+
+#[test]
+fn sighup_stops_serve_gracefully_and_leaves_nothing_behind() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let t = tmp.clone();
+    let mut served = Served::start_custom(&model, &util::llama_server(), &["--quiet"], LLAMA, |c| {
+        c.env("TMPDIR", &t);
+    });
+    let child = served.child_pid();
+    assert_eq!(work_dirs(&tmp, "spark-serve-").len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(served.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = served.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "spark ignored SIGHUP");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "a graceful stop, not death by signal: {status:?}");
+    let said: Vec<String> = served.stderr.try_iter().collect();
+    assert!(said.iter().any(|l| l.contains("SIGHUP")), "{said:?}");
+    assert!(wait_gone(child, Duration::from_secs(5)), "llama-server {child} was left");
+    assert!(work_dirs(&tmp, "spark-serve-").is_empty(), "the work dir was left");
+}
+
+#[test]
+fn a_file_size_limit_is_an_error_with_a_message_not_a_silent_death() {
+    use std::os::unix::process::CommandExt;
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut cmd = std::process::Command::new(util::spark_bin());
+    cmd.args(["serve", "-m", model.to_str().unwrap(), "--port", "0", "--quiet"])
+        .arg("--llama-server")
+        .arg(util::llama_server())
+        .env("TMPDIR", &tmp);
+    // SAFETY: setrlimit is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            // 1 MiB: far below the routing ring's memory file.
+            let lim = nix::libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            if nix::libc::setrlimit(nix::libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (o, _) = util::output_within(&mut cmd, util::HANG_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), None, "killed by a signal: {:?} {err}", o.status);
+    assert!(o.status.code().is_some_and(|c| c != 0), "{err}");
+    assert!(err.contains("File too large"), "says why: {err}");
+    assert!(work_dirs(&tmp, "spark-serve-").is_empty(), "the work dir was left");
+}
+
+#[test]
+fn a_damaged_profile_of_its_own_is_set_aside_while_explicit_inputs_stay_errors() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let path = spark::profile::path_for(&model);
+    // A bad count, and a huge one: the message must not repeat it whole.
+    let huge = "9".repeat(1 << 20);
+    let damaged = format!(
+        "# hotness table: n_layer=4 n_expert=8 n_expert_used=2\n1,2,x{huge},4,5,6,7,8\n"
+    );
+    std::fs::write(&path, &damaged).unwrap();
+    let o = util::spark(&["profile", "show", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "an explicit input stays an error: {err}");
+    assert!(err.contains("bad count 3"), "{err}");
+    assert!(err.len() < 2000, "the message repeats the bad input: {} bytes", err.len());
+
+    let served = Served::start(&model, &["--spark"]);
+    let st = served.status();
+    assert_eq!(st["profile"]["at_start"], "damaged", "{st}");
+    let mut aside = path.clone().into_os_string();
+    aside.push(".stale");
+    assert_eq!(std::fs::read_to_string(&aside).unwrap(), damaged, "kept as it was");
+    assert!(
+        served.early.iter().any(|l| l.contains("cannot be used") && l.len() < 2000),
+        "{:?}",
+        served.early.iter().map(|l| &l[..l.len().min(300)]).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn odd_methods_and_options_star_are_answered_not_blamed_on_llama_server() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let served = Served::start(&model, &["--quiet", "--no-tap"]);
+    // llama-server answers `OPTIONS *` with its CORS preflight.
+    let a = exchange(served.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.head.contains("Access-Control-Allow-Methods: "), "{a:?}");
+    // An invented method, and one of 100 KB: 400 on a closed connection, as llama-server.
+    for method in ["FOO".to_string(), "X".repeat(100_000)] {
+        let a = exchange(
+            served.port,
+            format!("{method} /completion HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(a.status, 400, "{}", a.head);
+        assert!(a.body.len() < 1000, "{} bytes", a.body.len());
+    }
+    let st = served.status();
+    assert_eq!(st["child"]["restarts"], 0, "{st}");
+    let m = ureq::get(&served.url("/spark/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(!m.contains("status=\"502\""), "{m}");
+}
+
+#[test]
+fn request_timeout_zero_is_refused() {
+    let o = util::spark(&["serve", "-m", "x.gguf", "--request-timeout", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Reads what `s` sends until it closes, the chunked terminator arrives, or `within` passes.
+fn read_stream(s: &mut TcpStream, within: Duration) -> String {
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    while Instant::now() < deadline && !got.ends_with(b"\r\n0\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn a_child_killed_mid_stream_ends_the_stream_with_an_error_event_and_the_terminator() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let served = Served::start_custom(
+        &model,
+        &util::llama_server(),
+        &["--quiet", "--no-tap"],
+        LONG,
+        |_| {},
+    );
+    let child = served.child_pid();
+    let body = json!({"prompt": "once upon a time", "n_predict": 8000, "stream": true}).to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    s.write_all(
+        format!(
+            "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    // Some tokens first.
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    while got.windows(6).filter(|w| w == b"data: ").count() < 3 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).into_owned();
+    assert!(head.contains("Transfer-Encoding: chunked"), "{head}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let rest = read_stream(&mut s, Duration::from_secs(30));
+    assert!(
+        rest.ends_with("\r\n0\r\n\r\n"),
+        "the chunked body is ended properly: ...{}",
+        &rest[rest.len().saturating_sub(300)..]
+    );
+    let last = rest.rsplit("data: ").next().unwrap();
+    assert!(
+        last.starts_with("{\"error\":") && last.contains("broke off"),
+        "an error event ends the stream: ...{}",
+        &rest[rest.len().saturating_sub(300)..]
+    );
+}
+
+#[test]
+fn the_restart_backoff_starts_over_after_a_child_that_served() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "m.gguf", &[]);
+    let served = Served::start(&model, &["--quiet", "--no-tap"]);
+    let mut waits = Vec::new();
+    for round in 0..3 {
+        let st = wait_status(&served, Duration::from_secs(60), "ready", |st| {
+            st["child"]["ready"] == true
+        });
+        let got: Value = ureq::post(&served.url("/completion"))
+            .timeout(Duration::from_secs(60))
+            .send_json(json!({"prompt": "hello", "n_predict": 2}))
+            .unwrap()
+            .into_json()
+            .unwrap();
+        assert_eq!(got["tokens_predicted"], 2, "round {round}");
+        let pid = st["child"]["pid"].as_u64().unwrap() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let line = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = served
+                .stderr
+                .recv_timeout(left)
+                .expect("spark announces the restart");
+            if line.contains("restarting in") {
+                break line;
+            }
+        };
+        waits.push(line.rsplit("restarting in ").next().unwrap().to_string());
+    }
+    // Every child was ready and served: none of them counts as a failure to back off from.
+    assert_eq!(waits, vec!["0.5 s"; 3]);
+}

@@ -11,6 +11,7 @@ mod hook;
 mod lavapipe;
 mod plan;
 mod serve;
+mod serve_compat;
 mod serve_hardening;
 mod sessions;
 mod simulate;

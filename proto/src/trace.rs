@@ -146,7 +146,21 @@ pub enum TraceFormatError {
     Truncated { body: u64, expected: u64 },
     /// The fingerprint string does not fit the field.
     FingerprintTooLong { len: usize },
+    /// The geometry asks readers for per-(layer, expert) tables far larger than the file could
+    /// justify (a header that does not belong to its records).
+    Oversized {
+        n_layer: u32,
+        n_expert: u32,
+        file_len: u64,
+    },
 }
+
+/// Bytes of per-(layer, expert) tables (8 bytes a cell) a header may ask of a reader whatever
+/// the file's size; beyond it, at most [`TABLE_PER_FILE_BYTE`] bytes per byte of the file.
+/// Real models need far less: 61 layers × 384 experts is 187 KB.
+pub const TABLE_FLOOR: u64 = 64 << 20;
+/// Bytes of tables allowed per byte of file beyond [`TABLE_FLOOR`].
+pub const TABLE_PER_FILE_BYTE: u64 = 64;
 
 impl fmt::Display for TraceFormatError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -185,6 +199,14 @@ impl fmt::Display for TraceFormatError {
             TraceFormatError::FingerprintTooLong { len } => write!(
                 f,
                 "write trace header: fingerprint of {len} bytes exceeds {FINGERPRINT_LEN}"
+            ),
+            TraceFormatError::Oversized {
+                n_layer,
+                n_expert,
+                file_len,
+            } => write!(
+                f,
+                "read trace header: {n_layer} layers × {n_expert} experts is far more than a file of {file_len} bytes can describe"
             ),
         }
     }
@@ -286,9 +308,26 @@ impl TraceHeader {
         Ok(h)
     }
 
+    /// Checks the sizes the geometry asks of a reader against the file's real length, before
+    /// anything is allocated: per-(layer, expert) tables may take at most [`TABLE_FLOOR`] bytes,
+    /// or [`TABLE_PER_FILE_BYTE`] per byte of a larger file.
+    pub fn check_claims(&self, file_len: u64) -> Result<(), TraceFormatError> {
+        let table = u64::from(self.n_layer) * u64::from(self.n_expert) * 8;
+        if table > TABLE_FLOOR.max(file_len.saturating_mul(TABLE_PER_FILE_BYTE)) {
+            return Err(TraceFormatError::Oversized {
+                n_layer: self.n_layer,
+                n_expert: self.n_expert,
+                file_len,
+            });
+        }
+        Ok(())
+    }
+
     /// Number of records a file of `file_len` bytes holds under this header: the body must be a
-    /// whole number of records and, when the count is known, exactly that many.
+    /// whole number of records and, when the count is known, exactly that many; the geometry
+    /// must fit the file ([`TraceHeader::check_claims`]).
     pub fn records_in(&self, file_len: u64) -> Result<u64, TraceFormatError> {
+        self.check_claims(file_len)?;
         let body = file_len.saturating_sub(HEADER_SIZE as u64);
         let rs = RECORD_SIZE as u64;
         if self.record_count == COUNT_UNKNOWN {

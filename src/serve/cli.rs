@@ -12,13 +12,14 @@ use super::ServeConfig;
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// The GGUF model llama-server serves
-    #[arg(short = 'm', long = "model")]
+    #[arg(short = 'm', long = "model", env = "LLAMA_ARG_MODEL")]
     pub model: PathBuf,
-    /// Address to listen on
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Addresses to listen on, separated by commas as llama-server takes them
+    /// (`127.0.0.1,::1`)
+    #[arg(long, default_value = "127.0.0.1", env = "LLAMA_ARG_HOST")]
     pub host: String,
     /// Port to listen on (0: any free port)
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = 8080, env = "LLAMA_ARG_PORT")]
     pub port: u16,
     /// llama-server binary (default: $SPARK_LLAMA_SERVER, then the build in the cache)
     #[arg(long, value_name = "PATH")]
@@ -27,7 +28,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 120)]
     pub ready_timeout: u64,
     /// Seconds to wait for the headers of an answer
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout: u64,
     /// Seconds of silence allowed inside a streamed answer
     #[arg(long, default_value_t = 300)]
@@ -43,6 +44,10 @@ pub struct ServeArgs {
     /// connections included); then it is closed
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_timeout: u64,
+    /// Seconds a request's body may take to arrive after its headers; a slower one is
+    /// answered 408
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout: u64,
     /// Largest request body, MiB; a larger one is answered 413
     #[arg(long, value_name = "MiB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_body: u64,
@@ -92,6 +97,7 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Resolves the flags: finds the engine and (unless `--no-tap`) the tap.
     pub fn resolve(self, work_dir: PathBuf) -> Result<ServeConfig, anyhow::Error> {
+        super::listener::hosts(&self.host).map_err(super::ServeError::Usage)?;
         let engine = Engine::locate(self.llama_server.as_deref())?;
         if self.residency && !engine.is_hooked() {
             return Err(super::ServeError::Usage(format!(
@@ -131,6 +137,7 @@ impl ServeArgs {
                 max_connections: self.max_connections as usize,
                 header_timeout: Duration::from_secs(self.header_timeout),
                 max_body: self.max_body.saturating_mul(1 << 20),
+                body_timeout: Duration::from_secs(self.body_timeout),
             },
             tap,
             profile,

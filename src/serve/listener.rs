@@ -5,6 +5,9 @@
 //! doubling to 1 s) with one log line per second at most, so a full descriptor table neither
 //! spins the loop nor floods the log.
 //!
+//! Listens where llama-server would: `--host` takes several addresses separated by commas
+//! (`127.0.0.1,::1`), each bound on the same port, and connections are accepted from all of them.
+//!
 //! Owns the connection tasks and their counters; never touches a request's content (that is
 //! [`super::proxy`]).
 
@@ -22,11 +25,79 @@ use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::ServeState;
+
+/// The addresses of a `--host` value: comma-separated as llama-server takes them, blanks
+/// around each trimmed, an IPv6 literal with or without brackets. An empty entry is an error.
+pub fn hosts(spec: &str) -> Result<Vec<String>, String> {
+    spec.split(',')
+        .map(|h| {
+            let h = h.trim();
+            let h = h
+                .strip_prefix('[')
+                .and_then(|x| x.strip_suffix(']'))
+                .unwrap_or(h);
+            match h.is_empty() {
+                true => Err(format!(
+                    "--host {:?}: an empty address in the list",
+                    crate::text::clip(spec, 200)
+                )),
+                false => Ok(h.to_string()),
+            }
+        })
+        .collect()
+}
+
+/// Binds every host of `hosts` on `port`. With port 0 the first address picks a free port and
+/// the others bind that same one, so a client reaches the server on one port whatever the
+/// address. Fails on the first address that cannot be bound, naming it.
+pub async fn bind_all(
+    hosts: &[String],
+    port: u16,
+) -> Result<Vec<TcpListener>, super::ServeError> {
+    let mut out: Vec<TcpListener> = Vec::with_capacity(hosts.len());
+    let mut port = port;
+    for h in hosts {
+        let l = TcpListener::bind((h.as_str(), port))
+            .await
+            .map_err(|source| super::ServeError::Listen {
+                addr: match h.contains(':') {
+                    true => format!("[{h}]:{port}"),
+                    false => format!("{h}:{port}"),
+                },
+                source,
+            })?;
+        if port == 0 {
+            port = l.local_addr().map_err(super::ServeError::Runtime)?.port();
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Accepts the next connection on any of `listeners`, starting the search after the one that
+/// accepted last (`next`), so one busy address cannot starve the others.
+pub async fn accept_any(
+    listeners: &[TcpListener],
+    next: &mut usize,
+) -> io::Result<(TcpStream, std::net::SocketAddr)> {
+    std::future::poll_fn(|cx| {
+        let n = listeners.len();
+        for i in 0..n {
+            let k = (*next + i) % n;
+            if let std::task::Poll::Ready(r) = listeners[k].poll_accept(cx) {
+                *next = (k + 1) % n;
+                return std::task::Poll::Ready(r);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
 
 /// Connections that may be held at once just to answer "busy"; beyond them a connection over
 /// the cap is closed without an answer.
@@ -82,6 +153,7 @@ pub fn serve(
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(BUSY_WITHIN)
+                    .title_case_headers(true)
                     .keep_alive(false)
                     .serve_connection(TokioIo::new(stream), service_fn(|_req| busy_answer()));
                 let _ = tokio::time::timeout(BUSY_WITHIN, conn).await;
@@ -94,6 +166,12 @@ pub fn serve(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(conns.header_timeout)
+        // Answers look like llama-server's: header names as llama-server wrote them (spark's
+        // own in title case, as llama-server writes its own), and no `Date`, which it never
+        // sends.
+        .preserve_header_case(true)
+        .title_case_headers(true)
+        .auto_date_header(false)
         .serve_connection(
             TokioIo::new(stream),
             service_fn(move |req| super::proxy::handle(st.clone(), req)),

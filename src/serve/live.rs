@@ -93,8 +93,11 @@ pub struct LiveSnapshot {
     pub profile_last_write_us: Option<u64>,
     pub profile_error: Option<String>,
     pub base_tokens: u64,
-    /// The provider's counters, read after every plan update (`--residency`).
+    /// The provider's counters, read after every plan update (`--residency`): the current
+    /// child's, which start from zero with each child.
     pub residency: Option<ResidencyStats>,
+    /// The counters of the children before the current one, added up (restarts keep totals).
+    pub residency_earlier: ResidencyStats,
     /// Why the provider stopped taking plans, if it did.
     pub residency_error: Option<String>,
     pub residency_plans_sent: u64,
@@ -111,7 +114,45 @@ fn ratio(num: u64, den: u64) -> Value {
     }
 }
 
+/// `a` plus the counters of `b` (the gauges — slots, layers, planned — are `b`'s).
+fn add_counters(a: &ResidencyStats, b: &ResidencyStats) -> ResidencyStats {
+    ResidencyStats {
+        slots: b.slots,
+        layers: b.layers,
+        planned: b.planned,
+        calls: a.calls.saturating_add(b.calls),
+        declined: a.declined.saturating_add(b.declined),
+        hits: a.hits.saturating_add(b.hits),
+        loads: a.loads.saturating_add(b.loads),
+        streamed: a.streamed.saturating_add(b.streamed),
+        evictions: a.evictions.saturating_add(b.evictions),
+        bytes_hit: a.bytes_hit.saturating_add(b.bytes_hit),
+        bytes_host: a.bytes_host.saturating_add(b.bytes_host),
+        provider_us: a.provider_us.saturating_add(b.provider_us),
+    }
+}
+
 impl LiveSnapshot {
+    /// The provider's counters since serve started, every child's added up (`None` before the
+    /// first child reported any).
+    pub fn residency_totals(&self) -> Option<ResidencyStats> {
+        match self.residency {
+            Some(r) => Some(add_counters(&self.residency_earlier, &r)),
+            // Between a restart and the new child's first report, the totals stand.
+            None if self.residency_earlier != ResidencyStats::default() => {
+                Some(self.residency_earlier)
+            }
+            None => None,
+        }
+    }
+
+    /// A new child starts its counters from zero: what the last one counted joins the totals.
+    fn child_replaced(&mut self) {
+        if let Some(r) = self.residency.take() {
+            self.residency_earlier = add_counters(&self.residency_earlier, &r);
+        }
+    }
+
     fn new(cfg: &LiveConfig) -> LiveSnapshot {
         let zero = Counts::zero(cfg.n_layer, cfg.n_expert);
         LiveSnapshot {
@@ -135,6 +176,7 @@ impl LiveSnapshot {
             profile_last_write_us: None,
             profile_error: None,
             residency: None,
+            residency_earlier: ResidencyStats::default(),
             residency_error: None,
             residency_plans_sent: 0,
             base_tokens: cfg
@@ -173,7 +215,19 @@ impl LiveSnapshot {
             },
             "residency": if cfg.residency {
                 let r = self.residency.unwrap_or_default();
+                let t = self.residency_totals().unwrap_or_default();
                 json!({
+                    "totals": {
+                        "hook_calls": t.calls,
+                        "declined": t.declined,
+                        "hits": t.hits,
+                        "loads": t.loads,
+                        "streamed": t.streamed,
+                        "evictions": t.evictions,
+                        "bytes_from_slots": t.bytes_hit,
+                        "bytes_from_host": t.bytes_host,
+                        "hit_ratio": t.hit_ratio(),
+                    },
                     "slots_per_layer": r.slots,
                     "layers_with_slots": r.layers,
                     "layers_planned": r.planned,
@@ -247,6 +301,11 @@ pub struct Live {
     /// Routing records folded when the profile was last written (or at start); `None` until a
     /// first write when the start profile needs its fingerprint stamped.
     written_at: Option<u64>,
+    /// The counts (prompt and decode, the start profile's included) and tokens this process had
+    /// when it last wrote the profile: each write adds only what came since, to what the file
+    /// holds then (another writer's counts included).
+    written_counts: Counts,
+    written_tokens: u64,
 }
 
 impl Live {
@@ -270,6 +329,10 @@ impl Live {
             calibration: None,
         };
         let policy = online_send(cfg.policy, &setup);
+        let snap_start = {
+            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            (s.decode.clone(), s.base_tokens)
+        };
         let cfg_profile_unstamped = cfg
             .start_profile
             .as_ref()
@@ -293,6 +356,8 @@ impl Live {
                 true => None,
                 false => Some(0),
             },
+            written_counts: snap_start.0,
+            written_tokens: snap_start.1,
         };
         (live, shared)
     }
@@ -305,7 +370,11 @@ impl Live {
                     self.drain();
                     self.ring = Some(r);
                     self.control = Some(control);
-                    self.lock().rings += 1;
+                    {
+                        let mut s = self.lock();
+                        s.rings += 1;
+                        s.child_replaced();
+                    }
                     // A new child has an empty plan.
                     self.sent = vec![None; self.cfg.n_layer];
                     self.publish_plan();
@@ -548,21 +617,31 @@ impl Live {
                 (s.prompt_records + s.decode_records) / self.cfg.n_layer.max(1) as u64;
             (c, s.base_tokens.saturating_add(routed_tokens))
         };
-        let mut p = Profile::new(
-            counts,
-            self.cfg.k as u32,
-            Some(self.cfg.fingerprint.clone()),
-        );
-        p.tokens = Some(tokens);
-        p.updated = Some(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        );
-        let result = p.write(&path);
+        // Only what came since the last write is added, under the profile's writer lock, to
+        // what the file holds now: another serve or a calibration writing the same profile
+        // keeps its counts.
+        let mut delta = counts.clone();
+        for l in 0..delta.n_layer {
+            for e in 0..delta.n_expert {
+                delta.set(
+                    l,
+                    e,
+                    counts.get(l, e).saturating_sub(self.written_counts.get(l, e)),
+                );
+            }
+        }
+        let add = crate::profile::Addition {
+            delta: &delta,
+            delta_tokens: tokens.saturating_sub(self.written_tokens),
+            whole: &counts,
+            whole_tokens: tokens,
+        };
+        let result = crate::profile::add_to(&path, &add, self.cfg.k as u32, &self.cfg.fingerprint)
+        .map(|_| ());
         if result.is_ok() {
             self.written_at = Some(folded);
+            self.written_counts = counts;
+            self.written_tokens = tokens;
         }
         let mut s = self.lock();
         match result {
@@ -766,6 +845,70 @@ mod tests {
         assert_eq!(p.counts.layer(1), &[0, 1, 2, 1]);
         assert_eq!(p.fingerprint.as_deref(), Some("fp"));
         assert_eq!(p.tokens, Some(2));
+    }
+
+    #[test]
+    fn another_writers_counts_in_the_profile_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf.spark.csv");
+        let (mut live, _shared) = Live::new(cfg(Some(path.clone())));
+        live.fold(&[rec(0, 0, 0, 0, &[0, 1]), rec(0, 0, 1, 0, &[2, 3])]);
+        live.write_profile();
+        // Another serve (or a calibration) of the same model adds 100 uses of expert 3 of
+        // layer 0 and 50 tokens to the file meanwhile.
+        let mut theirs = Counts::zero(2, 4);
+        theirs.set(0, 3, 100);
+        let add = crate::profile::Addition {
+            delta: &theirs,
+            delta_tokens: 50,
+            whole: &theirs,
+            whole_tokens: 50,
+        };
+        crate::profile::add_to(&path, &add, 2, "fp").unwrap();
+        live.fold(&[rec(0, 1, 0, 1, &[0, 3]), rec(0, 1, 1, 1, &[1, 2])]);
+        live.write_profile();
+        let p = Profile::read(&path).unwrap();
+        assert_eq!(p.counts.layer(0), &[2, 1, 0, 101], "both writers' counts");
+        assert_eq!(p.counts.layer(1), &[0, 1, 2, 1]);
+        assert_eq!(p.tokens, Some(52));
+    }
+
+    #[test]
+    fn residency_counters_keep_their_totals_across_child_restarts() {
+        let (_live, shared) = Live::new(cfg(None));
+        let mut s = shared.lock().unwrap();
+        let first = ResidencyStats {
+            slots: 4,
+            calls: 10,
+            hits: 6,
+            loads: 3,
+            streamed: 1,
+            bytes_hit: 600,
+            bytes_host: 400,
+            ..Default::default()
+        };
+        s.residency = Some(first);
+        s.child_replaced();
+        // Until the new child reports, the totals are the first child's.
+        assert_eq!(s.residency_totals(), Some(first));
+        // The new child counts from zero; the totals go on from the first child's.
+        s.residency = Some(ResidencyStats {
+            slots: 4,
+            calls: 2,
+            hits: 1,
+            loads: 1,
+            ..Default::default()
+        });
+        let t = s.residency_totals().unwrap();
+        assert_eq!((t.calls, t.hits, t.loads, t.streamed), (12, 7, 4, 1));
+        assert_eq!((t.bytes_hit, t.bytes_host), (600, 400));
+        let j = s.to_json(&{
+            let mut c = cfg(None);
+            c.residency = true;
+            c
+        });
+        assert_eq!(j["residency"]["hits"], 1, "the current child's");
+        assert_eq!(j["residency"]["totals"]["hits"], 7, "every child's");
     }
 
     #[test]

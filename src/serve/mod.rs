@@ -60,6 +60,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Largest request body, bytes; a larger one gets 413.
     pub max_body: u64,
+    /// Longest time a request's body may take to arrive once its headers have; a slower one
+    /// gets 408 (a body trickled a byte at a time must not hold a connection for ever).
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -68,6 +71,7 @@ impl Default for Limits {
             max_connections: 256,
             header_timeout: Duration::from_secs(30),
             max_body: 32 << 20,
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -123,6 +127,7 @@ pub struct ServeState {
     pub client: Client<HttpConnector, proxy::ClientBody>,
     /// Largest request body, bytes.
     pub max_body: u64,
+    pub body_timeout: Duration,
     /// llama-server's API keys; spark's own routes ask for one when there are any.
     pub api_keys: auth::ApiKeys,
     pub connections: listener::Connections,
@@ -204,8 +209,10 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
         let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
+        // A closed terminal (SIGHUP) stops spark the same graceful way.
+        let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Runtime)?;
         let shutdown = async move {
-            tokio::select! { _ = term.recv() => eprintln!("spark: SIGTERM, shutting down"), _ = int.recv() => eprintln!("spark: SIGINT, shutting down") }
+            tokio::select! { _ = term.recv() => eprintln!("spark: SIGTERM, shutting down"), _ = int.recv() => eprintln!("spark: SIGINT, shutting down"), _ = hup.recv() => eprintln!("spark: SIGHUP, shutting down") }
         };
         serve(cfg, shutdown).await
     })
@@ -258,14 +265,9 @@ pub async fn serve(
             )
         }
     );
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let tcp = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: addr.clone(),
-            source,
-        })?;
-    let listen = tcp.local_addr()?;
+    let hosts = listener::hosts(&cfg.host).map_err(ServeError::Usage)?;
+    let tcp = listener::bind_all(&hosts, cfg.port).await?;
+    let listen = tcp[0].local_addr()?;
     std::fs::create_dir_all(&cfg.work_dir)?;
 
     let server_cfg = LlamaServerConfig {
@@ -313,6 +315,7 @@ pub async fn serve(
         stats: Stats::default(),
         client: proxy::client(),
         max_body: cfg.limits.max_body,
+        body_timeout: cfg.limits.body_timeout,
         api_keys,
         connections: listener::Connections::new(
             cfg.limits.max_connections,
@@ -329,19 +332,26 @@ pub async fn serve(
         live,
         placement,
     });
+    let urls: Vec<String> = tcp
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| format!("http://{a}"))
+        .collect();
     eprintln!(
-        "spark: serving {} on http://{listen} (llama-server pid {})",
+        "spark: serving {} on {} (llama-server pid {})",
         cfg.model.display(),
+        urls.join(" and "),
         keeper.state.pid.load(Ordering::Acquire)
     );
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut backoff = listener::AcceptBackoff::default();
+    let mut next_listener = 0;
     tokio::pin!(shutdown);
     'accept: loop {
         tokio::select! {
-            accepted = tcp.accept() => match accepted {
+            accepted = listener::accept_any(&tcp, &mut next_listener) => match accepted {
                 Ok((stream, _)) => {
                     backoff.succeeded();
                     listener::serve(stream, &state, &graceful, &mut tasks);

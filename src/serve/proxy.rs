@@ -46,6 +46,8 @@ enum BodyFault {
     Invalid(String),
     /// More bytes than the limit.
     TooLarge,
+    /// Not all there within the body deadline.
+    TooSlow,
 }
 
 /// The client's request body on its way to llama-server: counts its bytes against the limit and
@@ -54,6 +56,8 @@ pub struct ClientBody {
     inner: Incoming,
     left: u64,
     fault: Arc<OnceLock<BodyFault>>,
+    /// When the whole body must have arrived (`--body-timeout` after its headers).
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Body for ClientBody {
@@ -80,7 +84,13 @@ impl Body for ClientBody {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let _ = this.fault.set(BodyFault::TooSlow);
+                    Poll::Ready(Some(Err("request body not received in time".into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
@@ -122,6 +132,18 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// Methods forwarded to llama-server: those its HTTP library (cpp-httplib) handles; it answers
+/// any other 400 and closes the connection, and so does spark.
+const FORWARDED_METHODS: &[hyper::Method] = &[
+    hyper::Method::GET,
+    hyper::Method::HEAD,
+    hyper::Method::POST,
+    hyper::Method::PUT,
+    hyper::Method::DELETE,
+    hyper::Method::OPTIONS,
+    hyper::Method::PATCH,
+];
+
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -131,6 +153,24 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
     "upgrade",
 ];
+
+/// Removes the hop-by-hop headers: the fixed list, and every header the `Connection` header
+/// names (`Connection: close, X-Hop` makes `X-Hop` hop-by-hop too), RFC 9110 §7.6.1.
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let named: Vec<hyper::header::HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| hyper::header::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for h in named {
+        headers.remove(h);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+}
 
 /// The upstream client: one fresh loopback connection per request. llama-server closes a
 /// connection after some answers (streamed ones among them) without saying so in advance, and a
@@ -142,6 +182,11 @@ pub fn client() -> Client<HttpConnector, ClientBody> {
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
+        // Header names travel as they were written, both ways (clients and llama.cpp's own
+        // tests compare them as written: `Access-Control-Allow-Origin`); names spark adds are
+        // written in title case, as llama-server writes its own.
+        .http1_preserve_header_case(true)
+        .http1_title_case_headers(true)
         .build(connector)
 }
 
@@ -201,6 +246,27 @@ pub async fn handle(
         }
         _ => {}
     }
+    // Methods llama-server's HTTP library does not take (an invented or 100 KB one) get its
+    // answer, a 400 on a closed connection, from spark: never forwarded, never a 502.
+    if !FORWARDED_METHODS.contains(req.method()) {
+        let method = req.method().as_str();
+        state.stats.record(&RequestRecord {
+            route: req.uri().path().to_string(),
+            status: 400,
+            total: received.elapsed(),
+            ..Default::default()
+        });
+        let mut r = error_json(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "method {:?} is not supported",
+                crate::text::clip(method, crate::text::QUOTE_MAX)
+            ),
+        );
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(r);
+    }
     let route = req.uri().path().to_string();
     let kind = route_kind(&route);
     let in_flight = state.stats.enter(kind);
@@ -231,15 +297,14 @@ pub async fn handle(
         return Ok(too_large(&state, route, received));
     }
     let (mut parts, body) = req.into_parts();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    // `OPTIONS *` (asterisk form) asks about the server as a whole; the upstream client sends
+    // origin-form only, and llama-server answers `OPTIONS /` exactly as it answers `OPTIONS *`.
+    let pq = match parts.uri.path_and_query().map(|p| p.as_str()) {
+        Some("*") | None => "/",
+        Some(pq) => pq,
+    };
     parts.uri = format!("http://127.0.0.1:{port}{pq}").parse()?;
-    for h in HOP_BY_HOP {
-        parts.headers.remove(*h);
-    }
+    strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
         .insert(HOST, HeaderValue::from_str(&format!("127.0.0.1:{port}"))?);
@@ -248,6 +313,7 @@ pub async fn handle(
         inner: body,
         left: state.max_body,
         fault: fault.clone(),
+        deadline: Box::pin(tokio::time::sleep(state.body_timeout)),
     };
     let upstream = Request::from_parts(parts, body);
     let pending = Pending {
@@ -262,6 +328,26 @@ pub async fn handle(
         Ok(Err(e)) => {
             match fault.get() {
                 Some(BodyFault::TooLarge) => return Ok(too_large(&state, route, received)),
+                Some(BodyFault::TooSlow) => {
+                    state.stats.record(&RequestRecord {
+                        route,
+                        status: 408,
+                        total: received.elapsed(),
+                        ..Default::default()
+                    });
+                    let mut r = error_json(
+                        StatusCode::REQUEST_TIMEOUT,
+                        &format!(
+                            "request body not received within {} s (spark serve --body-timeout)",
+                            state.body_timeout.as_secs()
+                        ),
+                    );
+                    // The rest of the body is never read: the connection cannot carry another
+                    // request.
+                    r.headers_mut()
+                        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                    return Ok(r);
+                }
                 Some(BodyFault::Invalid(why)) => {
                     state.stats.record(&RequestRecord {
                         route,
@@ -306,14 +392,20 @@ pub async fn handle(
         }
     };
     let (mut parts, body) = resp.into_parts();
-    for h in HOP_BY_HOP {
-        parts.headers.remove(*h);
-    }
+    strip_hop_by_hop(&mut parts.headers);
     let status = parts.status.as_u16();
     let streamed = parts
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    // A body without a length can be ended properly when llama-server breaks off: with the
+    // chunked terminator, after an error event when it is a stream of events.
+    let end_on_error = match parts.headers.contains_key(CONTENT_LENGTH) {
+        true => None,
+        false if streamed && route.ends_with("/messages") => Some(ErrorEnd::AnthropicEvent),
+        false if streamed => Some(ErrorEnd::Event),
+        false => Some(ErrorEnd::Terminator),
+    };
     let metered = Metered {
         inner: body,
         state: state.clone(),
@@ -332,6 +424,8 @@ pub async fn handle(
         idle: Box::pin(tokio::time::sleep(state.idle_timeout)),
         idle_timeout: state.idle_timeout,
         done: false,
+        end_on_error,
+        ended: false,
     };
     Ok(Response::from_parts(parts, metered.boxed()))
 }
@@ -370,6 +464,59 @@ struct Metered {
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
     done: bool,
+    /// How to end the client's body when llama-server's breaks off (`None`: a body with a
+    /// length, which can only be cut).
+    end_on_error: Option<ErrorEnd>,
+    /// The body was ended after an error: the next poll reports the end.
+    ended: bool,
+}
+
+/// How a chunked answer is ended when llama-server's answer breaks off mid-way (it died, or
+/// went silent past `--idle-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorEnd {
+    /// Just the chunked terminator.
+    Terminator,
+    /// An error event as llama-server streams one (`data: {"error": …}`), then the terminator.
+    Event,
+    /// The Anthropic Messages API's error event (`event: error`), then the terminator.
+    AnthropicEvent,
+}
+
+impl ErrorEnd {
+    /// The last frame before the terminator, if any.
+    fn frame(self, message: &str) -> Option<Bytes> {
+        let text = match self {
+            ErrorEnd::Terminator => return None,
+            ErrorEnd::Event => format!(
+                "data: {}\n\n",
+                serde_json::json!({"error": {"code": 500, "message": message, "type": "server_error"}})
+            ),
+            ErrorEnd::AnthropicEvent => format!(
+                "event: error\ndata: {}\n\n",
+                serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}})
+            ),
+        };
+        Some(Bytes::from(text))
+    }
+}
+
+impl Metered {
+    /// Ends the client's body after llama-server's broke off with `message`: an error event
+    /// and the terminator where the framing allows, else an error (the connection is cut).
+    fn break_off(&mut self, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.finish(true);
+        match self.end_on_error {
+            None => Poll::Ready(Some(Err(message.into()))),
+            Some(end) => {
+                self.ended = true;
+                match end.frame(&message) {
+                    Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
 }
 
 impl Metered {
@@ -386,6 +533,12 @@ impl Metered {
         self.record.decode_tps = tokens.decode_tps.or_else(|| self.measured_tps());
         self.state.stats.record(&self.record);
         self.in_flight = None;
+        if !aborted && self.record.status < 400 {
+            self.state
+                .keeper
+                .served
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         if !aborted && self.record.status < 400 && self.kind != RouteKind::Probe {
             self.state
                 .request_completed(self.kind == RouteKind::Generate);
@@ -412,6 +565,9 @@ impl Body for Metered {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -440,33 +596,32 @@ impl Body for Metered {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.finish(true);
-                Poll::Ready(Some(Err(Box::new(e))))
+                this.break_off(format!("llama-server's answer broke off: {e}"))
             }
             Poll::Ready(None) => {
                 this.finish(false);
                 Poll::Ready(None)
             }
             Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    this.finish(true);
-                    let msg = format!(
-                        "llama-server sent nothing for {} s",
-                        this.idle_timeout.as_secs()
-                    );
-                    Poll::Ready(Some(Err(msg.into())))
-                }
+                Poll::Ready(()) => this.break_off(format!(
+                    "llama-server sent nothing for {} s",
+                    this.idle_timeout.as_secs()
+                )),
                 Poll::Pending => Poll::Pending,
             },
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        match self.end_on_error {
+            // The error event may add bytes to a body of unknown length.
+            Some(_) => hyper::body::SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
     }
 }
 
@@ -478,3 +633,21 @@ impl Drop for Metered {
 }
 
 use std::future::Future as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_named_in_connection_are_hop_by_hop_too() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, X-Hop ,x-other"));
+        h.append("connection", HeaderValue::from_static("X-Third"));
+        for n in ["x-hop", "x-other", "x-third", "keep-alive", "x-end-to-end"] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-end-to-end"]);
+    }
+}

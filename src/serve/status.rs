@@ -69,7 +69,8 @@ impl ServeState {
                 let _ = writeln!(out, "# HELP spark_shadow_cache_window_hit_ratio Shadow cache hit ratio over the last decode steps (up to {} of them).\n# TYPE spark_shadow_cache_window_hit_ratio gauge\nspark_shadow_cache_window_hit_ratio {}", l.cfg.window, hit(s.window_misses));
                 let _ = writeln!(out, "# HELP spark_shadow_cache_belady_hit_ratio Belady bound: the best hit ratio any policy could reach with the same slots over the same decode steps.\n# TYPE spark_shadow_cache_belady_hit_ratio gauge\nspark_shadow_cache_belady_hit_ratio {}", hit(s.window_belady_misses));
             }
-            if let Some(r) = s.residency {
+            // Totals over every child: a counter never goes back when llama-server restarts.
+            if let Some(r) = s.residency_totals() {
                 let _ = writeln!(out, "# HELP spark_residency_expert_slices_total Expert slices the residency provider served, by source (slot hit, loaded into a slot, streamed from host).\n# TYPE spark_residency_expert_slices_total counter\nspark_residency_expert_slices_total{{source=\"hit\"}} {}\nspark_residency_expert_slices_total{{source=\"load\"}} {}\nspark_residency_expert_slices_total{{source=\"stream\"}} {}", r.hits, r.loads, r.streamed);
                 let _ = writeln!(out, "# HELP spark_residency_bytes_total Bytes the provider copied, by source.\n# TYPE spark_residency_bytes_total counter\nspark_residency_bytes_total{{source=\"slots\"}} {}\nspark_residency_bytes_total{{source=\"host\"}} {}", r.bytes_hit, r.bytes_host);
                 let _ = writeln!(out, "# HELP spark_residency_hook_calls_total Scheduler hook calls, and how many the provider declined.\n# TYPE spark_residency_hook_calls_total counter\nspark_residency_hook_calls_total {}\nspark_residency_declined_total {}", r.calls, r.declined);

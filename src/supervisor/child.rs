@@ -46,6 +46,19 @@ pub fn inherit_fds(cmd: &mut Command, fds: &[std::os::fd::RawFd]) {
     }
 }
 
+/// Ignores SIGXFSZ in this process: a write past the file-size limit (`ulimit -f`, RLIMIT_FSIZE)
+/// then fails with EFBIG, an error spark reports and cleans up after, instead of a signal that
+/// ends spark silently with its work directory left behind. (The ring's memory file is sized
+/// with ftruncate, which the limit also bounds.)
+pub fn ignore_file_size_signal() {
+    use nix::sys::signal::{signal, SigHandler};
+    // SAFETY: SIG_IGN installs no handler code; changing a disposition to "ignore" is safe at
+    // any time, from any thread.
+    unsafe {
+        let _ = signal(Signal::SIGXFSZ, SigHandler::SigIgn);
+    }
+}
+
 impl ChildGroup {
     /// Spawns `cmd` as the leader of a new process group, with SIGKILL as its parent-death
     /// signal.

@@ -24,6 +24,9 @@ pub struct KeeperState {
     pub port: AtomicU16,
     pub pid: AtomicU32,
     pub restarts: AtomicU64,
+    /// Answers the child gave that reached their client whole (the proxy counts them): a child
+    /// that served one had a healthy run, and the restart backoff starts over after it.
+    pub served: AtomicU64,
     pub last_exit: Mutex<Option<String>>,
     /// Health probes failed in a row (0 while the child answers).
     pub probe_failures: AtomicU64,
@@ -195,8 +198,9 @@ impl HealthWatch {
     }
 }
 
-/// Backoff between restarts: doubles from `first` up to `max`; reset after a child has run for
-/// `stable` without dying.
+/// Backoff between restarts: doubles from `first` up to `max` while children die without a
+/// healthy run; reset after one (a child that became ready and served an answer, or ran for
+/// `stable`).
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub first: Duration,
@@ -319,6 +323,7 @@ fn keep(
         let started = Instant::now();
         match launch(&run_cfg) {
             Ok(mut server) => {
+                let served_before = state.served.load(Ordering::Acquire);
                 state.pid.store(server.pid(), Ordering::Release);
                 state.probe_failures.store(0, Ordering::Release);
                 state.set_unresponsive(None);
@@ -410,6 +415,12 @@ fn keep(
                         }
                     }
                 };
+                // A healthy run (it served, or it lasted) starts the backoff over, before the
+                // wait is announced.
+                let served = state.served.load(Ordering::Acquire) > served_before;
+                if served || started.elapsed() >= backoff.stable {
+                    delay = backoff.first;
+                }
                 state.port.store(0, Ordering::Release);
                 state.set_unresponsive(None);
                 state.set_phase(ChildPhase::Restarting);
@@ -417,9 +428,6 @@ fn keep(
                 *state.last_exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
                 state.restarts.fetch_add(1, Ordering::AcqRel);
                 drop(server);
-                if started.elapsed() >= backoff.stable {
-                    delay = backoff.first;
-                }
             }
             Err(e) => {
                 if let Some(tx) = first.take() {

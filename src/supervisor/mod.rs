@@ -9,7 +9,7 @@ mod keeper;
 mod llama;
 mod run;
 
-pub use child::{inherit_fds, ChildGroup, GroupKiller, SpawnError};
+pub use child::{ignore_file_size_signal, inherit_fds, ChildGroup, GroupKiller, SpawnError};
 pub use keeper::{Backoff, ChildPhase, Health, Keeper, KeeperState, Launcher};
 pub use llama::{free_port, LlamaServer, LlamaServerConfig, Probe, ServerError};
 pub use run::{run_with_deadline, Captured, RunError};

@@ -127,21 +127,31 @@ pub fn render(trace: &Trace, format: Format, path: &std::path::Path) -> String {
         "layer  distinct  top-k share  repeat share (experts also used by the previous token)"
     );
     let e = trace.n_expert as usize;
+    // One table for every layer, and only the experts a layer used are sorted: the work follows
+    // the records, not the geometry the header claims.
+    let mut seen = vec![0u64; e];
+    let mut used: Vec<u16> = Vec::new();
     for l in 0..r.n_layer() {
-        let mut counts = vec![0u64; e];
         let mut repeat = 0u64;
         let mut total = 0u64;
         for s in 0..r.steps() {
             let ids = r.ids(s, l);
             for &x in ids {
-                counts[usize::from(x)] += 1;
+                if seen[usize::from(x)] == 0 {
+                    used.push(x);
+                }
+                seen[usize::from(x)] += 1;
                 if s > 0 && r.ids(s - 1, l).contains(&x) {
                     repeat += 1;
                 }
             }
             total += ids.len() as u64;
         }
-        let distinct = counts.iter().filter(|&&c| c > 0).count();
+        let distinct = used.len();
+        let mut counts: Vec<u64> = used.iter().map(|&x| seen[usize::from(x)]).collect();
+        for x in used.drain(..) {
+            seen[usize::from(x)] = 0;
+        }
         counts.sort_unstable_by(|a, b| b.cmp(a));
         let top: u64 = counts.iter().take(trace.k as usize).sum();
         let pct = |n: u64| 100.0 * n as f64 / total.max(1) as f64;

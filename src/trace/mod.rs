@@ -282,6 +282,10 @@ impl Trace {
         };
         // Per phase: steps as per-layer record indices, and the open step of each key.
         let mut steps: [Vec<Vec<Option<usize>>>; 2] = [Vec::new(), Vec::new()];
+        // Every step takes n_layer slots here and in the routing built from it; a real trace
+        // fills most of them. Records that would open far more steps than they can fill belong
+        // to a header with made-up layers: refused before it costs gigabytes.
+        let slot_budget = records.len().saturating_mul(16).saturating_add(n_layer);
         let mut open: HashMap<(u8, u32, u32), usize> = HashMap::new();
         for (i, r) in records.iter().enumerate() {
             if r.phase > PHASE_DECODE {
@@ -306,6 +310,13 @@ impl Trace {
             let idx = match open.get(&key) {
                 Some(&s) if steps[p][s][usize::from(r.layer)].is_none() => s,
                 _ => {
+                    let open_steps = steps[0].len() + steps[1].len() + 1;
+                    if open_steps.saturating_mul(n_layer) > slot_budget {
+                        return Err(invalid(format!(
+                            "the header claims {n_layer} layers, but {} records cannot fill {open_steps} steps of them (record {i})",
+                            records.len()
+                        )));
+                    }
                     steps[p].push(vec![None; n_layer]);
                     let s = steps[p].len() - 1;
                     open.insert(key, s);
@@ -516,6 +527,34 @@ mod tests {
         let (h, back) = wire::decode(&bytes).unwrap();
         assert_eq!(h.record_count, recs.len() as u64);
         assert_eq!(back, recs);
+    }
+
+    /// A 2 MB trace whose header makes up its geometry: every record a token of its own.
+    fn made_up(n_layer: u32, n_expert: u32) -> Vec<u8> {
+        let h = TraceHeader::new(n_layer, n_expert, 2, 0);
+        let recs: Vec<RoutingRecord> = (0..(2 << 20) / wire::RECORD_SIZE as u32)
+            .map(|t| RoutingRecord::new(0, t, (t % 4) as u16, PHASE_DECODE, &[1, 2]))
+            .collect();
+        wire::encode(&h, &recs)
+    }
+
+    #[test]
+    fn header_sizes_are_checked_against_the_file_before_anything_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big.trace");
+        // 65,536 × 65,536 cells of 8 bytes (32 GiB of tables) from a 2 MB file.
+        fs::write(&p, made_up(65536, 65536)).unwrap();
+        let e = read_binary(&p).unwrap_err().to_string();
+        assert!(e.contains("65536 layers × 65536 experts"), "{e}");
+        // 65,536 layers of 8 experts: small tables, but each of the ~19,000 tokens would take
+        // 65,536 slots (gigabytes); refused after a few steps.
+        fs::write(&p, made_up(65536, 8)).unwrap();
+        let e = read_binary(&p).unwrap_err().to_string();
+        assert!(e.contains("claims 65536 layers"), "{e}");
+        // The same records under their real geometry read fine.
+        fs::write(&p, made_up(4, 8)).unwrap();
+        let t = read_binary(&p).unwrap();
+        assert_eq!(t.decode.steps(), (2 << 20) / wire::RECORD_SIZE);
     }
 
     #[test]

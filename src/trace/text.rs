@@ -75,7 +75,12 @@ pub fn read_jsonl(path: &Path) -> Result<Trace, TraceError> {
         let prompt = match js.phase.as_deref() {
             None | Some("decode") => false,
             Some("prompt") => true,
-            Some(other) => return Err(perr(format!("unknown phase {other:?}"))),
+            Some(other) => {
+                return Err(perr(format!(
+                    "unknown phase {:?}",
+                    crate::text::clip(other, crate::text::QUOTE_MAX)
+                )))
+            }
         };
         if js.layers.len() > usize::from(u16::MAX) {
             return Err(perr(format!("{} layers", js.layers.len())));
@@ -137,7 +142,12 @@ pub fn read_csv(path: &Path) -> Result<Trace, TraceError> {
                 seen_data = true;
                 continue;
             }
-            Err(_) => return Err(perr(format!("bad layer id {layer_s:?}"))),
+            Err(_) => {
+                return Err(perr(format!(
+                    "bad layer id {:?}",
+                    crate::text::clip(layer_s, crate::text::QUOTE_MAX)
+                )))
+            }
         };
         seen_data = true;
         if layer >= usize::from(u16::MAX) {
@@ -149,7 +159,12 @@ pub fn read_csv(path: &Path) -> Result<Trace, TraceError> {
             .split_whitespace()
             .map(|t| {
                 t.parse::<u32>()
-                    .map_err(|_| perr(format!("bad expert id {t:?}")))
+                    .map_err(|_| {
+                        perr(format!(
+                            "bad expert id {:?}",
+                            crate::text::clip(t, crate::text::QUOTE_MAX)
+                        ))
+                    })
             })
             .collect::<Result<Vec<u32>, _>>()?;
         let ids = to_ids(&raw).map_err(perr)?;

@@ -29,7 +29,7 @@ use super::replay::{replay, ChunkRun};
 use super::{jobs, Progress, ServerArgs, ValidateError};
 use crate::cache::Counts;
 
-use crate::profile::{self, Profile};
+use crate::profile;
 use crate::sessions::{Corpus, Split};
 use crate::trace::TraceWriter;
 
@@ -96,6 +96,14 @@ struct State {
     published: Option<Published>,
     /// Bytes of the records file that belong to the done chunks (after the published ones).
     records_bytes: u64,
+    /// The counts and tokens already added to the profile by earlier publications of this
+    /// calibration (row-major; empty: none). A publication adds only the rest, under the
+    /// profile's writer lock, to what the file holds then, so counts `spark serve` wrote into
+    /// the same profile are kept.
+    #[serde(default)]
+    added: Vec<u64>,
+    #[serde(default)]
+    added_tokens: u64,
 }
 
 /// A published trace holding the records of done chunks.
@@ -204,6 +212,8 @@ pub fn calibrate(
         next_request: 1,
         published: None,
         records_bytes: 0,
+        added: Vec::new(),
+        added_tokens: 0,
     };
     let spath = state_path(&profile_path);
     let rpath = records_path(&profile_path);
@@ -352,22 +362,37 @@ pub fn calibrate(
         )?
     };
     let total = published.records;
-    let mut counts = Counts::zero(n_layer, n_expert);
+    // What this calibration counted and has not added to the profile yet.
+    let mut delta = Counts::zero(n_layer, n_expert);
     for l in 0..n_layer {
         for e in 0..n_expert {
-            counts.set(l, e, state.counts[l * n_expert + e]);
+            let i = l * n_expert + e;
+            let before = state.added.get(i).copied().unwrap_or(0);
+            delta.set(l, e, state.counts[i].saturating_sub(before));
         }
     }
-    let mut p = Profile::new(counts, geo.n_expert_used, Some(fingerprint));
-    p.tokens = Some(state.tokens);
-    p.updated = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_secs());
-    p.write(&profile_path)?;
-    if !up_to_date {
+    let mut whole = Counts::zero(n_layer, n_expert);
+    for l in 0..n_layer {
+        for e in 0..n_expert {
+            whole.set(l, e, state.counts[l * n_expert + e]);
+        }
+    }
+    // A profile that is gone (removed by the user) gets every count again.
+    let added_now = delta.total() > 0 || state.tokens > state.added_tokens;
+    if added_now || !profile_path.exists() {
+        let add = crate::profile::Addition {
+            delta: &delta,
+            delta_tokens: state.tokens.saturating_sub(state.added_tokens),
+            whole: &whole,
+            whole_tokens: state.tokens,
+        };
+        crate::profile::add_to(&profile_path, &add, geo.n_expert_used, &fingerprint)?;
+    }
+    if !up_to_date || added_now {
         state.published = Some(published);
         state.records_bytes = 0;
+        state.added = state.counts.clone();
+        state.added_tokens = state.tokens;
         write_state(&spath, &state)?;
         records
             .set_len(0)
@@ -614,6 +639,8 @@ mod tests {
             next_request: 1,
             published: None,
             records_bytes: 0,
+            added: Vec::new(),
+            added_tokens: 0,
         }
     }
 
