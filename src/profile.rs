@@ -459,6 +459,10 @@ impl Profile {
 pub enum ProfileCommand {
     /// Show a profile's geometry, freshness lines and per-layer skew
     Show(ProfileShowArgs),
+    /// Add several machines' profiles of one model into one (same fingerprint required)
+    Merge(crate::fleet::MergeArgs),
+    /// How far two profiles' routing differs: hot-set overlap and cross hit ratios per layer
+    Diff(crate::fleet::DiffArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -473,6 +477,8 @@ pub struct ProfileShowArgs {
 /// Runs one `spark profile` subcommand, printing to stdout.
 pub fn run(cmd: ProfileCommand) -> Result<(), ProfileError> {
     match cmd {
+        ProfileCommand::Merge(a) => crate::fleet::run_merge(&a)?,
+        ProfileCommand::Diff(a) => crate::fleet::run_diff(&a)?,
         ProfileCommand::Show(a) => {
             let p = Profile::read(&a.profile)?;
             print!("{}", p.summary(&a.profile));

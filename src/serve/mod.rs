@@ -10,6 +10,8 @@ pub mod auth;
 pub mod cli;
 pub mod listener;
 pub mod live;
+pub mod notify;
+pub mod page;
 pub mod placement;
 pub mod proxy;
 pub mod stats;
@@ -396,6 +398,10 @@ pub async fn serve(
         cfg.model.display(),
         keeper.state.pid.load(Ordering::Acquire)
     );
+    let systemd = notify::Systemd::start(
+        keeper.state.clone(),
+        format!("serving {} on http://{listen}", cfg.model.display()),
+    );
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -427,6 +433,9 @@ pub async fn serve(
         }
     }
     drop(tcp);
+    if let Some(systemd) = systemd {
+        systemd.stopping();
+    }
     let child_grace = drain(cfg.grace, graceful, &mut tasks).await;
     tokio::task::spawn_blocking(move || keeper.stop_within(child_grace)).await?;
     if let (Some(live), Some(thread)) = (&state.live, live_thread) {
