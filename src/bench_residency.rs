@@ -657,7 +657,8 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
                 slots.as_ref().expect("chosen").0.to_string(),
             ));
         }
-        eprintln!(
+        tracing::info!(
+            target: crate::progress::TARGET,
             "measuring ({}) {} [{}/{}]",
             c.letter(),
             c.name(),
@@ -824,7 +825,8 @@ fn measure_bytes(
     let mut rows = Vec::new();
     let mut device = String::new();
     for (i, &(c, slots)) in runs.iter().enumerate() {
-        eprintln!(
+        tracing::info!(
+            target: crate::progress::TARGET,
             "measuring bytes: ({}) {}{} [{}/{}]",
             c.letter(),
             c.name(),

@@ -27,7 +27,7 @@ pub struct DemoConfig {
 pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     use anyhow::Context;
     let engine = Engine::locate(cfg.llama_server.as_deref())?;
-    eprintln!("[1/7] engine: {}", engine.llama_server.display());
+    tracing::info!(target: crate::progress::TARGET,"[1/7] engine: {}", engine.llama_server.display());
     std::fs::create_dir_all(&cfg.dir)
         .with_context(|| format!("create demo directory {}", cfg.dir.display()))?;
 
@@ -36,22 +36,23 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     if !model.exists() {
         let vocab = engine::vocab_path(engine::DEFAULT_VOCAB)?;
         let rep = fixture::write_fixture(&spec, &vocab, &model)?;
-        eprintln!(
+        tracing::info!(
+            target: crate::progress::TARGET,
             "[2/7] fixture: wrote {} ({} bytes, vocab {})",
             model.display(),
             rep.bytes,
             rep.n_vocab
         );
     } else {
-        eprintln!("[2/7] fixture: reusing {}", model.display());
+        tracing::info!(target: crate::progress::TARGET,"[2/7] fixture: reusing {}", model.display());
     }
 
     let file = GgufFile::open(&model)?;
     let geometry = MoeGeometry::of(&file)?;
-    eprintln!("[3/7] spark inspect {}", model.display());
+    tracing::info!(target: crate::progress::TARGET,"[3/7] spark inspect {}", model.display());
     print!("{}", InspectReport::new(&file, geometry, None).render());
 
-    eprintln!("[4/7] llama-server alone: a completion from the pinned stock build");
+    tracing::info!(target: crate::progress::TARGET,"[4/7] llama-server alone: a completion from the pinned stock build");
     let server = LlamaServer::start(&LlamaServerConfig {
         binary: engine.llama_server.clone(),
         model: model.clone(),
@@ -93,7 +94,8 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
 
     serve_and_learn(cfg, &engine, &model)?;
 
-    eprintln!(
+    tracing::info!(
+        target: crate::progress::TARGET,
         "[7/7] calibrate on the built-in synthetic agent sessions, validate on the held-out ones"
     );
     let summary = crate::validate::demo_loop(&model, &engine, &cfg.dir.join("loop"))?;
@@ -143,7 +145,8 @@ fn serve_and_learn(
         vram_budget_mib: None,
         ctx: 2048,
     };
-    eprintln!(
+    tracing::info!(
+        target: crate::progress::TARGET,
         "[5/7] spark serve --spark -m {} --port {port}",
         model.display()
     );
@@ -226,7 +229,7 @@ fn serve_and_learn(
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        eprintln!("[6/7] what spark learned");
+        tracing::info!(target: crate::progress::TARGET,"[6/7] what spark learned");
         let st: serde_json::Value = agent
             .get(&format!("{base}/spark/status"))
             .call()?

@@ -54,11 +54,7 @@ mod tests {
             Command::new("serve")
                 .arg(Arg::new("cache_slots").long("cache-slots"))
                 .arg(Arg::new("quiet").long("quiet").action(ArgAction::SetTrue))
-                .arg(
-                    Arg::new("tap")
-                        .long("tap")
-                        .env("SPARK_TAP_ELSEWHERE"),
-                ),
+                .arg(Arg::new("tap").long("tap").env("SPARK_TAP_ELSEWHERE")),
         )
     }
 

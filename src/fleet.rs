@@ -105,20 +105,23 @@ pub fn merge(inputs: &[MergeInput]) -> Result<Merged, ProfileError> {
     let Some(first) = inputs.first() else {
         return Err(merge_err(Path::new("(none)"), "no profiles to merge"));
     };
-    same_model("merge", inputs.iter().map(|i| (i.path.as_path(), &i.profile)))?;
+    same_model(
+        "merge",
+        inputs.iter().map(|i| (i.path.as_path(), &i.profile)),
+    )?;
     for i in inputs {
         if !i.weight.is_finite() || i.weight < 0.0 {
             return Err(merge_err(
                 &i.path,
-                format!(
-                    "weight {} is not a finite non-negative number",
-                    i.weight
-                ),
+                format!("weight {} is not a finite non-negative number", i.weight),
             ));
         }
     }
     if inputs.iter().all(|i| i.weight == 0.0) {
-        return Err(merge_err(&first.path, "every weight is 0: nothing to merge"));
+        return Err(merge_err(
+            &first.path,
+            "every weight is 0: nothing to merge",
+        ));
     }
     let (n_layer, n_expert) = (first.profile.n_layer(), first.profile.n_expert());
     let mut sums = vec![0u128; n_layer * n_expert];
@@ -132,10 +135,7 @@ pub fn merge(inputs: &[MergeInput]) -> Result<Merged, ProfileError> {
     }
     // Halve everything together until the total fits (ratios kept).
     let mut halvings = 0u32;
-    let total_after = |h: u32| {
-        sums.iter()
-            .fold(0u128, |t, &c| t.saturating_add(c >> h))
-    };
+    let total_after = |h: u32| sums.iter().fold(0u128, |t, &c| t.saturating_add(c >> h));
     while total_after(halvings) > u128::from(MAX_TOTAL) {
         halvings += 1;
     }
@@ -258,8 +258,8 @@ pub fn diff(
             a_on_b: ab,
         });
     }
-    let overlap = layers.iter().map(|l| l.overlap as f64).sum::<f64>()
-        / (layers.len().max(1) * slots) as f64;
+    let overlap =
+        layers.iter().map(|l| l.overlap as f64).sum::<f64>() / (layers.len().max(1) * slots) as f64;
     let [aa, ba, bb, ab] = tot.map(|(h, a)| ratio(h, a));
     Ok(Diff {
         a: a_path.display().to_string(),
@@ -498,7 +498,10 @@ mod tests {
         let e = merge(&[input("a.csv", a.clone(), 1.0), input("b.csv", b, 1.0)])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("b.csv") && e.contains("gguf-1-bbbb") && e.contains("gguf-1-aaaa"), "{e}");
+        assert!(
+            e.contains("b.csv") && e.contains("gguf-1-bbbb") && e.contains("gguf-1-aaaa"),
+            "{e}"
+        );
         let luce = profile(&[&[1, 2]], 1, None, None);
         let e = merge(&[input("a.csv", a.clone(), 1.0), input("luce.csv", luce, 1.0)])
             .unwrap_err()
@@ -515,7 +518,10 @@ mod tests {
         assert!(merge(&[input("a.csv", a.clone(), 0.0)]).is_err());
         let e = diff(
             (Path::new("a.csv"), &a),
-            (Path::new("c.csv"), &profile(&[&[1, 2]], 1, Some("gguf-1-cccc"), None)),
+            (
+                Path::new("c.csv"),
+                &profile(&[&[1, 2]], 1, Some("gguf-1-cccc"), None),
+            ),
             None,
         )
         .unwrap_err()

@@ -20,6 +20,7 @@ pub mod log;
 pub mod manual;
 pub mod plan;
 pub mod profile;
+pub mod progress;
 pub mod ring;
 pub mod serve;
 pub mod sessions;

@@ -4,8 +4,9 @@
 //! or as JSON lines (`--log-format json`), one line per event.
 //!
 //! The text form is the lines spark always printed: `spark: <message>`, `spark: warning:
-//! <message>` for warnings, and `[llama-server] <line>` for llama-server's own log lines (events
-//! of target [`LLAMA_SERVER`]). The JSON form carries the timestamp, level, target and fields.
+//! <message>` for warnings, `[llama-server] <line>` for llama-server's own log lines (events
+//! of target [`LLAMA_SERVER`]), and progress lines as they are (target
+//! [`crate::progress::TARGET`]). The JSON form carries the timestamp, level, target and fields.
 //!
 //! Owns the one invariant that logging never takes the process down: stderr is written with
 //! `write_all` whose errors are swallowed (a closed pipe, a full disk), counted in [`dropped`],
@@ -34,12 +35,23 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Writes `bytes` to stderr whole, or drops them and counts the drop. Never panics.
+/// Set by [`init`] when the log is JSON.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether log lines are text (the default), not JSON.
+pub fn is_text() -> bool {
+    !JSON.load(Ordering::Relaxed)
+}
+
+/// Writes `bytes` to stderr whole (above a progress bar on screen), or drops them and counts
+/// the drop. Never panics.
 pub fn write_stderr(bytes: &[u8]) {
-    let mut err = std::io::stderr().lock();
-    if err.write_all(bytes).and_then(|()| err.flush()).is_err() {
-        DROPPED.fetch_add(1, Ordering::Relaxed);
-    }
+    crate::progress::while_hidden(|| {
+        let mut err = std::io::stderr().lock();
+        if err.write_all(bytes).and_then(|()| err.flush()).is_err() {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    })
 }
 
 /// How log lines are written.
@@ -114,6 +126,8 @@ where
         let meta = event.metadata();
         if meta.target() == LLAMA_SERVER {
             w.write_str("[llama-server] ")?;
+        } else if meta.target() == crate::progress::TARGET {
+            // Progress lines carry their own wording (`spark calibrate: 3/10 chunks …`).
         } else {
             w.write_str("spark: ")?;
             match *meta.level() {
@@ -142,6 +156,7 @@ pub fn init(args: &LogArgs) -> Result<(), LogError> {
         .with_writer(Stderr)
         .with_ansi(false)
         .log_internal_errors(false);
+    JSON.store(args.log_format == LogFormat::Json, Ordering::Relaxed);
     let installed = match args.log_format {
         LogFormat::Text => builder.event_format(Text).try_init(),
         LogFormat::Json => builder

@@ -185,9 +185,9 @@ fn flush_stdout() -> anyhow::Result<()> {
 /// `print!` panics when stdout's reader has gone (EPIPE: SIGPIPE is ignored, as Rust sets it,
 /// because spark also writes to sockets and to pipes of its children). Every command prints
 /// through `print!`, so this one hook turns that panic, from any thread, into a quiet exit with
-/// [`exit::BROKEN_PIPE`]. Any other failed write to stdout (a full disk: `spark inspect m.gguf
-/// >/dev/full`) ends the run with one log line and [`exit::CHECK_FAILED`], no backtrace; any
-/// other panic goes to the default hook.
+/// [`exit::BROKEN_PIPE`]. Any other failed write to stdout (a full disk, as with
+/// `spark inspect m.gguf` redirected to `/dev/full`) ends the run with one log line and
+/// [`exit::CHECK_FAILED`], no backtrace; any other panic goes to the default hook.
 fn exit_quietly_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -62,8 +62,7 @@ pub fn man(a: &ManArgs, cmd: clap::Command) -> anyhow::Result<()> {
     match &a.out_dir {
         None => print!("{}", String::from_utf8_lossy(&pages[0].1)),
         Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
             for (name, text) in &pages {
                 let path = dir.join(name);
                 crate::atomic_file::write_atomic_with(

@@ -262,7 +262,7 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
     for m in models() {
         let path = dir.join(format!("{}.gguf", m.name));
         if !path.exists() {
-            eprintln!("writing fixture {}", path.display());
+            tracing::info!(target: crate::progress::TARGET,"writing fixture {}", path.display());
             fixture::write_fixture(&m.spec, &vocab, &path)
                 .map_err(|e| PlanError::Validation(format!("write fixture {}: {e}", m.name)))?;
         }
@@ -305,7 +305,7 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
                     }];
                 }
                 let before = hw_now.host_read_gbps.clone();
-                eprintln!("measuring {} threads {t} --n-cpu-moe {ncmoe}", m.name);
+                tracing::info!(target: crate::progress::TARGET,"measuring {} threads {t} --n-cpu-moe {ncmoe}", m.name);
                 let mut rows =
                     super::run_llama_bench(&bench, &spec, Duration::from_secs(a.timeout))?;
                 if !a.cached_bandwidth {

@@ -181,6 +181,7 @@ impl ServeState {
             "connections": {"open": self.connections.open(), "max": self.connections.max, "rejected": self.connections.rejected.load(Ordering::Relaxed), "accept_errors": self.connections.accept_errors.load(Ordering::Relaxed), "header_timeout_s": self.connections.header_timeout.as_secs_f64()},
             "requests": self.stats.to_json(),
             "completed_requests": self.completed.load(Ordering::Acquire),
+            "log": {"dropped_lines": crate::log::dropped()},
             "routing": self.live.as_ref().map(|l| l.shared.lock().unwrap_or_else(|e| e.into_inner()).to_json(&l.cfg)),
             "profile": self.live.as_ref().and_then(|l| l.cfg.profile_path.as_ref().map(|p| {
                 let s = l.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -195,6 +196,7 @@ impl ServeState {
         use std::fmt::Write as _;
         let k = &self.keeper;
         let _ = writeln!(out, "# HELP spark_child_restarts_total Times llama-server was restarted.\n# TYPE spark_child_restarts_total counter\nspark_child_restarts_total {}", k.restarts.load(Ordering::Acquire));
+        let _ = writeln!(out, "# HELP spark_log_dropped_lines_total Log lines dropped because stderr failed (closed or full).\n# TYPE spark_log_dropped_lines_total counter\nspark_log_dropped_lines_total {}", crate::log::dropped());
         let _ = writeln!(out, "# HELP spark_child_up Whether llama-server is ready.\n# TYPE spark_child_up gauge\nspark_child_up {}", u8::from(k.port().is_some()));
         let hook_abi = match self.engine.is_hooked() {
             true => spark_proto::hook::ABI.to_string(),
@@ -243,8 +245,8 @@ async fn drain(
         .await
         .is_err()
     {
-        eprintln!(
-            "spark: in-flight requests did not finish within {} s; closing them",
+        tracing::warn!(
+            "in-flight requests did not finish within {} s; closing them",
             grace.as_secs()
         );
     }
@@ -269,7 +271,7 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
         let mut term = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
         let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
         let shutdown = async move {
-            tokio::select! { _ = term.recv() => eprintln!("spark: SIGTERM, shutting down"), _ = int.recv() => eprintln!("spark: SIGINT, shutting down") }
+            tokio::select! { _ = term.recv() => tracing::info!("SIGTERM, shutting down"), _ = int.recv() => tracing::info!("SIGINT, shutting down") }
         };
         serve(cfg, shutdown).await
     })
@@ -314,8 +316,8 @@ pub async fn serve(
         }
     };
     drop(file);
-    eprintln!(
-        "spark: placement {:?}: llama-server {}{}",
+    tracing::info!(
+        "placement {:?}: llama-server {}{}",
         placement.placement,
         placement.flags.join(" "),
         if placement.user_overrides.is_empty() {
@@ -360,8 +362,8 @@ pub async fn serve(
             (Some(handle), Some(launcher), Some(thread))
         }
         Some(_) => {
-            eprintln!(
-                "spark: {} has no MoE layers: serving without routing statistics",
+            tracing::info!(
+                "{} has no MoE layers: serving without routing statistics",
                 cfg.model.display()
             );
             (None, None, None)
@@ -393,8 +395,8 @@ pub async fn serve(
         live,
         placement,
     });
-    eprintln!(
-        "spark: serving {} on http://{listen} (llama-server pid {})",
+    tracing::info!(
+        "serving {} on http://{listen} (llama-server pid {})",
         cfg.model.display(),
         keeper.state.pid.load(Ordering::Acquire)
     );
@@ -420,7 +422,7 @@ pub async fn serve(
                     let pause = backoff.failed(Instant::now());
                     if let Some(n) = pause.log {
                         let times = if n > 1 { format!(" ({n} times since the last report)") } else { String::new() };
-                        eprintln!("spark: accept failed: {e}{times}; pausing accepts for {} ms", pause.sleep.as_millis());
+                        tracing::warn!("accept failed: {e}{times}; pausing accepts for {} ms", pause.sleep.as_millis());
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(pause.sleep) => {}
@@ -506,10 +508,10 @@ fn place_with_slots(
     };
     let host = host_of(&p);
     if host.is_empty() {
-        eprintln!("spark: residency: every expert fits in VRAM at this budget; the provider has nothing to serve");
+        tracing::info!("residency: every expert fits in VRAM at this budget; the provider has nothing to serve");
     } else {
-        eprintln!(
-            "spark: residency: {} slots per expert layer in {} host-resident expert layers, {} MiB of VRAM kept for them",
+        tracing::info!(
+            "residency: {} slots per expert layer in {} host-resident expert layers, {} MiB of VRAM kept for them",
             r.slots,
             host.len(),
             r.mib(&host)
@@ -563,8 +565,8 @@ fn residency_setup(
             "--residency: {slots} slots per layer take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget"
         )));
     }
-    eprintln!(
-        "spark: residency: {slots} slots per expert layer (at most {slot_mib} MiB of VRAM), policy {}",
+    tracing::info!(
+        "residency: {slots} slots per expert layer (at most {slot_mib} MiB of VRAM), policy {}",
         cfg.cache_policy.name()
     );
     Ok(r)
@@ -585,10 +587,7 @@ fn start_live(
     anyhow::Error,
 > {
     for stale in crate::ring::remove_stale_rings(std::path::Path::new("/dev/shm")) {
-        eprintln!(
-            "spark: removed {} left by a run that was killed",
-            stale.display()
-        );
+        tracing::info!("removed {} left by a run that was killed", stale.display());
     }
     let fingerprint = geometry.fingerprint.to_string();
     let (start_profile, profile_start) = match &cfg.profile {
@@ -655,13 +654,13 @@ fn load_profile(
         return Ok((None, "new".into()));
     }
     let set_aside = |why: &str| match crate::profile::set_aside(path) {
-        Ok(stale) => eprintln!(
-            "spark: warning: profile {} {why}; kept as {} and starting fresh",
+        Ok(stale) => tracing::warn!(
+            "profile {} {why}; kept as {} and starting fresh",
             path.display(),
             stale.display()
         ),
-        Err(e) => eprintln!(
-            "spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh",
+        Err(e) => tracing::warn!(
+            "profile {} {why}; could not move it aside ({e}); starting fresh",
             path.display()
         ),
     };
@@ -672,8 +671,8 @@ fn load_profile(
                 if p.n_layer() == geometry.n_layer as usize
                     && p.n_expert() == geometry.n_expert as usize =>
             {
-                eprintln!(
-                    "spark: loaded profile {} ({} tokens)",
+                tracing::info!(
+                    "loaded profile {} ({} tokens)",
                     path.display(),
                     p.tokens.unwrap_or(0)
                 );
@@ -683,7 +682,7 @@ fn load_profile(
                 if p.n_layer() == geometry.n_layer as usize
                     && p.n_expert() == geometry.n_expert as usize =>
             {
-                eprintln!("spark: warning: profile {} has no model fingerprint; its shape matches, so it is used and will be stamped", path.display());
+                tracing::warn!("profile {} has no model fingerprint; its shape matches, so it is used and will be stamped", path.display());
                 (Some(p), "unknown".into())
             }
             Freshness::Stale(other) => {

@@ -77,7 +77,9 @@ pub fn status_line(phase: ChildPhase, serving: &str) -> String {
     match phase {
         ChildPhase::Ready => serving.to_string(),
         ChildPhase::Starting => "starting llama-server".into(),
-        ChildPhase::Unresponsive => "llama-server is unresponsive (failing its health probes)".into(),
+        ChildPhase::Unresponsive => {
+            "llama-server is unresponsive (failing its health probes)".into()
+        }
         ChildPhase::Restarting => "llama-server exited; restarting".into(),
         ChildPhase::Stopped => "llama-server stopped".into(),
     }
