@@ -616,3 +616,138 @@ fn completions_and_man_pages_come_from_the_cli() {
     let o = spark(&["man"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains(".SH NAME"));
 }
+
+// ---- the live page, in a real headless Chromium ----
+
+/// Debian's chromium, if installed (scripts/test installs it; with SPARK_REQUIRE_CHROMIUM=1 its
+/// absence fails the test instead of skipping it).
+fn chromium() -> Option<PathBuf> {
+    let found = ["chromium", "chromium-browser"].iter().find_map(|n| {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(n))
+                .find(|c| c.is_file())
+        })
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("SPARK_REQUIRE_CHROMIUM").is_none(),
+            "SPARK_REQUIRE_CHROMIUM is set and chromium is missing (scripts/test installs it)"
+        );
+        eprintln!("skipped: chromium is not installed (scripts/test installs it from Debian)");
+    }
+    found
+}
+
+/// Runs headless Chromium on `url` with a fresh profile: `--dump-dom` (returned) or a
+/// screenshot into `shot`. Waits `budget_ms` of the page's (virtual) time first.
+fn headless(chrome: &Path, url: &str, budget_ms: u32, shot: Option<&Path>) -> String {
+    let profile = tempdir();
+    let mut cmd = Command::new(chrome);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--window-size=1280,1100",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .arg(format!("--virtual-time-budget={budget_ms}"));
+    match shot {
+        Some(p) => cmd.arg(format!("--screenshot={}", p.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    cmd.arg(url);
+    let (o, _) = util::output_within(&mut cmd, util::HANG_LIMIT);
+    assert!(
+        o.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The text of the element with `id` in a dumped DOM.
+fn text_of(dom: &str, id: &str) -> String {
+    let Some(at) = dom.find(&format!("id=\"{id}\"")) else {
+        panic!("no #{id} in {dom}")
+    };
+    let rest = &dom[at..];
+    let start = rest.find('>').unwrap() + 1;
+    let end = rest[start..].find('<').unwrap();
+    rest[start..start + end].to_string()
+}
+
+#[test]
+fn live_page_shows_and_updates_the_numbers_in_headless_chromium() {
+    let Some(chrome) = chromium() else { return };
+    let dir = tempdir();
+    let model = fixture(dir.path(), "m.gguf", &["--router", "skewed"]);
+    let tap = crate::telemetry::tap_lib();
+    let served = util::Served::start(&model, &["--tap", tap.to_str().unwrap()]);
+    let complete = |n: usize| {
+        for i in 0..n {
+            let r = ureq::post(&served.url("/completion"))
+                .timeout(Duration::from_secs(60))
+                .send_json(serde_json::json!({"prompt": format!("Tell me about experts {i}"), "n_predict": 24}))
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    complete(3);
+    let page = served.url("/spark/");
+    let dom = headless(&chrome, &page, 3500, None);
+    assert_eq!(text_of(&dom, "k-req"), "3", "the page shows the requests made");
+    assert_eq!(text_of(&dom, "state"), "ready");
+    assert!(text_of(&dom, "model").ends_with("m.gguf"));
+    let updates: u32 = dom
+        .split("data-updates=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(updates >= 2, "the page updates itself: {updates} updates");
+    let heat = text_of(&dom, "heatnote");
+    assert!(heat.contains("layers × 8 experts") || heat.contains("layers ×"), "{heat}");
+    assert!(text_of(&dom, "k-hit").ends_with('%'), "hit ratio shown");
+    assert!(text_of(&dom, "k-bel").ends_with('%'), "Belady bound shown");
+
+    // More requests: a fresh load shows the new count.
+    complete(2);
+    let dom = headless(&chrome, &page, 1500, None);
+    assert_eq!(text_of(&dom, "k-req"), "5");
+
+    // The screenshot, kept as a test artifact.
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/spark-page");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join("live.png");
+    let _ = std::fs::remove_file(&shot);
+    headless(&chrome, &page, 4500, Some(&shot));
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{}", shot.display());
+    eprintln!("screenshot: {}", shot.display());
+
+    // Same auth as /spark/status: with an API key, no key gets 401.
+    drop(served);
+    let keyed = util::Served::start_custom(
+        &model,
+        &util::llama_server(),
+        &["--no-tap"],
+        &["-c", "512", "--api-key", "k3y"],
+        |_| {},
+    );
+    match ureq::get(&keyed.url("/spark/")).call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("/spark/ without the key: {other:?}"),
+    }
+    let r = ureq::get(&keyed.url("/spark/"))
+        .set("Authorization", "Bearer k3y")
+        .call()
+        .unwrap();
+    assert!(r.into_string().unwrap().contains("<title>spark</title>"));
+}
