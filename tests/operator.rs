@@ -700,9 +700,33 @@ fn live_page_shows_and_updates_the_numbers_in_headless_chromium() {
         }
     };
     complete(3);
+    let heat: Value = ureq::get(&served.url("/spark/heat.json"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let (l, e) = (
+        heat["n_layer"].as_u64().unwrap(),
+        heat["n_expert"].as_u64().unwrap(),
+    );
+    assert!(l > 0 && e > 0, "{heat}");
+    assert_eq!(heat["decode"].as_array().unwrap().len() as u64, l);
+    let uses: u64 = heat["decode"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert!(uses > 0, "the decode counts of the requests: {heat}");
+    assert!(!heat["history"].as_array().unwrap().is_empty(), "{heat}");
     let page = served.url("/spark/");
     let dom = headless(&chrome, &page, 3500, None);
-    assert_eq!(text_of(&dom, "k-req"), "3", "the page shows the requests made");
+    assert_eq!(
+        text_of(&dom, "k-req"),
+        "3",
+        "the page shows the requests made"
+    );
     assert_eq!(text_of(&dom, "state"), "ready");
     assert!(text_of(&dom, "model").ends_with("m.gguf"));
     let updates: u32 = dom
@@ -713,7 +737,10 @@ fn live_page_shows_and_updates_the_numbers_in_headless_chromium() {
         .unwrap_or(0);
     assert!(updates >= 2, "the page updates itself: {updates} updates");
     let heat = text_of(&dom, "heatnote");
-    assert!(heat.contains("layers × 8 experts") || heat.contains("layers ×"), "{heat}");
+    assert!(
+        heat.contains("layers × 8 experts") || heat.contains("layers ×"),
+        "{heat}"
+    );
     assert!(text_of(&dom, "k-hit").ends_with('%'), "hit ratio shown");
     assert!(text_of(&dom, "k-bel").ends_with('%'), "Belady bound shown");
 
@@ -729,7 +756,11 @@ fn live_page_shows_and_updates_the_numbers_in_headless_chromium() {
     let _ = std::fs::remove_file(&shot);
     headless(&chrome, &page, 4500, Some(&shot));
     let png = std::fs::read(&shot).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{}", shot.display());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{}",
+        shot.display()
+    );
     eprintln!("screenshot: {}", shot.display());
 
     // Same auth as /spark/status: with an API key, no key gets 401.

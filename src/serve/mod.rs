@@ -133,6 +133,8 @@ pub struct ServeState {
     pub listen: SocketAddr,
     /// Live routing statistics, when the tap runs.
     pub live: Option<LiveHandle>,
+    /// Hit ratios of the last minutes, for the live page.
+    pub history: page::History,
     pub placement: placement::ServePlacement,
 }
 
@@ -394,7 +396,9 @@ pub async fn serve(
         listen,
         live,
         placement,
+        history: page::History::default(),
     });
+    let history = page::spawn_history(state.clone());
     tracing::info!(
         "serving {} on http://{listen} (llama-server pid {})",
         cfg.model.display(),
@@ -438,6 +442,7 @@ pub async fn serve(
     if let Some(systemd) = systemd {
         systemd.stopping();
     }
+    history.abort();
     let child_grace = drain(cfg.grace, graceful, &mut tasks).await;
     tokio::task::spawn_blocking(move || keeper.stop_within(child_grace)).await?;
     if let (Some(live), Some(thread)) = (&state.live, live_thread) {
