@@ -54,6 +54,34 @@ pub fn write_stderr(bytes: &[u8]) {
     })
 }
 
+/// The level llama-server gives one of its log lines: llama.cpp's `<time> I|W|E|D <text>`
+/// lines by their letter, `warning: …` and `error: …` lines by their word, anything else info.
+pub fn llama_level(line: &str) -> Level {
+    let letter = line
+        .split_once(' ')
+        .filter(|(t, _)| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .map(|(l, _)| l);
+    match letter {
+        Some("E") => Level::ERROR,
+        Some("W") => Level::WARN,
+        Some("D") => Level::DEBUG,
+        _ if line.starts_with("error:") => Level::ERROR,
+        _ if line.starts_with("warning:") => Level::WARN,
+        _ => Level::INFO,
+    }
+}
+
+/// Logs one line of llama-server's own log (target [`LLAMA_SERVER`]) at its [`llama_level`].
+pub fn llama_server_line(line: &str) {
+    match llama_level(line) {
+        Level::ERROR => tracing::error!(target: LLAMA_SERVER, "{line}"),
+        Level::WARN => tracing::warn!(target: LLAMA_SERVER, "{line}"),
+        Level::DEBUG => tracing::debug!(target: LLAMA_SERVER, "{line}"),
+        _ => tracing::info!(target: LLAMA_SERVER, "{line}"),
+    }
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -174,6 +202,22 @@ pub fn init(args: &LogArgs) -> Result<(), LogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llama_server_lines_keep_their_own_level() {
+        for (line, level) in [
+            ("0.00.021.188 W srv  llama_server: security: no API key", Level::WARN),
+            ("0.00.020.918 I srv  llama_server: initializing ...", Level::INFO),
+            ("1.02.000.001 E srv  load_model: failed", Level::ERROR),
+            ("0.00.000.100 D cmn  detail", Level::DEBUG),
+            ("warning: no usable GPU found", Level::WARN),
+            ("error: bad argument", Level::ERROR),
+            ("fake-llama: \"POST /completion HTTP/1.1\" 200 -", Level::INFO),
+            ("W without a time", Level::INFO),
+        ] {
+            assert_eq!(llama_level(line), level, "{line}");
+        }
+    }
 
     #[test]
     fn a_bad_filter_is_a_usage_error_naming_it() {
