@@ -33,7 +33,7 @@ pub struct Merged {
 }
 
 fn merge_err(path: &Path, msg: impl Into<String>) -> ProfileError {
-    ProfileError::Invalid {
+    ProfileError::Combine {
         path: path.to_path_buf(),
         msg: msg.into(),
     }

@@ -43,6 +43,9 @@ pub enum ProfileError {
     },
     #[error("parse profile {path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
+    /// Profiles that cannot be combined (`spark profile merge` / `diff`).
+    #[error("combine profile {path}: {msg}")]
+    Combine { path: PathBuf, msg: String },
     #[error("use profile {path}: it was made for model {found}, not {expected} (stale)")]
     Stale {
         path: PathBuf,
