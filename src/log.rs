@@ -206,13 +206,22 @@ mod tests {
     #[test]
     fn llama_server_lines_keep_their_own_level() {
         for (line, level) in [
-            ("0.00.021.188 W srv  llama_server: security: no API key", Level::WARN),
-            ("0.00.020.918 I srv  llama_server: initializing ...", Level::INFO),
+            (
+                "0.00.021.188 W srv  llama_server: security: no API key",
+                Level::WARN,
+            ),
+            (
+                "0.00.020.918 I srv  llama_server: initializing ...",
+                Level::INFO,
+            ),
             ("1.02.000.001 E srv  load_model: failed", Level::ERROR),
             ("0.00.000.100 D cmn  detail", Level::DEBUG),
             ("warning: no usable GPU found", Level::WARN),
             ("error: bad argument", Level::ERROR),
-            ("fake-llama: \"POST /completion HTTP/1.1\" 200 -", Level::INFO),
+            (
+                "fake-llama: \"POST /completion HTTP/1.1\" 200 -",
+                Level::INFO,
+            ),
             ("W without a time", Level::INFO),
         ] {
             assert_eq!(llama_level(line), level, "{line}");

@@ -469,9 +469,7 @@ fn spawn_forwarder(path: PathBuf, state: Arc<KeeperState>) -> JoinHandle<()> {
                         partial.push_str(&String::from_utf8_lossy(&buf));
                         buf.clear();
                         if partial.ends_with('\n') {
-                            crate::log::llama_server_line(
-                                partial.trim_end_matches(['\n', '\r']),
-                            );
+                            crate::log::llama_server_line(partial.trim_end_matches(['\n', '\r']));
                             partial.clear();
                         }
                     }
