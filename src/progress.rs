@@ -78,6 +78,15 @@ impl Steps {
         }
     }
 
+    /// The job reached `pos` steps, for the bar only: a job that printed no plain lines stays
+    /// silent off a terminal.
+    pub fn bar_at(&self, pos: u64, msg: impl FnOnce() -> String) {
+        if let Some(b) = &self.bar {
+            b.set_position(pos);
+            b.set_message(msg());
+        }
+    }
+
     /// Rates and the ETA count from now (the work has really begun).
     pub fn reset_clock(&self) {
         if let Some(b) = &self.bar {
