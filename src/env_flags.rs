@@ -6,22 +6,31 @@
 //! Owns only the naming rule, applied to the CLI definition when the binary builds it, so a
 //! flag added to `ServeArgs` later gets its variable without anyone writing it down. Switches
 //! (flags without a value) read their variable as a boolean: `0`, `false`, `no`, `off` and the
-//! empty string are off, anything else on. Never touches the `LLAMA_ARG_*` variables: they reach
-//! llama-server as they were.
+//! empty string are off, anything else on. `SPARK_TAP` and `SPARK_LLAMA_SERVER` keep their older
+//! meaning (where to look when the flag is absent, read by the library). A variable counts as
+//! its flag given, so variables of flags that exclude each other are refused as the flags would
+//! be. Never touches the `LLAMA_ARG_*` variables: they reach llama-server as they were.
 
 /// The variable of a long flag: `SPARK_` + the name in capitals, `-` as `_`.
 pub fn var_name(long: &str) -> String {
     format!("SPARK_{}", long.to_ascii_uppercase().replace('-', "_"))
 }
 
-/// Gives every long flag of `cmd` (not `--help`, not a flag that has a variable already) its
-/// `SPARK_*` variable.
+/// Gives every long flag of `cmd` its `SPARK_*` variable, except `--help`, a flag that has a
+/// variable already, and a flag whose help names its variable as a fallback the library reads
+/// itself (`--tap`: "default: $SPARK_TAP, then next to the spark binary"): that variable keeps
+/// its meaning, a place to look when the flag is absent, so `SPARK_TAP` set for every tool does
+/// not count as `--tap` given (which `--no-tap` would refuse).
 pub fn with_env(mut cmd: clap::Command) -> clap::Command {
     let ids: Vec<(String, String, bool)> = cmd
         .get_arguments()
         .filter(|a| a.get_env().is_none() && !a.is_global_set())
         .filter_map(|a| {
             let long = a.get_long()?;
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if help.contains(&format!("${}", var_name(long))) {
+                return None;
+            }
             let switch = matches!(a.get_action(), clap::ArgAction::SetTrue);
             let help = matches!(
                 a.get_action(),
@@ -72,5 +81,6 @@ mod tests {
         assert_eq!(env("cache_slots").as_deref(), Some("SPARK_CACHE_SLOTS"));
         assert_eq!(env("quiet").as_deref(), Some("SPARK_QUIET"));
         assert_eq!(env("tap").as_deref(), Some("SPARK_TAP_ELSEWHERE"), "kept");
+        assert_eq!(env("llama_server"), None, "a fallback the library reads keeps its meaning");
     }
 }
