@@ -81,6 +81,10 @@ mod tests {
         assert_eq!(env("cache_slots").as_deref(), Some("SPARK_CACHE_SLOTS"));
         assert_eq!(env("quiet").as_deref(), Some("SPARK_QUIET"));
         assert_eq!(env("tap").as_deref(), Some("SPARK_TAP_ELSEWHERE"), "kept");
-        assert_eq!(env("llama_server"), None, "a fallback the library reads keeps its meaning");
+        assert_eq!(
+            env("llama_server"),
+            None,
+            "a fallback the library reads keeps its meaning"
+        );
     }
 }
