@@ -32,7 +32,7 @@ pub struct DemoConfig {
 pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     use anyhow::Context;
     let engine = Engine::locate(cfg.llama_server.as_deref())?;
-    eprintln!("[1/8] engine: {}", engine.llama_server.display());
+    tracing::info!(target: crate::progress::TARGET, "[1/8] engine: {}", engine.llama_server.display());
     std::fs::create_dir_all(&cfg.dir)
         .with_context(|| format!("create demo directory {}", cfg.dir.display()))?;
 
@@ -41,25 +41,26 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
     if !model.exists() {
         let vocab = engine::vocab_path(engine::DEFAULT_VOCAB)?;
         let rep = fixture::write_fixture(&spec, &vocab, &model)?;
-        eprintln!(
+        tracing::info!(
+            target: crate::progress::TARGET,
             "[2/8] fixture: wrote {} ({} bytes, vocab {})",
             model.display(),
             rep.bytes,
             rep.n_vocab
         );
     } else {
-        eprintln!("[2/8] fixture: reusing {}", model.display());
+        tracing::info!(target: crate::progress::TARGET, "[2/8] fixture: reusing {}", model.display());
     }
 
     let file = GgufFile::open(&model)?;
     let geometry = MoeGeometry::of(&file)?;
-    eprintln!("[3/8] spark inspect {}", model.display());
+    tracing::info!(target: crate::progress::TARGET, "[3/8] spark inspect {}", model.display());
     print!(
         "{}",
         InspectReport::new(&file, geometry.clone(), None).render()
     );
 
-    eprintln!("[4/8] llama-server alone: a completion from the pinned stock build");
+    tracing::info!(target: crate::progress::TARGET, "[4/8] llama-server alone: a completion from the pinned stock build");
     let server = LlamaServer::start(&LlamaServerConfig {
         binary: engine.llama_server.clone(),
         model: model.clone(),
@@ -108,7 +109,8 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<()> {
 
     serve_and_learn(cfg, &engine, &model)?;
 
-    eprintln!(
+    tracing::info!(
+            target: crate::progress::TARGET,
         "[7/8] calibrate on the built-in synthetic agent sessions, validate on the held-out ones"
     );
     let summary = crate::validate::demo_loop(&model, &engine, &cfg.dir.join("loop"))?;
@@ -160,7 +162,8 @@ fn serve_and_learn(
         vram_budget_mib: None,
         ctx: 2048,
     };
-    eprintln!(
+    tracing::info!(
+            target: crate::progress::TARGET,
         "[5/8] spark serve --spark -m {} --port {port}",
         model.display()
     );
@@ -212,7 +215,7 @@ fn serve_and_learn(
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        eprintln!("[6/8] what spark learned");
+        tracing::info!(target: crate::progress::TARGET, "[6/8] what spark learned");
         let st: serde_json::Value = agent
             .get(&format!("{base}/spark/status"))
             .call()?
@@ -344,7 +347,7 @@ fn residency_on_lavapipe(
     use crate::engine::Backend;
     println!();
     if !engine::is_built(Backend::Vulkan, true) {
-        eprintln!("[8/8] residency: skipped, the hooked Vulkan engine is not built");
+        tracing::info!(target: crate::progress::TARGET, "[8/8] residency: skipped, the hooked Vulkan engine is not built");
         println!("residency  to see spark serve experts from VRAM slots (hits, loads, the same answer as");
         println!("           without it) on this machine, no GPU needed: scripts/build-engine --vulkan --hooked");
         println!("           (scripts/test builds it), then run scripts/demo again");
@@ -352,7 +355,8 @@ fn residency_on_lavapipe(
     }
     let server = engine::prefix(Backend::Vulkan, true).join("bin/llama-server");
     let vulkan = Engine::locate(Some(&server))?;
-    eprintln!(
+    tracing::info!(
+        target: crate::progress::TARGET,
         "[8/8] residency: spark serve --residency on {} (Mesa's lavapipe: a CPU posing as a GPU)",
         vulkan.variant()
     );

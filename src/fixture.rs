@@ -306,7 +306,14 @@ pub fn write_fixture(
     );
 
     let in_scale = 1.0 / (e as f32).sqrt();
+    // A bar on a terminal for fixtures that take a while (medium and larger); no plain lines.
+    let large = spec.layers as u64 * spec.experts as u64 * spec.expert_ff * spec.embd >= 1 << 26;
+    let steps =
+        crate::progress::Steps::new("writing fixture", u64::from(spec.layers), "layers", !large);
     for layer in 0..spec.layers {
+        if steps.is_bar() {
+            steps.at(u64::from(layer), || out.display().to_string(), String::new);
+        }
         let b = |s: &str| format!("blk.{layer}.{s}.weight");
         let norm = |rng: &mut ChaCha8Rng| -> Vec<f32> {
             (0..e).map(|_| 0.8 + 0.4 * rng.gen::<f32>()).collect()
@@ -418,7 +425,15 @@ pub fn write_fixture(
             source,
         })?;
     }
+    if steps.is_bar() {
+        steps.at(
+            u64::from(spec.layers),
+            || format!("{}: writing", out.display()),
+            String::new,
+        );
+    }
     w.write(out)?;
+    steps.finish();
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     Ok(FixtureReport {
         path: out.to_path_buf(),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use spark::engine::{self, Engine, EngineError};
 use spark::exit;
@@ -19,6 +19,14 @@ use spark::supervisor::ServerError;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: spark::log::LogArgs,
+}
+
+/// The CLI definition: the derived one, with every `spark serve` flag also read from its
+/// `SPARK_*` variable. Completions and the man page are generated from this too.
+fn cli_command() -> clap::Command {
+    Cli::command().mut_subcommand("serve", spark::env_flags::with_env)
 }
 
 // Parsed once per run: the size of the largest variant costs nothing.
@@ -51,9 +59,13 @@ enum Command {
     Calibrate(spark::validate::CalibrateArgs),
     /// Check a profile on the held-out chunks: cold-hit rates per resident set, report, exit code
     Validate(spark::validate::ValidateArgs),
-    /// Routing profiles (`<model>.gguf.spark.csv`): show, heatmap
+    /// Routing profiles (`<model>.gguf.spark.csv`): show, heatmap, merge, diff
     #[command(subcommand)]
     Profile(spark::profile::ProfileCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(spark::manual::CompletionsArgs),
+    /// Print the man page (or write one page per subcommand with --out-dir)
+    Man(spark::manual::ManArgs),
 }
 
 #[derive(Args)]
@@ -141,20 +153,42 @@ enum BenchCommand {
 fn main() -> ExitCode {
     exit_quietly_on_closed_stdout();
     spark::supervisor::ignore_file_size_signal();
-    let cli = Cli::parse();
-    match run(cli) {
+    let cli = match Cli::from_arg_matches(&cli_command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = spark::log::init(&cli.log) {
+        spark::log::write_stderr(format!("spark: failed to {e}\n").as_bytes());
+        return ExitCode::from(exit::USAGE as u8);
+    }
+    match run(cli).and_then(|()| flush_stdout()) {
         Ok(()) => ExitCode::from(exit::OK as u8),
         Err(err) => {
-            eprintln!("spark: failed to {}", one_line(&err));
+            tracing::error!("failed to {}", one_line(&err));
             ExitCode::from(exit_code(&err) as u8)
         }
+    }
+}
+
+/// Flushes what `print!` left in stdout's buffer, so a failed last write is an error (exit 1,
+/// or [`exit::BROKEN_PIPE`] for a closed pipe) and not a silent loss at exit.
+fn flush_stdout() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().flush() {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => {
+            std::process::exit(exit::BROKEN_PIPE)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("write to stdout")),
     }
 }
 
 /// `print!` panics when stdout's reader has gone (EPIPE: SIGPIPE is ignored, as Rust sets it,
 /// because spark also writes to sockets and to pipes of its children). Every command prints
 /// through `print!`, so this one hook turns that panic, from any thread, into a quiet exit with
-/// [`exit::BROKEN_PIPE`]; any other panic goes to the default hook.
+/// [`exit::BROKEN_PIPE`]. Any other failed write to stdout (a full disk, as with
+/// `spark inspect m.gguf` redirected to `/dev/full`) ends the run with one log line and
+/// [`exit::CHECK_FAILED`], no backtrace; any other panic goes to the default hook.
 fn exit_quietly_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -169,6 +203,10 @@ fn exit_quietly_on_closed_stdout() {
             && msg.ends_with(&format!("(os error {})", nix::libc::EPIPE))
         {
             std::process::exit(exit::BROKEN_PIPE);
+        }
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            tracing::error!("failed to write to stdout: {why}");
+            std::process::exit(exit::CHECK_FAILED);
         }
         default(info);
     }));
@@ -235,6 +273,7 @@ fn exit_code(err: &anyhow::Error) -> i32 {
             return e.exit_code();
         }
         if cause.is::<GgufError>()
+            || cause.is::<spark::log::LogError>()
             || cause.is::<EngineError>()
             || cause.is::<FixtureError>()
             || cause.is::<UsageError>()
@@ -281,6 +320,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Calibrate(a) => spark::validate::calibrate::run(&a)?,
         Command::Validate(a) => spark::validate::check::run(&a)?,
         Command::Profile(c) => spark::profile::run(c)?,
+        Command::Completions(a) => spark::manual::completions(&a, cli_command()),
+        Command::Man(a) => spark::manual::man(&a, cli_command())?,
         Command::Inspect(a) => {
             let file = GgufFile::open(&a.model)?;
             let geometry = MoeGeometry::of(&file)?;

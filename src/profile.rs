@@ -44,6 +44,9 @@ pub enum ProfileError {
     },
     #[error("parse profile {path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
+    /// Profiles that cannot be combined (`spark profile merge` / `diff`).
+    #[error("combine profile {path}: {msg}")]
+    Combine { path: PathBuf, msg: String },
     #[error("use profile {path}: it was made for model {found}, not {expected} (stale)")]
     Stale {
         path: PathBuf,
@@ -611,13 +614,13 @@ impl Profile {
             return Ok((None, "new".into()));
         }
         let set_aside = |why: &str| match set_aside(path) {
-            Ok(stale) => eprintln!(
-                "spark: warning: profile {} {why}; kept as {} and starting fresh",
+            Ok(stale) => tracing::warn!(
+                "profile {} {why}; kept as {} and starting fresh",
                 path.display(),
                 stale.display()
             ),
-            Err(e) => eprintln!(
-                "spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh",
+            Err(e) => tracing::warn!(
+                "profile {} {why}; could not move it aside ({e}); starting fresh",
                 path.display()
             ),
         };
@@ -635,8 +638,8 @@ impl Profile {
                     if p.n_layer() == geometry.n_layer as usize
                         && p.n_expert() == geometry.n_expert as usize =>
                 {
-                    eprintln!(
-                        "spark: loaded profile {} ({} tokens)",
+                    tracing::info!(
+                        "loaded profile {} ({} tokens)",
                         path.display(),
                         p.tokens.unwrap_or(0)
                     );
@@ -646,7 +649,7 @@ impl Profile {
                     if p.n_layer() == geometry.n_layer as usize
                         && p.n_expert() == geometry.n_expert as usize =>
                 {
-                    eprintln!("spark: warning: profile {} has no model fingerprint; its shape matches, so it is used and will be stamped", path.display());
+                    tracing::warn!("profile {} has no model fingerprint; its shape matches, so it is used and will be stamped", path.display());
                     (Some(p), "unknown".into())
                 }
                 Freshness::Stale(other) => {
@@ -730,6 +733,10 @@ impl Profile {
 pub enum ProfileCommand {
     /// Show a profile's geometry, freshness lines and per-layer skew
     Show(ProfileShowArgs),
+    /// Add several machines' profiles of one model into one (same fingerprint required)
+    Merge(crate::fleet::MergeArgs),
+    /// How far two profiles' routing differs: hot-set overlap and cross hit ratios per layer
+    Diff(crate::fleet::DiffArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -744,6 +751,8 @@ pub struct ProfileShowArgs {
 /// Runs one `spark profile` subcommand, printing to stdout.
 pub fn run(cmd: ProfileCommand) -> Result<(), ProfileError> {
     match cmd {
+        ProfileCommand::Merge(a) => crate::fleet::run_merge(&a)?,
+        ProfileCommand::Diff(a) => crate::fleet::run_diff(&a)?,
         ProfileCommand::Show(a) => {
             let p = Profile::read(&a.profile)?;
             print!("{}", p.summary(&a.profile));

@@ -172,8 +172,8 @@ impl<T: RingRecord> RingFile<T> {
         if !self.warned {
             if let Some(f) = self.consumer.fault() {
                 self.warned = true;
-                eprintln!(
-                    "spark: warning: {}: protocol error ({f}); no more records are read from it",
+                tracing::warn!(
+                    "{}: protocol error ({f}); no more records are read from it",
                     self.name
                 );
             }

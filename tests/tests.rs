@@ -1,5 +1,8 @@
 //! Integration tests, compiled as one binary; `util` holds what they share.
 
+// Test diagnostics go to the harness's captured stderr; a panic there fails only the test.
+#![allow(clippy::disallowed_macros)]
+
 mod util;
 
 mod bench_residency;
@@ -9,6 +12,7 @@ mod flags;
 mod gguf_files;
 mod hook;
 mod lavapipe;
+mod operator;
 mod plan;
 mod serve;
 mod serve_compat;

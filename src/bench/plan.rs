@@ -261,10 +261,18 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
     let vocab = crate::engine::vocab_path(crate::engine::DEFAULT_VOCAB)?;
     let hw = hardware::gather(&hardware::HardwareOverrides::default())?;
     let mut receipts: Vec<(String, Receipt)> = Vec::new();
-    for m in models() {
+    let models = models();
+    let steps = crate::progress::Steps::new(
+        "bench plan",
+        (models.len() * a.threads.len() * 2) as u64,
+        "runs",
+        false,
+    );
+    let mut done = 0u64;
+    for m in models {
         let path = dir.join(format!("{}.gguf", m.name));
         if !path.exists() {
-            eprintln!("writing fixture {}", path.display());
+            tracing::info!(target: crate::progress::TARGET,"writing fixture {}", path.display());
             fixture::write_fixture(&m.spec, &vocab, &path)
                 .map_err(|e| PlanError::Validation(format!("write fixture {}: {e}", m.name)))?;
         }
@@ -307,7 +315,12 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
                     }];
                 }
                 let before = hw_now.host_read_gbps.clone();
-                eprintln!("measuring {} threads {t} --n-cpu-moe {ncmoe}", m.name);
+                steps.at(
+                    done,
+                    || format!("{} threads {t} --n-cpu-moe {ncmoe}", m.name),
+                    || format!("measuring {} threads {t} --n-cpu-moe {ncmoe}", m.name),
+                );
+                done += 1;
                 let mut rows = crate::plan::llama_bench::run_llama_bench(
                     &bench,
                     &spec,

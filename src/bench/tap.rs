@@ -141,9 +141,14 @@ pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {
         s.complete(0, &prompt, 8, &mut records)?;
     }
     let n = sides.len();
+    let steps =
+        crate::progress::Steps::new("bench tap", u64::from(a.reps) * n as u64, "runs", false);
     for rep in 0..a.reps {
         // Rotate the order every repetition so no side always runs first.
         for i in 0..n {
+            steps.bar_at(u64::from(rep) * n as u64 + i as u64, || {
+                format!("repetition {}/{}", rep + 1, a.reps)
+            });
             let side = (i + rep as usize) % n;
             records.clear();
             let c = sides[side].complete(rep + 1, &prompt, a.n_predict, &mut records)?;

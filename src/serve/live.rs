@@ -552,7 +552,7 @@ impl Live {
         }
         if let Some(e) = error {
             if s.residency_error.as_deref() != Some(e.as_str()) {
-                eprintln!("spark: residency: {e}");
+                tracing::warn!("residency: {e}");
             }
             s.residency_error = Some(e);
         }
@@ -651,7 +651,7 @@ impl Live {
                 s.profile_error = None;
             }
             Err(e) => {
-                eprintln!("spark: failed to {e}");
+                tracing::error!("failed to {e}");
                 s.profile_error = Some(e.to_string());
             }
         }

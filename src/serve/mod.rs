@@ -13,6 +13,8 @@ pub mod auth;
 pub mod cli;
 pub mod listener;
 pub mod live;
+pub mod notify;
+pub mod page;
 pub mod placement;
 pub mod proxy;
 pub mod stats;
@@ -141,6 +143,8 @@ pub struct ServeState {
     pub listen: SocketAddr,
     /// Live routing statistics, when the tap runs.
     pub live: Option<LiveHandle>,
+    /// Hit ratios of the last minutes, for the live page.
+    pub history: page::History,
     pub placement: placement::ServePlacement,
 }
 
@@ -184,8 +188,8 @@ async fn drain(
         .await
         .is_err()
     {
-        eprintln!(
-            "spark: in-flight requests did not finish within {} s; closing them",
+        tracing::warn!(
+            "in-flight requests did not finish within {} s; closing them",
             grace.as_secs()
         );
     }
@@ -212,7 +216,7 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
         // A closed terminal (SIGHUP) stops spark the same graceful way.
         let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Runtime)?;
         let shutdown = async move {
-            tokio::select! { _ = term.recv() => eprintln!("spark: SIGTERM, shutting down"), _ = int.recv() => eprintln!("spark: SIGINT, shutting down"), _ = hup.recv() => eprintln!("spark: SIGHUP, shutting down") }
+            tokio::select! { _ = term.recv() => tracing::info!("SIGTERM, shutting down"), _ = int.recv() => tracing::info!("SIGINT, shutting down"), _ = hup.recv() => tracing::info!("SIGHUP, shutting down") }
         };
         serve(cfg, shutdown).await
     })
@@ -252,8 +256,8 @@ pub async fn serve(
         residency.as_ref(),
     )?;
     drop(file);
-    eprintln!(
-        "spark: placement {:?}: llama-server {}{}",
+    tracing::info!(
+        "placement {:?}: llama-server {}{}",
         placement.placement,
         placement.flags.join(" "),
         if placement.user_overrides.is_empty() {
@@ -298,8 +302,8 @@ pub async fn serve(
             (Some(handle), Some(launcher), Some(thread))
         }
         Some(_) => {
-            eprintln!(
-                "spark: {} has no MoE layers: serving without routing statistics",
+            tracing::info!(
+                "{} has no MoE layers: serving without routing statistics",
                 cfg.model.display()
             );
             (None, None, None)
@@ -331,17 +335,23 @@ pub async fn serve(
         listen,
         live,
         placement,
+        history: page::History::default(),
     });
     let urls: Vec<String> = tcp
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .map(|a| format!("http://{a}"))
         .collect();
-    eprintln!(
-        "spark: serving {} on {} (llama-server pid {})",
+    let history = page::spawn_history(state.clone());
+    tracing::info!(
+        "serving {} on {} (llama-server pid {})",
         cfg.model.display(),
         urls.join(" and "),
         keeper.state.pid.load(Ordering::Acquire)
+    );
+    let systemd = notify::Systemd::start(
+        keeper.state.clone(),
+        format!("serving {} on {}", cfg.model.display(), urls.join(" and ")),
     );
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -362,7 +372,7 @@ pub async fn serve(
                     let pause = backoff.failed(Instant::now());
                     if let Some(n) = pause.log {
                         let times = if n > 1 { format!(" ({n} times since the last report)") } else { String::new() };
-                        eprintln!("spark: accept failed: {e}{times}; pausing accepts for {} ms", pause.sleep.as_millis());
+                        tracing::warn!("accept failed: {e}{times}; pausing accepts for {} ms", pause.sleep.as_millis());
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(pause.sleep) => {}
@@ -375,6 +385,10 @@ pub async fn serve(
         }
     }
     drop(tcp);
+    if let Some(systemd) = systemd {
+        systemd.stopping();
+    }
+    history.abort();
     let child_grace = drain(cfg.grace, graceful, &mut tasks).await;
     tokio::task::spawn_blocking(move || keeper.stop_within(child_grace)).await?;
     if let (Some(live), Some(thread)) = (&state.live, live_thread) {
@@ -404,10 +418,7 @@ fn start_live(
     anyhow::Error,
 > {
     for stale in crate::ring::remove_stale_rings(std::path::Path::new("/dev/shm")) {
-        eprintln!(
-            "spark: removed {} left by a run that was killed",
-            stale.display()
-        );
+        tracing::info!("removed {} left by a run that was killed", stale.display());
     }
     let fingerprint = geometry.fingerprint.to_string();
     let (start_profile, profile_start) = match &cfg.profile {

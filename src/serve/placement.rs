@@ -244,10 +244,10 @@ fn place_with_slots(
     };
     let host = host_of(&p);
     if host.is_empty() {
-        eprintln!("spark: residency: every expert fits in VRAM at this budget; the provider has nothing to serve");
+        tracing::info!("residency: every expert fits in VRAM at this budget; the provider has nothing to serve");
     } else {
-        eprintln!(
-            "spark: residency: {} slots per expert layer in {} host-resident expert layers, {} MiB of VRAM kept for them",
+        tracing::info!(
+            "residency: {} slots per expert layer in {} host-resident expert layers, {} MiB of VRAM kept for them",
             r.slots,
             host.len(),
             r.mib(&host)
@@ -309,8 +309,8 @@ pub fn residency_setup(
             "--residency: {slots} slots per layer take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget"
         )));
     }
-    eprintln!(
-        "spark: residency: {slots} slots per expert layer (at most {slot_mib} MiB of VRAM), policy {}",
+    tracing::info!(
+        "residency: {slots} slots per expert layer (at most {slot_mib} MiB of VRAM), policy {}",
         policy.name()
     );
     Ok(r)

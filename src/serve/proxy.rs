@@ -229,6 +229,14 @@ pub async fn handle(
         );
         return Ok(r);
     }
+    if let Some(a) = super::page::route(path, &state) {
+        let mut r = full(a.status, a.content_type, a.body);
+        if let Some(to) = a.location {
+            r.headers_mut()
+                .insert(hyper::header::LOCATION, HeaderValue::from_static(to));
+        }
+        return Ok(r);
+    }
     match path {
         "/spark/status" => {
             return Ok(full(

@@ -31,6 +31,7 @@ impl ServeState {
             "connections": {"open": self.connections.open(), "max": self.connections.max, "rejected": self.connections.rejected.load(Ordering::Relaxed), "accept_errors": self.connections.accept_errors.load(Ordering::Relaxed), "header_timeout_s": self.connections.header_timeout.as_secs_f64()},
             "requests": self.stats.to_json(),
             "completed_requests": self.completed.load(Ordering::Acquire),
+            "log": {"dropped_lines": crate::log::dropped()},
             "routing": self.live.as_ref().map(|l| l.shared.lock().unwrap_or_else(|e| e.into_inner()).to_json(&l.cfg)),
             "profile": self.live.as_ref().and_then(|l| l.cfg.profile_path.as_ref().map(|p| {
                 let s = l.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -45,6 +46,7 @@ impl ServeState {
         use std::fmt::Write as _;
         let k = &self.keeper;
         let _ = writeln!(out, "# HELP spark_child_restarts_total Times llama-server was restarted.\n# TYPE spark_child_restarts_total counter\nspark_child_restarts_total {}", k.restarts.load(Ordering::Acquire));
+        let _ = writeln!(out, "# HELP spark_log_dropped_lines_total Log lines dropped because stderr failed (closed or full).\n# TYPE spark_log_dropped_lines_total counter\nspark_log_dropped_lines_total {}", crate::log::dropped());
         let _ = writeln!(out, "# HELP spark_child_up Whether llama-server is ready.\n# TYPE spark_child_up gauge\nspark_child_up {}", u8::from(k.port().is_some()));
         let hook_abi = match self.engine.is_hooked() {
             true => spark_proto::hook::ABI.to_string(),

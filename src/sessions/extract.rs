@@ -116,8 +116,8 @@ fn split_plan(cfg: &ExtractConfig, found: &[(&SourceRoot, bool, Vec<PathBuf>, u6
         .collect();
     let plan = SplitPlan::new(keys.iter().map(String::as_str), cfg.test_frac);
     if let Some(key) = plan.promoted() {
-        eprintln!(
-            "spark: warning: --test-frac {} held out none of the sessions; holding out {key} (the closest to the fraction) so validation has one",
+        tracing::warn!(
+            "--test-frac {} held out none of the sessions; holding out {key} (the closest to the fraction) so validation has one",
             cfg.test_frac
         );
     }
@@ -221,7 +221,7 @@ fn walk(
         if rel.as_os_str().is_empty() {
             return Err(SessionsError::io("read", &dir, e));
         }
-        eprintln!("spark: warning: skipped directory {}: {e}", dir.display());
+        tracing::warn!("skipped directory {}: {e}", dir.display());
         *unreadable += 1;
         Ok(())
     };
@@ -288,7 +288,8 @@ impl Progress {
         if self.enabled && self.last.elapsed() >= Self::EVERY {
             self.last = Instant::now();
             let mib = (self.bytes_before + source_bytes) as f64 / (1 << 20) as f64;
-            eprintln!(
+            tracing::info!(
+                target: crate::progress::TARGET,
                 "extract: {}/{} sessions, {mib:.1} MiB read, {:.0}s",
                 self.done,
                 self.total,

@@ -1,7 +1,7 @@
 //! Keeps one llama-server alive for `spark serve`: starts it, notices when it dies or stops
 //! answering (a `/health` probe with a deadline; a child that fails them all for the hang bound
-//! is killed), restarts it with bounded exponential backoff, forwards its log lines with a
-//! prefix, stops it on request.
+//! is killed), restarts it with bounded exponential backoff, forwards its log lines into spark's
+//! log (target `llama_server`), stops it on request.
 //!
 //! Runs on a dedicated thread that lives as long as the keeper: the parent-death signal of a
 //! child fires when the thread that forked it exits, so children are never forked from a
@@ -234,8 +234,8 @@ pub struct Keeper {
 impl Keeper {
     /// Starts the server and returns once it is ready (or the first start failed). Later deaths
     /// and hangs are handled on the keeper thread (`health`: `None` probes nothing).
-    /// `log_prefix`: lines of the child's log are printed to stderr with this prefix (none when
-    /// `None`).
+    /// `log_prefix`: when `Some`, lines of the child's log are forwarded to spark's log as
+    /// llama-server's (`[llama-server] ` in the text form, whatever the string); `None` drops them.
     pub fn start(
         cfg: LlamaServerConfig,
         backoff: Backoff,
@@ -248,7 +248,7 @@ impl Keeper {
         let state = Arc::new(KeeperState::default());
         let (stop_tx, stop_rx) = mpsc::channel::<Duration>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), ServerError>>();
-        let forwarder = log_prefix.map(|p| spawn_forwarder(cfg.log_path.clone(), p, state.clone()));
+        let forwarder = log_prefix.map(|_| spawn_forwarder(cfg.log_path.clone(), state.clone()));
         let st = state.clone();
         let thread = std::thread::Builder::new()
             .name("spark-keeper".into())
@@ -378,8 +378,8 @@ fn keep(
                     match verdict {
                         Verdict::Fine => {}
                         Verdict::Recovered => {
-                            eprintln!(
-                                "spark: llama-server (pid {}) answers its health probe again",
+                            tracing::info!(
+                                "llama-server (pid {}) answers its health probe again",
                                 server.pid()
                             );
                             state.set_unresponsive(None);
@@ -387,8 +387,8 @@ fn keep(
                         }
                         Verdict::Unresponsive => {
                             let failures = state.probe_failures.load(Ordering::Acquire);
-                            eprintln!(
-                                "spark: llama-server (pid {}) failed {failures} health probes in a row ({}); not ready, killed if it does not answer within {} s",
+                            tracing::warn!(
+                                "llama-server (pid {}) failed {failures} health probes in a row ({}); not ready, killed if it does not answer within {} s",
                                 server.pid(),
                                 failure.unwrap_or_default(),
                                 h.hang_after.as_secs_f64()
@@ -424,7 +424,7 @@ fn keep(
                 state.port.store(0, Ordering::Release);
                 state.set_unresponsive(None);
                 state.set_phase(ChildPhase::Restarting);
-                eprintln!("spark: {why}; restarting in {:.1} s", delay.as_secs_f64());
+                tracing::warn!("{why}; restarting in {:.1} s", delay.as_secs_f64());
                 *state.last_exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
                 state.restarts.fetch_add(1, Ordering::AcqRel);
                 drop(server);
@@ -435,7 +435,7 @@ fn keep(
                     return;
                 }
                 state.set_phase(ChildPhase::Restarting);
-                eprintln!("spark: failed to restart llama-server: {e}");
+                tracing::error!("failed to restart llama-server: {e}");
                 *state.last_exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
             }
         }
@@ -451,9 +451,10 @@ fn keep(
     }
 }
 
-/// Tails the child's log file and prints each new line with `prefix`. Follows truncation (the
-/// file is recreated on every restart). Ends when the keeper stops.
-fn spawn_forwarder(path: PathBuf, prefix: String, state: Arc<KeeperState>) -> JoinHandle<()> {
+/// Tails the child's log file and logs each new line as an event of target
+/// [`crate::log::LLAMA_SERVER`] (printed `[llama-server] <line>` in the text log). Follows
+/// truncation (the file is recreated on every restart). Ends when the keeper stops.
+fn spawn_forwarder(path: PathBuf, state: Arc<KeeperState>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut offset = 0u64;
         let mut partial = String::new();
@@ -476,7 +477,7 @@ fn spawn_forwarder(path: PathBuf, prefix: String, state: Arc<KeeperState>) -> Jo
                         partial.push_str(&String::from_utf8_lossy(&buf));
                         buf.clear();
                         if partial.ends_with('\n') {
-                            eprint!("{prefix}{partial}");
+                            crate::log::llama_server_line(partial.trim_end_matches(['\n', '\r']));
                             partial.clear();
                         }
                     }

@@ -358,8 +358,8 @@ pub fn run(a: &RecordArgs) -> Result<(), RecordError> {
         );
     }
     if s.dropped > 0 {
-        eprintln!(
-            "spark: warning: the tap dropped {} records (ring full); the trace is incomplete — raise --ring-capacity",
+        tracing::warn!(
+            "the tap dropped {} records (ring full); the trace is incomplete — raise --ring-capacity",
             s.dropped
         );
     }
@@ -374,8 +374,8 @@ pub fn run(a: &RecordArgs) -> Result<(), RecordError> {
         }
     }
     if s.unmapped > 0 {
-        eprintln!(
-            "spark: warning: {} records have no token position (token = 4294967295)",
+        tracing::warn!(
+            "{} records have no token position (token = 4294967295)",
             s.unmapped
         );
     }

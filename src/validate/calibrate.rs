@@ -235,7 +235,7 @@ pub fn calibrate(
     };
     let say = |msg: String| {
         if !a.quiet {
-            eprintln!("spark calibrate: {msg}");
+            tracing::info!(target: crate::progress::TARGET,"spark calibrate: {msg}");
         }
     };
     let mut state = match read_state(&spath)? {

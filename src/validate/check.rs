@@ -669,7 +669,8 @@ pub fn run(a: &ValidateArgs) -> Result<(), ValidateError> {
     let o = validate(a, Some(interrupt)).inspect_err(|e| {
         let md = a.report.join("report.md");
         if e.exit_code() != crate::exit::USAGE && md.exists() {
-            eprintln!(
+            tracing::info!(
+                target: crate::progress::TARGET,
                 "spark validate: report ({}) in {}",
                 e.status(),
                 md.display()

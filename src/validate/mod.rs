@@ -278,6 +278,8 @@ pub(crate) struct Progress {
     tokens: u64,
     started: Instant,
     quiet: bool,
+    /// A bar with an ETA on a terminal; else the plain lines.
+    steps: crate::progress::Steps,
 }
 
 /// A [`Progress`] shared by the start and chunk callbacks of one replay.
@@ -292,12 +294,14 @@ impl Progress {
             tokens: 0,
             started: Instant::now(),
             quiet,
+            steps: crate::progress::Steps::new(what, total as u64, "chunks", quiet),
         }
     }
 
     /// Rates count from now (the server is ready), not from the start of the run.
     pub(crate) fn restart(&mut self) {
         self.started = Instant::now();
+        self.steps.reset_clock();
     }
 
     pub(crate) fn chunk(&mut self, key: &str, tokens: u64) {
@@ -308,15 +312,30 @@ impl Progress {
         }
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let eta = secs / self.done as f64 * (self.total.saturating_sub(self.done)) as f64;
-        eprintln!(
-            "spark {}: {}/{} chunks ({key}), {} tokens, {:.0} tok/s, ETA {}",
-            self.what,
-            self.done,
-            self.total,
-            self.tokens,
-            self.tokens as f64 / secs,
-            clock(eta)
+        self.steps.at(
+            self.done as u64,
+            || {
+                format!(
+                    "{} tokens, {:.0} tok/s",
+                    self.tokens,
+                    self.tokens as f64 / secs
+                )
+            },
+            || {
+                format!(
+                    "spark {}: {}/{} chunks ({key}), {} tokens, {:.0} tok/s, ETA {}",
+                    self.what,
+                    self.done,
+                    self.total,
+                    self.tokens,
+                    self.tokens as f64 / secs,
+                    clock(eta)
+                )
+            },
         );
+        if self.done == self.total {
+            self.steps.finish();
+        }
     }
 }
 

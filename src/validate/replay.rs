@@ -105,7 +105,7 @@ pub fn replay(
 ) -> Result<(), ValidateError> {
     // Named rings left by SIGKILLed supervisors of older versions (rings no longer have names).
     for stale in crate::ring::remove_stale_rings(Path::new("/dev/shm")) {
-        eprintln!("spark: removed stale ring {}", stale.display());
+        tracing::info!("removed stale ring {}", stale.display());
     }
     let mut session_cfg = cfg.session.clone();
     if let Some(d) = cfg.deadline {

@@ -200,7 +200,14 @@ fn metering() -> bool {
 }
 
 extern "C" fn report_at_exit() {
-    let _ = catch_unwind(|| eprintln!("{RESIDENCY_EXIT_PREFIX}{}", stats().to_text()));
+    let _ = catch_unwind(|| {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "{RESIDENCY_EXIT_PREFIX}{}",
+            stats().to_text()
+        );
+    });
 }
 
 /// The counters, as `residency` reports them.

@@ -81,14 +81,19 @@ pub(super) fn measure_bytes(
         .collect();
     let mut rows = Vec::new();
     let mut device = String::new();
+    let steps =
+        crate::progress::Steps::new("bench residency --bytes", runs.len() as u64, "runs", false);
     for (i, &(c, slots)) in runs.iter().enumerate() {
-        eprintln!(
-            "measuring bytes: ({}) {}{} [{}/{}]",
+        let what = format!(
+            "({}) {}{}",
             c.letter(),
             c.name(),
-            slots.map(|s| format!(", {s} slots")).unwrap_or_default(),
-            i + 1,
-            runs.len()
+            slots.map(|s| format!(", {s} slots")).unwrap_or_default()
+        );
+        steps.at(
+            i as u64,
+            || format!("measuring {what}"),
+            || format!("measuring bytes: {what} [{}/{}]", i + 1, runs.len()),
         );
         // One token's records per expert layer, plus room: the ring never overruns here.
         let capacity = (decoded * g.moe_layers.len() as u64 + 1024).next_power_of_two();

@@ -176,6 +176,8 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
     let mut residency = None;
     let mut cpu = String::new();
     let mut ran_on_gpu = false;
+    let steps =
+        crate::progress::Steps::new("bench residency", configs.len() as u64, "configs", false);
     for (i, &c) in configs.iter().enumerate() {
         let runner = if c.stock() { &stock } else { &hooked };
         let runner = runner
@@ -193,12 +195,18 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
             ..TapEnv::default()
         };
         let env = tap_env.vars();
-        eprintln!(
-            "measuring ({}) {} [{}/{}]",
-            c.letter(),
-            c.name(),
-            i + 1,
-            configs.len()
+        steps.at(
+            i as u64,
+            || format!("measuring ({}) {}", c.letter(), c.name()),
+            || {
+                format!(
+                    "measuring ({}) {} [{}/{}]",
+                    c.letter(),
+                    c.name(),
+                    i + 1,
+                    configs.len()
+                )
+            },
         );
         let configure = |cmd: &mut Command| tap_env.apply(cmd);
         let (bench_rows, out) = run_llama_bench_with(
