@@ -71,7 +71,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Bytes of one expert, when no --model is given
-    #[arg(long)]
+    #[arg(long, conflicts_with = "model")]
     pub expert_bytes: Option<u64>,
     /// Fraction of decode steps, from the start, that calibrate instead of being scored
     #[arg(long, default_value_t = 0.5)]

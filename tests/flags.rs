@@ -157,3 +157,20 @@ fn bench_swap_device_with_cpu_is_refused() {
         "--batches",
     );
 }
+
+#[test]
+fn simulate_expert_bytes_with_a_model_is_refused() {
+    // The model's sizes won and --expert-bytes was dropped without a word.
+    refused(
+        &[
+            "simulate",
+            "--trace",
+            "t.jsonl",
+            "--model",
+            "m.gguf",
+            "--expert-bytes",
+            "1024",
+        ],
+        "--expert-bytes",
+    );
+}
