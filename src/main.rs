@@ -87,6 +87,13 @@ struct FixtureArgs {
     /// of the real size) for inspect and plan
     #[arg(long, requires = "shape")]
     full_width: bool,
+    /// Quantise with the engine's own llama-quantize to this type (Q4_K_M, IQ4_XS, Q6_K, Q8_0,
+    /// MXFP4_MOE, …); the fixture is written in --type first
+    #[arg(long, value_name = "TYPE", conflicts_with = "full_width")]
+    quantize: Option<String>,
+    /// llama-quantize binary (default: next to the located llama-server)
+    #[arg(long, value_name = "PATH")]
+    llama_quantize: Option<PathBuf>,
     #[arg(long)]
     layers: Option<u32>,
     #[arg(long)]
@@ -371,7 +378,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(v) => v,
                 None => engine::vocab_path(engine::DEFAULT_VOCAB)?,
             };
-            let report = fixture::write_fixture(&spec, &vocab, out)?;
+            let report = match &a.quantize {
+                Some(qtype) => {
+                    let tool = match a.llama_quantize.clone() {
+                        Some(p) => p,
+                        None => fixture::quantize::quantize_next_to(
+                            &engine::Engine::locate(None)?.llama_server,
+                        ),
+                    };
+                    fixture::quantize::write_quantized(&spec, &vocab, &tool, qtype, out)?
+                }
+                None => fixture::write_fixture(&spec, &vocab, out)?,
+            };
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -386,7 +404,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     spec.top_k,
                     spec.embd,
                     spec.router.name(),
-                    spec.weight_type.name
+                    report.quantized.as_deref().unwrap_or(spec.weight_type.name)
                 );
             }
         }

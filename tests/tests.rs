@@ -2,6 +2,7 @@
 
 mod util;
 
+mod archs;
 mod bench_residency;
 mod files;
 mod gguf_files;
