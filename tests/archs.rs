@@ -34,6 +34,28 @@ pub const ARCHS: [&str; 7] = [
 /// arch's experts, so it runs on all of them).
 pub const QUANTS: [&str; 5] = ["Q4_K_M", "IQ4_XS", "Q6_K", "Q8_0", "MXFP4_MOE"];
 
+/// The (arch, quantisation) cells a run covers: with `SPARK_TEST_ALL=1` (`scripts/test --all`)
+/// every arch in every type of [`QUANTS`]; otherwise (CI) each arch in one type, a different
+/// one per arch in turn so every type runs on some arch, and gpt-oss in MXFP4 (its own format).
+pub fn quant_matrix() -> Vec<(&'static str, &'static str)> {
+    let all = std::env::var("SPARK_TEST_ALL").as_deref() == Ok("1");
+    if all {
+        return ARCHS
+            .into_iter()
+            .flat_map(|a| QUANTS.iter().map(move |&q| (a, q)))
+            .collect();
+    }
+    vec![
+        ("qwen3moe", "Q4_K_M"),
+        ("llama", "Q8_0"),
+        ("qwen35moe", "IQ4_XS"),
+        ("gpt-oss", "MXFP4_MOE"),
+        ("glm4moe", "Q6_K"),
+        ("deepseek2", "Q4_K_M"),
+        ("gemma4", "IQ4_XS"),
+    ]
+}
+
 /// Widths at which every block-quantised type applies to the expert tensors (K-quants and
 /// IQ4_XS need rows of 256 elements; smaller rows fall back to another type).
 pub const QUANT_WIDTH: [&str; 4] = ["--embd", "256", "--expert-ff", "256"];
@@ -272,8 +294,9 @@ fn routing_capture_is_exact_with_each_archs_gating() {
     }
 }
 
-/// Quantised by the engine's own llama-quantize, every arch loads and answers in every common
-/// type, the expert tensors carry the quantised type, and spark's expert slices are the file's
+/// Quantised by the engine's own llama-quantize, every arch loads and answers in the common
+/// types ([`quant_matrix`]: all of them with `SPARK_TEST_ALL=1`), the expert tensors carry the
+/// quantised type, and spark's expert slices are the file's
 /// bytes split evenly; a type that needs an importance matrix is refused with exit 2 and says so.
 #[test]
 fn quantised_fixtures_of_every_arch_load_and_answer() {
@@ -285,8 +308,8 @@ fn quantised_fixtures_of_every_arch_load_and_answer() {
         server.display()
     );
     let dir = util::tempdir();
-    for arch in ARCHS {
-        for q in QUANTS {
+    for (arch, q) in quant_matrix() {
+        {
             let name = format!("{arch}-{q}.gguf");
             let mut flags = vec!["--arch", arch, "--quantize", q];
             flags.extend_from_slice(&QUANT_WIDTH);
