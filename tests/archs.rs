@@ -254,7 +254,10 @@ pub fn check_arch_routing(
         g.dense_layers, g.nextn_layers
     );
     for l in &g.linear_attention_layers {
-        assert!(seen.contains(l), "{arch}: linear-attention layer {l} routes");
+        assert!(
+            seen.contains(l),
+            "{arch}: linear-attention layer {l} routes"
+        );
     }
     let (mut compared, mut skipped) = (0usize, 0usize);
     for r in &records {
@@ -359,8 +362,14 @@ fn quantised_fixtures_of_every_arch_load_and_answer() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("IQ2_XXS") && err.contains("importance matrix"), "{err}");
-    assert!(!dir.path().join("iq2.gguf").exists(), "nothing half-written");
+    assert!(
+        err.contains("IQ2_XXS") && err.contains("importance matrix"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("iq2.gguf").exists(),
+        "nothing half-written"
+    );
 }
 
 /// Real shapes at their real widths, written header-only: the file has the model's real size
@@ -399,7 +408,11 @@ fn real_shapes_written_header_only_read_right_in_inspect_and_plan() {
             meta.len()
         );
         let out = util::spark(&["inspect", "--json", path.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         let g = &r["geometry"];
         let file = GgufFile::open(&path).unwrap();
@@ -500,9 +513,78 @@ fn an_unsupported_moe_arch_is_refused_with_exit_2() {
             "{args:?}: {err}"
         );
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-        assert!(out.stdout.is_empty(), "no numbers: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.stdout.is_empty(),
+            "no numbers: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     // The arch list spark reads is the arch list it writes fixtures for.
     let names: Vec<&str> = Arch::ALL.iter().map(|a| a.gguf_name()).collect();
     assert_eq!(names, spark::gguf::SUPPORTED_MOE_ARCHS);
+}
+
+/// `spark serve --spark` on archs with dense leading layers and a NextN layer: the profile has a
+/// row for every block (Luce Spark's layout), the dense and NextN rows are defined and zero, the
+/// MoE rows hold every routed token, and `spark plan --profile` reads it back.
+#[test]
+fn profiles_of_archs_with_dense_and_nextn_layers_have_every_row() {
+    let dir = util::tempdir();
+    for arch in ["glm4moe", "deepseek2", "qwen35moe"] {
+        let model = util::fixture(
+            dir.path(),
+            &format!("{arch}.gguf"),
+            &["--arch", arch, "--router", "skewed"],
+        );
+        let g = geometry(&model);
+        let served = util::Served::start(&model, &["--quiet", "--spark"]);
+        let a: Value = ureq::post(&served.url("/completion"))
+            .timeout(Duration::from_secs(120))
+            .send_json(
+                json!({"prompt": "The expert cache keeps hot experts", "n_predict": 8,
+                              "temperature": 0.0}),
+            )
+            .unwrap()
+            .into_json()
+            .unwrap();
+        assert_eq!(a["tokens_predicted"], 8, "{arch}: {a}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while served.status()["profile"]["writes"].as_u64().unwrap_or(0) < 1 {
+            assert!(std::time::Instant::now() < deadline, "{arch}: no profile");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(served);
+        let path = spark::profile::path_for(&model);
+        let p = spark::profile::Profile::read(&path).unwrap();
+        assert_eq!(
+            (p.n_layer(), p.n_expert()),
+            (g.n_layer as usize, g.n_expert as usize),
+            "{arch}: one row per block"
+        );
+        let row = |l: u32| -> u64 {
+            (0..g.n_expert as usize)
+                .map(|e| p.counts.get(l as usize, e))
+                .sum()
+        };
+        for &l in g.dense_layers.iter().chain(&g.nextn_layers) {
+            assert_eq!(row(l), 0, "{arch}: dense/NextN layer {l} routes nothing");
+        }
+        let moe_rows: Vec<u64> = g.moe_layers.iter().map(|l| row(l.layer)).collect();
+        assert!(moe_rows.iter().all(|&r| r > 0), "{arch}: {moe_rows:?}");
+        let plan = util::spark(&[
+            "plan",
+            "-m",
+            model.to_str().unwrap(),
+            "--profile",
+            path.to_str().unwrap(),
+            "--vram-budget",
+            "64",
+            "--no-receipts",
+        ]);
+        assert!(
+            matches!(plan.status.code(), Some(0) | Some(3)),
+            "{arch}: {}",
+            String::from_utf8_lossy(&plan.stderr)
+        );
+    }
 }

@@ -611,7 +611,9 @@ fn run_cell(server: &Path, model: &Path, n_layer: u32, slots: u32, dir: &Path, t
         })
         .unwrap()
     };
-    let post = |s: &Session, n: u32| two_answers(s.server().post_json("/completion", &body_exact(n)).unwrap());
+    let post = |s: &Session, n: u32| {
+        two_answers(s.server().post_json("/completion", &body_exact(n)).unwrap())
+    };
     let stock_session = session(None, &format!("{tag}-stock.log"));
     let stock = post(&stock_session, 16);
     stock_session.stop();
@@ -680,7 +682,11 @@ fn every_arch_and_quantisation_is_exact_with_the_provider() {
         assert_same(&cell.got, &cell.stock, &tag);
         assert_eq!(st.declined, 0, "{tag}: {st:?}");
         assert!(st.hits > 0 && st.loads > 0, "{tag}: {st:?}");
-        assert!(st.evictions > 0, "{tag}: {slots} slots of {}: {st:?}", g.n_expert);
+        assert!(
+            st.evictions > 0,
+            "{tag}: {slots} slots of {}: {st:?}",
+            g.n_expert
+        );
         assert_eq!(
             u64::from(st.layers),
             host_layers,
