@@ -20,10 +20,11 @@ use crate::telemetry::tap_lib;
 use crate::util;
 
 /// `--arch` names of every arch (clap's value names).
-pub const ARCHS: [&str; 7] = [
+pub const ARCHS: [&str; 8] = [
     "qwen3moe",
     "llama",
     "qwen35moe",
+    "qwen3next",
     "gpt-oss",
     "glm4moe",
     "deepseek2",
@@ -49,6 +50,7 @@ pub fn quant_matrix() -> Vec<(&'static str, &'static str)> {
         ("qwen3moe", "Q4_K_M"),
         ("llama", "Q8_0"),
         ("qwen35moe", "IQ4_XS"),
+        ("qwen3next", "Q6_K"),
         ("gpt-oss", "MXFP4_MOE"),
         ("glm4moe", "Q6_K"),
         ("deepseek2", "Q4_K_M"),
@@ -124,14 +126,14 @@ fn every_arch_loads_and_answers_in_stock_llama_server() {
         );
         assert_eq!(
             g.linear_attention_layers,
-            if arch == "qwen35moe" {
+            if matches!(arch, "qwen35moe" | "qwen3next") {
                 vec![0, 1, 2]
             } else {
                 vec![]
             },
             "{arch}"
         );
-        let shared = matches!(arch, "qwen35moe" | "glm4moe" | "deepseek2");
+        let shared = matches!(arch, "qwen35moe" | "qwen3next" | "glm4moe" | "deepseek2");
         assert_eq!(g.n_expert_shared, u32::from(shared), "{arch}");
         let roles: Vec<&str> = g.moe_layers[0]
             .tensors

@@ -16,6 +16,7 @@ pub const SUPPORTED_MOE_ARCHS: &[&str] = &[
     "qwen3moe",
     "llama",
     "qwen35moe",
+    "qwen3next",
     "gpt-oss",
     "glm4moe",
     "deepseek2",
