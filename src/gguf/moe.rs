@@ -293,7 +293,13 @@ impl MoeGeometry {
             .tensors
             .iter()
             .any(|t| TensorGroup::of(&t.name) == TensorGroup::RoutedExperts);
-        if (n_expert > 0 || has_experts) && !SUPPORTED_MOE_ARCHS.contains(&arch.as_str()) {
+        // A vocab-only file (the pinned source's `ggml-vocab-*.gguf`) keeps its model's
+        // expert_count but has no layers: there is nothing to misread in it.
+        let has_layers = file.tensors.iter().any(|t| t.name.starts_with("blk."));
+        if has_layers
+            && (n_expert > 0 || has_experts)
+            && !SUPPORTED_MOE_ARCHS.contains(&arch.as_str())
+        {
             return Err(invalid(format!(
                 "arch {arch} is a mixture of experts spark does not support yet: its expert \
                  layout, gating and shared/dense layers are unknown to spark (supported: {})",
@@ -348,7 +354,7 @@ impl MoeGeometry {
             }
         }
 
-        if n_expert > 0 && moe_layers.is_empty() {
+        if has_layers && n_expert > 0 && moe_layers.is_empty() {
             return Err(invalid(format!(
                 "arch {arch}: expert_count {n_expert} but no routed expert tensors \
                  (ffn_gate_exps, ffn_up_exps, ffn_down_exps or ffn_gate_up_exps) in any layer"
