@@ -281,6 +281,26 @@ pub fn check_arch_routing(
         compared += 1;
     }
     assert!(compared > 0, "{arch}: nothing compared");
+    if g.n_expert > 0 && file.get_u64(&format!("{}.expert_group_count", g.architecture)) > Some(1) {
+        // Group-limited routing is exercised: ignoring the groups would pick other experts for
+        // some (token, layer) pairs, and the capture agreed with the grouped choice.
+        let flat = spark::fixture::analytic_routing_without_groups(&file, &seq).unwrap();
+        let differ = records
+            .iter()
+            .filter(|r| {
+                let mut a = expected[r.token as usize][usize::from(r.layer)].0.clone();
+                let mut b = flat[r.token as usize][usize::from(r.layer)].0.clone();
+                a.sort_unstable();
+                b.sort_unstable();
+                a != b
+            })
+            .count();
+        eprintln!(
+            "{arch}: expert groups changed {differ} of {} selections",
+            records.len()
+        );
+        assert!(differ > 0, "{arch}: the expert groups never mattered");
+    }
     assert!(
         skipped * 50 <= compared,
         "{arch}: too many near ties: {skipped} of {compared}"
