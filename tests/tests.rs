@@ -5,6 +5,7 @@ mod util;
 mod archs;
 mod bench_residency;
 mod files;
+mod flags;
 mod gguf_files;
 mod hook;
 mod lavapipe;
