@@ -14,9 +14,8 @@ use serde_json::{json, Value};
 use spark::fixture::Arch;
 use spark::gguf::{GgufFile, MoeGeometry};
 use spark::supervisor::{LlamaServer, LlamaServerConfig};
-use spark_proto::trace::RoutingRecord;
 
-use crate::telemetry::tap_lib;
+use crate::telemetry::{read_records, tap_lib};
 use crate::util;
 
 /// `--arch` names of every arch (clap's value names).
@@ -167,16 +166,6 @@ fn prompt() -> String {
         s.push_str(words[(i * 7 + i / 3) % words.len()]);
     }
     s
-}
-
-/// Records of a binary trace, read with the proto layout only.
-fn read_records(path: &Path) -> Vec<RoutingRecord> {
-    let bytes = std::fs::read(path).unwrap();
-    let body = &bytes[spark_proto::trace::HEADER_SIZE..];
-    assert_eq!(body.len() % spark_proto::trace::RECORD_SIZE, 0);
-    body.chunks_exact(spark_proto::trace::RECORD_SIZE)
-        .map(bytemuck::pod_read_unaligned)
-        .collect()
 }
 
 /// Records the routing of an analytic fixture of `arch` through the tap and compares every

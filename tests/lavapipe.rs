@@ -238,6 +238,33 @@ fn the_provider_answers_exactly_like_the_stock_copy_at_every_slot_count() {
     }
 }
 
+/// llama-server on the device, tapped as serve runs it (ring and control channel); with `slots`
+/// the provider is on.
+fn tapped_session(
+    server: &Path,
+    model: &Path,
+    n_layer: u32,
+    slots: Option<u32>,
+    log: PathBuf,
+) -> Session {
+    let mut env = device_env();
+    if let Some(s) = slots {
+        env.push((ENV_RESIDENCY_SLOTS.into(), s.to_string()));
+    }
+    Session::start(&SessionConfig {
+        llama_server: server.to_path_buf(),
+        model: model.to_path_buf(),
+        tap: Some(tap_lib()),
+        extra_args: device_args(n_layer),
+        env,
+        ring_capacity: 1 << 16,
+        hidden_capacity: None,
+        ready_timeout: Duration::from_secs(180),
+        log_path: log,
+    })
+    .unwrap()
+}
+
 /// One prompt-array completion through a tapped session (ring and control channel, as serve
 /// runs llama-server): with `slots` the provider is on, and `plan` sends each layer a `want`
 /// first. Returns the answers and the provider's counters read over the control channel.
@@ -253,22 +280,7 @@ fn tapped_run(
     plan: bool,
     log: PathBuf,
 ) -> (Vec<Value>, Option<ResidencyStats>) {
-    let mut env = device_env();
-    if let Some(s) = slots {
-        env.push((ENV_RESIDENCY_SLOTS.into(), s.to_string()));
-    }
-    let mut session = Session::start(&SessionConfig {
-        llama_server: server.to_path_buf(),
-        model: model.to_path_buf(),
-        tap: Some(tap_lib()),
-        extra_args: device_args(n_layer),
-        env,
-        ring_capacity: 1 << 16,
-        hidden_capacity: None,
-        ready_timeout: Duration::from_secs(180),
-        log_path: log,
-    })
-    .unwrap();
+    let mut session = tapped_session(server, model, n_layer, slots, log);
     if plan {
         let control = session.control().expect("tapped");
         for layer in 0..n_layer {
@@ -594,22 +606,7 @@ struct Cell {
 
 fn run_cell(server: &Path, model: &Path, n_layer: u32, slots: u32, dir: &Path, tag: &str) -> Cell {
     let session = |slots: Option<u32>, log: &str| {
-        let mut env = device_env();
-        if let Some(s) = slots {
-            env.push((ENV_RESIDENCY_SLOTS.into(), s.to_string()));
-        }
-        Session::start(&SessionConfig {
-            llama_server: server.to_path_buf(),
-            model: model.to_path_buf(),
-            tap: Some(tap_lib()),
-            extra_args: device_args(n_layer),
-            env,
-            ring_capacity: 1 << 16,
-            hidden_capacity: None,
-            ready_timeout: Duration::from_secs(180),
-            log_path: dir.join(log),
-        })
-        .unwrap()
+        tapped_session(server, model, n_layer, slots, dir.join(log))
     };
     let post = |s: &Session, n: u32| {
         two_answers(s.server().post_json("/completion", &body_exact(n)).unwrap())
