@@ -106,6 +106,36 @@ impl InspectReport {
                 g.moe_layers.len(),
                 g.n_layer
             );
+            if !g.dense_layers.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  dense layers     {} (no experts, no routing; always resident)",
+                    layer_list(&g.dense_layers)
+                );
+            }
+            if !g.nextn_layers.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  NextN layers     {} (multi-token prediction: not loaded by llama-server by default, never routed)",
+                    layer_list(&g.nextn_layers)
+                );
+            }
+            if !g.linear_attention_layers.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  linear attention {} (still routed)",
+                    layer_list(&g.linear_attention_layers)
+                );
+            }
+            if g.n_expert_shared > 0 {
+                let shared = g.groups.bytes.get(&TensorGroup::SharedExperts).copied();
+                let _ = writeln!(
+                    s,
+                    "  shared experts   {} per MoE layer, {} in all (always resident, not routed)",
+                    g.n_expert_shared,
+                    human(shared.unwrap_or(0))
+                );
+            }
             let sizes: std::collections::BTreeSet<u64> =
                 self.expert_bytes_per_layer.iter().copied().collect();
             let sizes: Vec<String> = sizes.iter().map(|&b| human(b)).collect();
@@ -160,4 +190,23 @@ impl InspectReport {
         let _ = writeln!(s, "  tensor types     {}", types.join(", "));
         s
     }
+}
+
+/// Layer indices, consecutive runs shown as ranges (`0-2, 5`).
+fn layer_list(layers: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < layers.len() {
+        let mut j = i;
+        while j + 1 < layers.len() && layers[j + 1] == layers[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j == i {
+            layers[i].to_string()
+        } else {
+            format!("{}-{}", layers[i], layers[j])
+        });
+        i = j + 1;
+    }
+    parts.join(", ")
 }

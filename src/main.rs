@@ -84,10 +84,28 @@ struct InspectArgs {
 struct FixtureArgs {
     /// Output path of the GGUF file
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// Preset the other flags start from
     #[arg(long, value_enum, default_value = "tiny")]
     size: Size,
+    /// Architecture, with its own tensor set and quirks
+    #[arg(long, value_enum, default_value = "qwen3moe")]
+    arch: fixture::Arch,
+    /// A real model's layout (layers, experts, top-k, shared/dense layers; implies its --arch),
+    /// at the --size widths; `--shape list` prints them
+    #[arg(long)]
+    shape: Option<String>,
+    /// With --shape: the model's real widths, written header-only (the data section is a hole
+    /// of the real size) for inspect and plan
+    #[arg(long, requires = "shape")]
+    full_width: bool,
+    /// Quantise with the engine's own llama-quantize to this type (Q4_K_M, IQ4_XS, Q6_K, Q8_0,
+    /// MXFP4_MOE, …); the fixture is written in --type first
+    #[arg(long, value_name = "TYPE", conflicts_with = "full_width")]
+    quantize: Option<String>,
+    /// llama-quantize binary (default: next to the located llama-server)
+    #[arg(long, value_name = "PATH")]
+    llama_quantize: Option<PathBuf>,
     #[arg(long)]
     layers: Option<u32>,
     #[arg(long)]
@@ -333,7 +351,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Fixture(a) => {
-            let mut spec = FixtureSpec::preset(a.size);
+            let mut spec = match a.shape.as_deref() {
+                Some("list") => {
+                    for s in fixture::SHAPES {
+                        println!(
+                            "{:<22} {:<10} {:>3} layers {:>4} experts top-{} shared {} dense {}",
+                            s.name,
+                            s.arch.gguf_name(),
+                            s.layers,
+                            s.experts,
+                            s.top_k,
+                            s.shared_experts,
+                            s.dense_lead
+                        );
+                    }
+                    return Ok(());
+                }
+                Some(name) => {
+                    let shape = fixture::arch::shape_named(name).ok_or_else(|| {
+                        UsageError(format!(
+                            "parse --shape {name}: unknown shape (spark fixture --shape list)"
+                        ))
+                    })?;
+                    FixtureSpec::from_shape(shape, a.size, a.full_width)
+                }
+                None => FixtureSpec::preset(a.size),
+            };
             if let Some(v) = a.layers {
                 spec.layers = v;
             }
@@ -358,31 +401,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if spec.hot_experts >= spec.experts {
                 spec.hot_experts = (spec.experts / 4).max(1);
             }
+            if a.shape.is_none() {
+                // The arch's quirks sized from the flags above (shared and dense FFN lengths
+                // follow --expert-ff, expert groups follow --experts).
+                a.arch.apply_defaults(&mut spec);
+            }
             if let Some(t) = &a.weight_type {
                 spec.weight_type = GgmlType::from_name(t).ok_or_else(|| {
                     UsageError(format!(
-                        "parse --type {t}: unknown ggml type (f32, f16, q8_0)"
+                        "parse --type {t}: unknown ggml type (f32, f16, q8_0; any with --full-width)"
                     ))
                 })?;
             }
+            let Some(out) = a.out.as_deref() else {
+                return Err(UsageError("spark fixture needs --out PATH".into()).into());
+            };
             let vocab = match a.vocab {
                 Some(v) => v,
                 None => engine::vocab_path(engine::DEFAULT_VOCAB)?,
             };
-            let report = fixture::write_fixture(&spec, &vocab, &a.out)?;
+            let report = match &a.quantize {
+                Some(qtype) => {
+                    let tool = match a.llama_quantize.clone() {
+                        Some(p) => p,
+                        None => fixture::quantize::quantize_next_to(
+                            &engine::Engine::locate(None)?.llama_server,
+                        ),
+                    };
+                    fixture::quantize::write_quantized(&spec, &vocab, &tool, qtype, out)?
+                }
+                None => fixture::write_fixture(&spec, &vocab, out)?,
+            };
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "wrote {} ({} bytes): {} layers, {} experts, top-{}, embd {}, router {}, {}",
+                    "wrote {} ({} bytes{}): {} {} layers, {} experts, top-{}, embd {}, router {}, {}",
                     report.path.display(),
                     report.bytes,
+                    if spec.header_only { ", header only" } else { "" },
+                    spec.arch.gguf_name(),
                     spec.layers,
                     spec.experts,
                     spec.top_k,
                     spec.embd,
                     spec.router.name(),
-                    spec.weight_type.name
+                    report.quantized.as_deref().unwrap_or(spec.weight_type.name)
                 );
             }
         }

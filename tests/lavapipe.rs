@@ -237,6 +237,33 @@ fn the_provider_answers_exactly_like_the_stock_copy_at_every_slot_count() {
     }
 }
 
+/// llama-server on the device, tapped as serve runs it (ring and control channel); with `slots`
+/// the provider is on.
+fn tapped_session(
+    server: &Path,
+    model: &Path,
+    n_layer: u32,
+    slots: Option<u32>,
+    log: PathBuf,
+) -> Session {
+    let mut env = device_env();
+    if let Some(s) = slots {
+        env.push((ENV_RESIDENCY_SLOTS.into(), s.to_string()));
+    }
+    Session::start(&SessionConfig {
+        llama_server: server.to_path_buf(),
+        model: model.to_path_buf(),
+        tap: Some(tap_lib()),
+        extra_args: device_args(n_layer),
+        env,
+        ring_capacity: 1 << 16,
+        hidden_capacity: None,
+        ready_timeout: Duration::from_secs(180),
+        log_path: log,
+    })
+    .unwrap()
+}
+
 /// One prompt-array completion through a tapped session (ring and control channel, as serve
 /// runs llama-server): with `slots` the provider is on, and `plan` sends each layer a `want`
 /// first. Returns the answers and the provider's counters read over the control channel.
@@ -252,22 +279,7 @@ fn tapped_run(
     plan: bool,
     log: PathBuf,
 ) -> (Vec<Value>, Option<ResidencyStats>) {
-    let mut env = device_env();
-    if let Some(s) = slots {
-        env.push((ENV_RESIDENCY_SLOTS.into(), s.to_string()));
-    }
-    let mut session = Session::start(&SessionConfig {
-        llama_server: server.to_path_buf(),
-        model: model.to_path_buf(),
-        tap: Some(tap_lib()),
-        extra_args: device_args(n_layer),
-        env,
-        ring_capacity: 1 << 16,
-        hidden_capacity: None,
-        ready_timeout: Duration::from_secs(180),
-        log_path: log,
-    })
-    .unwrap();
+    let mut session = tapped_session(server, model, n_layer, slots, log);
     if plan {
         let control = session.control().expect("tapped");
         for layer in 0..n_layer {
@@ -579,4 +591,118 @@ fn telemetry_on_the_device_is_exact() {
         .collect();
     crate::telemetry::check_analytic_routing(&server, &args, &[(ENV_VK_DEVICES, "0")]);
     crate::telemetry::check_hidden_states(&server, &args, &[(ENV_VK_DEVICES, "0")]);
+}
+
+/// A prompt-array completion of `n` tokens per sequence that never stops early, so two runs
+/// that differ only in `n` differ only in decode steps.
+fn body_exact(n: u32) -> Value {
+    json!({"prompt": PROMPTS, "n_predict": n, "temperature": 0.0, "n_probs": 4,
+           "cache_prompt": false, "ignore_eos": true})
+}
+
+/// One cell of the arch × quantisation matrix, run tapped (as serve runs llama-server): the
+/// answers without the provider, then with `slots` per layer (evictions under pressure) the same
+/// answers, and the provider's counters; then two more requests that differ by `extra` decode
+/// steps give the hook calls of one decode step of the two sequences.
+struct Cell {
+    stock: Vec<Value>,
+    got: Vec<Value>,
+    stats: ResidencyStats,
+    calls_per_step: f64,
+}
+
+fn run_cell(server: &Path, model: &Path, n_layer: u32, slots: u32, dir: &Path, tag: &str) -> Cell {
+    let session = |slots: Option<u32>, log: &str| {
+        tapped_session(server, model, n_layer, slots, dir.join(log))
+    };
+    let post = |s: &Session, n: u32| {
+        two_answers(s.server().post_json("/completion", &body_exact(n)).unwrap())
+    };
+    let stock_session = session(None, &format!("{tag}-stock.log"));
+    let stock = post(&stock_session, 16);
+    stock_session.stop();
+    let mut s = session(Some(slots), &format!("{tag}-provider.log"));
+    let got = post(&s, 16);
+    let read = |s: &mut Session| {
+        let line = s
+            .control()
+            .unwrap()
+            .call(&Command::Residency, Duration::from_secs(10))
+            .unwrap();
+        ResidencyStats::parse(&line).unwrap()
+    };
+    let stats = read(&mut s);
+    let extra = 8u32;
+    post(&s, 4);
+    let a = read(&mut s);
+    post(&s, 4 + extra);
+    let b = read(&mut s);
+    // The two requests share prompts and prefill; the second decodes `extra` more steps.
+    let second = b.calls - a.calls;
+    let first = a.calls - stats.calls;
+    s.stop();
+    Cell {
+        stock,
+        got,
+        stats,
+        calls_per_step: (second - first) as f64 / f64::from(extra),
+    }
+}
+
+/// Every arch spark writes fixtures for, in the quantisations of `archs::quant_matrix` (all of
+/// them with `SPARK_TEST_ALL=1`): on the hooked Vulkan engine over lavapipe, tokens and top-4
+/// probabilities of two parallel sequences (batched prefill, then decode) are identical with the
+/// provider (a quarter of the experts per layer in slots: evictions) and without it; the hook is
+/// called once per expert tensor per host layer per decode step, declines nothing, hits and
+/// loads, and holds slots in every MoE layer (dense and NextN layers hold none).
+#[test]
+fn every_arch_and_quantisation_is_exact_with_the_provider() {
+    let Some(server) = vulkan_server() else {
+        return;
+    };
+    let dir = util::tempdir();
+    let quantize = util::llama_server().with_file_name("llama-quantize");
+    let mut rows = Vec::new();
+    for (arch, q) in crate::archs::quant_matrix() {
+        let started = Instant::now();
+        let tag = format!("{arch}-{q}");
+        let mut flags = vec!["--arch", arch, "--router", "skewed", "--quantize", q];
+        flags.extend_from_slice(&crate::archs::QUANT_WIDTH);
+        flags.extend_from_slice(&["--llama-quantize", quantize.to_str().unwrap()]);
+        let (model, g) = fixture_with_geometry(dir.path(), &format!("{tag}.gguf"), &flags);
+        let slots = (g.n_expert / 4).max(1);
+        let cell = run_cell(&server, &model, g.n_layer, slots, dir.path(), &tag);
+        let st = &cell.stats;
+        let per_layer = g.moe_layers[0].tensors.len() as u64;
+        let host_layers = g.moe_layers.len() as u64;
+        let row = format!(
+            "{arch} {q}: calls/step {} (= {per_layer} tensors x {host_layers} layers), {} ({:.0} s)",
+            cell.calls_per_step,
+            st.to_text(),
+            started.elapsed().as_secs_f64()
+        );
+        eprintln!("{row}");
+        rows.push(row);
+        assert_same(&cell.got, &cell.stock, &tag);
+        assert_eq!(st.declined, 0, "{tag}: {st:?}");
+        assert!(st.hits > 0 && st.loads > 0, "{tag}: {st:?}");
+        assert!(
+            st.evictions > 0,
+            "{tag}: {slots} slots of {}: {st:?}",
+            g.n_expert
+        );
+        assert_eq!(
+            u64::from(st.layers),
+            host_layers,
+            "{tag}: slot memory in every MoE layer, none in dense {:?} or NextN {:?} layers",
+            g.dense_layers,
+            g.nextn_layers
+        );
+        assert_eq!(
+            cell.calls_per_step,
+            (per_layer * host_layers) as f64,
+            "{tag}: hook calls per decode step"
+        );
+    }
+    eprintln!("matrix:\n{}", rows.join("\n"));
 }

@@ -241,7 +241,7 @@ fn spark_with(env: &[(&str, &str)], args: &[&str], extra: &[String]) -> std::pro
 }
 
 /// Records of a binary trace, read with the proto layout only.
-fn read_records(path: &Path) -> Vec<RoutingRecord> {
+pub fn read_records(path: &Path) -> Vec<RoutingRecord> {
     let bytes = std::fs::read(path).unwrap();
     let hs = spark_proto::trace::HEADER_SIZE;
     let body = &bytes[hs..];

@@ -5,6 +5,7 @@
 
 mod util;
 
+mod archs;
 mod bench_residency;
 mod engine_build;
 mod files;

@@ -531,6 +531,9 @@ pub(crate) mod tests {
             n_expert_shared: 0,
             expert_ff_length: None,
             moe_layers,
+            dense_layers: Vec::new(),
+            nextn_layers: Vec::new(),
+            linear_attention_layers: Vec::new(),
             groups: GroupTotals::default(),
             total_tensor_bytes: off,
             fingerprint: Fingerprint {

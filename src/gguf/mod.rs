@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use moe::{
     ExpertSlice, ExpertTensor, Fingerprint, GroupTotals, LayerExperts, MoeGeometry, TensorGroup,
+    SUPPORTED_MOE_ARCHS,
 };
 pub use reader::{parse_bytes, GgufFile, Parsed, TensorInfo, DEFAULT_ALIGNMENT};
 pub use types::GgmlType;

@@ -8,6 +8,21 @@ use super::reader::{GgufFile, TensorInfo};
 use super::types::GgmlType;
 use super::GgufError;
 
+/// The `general.architecture` values whose expert layout, gating and always-resident parts
+/// (shared experts, dense and NextN layers) spark knows and tests with its own fixtures
+/// (`spark fixture --arch`). A MoE file of any other arch is refused with its name, never
+/// counted by guesswork; dense models of any arch are read.
+pub const SUPPORTED_MOE_ARCHS: &[&str] = &[
+    "qwen3moe",
+    "llama",
+    "qwen35moe",
+    "qwen3next",
+    "gpt-oss",
+    "glm4moe",
+    "deepseek2",
+    "gemma4",
+];
+
 /// Which part of the model a tensor belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
@@ -20,11 +35,14 @@ pub enum TensorGroup {
     RoutedExperts,
     SharedExperts,
     DenseFfn,
+    /// NextN / multi-token-prediction blocks: in the file, not loaded by llama-server unless
+    /// asked to (speculative decoding with MTP).
+    Nextn,
     Other,
 }
 
 impl TensorGroup {
-    pub const ALL: [TensorGroup; 9] = [
+    pub const ALL: [TensorGroup; 10] = [
         TensorGroup::Embeddings,
         TensorGroup::Output,
         TensorGroup::Norms,
@@ -33,6 +51,7 @@ impl TensorGroup {
         TensorGroup::RoutedExperts,
         TensorGroup::SharedExperts,
         TensorGroup::DenseFfn,
+        TensorGroup::Nextn,
         TensorGroup::Other,
     ];
 
@@ -47,6 +66,7 @@ impl TensorGroup {
             TensorGroup::RoutedExperts => "routed_experts",
             TensorGroup::SharedExperts => "shared_experts",
             TensorGroup::DenseFfn => "dense_ffn",
+            TensorGroup::Nextn => "nextn",
             TensorGroup::Other => "other",
         }
     }
@@ -61,7 +81,9 @@ impl TensorGroup {
             .strip_suffix(".weight")
             .or_else(|| part.strip_suffix(".bias"))
             .unwrap_or(part);
-        if stem.starts_with("token_embd") || stem.starts_with("per_layer_token_embd") {
+        if stem.starts_with("nextn.") {
+            TensorGroup::Nextn
+        } else if stem.starts_with("token_embd") || stem.starts_with("per_layer_token_embd") {
             TensorGroup::Embeddings
         } else if stem == "output" {
             TensorGroup::Output
@@ -175,6 +197,13 @@ pub struct MoeGeometry {
     pub expert_ff_length: Option<u64>,
     /// Layers that hold routed experts, in layer order (dense layers are absent).
     pub moe_layers: Vec<LayerExperts>,
+    /// Trunk layers without routed experts (leading dense layers): always resident, no routing.
+    pub dense_layers: Vec<u32>,
+    /// NextN / multi-token-prediction layers at the end (`nextn_predict_layers`): in the file,
+    /// not loaded by llama-server unless asked to; never routed, never placed.
+    pub nextn_layers: Vec<u32>,
+    /// Layers with linear attention (gated delta net / SSM tensors) in front of their FFN.
+    pub linear_attention_layers: Vec<u32>,
     pub groups: GroupTotals,
     pub total_tensor_bytes: u64,
     pub fingerprint: Fingerprint,
@@ -215,7 +244,22 @@ impl MoeGeometry {
             .unwrap_or(default_head);
         let n_expert = file.get_u64(&key("expert_count")).unwrap_or(0) as u32;
         let n_expert_used = file.get_u64(&key("expert_used_count")).unwrap_or(0) as u32;
-        let n_expert_shared = file.get_u64(&key("expert_shared_count")).unwrap_or(0) as u32;
+        // qwen35moe/qwen3next carry one gated shared expert without a count key.
+        let n_expert_shared = file
+            .get_u64(&key("expert_shared_count"))
+            .map(|n| n as u32)
+            .unwrap_or_else(|| {
+                u32::from(
+                    file.tensors
+                        .iter()
+                        .any(|t| TensorGroup::of(&t.name) == TensorGroup::SharedExperts),
+                )
+            });
+        let n_nextn = file
+            .get_u64(&key("nextn_predict_layers"))
+            .unwrap_or(0)
+            .min(u64::from(n_layer)) as u32;
+        let trunk = n_layer - n_nextn;
         let expert_ff_length = per_layer(file, &key("expert_feed_forward_length"))
             .first()
             .copied();
@@ -232,7 +276,7 @@ impl MoeGeometry {
         let mut groups = GroupTotals::default();
         let mut total = 0u64;
         for t in &file.tensors {
-            let g = TensorGroup::of(&t.name);
+            let g = group_in(&t.name, trunk);
             *groups.tensors.entry(g).or_default() += 1;
             match t.bytes {
                 Some(b) => {
@@ -245,9 +289,38 @@ impl MoeGeometry {
             }
         }
 
+        let has_experts = file
+            .tensors
+            .iter()
+            .any(|t| TensorGroup::of(&t.name) == TensorGroup::RoutedExperts);
+        // A vocab-only file (the pinned source's `ggml-vocab-*.gguf`) keeps its model's
+        // expert_count but has no layers: there is nothing to misread in it.
+        let has_layers = file.tensors.iter().any(|t| t.name.starts_with("blk."));
+        if has_layers
+            && (n_expert > 0 || has_experts)
+            && !SUPPORTED_MOE_ARCHS.contains(&arch.as_str())
+        {
+            return Err(invalid(format!(
+                "arch {arch} is a mixture of experts spark does not support yet: its expert \
+                 layout, gating and shared/dense layers are unknown to spark (supported: {})",
+                SUPPORTED_MOE_ARCHS.join(", ")
+            )));
+        }
         let mut moe_layers = Vec::new();
+        let mut dense_layers = Vec::new();
+        let mut linear_attention_layers = Vec::new();
+        for layer in 0..trunk {
+            let prefix = format!("blk.{layer}.");
+            if file.tensors.iter().any(|t| {
+                t.name
+                    .strip_prefix(&prefix)
+                    .is_some_and(|p| p.starts_with("ssm_"))
+            }) {
+                linear_attention_layers.push(layer);
+            }
+        }
         if n_expert > 0 {
-            for layer in 0..n_layer {
+            for layer in 0..trunk {
                 let prefix = format!("blk.{layer}.");
                 let mut tensors = Vec::new();
                 for t in file.tensors.iter().filter(|t| t.name.starts_with(&prefix)) {
@@ -257,6 +330,18 @@ impl MoeGeometry {
                     tensors.push(expert_tensor(file, t, role, n_expert).map_err(invalid)?);
                 }
                 if tensors.is_empty() {
+                    if let Some(t) = file.tensors.iter().find(|t| {
+                        t.name.starts_with(&prefix)
+                            && TensorGroup::of(&t.name) == TensorGroup::RoutedExperts
+                            && t.name.ends_with(".weight")
+                    }) {
+                        return Err(invalid(format!(
+                            "arch {arch}: expert tensor {} has a layout spark does not know \
+                             (it knows ffn_gate_exps, ffn_up_exps, ffn_down_exps, ffn_gate_up_exps)",
+                            t.name
+                        )));
+                    }
+                    dense_layers.push(layer);
                     continue;
                 }
                 tensors.sort_by_key(|t| role_rank(&t.role));
@@ -269,6 +354,12 @@ impl MoeGeometry {
             }
         }
 
+        if has_layers && n_expert > 0 && moe_layers.is_empty() {
+            return Err(invalid(format!(
+                "arch {arch}: expert_count {n_expert} but no routed expert tensors \
+                 (ffn_gate_exps, ffn_up_exps, ffn_down_exps or ffn_gate_up_exps) in any layer"
+            )));
+        }
         Ok(MoeGeometry {
             name: file.get_str("general.name").map(str::to_string),
             architecture: arch.clone(),
@@ -285,6 +376,9 @@ impl MoeGeometry {
             n_expert_shared,
             expert_ff_length,
             moe_layers,
+            dense_layers,
+            nextn_layers: (trunk..n_layer).collect(),
+            linear_attention_layers,
             groups,
             total_tensor_bytes: total,
             fingerprint: fingerprint(file),
@@ -293,6 +387,12 @@ impl MoeGeometry {
 
     pub fn is_moe(&self) -> bool {
         !self.moe_layers.is_empty()
+    }
+
+    /// The group of a tensor of this model: [`TensorGroup::of`], except that every tensor of a
+    /// NextN/MTP layer is [`TensorGroup::Nextn`] (not loaded, so not resident anywhere).
+    pub fn group_of(&self, name: &str) -> TensorGroup {
+        group_in(name, self.n_layer - self.nextn_layers.len() as u32)
     }
 
     /// KV-cache bytes per token of context for the given K and V cache types, summed over the
@@ -318,6 +418,18 @@ impl MoeGeometry {
             .iter()
             .map(|l| l.expert_bytes * u64::from(self.n_expert))
             .sum()
+    }
+}
+
+/// The group of a tensor in a model whose trunk has `trunk` layers (later ones are NextN).
+fn group_in(name: &str, trunk: u32) -> TensorGroup {
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|l| l.parse::<u32>().ok());
+    match layer {
+        Some(l) if l >= trunk => TensorGroup::Nextn,
+        _ => TensorGroup::of(name),
     }
 }
 

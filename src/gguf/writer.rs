@@ -12,12 +12,14 @@ use super::value::Value;
 use super::GgufError;
 use crate::atomic_file::{AtomicFile, Mode};
 
-/// A tensor waiting to be written: its data must be exactly `ggml_type.tensor_bytes(dims)`.
+/// A tensor waiting to be written: its data must be exactly `ggml_type.tensor_bytes(dims)`
+/// bytes, or absent (`len` bytes left as a hole) in a header-only file.
 struct PendingTensor {
     name: String,
     dims: Vec<u64>,
     ggml_type: GgmlType,
     data: Vec<u8>,
+    len: u64,
 }
 
 /// Collects metadata and tensors, then writes them in one go.
@@ -26,6 +28,8 @@ pub struct GgufWriter {
     metadata: Vec<(String, Value)>,
     tensors: Vec<PendingTensor>,
     alignment: Option<u64>,
+    /// Some tensors carry no bytes: the data section is written as a hole of the right size.
+    sparse: bool,
 }
 
 impl GgufWriter {
@@ -62,16 +66,40 @@ impl GgufWriter {
             name: name.to_string(),
             dims: dims.to_vec(),
             ggml_type,
+            len: expected,
             data,
         });
         self
     }
 
+    /// Adds a tensor without its bytes: the file gets the tensor's real size, written as a hole
+    /// (a sparse file), so metadata readers (`inspect`, `plan`) see a full-width model without
+    /// the disk space. Returns `None` when the dimensions do not fit the type.
+    pub fn add_tensor_header_only(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ggml_type: GgmlType,
+    ) -> Option<&mut Self> {
+        let len = ggml_type.tensor_bytes(dims)?;
+        self.sparse = true;
+        self.tensors.push(PendingTensor {
+            name: name.to_string(),
+            dims: dims.to_vec(),
+            ggml_type,
+            data: Vec::new(),
+            len,
+        });
+        Some(self)
+    }
+
     /// Serialises the whole file into memory (tests and small files).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        self.write_to(&mut out)
+        let end = self
+            .write_to(&mut out)
             .expect("writing to a Vec cannot fail");
+        out.resize(end as usize, 0);
         out
     }
 
@@ -83,13 +111,18 @@ impl GgufWriter {
         };
         let file = AtomicFile::create_with(path, Mode::Public).map_err(io)?;
         let mut w = BufWriter::with_capacity(1 << 20, file.as_file());
-        self.write_to(&mut w).map_err(io)?;
+        let end = self.write_to(&mut w).map_err(io)?;
         w.flush().map_err(io)?;
         drop(w);
+        if self.sparse {
+            // The holes of header-only tensors: the file ends where the last tensor ends.
+            file.as_file().set_len(end).map_err(io)?;
+        }
         file.commit().map_err(io)
     }
 
-    fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+    /// Writes the file; returns where its data ends (past the holes of header-only tensors).
+    fn write_to(&self, w: &mut impl Write) -> std::io::Result<u64> {
         let alignment = self.alignment.unwrap_or(DEFAULT_ALIGNMENT);
         let mut w = Counting { inner: w, pos: 0 };
         w.put(GGUF_MAGIC)?;
@@ -114,15 +147,20 @@ impl GgufWriter {
             w.put(&t.ggml_type.id.to_le_bytes())?;
             w.put(&offset.to_le_bytes())?;
             offsets.push(offset);
-            offset = (offset + t.data.len() as u64).div_ceil(alignment) * alignment;
+            offset = (offset + t.len).div_ceil(alignment) * alignment;
         }
         let data_start = w.pos.div_ceil(alignment) * alignment;
         w.put(&vec![0u8; (data_start - w.pos) as usize])?;
+        let mut end = data_start;
         for (t, off) in self.tensors.iter().zip(offsets) {
+            end = end.max(data_start + off + t.len);
+            if t.data.is_empty() {
+                continue; // a hole (header-only); set_len gives the file its size
+            }
             w.put(&vec![0u8; (data_start + off - w.pos) as usize])?;
             w.put(&t.data)?;
         }
-        Ok(())
+        Ok(end)
     }
 }
 

@@ -69,7 +69,8 @@ impl ModelFacts {
         let mut active_params = 0.0;
         for t in &file.tensors {
             let elems = t.dims.iter().product::<u64>() as f64;
-            active_params += match TensorGroup::of(&t.name) {
+            active_params += match g.group_of(&t.name) {
+                TensorGroup::Nextn => 0.0, // not loaded
                 TensorGroup::RoutedExperts if g.n_expert > 0 => {
                     elems * f64::from(g.n_expert_used) / f64::from(g.n_expert)
                 }
@@ -96,6 +97,11 @@ impl ModelFacts {
         }
     }
 
+    /// Weights llama-server loads: every tensor but the NextN/MTP layers'.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.groups.values().sum::<u64>() - self.group(TensorGroup::Nextn)
+    }
+
     fn group(&self, g: TensorGroup) -> u64 {
         self.groups.get(&g).copied().unwrap_or(0)
     }
@@ -106,10 +112,13 @@ impl ModelFacts {
 
     /// Weights that sit on the GPU whenever layers are offloaded: everything except the input
     /// embeddings and the routed experts (plus the embeddings' copy when the output is tied).
+    /// Shared experts and dense layers are in it; NextN/MTP layers are not loaded at all.
     pub fn gpu_always_bytes(&self) -> u64 {
         let all: u64 = self.groups.values().sum();
-        let mut b =
-            all - self.group(TensorGroup::Embeddings) - self.group(TensorGroup::RoutedExperts);
+        let mut b = all
+            - self.group(TensorGroup::Embeddings)
+            - self.group(TensorGroup::RoutedExperts)
+            - self.group(TensorGroup::Nextn);
         if self.output_tied {
             b += self.group(TensorGroup::Embeddings);
         }
@@ -241,7 +250,7 @@ pub fn usage(m: &ModelFacts, s: &MemorySettings, p: Placement) -> Usage {
     match p {
         Placement::CpuOnly => Usage {
             vram_bytes: 0,
-            host_bytes: m.groups.values().sum::<u64>() + o.kv_bytes + o.compute_bytes,
+            host_bytes: m.loaded_bytes() + o.kv_bytes + o.compute_bytes,
         },
         Placement::AllGpu | Placement::CpuMoe { .. } => {
             let n = match p {
