@@ -12,7 +12,9 @@ pub mod fit;
 pub mod forecast;
 pub mod hardware;
 pub mod median;
+pub mod presets;
 pub mod receipt;
+pub mod residency;
 pub mod routing;
 pub mod validate;
 
@@ -135,6 +137,11 @@ pub struct PlanArgs {
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
+    /// Does residency pay here? Stock `--n-cpu-moe` against spark residency on the same VRAM,
+    /// every term, break-even link bandwidth and the verdict (needs a GPU: --gpu CARD, or
+    /// --vram-bw, --h2d-bw and --vram-total or --vram-budget)
+    #[arg(long)]
+    pub residency: bool,
     #[command(flatten)]
     pub hardware: HardwareFlags,
 }
@@ -172,25 +179,46 @@ pub struct HardwareFlags {
     /// Measure the host again even if a cached measurement exists
     #[arg(long)]
     pub remeasure: bool,
+    /// Plan for a known card: its VRAM, VRAM bandwidth and PCIe link, each figure cited
+    /// (an unknown name lists them); --vram-total, --vram-bw, --h2d-bw override it
+    #[arg(long, value_name = "CARD")]
+    pub gpu: Option<String>,
 }
 
 impl HardwareFlags {
     pub fn overrides(&self) -> HardwareOverrides {
+        let card = self.gpu.as_deref().and_then(presets::find);
         HardwareOverrides {
             ram_total_mib: self.ram_total,
             ram_available_mib: self.ram_available,
             host_gbps: self.host_bw,
             host_gflops: self.host_gflops,
-            gpu_name: self.gpu_name.clone(),
-            vram_total_mib: self.vram_total,
-            vram_gbps: self.vram_bw,
-            h2d_gbps: self.h2d_bw,
+            gpu_name: self
+                .gpu_name
+                .clone()
+                .or_else(|| card.map(|c| c.name.to_string())),
+            vram_total_mib: self.vram_total.or_else(|| card.map(|c| c.vram_mib())),
+            vram_gbps: self.vram_bw.or_else(|| card.map(|c| c.vram_gbps())),
+            h2d_gbps: self.h2d_bw.or_else(|| card.map(|c| c.h2d_gbps())),
             gpu_tflops: self.gpu_tflops,
             remeasure: self.remeasure,
         }
     }
 
+    /// The named card preset, if `--gpu` names one.
+    pub fn card(&self) -> Option<&'static presets::CardPreset> {
+        self.gpu.as_deref().and_then(presets::find)
+    }
+
     fn validate(&self) -> Result<(), PlanError> {
+        if let Some(g) = &self.gpu {
+            if presets::find(g).is_none() {
+                return Err(PlanError::Usage(format!(
+                    "parse --gpu {g}: not a known card ({})",
+                    presets::keys()
+                )));
+            }
+        }
         for (name, v) in [
             ("--host-bw", self.host_bw),
             ("--host-gflops", self.host_gflops),
@@ -685,13 +713,22 @@ pub fn run(cmd: PlanCommand) -> Result<(), PlanError> {
             let hw = hardware::gather(&cmd.plan.hardware.overrides())?;
             let store = load_store(input.use_receipts)?;
             let plan = make_plan(model, &input, hw, store.as_ref(), routing);
+            let res = if cmd.plan.residency && plan.refusal().is_none() {
+                Some(residency::for_plan(&cmd.plan, &input, &plan, store.as_ref())?)
+            } else {
+                None
+            };
             if cmd.plan.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&plan).expect("serialize")
-                );
+                let v = match &res {
+                    Some(r) => serde_json::json!({ "plan": &plan, "residency": r }),
+                    None => serde_json::to_value(&plan).expect("serialize"),
+                };
+                println!("{}", serde_json::to_string_pretty(&v).expect("serialize"));
             } else {
                 print!("{}", render(&plan));
+                if let Some(r) = &res {
+                    print!("{}", residency::render(r));
+                }
             }
             match plan.refusal() {
                 Some(r) => Err(PlanError::Refused {
@@ -812,6 +849,7 @@ pub fn pair(
             source: source.to_string(),
             host_gbps: f.roofline.host_gbps,
             decode_ceiling_tps: f.roofline.decode_tps,
+            decode_compute_secs: f.roofline.host_compute_secs,
             decode_measured_tps: decode.map(|r| r.avg_ts),
             decode_forecast_tps: f.decode.tps,
             decode_band: (f.decode.low, f.decode.high),
