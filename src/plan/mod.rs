@@ -142,6 +142,10 @@ pub struct PlanArgs {
     /// --vram-bw, --h2d-bw and --vram-total or --vram-budget)
     #[arg(long)]
     pub residency: bool,
+    /// Without --trace or --profile: a stated routing prior for --residency, expert of rank r
+    /// drawn with weight r^-S (0: uniform, the default; real MoE routers are skewed)
+    #[arg(long, value_name = "S", conflicts_with_all = ["trace", "profile"])]
+    pub zipf: Option<f64>,
     #[command(flatten)]
     pub hardware: HardwareFlags,
 }

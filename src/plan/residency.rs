@@ -230,6 +230,9 @@ pub enum HitSource {
     Profile { path: String, steps: usize },
     /// No routing given: every expert equally likely (the worst case for a cache), sampled.
     UniformPrior { steps: usize },
+    /// A stated prior: the expert of rank r (ranks shuffled over ids per layer) drawn with
+    /// weight r^-s, sampled.
+    ZipfPrior { s: f64, steps: usize },
 }
 
 impl HitSource {
@@ -240,6 +243,9 @@ impl HitSource {
             }
             HitSource::Profile { path, steps } => format!(
                 "the profile {path} ({steps} tokens drawn from its counts, independent draws: no order, so recency cannot help beyond frequency)"
+            ),
+            HitSource::ZipfPrior { s, steps } => format!(
+                "a stated prior: the expert of rank r drawn with weight r^-{s} (independent draws), {steps} tokens"
             ),
             HitSource::UniformPrior { steps } => format!(
                 "a stated prior: uniform routing, {steps} tokens drawn (the worst case for a cache; pass --trace or --profile for your own routing)"
@@ -309,6 +315,19 @@ pub fn synthesize(weights: &[Vec<f64>], n_expert: usize, k: usize, steps: usize,
         );
     }
     routing
+}
+
+/// Weights r^-s over `n` experts, ranks assigned to ids by a seeded shuffle (hot experts are
+/// not neighbours by id, which would flatter the run copies).
+pub fn zipf_weights(n: usize, s: f64, seed: u64) -> Vec<f64> {
+    use rand::seq::SliceRandom;
+    let mut ids: Vec<usize> = (0..n).collect();
+    ids.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    let mut w = vec![0.0; n];
+    for (rank, &e) in ids.iter().enumerate() {
+        w[e] = ((rank + 1) as f64).powf(-s);
+    }
+    w
 }
 
 /// The GPU and link facts the forecast needs, with where each came from.
@@ -932,6 +951,21 @@ pub fn routing_for(a: &PlanArgs, m: &ModelFacts) -> Result<(Routing, HitSource),
             synthesize(&w, n, k, SYNTH_STEPS, 0x5eed),
             HitSource::Profile {
                 path: path.display().to_string(),
+                steps: SYNTH_STEPS,
+            },
+        ));
+    }
+    if let Some(z) = a.zipf.filter(|z| *z > 0.0) {
+        if !z.is_finite() || z > 8.0 {
+            return Err(PlanError::Usage(format!(
+                "parse --zipf {z}: give an exponent between 0 and 8"
+            )));
+        }
+        let w = layers_with_experts(&|l| zipf_weights(n, z, 0x21f + l as u64));
+        return Ok((
+            synthesize(&w, n, k, SYNTH_STEPS, 0x5eed),
+            HitSource::ZipfPrior {
+                s: z,
                 steps: SYNTH_STEPS,
             },
         ));
