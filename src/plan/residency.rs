@@ -977,6 +977,51 @@ pub fn routing_for(a: &PlanArgs, m: &ModelFacts) -> Result<(Routing, HitSource),
     ))
 }
 
+/// The decision `spark serve --residency` acts on: the same forecast as `spark plan
+/// --residency`, with hit ratios drawn from the profile's counts (`counts[layer][expert]`, when
+/// serve loaded a fresh one) or the uniform prior.
+pub fn decide(
+    m: &ModelFacts,
+    s: &MemorySettings,
+    mach: &Machine,
+    counts: Option<&crate::cache::Counts>,
+    ram_total_bytes: u64,
+) -> Result<ResidencyForecast, String> {
+    let (n, k) = (m.n_expert as usize, m.n_expert_used as usize);
+    let mut w = vec![Vec::new(); m.n_layer as usize];
+    let mut any = false;
+    for (l, _) in &m.expert_layers {
+        let l = *l as usize;
+        let row: Vec<f64> = match counts.filter(|c| c.n_expert == n && l < c.n_layer) {
+            Some(c) => c.layer(l).iter().map(|&x| x as f64).collect(),
+            None => vec![1.0; n],
+        };
+        any |= counts.is_some() && row.iter().any(|&x| x > 0.0);
+        if let Some(slot) = w.get_mut(l) {
+            *slot = row;
+        }
+    }
+    let routing = synthesize(&w, n, k, SYNTH_STEPS, 0x5eed);
+    let source = if any {
+        HitSource::Profile {
+            path: "the loaded profile".into(),
+            steps: SYNTH_STEPS,
+        }
+    } else {
+        HitSource::UniformPrior { steps: SYNTH_STEPS }
+    };
+    forecast(
+        m,
+        s,
+        0,
+        mach,
+        &routing,
+        source,
+        &calibrate(Regime::ExpertsOffloaded, &[]),
+        ram_total_bytes,
+    )
+}
+
 /// The GPU and link facts from the plan's hardware (flags or a `--gpu` preset), with sources.
 pub fn machine_for(
     a: &PlanArgs,
