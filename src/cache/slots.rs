@@ -150,7 +150,9 @@ mod tests {
     #[test]
     fn misses_equal_lru_on_single_expert_tokens() {
         // With one expert per call there are no ties, so the rule is plain LRU.
-        let steps: Vec<Vec<u16>> = (0..400u32).map(|i| vec![((i * 7 + i / 3) % 11) as u16]).collect();
+        let steps: Vec<Vec<u16>> = (0..400u32)
+            .map(|i| vec![((i * 7 + i / 3) % 11) as u16])
+            .collect();
         let refs: Vec<&[u16]> = steps.iter().map(|v| v.as_slice()).collect();
         for s in 0..6 {
             let mut a = SlotLru::new(11, &[s], 1);

@@ -718,7 +718,12 @@ pub fn run(cmd: PlanCommand) -> Result<(), PlanError> {
             let store = load_store(input.use_receipts)?;
             let plan = make_plan(model, &input, hw, store.as_ref(), routing);
             let res = if cmd.plan.residency && plan.refusal().is_none() {
-                Some(residency::for_plan(&cmd.plan, &input, &plan, store.as_ref())?)
+                Some(residency::for_plan(
+                    &cmd.plan,
+                    &input,
+                    &plan,
+                    store.as_ref(),
+                )?)
             } else {
                 None
             };

@@ -119,25 +119,97 @@ macro_rules! card {
 /// The presets: consumer 8–32 GB cards of three PCIe generations and common workstation cards.
 pub const CARDS: &[CardPreset] = &[
     card!("rtx2060", "GeForce RTX 2060", 6, 192, 14.0, 3, 16, NV_20),
-    card!("rtx2080ti", "GeForce RTX 2080 Ti", 11, 352, 14.0, 3, 16, NV_20),
+    card!(
+        "rtx2080ti",
+        "GeForce RTX 2080 Ti",
+        11,
+        352,
+        14.0,
+        3,
+        16,
+        NV_20
+    ),
     card!("tesla-p40", "Tesla P40", 24, 384, 7.2, 3, 16, NV_DC),
-    card!("rtx3060", "GeForce RTX 3060 12GB", 12, 192, 15.0, 4, 16, NV_30),
+    card!(
+        "rtx3060",
+        "GeForce RTX 3060 12GB",
+        12,
+        192,
+        15.0,
+        4,
+        16,
+        NV_30
+    ),
     card!("rtx3070", "GeForce RTX 3070", 8, 256, 14.0, 4, 16, NV_30),
-    card!("rtx3080", "GeForce RTX 3080 10GB", 10, 320, 19.0, 4, 16, NV_30),
+    card!(
+        "rtx3080",
+        "GeForce RTX 3080 10GB",
+        10,
+        320,
+        19.0,
+        4,
+        16,
+        NV_30
+    ),
     card!("rtx3090", "GeForce RTX 3090", 24, 384, 19.5, 4, 16, NV_30),
-    card!("rtx4060ti-16", "GeForce RTX 4060 Ti 16GB", 16, 128, 18.0, 4, 8, NV_40),
+    card!(
+        "rtx4060ti-16",
+        "GeForce RTX 4060 Ti 16GB",
+        16,
+        128,
+        18.0,
+        4,
+        8,
+        NV_40
+    ),
     card!("rtx4070", "GeForce RTX 4070", 12, 192, 21.0, 4, 16, NV_40),
-    card!("rtx4070tis", "GeForce RTX 4070 Ti SUPER", 16, 256, 21.0, 4, 16, NV_40),
+    card!(
+        "rtx4070tis",
+        "GeForce RTX 4070 Ti SUPER",
+        16,
+        256,
+        21.0,
+        4,
+        16,
+        NV_40
+    ),
     card!("rtx4080", "GeForce RTX 4080", 16, 256, 22.4, 4, 16, NV_40),
     card!("rtx4090", "GeForce RTX 4090", 24, 384, 21.0, 4, 16, NV_40),
-    card!("rtx5060ti-16", "GeForce RTX 5060 Ti 16GB", 16, 128, 28.0, 5, 8, NV_50),
+    card!(
+        "rtx5060ti-16",
+        "GeForce RTX 5060 Ti 16GB",
+        16,
+        128,
+        28.0,
+        5,
+        8,
+        NV_50
+    ),
     card!("rtx5070", "GeForce RTX 5070", 12, 192, 28.0, 5, 16, NV_50),
-    card!("rtx5070ti", "GeForce RTX 5070 Ti", 16, 256, 28.0, 5, 16, NV_50),
+    card!(
+        "rtx5070ti",
+        "GeForce RTX 5070 Ti",
+        16,
+        256,
+        28.0,
+        5,
+        16,
+        NV_50
+    ),
     card!("rtx5080", "GeForce RTX 5080", 16, 256, 30.0, 5, 16, NV_50),
     card!("rtx5090", "GeForce RTX 5090", 32, 512, 28.0, 5, 16, NV_50),
     card!("rtx-a4000", "RTX A4000", 16, 256, 14.0, 4, 16, NV_WS),
     card!("rtx-a6000", "RTX A6000", 48, 384, 16.0, 4, 16, NV_WS),
-    card!("rtx6000-ada", "RTX 6000 Ada Generation", 48, 384, 20.0, 4, 16, NV_WS),
+    card!(
+        "rtx6000-ada",
+        "RTX 6000 Ada Generation",
+        48,
+        384,
+        20.0,
+        4,
+        16,
+        NV_WS
+    ),
     card!("rx7900xtx", "Radeon RX 7900 XTX", 24, 384, 20.0, 4, 16, AMD),
 ];
 
@@ -175,7 +247,11 @@ mod tests {
             ("tesla-p40", 345.6),
         ] {
             let c = find(key).unwrap();
-            assert!((c.vram_gbps() - gbps).abs() < 1e-9, "{key}: {}", c.vram_gbps());
+            assert!(
+                (c.vram_gbps() - gbps).abs() < 1e-9,
+                "{key}: {}",
+                c.vram_gbps()
+            );
         }
     }
 

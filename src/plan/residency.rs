@@ -256,7 +256,13 @@ impl HitSource {
 
 /// Draws `steps` tokens of `k` distinct experts per expert layer from per-layer weights
 /// (`weights[l]`, empty for a layer without experts; all-zero rows draw uniformly), seeded.
-pub fn synthesize(weights: &[Vec<f64>], n_expert: usize, k: usize, steps: usize, seed: u64) -> Routing {
+pub fn synthesize(
+    weights: &[Vec<f64>],
+    n_expert: usize,
+    k: usize,
+    steps: usize,
+    seed: u64,
+) -> Routing {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n_layer = weights.len();
     let mut routing = Routing::new(n_layer);
@@ -633,7 +639,14 @@ pub fn forecast(
                 .iter()
                 .map(|(l, _)| {
                     let b = r[*l as usize];
-                    (*l, if b.lookups > 0 { b.hits as f64 / b.lookups as f64 } else { 0.0 })
+                    (
+                        *l,
+                        if b.lookups > 0 {
+                            b.hits as f64 / b.lookups as f64
+                        } else {
+                            0.0
+                        },
+                    )
                 })
                 .collect();
             let (h, n): (u64, u64) = m
@@ -641,7 +654,11 @@ pub fn forecast(
                 .iter()
                 .map(|(l, _)| (r[*l as usize].hits, r[*l as usize].lookups))
                 .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-            let link: u64 = m.expert_layers.iter().map(|(l, _)| r[*l as usize].link_bytes).sum();
+            let link: u64 = m
+                .expert_layers
+                .iter()
+                .map(|(l, _)| r[*l as usize].link_bytes)
+                .sum();
             CurvePoint {
                 slots: sl,
                 hit_ratio: if n > 0 { h as f64 / n as f64 } else { 0.0 },
@@ -790,10 +807,21 @@ pub fn render(f: &ResidencyForecast) -> String {
         &mut s,
         "hit ratio (host layers)",
         "-".into(),
-        sp.and_then(|c| c.hit_ratio).map(|h| format!("{:.1}%", h * 100.0)),
+        sp.and_then(|c| c.hit_ratio)
+            .map(|h| format!("{:.1}%", h * 100.0)),
     );
-    row(&mut s, "link bytes/token", mb(f.stock.link_bytes), sp.map(|c| mb(c.link_bytes)));
-    row(&mut s, "host-memory bytes/token", mb(f.stock.host_bytes), sp.map(|c| mb(c.host_bytes)));
+    row(
+        &mut s,
+        "link bytes/token",
+        mb(f.stock.link_bytes),
+        sp.map(|c| mb(c.link_bytes)),
+    );
+    row(
+        &mut s,
+        "host-memory bytes/token",
+        mb(f.stock.host_bytes),
+        sp.map(|c| mb(c.host_bytes)),
+    );
     row(
         &mut s,
         "VRAM read bytes/token",
@@ -818,15 +846,30 @@ pub fn render(f: &ResidencyForecast) -> String {
         format!("{:.0}", f.stock.handoffs),
         sp.map(|c| format!("{:.0}", c.handoffs)),
     );
-    row(&mut s, "time: VRAM", ms(f.stock.t_vram), sp.map(|c| ms(c.t_vram)));
-    row(&mut s, "time: host read", ms(f.stock.t_host), sp.map(|c| ms(c.t_host)));
+    row(
+        &mut s,
+        "time: VRAM",
+        ms(f.stock.t_vram),
+        sp.map(|c| ms(c.t_vram)),
+    );
+    row(
+        &mut s,
+        "time: host read",
+        ms(f.stock.t_host),
+        sp.map(|c| ms(c.t_host)),
+    );
     row(
         &mut s,
         "time: host compute",
         ms(f.stock.t_host_compute),
         sp.map(|c| ms(c.t_host_compute)),
     );
-    row(&mut s, "time: link", ms(f.stock.t_link), sp.map(|c| ms(c.t_link)));
+    row(
+        &mut s,
+        "time: link",
+        ms(f.stock.t_link),
+        sp.map(|c| ms(c.t_link)),
+    );
     row(
         &mut s,
         "time: hand-offs / copy calls",
@@ -842,13 +885,19 @@ pub fn render(f: &ResidencyForecast) -> String {
     row(
         &mut s,
         "decode tok/s (band)",
-        format!("{:.1} ({:.1}–{:.1})", f.stock.tps, f.stock.low, f.stock.high),
+        format!(
+            "{:.1} ({:.1}–{:.1})",
+            f.stock.tps, f.stock.low, f.stock.high
+        ),
         sp.map(|c| format!("{:.1} ({:.1}–{:.1})", c.tps, c.low, c.high)),
     );
     let _ = writeln!(s, "break-even {}", f.break_even_note);
     let _ = writeln!(s, "verdict   {}", f.reason);
     if !f.candidates.is_empty() {
-        let _ = writeln!(s, "splits    host layers  slots  hits    link/token   tok/s");
+        let _ = writeln!(
+            s,
+            "splits    host layers  slots  hits    link/token   tok/s"
+        );
         for c in &f.candidates {
             let _ = writeln!(
                 s,
@@ -861,8 +910,16 @@ pub fn render(f: &ResidencyForecast) -> String {
             );
         }
     }
-    if let Some(p) = f.curve.iter().find(|p| Some(p.slots) == sp.map(|c| c.slots)) {
-        let lo = p.per_layer.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+    if let Some(p) = f
+        .curve
+        .iter()
+        .find(|p| Some(p.slots) == sp.map(|c| c.slots))
+    {
+        let lo = p
+            .per_layer
+            .iter()
+            .map(|x| x.1)
+            .fold(f64::INFINITY, f64::min);
         let hi = p.per_layer.iter().map(|x| x.1).fold(0.0, f64::max);
         let _ = writeln!(
             s,
@@ -908,7 +965,10 @@ pub fn routing_for(a: &PlanArgs, m: &ModelFacts) -> Result<(Routing, HitSource),
             if fp != &m.fingerprint {
                 return Err(err(
                     path,
-                    format!("the trace was recorded on model {fp}, not {}", m.fingerprint),
+                    format!(
+                        "the trace was recorded on model {fp}, not {}",
+                        m.fingerprint
+                    ),
                 ));
             }
         }
@@ -1029,7 +1089,10 @@ pub fn machine_for(
     hw: &HardwareFacts,
 ) -> Result<Machine, PlanError> {
     let need = "plan --residency: needs a GPU: --gpu CARD, or --vram-bw GB/s and --h2d-bw GB/s with --vram-total or --vram-budget MiB";
-    let gpu = hw.gpu.as_ref().ok_or_else(|| PlanError::Usage(need.into()))?;
+    let gpu = hw
+        .gpu
+        .as_ref()
+        .ok_or_else(|| PlanError::Usage(need.into()))?;
     let h2d = gpu.h2d_gbps.ok_or_else(|| PlanError::Usage(need.into()))?;
     let mut sources = Vec::new();
     if let Some(c) = a.hardware.card() {
@@ -1142,7 +1205,10 @@ mod tests {
         let tb = vec![vec![100u64]];
         let none = replay(&r, 8, 2, &tb, 0, 0)[0];
         // [0, 1]: one run plus padding; [5] plus padding, [7] is the last expert: no padding.
-        assert_eq!(none.link_bytes, (200 + 100) + ((100 + 100) + 100) + (200 + 100));
+        assert_eq!(
+            none.link_bytes,
+            (200 + 100) + ((100 + 100) + 100) + (200 + 100)
+        );
         assert_eq!(none.hits, 0);
         // Four slots: the third step hits 0 and 1.
         let four = replay(&r, 8, 2, &tb, 4, 0)[0];
@@ -1163,11 +1229,17 @@ mod tests {
             let ids = r.ids(s, 0);
             assert_eq!(ids.len(), 2);
             assert!(ids[0] != ids[1]);
-            assert!(ids.iter().all(|&e| e < 4), "zero-weight experts never drawn");
+            assert!(
+                ids.iter().all(|&e| e < 4),
+                "zero-weight experts never drawn"
+            );
             zero += ids.contains(&0) as usize;
             assert!(r.ids(s, 1).is_empty());
         }
-        assert!(zero > 190, "the heavy expert is nearly always drawn: {zero}");
+        assert!(
+            zero > 190,
+            "the heavy expert is nearly always drawn: {zero}"
+        );
         // The same seed draws the same tokens.
         assert_eq!(r, synthesize(&w, 6, 2, 200, 7));
     }
