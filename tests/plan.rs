@@ -540,7 +540,10 @@ fn receipt_from_real_llama_bench_json_calibrates_later_plans() {
     assert_eq!(r["decode_measured_tps"], 2117.229197);
     assert_eq!(r["prefill_measured_tps"], 18826.801676);
     let ceiling = r["decode_ceiling_tps"].as_f64().unwrap();
-    assert!((ceiling - 10e9 / 8_793_088.0).abs() < 1e-6);
+    // Reads at 10 GB/s plus the CPU's compute term: 2 198 272 f32 weights × 2 FLOP at 50 GFLOP/s.
+    let compute = 2.0 * 2_198_272.0 / 50e9;
+    assert!((r["decode_compute_secs"].as_f64().unwrap() - compute).abs() < 1e-15);
+    assert!((ceiling - 1.0 / (8_793_088.0 / 10e9 + compute)).abs() < 1e-6);
     let store = dir.path().join("machine").join("receipts.json");
     assert!(store.exists());
 
@@ -787,7 +790,8 @@ fn gpu_from_flags_moves_the_reads_to_vram() {
     assert_eq!(r["regime"], "experts_offloaded");
     assert_eq!(r["host_bytes_per_token"], 98_304);
     assert_eq!(r["vram_bytes_per_token"], 8_793_088 - 98_304);
-    let secs = 98_304.0 / 10e9 + (8_793_088.0 - 98_304.0) / 100e9;
+    // The CPU also multiplies those 24 576 f32 weights: 2 FLOP each at 50 GFLOP/s.
+    let secs = 98_304.0 / 10e9 + 2.0 * 24_576.0 / 50e9 + (8_793_088.0 - 98_304.0) / 100e9;
     assert!((r["decode_tps"].as_f64().unwrap() - 1.0 / secs).abs() < 1e-6);
 }
 

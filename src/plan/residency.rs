@@ -28,13 +28,15 @@ use serde::Serialize;
 
 use rand::{Rng, SeedableRng};
 
-use super::fit::{self, MemorySettings, ModelFacts, Placement, MIB};
+use super::cli::PlanArgs;
+use super::fit::{self, MemorySettings, ModelFacts, Placement};
 use super::forecast::{calibrate, Calibration, Regime};
 use super::hardware::HardwareFacts;
 use super::receipt::ReceiptStore;
-use super::{Plan, PlanArgs, PlanError, PlanInput};
+use super::{Plan, PlanError, PlanInput};
 use crate::cache::{Policy, SlotLru};
 use crate::trace::Routing;
+use crate::units::{mib, MIB};
 
 /// Stock ggml copies at most this many bytes past the last expert of a run (the provider's
 /// `PAD_MAX`).
@@ -741,7 +743,7 @@ pub fn forecast(
         "host-resident expert weights are pinned (llama-server --load-mode none, as serve --residency starts it); mapped memory streams at a fraction of the link".into(),
         format!(
             "spark: every host layer is streamed (the offload is global), one layer's expert tensors ({}) are the engine's copy destination in VRAM, and each hit and load is one slot ↔ destination copy inside VRAM",
-            fit::mib(staging)
+            mib(staging)
         ),
         format!(
             "stock: one hand-off per host layer at {:.0} µs, spark: {:.0} µs per copy call (priors, not measured here)",
@@ -800,8 +802,8 @@ pub fn render(f: &ResidencyForecast) -> String {
     row(
         &mut s,
         "VRAM used",
-        fit::mib(f.stock.vram_bytes),
-        sp.map(|c| fit::mib(c.vram_bytes)),
+        mib(f.stock.vram_bytes),
+        sp.map(|c| mib(c.vram_bytes)),
     );
     row(
         &mut s,
@@ -1100,13 +1102,13 @@ pub fn machine_for(
     }
     let budget = match (input.budget_bytes, gpu.vram_total_bytes) {
         (Some(b), _) => {
-            sources.push(format!("VRAM budget: {} from --vram-budget", fit::mib(b)));
+            sources.push(format!("VRAM budget: {} from --vram-budget", mib(b)));
             b
         }
         (None, Some(t)) => {
             sources.push(format!(
                 "VRAM budget: the card's {} (no --vram-budget)",
-                fit::mib(t)
+                mib(t)
             ));
             t
         }
