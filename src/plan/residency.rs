@@ -1084,6 +1084,95 @@ pub fn decide(
     )
 }
 
+/// What `spark serve --residency` decided at start, and why (shown at start and in
+/// `/spark/status` under `placement.residency_decision`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ServeDecision {
+    /// `residency`, `stock`, or `as_asked` (no GPU facts, or `--cache-slots` given).
+    pub run: String,
+    /// Slots per host layer when `run` is `residency`.
+    pub slots: Option<u32>,
+    pub reason: String,
+    /// Where the hit ratios came from.
+    pub source: Option<String>,
+    pub stock_tps: Option<f64>,
+    pub spark_tps: Option<f64>,
+    pub break_even_link_gbps: Option<f64>,
+}
+
+/// The GPU facts serve can be given: a `--gpu` preset and/or `--vram-bw`, `--h2d-bw`.
+#[derive(Debug, Clone, Default)]
+pub struct ServeGpu {
+    pub card: Option<String>,
+    pub vram_gbps: Option<f64>,
+    pub h2d_gbps: Option<f64>,
+}
+
+/// serve's residency decision: the forecast `spark plan --residency` shows, for `file` at
+/// `budget_mib` and `ctx`, from `counts` (a fresh profile) or the uniform prior. `None` when the
+/// GPU's bandwidths are not known (serve then runs the slots it was asked for and says so).
+pub fn serve_decision(
+    file: &crate::gguf::GgufFile,
+    geometry: &crate::gguf::MoeGeometry,
+    budget_mib: u64,
+    ctx: u64,
+    gpu: &ServeGpu,
+    counts: Option<&crate::cache::Counts>,
+) -> Result<Option<ServeDecision>, String> {
+    let card = match gpu.card.as_deref() {
+        Some(c) => Some(super::presets::find(c).ok_or_else(|| {
+            format!(
+                "parse --gpu {c}: not a known card ({})",
+                super::presets::keys()
+            )
+        })?),
+        None => None,
+    };
+    let (Some(vram), Some(h2d)) = (
+        gpu.vram_gbps.or_else(|| card.map(|c| c.vram_gbps())),
+        gpu.h2d_gbps.or_else(|| card.map(|c| c.h2d_gbps())),
+    ) else {
+        return Ok(None);
+    };
+    let m = ModelFacts::of(file, geometry.clone());
+    let hw = super::hardware::gather(&super::hardware::HardwareOverrides::default())
+        .map_err(|e| e.to_string())?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let s = MemorySettings {
+        ctx,
+        k_type: crate::gguf::GgmlType::F16,
+        v_type: crate::gguf::GgmlType::F16,
+        ubatch: 512,
+        reserve_bytes: 0,
+    };
+    let mach = Machine {
+        vram_budget_bytes: budget_mib.saturating_mul(MIB),
+        vram_gbps: vram,
+        h2d_gbps: h2d,
+        host_gbps: hw.host_gbps_at(threads),
+        host_gflops: hw.host_gflops_at(threads),
+        handoff_us: HANDOFF_US_PRIOR,
+        copy_call_us: COPY_CALL_US_PRIOR,
+        sources: Vec::new(),
+    };
+    let f = decide(&m, &s, &mach, counts, hw.ram_total_bytes)?;
+    let (run, slots) = match f.verdict {
+        Verdict::Residency { slots, .. } if slots > 0 => ("residency", Some(slots)),
+        _ => ("stock", None),
+    };
+    Ok(Some(ServeDecision {
+        run: run.into(),
+        slots,
+        reason: f.reason.clone(),
+        source: Some(f.source.describe()),
+        stock_tps: Some(f.stock.tps),
+        spark_tps: f.spark.as_ref().map(|x| x.tps),
+        break_even_link_gbps: f.break_even_link_gbps,
+    }))
+}
+
 /// The GPU and link facts from the plan's hardware (flags or a `--gpu` preset), with sources.
 pub fn machine_for(
     a: &PlanArgs,
@@ -1244,5 +1333,106 @@ mod tests {
         );
         // The same seed draws the same tokens.
         assert_eq!(r, synthesize(&w, 6, 2, 200, 7));
+    }
+
+    fn facts(dir: &std::path::Path) -> ModelFacts {
+        use crate::gguf::{GgmlType, GgufFile, GgufWriter, MoeGeometry, Value};
+        let mut w = GgufWriter::new();
+        w.set("general.architecture", Value::String("qwen3moe".into()));
+        for (k, v) in [
+            ("block_count", 4u32),
+            ("embedding_length", 64),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 2),
+            ("expert_count", 32),
+            ("expert_used_count", 2),
+            ("expert_feed_forward_length", 64),
+        ] {
+            w.set(&format!("qwen3moe.{k}"), Value::U32(v));
+        }
+        w.add_tensor(
+            "token_embd.weight",
+            &[64, 100],
+            GgmlType::F32,
+            vec![0; 64 * 100 * 4],
+        );
+        for l in 0..4 {
+            for t in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+                w.add_tensor(
+                    &format!("blk.{l}.{t}.weight"),
+                    &[64, 64, 32],
+                    GgmlType::F32,
+                    vec![0; 64 * 64 * 32 * 4],
+                );
+            }
+        }
+        let p = dir.join("m.gguf");
+        w.write(&p).unwrap();
+        let f = GgufFile::open(&p).unwrap();
+        let g = MoeGeometry::of(&f).unwrap();
+        ModelFacts::of(&f, g)
+    }
+
+    fn machine(h2d: f64) -> Machine {
+        Machine {
+            vram_budget_bytes: 5 * MIB,
+            vram_gbps: 300.0,
+            h2d_gbps: h2d,
+            host_gbps: 10.0,
+            host_gflops: 50.0,
+            handoff_us: HANDOFF_US_PRIOR,
+            copy_call_us: COPY_CALL_US_PRIOR,
+            sources: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn serve_decides_residency_where_it_pays_and_stock_where_it_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = facts(dir.path());
+        let s = MemorySettings {
+            ctx: 256,
+            k_type: crate::gguf::GgmlType::F16,
+            v_type: crate::gguf::GgmlType::F16,
+            ubatch: 512,
+            reserve_bytes: 0,
+        };
+        // Routing concentrated on two experts per layer: after the warm-up every use hits.
+        let mut hot = crate::cache::Counts::zero(4, 32);
+        for l in 0..4 {
+            hot.set(l, 3, 1000);
+            hot.set(l, 17, 1000);
+        }
+        let f = decide(&m, &s, &machine(25.0), Some(&hot), u64::MAX).unwrap();
+        assert!(f.stock.n_cpu_moe > 0, "stock offloads: {:?}", f.stock);
+        let sp = f.spark.as_ref().unwrap();
+        assert_eq!(sp.hit_ratio, Some(1.0));
+        assert_eq!(sp.link_bytes, 0.0);
+        assert!(
+            matches!(f.verdict, Verdict::Residency { .. }),
+            "{}",
+            f.reason
+        );
+        assert!(matches!(f.source, HitSource::Profile { .. }));
+        // Uniform routing over a link far slower than host memory: stock, and the reason says so.
+        let f = decide(&m, &s, &machine(0.05), None, u64::MAX).unwrap();
+        assert_eq!(
+            f.verdict,
+            Verdict::Stock {
+                n_cpu_moe: f.stock.n_cpu_moe
+            }
+        );
+        assert!(f.reason.starts_with("stock placement"), "{}", f.reason);
+        assert!(matches!(f.source, HitSource::UniformPrior { .. }));
+        // Either some link rate above this one would tie, or none would: said either way.
+        if let Some(be) = f.break_even_link_gbps {
+            assert!(be > 0.05, "break-even {be} above the slow link");
+        } else {
+            assert!(
+                f.break_even_note.contains("cannot tie"),
+                "{}",
+                f.break_even_note
+            );
+        }
     }
 }
