@@ -483,8 +483,7 @@ pub fn forecast(
     s: &MemorySettings,
     depth: u64,
     mach: &Machine,
-    routing: &Routing,
-    source: HitSource,
+    (routing, source): (&Routing, HitSource),
     eff: &Calibration,
     ram_total_bytes: u64,
 ) -> Result<ResidencyForecast, String> {
@@ -1077,8 +1076,7 @@ pub fn decide(
         s,
         0,
         mach,
-        &routing,
-        source,
+        (&routing, source),
         &calibrate(Regime::ExpertsOffloaded, &[]),
         ram_total_bytes,
     )
@@ -1243,8 +1241,7 @@ pub fn for_plan(
         &input.settings,
         input.depth,
         &mach,
-        &routing,
-        source,
+        (&routing, source),
         &eff,
         plan.hardware.ram_total_bytes,
     )
