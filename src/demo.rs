@@ -158,6 +158,7 @@ fn serve_and_learn(
         profile: Some(profile.clone()),
         cache_slots: None,
         residency: false,
+        residency_gpu: Default::default(),
         cache_policy: crate::cache::PolicyKind::Spark,
         vram_budget_mib: None,
         ctx: 2048,

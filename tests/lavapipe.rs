@@ -549,6 +549,16 @@ fn bench_residency_bytes_measures_the_copies_and_predicts_the_hits() {
         };
         let c = stats(copy);
         assert!(c.calls > 0 && c.calls == c.declined && c.hits == 0, "{c:?}");
+        // `spark plan --residency`'s byte model, replayed on the routing each run captured,
+        // gives exactly the bytes the provider counted: the stock copy's for (c), and for (d)
+        // the runs of experts not in a slot at each slot count.
+        for row in rows {
+            assert_eq!(
+                row["forecast_bytes_host"].as_u64(),
+                Some(stats(row).bytes_host),
+                "{router}: the forecast's link bytes against the provider's: {row}"
+            );
+        }
         for row in &rows[1..] {
             let st = stats(row);
             let live = row["residency"]["hit_ratio"].as_f64().unwrap();

@@ -475,8 +475,16 @@ fn decode_forecast_is_the_roofline_times_the_prior_without_receipts() {
     // Per token: always resident 8 399 616 + one embedding row 256 + 4 layers × 2 experts ×
     // 49 152 = 8 793 088 B, at 10 GB/s.
     assert_eq!(r["host_bytes_per_token"], 8_793_088);
+    // Everything is f32, so the CPU multiplies 8 793 088 / 4 = 2 198 272 weights: 2 FLOP each
+    // at 50 GFLOP/s, added to the reads at 10 GB/s.
+    assert_eq!(r["host_weights_per_token"], 2_198_272.0);
+    let compute = 2.0 * 2_198_272.0 / 50e9;
+    assert!((r["host_compute_secs"].as_f64().unwrap() - compute).abs() < 1e-15);
     let ceiling = r["decode_tps"].as_f64().unwrap();
-    assert!((ceiling - 10e9 / 8_793_088.0).abs() < 1e-6, "{ceiling}");
+    assert!(
+        (ceiling - 1.0 / (8_793_088.0 / 10e9 + compute)).abs() < 1e-6,
+        "{ceiling}"
+    );
     let d = &j["forecast"]["decode"];
     let c = &d["calibration"];
     assert_eq!(c["source"], "prior");
@@ -532,7 +540,10 @@ fn receipt_from_real_llama_bench_json_calibrates_later_plans() {
     assert_eq!(r["decode_measured_tps"], 2117.229197);
     assert_eq!(r["prefill_measured_tps"], 18826.801676);
     let ceiling = r["decode_ceiling_tps"].as_f64().unwrap();
-    assert!((ceiling - 10e9 / 8_793_088.0).abs() < 1e-6);
+    // Reads at 10 GB/s plus the CPU's compute term: 2 198 272 f32 weights × 2 FLOP at 50 GFLOP/s.
+    let compute = 2.0 * 2_198_272.0 / 50e9;
+    assert!((r["decode_compute_secs"].as_f64().unwrap() - compute).abs() < 1e-15);
+    assert!((ceiling - 1.0 / (8_793_088.0 / 10e9 + compute)).abs() < 1e-6);
     let store = dir.path().join("machine").join("receipts.json");
     assert!(store.exists());
 
@@ -779,7 +790,8 @@ fn gpu_from_flags_moves_the_reads_to_vram() {
     assert_eq!(r["regime"], "experts_offloaded");
     assert_eq!(r["host_bytes_per_token"], 98_304);
     assert_eq!(r["vram_bytes_per_token"], 8_793_088 - 98_304);
-    let secs = 98_304.0 / 10e9 + (8_793_088.0 - 98_304.0) / 100e9;
+    // The CPU also multiplies those 24 576 f32 weights: 2 FLOP each at 50 GFLOP/s.
+    let secs = 98_304.0 / 10e9 + 2.0 * 24_576.0 / 50e9 + (8_793_088.0 - 98_304.0) / 100e9;
     assert!((r["decode_tps"].as_f64().unwrap() - 1.0 / secs).abs() < 1e-6);
 }
 
@@ -817,4 +829,110 @@ fn hardware_profile_honours_flag_overrides() {
         "{}",
         stderr(&o)
     );
+}
+
+/// `spark plan --residency`: both columns with every term, the verdict, and the input errors.
+#[test]
+fn residency_forecast_compares_stock_with_slots_on_the_same_vram() {
+    let dir = util::tempdir();
+    // 6 layers of 32 experts (top-4), f32: 1.5 MiB of experts per layer.
+    let model = util::fixture(
+        dir.path(),
+        "skewed.gguf",
+        &[
+            "--router",
+            "skewed",
+            "--experts",
+            "32",
+            "--top-k",
+            "4",
+            "--layers",
+            "6",
+        ],
+    );
+    // A budget that holds the dense part and a few layers' experts: stock offloads four layers.
+    let (o, j) = plan_json(
+        dir.path(),
+        &model,
+        &[
+            "--residency",
+            "--gpu",
+            "rtx3060",
+            "--vram-budget",
+            "14",
+            "--ctx",
+            "256",
+            "--zipf",
+            "1.2",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = &j["residency"];
+    let stock = &r["stock"];
+    assert!(stock["n_cpu_moe"].as_u64().unwrap() > 0, "{stock}");
+    assert_eq!(stock["link_bytes"], 0.0);
+    assert!(stock["host_bytes"].as_f64().unwrap() > 0.0);
+    assert!(stock["handoffs"].as_f64().unwrap() > 0.0);
+    let spark = &r["spark"];
+    let hit = spark["hit_ratio"].as_f64().unwrap();
+    assert!(hit > 0.0 && hit < 1.0, "{spark}");
+    assert!(spark["link_bytes"].as_f64().unwrap() > 0.0);
+    assert!(spark["vram_bytes"].as_u64().unwrap() <= 14 * MIB, "{spark}");
+    // Every candidate split fits the same budget.
+    let cands = r["candidates"].as_array().unwrap();
+    assert!(!cands.is_empty());
+    for c in cands {
+        assert!(c["vram_bytes"].as_u64().unwrap() <= 14 * MIB, "{c}");
+    }
+    // The verdict is the faster column.
+    let faster = spark["tps"].as_f64().unwrap() > stock["tps"].as_f64().unwrap();
+    assert_eq!(
+        r["verdict"]["run"],
+        if faster { "residency" } else { "stock" },
+        "{r}"
+    );
+    assert!(r["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| { p["per_layer"].as_array().unwrap().len() == 6 }));
+    assert_eq!(r["source"]["kind"], "zipf_prior");
+
+    // Without a GPU, with an unknown card, or with routing of another shape: exit 2, one line.
+    let base = [
+        "plan",
+        "-m",
+        model.to_str().unwrap(),
+        "--host-bw",
+        "10",
+        "--host-gflops",
+        "50",
+        "--ctx",
+        "256",
+        "--reserve",
+        "0",
+    ];
+    let trace = dir.path().join("wrong.jsonl");
+    std::fs::write(&trace, "{\"tok\": 0, \"layers\": [[1, 2]]}\n".repeat(8)).unwrap();
+    for (extra, want) in [
+        (vec!["--residency", "--vram-budget", "14"], "needs a GPU"),
+        (vec!["--residency", "--gpu", "rtx9999"], "not a known card"),
+        (
+            vec![
+                "--residency",
+                "--gpu",
+                "rtx3060",
+                "--trace",
+                trace.to_str().unwrap(),
+            ],
+            "layers",
+        ),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(extra.iter());
+        let o = spark_in(dir.path(), &args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
 }

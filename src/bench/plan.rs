@@ -112,6 +112,8 @@ pub struct Row {
     /// Host bandwidth the ceiling used, GB/s.
     pub host_gbps: f64,
     pub ceiling_tps: f64,
+    /// Seconds per token of the ceiling that are the CPU's compute term.
+    pub compute_secs: f64,
     pub measured_tps: f64,
     /// Forecast calibrated from the other models' receipts.
     pub forecast_strict_tps: f64,
@@ -160,6 +162,7 @@ pub fn score(receipts: &[(String, Receipt)]) -> Vec<Row> {
             n_cpu_moe: r.n_cpu_moe,
             host_gbps: r.host_gbps,
             ceiling_tps: r.decode_ceiling_tps,
+            compute_secs: r.decode_compute_secs,
             measured_tps: measured,
             forecast_strict_tps: fs,
             error_strict: (fs - measured) / measured,
@@ -170,6 +173,23 @@ pub fn score(receipts: &[(String, Receipt)]) -> Vec<Row> {
         });
     }
     rows
+}
+
+/// The receipts as the forecast saw them before the CPU's compute term existed: the same
+/// measurements against a bandwidth-only ceiling (for the before/after line).
+pub fn bandwidth_only(receipts: &[(String, Receipt)]) -> Vec<(String, Receipt)> {
+    receipts
+        .iter()
+        .map(|(n, r)| {
+            let mut r = r.clone();
+            let secs = 1.0 / r.decode_ceiling_tps - r.decode_compute_secs;
+            if r.decode_compute_secs > 0.0 && secs > 0.0 {
+                r.decode_ceiling_tps = 1.0 / secs;
+                r.decode_compute_secs = 0.0;
+            }
+            (n.clone(), r)
+        })
+        .collect()
 }
 
 pub fn summarize(rows: Vec<Row>, host_gbps: Vec<hardware::RatePoint>) -> Report {
@@ -348,13 +368,23 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         }
     }
     let report = summarize(score(&receipts), hw.host_read_gbps.clone());
+    let before = summarize(score(&bandwidth_only(&receipts)), Vec::new());
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).expect("serialize")
+            serde_json::to_string_pretty(&serde_json::json!({
+                "report": &report,
+                "bandwidth_only": &before,
+            }))
+            .expect("serialize")
         );
     } else {
         print!("{}", render(&report));
+        println!(
+            "without the CPU compute term (bandwidth only), strict: median |error| {:.1}%, worst {:.1}%",
+            before.median_abs_error_strict * 100.0,
+            before.worst_abs_error_strict * 100.0
+        );
     }
     if !a.no_store {
         let path = crate::plan::receipt::store_path();
@@ -390,6 +420,7 @@ mod tests {
                 source: "test".into(),
                 host_gbps: 10.0,
                 decode_ceiling_tps: ceiling,
+                decode_compute_secs: 0.0,
                 decode_measured_tps: Some(measured),
                 decode_forecast_tps: 0.0,
                 decode_band: (0.0, 0.0),

@@ -23,6 +23,7 @@ mod belady;
 mod fixed;
 mod freq;
 mod lru;
+mod slots;
 mod spark;
 #[cfg(test)]
 mod spark_diff;
@@ -33,6 +34,7 @@ pub use belady::Belady;
 pub use fixed::{PinLru, Static};
 pub use freq::{Lfru, Lfu};
 pub use lru::Lru;
+pub use slots::SlotLru;
 pub use spark::Spark;
 
 use crate::trace::Routing;

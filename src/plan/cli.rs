@@ -69,6 +69,15 @@ pub struct PlanArgs {
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
+    /// Does residency pay here? Stock `--n-cpu-moe` against spark residency on the same VRAM,
+    /// every term, break-even link bandwidth and the verdict (needs a GPU: --gpu CARD, or
+    /// --vram-bw, --h2d-bw and --vram-total or --vram-budget)
+    #[arg(long)]
+    pub residency: bool,
+    /// Without --trace or --profile: a stated routing prior for --residency, expert of rank r
+    /// drawn with weight r^-S (0: uniform, the default; real MoE routers are skewed)
+    #[arg(long, value_name = "S", conflicts_with_all = ["trace", "profile"])]
+    pub zipf: Option<f64>,
     #[command(flatten)]
     pub hardware: HardwareFlags,
 }
@@ -106,25 +115,46 @@ pub struct HardwareFlags {
     /// Measure the host again even if a cached measurement exists
     #[arg(long)]
     pub remeasure: bool,
+    /// Plan for a known card: its VRAM, VRAM bandwidth and PCIe link, each figure cited
+    /// (an unknown name lists them); --vram-total, --vram-bw, --h2d-bw override it
+    #[arg(long, value_name = "CARD")]
+    pub gpu: Option<String>,
 }
 
 impl HardwareFlags {
     pub fn overrides(&self) -> HardwareOverrides {
+        let card = self.card();
         HardwareOverrides {
             ram_total_mib: self.ram_total,
             ram_available_mib: self.ram_available,
             host_gbps: self.host_bw,
             host_gflops: self.host_gflops,
-            gpu_name: self.gpu_name.clone(),
-            vram_total_mib: self.vram_total,
-            vram_gbps: self.vram_bw,
-            h2d_gbps: self.h2d_bw,
+            gpu_name: self
+                .gpu_name
+                .clone()
+                .or_else(|| card.map(|c| c.name.to_string())),
+            vram_total_mib: self.vram_total.or_else(|| card.map(|c| c.vram_mib())),
+            vram_gbps: self.vram_bw.or_else(|| card.map(|c| c.vram_gbps())),
+            h2d_gbps: self.h2d_bw.or_else(|| card.map(|c| c.h2d_gbps())),
             gpu_tflops: self.gpu_tflops,
             remeasure: self.remeasure,
         }
     }
 
+    /// The named card preset, if `--gpu` names one.
+    pub fn card(&self) -> Option<&'static super::presets::CardPreset> {
+        self.gpu.as_deref().and_then(super::presets::find)
+    }
+
     pub(super) fn validate(&self) -> Result<(), PlanError> {
+        if let Some(g) = &self.gpu {
+            if super::presets::find(g).is_none() {
+                return Err(PlanError::Usage(format!(
+                    "parse --gpu {g}: not a known card ({})",
+                    super::presets::keys()
+                )));
+            }
+        }
         for (name, v) in [
             ("--host-bw", self.host_bw),
             ("--host-gflops", self.host_gflops),

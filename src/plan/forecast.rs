@@ -59,6 +59,15 @@ pub struct Roofline {
     pub host_bytes_per_token: u64,
     pub vram_gbps: Option<f64>,
     pub host_gbps: f64,
+    /// Weight elements the CPU multiplies per decode token (the host side's active weights).
+    #[serde(default)]
+    pub host_weights_per_token: f64,
+    /// Seconds per token the CPU spends computing on those weights beyond reading them:
+    /// 2 FLOP per weight at the measured compute rate. The term bytes alone miss: it is the same
+    /// per weight whatever the type, so per byte it weighs about twice as much for q8_0
+    /// (1.06 B/weight) as for f16 (2 B/weight).
+    #[serde(default)]
+    pub host_compute_secs: f64,
     /// Decode ceiling, tokens/s.
     pub decode_tps: f64,
     /// Prefill ceiling from compute (2 FLOP per active weight per token), tokens/s.
@@ -100,8 +109,18 @@ pub fn roofline(m: &ModelFacts, hw: &HardwareFacts, r: &RooflineInput) -> Roofli
     };
     let host_gbps = hw.host_gbps_at(r.threads);
     let vram_gbps = hw.gpu.as_ref().map(|g| g.vram_gbps);
-    let secs =
-        host as f64 / (host_gbps * 1e9) + vram_gbps.map(|g| vram as f64 / (g * 1e9)).unwrap_or(0.0);
+    let host_weights = match (regime, r.placement) {
+        (Regime::CpuOnly, _) => m.active_params,
+        (_, Placement::CpuMoe { n }) => {
+            let hit = r.cache_hit_ratio.unwrap_or(0.0).clamp(0.0, 1.0);
+            active_expert_elems(m, 0, n) * (1.0 - hit)
+        }
+        _ => 0.0,
+    };
+    let host_compute_secs = host_compute_secs(host_weights, hw.host_gflops_at(r.threads));
+    let secs = host as f64 / (host_gbps * 1e9)
+        + host_compute_secs
+        + vram_gbps.map(|g| vram as f64 / (g * 1e9)).unwrap_or(0.0);
     let decode_tps = if secs > 0.0 { 1.0 / secs } else { 0.0 };
     let flops_per_token = 2.0 * m.active_params;
     let gflops = match (regime, hw.gpu.as_ref().and_then(|g| g.tflops)) {
@@ -120,10 +139,39 @@ pub fn roofline(m: &ModelFacts, hw: &HardwareFacts, r: &RooflineInput) -> Roofli
         host_bytes_per_token: host,
         vram_gbps,
         host_gbps,
+        host_weights_per_token: host_weights,
+        host_compute_secs,
         decode_tps,
         prefill_tps,
         cache_hit_ratio: r.cache_hit_ratio,
     }
+}
+
+/// Seconds the CPU computes on `weights` weight elements at `gflops` (2 FLOP per weight);
+/// 0 when the compute rate is unknown.
+pub fn host_compute_secs(weights: f64, gflops: f64) -> f64 {
+    if gflops > 0.0 && weights > 0.0 {
+        2.0 * weights / (gflops * 1e9)
+    } else {
+        0.0
+    }
+}
+
+/// Routed-expert weight elements one decode token multiplies in the expert layers `lo..hi`.
+pub fn active_expert_elems(m: &ModelFacts, lo: u32, hi: u32) -> f64 {
+    let n = f64::from(m.n_expert.max(1));
+    m.geometry
+        .moe_layers
+        .iter()
+        .filter(|l| l.layer >= lo && l.layer < hi)
+        .map(|l| {
+            l.tensors
+                .iter()
+                .map(|t| t.dims.iter().product::<u64>() as f64 / n)
+                .sum::<f64>()
+                * f64::from(m.n_expert_used)
+        })
+        .sum()
 }
 
 /// One realized efficiency: measured ÷ ceiling.
@@ -219,6 +267,13 @@ pub fn forecast(roof: Roofline, decode_effs: &[f64], prefill_effs: &[f64]) -> Fo
             roof.host_gbps, roof.threads
         ),
     ];
+    if roof.host_compute_secs > 0.0 {
+        assumptions.push(format!(
+            "the CPU also computes on its {:.0} M weights per token: 2 FLOP each at the measured compute rate, {:.2} ms, added to the reads (the same per weight for every type, so it weighs more per byte for q8_0 than for f16)",
+            roof.host_weights_per_token / 1e6,
+            roof.host_compute_secs * 1e3
+        ));
+    }
     match roof.vram_gbps {
         Some(g) => assumptions.push(format!("VRAM reads at {g:.0} GB/s")),
         None => assumptions.push(

@@ -126,6 +126,7 @@ pub fn pair(
             source: source.to_string(),
             host_gbps: f.roofline.host_gbps,
             decode_ceiling_tps: f.roofline.decode_tps,
+            decode_compute_secs: f.roofline.host_compute_secs,
             decode_measured_tps: decode.map(|r| r.avg_ts),
             decode_forecast_tps: f.decode.tps,
             decode_band: (f.decode.low, f.decode.high),

@@ -14,8 +14,10 @@ pub mod forecast;
 pub mod hardware;
 pub mod llama_bench;
 pub mod median;
+pub mod presets;
 pub mod receipt;
 pub mod render;
+pub mod residency;
 pub mod routing;
 
 use std::path::{Path, PathBuf};
@@ -341,13 +343,27 @@ pub fn run(cmd: PlanCommand) -> Result<(), PlanError> {
             let hw = hardware::gather(&cmd.plan.hardware.overrides())?;
             let store = load_store(input.use_receipts)?;
             let plan = make_plan(model, &input, hw, store.as_ref(), routing);
+            let res = if cmd.plan.residency && plan.refusal().is_none() {
+                Some(residency::for_plan(
+                    &cmd.plan,
+                    &input,
+                    &plan,
+                    store.as_ref(),
+                )?)
+            } else {
+                None
+            };
             if cmd.plan.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&plan).expect("serialize")
-                );
+                let v = match &res {
+                    Some(r) => serde_json::json!({ "plan": &plan, "residency": r }),
+                    None => serde_json::to_value(&plan).expect("serialize"),
+                };
+                println!("{}", serde_json::to_string_pretty(&v).expect("serialize"));
             } else {
                 print!("{}", render(&plan));
+                if let Some(r) = &res {
+                    print!("{}", residency::render(r));
+                }
             }
             match plan.refusal() {
                 Some(r) => Err(PlanError::Refused {

@@ -200,6 +200,10 @@ pub struct Receipt {
     #[serde(default)]
     pub host_gbps: f64,
     pub decode_ceiling_tps: f64,
+    /// Seconds per token of the ceiling that are the CPU's compute term (0 in receipts written
+    /// before it existed): the ceiling without it is `1 / (1 / ceiling − this)`.
+    #[serde(default)]
+    pub decode_compute_secs: f64,
     pub decode_measured_tps: Option<f64>,
     pub decode_forecast_tps: f64,
     pub decode_band: (f64, f64),

@@ -80,6 +80,17 @@ pub struct ServeArgs {
     /// following the shadow cache's policy; their VRAM comes out of `--vram-budget`
     #[arg(long, conflicts_with = "no_tap")]
     pub residency: bool,
+    /// With --residency: the card (a `spark plan --gpu` preset) whose VRAM and link bandwidths
+    /// decide whether residency pays here; without it (or --vram-bw and --h2d-bw) serve runs
+    /// the slots it is given and says it did not decide
+    #[arg(long, value_name = "CARD", requires = "residency")]
+    pub gpu: Option<String>,
+    /// With --residency: the GPU's VRAM bandwidth, GB/s (overrides --gpu's)
+    #[arg(long, value_name = "GB/s", requires = "residency")]
+    pub vram_bw: Option<f64>,
+    /// With --residency: host-to-device bandwidth, GB/s (overrides --gpu's)
+    #[arg(long, value_name = "GB/s", requires = "residency")]
+    pub h2d_bw: Option<f64>,
     /// VRAM spark may plan for, MiB (none: a CPU-only placement)
     #[arg(long, value_name = "MiB")]
     pub vram_budget: Option<u64>,
@@ -143,6 +154,11 @@ impl ServeArgs {
             profile,
             cache_slots: self.cache_slots,
             residency: self.residency,
+            residency_gpu: crate::plan::residency::ServeGpu {
+                card: self.gpu,
+                vram_gbps: self.vram_bw,
+                h2d_gbps: self.h2d_bw,
+            },
             cache_policy: self.cache_policy,
             vram_budget_mib: self.vram_budget,
             ctx: self.ctx,

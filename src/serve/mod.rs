@@ -115,6 +115,8 @@ pub struct ServeConfig {
     pub cache_slots: Option<u32>,
     /// `--residency`: the tap's provider serves experts from `cache_slots` VRAM slots per layer.
     pub residency: bool,
+    /// `--gpu`, `--vram-bw`, `--h2d-bw`: what decides whether residency pays here.
+    pub residency_gpu: crate::plan::residency::ServeGpu,
     pub cache_policy: crate::cache::PolicyKind,
     /// VRAM budget for the placement, MiB.
     pub vram_budget_mib: Option<u64>,
@@ -222,6 +224,55 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
     })
 }
 
+/// `--residency`'s decision at start (`spark plan --residency`'s): `None` without `--residency`;
+/// with `--cache-slots` or without the GPU's bandwidths, the slots as asked, said so.
+fn residency_decision(
+    cfg: &ServeConfig,
+    file: &GgufFile,
+    geometry: &MoeGeometry,
+) -> Result<Option<crate::plan::residency::ServeDecision>, ServeError> {
+    use crate::plan::residency::{serve_decision, ServeDecision};
+    if !cfg.residency || !geometry.is_moe() {
+        return Ok(None);
+    }
+    let as_asked = |reason: &str| {
+        Some(ServeDecision {
+            run: "as_asked".into(),
+            slots: None,
+            reason: reason.into(),
+            source: None,
+            stock_tps: None,
+            spark_tps: None,
+            break_even_link_gbps: None,
+        })
+    };
+    if cfg.cache_slots.is_some() {
+        return Ok(as_asked(
+            "--cache-slots given: the slots as asked, no decision",
+        ));
+    }
+    let Some(budget) = cfg.vram_budget_mib else {
+        return Ok(None); // residency_setup refuses this with its own message
+    };
+    // A fresh profile's counts, read without side effects (the live thread loads it, or sets a
+    // stale one aside, as before).
+    let fp = geometry.fingerprint.to_string();
+    let counts = cfg.profile.as_ref().and_then(|path| {
+        crate::profile::Profile::read(path)
+            .ok()
+            .filter(|p| p.check_fresh(&fp, path).is_ok())
+            .map(|p| p.counts)
+    });
+    match serve_decision(file, geometry, budget, cfg.ctx, &cfg.residency_gpu, counts.as_ref())
+        .map_err(ServeError::Usage)?
+    {
+        Some(d) => Ok(Some(d)),
+        None => Ok(as_asked(
+            "no GPU bandwidths (--gpu CARD, or --vram-bw and --h2d-bw): the default slots, no decision",
+        )),
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight requests for up to the grace period
 /// and stops the child.
 pub async fn serve(
@@ -232,9 +283,19 @@ pub async fn serve(
         .map_err(ServeError::from)?;
     let file = GgufFile::open(&cfg.model)?;
     let geometry = MoeGeometry::of(&file)?;
-    let slots =
+    let mut slots =
         placement::shadow_slots(cfg.cache_slots, &geometry).map_err(|e| ServeError::Usage(e.0))?;
-    let residency = match cfg.residency {
+    let decision = residency_decision(&cfg, &file, &geometry)?;
+    let mut run_residency = cfg.residency;
+    if let Some(d) = &decision {
+        eprintln!("spark: residency decision: {} ({})", d.run, d.reason);
+        match (d.run.as_str(), d.slots) {
+            ("residency", Some(s)) => slots = s,
+            ("stock", _) => run_residency = false,
+            _ => {}
+        }
+    }
+    let residency = match run_residency {
         true => Some(
             placement::residency_setup(
                 &cfg.model,
@@ -255,6 +316,8 @@ pub async fn serve(
         &cfg.llama_args,
         residency.as_ref(),
     )?;
+    let mut placement = placement;
+    placement.residency_decision = decision;
     drop(file);
     tracing::info!(
         "placement {:?}: llama-server {}{}",

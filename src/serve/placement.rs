@@ -46,6 +46,8 @@ pub struct ServePlacement {
     pub user_overrides: Vec<String>,
     /// VRAM kept out of the budget for the residency provider's slots (`--residency`), MiB.
     pub residency_mib: Option<u64>,
+    /// `--residency`: whether it pays here and why (`spark plan --residency`'s decision).
+    pub residency_decision: Option<crate::plan::residency::ServeDecision>,
 }
 
 /// The model layers whose routed experts `placement` leaves in host memory: the only layers
@@ -136,6 +138,7 @@ pub fn choose(
         flags,
         user_overrides,
         residency_mib: None,
+        residency_decision: None,
     })
 }
 
@@ -404,6 +407,7 @@ mod tests {
             flags: vec![],
             user_overrides: vec![],
             residency_mib: None,
+            residency_decision: None,
         }
     }
 

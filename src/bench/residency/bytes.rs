@@ -146,6 +146,20 @@ pub(super) fn measure_bytes(
             Some(s) => predict_hit_ratio(&records, g.n_layer as usize, g.n_expert as usize, s),
             None => None,
         };
+        let forecast_bytes_host = (ring.dropped() == 0 && !records.is_empty()).then(|| {
+            use crate::plan::residency::{tensor_bytes_of, Replayer};
+            let tb = tensor_bytes_of(g);
+            let mut rp = Replayer::new(
+                g.n_expert as usize,
+                g.n_expert_used as usize,
+                &tb,
+                slots.unwrap_or(0),
+            );
+            for r in &records {
+                rp.access(usize::from(r.layer), r.used_ids(), true);
+            }
+            rp.total().link_bytes
+        });
         let link_ms_per_token = residency
             .host_bytes_per_token
             .map(|b| b / (a.link_gbps * 1e9) * 1e3);
@@ -158,6 +172,7 @@ pub(super) fn measure_bytes(
             ring_records: records.len() as u64,
             note,
             link_ms_per_token,
+            forecast_bytes_host,
         });
     }
     let lower = device.to_ascii_lowercase();

@@ -132,6 +132,10 @@ pub struct BytesRow {
     pub note: Option<String>,
     /// Forecast: milliseconds per token the host bytes take at `--link-gbps`.
     pub link_ms_per_token: Option<f64>,
+    /// The host bytes `spark plan --residency`'s byte model gives for the routing this run
+    /// captured, replayed through the provider's slot rule (equal to the provider's
+    /// `bytes_host` when the model is exact).
+    pub forecast_bytes_host: Option<u64>,
 }
 
 /// The `--bytes` table.
