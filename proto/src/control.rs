@@ -226,6 +226,17 @@ pub struct ResidencyStats {
     pub bytes_hit: u64,
     /// Bytes copied from host memory (loads and streamed).
     pub bytes_host: u64,
+    /// Host → device copy calls: one per run of consecutive experts not served from a slot.
+    pub copies_host: u64,
+    /// Device → device copy calls: slot → engine buffer (hits), engine buffer → slot (loads).
+    pub copies_device: u64,
+    /// Wide calls (a batch of many tokens: more than twice the model's top-k experts used),
+    /// which admit only into free slots or over a lower plan level, and their hits, loads and
+    /// streamed slices (included in the totals above).
+    pub wide_calls: u64,
+    pub wide_hits: u64,
+    pub wide_loads: u64,
+    pub wide_streamed: u64,
     /// Wall time spent inside the provider, in microseconds (enqueueing, not device time).
     pub provider_us: u64,
 }
@@ -234,7 +245,8 @@ impl ResidencyStats {
     pub fn to_text(&self) -> String {
         format!(
             "slots={} layers={} planned={} calls={} declined={} hits={} loads={} streamed={} \
-             evictions={} bytes_hit={} bytes_host={} provider_us={}",
+             evictions={} bytes_hit={} bytes_host={} copies_host={} copies_device={} \
+             wide_calls={} wide_hits={} wide_loads={} wide_streamed={} provider_us={}",
             self.slots,
             self.layers,
             self.planned,
@@ -246,6 +258,12 @@ impl ResidencyStats {
             self.evictions,
             self.bytes_hit,
             self.bytes_host,
+            self.copies_host,
+            self.copies_device,
+            self.wide_calls,
+            self.wide_hits,
+            self.wide_loads,
+            self.wide_streamed,
             self.provider_us
         )
     }
@@ -264,6 +282,12 @@ impl ResidencyStats {
             evictions: kv.u64("evictions")?,
             bytes_hit: kv.u64("bytes_hit")?,
             bytes_host: kv.u64("bytes_host")?,
+            copies_host: kv.u64("copies_host")?,
+            copies_device: kv.u64("copies_device")?,
+            wide_calls: kv.u64("wide_calls")?,
+            wide_hits: kv.u64("wide_hits")?,
+            wide_loads: kv.u64("wide_loads")?,
+            wide_streamed: kv.u64("wide_streamed")?,
             provider_us: kv.u64("provider_us")?,
         })
     }
@@ -272,6 +296,14 @@ impl ResidencyStats {
     pub fn hit_ratio(&self) -> Option<f64> {
         let all = self.hits + self.loads + self.streamed;
         (all > 0).then(|| self.hits as f64 / all as f64)
+    }
+
+    /// The hit ratio of narrow calls alone (decode: not wide).
+    pub fn decode_hit_ratio(&self) -> Option<f64> {
+        let hits = self.hits - self.wide_hits.min(self.hits);
+        let all = hits + self.loads.saturating_sub(self.wide_loads)
+            + self.streamed.saturating_sub(self.wide_streamed);
+        (all > 0).then(|| hits as f64 / all as f64)
     }
 }
 

@@ -258,6 +258,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
     let cap = params.n_batch().max(params.n_ubatch()).max(512) as usize;
     // Geometry is read before taking the state (it calls into llama.cpp and allocates).
     let geo = geometry(model);
+    crate::provider::set_top_k(geo.n_expert_used);
     // Scratch for tensors outside host memory (GPU builds): a ubatch of router ids and
     // weights plus a ubatch of hidden states. Zeroed allocations are committed lazily.
     let ubatch = params.n_ubatch().max(1) as usize;
