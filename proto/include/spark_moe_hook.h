@@ -50,4 +50,39 @@ struct spark_moe_request_v1 {
 typedef int (*spark_moe_provide_v1_fn)(const struct spark_moe_request_v1 * req);
 typedef uint32_t (*spark_moe_hook_abi_fn)(void);
 
+/*
+ * The graph observer, version 1 (same patch, same lookup rules, its own symbols).
+ *
+ * Where: the scheduler tells the observer twice about each graph. SPARK_GRAPH_PREPARE comes
+ * before ggml_backend_sched_split_graph in ggml_backend_sched_reserve(_size) and
+ * ggml_backend_sched_alloc_graph: the observer may set GGML_TENSOR_FLAG_OUTPUT on nodes it
+ * will read, so that the allocator never reuses their memory within the graph (nothing else
+ * about the graph may change). SPARK_GRAPH_COMPUTED comes after every split of the graph was
+ * enqueued by ggml_backend_sched_graph_compute_async: the observer may read the nodes it
+ * marked, with ggml_backend_tensor_get_async on the backend that computed each node
+ * (ggml_backend_sched_get_tensor_backend) followed by one synchronisation, instead of the
+ * synchronisation per read that an eval callback costs.
+ *
+ * Observer rules: never keep `ev` after returning; change nothing but output flags, and only
+ * in PREPARE. Outputs never change: marking a node as an output changes only where it lives.
+ */
+#define SPARK_GRAPH_HOOK_ABI 1u
+#define SPARK_GRAPH_HOOK_SYMBOL "spark_graph_observe_v1"
+#define SPARK_GRAPH_HOOK_VERSION_SYMBOL "spark_graph_hook_abi"
+
+#define SPARK_GRAPH_PREPARE 0u
+#define SPARK_GRAPH_COMPUTED 1u
+
+struct ggml_backend_sched;
+struct ggml_cgraph;
+
+struct spark_graph_event_v1 {
+    uint32_t abi;                       /* SPARK_GRAPH_HOOK_ABI */
+    uint32_t phase;                     /* SPARK_GRAPH_PREPARE or SPARK_GRAPH_COMPUTED */
+    struct ggml_backend_sched * sched;  /* the scheduler (for ggml_backend_sched_get_tensor_backend) */
+    struct ggml_cgraph * graph;         /* the caller's graph */
+};
+
+typedef void (*spark_graph_observe_v1_fn)(const struct spark_graph_event_v1 * ev);
+
 #endif
