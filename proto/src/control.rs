@@ -491,6 +491,9 @@ pub struct TapStats {
     pub hidden_bytes: u64,
     /// Records whose token position could not be attributed.
     pub unmapped: u64,
+    /// Graphs whose routing was read once after the graph (hooked engine's graph observer),
+    /// with no synchronisation per layer; the others were read by the eval callback.
+    pub graph_reads: u64,
 }
 
 impl TapStats {
@@ -498,13 +501,15 @@ impl TapStats {
         let mut s = String::new();
         let _ = write!(
             s,
-            "records={} dropped={} moe_layers={} ubatches={} hidden_bytes={} unmapped={}",
+            "records={} dropped={} moe_layers={} ubatches={} hidden_bytes={} unmapped={} \
+             graph_reads={}",
             self.records,
             self.dropped,
             self.moe_layers,
             self.ubatches,
             self.hidden_bytes,
-            self.unmapped
+            self.unmapped,
+            self.graph_reads
         );
         s
     }
@@ -518,6 +523,7 @@ impl TapStats {
             ubatches: kv.u64("ubatches")?,
             hidden_bytes: kv.u64("hidden_bytes")?,
             unmapped: kv.u64("unmapped")?,
+            graph_reads: kv.u64("graph_reads")?,
         })
     }
 }
@@ -659,6 +665,7 @@ mod tests {
                 ubatches: 7,
                 hidden_bytes: 0,
                 unmapped: 0,
+                graph_reads: 0,
             }
         }
         fn flush(&mut self) -> u64 {
@@ -813,6 +820,7 @@ mod tests {
             ubatches: 4,
             hidden_bytes: 5,
             unmapped: 6,
+            graph_reads: 7,
         };
         assert_eq!(TapStats::parse(&s.to_text()).unwrap(), s);
         let r = ResidencyStats {
@@ -827,10 +835,18 @@ mod tests {
             evictions: 9,
             bytes_hit: 10,
             bytes_host: 11,
+            copies_host: 13,
+            copies_device: 14,
+            wide_calls: 15,
+            wide_hits: 2,
+            wide_loads: 3,
+            wide_streamed: 4,
             provider_us: 12,
         };
         assert_eq!(ResidencyStats::parse(&r.to_text()).unwrap(), r);
         assert_eq!(r.hit_ratio(), Some(6.0 / 21.0));
+        // decode alone: 4 hits of 4 + 4 + 4
+        assert_eq!(r.decode_hit_ratio(), Some(4.0 / 12.0));
         for r in [
             Reply::ok(""),
             Reply::ok("a b"),

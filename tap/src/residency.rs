@@ -675,7 +675,7 @@ pub(crate) mod tests {
             let mut c = Counters::default();
             let (mut want_bytes, mut want_experts) = (0u64, 0u64);
             for _ in 0..50 {
-                let ids: Vec<usize> = (0..n).filter(|_| rng.next() % 3 == 0).collect();
+                let ids: Vec<usize> = (0..n).filter(|_| rng.next().is_multiple_of(3)).collect();
                 let used = bitset(&ids, n);
                 // The stock copy of an all-ones source into zeros: its sum is the bytes moved.
                 let mut dst = vec![0u8; n * es + 600];
