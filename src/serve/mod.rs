@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod host_memory;
 pub mod listener;
 pub mod live;
 pub mod placement;
