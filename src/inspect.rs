@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::gguf::{GgmlType, GgufFile, MoeGeometry, TensorGroup};
+use crate::units::human;
 
 /// Everything `spark inspect` reports.
 #[derive(Debug, Serialize)]
@@ -158,19 +159,5 @@ impl InspectReport {
             .collect();
         let _ = writeln!(s, "  tensor types     {}", types.join(", "));
         s
-    }
-}
-
-/// Bytes as B, KiB, MiB or GiB.
-pub fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if bytes < 1024 {
-        format!("{bytes} B")
-    } else if b < 1024.0 * 1024.0 {
-        format!("{:.1} KiB", b / 1024.0)
-    } else if b < 1024.0 * 1024.0 * 1024.0 {
-        format!("{:.1} MiB", b / 1024.0 / 1024.0)
-    } else {
-        format!("{:.2} GiB", b / 1024.0 / 1024.0 / 1024.0)
     }
 }

@@ -3,8 +3,7 @@
 //! See ARCHITECTURE.md for the map of modules and the invariants each one keeps.
 
 pub mod atomic_file;
-pub mod bench_residency;
-pub mod bench_tap;
+pub mod bench;
 pub mod cache;
 pub mod control;
 pub mod cuda;
@@ -24,5 +23,6 @@ pub mod supervisor;
 pub mod svg;
 pub mod telemetry;
 pub mod trace;
+pub mod units;
 pub mod validate;
 pub mod vram_plan;

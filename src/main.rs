@@ -38,7 +38,7 @@ enum Command {
     /// Agent session logs (Claude Code, Codex) into a train/held-out prompt corpus
     Sessions(spark::sessions::cli::SessionsArgs),
     /// What fits, which flags, how fast: a forecast calibrated by llama-bench receipts
-    Plan(spark::plan::PlanCommand),
+    Plan(spark::plan::cli::PlanCommand),
     /// Benchmarks that report numbers (`spark bench plan`: forecast error against llama-bench)
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -47,11 +47,11 @@ enum Command {
     Trace(spark::trace::record::TraceCli),
     /// Replay a routing trace through the cache policies: misses, ratio to Belady, plots
     Simulate(spark::simulate::SimulateArgs),
-    /// Build a placement profile by replaying the train chunks of a session corpus (resumable)
+    /// Build a routing profile by replaying the train chunks of a session corpus (resumable)
     Calibrate(spark::validate::CalibrateArgs),
     /// Check a profile on the held-out chunks: cold-hit rates per placement, report, exit code
     Validate(spark::validate::ValidateArgs),
-    /// Placement profiles (`<model>.gguf.spark.csv`): show, heatmap
+    /// Routing profiles (`<model>.gguf.spark.csv`): show, heatmap
     #[command(subcommand)]
     Profile(spark::profile::ProfileCommand),
 }
@@ -129,13 +129,13 @@ struct EngineArgs {
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Validate `spark plan` forecasts against llama-bench on fixtures (leave-one-model-out)
-    Plan(spark::plan::validate::BenchPlanArgs),
+    Plan(spark::bench::plan::BenchPlanArgs),
     /// Decode tok/s of llama-server with the routing tap vs without (alternating repetitions)
-    Tap(spark::bench_tap::BenchTapArgs),
+    Tap(spark::bench::tap::BenchTapArgs),
     /// Expert swap-in GB/s and latency against a plain pinned copy (GPU with --features cuda; --cpu: host memory)
-    Swap(spark::cuda::bench::BenchSwapArgs),
+    Swap(spark::bench::swap::BenchSwapArgs),
     /// Decode tok/s with experts in VRAM, in host memory (stock), stock with per-step expert copies, and spark residency (hooked build + tap provider)
-    Residency(spark::bench_residency::BenchResidencyArgs),
+    Residency(spark::bench::residency::BenchResidencyArgs),
 }
 
 fn main() -> ExitCode {
@@ -204,14 +204,14 @@ fn exit_code(err: &anyhow::Error) -> i32 {
                 exit::CHECK_FAILED
             };
         }
-        if let Some(e) = cause.downcast_ref::<spark::bench_tap::BenchTapError>() {
+        if let Some(e) = cause.downcast_ref::<spark::bench::tap::BenchTapError>() {
             return if e.is_usage() {
                 exit::USAGE
             } else {
                 exit::CHECK_FAILED
             };
         }
-        if let Some(e) = cause.downcast_ref::<spark::bench_residency::BenchResidencyError>() {
+        if let Some(e) = cause.downcast_ref::<spark::bench::residency::BenchResidencyError>() {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<spark::cuda::CudaError>() {
@@ -363,10 +363,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spark::serve::run_until_signal(cfg)?;
         }
         Command::Plan(a) => spark::plan::run(a)?,
-        Command::Bench(BenchCommand::Plan(a)) => spark::plan::validate::run(a)?,
-        Command::Bench(BenchCommand::Tap(a)) => spark::bench_tap::run_and_print(&a)?,
-        Command::Bench(BenchCommand::Swap(a)) => spark::cuda::bench::run_and_print(&a)?,
-        Command::Bench(BenchCommand::Residency(a)) => spark::bench_residency::run_and_print(&a)?,
+        Command::Bench(BenchCommand::Plan(a)) => spark::bench::plan::run(a)?,
+        Command::Bench(BenchCommand::Tap(a)) => spark::bench::tap::run_and_print(&a)?,
+        Command::Bench(BenchCommand::Swap(a)) => spark::bench::swap::run_and_print(&a)?,
+        Command::Bench(BenchCommand::Residency(a)) => spark::bench::residency::run_and_print(&a)?,
         Command::Sessions(a) => spark::sessions::cli::run(a)?,
         Command::Engine(a) => {
             let e = Engine::locate(a.llama_server.as_deref()).context("locate the engine")?;

@@ -1,4 +1,4 @@
-//! The placement profile `<model>.gguf.spark.csv`: per-(layer, expert) hotness counts.
+//! The routing profile `<model>.gguf.spark.csv`: per-(layer, expert) hotness counts.
 //!
 //! Owns the file layout, compatible with Luce Spark's: a comment header
 //! `# hotness table: n_layer=L n_expert=E n_expert_used=K`, then L rows of E comma-separated
@@ -8,12 +8,13 @@
 //! …`, `# tokens: N`, `# updated: <unix seconds>`), which Spark ignores and which this reader does
 //! not require. It writes atomically and tells a fresh profile from a stale one; it never loads a
 //! profile for another model silently (callers check [`Profile::freshness`]) and never decides
-//! placement (that is `placement`).
+//! which experts are resident (the caches and [`crate::vram_plan`] do, from its counts).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::cache::Counts;
+use crate::gguf::MoeGeometry;
 
 /// Version of spark's comment lines.
 pub const PROFILE_VERSION: u32 = 1;
@@ -388,6 +389,64 @@ impl Profile {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Reads the profile at `path` for `geometry`'s model, as `spark serve --spark` starts, and
+    /// says what it found: `new` (no file), `fresh`, `unknown` (no fingerprint, same shape) or
+    /// `stale`. A profile of another model is kept as `<path>.stale` (`.stale.1`, … when taken:
+    /// never overwritten) and ignored, with a warning; one that cannot be read or parsed (a
+    /// count out of range, a fraction, `n_expert_used=0`…) is an error (exit 2): its counts
+    /// would seed the shadow cache.
+    pub fn load_for(
+        path: &Path,
+        geometry: &MoeGeometry,
+    ) -> Result<(Option<Profile>, String), ProfileError> {
+        let fingerprint = geometry.fingerprint.to_string();
+        if !path.exists() {
+            return Ok((None, "new".into()));
+        }
+        let set_aside = |why: &str| match set_aside(path) {
+            Ok(stale) => eprintln!(
+                "spark: warning: profile {} {why}; kept as {} and starting fresh",
+                path.display(),
+                stale.display()
+            ),
+            Err(e) => eprintln!(
+                "spark: warning: profile {} {why}; could not move it aside ({e}); starting fresh",
+                path.display()
+            ),
+        };
+        Ok(match Profile::read(path) {
+            Err(e) => return Err(e),
+            Ok(p) => match p.freshness(&fingerprint) {
+                Freshness::Fresh
+                    if p.n_layer() == geometry.n_layer as usize
+                        && p.n_expert() == geometry.n_expert as usize =>
+                {
+                    eprintln!(
+                        "spark: loaded profile {} ({} tokens)",
+                        path.display(),
+                        p.tokens.unwrap_or(0)
+                    );
+                    (Some(p), "fresh".into())
+                }
+                Freshness::Unknown
+                    if p.n_layer() == geometry.n_layer as usize
+                        && p.n_expert() == geometry.n_expert as usize =>
+                {
+                    eprintln!("spark: warning: profile {} has no model fingerprint; its shape matches, so it is used and will be stamped", path.display());
+                    (Some(p), "unknown".into())
+                }
+                Freshness::Stale(other) => {
+                    set_aside(&format!("belongs to another model ({other})"));
+                    (None, "stale".into())
+                }
+                _ => {
+                    set_aside("does not match the model's shape");
+                    (None, "stale".into())
+                }
+            },
+        })
     }
 
     /// The summary `spark profile show` prints.

@@ -64,7 +64,7 @@ pub struct SimulateArgs {
     /// Slots per layer to try, comma-separated (default: k, 2k, 3k, 4k, 6k, 8k up to the experts)
     #[arg(long, value_delimiter = ',', conflicts_with = "budget_mib")]
     pub slots: Vec<u32>,
-    /// VRAM budget for experts in MiB: layers get slots from the placement (needs expert sizes)
+    /// VRAM budget for experts in MiB: layers get slots from the VRAM plan (needs expert sizes)
     #[arg(long)]
     pub budget_mib: Option<f64>,
     /// GGUF model that gives per-layer expert sizes (for --budget-mib and bytes moved)
@@ -484,7 +484,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<Report, SimulateError> {
         exp.counts = p.counts.clone();
         exp.prior = Some(p.counts.clone());
     }
-    // Slot configurations: uniform lists, or one from the budget placement.
+    // Slot configurations: uniform lists, or one from the budget's VRAM plan.
     let n_layer = trace.n_layer as usize;
     let configs: Vec<(u32, Vec<u32>, bool)> = match args.budget_mib {
         Some(mib) => {

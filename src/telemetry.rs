@@ -6,12 +6,18 @@
 //! runs (a drainer thread, so the ring does not overrun on long prompts). Never spawns or kills
 //! a process itself (the supervisor does) and never waits without a deadline: a server that
 //! dies mid-request surfaces as an error from the HTTP call or the control channel.
+//!
+//! The one place a tapped child's environment is set up ([`TapEnv`]): llama-server here and in
+//! `spark serve`'s keeper, llama-bench in `spark bench residency`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use std::os::fd::RawFd;
+
 use spark_proto::control::{Command, Greeting, HiddenConfig};
+use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_METER, ENV_RESIDENCY_SLOTS};
 use spark_proto::ring::{
     HiddenChunk, RingGeometry, ENV_CONTROL_FD, ENV_HIDDEN_RING_FD, ENV_RING_FD,
 };
@@ -99,6 +105,93 @@ pub fn locate_tap(explicit: Option<&Path>) -> Result<PathBuf, TelemetryError> {
         "not found at {}; build it with `cargo build -p spark-tap`, or pass --tap PATH or set {ENV_TAP}",
         tried.join(", ")
     )))
+}
+
+/// What the tap's residency provider does in a child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// Serve experts from this many slots per expert layer (`SPARK_RESIDENCY_SLOTS`).
+    Slots(u64),
+    /// No slots: decline every call and count what the stock copy moves
+    /// (`SPARK_RESIDENCY_METER=1`).
+    Meter,
+}
+
+/// Every variable through which spark speaks to the tap and the hooked scheduler in a child.
+pub const TAP_VARS: [&str; 7] = [
+    "LD_PRELOAD",
+    ENV_OFFLOAD_MIN_BATCH,
+    ENV_RESIDENCY_SLOTS,
+    ENV_RESIDENCY_METER,
+    ENV_RING_FD,
+    ENV_HIDDEN_RING_FD,
+    ENV_CONTROL_FD,
+];
+
+/// The environment of a tapped child: the tap preloaded, the descriptors of its rings and
+/// control channel, the residency provider's setting, and the scheduler setting that sends
+/// decode's expert products to the device (so the hook sees them). Nothing set is nothing
+/// passed.
+#[derive(Debug, Clone, Default)]
+pub struct TapEnv {
+    /// `GGML_OP_OFFLOAD_MIN_BATCH=1`.
+    pub offload_min_batch: bool,
+    /// The tap library, preloaded.
+    pub tap: Option<PathBuf>,
+    pub ring_fd: Option<RawFd>,
+    pub control_fd: Option<RawFd>,
+    pub hidden_ring_fd: Option<RawFd>,
+    pub provider: Option<Provider>,
+}
+
+impl TapEnv {
+    /// The variables, in a fixed order.
+    pub fn vars(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, val: String| v.push((k.to_string(), val));
+        if self.offload_min_batch {
+            set(ENV_OFFLOAD_MIN_BATCH, "1".into());
+        }
+        if let Some(t) = &self.tap {
+            set("LD_PRELOAD", t.display().to_string());
+        }
+        if let Some(fd) = self.ring_fd {
+            set(ENV_RING_FD, fd.to_string());
+        }
+        if let Some(fd) = self.control_fd {
+            set(ENV_CONTROL_FD, fd.to_string());
+        }
+        if let Some(fd) = self.hidden_ring_fd {
+            set(ENV_HIDDEN_RING_FD, fd.to_string());
+        }
+        match self.provider {
+            Some(Provider::Slots(n)) => set(ENV_RESIDENCY_SLOTS, n.to_string()),
+            Some(Provider::Meter) => set(ENV_RESIDENCY_METER, "1".into()),
+            None => {}
+        }
+        v
+    }
+
+    /// The descriptors the child must inherit.
+    pub fn fds(&self) -> Vec<RawFd> {
+        [self.control_fd, self.ring_fd, self.hidden_ring_fd]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Sets up `cmd` (a short tool such as llama-bench): every variable of [`TAP_VARS`] the
+    /// parent has is removed first, so only what this says reaches the child; then these are
+    /// set and the descriptors inherited.
+    pub fn apply(&self, cmd: &mut std::process::Command) {
+        for k in TAP_VARS {
+            cmd.env_remove(k);
+        }
+        for (k, v) in self.vars() {
+            cmd.env(k, v);
+        }
+        crate::supervisor::inherit_fds(cmd, &self.fds());
+    }
 }
 
 /// How to start a tapped (or, for comparison, untapped) llama-server.
@@ -192,19 +285,16 @@ pub fn launch_tapped(
     };
     let (mut control, theirs) = control::pair()?;
     use std::os::fd::AsRawFd;
-    let fd = theirs.as_raw_fd();
-    let mut inherit = vec![fd, ring.fd()];
+    let tap_env = TapEnv {
+        tap: Some(tap.to_path_buf()),
+        ring_fd: Some(ring.fd()),
+        control_fd: Some(theirs.as_raw_fd()),
+        hidden_ring_fd: hidden.as_ref().map(|h| h.fd()),
+        ..TapEnv::default()
+    };
     let mut cfg = server_cfg.clone();
-    cfg.env
-        .push(("LD_PRELOAD".into(), tap.display().to_string()));
-    cfg.env.push((ENV_RING_FD.into(), ring.fd().to_string()));
-    cfg.env.push((ENV_CONTROL_FD.into(), fd.to_string()));
-    if let Some(h) = &hidden {
-        cfg.env
-            .push((ENV_HIDDEN_RING_FD.into(), h.fd().to_string()));
-        inherit.push(h.fd());
-    }
-    let server = LlamaServer::start_inheriting(&cfg, &inherit)?;
+    cfg.env.extend(tap_env.vars());
+    let server = LlamaServer::start_inheriting(&cfg, &tap_env.fds())?;
     // Only the child keeps its end open, so its death closes the channel.
     drop(theirs);
     let greeting = control.greeting(CONTROL_TIMEOUT)?;

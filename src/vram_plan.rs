@@ -1,5 +1,5 @@
-//! The VRAM plan under a byte budget (not to be confused with `plan::fit::Placement`, which layers
-//! go where): which experts are pinned in VRAM, how many dynamic slots each
+//! The VRAM plan of experts under a byte budget ("placement" is another thing: which layers go
+//! where, `plan::fit::Placement`): which experts are pinned in VRAM, how many dynamic slots each
 //! layer gets, and how many slots are worth having at all (the knee of the miss curve).
 //!
 //! Owns the global choice across layers: every layer first gets its floor of dynamic slots, then
@@ -9,7 +9,7 @@
 
 use crate::cache::Counts;
 
-/// Why no placement fits.
+/// Why no VRAM plan fits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VramPlanError {
     #[error("fit the budget: {budget} bytes cannot hold the per-layer floor of {floor} slots ({need} bytes)")]
@@ -50,7 +50,7 @@ impl LayerVram {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VramPlan {
     pub layers: Vec<LayerVram>,
-    /// Bytes the placement uses.
+    /// Bytes the plan uses.
     pub bytes: u64,
 }
 

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
+use spark::bench::swap as bench;
 use spark::cache::PolicyKind;
 use spark::cuda::arena::{CpuArena, SwapDevice};
-use spark::cuda::bench;
 use spark::cuda::pool::{Outcome, SlotPool};
 use spark::cuda::reference;
 use spark::gguf::{GgufFile, MoeGeometry};

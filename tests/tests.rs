@@ -4,6 +4,7 @@ mod util;
 
 mod bench_residency;
 mod files;
+mod flags;
 mod gguf_files;
 mod hook;
 mod lavapipe;

@@ -1,4 +1,4 @@
-//! `static` and `pin-lru`: placements fixed from calibration counts.
+//! `static` and `pin-lru`: resident sets fixed from calibration counts.
 //!
 //! Owns the pinned sets chosen from [`Counts`] (top experts per layer) and, for `pin-lru`, the
 //! per-layer split between pinned slots and an LRU over the rest, chosen by replaying the

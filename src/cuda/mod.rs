@@ -1,20 +1,24 @@
-//! CUDA expert residency: a pool of VRAM slots per MoE layer, fed from the memory-mapped GGUF.
+//! The GPU measurement kit behind `spark bench swap`: what copying expert slices from the
+//! memory-mapped GGUF into VRAM costs on a device (host→device link bandwidth, VRAM copy
+//! bandwidth, per-swap latency, what a decode step waits for), with its kernels.
 //!
-//! Owns the slot bookkeeping ([`pool`]: which expert sits in which slot, what to copy, what
-//! to evict, what is pinned by an in-flight step), the CPU reference of every kernel
-//! ([`reference`]), a host-memory stand-in for VRAM ([`arena`]) that executes the same copy
-//! plans in tests, and `spark bench swap` ([`bench`]).
+//! **Residency in production does not run here.** The expert slots inside llama-server are the
+//! tap's (`tap/src/residency.rs`, fed from the engine's own host tensors and copied with the
+//! engine's backend); the tap links neither cudarc nor this crate. What lives here drives the
+//! measurement: a model of a slot cache ([`pool`]: which expert sits in which slot, what to
+//! copy, what to evict, what an in-flight step pins) that produces copy plans, a host-memory
+//! stand-in for VRAM ([`arena`]) that executes the same plans in tests, and the CPU reference
+//! of every kernel ([`reference`]). The procedure itself is [`crate::bench::swap`].
 //!
 //! The device side lives behind the `cuda` cargo feature (off by default): `enabled.rs` drives
 //! cudarc (primary context, own stream, pinned staging, async copies, events, NVRTC kernels);
 //! `disabled.rs` has the same entry points and answers [`CudaError::Disabled`]. The device only
-//! executes the plans the bookkeeping produces; it never decides residency.
+//! executes the plans the pool produces; it never decides which expert is resident.
 //!
 //! Never: evict an expert pinned by an in-flight step; drop a non-resident expert (a miss that
 //! cannot get a slot is served by streaming, never skipped).
 
 pub mod arena;
-pub mod bench;
 pub mod pool;
 pub mod reference;
 

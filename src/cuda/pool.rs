@@ -1,5 +1,7 @@
-//! The slot pool's bookkeeping: which expert of each MoE layer sits in which slot, what a step
-//! must copy, what it evicts, and what in-flight steps pin.
+//! The swap bench's model of a slot cache: which expert of each MoE layer sits in which slot,
+//! what a step must copy, what it evicts, and what in-flight steps pin. It drives the copies
+//! `spark bench swap` measures; the slots llama-server serves from are the tap's
+//! (`tap/src/residency.rs`), not these.
 //!
 //! Pure computation over the model geometry: no I/O, no device. A request produces a [`Plan`]
 //! (byte copies from the GGUF file into the slot arena, plus the new expert→slot table) that a

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::gguf::{GgmlType, GgufFile, MoeGeometry, TensorGroup};
 
-pub const MIB: u64 = 1 << 20;
+use crate::units::mib;
 
 /// What the planner needs to know about one model file, derived from its metadata.
 #[derive(Debug, Clone, Serialize)]
@@ -423,11 +423,6 @@ fn refuse_vram(m: &ModelFacts, s: &MemorySettings, budget: u64) -> Refusal {
         budget_bytes: Some(budget),
         suggestions,
     }
-}
-
-/// Bytes as MiB with one decimal, e.g. `12.5 MiB`.
-pub fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / MIB as f64)
 }
 
 /// The llama-server flags for a placement.

@@ -53,21 +53,22 @@ pub struct ServeArgs {
     /// Don't print llama-server's log lines
     #[arg(long)]
     pub quiet: bool,
-    /// Learn placement: load `<model>.gguf.spark.csv` when it belongs to this model and rewrite
+    /// Learn the routing profile: load `<model>.gguf.spark.csv` when it belongs to this model and rewrite
     /// it after every completed request that routed tokens
     #[arg(long)]
     pub spark: bool,
-    /// Profile path instead of `<model>.gguf.spark.csv`
-    #[arg(long, value_name = "PATH")]
+    /// Profile path instead of `<model>.gguf.spark.csv` (with --spark)
+    #[arg(long, value_name = "PATH", requires = "spark")]
     pub profile: Option<PathBuf>,
     /// Run llama-server without the routing tap (a plain proxy: no routing statistics)
     #[arg(long, conflicts_with = "spark")]
     pub no_tap: bool,
     /// The tap library (default: $SPARK_TAP, then next to the spark binary)
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "no_tap")]
     pub tap: Option<PathBuf>,
-    /// Slots per MoE layer of the shadow cache (default: 2 × experts per token)
-    #[arg(long)]
+    /// Slots per MoE layer of the shadow cache (default: 2 × experts per token, at most the
+    /// model's experts per layer); more than the model has is refused
+    #[arg(long, conflicts_with = "no_tap", value_parser = clap::value_parser!(u32).range(1..))]
     pub cache_slots: Option<u32>,
     /// Serve experts from VRAM slots through the hooked engine's scheduler hook
     /// (`scripts/build-engine --cuda --hooked`): `--cache-slots` slots per expert layer,
@@ -81,7 +82,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4096)]
     pub ctx: u64,
     /// Policy of the shadow cache
-    #[arg(long, value_enum, default_value = "spark")]
+    #[arg(long, value_enum, default_value = "spark", conflicts_with = "no_tap")]
     pub cache_policy: crate::cache::PolicyKind,
     /// Arguments for llama-server, after `--`; they win over spark's choices
     #[arg(last = true)]

@@ -251,7 +251,7 @@ impl Live {
         let mut snap = LiveSnapshot::new(&cfg);
         if let Some(p) = &cfg.start_profile {
             // A profile does not say which counts were prefill: they continue the decode table,
-            // the one placement follows.
+            // the one the shadow cache follows.
             snap.decode = p.counts.clone();
         }
         let shared = Arc::new(Mutex::new(snap));

@@ -1,14 +1,23 @@
-//! Placement for stock llama-server: from the model's geometry, the KV cache at the context
-//! length and a VRAM budget, the `-ngl` / `--n-cpu-moe` / `-c` flags `spark serve` passes.
+//! What `spark serve` puts where in memory: the layer placement for llama-server (from the
+//! model's geometry, the KV cache at the context length and a VRAM budget, the `-ngl` /
+//! `--n-cpu-moe` / `-c` flags) and, with `--residency`, the sizing of the provider's expert
+//! slots, whose VRAM comes out of the same budget.
 //!
-//! Owns only the merge of the planner's answer ([`crate::plan::fit`]) with what the user typed
-//! after `--`: a flag the user gave wins, and is reported. Never decides memory arithmetic
-//! itself.
+//! Owns the merge of the planner's answer ([`crate::plan::fit`]) with what the user typed
+//! after `--` (a flag the user gave wins, and is reported), the slot count of the shadow and
+//! VRAM caches, and the VRAM kept for the slots. Never decides memory arithmetic of the model
+//! itself (the planner does) and never starts anything.
+
+use std::path::Path;
 
 use serde::Serialize;
+use spark_proto::hook::ENV_OFFLOAD_MIN_BATCH;
 
+use crate::cache::PolicyKind;
 use crate::gguf::{GgmlType, GgufFile, MoeGeometry};
-use crate::plan::fit::{self, FitOutcome, MemorySettings, ModelFacts, Placement, Usage, MIB};
+use crate::plan::fit::{self, FitOutcome, MemorySettings, ModelFacts, Placement, Usage};
+use crate::telemetry::{Provider, TapEnv};
+use crate::units::MIB;
 
 /// Aliases of each flag spark may set; the first is what spark writes.
 const FLAG_GROUPS: &[&[&str]] = &[
@@ -130,6 +139,183 @@ pub fn choose(
     })
 }
 
+/// `--residency` cannot be sized as asked (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SlotsRefused(pub String);
+
+/// The placement `spark serve` runs with: [`choose`] under the VRAM budget, with the slots'
+/// VRAM kept out of it when `residency` is given.
+pub fn place(
+    file: &GgufFile,
+    geometry: &MoeGeometry,
+    budget_mib: Option<u64>,
+    default_ctx: u64,
+    user_args: &[String],
+    residency: Option<&ResidencySetup>,
+) -> Result<ServePlacement, Refused> {
+    let ram_total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| crate::plan::hardware::parse_meminfo(&t))
+        .map(|(total, _)| total)
+        .unwrap_or(u64::MAX);
+    let choose = |reserve_mib: u64| {
+        choose(
+            file,
+            geometry,
+            budget_mib.map(|b| b - reserve_mib),
+            default_ctx,
+            user_args,
+            ram_total,
+        )
+    };
+    Ok(match residency {
+        None => choose(0)?,
+        Some(r) => {
+            let moe_layers: Vec<u32> = geometry.moe_layers.iter().map(|l| l.layer).collect();
+            let mut p = place_with_slots(r, &moe_layers, choose)?;
+            p.budget_mib = budget_mib;
+            p
+        }
+    })
+}
+
+/// Slots per MoE layer of the shadow cache, and of the VRAM cache with `--residency`: the
+/// user's `--cache-slots` as given (more than the model's experts per layer is refused), else
+/// 2 × experts per token, at most the experts there are.
+pub fn shadow_slots(cache_slots: Option<u32>, geometry: &MoeGeometry) -> Result<u32, SlotsRefused> {
+    match cache_slots {
+        Some(s) if s == 0 || (geometry.is_moe() && s > geometry.n_expert) => {
+            Err(SlotsRefused(format!(
+                "parse --cache-slots {s}: must be between 1 and the model's {} experts per layer",
+                geometry.n_expert
+            )))
+        }
+        Some(s) => Ok(s),
+        None => Ok((2 * geometry.n_expert_used).min(geometry.n_expert).max(1)),
+    }
+}
+
+/// What `--residency` adds to a serve run.
+pub struct ResidencySetup {
+    pub slots: u64,
+    /// Bytes of one slot in each MoE layer (every expert tensor's slice plus the padding
+    /// stock copies after it).
+    pub slot_bytes: Vec<(u32, u64)>,
+    /// For llama-server: the provider's slot count and the scheduler setting that sends
+    /// decode's expert matrix products to the GPU (so the hook sees them).
+    pub env: Vec<(String, String)>,
+}
+
+impl ResidencySetup {
+    /// VRAM the slots of `layers` take, MiB.
+    fn mib(&self, layers: &[u32]) -> u64 {
+        let bytes: u64 = self
+            .slot_bytes
+            .iter()
+            .filter(|(l, _)| layers.contains(l))
+            .map(|(_, b)| b)
+            .sum();
+        (self.slots * bytes).div_ceil(1 << 20)
+    }
+}
+
+/// Places the model with VRAM kept for the slots. First with slots for every MoE layer (the
+/// most the provider could allocate), then, since the provider only allocates for layers
+/// whose experts stay in host memory, with slots for those layers only; more budget never
+/// moves more layers to the host, so the second placement needs at most what it reserves
+/// (checked, else the first stands).
+fn place_with_slots(
+    r: &ResidencySetup,
+    moe_layers: &[u32],
+    choose: impl Fn(u64) -> Result<ServePlacement, Refused>,
+) -> Result<ServePlacement, Refused> {
+    let host_of = |p: &ServePlacement| host_expert_layers(p.placement, moe_layers);
+    let first_mib = r.mib(moe_layers);
+    let first = choose(first_mib)?;
+    let needed = r.mib(&host_of(&first));
+    let (mut p, reserved) = if needed < first_mib {
+        match choose(needed) {
+            Ok(second) if r.mib(&host_of(&second)) <= needed => (second, needed),
+            _ => (first, first_mib),
+        }
+    } else {
+        (first, first_mib)
+    };
+    let host = host_of(&p);
+    if host.is_empty() {
+        eprintln!("spark: residency: every expert fits in VRAM at this budget; the provider has nothing to serve");
+    } else {
+        eprintln!(
+            "spark: residency: {} slots per expert layer in {} host-resident expert layers, {} MiB of VRAM kept for them",
+            r.slots,
+            host.len(),
+            r.mib(&host)
+        );
+    }
+    p.residency_mib = Some(reserved);
+    Ok(p)
+}
+
+/// Sizes `--residency`'s slots: `slots` per MoE layer of `model`, their VRAM out of
+/// `vram_budget_mib`, and the child's environment for the provider.
+pub fn residency_setup(
+    model: &Path,
+    geometry: &MoeGeometry,
+    vram_budget_mib: Option<u64>,
+    slots: u32,
+    policy: PolicyKind,
+) -> Result<ResidencySetup, SlotsRefused> {
+    if !geometry.is_moe() {
+        return Err(SlotsRefused(format!(
+            "--residency: {} has no MoE layers",
+            model.display()
+        )));
+    }
+    let Some(budget) = vram_budget_mib else {
+        return Err(SlotsRefused(
+            "--residency needs --vram-budget: the slots and the placement share it".into(),
+        ));
+    };
+    let slots = u64::from(slots);
+    let slot_bytes = geometry
+        .moe_layers
+        .iter()
+        .map(|l| {
+            let b = l
+                .tensors
+                .iter()
+                .map(|t| t.slice_bytes + t.slice_bytes.min(512))
+                .sum::<u64>();
+            (l.layer, b)
+        })
+        .collect();
+    // The scheduler setting is the user's when they set it.
+    let env = TapEnv {
+        offload_min_batch: std::env::var_os(ENV_OFFLOAD_MIN_BATCH).is_none(),
+        provider: Some(Provider::Slots(slots)),
+        ..TapEnv::default()
+    }
+    .vars();
+    let r = ResidencySetup {
+        slots,
+        slot_bytes,
+        env,
+    };
+    let all: Vec<u32> = geometry.moe_layers.iter().map(|l| l.layer).collect();
+    let slot_mib = r.mib(&all);
+    if slot_mib >= budget {
+        return Err(SlotsRefused(format!(
+            "--residency: {slots} slots per layer take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget"
+        )));
+    }
+    eprintln!(
+        "spark: residency: {slots} slots per expert layer (at most {slot_mib} MiB of VRAM), policy {}",
+        policy.name()
+    );
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +390,71 @@ mod tests {
         let g = MoeGeometry::of(&f).unwrap();
         let e = choose(&f, &g, Some(1), 2048, &[], 1 << 34).unwrap_err();
         assert!(e.to_string().contains("VRAM budget of 1 MiB"), "{e}");
+    }
+
+    fn placed(placement: Placement) -> ServePlacement {
+        ServePlacement {
+            placement,
+            ctx: 4096,
+            budget_mib: None,
+            usage: Usage {
+                vram_bytes: 0,
+                host_bytes: 0,
+            },
+            flags: vec![],
+            user_overrides: vec![],
+            residency_mib: None,
+        }
+    }
+
+    fn setup() -> ResidencySetup {
+        ResidencySetup {
+            slots: 4,
+            // 8 MoE layers of 1 MiB per slot: 4 MiB per layer for 4 slots
+            slot_bytes: (0..8).map(|l| (l, 1 << 20)).collect(),
+            env: vec![],
+        }
+    }
+
+    #[test]
+    fn slots_are_kept_only_for_the_layers_whose_experts_stay_on_the_host() {
+        let layers: Vec<u32> = (0..8).collect();
+        // A planner that moves one more layer's experts to the host per 10 MiB reserved.
+        let choose = |reserve: u64| {
+            Ok(placed(Placement::CpuMoe {
+                n: 2 + (reserve / 10) as u32,
+            }))
+        };
+        let p = place_with_slots(&setup(), &layers, choose).unwrap();
+        // All 8 layers: 32 MiB → 5 host layers → 20 MiB → 4 host layers (16 MiB ≤ 20).
+        assert_eq!(p.placement, Placement::CpuMoe { n: 4 });
+        assert_eq!(p.residency_mib, Some(20));
+
+        // Everything fits on the GPU once less is reserved: the slots of the one host layer
+        // the first placement had stay reserved (conservative), and no layer needs them.
+        let choose = |reserve: u64| {
+            Ok(placed(if reserve >= 30 {
+                Placement::CpuMoe { n: 1 }
+            } else {
+                Placement::AllGpu
+            }))
+        };
+        let p = place_with_slots(&setup(), &layers, choose).unwrap();
+        assert_eq!((p.placement, p.residency_mib), (Placement::AllGpu, Some(4)));
+    }
+
+    #[test]
+    fn a_planner_that_moves_more_layers_with_more_budget_keeps_the_first_placement() {
+        let layers: Vec<u32> = (0..8).collect();
+        // Perverse planner: less reserved → more host layers; the second placement would need
+        // more than it reserves, so the conservative first one stands.
+        let choose = |reserve: u64| {
+            Ok(placed(Placement::CpuMoe {
+                n: 8 - (reserve / 8) as u32,
+            }))
+        };
+        let p = place_with_slots(&setup(), &layers, choose).unwrap();
+        assert_eq!(p.placement, Placement::CpuMoe { n: 4 });
+        assert_eq!(p.residency_mib, Some(32));
     }
 }

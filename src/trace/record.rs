@@ -64,10 +64,15 @@ pub struct RecordArgs {
     #[arg(long, value_name = "N")]
     pub hidden_every: Option<u32>,
     /// Byte budget of hidden-state capture, in MiB
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    #[arg(long, value_name = "MIB", default_value_t = 256, requires = "hidden_every", value_parser = clap::value_parser!(u32).range(1..))]
     pub hidden_budget: u32,
     /// Graph tensor holding the hidden state: ffn_norm (the router's input) or attn_norm
-    #[arg(long, value_name = "NAME", default_value = "ffn_norm")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "ffn_norm",
+        requires = "hidden_every"
+    )]
     pub hidden_tensor: String,
     /// Print the summary as JSON (includes each request's prompt and generated token ids)
     #[arg(long)]
@@ -196,7 +201,7 @@ pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
         Some(0) => return Err(RecordError::HiddenEvery),
         Some(every) => Some(HiddenConfig {
             every,
-            budget_mib: a.hidden_budget.max(1),
+            budget_mib: a.hidden_budget,
             tensor: HiddenTensor::parse(&a.hidden_tensor)
                 .ok_or_else(|| RecordError::HiddenTensor(a.hidden_tensor.clone()))?,
         }),

@@ -1,4 +1,4 @@
-//! `spark calibrate`: replay the train chunks of a corpus, write the placement profile and the
+//! `spark calibrate`: replay the train chunks of a corpus, write the routing profile and the
 //! routing trace, resumably and extensibly.
 //!
 //! Owns the calibration state next to the profile: `<profile>.calibrate.json` (which chunks are

@@ -1,4 +1,4 @@
-//! `spark calibrate` and `spark validate`: a placement profile from the train sessions of a
+//! `spark calibrate` and `spark validate`: a routing profile from the train sessions of a
 //! corpus, then an unattended check of it on the held-out sessions.
 //!
 //! Owns the replay of corpus chunks through a tapped llama-server ([`replay`]), the resumable

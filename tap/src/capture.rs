@@ -1,4 +1,5 @@
-//! The capture path: the eval callback, the batch bookkeeping, and the ring producer.
+//! The capture path: the eval callback, the batch hooks, and the ring producer (the pure batch
+//! bookkeeping they use is [`crate::batch`]).
 //!
 //! Owns the tap's one mutable state (ring producer, preallocated position and scratch buffers),
 //! guarded by a try-lock that never waits: if two threads ever evaluate at once, the loser
@@ -17,6 +18,7 @@ use spark_proto::ring::{
 };
 use spark_proto::trace::{RoutingRecord, MAX_K, PHASE_DECODE, PHASE_PROMPT};
 
+use crate::batch::{parse_layer, RowMap, RowPositions, Shadow, N_SHADOWS};
 use crate::control;
 use crate::ffi::{
     as_fn, BufferIsHostFn, EvalCallback, GgmlTensor, LlamaBatch, LlamaContextParams, MetaStrFn,
@@ -61,8 +63,6 @@ struct State {
     ring_experts: u32,
 }
 
-const N_SHADOWS: usize = 4;
-
 /// Where a tensor read after its graph can be found once the backends are synchronised.
 #[derive(Clone, Copy)]
 enum Loc {
@@ -86,45 +86,6 @@ struct Pending {
 
 /// Most distinct backends one graph's marked tensors live on.
 const MAX_BACKENDS: usize = 4;
-
-/// The tap's copy of one `llama_batch_ext` under construction.
-struct Shadow {
-    batch: usize,
-    pos: Vec<i32>,
-    out: Vec<u8>,
-    overflow: bool,
-}
-
-impl Shadow {
-    fn new(cap: usize) -> Shadow {
-        Shadow {
-            batch: 0,
-            pos: Vec::with_capacity(cap),
-            out: Vec::with_capacity(cap),
-            overflow: false,
-        }
-    }
-
-    fn reset(&mut self, batch: usize) {
-        self.batch = batch;
-        self.pos.clear();
-        self.out.clear();
-        self.overflow = false;
-    }
-
-    /// Makes entry `idx` exist; false (and overflow) when it is beyond the preallocation.
-    fn ensure(&mut self, idx: usize) -> bool {
-        if idx >= self.pos.capacity() || idx >= self.out.capacity() {
-            self.overflow = true;
-            return false;
-        }
-        while self.pos.len() <= idx {
-            self.pos.push(-1); // within capacity: no allocation
-            self.out.push(0);
-        }
-        true
-    }
-}
 
 /// Set when a batch-builder call could not update its shadow (state busy): the next process
 /// call then treats positions as unknown instead of trusting a stale copy.
@@ -687,55 +648,6 @@ fn classify(name: &[c_char; 64]) -> Option<Kind> {
     None
 }
 
-/// Tracks which batch rows the tensors of one kind hold: a layer index that does not grow
-/// means the next ubatch of the same batch.
-#[derive(Clone, Copy)]
-struct RowMap {
-    last_layer: i32,
-    start: usize,
-    len: usize,
-}
-
-impl RowMap {
-    const fn new() -> RowMap {
-        RowMap {
-            last_layer: -1,
-            start: 0,
-            len: 0,
-        }
-    }
-
-    /// Advances for a tensor of `layer` with `rows` rows; true at a new ubatch.
-    fn advance(&mut self, layer: u32, rows: usize) -> bool {
-        if layer as i32 <= self.last_layer {
-            self.start += self.len;
-            self.len = 0;
-        }
-        self.last_layer = layer as i32;
-        if self.len == 0 {
-            self.len = rows;
-            return true;
-        }
-        false
-    }
-}
-
-fn parse_layer(b: &[u8]) -> Option<u32> {
-    let mut v: u32 = 0;
-    let mut digits = 0;
-    for &c in b {
-        match c {
-            b'0'..=b'9' => {
-                v = v.checked_mul(10)?.checked_add(u32::from(c - b'0'))?;
-                digits += 1;
-            }
-            0 => break,
-            _ => return None,
-        }
-    }
-    (digits > 0 && v <= u32::from(u16::MAX)).then_some(v)
-}
-
 /// The eval callback installed in every context.
 ///
 /// # Safety
@@ -803,45 +715,6 @@ fn is_host(buffer: *mut c_void) -> bool {
         // SAFETY: buffer is a live backend buffer owned by the tensor.
         Some(f) => unsafe { f(buffer) },
         None => false,
-    }
-}
-
-/// Maps row j of a tensor to its token position.
-struct RowPositions {
-    map: RowMap,
-    full: bool,
-    cursor: usize,
-}
-
-impl RowPositions {
-    fn new(map: RowMap, rows: usize) -> RowPositions {
-        RowPositions {
-            map,
-            full: rows == map.len,
-            cursor: map.start,
-        }
-    }
-
-    /// Rows must be asked for in order.
-    fn next(&mut self, j: usize, known: bool, pos: &[i32], out: &[u8]) -> Option<u32> {
-        if !known {
-            return None;
-        }
-        let p = if self.full {
-            pos.get(self.map.start + j).copied()
-        } else {
-            // Rows dropped before the last layer: the survivors are the output tokens.
-            let end = (self.map.start + self.map.len)
-                .min(pos.len())
-                .min(out.len());
-            while self.cursor < end && out[self.cursor] == 0 {
-                self.cursor += 1;
-            }
-            let p = (self.cursor < end).then(|| pos[self.cursor]);
-            self.cursor += 1;
-            p
-        };
-        p.filter(|&p| p >= 0).map(|p| p as u32)
     }
 }
 
@@ -1207,32 +1080,6 @@ mod tests {
             *d = b as c_char;
         }
         n
-    }
-
-    #[test]
-    fn rows_map_to_positions_across_ubatches_and_the_trimmed_last_layer() {
-        // A batch of 6 tokens at positions 10..16, split into ubatches of 4 and 2; only the
-        // last token is an output, so the last layer keeps no row in the first ubatch and one
-        // in the second.
-        let pos: Vec<i32> = (10..16).collect();
-        let out = [0u8, 0, 0, 0, 0, 1];
-        let mut map = RowMap::new();
-        let mut got = Vec::new();
-        for (layer, rows) in [(0u32, 4usize), (1, 4), (2, 0), (0, 2), (1, 2), (2, 1)] {
-            map.advance(layer, rows.max(1));
-            let mut rp = RowPositions::new(map, rows.max(1));
-            let v: Vec<Option<u32>> = (0..rows).map(|j| rp.next(j, true, &pos, &out)).collect();
-            got.push((layer, v));
-        }
-        let p = |v: &[u32]| v.iter().map(|&x| Some(x)).collect::<Vec<_>>();
-        assert_eq!(got[0], (0, p(&[10, 11, 12, 13])));
-        assert_eq!(got[1], (1, p(&[10, 11, 12, 13])));
-        assert_eq!(got[3], (0, p(&[14, 15])));
-        assert_eq!(got[4], (1, p(&[14, 15])));
-        assert_eq!(got[5], (2, p(&[15])));
-        // Unknown positions stay unknown.
-        let mut rp = RowPositions::new(RowMap::new(), 1);
-        assert_eq!(rp.next(0, false, &pos, &out), None);
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! (callback and decode wrapper), let a panic cross the C boundary (every exported function
 //! catches it), or link an async runtime.
 
+mod batch;
 mod capture;
 mod control;
 mod ffi;
@@ -141,7 +142,7 @@ macro_rules! batch_fn {
         /// # Safety
         /// Called by llama.cpp's callers with the same contract as the real function.
         #[no_mangle]
-        #[allow(clippy::unused_unit)] // `-> ()` for llama_batch_ext_clear, spelled out by the macro
+        #[allow(clippy::unused_unit)] // `-> ()` is how the macro spells a void builder
         pub unsafe extern "C" fn $name(batch: *mut c_void, $($arg: $t),*) -> $ret {
             // SAFETY: the type is the declared signature of this function in llama.h.
             let Some(real) = (unsafe { as_fn::<$ty>(&$sym) }) else {

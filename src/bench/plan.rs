@@ -14,13 +14,15 @@ use std::time::Duration;
 use clap::Args;
 use serde::Serialize;
 
-use super::fit::{MemorySettings, MIB};
-use super::forecast::calibrate;
-use super::median::median;
-use super::receipt::{same_threads, BenchSpec, Receipt, ReceiptStore};
-use super::{hardware, model_facts, pair, PlanError, PlanInput};
 use crate::fixture::{self, FixtureSpec, Size};
 use crate::gguf::GgmlType;
+use crate::plan::fit::MemorySettings;
+use crate::plan::forecast::calibrate;
+use crate::plan::llama_bench::pair;
+use crate::plan::median::median;
+use crate::plan::receipt::{same_threads, BenchSpec, Receipt, ReceiptStore};
+use crate::plan::{hardware, model_facts, PlanError, PlanInput};
+use crate::units::MIB;
 
 #[derive(Debug, Args)]
 pub struct BenchPlanArgs {
@@ -255,7 +257,7 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         .unwrap_or_else(|| crate::engine::cache_dir().join("bench-plan"));
     std::fs::create_dir_all(&dir)
         .map_err(|e| PlanError::Usage(format!("create {}: {e}", dir.display())))?;
-    let bench = super::locate_llama_bench(a.llama_bench.as_deref())?;
+    let bench = crate::plan::llama_bench::locate_llama_bench(a.llama_bench.as_deref())?;
     let vocab = crate::engine::vocab_path(crate::engine::DEFAULT_VOCAB)?;
     let hw = hardware::gather(&hardware::HardwareOverrides::default())?;
     let mut receipts: Vec<(String, Receipt)> = Vec::new();
@@ -306,8 +308,11 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
                 }
                 let before = hw_now.host_read_gbps.clone();
                 eprintln!("measuring {} threads {t} --n-cpu-moe {ncmoe}", m.name);
-                let mut rows =
-                    super::run_llama_bench(&bench, &spec, Duration::from_secs(a.timeout))?;
+                let mut rows = crate::plan::llama_bench::run_llama_bench(
+                    &bench,
+                    &spec,
+                    Duration::from_secs(a.timeout),
+                )?;
                 if !a.cached_bandwidth {
                     // Bandwidth before and after the run, averaged.
                     let after = hardware::read_gbps_now(t);
@@ -339,7 +344,7 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         print!("{}", render(&report));
     }
     if !a.no_store {
-        let path = super::receipt::store_path();
+        let path = crate::plan::receipt::store_path();
         let mut store = ReceiptStore::load(&path)?;
         store.version = 1;
         store.receipts.extend(receipts.into_iter().map(|(_, r)| r));

@@ -15,10 +15,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::arena::{CpuArena, SwapDevice};
-use super::pool::{Layout, Plan, SlotPool};
-use super::{reference, CudaError};
 use crate::cache::PolicyKind;
+use crate::cuda::arena::{CpuArena, SwapDevice};
+use crate::cuda::pool::{Layout, Plan, SlotPool};
+use crate::cuda::{reference, CudaError};
 use crate::gguf::{GgufFile, MoeGeometry};
 
 /// Flags of `spark bench swap`.
@@ -41,7 +41,7 @@ pub struct BenchSwapArgs {
     #[arg(long, default_value_t = 256)]
     pub swaps: u32,
     /// Batched swaps (one decode step missing every expert of every layer) to time
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub batches: u32,
     /// Miss ratio for what a decode step waits for
     #[arg(long, default_value_t = 0.25)]
@@ -53,7 +53,7 @@ pub struct BenchSwapArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// CUDA device ordinal
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "cpu")]
     pub device: usize,
 }
 
@@ -157,8 +157,8 @@ pub fn run(args: &BenchSwapArgs) -> Result<SwapReport, CudaError> {
         let mut dev = CpuArena::new(&layout);
         measure(args, &file, &geometry, slots, &mut dev)
     } else {
-        let gpu = super::Gpu::open(args.device)?;
-        let mut dev = super::GpuArena::new(&gpu, &layout, file.bytes())?;
+        let gpu = crate::cuda::Gpu::open(args.device)?;
+        let mut dev = crate::cuda::GpuArena::new(&gpu, &layout, file.bytes())?;
         measure(args, &file, &geometry, slots, &mut dev)
     }
 }
@@ -365,7 +365,7 @@ fn decode_wait<D: SwapDevice>(
             missed += served
                 .outcomes
                 .iter()
-                .filter(|(_, o)| !matches!(o, super::pool::Outcome::Hit(_)))
+                .filter(|(_, o)| !matches!(o, crate::cuda::pool::Outcome::Hit(_)))
                 .count() as u64;
             let (_, dt) = timed(dev, src, &served.plan, pool.table())?;
             wait += dt;

@@ -1,0 +1,165 @@
+//! `spark bench residency --bytes`: host→device bytes per decoded token of (c), metered at the
+//! hook, and of (d) at several slot counts, next to the hit ratio spark's `lru` shadow cache
+//! predicts from the routing the same run captured.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::gguf::MoeGeometry;
+use crate::plan::llama_bench::run_llama_bench_with;
+use crate::telemetry::{Provider, TapEnv};
+
+use super::engines::{decode_spec, Runner};
+use super::report::{residency_from_stderr, BytesReport, BytesRow};
+use super::{BenchResidencyArgs, BenchResidencyError, Config};
+
+/// The default `--bytes` slot counts: a quarter, a half and three quarters of the experts,
+/// rounded up, at least 1, distinct.
+pub fn default_bytes_slots(n_expert: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = [1u32, 2, 3]
+        .iter()
+        .map(|q| (n_expert * q).div_ceil(4).clamp(1, n_expert.max(1)))
+        .collect();
+    v.dedup();
+    v
+}
+
+/// The hit ratio spark's `lru` shadow cache predicts for `records` (one run's routing, in ring
+/// order) with `slots` per layer: each layer's records in order are that layer's steps, ids
+/// ascending within a step as the provider serves them.
+pub fn predict_hit_ratio(
+    records: &[spark_proto::trace::RoutingRecord],
+    n_layer: usize,
+    n_expert: usize,
+    slots: u32,
+) -> Option<f64> {
+    use crate::cache::Policy;
+    let mut lru = crate::cache::Lru::new(n_expert, &vec![slots; n_layer]);
+    let (mut used, mut misses) = (0u64, 0u64);
+    let mut ids: Vec<u16> = Vec::new();
+    for r in records {
+        let layer = usize::from(r.layer);
+        if layer >= n_layer {
+            continue;
+        }
+        ids.clear();
+        ids.extend(
+            r.used_ids()
+                .iter()
+                .copied()
+                .filter(|&e| usize::from(e) < n_expert),
+        );
+        ids.sort_unstable();
+        ids.dedup();
+        used += ids.len() as u64;
+        misses += u64::from(lru.access(layer, &ids));
+    }
+    (used > 0).then(|| (used - misses) as f64 / used as f64)
+}
+
+/// The `--bytes` runs: the hooked llama-bench decoding `--tokens` tokens once per row, every
+/// layer's experts on the host and decode offloaded, the tap preloaded with a routing ring;
+/// (c) with the provider as a meter (the stock copy runs and is counted), (d) with the
+/// provider at each slot count. The routing each run captured is replayed through spark's
+/// `lru` shadow cache with the same slots, for the predicted hit ratio.
+pub(super) fn measure_bytes(
+    a: &BenchResidencyArgs,
+    g: &MoeGeometry,
+    hooked: &Runner,
+    tap: &Path,
+    threads: u32,
+) -> Result<BytesReport, BenchResidencyError> {
+    let slot_counts = if a.bytes_slots.is_empty() {
+        default_bytes_slots(g.n_expert)
+    } else {
+        a.bytes_slots.clone()
+    };
+    let decoded = a.tokens + 1; // one repetition plus llama-bench's one-token warmup
+    let runs: Vec<(Config, Option<u32>)> = std::iter::once((Config::HostCopy, None))
+        .chain(slot_counts.iter().map(|&s| (Config::Spark, Some(s))))
+        .collect();
+    let mut rows = Vec::new();
+    let mut device = String::new();
+    for (i, &(c, slots)) in runs.iter().enumerate() {
+        eprintln!(
+            "measuring bytes: ({}) {}{} [{}/{}]",
+            c.letter(),
+            c.name(),
+            slots.map(|s| format!(", {s} slots")).unwrap_or_default(),
+            i + 1,
+            runs.len()
+        );
+        // One token's records per expert layer, plus room: the ring never overruns here.
+        let capacity = (decoded * g.moe_layers.len() as u64 + 1024).next_power_of_two();
+        let mut ring = crate::ring::ShmRing::create(capacity, crate::telemetry::ring_geometry(g))?;
+        let spec = decode_spec(a, threads, g.n_layer, 1);
+        let tap_env = TapEnv {
+            offload_min_batch: true,
+            tap: Some(tap.to_path_buf()),
+            ring_fd: Some(ring.fd()),
+            provider: Some(match slots {
+                Some(s) => Provider::Slots(u64::from(s)),
+                None => Provider::Meter,
+            }),
+            ..TapEnv::default()
+        };
+        let configure = |cmd: &mut Command| tap_env.apply(cmd);
+        let result = run_llama_bench_with(
+            &hooked.bench,
+            &spec,
+            Duration::from_secs(a.timeout),
+            configure,
+        );
+        let (bench_rows, out) = result.map_err(|source| BenchResidencyError::Measure {
+            letter: c.letter(),
+            config: c.name(),
+            source,
+        })?;
+        if device.is_empty() {
+            if let Some(r) = bench_rows.iter().find(|r| r.is_decode()) {
+                device = if r.gpu_info.trim().is_empty() {
+                    r.backends.clone()
+                } else {
+                    format!("{} ({})", r.gpu_info, r.backends)
+                };
+            }
+        }
+        let mut records = Vec::new();
+        while ring.drain_into(&mut records, 1 << 16) > 0 {}
+        let residency = residency_from_stderr(&out.stderr, decoded);
+        let mut note = residency.note.clone();
+        let predicted = match slots {
+            Some(_) if ring.dropped() > 0 => {
+                note = Some(format!("the ring dropped {} records", ring.dropped()));
+                None
+            }
+            Some(_) if records.is_empty() => {
+                note = Some("the tap captured no routing".into());
+                None
+            }
+            Some(s) => predict_hit_ratio(&records, g.n_layer as usize, g.n_expert as usize, s),
+            None => None,
+        };
+        let link_ms_per_token = residency
+            .host_bytes_per_token
+            .map(|b| b / (a.link_gbps * 1e9) * 1e3);
+        rows.push(BytesRow {
+            config: c,
+            slots,
+            decoded,
+            residency,
+            predicted_hit_ratio: predicted,
+            ring_records: records.len() as u64,
+            note,
+            link_ms_per_token,
+        });
+    }
+    let lower = device.to_ascii_lowercase();
+    Ok(BytesReport {
+        link_gbps: a.link_gbps,
+        cpu_device: lower.contains("llvmpipe") || lower.contains("lavapipe"),
+        device,
+        rows,
+    })
+}
