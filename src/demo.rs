@@ -139,6 +139,7 @@ fn serve_and_learn(
         profile: Some(profile.clone()),
         cache_slots: None,
         residency: false,
+        host_memory: crate::serve::host_memory::HostMemoryChoice::Auto,
         cache_policy: crate::cache::PolicyKind::Spark,
         vram_budget_mib: None,
         ctx: 2048,

@@ -237,6 +237,9 @@ pub struct ResidencyStats {
     pub wide_hits: u64,
     pub wide_loads: u64,
     pub wide_streamed: u64,
+    /// Host → device copy calls one copy per loaded expert would have made (the provider before
+    /// it batched runs): the "before" of `copies_host`.
+    pub copies_host_unbatched: u64,
     /// Wall time spent inside the provider, in microseconds (enqueueing, not device time).
     pub provider_us: u64,
 }
@@ -246,7 +249,8 @@ impl ResidencyStats {
         format!(
             "slots={} layers={} planned={} calls={} declined={} hits={} loads={} streamed={} \
              evictions={} bytes_hit={} bytes_host={} copies_host={} copies_device={} \
-             wide_calls={} wide_hits={} wide_loads={} wide_streamed={} provider_us={}",
+             wide_calls={} wide_hits={} wide_loads={} wide_streamed={} copies_host_unbatched={} \
+             provider_us={}",
             self.slots,
             self.layers,
             self.planned,
@@ -264,6 +268,7 @@ impl ResidencyStats {
             self.wide_hits,
             self.wide_loads,
             self.wide_streamed,
+            self.copies_host_unbatched,
             self.provider_us
         )
     }
@@ -288,6 +293,7 @@ impl ResidencyStats {
             wide_hits: kv.u64("wide_hits")?,
             wide_loads: kv.u64("wide_loads")?,
             wide_streamed: kv.u64("wide_streamed")?,
+            copies_host_unbatched: kv.u64("copies_host_unbatched")?,
             provider_us: kv.u64("provider_us")?,
         })
     }
@@ -841,6 +847,7 @@ mod tests {
             wide_hits: 2,
             wide_loads: 3,
             wide_streamed: 4,
+            copies_host_unbatched: 16,
             provider_us: 12,
         };
         assert_eq!(ResidencyStats::parse(&r.to_text()).unwrap(), r);

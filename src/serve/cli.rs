@@ -75,6 +75,12 @@ pub struct ServeArgs {
     /// following the shadow cache's policy; their VRAM comes out of `--vram-budget`
     #[arg(long, conflicts_with = "no_tap")]
     pub residency: bool,
+    /// Where host-resident expert weights live under `--residency`: `auto` pins them
+    /// (llama-server `--load-mode none`, the GPU backend's pinned host buffer) when they fit in
+    /// available RAM and maps them otherwise, `pinned` refuses to start (exit 3) when they
+    /// cannot fit, `mapped` keeps llama.cpp's memory map; a `--load-mode` after `--` wins
+    #[arg(long, value_enum, value_name = "MODE", requires = "residency")]
+    pub host_memory: Option<super::host_memory::HostMemoryChoice>,
     /// VRAM spark may plan for, MiB (none: a CPU-only placement)
     #[arg(long, value_name = "MiB")]
     pub vram_budget: Option<u64>,
@@ -135,6 +141,9 @@ impl ServeArgs {
             profile,
             cache_slots: self.cache_slots,
             residency: self.residency,
+            host_memory: self
+                .host_memory
+                .unwrap_or(super::host_memory::HostMemoryChoice::Auto),
             cache_policy: self.cache_policy,
             vram_budget_mib: self.vram_budget,
             ctx: self.ctx,

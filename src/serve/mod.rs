@@ -107,6 +107,8 @@ pub struct ServeConfig {
     pub cache_slots: Option<u32>,
     /// `--residency`: the tap's provider serves experts from `cache_slots` VRAM slots per layer.
     pub residency: bool,
+    /// Where host-resident weights live under `--residency` ([`host_memory`]).
+    pub host_memory: host_memory::HostMemoryChoice,
     pub cache_policy: crate::cache::PolicyKind,
     /// VRAM budget for the placement, MiB.
     pub vram_budget_mib: Option<u64>,
@@ -135,6 +137,8 @@ pub struct ServeState {
     /// Live routing statistics, when the tap runs.
     pub live: Option<LiveHandle>,
     pub placement: placement::ServePlacement,
+    /// Pinned or mapped host weights (`--residency` only).
+    pub host_memory: Option<host_memory::HostMemoryPlan>,
 }
 
 /// The serve side of the live routing thread.
@@ -209,6 +213,41 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
     })
 }
 
+/// Pinned or mapped host weights under `--residency`, from RAM and the user's own load mode;
+/// `--host-memory pinned` that cannot fit is refused like a placement (exit 3).
+fn decide_host_memory(
+    cfg: &ServeConfig,
+    placement: &placement::ServePlacement,
+) -> Result<host_memory::HostMemoryPlan, anyhow::Error> {
+    let (ram_total, ram_available) = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| crate::plan::hardware::parse_meminfo(&t))
+        .unwrap_or((0, 0));
+    let env_mode = std::env::var("LLAMA_ARG_LOAD_MODE").ok();
+    let user_mode = host_memory::user_load_mode(&cfg.llama_args, env_mode.as_deref());
+    let plan = host_memory::decide(
+        cfg.host_memory,
+        placement.usage.host_bytes,
+        ram_total,
+        ram_available,
+        user_mode.as_deref(),
+    )
+    .map_err(|e| placement::Refused {
+        model: cfg.model.display().to_string(),
+        budget: cfg
+            .vram_budget_mib
+            .map_or_else(|| "none".into(), |b| format!("{b} MiB")),
+        reason: e.to_string(),
+        help: "--host-memory auto (maps what cannot be pinned) or more RAM".into(),
+    })?;
+    let mode = match plan.host_memory {
+        host_memory::HostMemory::Pinned => "pinned",
+        host_memory::HostMemory::Mapped => "mapped",
+    };
+    eprintln!("spark: residency: host weights {mode}: {}", plan.reason);
+    Ok(plan)
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight requests for up to the grace period
 /// and stops the child.
 pub async fn serve(
@@ -243,6 +282,10 @@ pub async fn serve(
         residency.as_ref(),
     )?;
     drop(file);
+    let host_memory = match &residency {
+        Some(_) => Some(decide_host_memory(&cfg, &placement)?),
+        None => None,
+    };
     eprintln!(
         "spark: placement {:?}: llama-server {}{}",
         placement.placement,
@@ -273,6 +316,7 @@ pub async fn serve(
         extra_args: placement
             .flags
             .iter()
+            .chain(host_memory.iter().flat_map(|h| &h.args))
             .chain(&cfg.llama_args)
             .cloned()
             .collect(),
@@ -321,6 +365,7 @@ pub async fn serve(
         listen,
         live,
         placement,
+        host_memory,
     });
     eprintln!(
         "spark: serving {} on http://{listen} (llama-server pid {})",

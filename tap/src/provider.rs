@@ -23,7 +23,8 @@ use std::time::Instant;
 
 use spark_proto::control::{ResidencyStats, WantPlan, RESIDENCY_EXIT_PREFIX};
 use spark_proto::hook::{
-    MoeRequestV1, ABI, ENV_RESIDENCY_METER as ENV_METER, ENV_RESIDENCY_SLOTS as ENV_SLOTS,
+    MoeRequestV1, ABI, ENV_RESIDENCY_METER as ENV_METER, ENV_RESIDENCY_PREFILL as ENV_PREFILL,
+    ENV_RESIDENCY_SLOTS as ENV_SLOTS,
 };
 
 use crate::ffi::{as_fn, GgmlTensor, Sym, GGML_TYPE_I8};
@@ -178,14 +179,25 @@ static GGML: OnceLock<Option<Ggml>> = OnceLock::new();
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
 /// Counters as the control thread reads them (copied from the state after every call).
-static COUNTERS: [AtomicU64; 14] = [const { AtomicU64::new(0) }; 14];
+static COUNTERS: [AtomicU64; 15] = [const { AtomicU64::new(0) }; 15];
 static LAYERS: AtomicU64 = AtomicU64::new(0);
 /// The model's experts per token (from its metadata, when the context is made).
 static TOP_K: AtomicU64 = AtomicU64::new(0);
 
-/// Records the model's experts per token, which tells wide (prompt) calls from decode.
+/// Records the model's experts per token, which tells wide (prompt) calls from decode; with
+/// `SPARK_RESIDENCY_PREFILL=admit` the wide rule is off (every call admits like decode).
 pub fn set_top_k(top_k: u32) {
-    TOP_K.store(u64::from(top_k), Ordering::Relaxed);
+    let admit = match std::env::var(ENV_PREFILL).as_deref().map(str::trim) {
+        Err(_) | Ok("") | Ok("stream") => false,
+        Ok("admit") => true,
+        Ok(other) => {
+            warn(&format!(
+                "{ENV_PREFILL}={other:?} is neither stream nor admit; prompt batches are streamed"
+            ));
+            false
+        }
+    };
+    TOP_K.store(if admit { 0 } else { u64::from(top_k) }, Ordering::Relaxed);
 }
 static PROVIDER_NS: AtomicU64 = AtomicU64::new(0);
 
@@ -247,6 +259,7 @@ pub fn stats() -> ResidencyStats {
         wide_hits: c(11),
         wide_loads: c(12),
         wide_streamed: c(13),
+        copies_host_unbatched: c(14),
         provider_us: PROVIDER_NS.load(Ordering::Relaxed) / 1000,
     }
 }
@@ -267,6 +280,7 @@ fn publish(c: &Counters, layers: u32) {
         c.wide_hits,
         c.wide_loads,
         c.wide_streamed,
+        c.copies_host_unbatched,
     ];
     for (a, v) in COUNTERS.iter().zip(v) {
         a.store(v, Ordering::Relaxed);

@@ -132,6 +132,9 @@ pub struct Counters {
     pub copies_host: u64,
     /// Device → device copy calls (slot → destination, destination → slot).
     pub copies_device: u64,
+    /// Host → device copy calls the provider made before it batched (one per loaded expert,
+    /// one per run of streamed ones): the "before" of `copies_host`, for benchmarks.
+    pub copies_host_unbatched: u64,
     /// Wide calls (module doc) and what they did; hits + loads + streamed of the narrow ones
     /// (decode) are the totals less these.
     pub wide_calls: u64,
@@ -374,8 +377,13 @@ impl<S> Residency<S> {
                 let s = layer.table[x];
                 if s < 0 {
                     c.streamed += 1;
+                    // Unbatched, a streamed run ended at any expert with a slot.
+                    if x == first || layer.table[x - 1] >= 0 {
+                        c.copies_host_unbatched += 1;
+                    }
                     continue;
                 }
+                c.copies_host_unbatched += 1;
                 let s = s as usize;
                 let (at, len) = (s * kind.stride, call.span(x));
                 dev.dst_to_slots(call.dst, x * es, &mut kind.mem, at, len);
@@ -805,6 +813,9 @@ pub(crate) mod tests {
         // this call) as one run; no slot is left for 11, which is streamed as its own run.
         step16(&mut res, &mut dev, &src, &[2, 3, 5, 6, 11]);
         let d = res.counters;
+        // Before batching: one host copy per loaded expert (5, 6) and one for the run [11].
+        assert_eq!(d.copies_host_unbatched - c.copies_host_unbatched, 3);
+        assert_eq!(c.copies_host_unbatched, 4, "2, 3, 4 and 9 loaded one by one");
         assert_eq!(d.hits - c.hits, 2);
         assert_eq!((d.loads - c.loads, d.streamed - c.streamed), (2, 1));
         assert_eq!(d.copies_host - c.copies_host, 2, "runs [5, 6] and [11]: {d:?}");
