@@ -159,6 +159,7 @@ fn serve_and_learn(
         cache_slots: None,
         residency: false,
         residency_gpu: Default::default(),
+        host_memory: crate::serve::host_memory::HostMemoryChoice::Auto,
         cache_policy: crate::cache::PolicyKind::Spark,
         vram_budget_mib: None,
         ctx: 2048,

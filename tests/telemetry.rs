@@ -71,14 +71,21 @@ fn long_prompt() -> String {
 
 #[test]
 fn routing_matches_the_analytic_computation_exactly() {
-    check_analytic_routing(&llama_server(), &[], &[]);
+    let summary = check_analytic_routing(&llama_server(), &[], &[]);
+    // The stock engine has no graph observer: every record came through the eval callback.
+    assert_eq!(summary["graph_reads"], 0, "{summary}");
 }
 
 /// `spark trace record` through `server` (with `args` for llama-server and `env` for spark and
 /// its child) on the analytic fixture: every captured (token, layer) expert set equals the
 /// independent computation, and every token is accounted for. The lavapipe tests run it with
 /// every layer on the device.
-pub fn check_analytic_routing(server: &Path, args: &[String], env: &[(&str, &str)]) {
+/// Returns `trace record`'s JSON summary (graph reads included).
+pub fn check_analytic_routing(
+    server: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> serde_json::Value {
     let dir = tempdir();
     let model = fixture(dir.path(), "analytic.gguf", &["--router", "analytic"]);
     let trace = dir.path().join("analytic.trace");
@@ -227,6 +234,7 @@ pub fn check_analytic_routing(server: &Path, args: &[String], env: &[(&str, &str
             "layer {layer}: per-expert counts must sum to tokens × k"
         );
     }
+    summary
 }
 
 /// `spark ARGS -- … EXTRA` with `env` added: the llama-server flags in `extra` follow the ones

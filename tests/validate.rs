@@ -39,7 +39,7 @@ def control():
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
             if line == b"stats":
-                s.sendall(b"ok records=0 dropped=0 moe_layers=2 ubatches=0 hidden_bytes=0 unmapped=0\n")
+                s.sendall(b"ok records=0 dropped=0 moe_layers=2 ubatches=0 hidden_bytes=0 unmapped=0 graph_reads=0\n")
             else:
                 s.sendall(b"ok\n")
 

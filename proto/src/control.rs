@@ -229,6 +229,20 @@ pub struct ResidencyStats {
     pub bytes_hit: u64,
     /// Bytes copied from host memory (loads and streamed).
     pub bytes_host: u64,
+    /// Host → device copy calls: one per run of consecutive experts not served from a slot.
+    pub copies_host: u64,
+    /// Device → device copy calls: slot → engine buffer (hits), engine buffer → slot (loads).
+    pub copies_device: u64,
+    /// Wide calls (a batch of many tokens: more than twice the model's top-k experts used),
+    /// which admit only into free slots or over a lower plan level, and their hits, loads and
+    /// streamed slices (included in the totals above).
+    pub wide_calls: u64,
+    pub wide_hits: u64,
+    pub wide_loads: u64,
+    pub wide_streamed: u64,
+    /// Host → device copy calls one copy per loaded expert would have made (the provider before
+    /// it batched runs): the "before" of `copies_host`.
+    pub copies_host_unbatched: u64,
     /// Wall time spent inside the provider, in microseconds (enqueueing, not device time).
     pub provider_us: u64,
 }
@@ -236,7 +250,7 @@ pub struct ResidencyStats {
 impl ResidencyStats {
     /// Every counter with its wire name, in wire order: the one list the text form, its readers
     /// and reports are built from.
-    pub fn fields(&self) -> [(&'static str, u64); 12] {
+    pub fn fields(&self) -> [(&'static str, u64); 19] {
         [
             ("slots", u64::from(self.slots)),
             ("layers", u64::from(self.layers)),
@@ -249,6 +263,13 @@ impl ResidencyStats {
             ("evictions", self.evictions),
             ("bytes_hit", self.bytes_hit),
             ("bytes_host", self.bytes_host),
+            ("copies_host", self.copies_host),
+            ("copies_device", self.copies_device),
+            ("wide_calls", self.wide_calls),
+            ("wide_hits", self.wide_hits),
+            ("wide_loads", self.wide_loads),
+            ("wide_streamed", self.wide_streamed),
+            ("copies_host_unbatched", self.copies_host_unbatched),
             ("provider_us", self.provider_us),
         ]
     }
@@ -275,6 +296,13 @@ impl ResidencyStats {
             evictions: kv.u64("evictions")?,
             bytes_hit: kv.u64("bytes_hit")?,
             bytes_host: kv.u64("bytes_host")?,
+            copies_host: kv.u64("copies_host")?,
+            copies_device: kv.u64("copies_device")?,
+            wide_calls: kv.u64("wide_calls")?,
+            wide_hits: kv.u64("wide_hits")?,
+            wide_loads: kv.u64("wide_loads")?,
+            wide_streamed: kv.u64("wide_streamed")?,
+            copies_host_unbatched: kv.u64("copies_host_unbatched")?,
             provider_us: kv.u64("provider_us")?,
         })
     }
@@ -283,6 +311,14 @@ impl ResidencyStats {
     pub fn hit_ratio(&self) -> Option<f64> {
         let all = self.hits + self.loads + self.streamed;
         (all > 0).then(|| self.hits as f64 / all as f64)
+    }
+
+    /// The hit ratio of narrow calls alone (decode: not wide).
+    pub fn decode_hit_ratio(&self) -> Option<f64> {
+        let hits = self.hits - self.wide_hits.min(self.hits);
+        let all = hits + self.loads.saturating_sub(self.wide_loads)
+            + self.streamed.saturating_sub(self.wide_streamed);
+        (all > 0).then(|| hits as f64 / all as f64)
     }
 }
 
@@ -470,6 +506,9 @@ pub struct TapStats {
     pub hidden_bytes: u64,
     /// Records whose token position could not be attributed.
     pub unmapped: u64,
+    /// Graphs whose routing was read once after the graph (hooked engine's graph observer),
+    /// with no synchronisation per layer; the others were read by the eval callback.
+    pub graph_reads: u64,
 }
 
 impl TapStats {
@@ -477,13 +516,15 @@ impl TapStats {
         let mut s = String::new();
         let _ = write!(
             s,
-            "records={} dropped={} moe_layers={} ubatches={} hidden_bytes={} unmapped={}",
+            "records={} dropped={} moe_layers={} ubatches={} hidden_bytes={} unmapped={} \
+             graph_reads={}",
             self.records,
             self.dropped,
             self.moe_layers,
             self.ubatches,
             self.hidden_bytes,
-            self.unmapped
+            self.unmapped,
+            self.graph_reads
         );
         s
     }
@@ -497,6 +538,7 @@ impl TapStats {
             ubatches: kv.u64("ubatches")?,
             hidden_bytes: kv.u64("hidden_bytes")?,
             unmapped: kv.u64("unmapped")?,
+            graph_reads: kv.u64("graph_reads")?,
         })
     }
 }
@@ -638,6 +680,7 @@ mod tests {
                 ubatches: 7,
                 hidden_bytes: 0,
                 unmapped: 0,
+                graph_reads: 0,
             }
         }
         fn flush(&mut self) -> u64 {
@@ -792,6 +835,7 @@ mod tests {
             ubatches: 4,
             hidden_bytes: 5,
             unmapped: 6,
+            graph_reads: 7,
         };
         assert_eq!(TapStats::parse(&s.to_text()).unwrap(), s);
         let r = ResidencyStats {
@@ -806,10 +850,19 @@ mod tests {
             evictions: 9,
             bytes_hit: 10,
             bytes_host: 11,
+            copies_host: 13,
+            copies_device: 14,
+            wide_calls: 15,
+            wide_hits: 2,
+            wide_loads: 3,
+            wide_streamed: 4,
+            copies_host_unbatched: 16,
             provider_us: 12,
         };
         assert_eq!(ResidencyStats::parse(&r.to_text()).unwrap(), r);
         assert_eq!(r.hit_ratio(), Some(6.0 / 21.0));
+        // decode alone: 4 hits of 4 + 4 + 4
+        assert_eq!(r.decode_hit_ratio(), Some(4.0 / 12.0));
         for r in [
             Reply::ok(""),
             Reply::ok("a b"),

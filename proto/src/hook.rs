@@ -15,6 +15,11 @@ pub const ENV_RESIDENCY_SLOTS: &str = "SPARK_RESIDENCY_SLOTS";
 /// call (the stock copy runs) and counts the experts and bytes that copy moves (`streamed`,
 /// `bytes_host`). `spark bench residency --bytes` measures the host-copy placement with it.
 pub const ENV_RESIDENCY_METER: &str = "SPARK_RESIDENCY_METER";
+/// Environment variable that sets how the provider admits experts in wide calls (prompt-sized
+/// batches): `stream` (the default) streams one-off uses and admits only into free slots or
+/// over a lower plan level; `admit` admits them like decode's (the rule before; benchmarks
+/// compare the two).
+pub const ENV_RESIDENCY_PREFILL: &str = "SPARK_RESIDENCY_PREFILL";
 /// ggml's batch size from which an op on host-resident weights is offloaded to the GPU (32 by
 /// default). At 1, decode's expert matrix products reach the MoE-offload copy, and the hook.
 pub const ENV_OFFLOAD_MIN_BATCH: &str = "GGML_OP_OFFLOAD_MIN_BATCH";

@@ -91,6 +91,12 @@ pub struct ServeArgs {
     /// With --residency: host-to-device bandwidth, GB/s (overrides --gpu's)
     #[arg(long, value_name = "GB/s", requires = "residency")]
     pub h2d_bw: Option<f64>,
+    /// Where host-resident expert weights live under `--residency`: `auto` pins them
+    /// (llama-server `--load-mode none`, the GPU backend's pinned host buffer) when they fit in
+    /// available RAM and maps them otherwise, `pinned` refuses to start (exit 3) when they
+    /// cannot fit, `mapped` keeps llama.cpp's memory map; a `--load-mode` after `--` wins
+    #[arg(long, value_enum, value_name = "MODE", requires = "residency")]
+    pub host_memory: Option<super::host_memory::HostMemoryChoice>,
     /// VRAM spark may plan for, MiB (none: a CPU-only placement)
     #[arg(long, value_name = "MiB")]
     pub vram_budget: Option<u64>,
@@ -159,6 +165,9 @@ impl ServeArgs {
                 vram_gbps: self.vram_bw,
                 h2d_gbps: self.h2d_bw,
             },
+            host_memory: self
+                .host_memory
+                .unwrap_or(super::host_memory::HostMemoryChoice::Auto),
             cache_policy: self.cache_policy,
             vram_budget_mib: self.vram_budget,
             ctx: self.ctx,

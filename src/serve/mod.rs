@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod host_memory;
 pub mod listener;
 pub mod live;
 pub mod notify;
@@ -117,6 +118,8 @@ pub struct ServeConfig {
     pub residency: bool,
     /// `--gpu`, `--vram-bw`, `--h2d-bw`: what decides whether residency pays here.
     pub residency_gpu: crate::plan::residency::ServeGpu,
+    /// Where host-resident weights live under `--residency` ([`host_memory`]).
+    pub host_memory: host_memory::HostMemoryChoice,
     pub cache_policy: crate::cache::PolicyKind,
     /// VRAM budget for the placement, MiB.
     pub vram_budget_mib: Option<u64>,
@@ -148,6 +151,8 @@ pub struct ServeState {
     /// Hit ratios of the last minutes, for the live page.
     pub history: page::History,
     pub placement: placement::ServePlacement,
+    /// Pinned or mapped host weights (`--residency` only).
+    pub host_memory: Option<host_memory::HostMemoryPlan>,
 }
 
 /// The serve side of the live routing thread.
@@ -273,6 +278,41 @@ fn residency_decision(
     }
 }
 
+/// Pinned or mapped host weights under `--residency`, from RAM and the user's own load mode;
+/// `--host-memory pinned` that cannot fit is refused like a placement (exit 3).
+fn decide_host_memory(
+    cfg: &ServeConfig,
+    placement: &placement::ServePlacement,
+) -> Result<host_memory::HostMemoryPlan, anyhow::Error> {
+    let (ram_total, ram_available) = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| crate::plan::hardware::parse_meminfo(&t))
+        .unwrap_or((0, 0));
+    let env_mode = std::env::var("LLAMA_ARG_LOAD_MODE").ok();
+    let user_mode = host_memory::user_load_mode(&cfg.llama_args, env_mode.as_deref());
+    let plan = host_memory::decide(
+        cfg.host_memory,
+        placement.usage.host_bytes,
+        ram_total,
+        ram_available,
+        user_mode.as_deref(),
+    )
+    .map_err(|e| placement::Refused {
+        model: cfg.model.display().to_string(),
+        budget: cfg
+            .vram_budget_mib
+            .map_or_else(|| "none".into(), |b| format!("{b} MiB")),
+        reason: e.to_string(),
+        help: "--host-memory auto (maps what cannot be pinned) or more RAM".into(),
+    })?;
+    let mode = match plan.host_memory {
+        host_memory::HostMemory::Pinned => "pinned",
+        host_memory::HostMemory::Mapped => "mapped",
+    };
+    tracing::info!("residency: host weights {mode}: {}", plan.reason);
+    Ok(plan)
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight requests for up to the grace period
 /// and stops the child.
 pub async fn serve(
@@ -288,7 +328,7 @@ pub async fn serve(
     let decision = residency_decision(&cfg, &file, &geometry)?;
     let mut run_residency = cfg.residency;
     if let Some(d) = &decision {
-        eprintln!("spark: residency decision: {} ({})", d.run, d.reason);
+        tracing::info!("residency decision: {} ({})", d.run, d.reason);
         match (d.run.as_str(), d.slots) {
             ("residency", Some(s)) => slots = s,
             ("stock", _) => run_residency = false,
@@ -319,6 +359,10 @@ pub async fn serve(
     let mut placement = placement;
     placement.residency_decision = decision;
     drop(file);
+    let host_memory = match &residency {
+        Some(_) => Some(decide_host_memory(&cfg, &placement)?),
+        None => None,
+    };
     tracing::info!(
         "placement {:?}: llama-server {}{}",
         placement.placement,
@@ -344,6 +388,7 @@ pub async fn serve(
         extra_args: placement
             .flags
             .iter()
+            .chain(host_memory.iter().flat_map(|h| &h.args))
             .chain(&cfg.llama_args)
             .cloned()
             .collect(),
@@ -399,6 +444,7 @@ pub async fn serve(
         live,
         placement,
         history: page::History::default(),
+        host_memory,
     });
     let urls: Vec<String> = tcp
         .iter()

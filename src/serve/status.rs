@@ -26,6 +26,11 @@ impl ServeState {
             "engine": {"llama_server": self.engine.llama_server.display().to_string(), "variant": self.engine.variant(), "hooked": self.engine.is_hooked(), "version": crate::engine::ENGINE_VERSION},
             "listen": self.listen.to_string(),
             "placement": self.placement,
+            "host_memory": self.host_memory.as_ref().map(|h| json!({
+                "mode": h.host_memory,
+                "reason": h.reason,
+                "host_bytes": h.host_bytes,
+            })),
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "child": {"pid": k.pid.load(Ordering::Acquire), "port": k.port(), "ready": k.port().is_some(), "state": k.phase().name(), "unresponsive_since_unix_s": k.unresponsive_since().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()), "failed_probes": k.probe_failures.load(Ordering::Acquire), "restarts": k.restarts.load(Ordering::Acquire), "last_exit": last_exit},
             "connections": {"open": self.connections.open(), "max": self.connections.max, "rejected": self.connections.rejected.load(Ordering::Relaxed), "accept_errors": self.connections.accept_errors.load(Ordering::Relaxed), "header_timeout_s": self.connections.header_timeout.as_secs_f64()},

@@ -156,6 +156,9 @@ pub struct RecordSummary {
     pub dropped: u64,
     /// Records whose token position the tap could not attribute.
     pub unmapped: u64,
+    /// Graphs whose routing the tap read once after the graph (a hooked engine's graph
+    /// observer), not through the eval callback's synchronisation per layer.
+    pub graph_reads: u64,
     /// The hidden-state file and its chunk count, when captured.
     pub hidden_path: Option<PathBuf>,
     pub hidden_chunks: u64,
@@ -303,6 +306,7 @@ pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
         decode_records,
         dropped: stats.map(|s| s.dropped).unwrap_or(0).max(ring_dropped),
         unmapped: stats.map(|s| s.unmapped).unwrap_or(0),
+        graph_reads: stats.map(|s| s.graph_reads).unwrap_or(0),
         hidden_path,
         hidden_chunks: chunks.len() as u64,
         hidden_dropped,

@@ -25,9 +25,12 @@ use crate::batch::{parse_layer, RowMap, RowPositions, Shadow, N_SHADOWS};
 use crate::control;
 use crate::ffi::{
     as_fn, BufferIsHostFn, EvalCallback, GgmlTensor, LlamaBatch, LlamaContextParams, MetaStrFn,
-    ModelI32Fn, NbytesFn, TensorGetFn, BUFFER_IS_HOST, GGML_TYPE_F32, GGML_TYPE_I32,
-    MODEL_META_STR, MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, TENSOR_GET,
+    ModelI32Fn, NbytesFn, SchedTensorBackendFn, SynchronizeFn, TensorGetAsyncFn, TensorGetFn,
+    BUFFER_IS_HOST, GGML_TENSOR_FLAG_OUTPUT, GGML_TYPE_F32, GGML_TYPE_I32, MODEL_META_STR,
+    MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, SCHED_TENSOR_BACKEND, SYNCHRONIZE, TENSOR_GET,
+    TENSOR_GET_ASYNC,
 };
+use crate::graph::{Nodes, GRAPH_READS, MARK_MAX_TOKENS};
 use crate::log::warn;
 use crate::shared::SHARED;
 
@@ -52,12 +55,40 @@ struct State {
     hidden: Option<Producer<HiddenChunk>>,
     /// Copy target for tensors that live outside host memory.
     scratch: Vec<u8>,
+    /// Copy target for every tensor of a small graph read once after it (`graph.rs`).
+    gather: Vec<u8>,
+    /// The tensors of the graph being read (capacity fixed at init).
+    pending: Vec<Pending>,
     /// What the tap saw being put into each `llama_batch_ext` (positions, output flags).
     shadows: [Shadow; N_SHADOWS],
     next_evict: usize,
     /// Expert count of the model the ring was made for (0 = unknown).
     ring_experts: u32,
 }
+
+/// Where a tensor read after its graph can be found once the backends are synchronised.
+#[derive(Clone, Copy)]
+enum Loc {
+    /// Host memory: the tensor's own bytes.
+    Host(*const u8),
+    /// `gather[offset..]`, filled by an asynchronous read.
+    Gathered(usize),
+    /// Did not fit the gather scratch: read synchronously (as the eval callback does).
+    Later,
+}
+
+/// One tensor of a graph being read after it.
+#[derive(Clone, Copy)]
+struct Pending {
+    kind: Kind,
+    t: *const GgmlTensor,
+    /// The routing ids (routing only) and the tensor itself.
+    ids: Loc,
+    data: Loc,
+}
+
+/// Most distinct backends one graph's marked tensors live on.
+const MAX_BACKENDS: usize = 4;
 
 /// Set when a batch-builder call could not update its shadow (state busy): the next process
 /// call then treats positions as unknown instead of trusting a stale copy.
@@ -222,12 +253,22 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
     let cap = params.n_batch().max(params.n_ubatch()).max(512) as usize;
     // Geometry is read before taking the state (it calls into llama.cpp and allocates).
     let geo = geometry(model);
+    crate::provider::set_top_k(geo.n_expert_used);
     // Scratch for tensors outside host memory (GPU builds): a ubatch of router ids and
     // weights plus a ubatch of hidden states. Zeroed allocations are committed lazily.
     let ubatch = params.n_ubatch().max(1) as usize;
     let scratch_len = (ubatch
         * (geo.n_expert.max(1) as usize * 4 + 2 * MAX_K * 4 + geo.n_embd as usize * 4))
         .max(1 << 20);
+    // The gather scratch for small graphs read once after they ran: every layer's routing ids
+    // (a view over all experts' order) and weights, plus hidden states when a hidden ring is
+    // handed over, for MARK_MAX_TOKENS tokens; committed lazily as it is written.
+    let hidden_ring = std::env::var_os(ENV_HIDDEN_RING_FD).is_some();
+    let per_layer = MARK_MAX_TOKENS as usize
+        * 4
+        * (geo.n_expert as usize + 2 * MAX_K + if hidden_ring { geo.n_embd as usize } else { 0 });
+    let gather_len = (per_layer * geo.n_layer.max(1) as usize).min(256 << 20);
+    let pending_cap = 2 * geo.n_layer.max(1) as usize + 8;
     let first = with_state_init(|slot| {
         let first = slot.is_none();
         let mut ring_experts = 0;
@@ -271,6 +312,8 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 hidden_rows: RowMap::new(),
                 hidden,
                 scratch: vec![0u8; scratch_len],
+                gather: vec![0u8; gather_len],
+                pending: Vec::with_capacity(pending_cap),
                 shadows: std::array::from_fn(|_| Shadow::new(cap)),
                 next_evict: 0,
                 ring_experts,
@@ -482,9 +525,110 @@ pub fn on_process(batch: *mut c_void) {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Kind {
     Routing(u32),
     Hidden(u32),
+}
+
+/// Whether the graph observer marked `t` to be read after its graph (`graph.rs`): then the
+/// eval callback neither asks for it nor reads it.
+fn read_after_graph(t: &GgmlTensor) -> bool {
+    t.flags & GGML_TENSOR_FLAG_OUTPUT != 0
+}
+
+fn mark(t: *mut GgmlTensor) {
+    if t.is_null() {
+        return;
+    }
+    // SAFETY: a live node of a graph being prepared; only its flags change (observer rules).
+    unsafe {
+        (*t).flags |= GGML_TENSOR_FLAG_OUTPUT;
+        if !(*t).view_src.is_null() {
+            (*(*t).view_src).flags |= GGML_TENSOR_FLAG_OUTPUT;
+        }
+    }
+}
+
+/// Rows (tokens) of a tensor.
+fn rows_of(t: &GgmlTensor) -> i64 {
+    t.ne[1] * t.ne[2] * t.ne[3]
+}
+
+/// The selected-experts tensor of a `ffn_moe_weights-<layer>` tensor, when both have the types
+/// and shapes a record can hold; otherwise counts the rows as unmapped or dropped.
+fn routing_ids(w: &GgmlTensor) -> Option<&GgmlTensor> {
+    let ids_t = w.src[1];
+    if ids_t.is_null() {
+        SHARED.unmapped.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    // SAFETY: a live tensor's sources are live.
+    let ids_t = unsafe { &*ids_t };
+    let k = ids_t.ne[0].max(0) as usize;
+    if ids_t.type_ != GGML_TYPE_I32 || w.type_ != GGML_TYPE_F32 || k == 0 || k > MAX_K {
+        SHARED.dropped.fetch_add(rows_of(ids_t).max(0) as u64, Ordering::Relaxed);
+        return None;
+    }
+    Some(ids_t)
+}
+
+/// Marks the routing (and, while hidden capture is on, hidden-state) tensors of a small graph
+/// as outputs, to be read after it (graph observer, PREPARE).
+///
+/// # Safety
+/// `graph` must be a live graph being prepared.
+pub unsafe fn on_graph_prepare(graph: *mut c_void) {
+    let capturing = with_state(|slot| {
+        slot.as_ref()
+            .map_or((false, false), |st| (st.producer.is_some(), st.hidden.is_some()))
+    });
+    let Some((routing, hidden)) = capturing else {
+        return;
+    };
+    if !routing && !hidden {
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    let Some(nodes) = (unsafe { Nodes::of(graph) }) else {
+        return;
+    };
+    for i in 0..nodes.len() {
+        let t = nodes.get(i);
+        if t.is_null() {
+            continue;
+        }
+        // SAFETY: a live node.
+        let tensor = unsafe { &*t };
+        match classify(&tensor.name) {
+            Some(Kind::Routing(_)) if routing => {
+                let ids = tensor.src[1];
+                // SAFETY: a live node's sources are live.
+                if !ids.is_null() && rows_of(unsafe { &*ids }) <= MARK_MAX_TOKENS {
+                    mark(t);
+                    mark(ids);
+                }
+            }
+            Some(Kind::Hidden(_)) if hidden && rows_of(tensor) <= MARK_MAX_TOKENS => mark(t),
+            _ => {}
+        }
+    }
+}
+
+/// Reads the marked tensors of a graph that has been enqueued (graph observer, COMPUTED).
+///
+/// # Safety
+/// `sched` and `graph` must be the live scheduler and graph of the event.
+pub unsafe fn on_graph_computed(sched: *mut c_void, graph: *mut c_void) {
+    let ok = with_state(|slot| {
+        if let Some(st) = slot.as_mut() {
+            // SAFETY: forwarded from the caller.
+            unsafe { st.capture_graph(sched, graph) }
+        }
+    });
+    if ok.is_none() {
+        SHARED.dropped.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Classifies a tensor by name without allocating; the hidden-state tensor only while hidden
@@ -533,6 +677,8 @@ unsafe fn eval(t: *mut GgmlTensor, ask: bool) -> bool {
         unsafe { std::mem::transmute::<usize, EvalCallback>(chain) }
     });
     let ud = CHAIN_UD.load(Ordering::Relaxed) as *mut c_void;
+    // Marked by the graph observer: read once after the graph, not here.
+    let kind = kind.filter(|_| !read_after_graph(tensor));
     if ask {
         // SAFETY: calling the caller's own callback with its own user data.
         let theirs = chain.is_some_and(|cb| unsafe { cb(t, true, ud) });
@@ -582,8 +728,25 @@ impl State {
     /// # Safety
     /// `t` must be a computed, live tensor.
     unsafe fn capture_hidden(&mut self, t: &GgmlTensor, layer: u32) {
+        // SAFETY: t is computed and live.
+        let Some((base, _)) = (unsafe { self.bytes_of(t, 0) }) else {
+            // The rows still advance, so that later layers map to the right tokens.
+            let rows = rows_of(t).max(0) as usize;
+            self.hidden_rows.advance(layer, rows);
+            SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+            return;
+        };
+        // SAFETY: base holds t's bytes.
+        unsafe { self.emit_hidden(t, layer, base) }
+    }
+
+    /// Emits the sampled rows of a hidden-state tensor from `base`, its bytes.
+    ///
+    /// # Safety
+    /// `base` must hold the bytes of `t` (its own or a copy).
+    unsafe fn emit_hidden(&mut self, t: &GgmlTensor, layer: u32, base: *const u8) {
         let n_embd = t.ne[0].max(0) as usize;
-        let rows = (t.ne[1] * t.ne[2] * t.ne[3]).max(0) as usize;
+        let rows = rows_of(t).max(0) as usize;
         self.hidden_rows.advance(layer, rows);
         let map = self.hidden_rows;
         if t.type_ != GGML_TYPE_F32 || n_embd == 0 {
@@ -593,11 +756,6 @@ impl State {
         let budget = SHARED.hidden_budget.load(Ordering::Relaxed);
         let tensor = u8::from(SHARED.hidden_tensor() == HiddenTensor::AttnNorm);
         let request = SHARED.request.load(Ordering::Relaxed);
-        // SAFETY: t is computed and live.
-        let Some((base, _)) = (unsafe { self.bytes_of(t, 0) }) else {
-            SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
-            return;
-        };
         let Some(producer) = self.hidden.as_mut() else {
             return;
         };
@@ -607,7 +765,7 @@ impl State {
         for j in 0..rows {
             let token = rows_pos.next(j, self.pos_known, &self.pos, &self.out);
             let sample = match token {
-                Some(p) => p % every == 0,
+                Some(p) => p.is_multiple_of(every),
                 None => (j as u32).is_multiple_of(every),
             };
             if !sample {
@@ -678,29 +836,181 @@ impl State {
     /// # Safety
     /// `w` must be a computed, live tensor whose `src[1]` is the selected-experts tensor.
     unsafe fn capture_routing(&mut self, w: &GgmlTensor, layer: u32) {
-        let ids_t = w.src[1];
-        if ids_t.is_null() {
-            SHARED.unmapped.fetch_add(1, Ordering::Relaxed);
+        let Some(ids_t) = routing_ids(w) else {
             return;
-        }
-        // SAFETY: a live tensor's sources are live.
-        let ids_t = unsafe { &*ids_t };
-        let k = ids_t.ne[0].max(0) as usize;
-        let rows = (ids_t.ne[1] * ids_t.ne[2] * ids_t.ne[3]).max(0) as usize;
-        if ids_t.type_ != GGML_TYPE_I32 || w.type_ != GGML_TYPE_F32 || k == 0 || k > MAX_K {
-            SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
-            return;
-        }
+        };
         // SAFETY: both tensors are computed and live.
         let Some((ids_p, next)) = (unsafe { self.bytes_of(ids_t, 0) }) else {
-            SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+            SHARED.dropped.fetch_add(rows_of(ids_t).max(0) as u64, Ordering::Relaxed);
             return;
         };
         // SAFETY: as above.
         let Some((w_p, _)) = (unsafe { self.bytes_of(w, next) }) else {
-            SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+            SHARED.dropped.fetch_add(rows_of(ids_t).max(0) as u64, Ordering::Relaxed);
             return;
         };
+        // SAFETY: the pointers hold the tensors' bytes (their own or copies).
+        unsafe { self.emit_routing(w, ids_t, ids_p, w_p, layer) }
+    }
+
+    /// Reads the marked tensors of an enqueued graph: asynchronous reads of every one into the
+    /// gather scratch, one synchronisation per backend, then the records (module `graph`).
+    ///
+    /// # Safety
+    /// `sched` and `graph` must be the live scheduler and graph that was just enqueued.
+    unsafe fn capture_graph(&mut self, sched: *mut c_void, graph: *mut c_void) {
+        // SAFETY: forwarded from the caller.
+        let Some(nodes) = (unsafe { Nodes::of(graph) }) else {
+            return;
+        };
+        // SAFETY: the types are the declared signatures of these ggml functions.
+        let (Some(backend_of), Some(get_async), Some(sync)) = (unsafe {
+            (
+                as_fn::<SchedTensorBackendFn>(&SCHED_TENSOR_BACKEND),
+                as_fn::<TensorGetAsyncFn>(&TENSOR_GET_ASYNC),
+                as_fn::<SynchronizeFn>(&SYNCHRONIZE),
+            )
+        }) else {
+            return;
+        };
+        self.pending.clear();
+        let mut used = 0usize;
+        let mut backends = [std::ptr::null_mut::<c_void>(); MAX_BACKENDS];
+        let mut n_backends = 0usize;
+        // Phase 1: enqueue a read of every marked tensor on the backend that computed it.
+        let mut fetch = |st: &mut State, t: &GgmlTensor, fallback: *mut c_void| -> (Loc, *mut c_void) {
+            if t.data.is_null() {
+                return (Loc::Later, fallback);
+            }
+            if is_host(t.buffer) {
+                return (Loc::Host(t.data as *const u8), fallback);
+            }
+            // SAFETY: NbytesFn is ggml_nbytes's signature; t is live.
+            let Some(n) = (unsafe { as_fn::<NbytesFn>(&NBYTES) }).map(|f| unsafe { f(t) }) else {
+                return (Loc::Later, fallback);
+            };
+            // SAFETY: sched is live and t one of its graph's nodes.
+            let mut backend = unsafe { backend_of(sched, (t as *const GgmlTensor).cast_mut()) };
+            if backend.is_null() {
+                backend = fallback;
+            }
+            let known = backends[..n_backends].contains(&backend);
+            if backend.is_null()
+                || used + n > st.gather.len()
+                || (!known && n_backends == MAX_BACKENDS)
+            {
+                return (Loc::Later, backend);
+            }
+            if !known {
+                backends[n_backends] = backend;
+                n_backends += 1;
+            }
+            // SAFETY: gather[used..used + n] is writable; t is a live tensor of n bytes on
+            // `backend`, read in stream order after the graph that computes it.
+            unsafe { get_async(backend, t, st.gather.as_mut_ptr().add(used).cast(), 0, n) };
+            let at = used;
+            used += n;
+            (Loc::Gathered(at), backend)
+        };
+        for i in 0..nodes.len() {
+            let t = nodes.get(i);
+            if t.is_null() {
+                continue;
+            }
+            // SAFETY: a live node.
+            let tensor = unsafe { &*t };
+            if !read_after_graph(tensor) {
+                continue;
+            }
+            let Some(kind) = classify(&tensor.name) else {
+                continue;
+            };
+            if self.pending.len() == self.pending.capacity() {
+                break; // never grows here; the rest stays uncaptured and is counted below
+            }
+            let p = match kind {
+                Kind::Routing(_) => {
+                    let Some(ids_t) = routing_ids(tensor) else {
+                        continue;
+                    };
+                    let (data, backend) = fetch(self, tensor, std::ptr::null_mut());
+                    let (ids, _) = fetch(self, ids_t, backend);
+                    Pending { kind, t, ids, data }
+                }
+                Kind::Hidden(_) => {
+                    let (data, _) = fetch(self, tensor, std::ptr::null_mut());
+                    Pending { kind, t, ids: Loc::Later, data }
+                }
+            };
+            self.pending.push(p);
+        }
+        // Phase 2: one synchronisation per backend.
+        for &b in &backends[..n_backends] {
+            // SAFETY: a live backend of this scheduler.
+            unsafe { sync(b) };
+        }
+        // Phase 3: records, layer by layer in graph order (as the eval callback emits them).
+        let mut routed = false;
+        for i in 0..self.pending.len() {
+            let p = self.pending[i];
+            // SAFETY: a node of the graph, still live during the event.
+            let t = unsafe { &*p.t };
+            match p.kind {
+                Kind::Routing(layer) => {
+                    routed = true;
+                    let Some(ids_t) = routing_ids(t) else {
+                        continue;
+                    };
+                    let (Loc::Host(_) | Loc::Gathered(_), Loc::Host(_) | Loc::Gathered(_)) =
+                        (p.ids, p.data)
+                    else {
+                        // SAFETY: the graph has been synchronised; t is computed and live.
+                        unsafe { self.capture_routing(t, layer) };
+                        continue;
+                    };
+                    let ids_p = self.located(p.ids);
+                    let w_p = self.located(p.data);
+                    // SAFETY: both locations hold the tensors' bytes after the synchronisation.
+                    unsafe { self.emit_routing(t, ids_t, ids_p, w_p, layer) }
+                }
+                Kind::Hidden(layer) => match p.data {
+                    // SAFETY: as above.
+                    Loc::Later => unsafe { self.capture_hidden(t, layer) },
+                    loc => {
+                        let base = self.located(loc);
+                        // SAFETY: as above.
+                        unsafe { self.emit_hidden(t, layer, base) }
+                    }
+                },
+            }
+        }
+        if routed {
+            GRAPH_READS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn located(&self, loc: Loc) -> *const u8 {
+        match loc {
+            Loc::Host(p) => p,
+            Loc::Gathered(at) => self.gather.as_ptr().wrapping_add(at),
+            Loc::Later => std::ptr::null(),
+        }
+    }
+
+    /// Emits one record per token row, from the bytes of the ids and weights tensors.
+    ///
+    /// # Safety
+    /// `ids_p` and `w_p` must hold the bytes of `ids_t` and `w` (their own or copies).
+    unsafe fn emit_routing(
+        &mut self,
+        w: &GgmlTensor,
+        ids_t: &GgmlTensor,
+        ids_p: *const u8,
+        w_p: *const u8,
+        layer: u32,
+    ) {
+        let k = ids_t.ne[0].max(0) as usize;
+        let rows = rows_of(ids_t).max(0) as usize;
 
         // Which batch tokens these rows are.
         if self.routing_rows.advance(layer, rows) {

@@ -149,6 +149,20 @@ pub type MetaStrFn = unsafe extern "C" fn(*const c_void, *const c_char, *mut c_c
 pub type BufferIsHostFn = unsafe extern "C" fn(*mut c_void) -> bool;
 pub type TensorGetFn = unsafe extern "C" fn(*const GgmlTensor, *mut c_void, usize, usize);
 pub type NbytesFn = unsafe extern "C" fn(*const GgmlTensor) -> usize;
+/// `ggml_backend_tensor_get_async(backend, tensor, data, offset, size)`.
+pub type TensorGetAsyncFn =
+    unsafe extern "C" fn(*mut c_void, *const GgmlTensor, *mut c_void, usize, usize);
+/// `ggml_backend_synchronize(backend)`.
+pub type SynchronizeFn = unsafe extern "C" fn(*mut c_void);
+/// `ggml_backend_sched_get_tensor_backend(sched, node)`.
+pub type SchedTensorBackendFn = unsafe extern "C" fn(*mut c_void, *mut GgmlTensor) -> *mut c_void;
+/// `ggml_graph_n_nodes(graph)`.
+pub type GraphNNodesFn = unsafe extern "C" fn(*mut c_void) -> i32;
+/// `ggml_graph_node(graph, i)`.
+pub type GraphNodeFn = unsafe extern "C" fn(*mut c_void, i32) -> *mut GgmlTensor;
+
+/// `GGML_TENSOR_FLAG_OUTPUT`: the allocator never reuses such a tensor's memory in its graph.
+pub const GGML_TENSOR_FLAG_OUTPUT: i32 = 2;
 
 /// A lazily resolved symbol.
 pub struct Sym {
@@ -211,6 +225,11 @@ pub static MODEL_META_STR: Sym = Sym::global(c"llama_model_meta_val_str");
 pub static BUFFER_IS_HOST: Sym = Sym::global(c"ggml_backend_buffer_is_host");
 pub static TENSOR_GET: Sym = Sym::global(c"ggml_backend_tensor_get");
 pub static NBYTES: Sym = Sym::global(c"ggml_nbytes");
+pub static TENSOR_GET_ASYNC: Sym = Sym::global(c"ggml_backend_tensor_get_async");
+pub static SYNCHRONIZE: Sym = Sym::global(c"ggml_backend_synchronize");
+pub static SCHED_TENSOR_BACKEND: Sym = Sym::global(c"ggml_backend_sched_get_tensor_backend");
+pub static GRAPH_N_NODES: Sym = Sym::global(c"ggml_graph_n_nodes");
+pub static GRAPH_NODE: Sym = Sym::global(c"ggml_graph_node");
 
 /// Casts a resolved symbol to its function type.
 ///

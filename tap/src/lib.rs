@@ -15,8 +15,11 @@
 //!   every other tensor so the graph is not split elsewhere.
 //!
 //! It also exports the residency provider of spark's scheduler hook (`spark_moe_provide_v1`,
-//! `spark_moe_hook_abi`; see `provider.rs`), which a hooked llama.cpp build finds at run time
-//! and stock builds never look for. It serves only when `SPARK_RESIDENCY_SLOTS` is set.
+//! `spark_moe_hook_abi`; see `provider.rs`) and the graph observer (`spark_graph_observe_v1`,
+//! `spark_graph_hook_abi`; see `graph.rs`), which a hooked llama.cpp build finds at run time
+//! and stock builds never look for. The provider serves only when `SPARK_RESIDENCY_SLOTS` is
+//! set; the observer lets the tap read a decode graph's routing once after the graph instead
+//! of synchronising the device at every MoE layer.
 //!
 //! Must never: block the engine (a full ring drops and counts), allocate on the capture path
 //! (callback and decode wrapper), let a panic cross the C boundary (every exported function
@@ -26,6 +29,7 @@ mod batch;
 mod capture;
 mod control;
 mod ffi;
+mod graph;
 mod log;
 mod provider;
 mod residency;
@@ -81,8 +85,14 @@ pub unsafe extern "C" fn llama_init_from_model(
     }))
     .unwrap_or(false);
     let params = if installed { patched } else { params };
+    // The context's reserve graphs are prepared inside this call: the graph observer marks
+    // them like the decode graphs that follow.
     // SAFETY: forwarding the caller's arguments to the real function.
-    unsafe { real(model, params) }
+    let ctx = graph::within(installed, || unsafe { real(model, params) });
+    if installed {
+        graph::register_target(ctx);
+    }
+    ctx
 }
 
 /// Interposes `llama_decode`: records the batch layout for the callback, then decodes.
@@ -101,7 +111,7 @@ pub unsafe extern "C" fn llama_decode(ctx: *mut c_void, batch: LlamaBatch) -> i3
         unsafe { capture::on_decode(ctx, &batch) }
     }));
     // SAFETY: forwarding the caller's arguments to the real function.
-    unsafe { real(ctx, batch) }
+    graph::within(graph::is_target(ctx), || unsafe { real(ctx, batch) })
 }
 
 /// Interposes `llama_process` (the extended-batch API llama-server uses): the batch's shadow
@@ -120,7 +130,7 @@ pub unsafe extern "C" fn llama_process(ctx: *mut c_void, kind: i32, batch: *mut 
         let _ = catch_unwind(|| capture::on_process(batch));
     }
     // SAFETY: forwarding the caller's arguments to the real function.
-    unsafe { real(ctx, kind, batch) }
+    graph::within(graph::is_target(ctx), || unsafe { real(ctx, kind, batch) })
 }
 
 /// Defines an interposed batch-builder function: forward to the real one, then mirror the
@@ -198,4 +208,22 @@ pub extern "C" fn spark_moe_hook_abi() -> u32 {
 pub unsafe extern "C" fn spark_moe_provide_v1(req: *const spark_proto::hook::MoeRequestV1) -> i32 {
     // SAFETY: forwarded from the scheduler; provide() catches panics itself.
     i32::from(unsafe { provider::provide(req) })
+}
+
+/// The graph observer's ABI version (`SPARK_GRAPH_HOOK_VERSION_SYMBOL`): the hooked scheduler
+/// calls the observer only when this equals its own `SPARK_GRAPH_HOOK_ABI`.
+#[no_mangle]
+pub extern "C" fn spark_graph_hook_abi() -> u32 {
+    graph::ABI
+}
+
+/// The graph observer (`SPARK_GRAPH_HOOK_SYMBOL`): marks the tensors the tap reads in small
+/// graphs before they are allocated, and reads them once after the graph (`graph.rs`).
+///
+/// # Safety
+/// Called by the hooked ggml scheduler with an event valid for the duration of the call.
+#[no_mangle]
+pub unsafe extern "C" fn spark_graph_observe_v1(ev: *const graph::GraphEventV1) {
+    // SAFETY: forwarded from the scheduler.
+    let _ = catch_unwind(|| unsafe { graph::observe(ev) });
 }

@@ -23,7 +23,8 @@ use std::time::Instant;
 
 use spark_proto::control::{ResidencyStats, WantPlan, RESIDENCY_EXIT_PREFIX};
 use spark_proto::hook::{
-    MoeRequestV1, ABI, ENV_RESIDENCY_METER as ENV_METER, ENV_RESIDENCY_SLOTS as ENV_SLOTS,
+    MoeRequestV1, ABI, ENV_RESIDENCY_METER as ENV_METER, ENV_RESIDENCY_PREFILL as ENV_PREFILL,
+    ENV_RESIDENCY_SLOTS as ENV_SLOTS,
 };
 
 use crate::ffi::{as_fn, GgmlTensor, Sym, GGML_TYPE_I8};
@@ -127,13 +128,6 @@ impl Device for GgmlDevice {
         unsafe { (self.ggml.set_async)(self.backend, dst, src.as_ptr().cast(), dst_off, src.len()) }
     }
 
-    fn host_to_slots(&mut self, slots: &mut GgmlSlots, off: usize, src: &[u8]) {
-        // SAFETY: the slot range was sized by Residency (off + len within the buffer).
-        let mut t = byte_tensor(slots.buffer, unsafe { slots.base.add(off) }, src.len());
-        // SAFETY: t addresses memory of the buffer; src is host memory of that length.
-        unsafe { (self.ggml.set_async)(self.backend, &mut t, src.as_ptr().cast(), 0, src.len()) }
-    }
-
     fn slots_to_dst(
         &mut self,
         slots: &GgmlSlots,
@@ -148,6 +142,23 @@ impl Device for GgmlDevice {
             let s = byte_tensor(slots.buffer, slots.base.add(off), len);
             let mut d = byte_tensor((*dst).buffer, (*dst).data.cast::<u8>().add(dst_off), len);
             (self.ggml.copy_async)(self.backend, self.backend, &s, &mut d);
+        }
+    }
+
+    fn dst_to_slots(
+        &mut self,
+        dst: *mut GgmlTensor,
+        dst_off: usize,
+        slots: &mut GgmlSlots,
+        off: usize,
+        len: usize,
+    ) {
+        // SAFETY: as slots_to_dst, the other way round: the destination range was filled by
+        // the host copy enqueued just before on the same backend.
+        unsafe {
+            let d = byte_tensor((*dst).buffer, (*dst).data.cast::<u8>().add(dst_off), len);
+            let mut s = byte_tensor(slots.buffer, slots.base.add(off), len);
+            (self.ggml.copy_async)(self.backend, self.backend, &d, &mut s);
         }
     }
 }
@@ -168,8 +179,26 @@ static GGML: OnceLock<Option<Ggml>> = OnceLock::new();
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
 /// Counters as the control thread reads them (copied from the state after every call).
-static COUNTERS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static COUNTERS: [AtomicU64; 15] = [const { AtomicU64::new(0) }; 15];
 static LAYERS: AtomicU64 = AtomicU64::new(0);
+/// The model's experts per token (from its metadata, when the context is made).
+static TOP_K: AtomicU64 = AtomicU64::new(0);
+
+/// Records the model's experts per token, which tells wide (prompt) calls from decode; with
+/// `SPARK_RESIDENCY_PREFILL=admit` the wide rule is off (every call admits like decode).
+pub fn set_top_k(top_k: u32) {
+    let admit = match std::env::var(ENV_PREFILL).as_deref().map(str::trim) {
+        Err(_) | Ok("") | Ok("stream") => false,
+        Ok("admit") => true,
+        Ok(other) => {
+            warn(&format!(
+                "{ENV_PREFILL}={other:?} is neither stream nor admit; prompt batches are streamed"
+            ));
+            false
+        }
+    };
+    TOP_K.store(if admit { 0 } else { u64::from(top_k) }, Ordering::Relaxed);
+}
 static PROVIDER_NS: AtomicU64 = AtomicU64::new(0);
 
 /// Slots per layer from the environment (0: provider off), read once.
@@ -231,6 +260,13 @@ pub fn stats() -> ResidencyStats {
         evictions: c(5),
         bytes_hit: c(6),
         bytes_host: c(7),
+        copies_host: c(8),
+        copies_device: c(9),
+        wide_calls: c(10),
+        wide_hits: c(11),
+        wide_loads: c(12),
+        wide_streamed: c(13),
+        copies_host_unbatched: c(14),
         provider_us: PROVIDER_NS.load(Ordering::Relaxed) / 1000,
     }
 }
@@ -245,6 +281,13 @@ fn publish(c: &Counters, layers: u32) {
         c.evictions,
         c.bytes_hit,
         c.bytes_host,
+        c.copies_host,
+        c.copies_device,
+        c.wide_calls,
+        c.wide_hits,
+        c.wide_loads,
+        c.wide_streamed,
+        c.copies_host_unbatched,
     ];
     for (a, v) in COUNTERS.iter().zip(v) {
         a.store(v, Ordering::Relaxed);
@@ -384,6 +427,7 @@ unsafe fn provide_inner(slots: u32, req: &MoeRequestV1) -> bool {
         return false; // another engine thread is inside: let it be, take the stock path
     };
     let state = guard.get_or_insert_with(|| Residency::new(slots));
+    state.set_top_k(TOP_K.load(Ordering::Relaxed) as usize);
     let declined = |state: &mut Residency<GgmlSlots>| {
         state.counters.calls += 1;
         state.counters.declined += 1;

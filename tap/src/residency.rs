@@ -20,10 +20,27 @@
 //! supervisor's plan (`want` on the control channel): 2 pinned hot set, 1 the policy's dynamic
 //! tail, 0 not wanted. A layer without a plan treats every expert alike (plain LRU). A pinned
 //! expert is never evicted.
+//!
+//! Wide calls (a batch of many tokens, as in prompt processing: more than [`WIDE_FACTOR`] × the
+//! model's top-k experts used at once) touch nearly every expert of the layer once; admitting
+//! them would evict decode's hot set right before decode starts. A wide call therefore admits
+//! only into free slots, or over a slot whose plan level is strictly lower than the newcomer's;
+//! the other misses are streamed (hits are served as always). Belady with bypass, the optimum
+//! of the cache model, streams such one-off uses too.
+//!
+//! Copies are batched like stock's: every run of consecutive used experts that are not served
+//! from a slot (streamed ones and ones being loaded) is one host → destination copy, and a
+//! loaded expert is then copied device to device from the destination into its slot. A hit is
+//! one slot → destination copy. [`Counters::copies_host`] and [`Counters::copies_device`] count
+//! the calls.
 
 /// Stock ggml copies this many bytes (at most one expert) past the last expert of each run of
 /// used experts, so that MMQ kernels never read NaNs from padding.
 pub const PAD_MAX: usize = 512;
+
+/// A call that uses more than this many times the model's top-k experts is wide (a batch of
+/// many tokens): it admits only into free slots or over a lower plan level (module doc).
+pub const WIDE_FACTOR: usize = 2;
 
 /// Plan level of a pinned expert.
 pub const PINNED: u8 = 2;
@@ -42,8 +59,6 @@ pub trait Device {
     fn alloc(&mut self, bytes: usize) -> Option<Self::Slots>;
     /// Host bytes into the destination at `dst_off` (what stock ggml does).
     fn host_to_dst(&mut self, dst: Self::Dst, dst_off: usize, src: &[u8]);
-    /// Host bytes into slot memory at `off`.
-    fn host_to_slots(&mut self, slots: &mut Self::Slots, off: usize, src: &[u8]);
     /// `len` bytes of slot memory at `off` into the destination at `dst_off`.
     fn slots_to_dst(
         &mut self,
@@ -51,6 +66,16 @@ pub trait Device {
         off: usize,
         dst: Self::Dst,
         dst_off: usize,
+        len: usize,
+    );
+    /// `len` bytes of the destination at `dst_off` into slot memory at `off` (device to device,
+    /// after the host copy that filled that range).
+    fn dst_to_slots(
+        &mut self,
+        dst: Self::Dst,
+        dst_off: usize,
+        slots: &mut Self::Slots,
+        off: usize,
         len: usize,
     );
 }
@@ -103,6 +128,19 @@ pub struct Counters {
     pub evictions: u64,
     pub bytes_hit: u64,
     pub bytes_host: u64,
+    /// Host → device copy calls (each a transfer over the link).
+    pub copies_host: u64,
+    /// Device → device copy calls (slot → destination, destination → slot).
+    pub copies_device: u64,
+    /// Host → device copy calls the provider made before it batched (one per loaded expert,
+    /// one per run of streamed ones): the "before" of `copies_host`, for benchmarks.
+    pub copies_host_unbatched: u64,
+    /// Wide calls (module doc) and what they did; hits + loads + streamed of the narrow ones
+    /// (decode) are the totals less these.
+    pub wide_calls: u64,
+    pub wide_hits: u64,
+    pub wide_loads: u64,
+    pub wide_streamed: u64,
 }
 
 impl Counters {
@@ -128,6 +166,7 @@ impl Counters {
             }
             self.streamed += (e - first + 1) as u64;
             self.bytes_host += (e * es + call.span(e) - first * es) as u64;
+            self.copies_host += 1;
             e += 1;
         }
     }
@@ -159,6 +198,8 @@ struct Layer<S> {
 /// The provider's state: slot tables of every layer seen, and the counters.
 pub struct Residency<S> {
     slots: u32,
+    /// The model's experts per token (0: unknown, no call is wide).
+    top_k: usize,
     layers: Vec<Option<Layer<S>>>,
     /// Layers that hold slot memory (kept as memory is allocated or a layer fails).
     with_memory: u32,
@@ -171,11 +212,17 @@ impl<S> Residency<S> {
     pub fn new(slots: u32) -> Residency<S> {
         Residency {
             slots,
+            top_k: 0,
             layers: Vec::new(),
             with_memory: 0,
             tick: 0,
             counters: Counters::default(),
         }
+    }
+
+    /// Sets the model's experts per token, which tells wide calls from decode (0: unknown).
+    pub fn set_top_k(&mut self, top_k: usize) {
+        self.top_k = top_k;
     }
 
     /// Layers that hold slot memory.
@@ -273,12 +320,14 @@ impl<S> Residency<S> {
         self.tick += 1;
         let tick = self.tick;
         let c = &mut self.counters;
+        let n_used = call.used.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+        let wide = self.top_k > 0 && n_used > WIDE_FACTOR * self.top_k;
         // Slots first (layer-wide), so that the copies below see the final table.
         for e in (0..n).filter(|&e| call.is_used(e)) {
             let s = layer.table[e];
             if s >= 0 {
                 layer.last_use[s as usize] = tick;
-            } else if let Some(s) = admit(layer, call, e, level) {
+            } else if let Some(s) = admit(layer, call, e, level, wide) {
                 if layer.slot_expert[s] != FREE {
                     layer.table[layer.slot_expert[s] as usize] = -1;
                     c.evictions += 1;
@@ -291,67 +340,90 @@ impl<S> Residency<S> {
                 }
             }
         }
-        // Copies in expert order; experts without a slot are copied from host memory in runs
-        // of consecutive ids, exactly as stock does.
+        // Copies in expert order. Used experts not served from a slot (streamed, or loaded now)
+        // go host → destination in runs of consecutive ids, exactly as stock copies them; a
+        // loaded expert then goes destination → slot, a hit slot → destination.
         let kind = &mut layer.kinds[k];
-        let mut run: Option<(usize, usize)> = None;
-        let flush = |dev: &mut D, run: &mut Option<(usize, usize)>, c: &mut Counters| {
-            if let Some((first, last)) = run.take() {
-                let (from, to) = (first * es, last * es + call.span(last));
-                dev.host_to_dst(call.dst, from, &call.src[from..to]);
-                c.bytes_host += (to - from) as u64;
-            }
-        };
-        for e in (0..n).filter(|&e| call.is_used(e)) {
+        let (hits0, loads0, streamed0) = (c.hits, c.loads, c.streamed);
+        let served_from_slot = |e: usize, kind: &Kind<S>| {
             let s = layer.table[e];
-            if s < 0 {
-                c.streamed += 1;
-                run = match run {
-                    Some((first, last)) if last + 1 == e => Some((first, e)),
-                    _ => {
-                        flush(dev, &mut run, c);
-                        Some((e, e))
-                    }
-                };
+            s >= 0 && kind.loaded[s as usize]
+        };
+        let mut e = 0;
+        while e < n {
+            if !call.is_used(e) {
+                e += 1;
                 continue;
             }
-            flush(dev, &mut run, c);
-            let s = s as usize;
-            let (at, len) = (s * kind.stride, call.span(e));
-            if kind.loaded[s] {
+            if served_from_slot(e, kind) {
+                let s = layer.table[e] as usize;
+                let (at, len) = (s * kind.stride, call.span(e));
+                dev.slots_to_dst(&kind.mem, at, call.dst, e * es, len);
                 c.hits += 1;
                 c.bytes_hit += len as u64;
-            } else {
-                dev.host_to_slots(&mut kind.mem, at, &call.src[e * es..e * es + len]);
+                c.copies_device += 1;
+                e += 1;
+                continue;
+            }
+            let first = e;
+            while e + 1 < n && call.is_used(e + 1) && !served_from_slot(e + 1, kind) {
+                e += 1;
+            }
+            let (from, to) = (first * es, e * es + call.span(e));
+            dev.host_to_dst(call.dst, from, &call.src[from..to]);
+            c.bytes_host += (to - from) as u64;
+            c.copies_host += 1;
+            for x in first..=e {
+                let s = layer.table[x];
+                if s < 0 {
+                    c.streamed += 1;
+                    // Unbatched, a streamed run ended at any expert with a slot.
+                    if x == first || layer.table[x - 1] >= 0 {
+                        c.copies_host_unbatched += 1;
+                    }
+                    continue;
+                }
+                c.copies_host_unbatched += 1;
+                let s = s as usize;
+                let (at, len) = (s * kind.stride, call.span(x));
+                dev.dst_to_slots(call.dst, x * es, &mut kind.mem, at, len);
                 kind.loaded[s] = true;
                 c.loads += 1;
-                c.bytes_host += len as u64;
+                c.copies_device += 1;
             }
-            dev.slots_to_dst(&kind.mem, at, call.dst, e * es, len);
+            e += 1;
         }
-        flush(dev, &mut run, c);
+        if wide {
+            c.wide_calls += 1;
+            c.wide_hits += c.hits - hits0;
+            c.wide_loads += c.loads - loads0;
+            c.wide_streamed += c.streamed - streamed0;
+        }
         true
     }
 }
 
 /// The slot expert `e` may take: a free one, else the least recently used slot whose expert
-/// this call does not use, is not pinned, and whose level is not above `e`'s.
+/// this call does not use, is not pinned, and whose level is not above `e`'s (in a wide call:
+/// strictly below it, so one-off uses never displace what decode reuses).
 fn admit<S, D>(
     layer: &Layer<S>,
     call: &Call<'_, D>,
     e: usize,
     level: Option<&dyn Fn(u32) -> u8>,
+    wide: bool,
 ) -> Option<usize> {
     if let Some(s) = layer.slot_expert.iter().position(|&x| x == FREE) {
         return Some(s);
     }
     let lv = |x: u32| level.map_or(TAIL, |f| f(x).min(PINNED));
     let mine = lv(e as u32);
+    let may_evict = |x: u32| if wide { lv(x) < mine } else { lv(x) <= mine };
     layer
         .slot_expert
         .iter()
         .enumerate()
-        .filter(|&(_, &x)| !call.is_used(x as usize) && lv(x) < PINNED && lv(x) <= mine)
+        .filter(|&(_, &x)| !call.is_used(x as usize) && lv(x) < PINNED && may_evict(x))
         .min_by_key(|&(s, &x)| (lv(x), layer.last_use[s]))
         .map(|(s, _)| s)
 }
@@ -386,12 +458,12 @@ pub(crate) mod tests {
             self.dst[dst_off..dst_off + src.len()].copy_from_slice(src);
             self.h2d += src.len();
         }
-        fn host_to_slots(&mut self, slots: &mut Vec<u8>, off: usize, src: &[u8]) {
-            slots[off..off + src.len()].copy_from_slice(src);
-            self.h2d += src.len();
-        }
         fn slots_to_dst(&mut self, slots: &Vec<u8>, off: usize, _: (), dst_off: usize, len: usize) {
             self.dst[dst_off..dst_off + len].copy_from_slice(&slots[off..off + len]);
+            self.d2d += len;
+        }
+        fn dst_to_slots(&mut self, _: (), dst_off: usize, slots: &mut Vec<u8>, off: usize, len: usize) {
+            slots[off..off + len].copy_from_slice(&self.dst[dst_off..dst_off + len]);
             self.d2d += len;
         }
     }
@@ -474,6 +546,10 @@ pub(crate) mod tests {
             let m = model(3, n, &mut rng);
             let slots = 1 + rng.below(n as u64 / 2) as u32;
             let mut res: Residency<Vec<u8>> = Residency::new(slots);
+            // Half the seeds know the model's top-k, so their wide steps take the wide rule.
+            if seed % 2 == 0 {
+                res.set_top_k(2);
+            }
             let mut dev = HostDevice::default();
             let mut plans: Vec<Option<Vec<u8>>> = vec![None; 3];
             for step in 0..60 {
@@ -699,5 +775,120 @@ pub(crate) mod tests {
             dev.dst == before,
             "a declined call wrote into the destination"
         );
+    }
+
+    /// One layer, one tensor, 16 experts of 300 bytes: serves `ids` and checks the destination
+    /// against the stock copy.
+    fn step16(res: &mut Residency<Vec<u8>>, dev: &mut HostDevice, src: &[u8], ids: &[usize]) {
+        let used = bitset(ids, 16);
+        dev.dst = vec![0; src.len()];
+        let call = Call {
+            layer: 0,
+            tensor: "ffn_up_exps.weight",
+            src_id: 1,
+            n_expert: 16,
+            expert_size: 300,
+            src,
+            used: &used,
+            dst: (),
+        };
+        assert!(res.serve(dev, 0, &call, None));
+        let mut want = vec![0; src.len()];
+        stock_copy(&mut want, src, &used, 16, 300);
+        assert!(dev.dst == want, "{ids:?}: destination differs from stock");
+    }
+
+    #[test]
+    fn runs_of_experts_not_in_slots_take_one_host_copy_each() {
+        let mut rng = Rng::new(21);
+        let src: Vec<u8> = (0..16 * 300 + 64).map(|_| rng.next() as u8).collect();
+        let mut res: Residency<Vec<u8>> = Residency::new(4);
+        let mut dev = HostDevice::default();
+        // 2, 3, 4 form one run: one host copy, then three device copies into slots; 9 is a
+        // second run.
+        step16(&mut res, &mut dev, &src, &[2, 3, 4, 9]);
+        let c = res.counters;
+        assert_eq!((c.loads, c.copies_host, c.copies_device), (4, 2, 4), "{c:?}");
+        // 2 and 3 are hits; 5 and 6 take the slots of 4 and 9 (the least recent, not used by
+        // this call) as one run; no slot is left for 11, which is streamed as its own run.
+        step16(&mut res, &mut dev, &src, &[2, 3, 5, 6, 11]);
+        let d = res.counters;
+        // Before batching: one host copy per loaded expert (5, 6) and one for the run [11].
+        assert_eq!(d.copies_host_unbatched - c.copies_host_unbatched, 3);
+        assert_eq!(c.copies_host_unbatched, 4, "2, 3, 4 and 9 loaded one by one");
+        assert_eq!(d.hits - c.hits, 2);
+        assert_eq!((d.loads - c.loads, d.streamed - c.streamed), (2, 1));
+        assert_eq!(d.copies_host - c.copies_host, 2, "runs [5, 6] and [11]: {d:?}");
+        assert_eq!(d.copies_device - c.copies_device, 4, "2 hits + 2 loads: {d:?}");
+        // bytes over the link: run [5, 6] is 2 × 300 + 300 padding, [11] is 300 + 300
+        assert_eq!(d.bytes_host - c.bytes_host, 900 + 600);
+        // A later step serves 5 and 6 from their slots: no host copy at all.
+        step16(&mut res, &mut dev, &src, &[5, 6]);
+        assert_eq!(res.counters.copies_host, d.copies_host);
+    }
+
+    #[test]
+    fn a_wide_call_does_not_flush_what_decode_reuses() {
+        let mut rng = Rng::new(33);
+        let src: Vec<u8> = (0..16 * 300 + 64).map(|_| rng.next() as u8).collect();
+        for top_k in [0usize, 2] {
+            let mut res: Residency<Vec<u8>> = Residency::new(4);
+            res.set_top_k(top_k);
+            let mut dev = HostDevice::default();
+            // Decode warms 1, 2, 3, 4 (top-2).
+            for ids in [[1, 2], [3, 4], [1, 2], [3, 4]] {
+                step16(&mut res, &mut dev, &src, &ids);
+            }
+            // A prompt batch uses 12 experts, the warm ones not among them.
+            step16(&mut res, &mut dev, &src, &[0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+            let before = res.counters.hits;
+            for ids in [[1, 2], [3, 4]] {
+                step16(&mut res, &mut dev, &src, &ids);
+            }
+            let hits_after = res.counters.hits - before;
+            if top_k == 0 {
+                // Unknown top-k: every call is narrow, the batch evicted the warm set.
+                assert_eq!(hits_after, 0, "{:?}", res.counters);
+                assert_eq!(res.counters.wide_calls, 0);
+            } else {
+                assert_eq!(hits_after, 4, "{:?}", res.counters);
+                assert_eq!(res.counters.wide_calls, 1);
+                assert_eq!(res.counters.wide_streamed, 12);
+                assert_eq!(res.counters.evictions, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_wide_call_still_fills_free_slots_and_displaces_unwanted_ones_for_wanted_ones() {
+        let mut rng = Rng::new(34);
+        let src: Vec<u8> = (0..16 * 300 + 64).map(|_| rng.next() as u8).collect();
+        let mut res: Residency<Vec<u8>> = Residency::new(4);
+        res.set_top_k(1);
+        let mut dev = HostDevice::default();
+        step16(&mut res, &mut dev, &src, &[0, 1, 2, 3, 4, 5]);
+        assert_eq!(
+            (res.counters.loads, res.counters.streamed, res.counters.evictions),
+            (4, 2, 0)
+        );
+        // A plan that wants 9 in the tail and nothing else: a wide call may put 9 over an
+        // unwanted expert, and nothing else moves.
+        let f = |e: u32| if e == 9 { TAIL } else { 0 };
+        let used = bitset(&[7, 8, 9], 16);
+        dev.dst = vec![0; src.len()];
+        let call = Call {
+            layer: 0,
+            tensor: "ffn_up_exps.weight",
+            src_id: 1,
+            n_expert: 16,
+            expert_size: 300,
+            src: &src,
+            used: &used,
+            dst: (),
+        };
+        assert!(res.serve(&mut dev, 0, &call, Some(&f)));
+        assert_eq!(res.counters.evictions, 1);
+        assert_eq!(res.counters.loads, 5);
+        assert!((0..4).any(|s| res.slot_expert(0, s) == Some(9)));
     }
 }

@@ -19,7 +19,8 @@
 //!
 //! Split by concern: the flags, configurations and errors here; [`run`] (the four rows and the
 //! choice of slots), [`bytes`] (`--bytes`: host→device bytes per token and the predicted hit
-//! ratio), [`engines`] (which builds run, what the machine is), [`report`] (the report's types
+//! ratio), [`prefill`] (`--prompt`: decode's hit ratio right after prompts, under both
+//! admission rules for prompt batches), [`engines`] (which builds run, what the machine is), [`report`] (the report's types
 //! and the reading of the exit line), [`render`] (the human report).
 
 use std::path::PathBuf;
@@ -33,11 +34,13 @@ use crate::telemetry::TelemetryError;
 
 mod bytes;
 mod engines;
+mod prefill;
 mod render;
 mod report;
 mod run;
 
 pub use bytes::{default_bytes_slots, predict_hit_ratio};
+pub use prefill::{PrefillReport, PrefillRow};
 pub use render::render;
 pub use report::{
     residency_from_stderr, BenchResidencyReport, BytesReport, BytesRow, EngineUsed, Engines,
@@ -148,6 +151,11 @@ pub struct BenchResidencyArgs {
     /// Link bandwidth for the --bytes forecast, GB/s (default: PCIe 4.0 x16, one direction)
     #[arg(long, default_value_t = PCIE4_X16_GBPS, value_name = "GB/s", requires = "bytes")]
     pub link_gbps: f64,
+    /// Also run (d) after N-token prompts (llama-bench -pg N,TOKENS), once admitting prompt
+    /// batches like decode (the rule before) and once streaming their one-off uses (the
+    /// default), and report the hit ratio of the decode calls that follow each prompt
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub prompt: Option<u64>,
     /// Print JSON
     #[arg(long)]
     pub json: bool,

@@ -110,6 +110,13 @@ pub fn render(r: &BenchResidencyReport) -> String {
                 );
                 let _ = writeln!(
                     s,
+                    "           copy calls per decoded token: {} host→device (one per run of experts not in slots; {} before batching, one per loaded expert), {} device→device",
+                    opt2(res.host_copies_per_token),
+                    opt2(res.host_copies_unbatched_per_token),
+                    opt2(res.device_copies_per_token)
+                );
+                let _ = writeln!(
+                    s,
                     "           {RESIDENCY_EXIT_PREFIX}{}",
                     res.line.as_deref().unwrap_or("")
                 );
@@ -126,6 +133,9 @@ pub fn render(r: &BenchResidencyReport) -> String {
                 );
             }
         }
+    }
+    if let Some(p) = &r.prefill {
+        render_prefill(&mut s, p);
     }
     if let Some(b) = &r.bytes {
         render_bytes(&mut s, b, r);
@@ -175,6 +185,50 @@ pub fn render(r: &BenchResidencyReport) -> String {
         );
     }
     s
+}
+
+/// Two decimals, or `-`.
+fn opt2(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".into(), |v| format!("{v:.2}"))
+}
+
+fn render_prefill(s: &mut String, p: &super::PrefillReport) {
+    let _ = writeln!(
+        s,
+        "prefill    (d) after {}-token prompts: llama-bench -pg {},{} ({} slots/layer); decode hit ratio = the
+           narrow calls alone; wide calls are the prompt batches (more than 2 × top-k experts used)",
+        p.prompt, p.prompt, p.tokens, p.slots
+    );
+    let _ = writeln!(
+        s,
+        "           {:<8} {:>11} {:>17} {:>10} {:>10} {:>12} {:>12}",
+        "prompts", "pg tok/s", "decode hit ratio", "wide calls", "wide loads", "wide streamed", "host copies/tok"
+    );
+    for row in &p.rows {
+        let c = row.residency.counters.as_ref();
+        let g = |k: &str| c.and_then(|c| c.get(k)).map_or("-".into(), |v| v.to_string());
+        let _ = writeln!(
+            s,
+            "           {:<8} {:>11.2} {:>17} {:>10} {:>10} {:>12} {:>12}",
+            row.rule,
+            row.pg_tok_s,
+            row.residency
+                .decode_hit_ratio
+                .map_or_else(|| "-".into(), |h| format!("{h:.3}")),
+            g("wide_calls"),
+            g("wide_loads"),
+            g("wide_streamed"),
+            opt2(row.residency.host_copies_per_token)
+        );
+        if let Some(n) = &row.residency.note {
+            let _ = writeln!(s, "               {n}");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "           admit: prompt batches take slots like decode (the rule before); stream: their one-off uses
+           are streamed and only free slots or lower plan levels are taken (SPARK_RESIDENCY_PREFILL)"
+    );
 }
 
 fn render_bytes(s: &mut String, b: &BytesReport, r: &BenchResidencyReport) {

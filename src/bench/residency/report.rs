@@ -50,6 +50,31 @@ pub struct Residency {
     pub host_bytes_per_token: Option<f64>,
     /// bytes_hit ÷ tokens decoded in the run.
     pub slot_bytes_per_token: Option<f64>,
+    /// The hit ratio of the narrow (decode) calls alone, wide (prompt) calls left out.
+    pub decode_hit_ratio: Option<f64>,
+    /// Host → device copy calls per decoded token, batched (now) and one per loaded expert
+    /// (the provider before batching).
+    pub host_copies_per_token: Option<f64>,
+    pub host_copies_unbatched_per_token: Option<f64>,
+    /// Device → device copy calls per decoded token.
+    pub device_copies_per_token: Option<f64>,
+}
+
+impl Residency {
+    fn missing(line: Option<String>, note: String) -> Residency {
+        Residency {
+            line,
+            note: Some(note),
+            counters: None,
+            hit_ratio: None,
+            host_bytes_per_token: None,
+            slot_bytes_per_token: None,
+            decode_hit_ratio: None,
+            host_copies_per_token: None,
+            host_copies_unbatched_per_token: None,
+            device_copies_per_token: None,
+        }
+    }
 }
 
 /// The builds and library that ran.
@@ -109,6 +134,8 @@ pub struct BenchResidencyReport {
     pub machine: Machine,
     /// `--bytes`: host→device bytes per decoded token, measured and predicted.
     pub bytes: Option<BytesReport>,
+    /// `--prompt`: decode's hit ratio after prompts, under both admission rules.
+    pub prefill: Option<super::PrefillReport>,
 }
 
 /// One `--bytes` run: (c) metered, or (d) at one slot count.
@@ -156,14 +183,7 @@ pub fn residency_from_stderr(stderr: &str, decoded: u64) -> Residency {
         .find_map(|l| l.trim_end().strip_prefix(RESIDENCY_EXIT_PREFIX))
         .map(str::to_string);
     let Some(text) = line else {
-        return Residency {
-            line: None,
-            note: Some("no residency line".into()),
-            counters: None,
-            hit_ratio: None,
-            host_bytes_per_token: None,
-            slot_bytes_per_token: None,
-        };
+        return Residency::missing(None, "no residency line".into());
     };
     match ResidencyStats::parse(&text) {
         Ok(s) => {
@@ -180,15 +200,12 @@ pub fn residency_from_stderr(stderr: &str, decoded: u64) -> Residency {
                 hit_ratio: s.hit_ratio(),
                 host_bytes_per_token: per(s.bytes_host),
                 slot_bytes_per_token: per(s.bytes_hit),
+                decode_hit_ratio: s.decode_hit_ratio(),
+                host_copies_per_token: per(s.copies_host),
+                host_copies_unbatched_per_token: per(s.copies_host_unbatched),
+                device_copies_per_token: per(s.copies_device),
             }
         }
-        Err(e) => Residency {
-            note: Some(format!("unreadable residency line: {e}")),
-            line: Some(text),
-            counters: None,
-            hit_ratio: None,
-            host_bytes_per_token: None,
-            slot_bytes_per_token: None,
-        },
+        Err(e) => Residency::missing(Some(text), format!("unreadable residency line: {e}")),
     }
 }

@@ -99,6 +99,7 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
     let want_stock = configs.iter().any(|c| c.stock());
     // A flag for a row that does not run would be ignored: say so instead.
     let spark_rows = "(d) spark in --configs";
+    let prompt_rows = "(d) spark in --configs";
     let hooked_rows = "(d) spark in --configs, or --bytes";
     let stock_rows = "one of vram, host, host-copy in --configs";
     for (given, flag, needs, used) in [
@@ -116,6 +117,7 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
             want_spark || a.bytes,
         ),
         (a.tap.is_some(), "--tap", hooked_rows, want_spark || a.bytes),
+        (a.prompt.is_some(), "--prompt", prompt_rows, want_spark),
         (
             a.llama_bench.is_some(),
             "--llama-bench",
@@ -269,6 +271,12 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
     } else {
         None
     };
+    let prefill = match (a.prompt, &hooked, &tap, &slots) {
+        (Some(prompt), Some(h), Some(tap), Some(s)) => Some(super::prefill::measure_prefill(
+            a, &g, h, tap, threads, s.0, prompt,
+        )?),
+        _ => None,
+    };
     let used = |r: &Option<Runner>| {
         r.as_ref().map(|r| EngineUsed {
             variant: r.variant.clone(),
@@ -305,5 +313,6 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
             ran_on_gpu,
         },
         bytes,
+        prefill,
     })
 }
