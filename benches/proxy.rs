@@ -134,6 +134,7 @@ async fn listen_proxy(upstream_port: u16) -> u16 {
         listen,
         live: None,
         placement,
+        host_memory: None,
         history: Default::default(),
     });
     tokio::spawn(async move {

@@ -415,6 +415,10 @@ fn residency_on_lavapipe(
             profile: None,
             cache_slots: None,
             residency,
+            // The demo compares answers with and without the provider: the same (mapped) host
+            // memory on both sides, so only residency differs.
+            host_memory: crate::serve::host_memory::HostMemoryChoice::Mapped,
+            residency_gpu: Default::default(),
             cache_policy: crate::cache::PolicyKind::Spark,
             vram_budget_mib: residency.then_some(4096),
             ctx: 2048,

@@ -128,6 +128,13 @@ fn add_counters(a: &ResidencyStats, b: &ResidencyStats) -> ResidencyStats {
         evictions: a.evictions.saturating_add(b.evictions),
         bytes_hit: a.bytes_hit.saturating_add(b.bytes_hit),
         bytes_host: a.bytes_host.saturating_add(b.bytes_host),
+        copies_host: a.copies_host.saturating_add(b.copies_host),
+        copies_device: a.copies_device.saturating_add(b.copies_device),
+        wide_calls: a.wide_calls.saturating_add(b.wide_calls),
+        wide_hits: a.wide_hits.saturating_add(b.wide_hits),
+        wide_loads: a.wide_loads.saturating_add(b.wide_loads),
+        wide_streamed: a.wide_streamed.saturating_add(b.wide_streamed),
+        copies_host_unbatched: a.copies_host_unbatched.saturating_add(b.copies_host_unbatched),
         provider_us: a.provider_us.saturating_add(b.provider_us),
     }
 }
@@ -227,6 +234,11 @@ impl LiveSnapshot {
                         "bytes_from_slots": t.bytes_hit,
                         "bytes_from_host": t.bytes_host,
                         "hit_ratio": t.hit_ratio(),
+                        "decode_hit_ratio": t.decode_hit_ratio(),
+                        "copies_host": t.copies_host,
+                        "copies_device": t.copies_device,
+                        "prompt_batches": t.wide_calls,
+                        "prompt_streamed": t.wide_streamed,
                     },
                     "slots_per_layer": r.slots,
                     "layers_with_slots": r.layers,
@@ -241,6 +253,11 @@ impl LiveSnapshot {
                     "bytes_from_slots": r.bytes_hit,
                     "bytes_from_host": r.bytes_host,
                     "hit_ratio": r.hit_ratio(),
+                    "decode_hit_ratio": r.decode_hit_ratio(),
+                    "copies_host": r.copies_host,
+                    "copies_device": r.copies_device,
+                    "prompt_batches": r.wide_calls,
+                    "prompt_streamed": r.wide_streamed,
                     "error": self.residency_error,
                 })
             } else {

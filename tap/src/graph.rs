@@ -128,12 +128,22 @@ impl Nodes {
     }
 }
 
+/// `SPARK_GRAPH_READS=off` leaves every graph to the eval callback, as on a stock engine:
+/// the "before" of `spark bench tap` on a hooked engine.
+pub const ENV_GRAPH_READS: &str = "SPARK_GRAPH_READS";
+
+/// Whether the observer acts (read once).
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(ENV_GRAPH_READS).map_or(true, |v| v.trim() != "off"))
+}
+
 /// Handles one observer event.
 ///
 /// # Safety
 /// `ev` is the scheduler's event, valid for the duration of the call.
 pub unsafe fn observe(ev: *const GraphEventV1) {
-    if ev.is_null() || !IN_TARGET.with(Cell::get) {
+    if ev.is_null() || !IN_TARGET.with(Cell::get) || !enabled() {
         return;
     }
     // SAFETY: the scheduler passes a live event.
