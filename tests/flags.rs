@@ -22,13 +22,20 @@ fn serve_profile_without_spark_is_refused() {
 
 #[test]
 fn serve_cache_slots_zero_is_refused_not_raised_to_one() {
-    refused(&["serve", "-m", "m.gguf", "--cache-slots", "0"], "--cache-slots");
+    refused(
+        &["serve", "-m", "m.gguf", "--cache-slots", "0"],
+        "--cache-slots",
+    );
 }
 
 #[test]
 fn serve_shadow_cache_flags_with_no_tap_are_refused() {
     // Without the tap there is no shadow cache: these were ignored.
-    for flag in [&["--cache-slots", "4"][..], &["--cache-policy", "lru"], &["--tap", "x.so"]] {
+    for flag in [
+        &["--cache-slots", "4"][..],
+        &["--cache-policy", "lru"],
+        &["--tap", "x.so"],
+    ] {
         let mut args = vec!["serve", "-m", "m.gguf", "--no-tap"];
         args.extend_from_slice(flag);
         refused(&args, "--no-tap");
@@ -91,7 +98,10 @@ fn trace_record_hidden_settings_without_hidden_capture_are_refused() {
 
 #[test]
 fn plan_receipt_zero_tokens_or_repetitions_are_refused_not_raised_to_one() {
-    refused(&["plan", "receipt", "-m", "m.gguf", "--n-gen", "0"], "--n-gen");
+    refused(
+        &["plan", "receipt", "-m", "m.gguf", "--n-gen", "0"],
+        "--n-gen",
+    );
     refused(
         &["plan", "receipt", "-m", "m.gguf", "--repetitions", "0"],
         "--repetitions",
@@ -119,7 +129,16 @@ fn bench_residency_flags_for_rows_that_do_not_run_are_refused() {
         ("--llama-bench", "/nonexistent", "spark"),
     ] {
         let err = refused(
-            &["bench", "residency", "-m", m, flag, value, "--configs", configs],
+            &[
+                "bench",
+                "residency",
+                "-m",
+                m,
+                flag,
+                value,
+                "--configs",
+                configs,
+            ],
             flag,
         );
         assert_eq!(err.lines().count(), 1, "{err}");
@@ -133,5 +152,8 @@ fn bench_swap_device_with_cpu_is_refused() {
         &["bench", "swap", "-m", "m.gguf", "--cpu", "--device", "1"],
         "--cpu",
     );
-    refused(&["bench", "swap", "-m", "m.gguf", "--batches", "0"], "--batches");
+    refused(
+        &["bench", "swap", "-m", "m.gguf", "--batches", "0"],
+        "--batches",
+    );
 }
