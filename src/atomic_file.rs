@@ -386,7 +386,10 @@ mod tests {
         for _ in 0..3 {
             write_atomic(&target, b"again").unwrap();
         }
-        assert!(stale.exists(), "a rewrite does not sweep the directory again");
+        assert!(
+            stale.exists(),
+            "a rewrite does not sweep the directory again"
+        );
         // ...and an explicit sweep still finds the leftover.
         assert_eq!(sweep_dead_temporaries(dir.path()), vec![stale.clone()]);
         assert_eq!(fs::read(&target).unwrap(), b"again");

@@ -338,9 +338,7 @@ pub fn add_to(
             }
             (p, false)
         }
-        Err(ProfileError::Read { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
+        Err(ProfileError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             let mut p = Profile::new(add.whole.clone(), n_expert_used, None);
             p.tokens = Some(add.whole_tokens);
             (p, true)

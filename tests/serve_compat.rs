@@ -37,7 +37,13 @@ fn llama_arg_host_listens_on_every_address_and_headers_keep_llama_servers_case()
     let model = util::fixture(dir.path(), "m.gguf", &[]);
     let port = spark::supervisor::free_port().unwrap();
     let mut child = Command::new(util::spark_bin())
-        .args(["serve", "-m", model.to_str().unwrap(), "--quiet", "--no-tap"])
+        .args([
+            "serve",
+            "-m",
+            model.to_str().unwrap(),
+            "--quiet",
+            "--no-tap",
+        ])
         .arg("--llama-server")
         .arg(util::llama_server())
         .args(["--", "-c", "2048", "-t", "2"])
@@ -86,8 +92,14 @@ fn llama_arg_host_listens_on_every_address_and_headers_keep_llama_servers_case()
             assert!(head.contains("\r\nContent-Type: "), "{host}: {head}");
             assert!(!head.to_ascii_lowercase().contains("\r\ndate:"), "{head}");
             // spark's own answers are written in title case too.
-            let head = head_of((host, port), b"GET /spark/status HTTP/1.1\r\nHost: x\r\n\r\n");
-            assert!(head.contains("\r\nContent-Type: application/json"), "{head}");
+            let head = head_of(
+                (host, port),
+                b"GET /spark/status HTTP/1.1\r\nHost: x\r\n\r\n",
+            );
+            assert!(
+                head.contains("\r\nContent-Type: application/json"),
+                "{head}"
+            );
         }
     });
     let _ = child.kill();
@@ -101,7 +113,13 @@ fn llama_arg_host_listens_on_every_address_and_headers_keep_llama_servers_case()
 fn an_empty_address_in_host_is_a_usage_error() {
     let dir = util::tempdir();
     let model = util::fixture(dir.path(), "m.gguf", &[]);
-    let o = util::spark(&["serve", "-m", model.to_str().unwrap(), "--host", "127.0.0.1,,::1"]);
+    let o = util::spark(&[
+        "serve",
+        "-m",
+        model.to_str().unwrap(),
+        "--host",
+        "127.0.0.1,,::1",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("empty address"), "{err}");
@@ -128,33 +146,93 @@ fn mapped(side: &str, args: &[&str]) -> Vec<String> {
 fn the_suite_stand_in_puts_the_fixture_in_place_of_every_model() {
     // What the suite's tinyllama preset passes (utils.py), with a draft model and an API key.
     let args = [
-        "--port", "8080", "--temp", "0.8", "--seed", "42", "--host", "127.0.0.1,::1", "--offline",
-        "--hf-repo", "ggml-org/test-model-stories260K", "--alias", "tinyllama-2", "--ctx-size",
-        "512", "--model-draft", "/tmp/draft.gguf", "--api-key", "k", "--no-jinja",
+        "--port",
+        "8080",
+        "--temp",
+        "0.8",
+        "--seed",
+        "42",
+        "--host",
+        "127.0.0.1,::1",
+        "--offline",
+        "--hf-repo",
+        "ggml-org/test-model-stories260K",
+        "--alias",
+        "tinyllama-2",
+        "--ctx-size",
+        "512",
+        "--model-draft",
+        "/tmp/draft.gguf",
+        "--api-key",
+        "k",
+        "--no-jinja",
     ];
     let stock = mapped("stock", &args);
     assert_eq!(
         stock,
         [
-            "/e/llama-server", "--model", "/m/fixture.gguf", "--host", "127.0.0.1,::1", "--port",
-            "8080", "--temp", "0.8", "--seed", "42", "--alias", "tinyllama-2", "--ctx-size", "512",
-            "--api-key", "k", "--no-jinja", "--model-draft", "/m/fixture.gguf",
+            "/e/llama-server",
+            "--model",
+            "/m/fixture.gguf",
+            "--host",
+            "127.0.0.1,::1",
+            "--port",
+            "8080",
+            "--temp",
+            "0.8",
+            "--seed",
+            "42",
+            "--alias",
+            "tinyllama-2",
+            "--ctx-size",
+            "512",
+            "--api-key",
+            "k",
+            "--no-jinja",
+            "--model-draft",
+            "/m/fixture.gguf",
         ]
     );
     let spark = mapped("spark", &args);
     assert_eq!(
         spark,
         [
-            "/s/spark", "serve", "--model", "/m/fixture.gguf", "--host", "127.0.0.1,::1",
-            "--port", "8080", "--spark", "--quiet", "--", "--temp", "0.8", "--seed", "42",
-            "--alias", "tinyllama-2", "--ctx-size", "512", "--api-key", "k", "--no-jinja",
-            "--model-draft", "/m/fixture.gguf",
+            "/s/spark",
+            "serve",
+            "--model",
+            "/m/fixture.gguf",
+            "--host",
+            "127.0.0.1,::1",
+            "--port",
+            "8080",
+            "--spark",
+            "--quiet",
+            "--",
+            "--temp",
+            "0.8",
+            "--seed",
+            "42",
+            "--alias",
+            "tinyllama-2",
+            "--ctx-size",
+            "512",
+            "--api-key",
+            "k",
+            "--no-jinja",
+            "--model-draft",
+            "/m/fixture.gguf",
         ]
     );
     // `--flag=value` forms and a run without any model (the router preset) get the fixture too.
     assert_eq!(
         mapped("stock", &["--hf-file=x.gguf", "--port=9"]),
-        ["/e/llama-server", "--model", "/m/fixture.gguf", "--port", "9"]
+        [
+            "/e/llama-server",
+            "--model",
+            "/m/fixture.gguf",
+            "--port",
+            "9"
+        ]
     );
     // Bad use is exit 2 with a message.
     let o = Command::new("python3")
@@ -190,11 +268,21 @@ fn the_suite_comparison_fails_only_on_a_test_that_passes_against_stock() {
     };
     let stock = report(
         "stock.xml",
-        &[("a", "passed"), ("b", "failed"), ("c", "passed"), ("d", "skipped")],
+        &[
+            ("a", "passed"),
+            ("b", "failed"),
+            ("c", "passed"),
+            ("d", "skipped"),
+        ],
     );
     let same = report(
         "same.xml",
-        &[("a", "passed"), ("b", "failed"), ("c", "passed"), ("d", "passed")],
+        &[
+            ("a", "passed"),
+            ("b", "failed"),
+            ("c", "passed"),
+            ("d", "passed"),
+        ],
     );
     let worse = report(
         "worse.xml",
@@ -207,14 +295,23 @@ fn the_suite_comparison_fails_only_on_a_test_that_passes_against_stock() {
             .arg(spark)
             .output()
             .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
     };
     let (code, out) = run(&same);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("against stock llama-server: 2 passed, 1 failed, 0 errors, 1 skipped"), "{out}");
+    assert!(
+        out.contains("against stock llama-server: 2 passed, 1 failed, 0 errors, 1 skipped"),
+        "{out}"
+    );
     // c passes against stock and is missing through spark; b only passes through spark.
     let (code, out) = run(&worse);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("REGRESSION: unit.t::c passes against stock, missing through spark"), "{out}");
+    assert!(
+        out.contains("REGRESSION: unit.t::c passes against stock, missing through spark"),
+        "{out}"
+    );
     assert!(!out.contains("REGRESSION: unit.t::b"), "{out}");
 }

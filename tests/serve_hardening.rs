@@ -583,9 +583,10 @@ fn sighup_stops_serve_gracefully_and_leaves_nothing_behind() {
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
     let t = tmp.clone();
-    let mut served = Served::start_custom(&model, &util::llama_server(), &["--quiet"], LLAMA, |c| {
-        c.env("TMPDIR", &t);
-    });
+    let mut served =
+        Served::start_custom(&model, &util::llama_server(), &["--quiet"], LLAMA, |c| {
+            c.env("TMPDIR", &t);
+        });
     let child = served.child_pid();
     assert_eq!(work_dirs(&tmp, "spark-serve-").len(), 1);
     nix::sys::signal::kill(
@@ -601,11 +602,21 @@ fn sighup_stops_serve_gracefully_and_leaves_nothing_behind() {
         assert!(Instant::now() < deadline, "spark ignored SIGHUP");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(status.code(), Some(0), "a graceful stop, not death by signal: {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a graceful stop, not death by signal: {status:?}"
+    );
     let said: Vec<String> = served.stderr.try_iter().collect();
     assert!(said.iter().any(|l| l.contains("SIGHUP")), "{said:?}");
-    assert!(wait_gone(child, Duration::from_secs(5)), "llama-server {child} was left");
-    assert!(work_dirs(&tmp, "spark-serve-").is_empty(), "the work dir was left");
+    assert!(
+        wait_gone(child, Duration::from_secs(5)),
+        "llama-server {child} was left"
+    );
+    assert!(
+        work_dirs(&tmp, "spark-serve-").is_empty(),
+        "the work dir was left"
+    );
 }
 
 #[test]
@@ -616,10 +627,17 @@ fn a_file_size_limit_is_an_error_with_a_message_not_a_silent_death() {
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
     let mut cmd = std::process::Command::new(util::spark_bin());
-    cmd.args(["serve", "-m", model.to_str().unwrap(), "--port", "0", "--quiet"])
-        .arg("--llama-server")
-        .arg(util::llama_server())
-        .env("TMPDIR", &tmp);
+    cmd.args([
+        "serve",
+        "-m",
+        model.to_str().unwrap(),
+        "--port",
+        "0",
+        "--quiet",
+    ])
+    .arg("--llama-server")
+    .arg(util::llama_server())
+    .env("TMPDIR", &tmp);
     // SAFETY: setrlimit is async-signal-safe and allocates nothing.
     unsafe {
         cmd.pre_exec(|| {
@@ -637,10 +655,18 @@ fn a_file_size_limit_is_an_error_with_a_message_not_a_silent_death() {
     let (o, _) = util::output_within(&mut cmd, util::HANG_LIMIT);
     let err = String::from_utf8_lossy(&o.stderr);
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(o.status.signal(), None, "killed by a signal: {:?} {err}", o.status);
+    assert_eq!(
+        o.status.signal(),
+        None,
+        "killed by a signal: {:?} {err}",
+        o.status
+    );
     assert!(o.status.code().is_some_and(|c| c != 0), "{err}");
     assert!(err.contains("File too large"), "says why: {err}");
-    assert!(work_dirs(&tmp, "spark-serve-").is_empty(), "the work dir was left");
+    assert!(
+        work_dirs(&tmp, "spark-serve-").is_empty(),
+        "the work dir was left"
+    );
 }
 
 #[test]
@@ -650,26 +676,44 @@ fn a_damaged_profile_of_its_own_is_set_aside_while_explicit_inputs_stay_errors()
     let path = spark::profile::path_for(&model);
     // A bad count, and a huge one: the message must not repeat it whole.
     let huge = "9".repeat(1 << 20);
-    let damaged = format!(
-        "# hotness table: n_layer=4 n_expert=8 n_expert_used=2\n1,2,x{huge},4,5,6,7,8\n"
-    );
+    let damaged =
+        format!("# hotness table: n_layer=4 n_expert=8 n_expert_used=2\n1,2,x{huge},4,5,6,7,8\n");
     std::fs::write(&path, &damaged).unwrap();
     let o = util::spark(&["profile", "show", path.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "an explicit input stays an error: {err}");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an explicit input stays an error: {err}"
+    );
     assert!(err.contains("bad count 3"), "{err}");
-    assert!(err.len() < 2000, "the message repeats the bad input: {} bytes", err.len());
+    assert!(
+        err.len() < 2000,
+        "the message repeats the bad input: {} bytes",
+        err.len()
+    );
 
     let served = Served::start(&model, &["--spark"]);
     let st = served.status();
     assert_eq!(st["profile"]["at_start"], "damaged", "{st}");
     let mut aside = path.clone().into_os_string();
     aside.push(".stale");
-    assert_eq!(std::fs::read_to_string(&aside).unwrap(), damaged, "kept as it was");
+    assert_eq!(
+        std::fs::read_to_string(&aside).unwrap(),
+        damaged,
+        "kept as it was"
+    );
     assert!(
-        served.early.iter().any(|l| l.contains("cannot be used") && l.len() < 2000),
+        served
+            .early
+            .iter()
+            .any(|l| l.contains("cannot be used") && l.len() < 2000),
         "{:?}",
-        served.early.iter().map(|l| &l[..l.len().min(300)]).collect::<Vec<_>>()
+        served
+            .early
+            .iter()
+            .map(|l| &l[..l.len().min(300)])
+            .collect::<Vec<_>>()
     );
 }
 
@@ -704,12 +748,18 @@ fn odd_methods_and_options_star_are_answered_not_blamed_on_llama_server() {
 #[test]
 fn request_timeout_zero_is_refused() {
     let o = util::spark(&["serve", "-m", "x.gguf", "--request-timeout", "0"]);
-    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Reads what `s` sends until it closes, the chunked terminator arrives, or `within` passes.
 fn read_stream(s: &mut TcpStream, within: Duration) -> String {
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let deadline = Instant::now() + within;
     let mut got = Vec::new();
     let mut buf = [0u8; 8192];
@@ -717,8 +767,9 @@ fn read_stream(s: &mut TcpStream, within: Duration) -> String {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => break,
         }
     }

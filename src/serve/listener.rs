@@ -55,10 +55,7 @@ pub fn hosts(spec: &str) -> Result<Vec<String>, String> {
 /// Binds every host of `hosts` on `port`. With port 0 the first address picks a free port and
 /// the others bind that same one, so a client reaches the server on one port whatever the
 /// address. Fails on the first address that cannot be bound, naming it.
-pub async fn bind_all(
-    hosts: &[String],
-    port: u16,
-) -> Result<Vec<TcpListener>, super::ServeError> {
+pub async fn bind_all(hosts: &[String], port: u16) -> Result<Vec<TcpListener>, super::ServeError> {
     let mut out: Vec<TcpListener> = Vec::with_capacity(hosts.len());
     let mut port = port;
     for h in hosts {

@@ -643,7 +643,9 @@ impl Live {
                 delta.set(
                     l,
                     e,
-                    counts.get(l, e).saturating_sub(self.written_counts.get(l, e)),
+                    counts
+                        .get(l, e)
+                        .saturating_sub(self.written_counts.get(l, e)),
                 );
             }
         }
@@ -654,7 +656,7 @@ impl Live {
             whole_tokens: tokens,
         };
         let result = crate::profile::add_to(&path, &add, self.cfg.k as u32, &self.cfg.fingerprint)
-        .map(|_| ());
+            .map(|_| ());
         if result.is_ok() {
             self.written_at = Some(folded);
             self.written_counts = counts;

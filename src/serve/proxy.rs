@@ -649,7 +649,10 @@ mod tests {
     #[test]
     fn headers_named_in_connection_are_hop_by_hop_too() {
         let mut h = hyper::HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("close, X-Hop ,x-other"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, X-Hop ,x-other"),
+        );
         h.append("connection", HeaderValue::from_static("X-Third"));
         for n in ["x-hop", "x-other", "x-third", "keep-alive", "x-end-to-end"] {
             h.insert(n, HeaderValue::from_static("1"));

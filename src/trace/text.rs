@@ -158,13 +158,12 @@ pub fn read_csv(path: &Path) -> Result<Trace, TraceError> {
             .trim_matches('"')
             .split_whitespace()
             .map(|t| {
-                t.parse::<u32>()
-                    .map_err(|_| {
-                        perr(format!(
-                            "bad expert id {:?}",
-                            crate::text::clip(t, crate::text::QUOTE_MAX)
-                        ))
-                    })
+                t.parse::<u32>().map_err(|_| {
+                    perr(format!(
+                        "bad expert id {:?}",
+                        crate::text::clip(t, crate::text::QUOTE_MAX)
+                    ))
+                })
             })
             .collect::<Result<Vec<u32>, _>>()?;
         let ids = to_ids(&raw).map_err(perr)?;
