@@ -11,6 +11,27 @@
 //! its flag given, so variables of flags that exclude each other are refused as the flags would
 //! be. Never touches the `LLAMA_ARG_*` variables: they reach llama-server as they were.
 
+/// `spark serve` settings llama-server also takes from its own variables: when neither the flag
+/// nor its `SPARK_*` variable is given, llama-server's `LLAMA_ARG_*` one applies (the flag wins,
+/// then `SPARK_*`, then `LLAMA_ARG_*`).
+pub const LLAMA_FALLBACKS: [(&str, &str); 3] = [
+    ("SPARK_MODEL", "LLAMA_ARG_MODEL"),
+    ("SPARK_HOST", "LLAMA_ARG_HOST"),
+    ("SPARK_PORT", "LLAMA_ARG_PORT"),
+];
+
+/// Applies [`LLAMA_FALLBACKS`] to this process's environment before the CLI is parsed. Call it
+/// once, first thing in `main`, while the process has one thread.
+pub fn apply_llama_fallbacks() {
+    for (spark, llama) in LLAMA_FALLBACKS {
+        if std::env::var_os(spark).is_none() {
+            if let Some(v) = std::env::var_os(llama) {
+                std::env::set_var(spark, v);
+            }
+        }
+    }
+}
+
 /// The variable of a long flag: `SPARK_` + the name in capitals, `-` as `_`.
 pub fn var_name(long: &str) -> String {
     format!("SPARK_{}", long.to_ascii_uppercase().replace('-', "_"))

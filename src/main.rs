@@ -171,6 +171,7 @@ enum BenchCommand {
 fn main() -> ExitCode {
     exit_quietly_on_closed_stdout();
     spark::supervisor::ignore_file_size_signal();
+    spark::env_flags::apply_llama_fallbacks();
     let cli = match Cli::from_arg_matches(&cli_command().get_matches()) {
         Ok(cli) => cli,
         Err(e) => e.exit(),

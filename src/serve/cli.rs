@@ -11,15 +11,15 @@ use super::ServeConfig;
 /// Flags of `spark serve` (raw, as typed).
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// The GGUF model llama-server serves
-    #[arg(short = 'm', long = "model", env = "LLAMA_ARG_MODEL")]
+    /// The GGUF model llama-server serves (also `SPARK_MODEL`, then `LLAMA_ARG_MODEL`)
+    #[arg(short = 'm', long = "model")]
     pub model: PathBuf,
     /// Addresses to listen on, separated by commas as llama-server takes them
-    /// (`127.0.0.1,::1`)
-    #[arg(long, default_value = "127.0.0.1", env = "LLAMA_ARG_HOST")]
+    /// (`127.0.0.1,::1`; also `SPARK_HOST`, then `LLAMA_ARG_HOST`)
+    #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// Port to listen on (0: any free port)
-    #[arg(long, default_value_t = 8080, env = "LLAMA_ARG_PORT")]
+    /// Port to listen on (0: any free port; also `SPARK_PORT`, then `LLAMA_ARG_PORT`)
+    #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// llama-server binary (default: $SPARK_LLAMA_SERVER, then the build in the cache)
     #[arg(long, value_name = "PATH")]

@@ -128,14 +128,16 @@ impl Nodes {
     }
 }
 
-/// `SPARK_GRAPH_READS=off` leaves every graph to the eval callback, as on a stock engine:
-/// the "before" of `spark bench tap` on a hooked engine.
+/// `SPARK_GRAPH_READS=on` switches the observer on. It is off by default: on lavapipe its
+/// records were wrong from the first decode token (the analytic check in
+/// `lavapipe::telemetry_on_the_device_is_exact` fails with it on), so until that is found the
+/// eval callback, which is exact, reads every graph, as on a stock engine.
 pub const ENV_GRAPH_READS: &str = "SPARK_GRAPH_READS";
 
 /// Whether the observer acts (read once).
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var(ENV_GRAPH_READS).map_or(true, |v| v.trim() != "off"))
+    *ON.get_or_init(|| std::env::var(ENV_GRAPH_READS).is_ok_and(|v| v.trim() == "on"))
 }
 
 /// Handles one observer event.

@@ -184,20 +184,25 @@ static LAYERS: AtomicU64 = AtomicU64::new(0);
 /// The model's experts per token (from its metadata, when the context is made).
 static TOP_K: AtomicU64 = AtomicU64::new(0);
 
-/// Records the model's experts per token, which tells wide (prompt) calls from decode; with
-/// `SPARK_RESIDENCY_PREFILL=admit` the wide rule is off (every call admits like decode).
+/// Records the model's experts per token, which tells wide (prompt) calls from decode.
 pub fn set_top_k(top_k: u32) {
-    let admit = match std::env::var(ENV_PREFILL).as_deref().map(str::trim) {
-        Err(_) | Ok("") | Ok("stream") => false,
-        Ok("admit") => true,
+    TOP_K.store(u64::from(top_k), Ordering::Relaxed);
+}
+
+/// `SPARK_RESIDENCY_PREFILL=admit` turns the wide rule off (every call admits like decode;
+/// wide calls are still counted apart), read once.
+fn wide_rule() -> bool {
+    static RULE: OnceLock<bool> = OnceLock::new();
+    *RULE.get_or_init(|| match std::env::var(ENV_PREFILL).as_deref().map(str::trim) {
+        Err(_) | Ok("") | Ok("stream") => true,
+        Ok("admit") => false,
         Ok(other) => {
             warn(&format!(
                 "{ENV_PREFILL}={other:?} is neither stream nor admit; prompt batches are streamed"
             ));
-            false
+            true
         }
-    };
-    TOP_K.store(if admit { 0 } else { u64::from(top_k) }, Ordering::Relaxed);
+    })
 }
 static PROVIDER_NS: AtomicU64 = AtomicU64::new(0);
 
@@ -428,6 +433,7 @@ unsafe fn provide_inner(slots: u32, req: &MoeRequestV1) -> bool {
     };
     let state = guard.get_or_insert_with(|| Residency::new(slots));
     state.set_top_k(TOP_K.load(Ordering::Relaxed) as usize);
+    state.set_wide_rule(wide_rule());
     let declined = |state: &mut Residency<GgmlSlots>| {
         state.counters.calls += 1;
         state.counters.declined += 1;

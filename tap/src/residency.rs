@@ -200,6 +200,9 @@ pub struct Residency<S> {
     slots: u32,
     /// The model's experts per token (0: unknown, no call is wide).
     top_k: usize,
+    /// Whether wide calls take the wide admission rule (off: they admit like decode, and are
+    /// still counted apart).
+    wide_rule: bool,
     layers: Vec<Option<Layer<S>>>,
     /// Layers that hold slot memory (kept as memory is allocated or a layer fails).
     with_memory: u32,
@@ -213,6 +216,7 @@ impl<S> Residency<S> {
         Residency {
             slots,
             top_k: 0,
+            wide_rule: true,
             layers: Vec::new(),
             with_memory: 0,
             tick: 0,
@@ -223,6 +227,11 @@ impl<S> Residency<S> {
     /// Sets the model's experts per token, which tells wide calls from decode (0: unknown).
     pub fn set_top_k(&mut self, top_k: usize) {
         self.top_k = top_k;
+    }
+
+    /// Switches the wide admission rule (on by default); wide calls are counted either way.
+    pub fn set_wide_rule(&mut self, on: bool) {
+        self.wide_rule = on;
     }
 
     /// Layers that hold slot memory.
@@ -327,7 +336,7 @@ impl<S> Residency<S> {
             let s = layer.table[e];
             if s >= 0 {
                 layer.last_use[s as usize] = tick;
-            } else if let Some(s) = admit(layer, call, e, level, wide) {
+            } else if let Some(s) = admit(layer, call, e, level, wide && self.wide_rule) {
                 if layer.slot_expert[s] != FREE {
                     layer.table[layer.slot_expert[s] as usize] = -1;
                     c.evictions += 1;
