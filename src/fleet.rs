@@ -430,6 +430,55 @@ pub fn run_diff(a: &DiffArgs) -> Result<(), ProfileError> {
     Ok(())
 }
 
+/// The `spark profile` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum ProfileCommand {
+    /// Show a profile's geometry, freshness lines and per-layer skew
+    Show(ProfileShowArgs),
+    /// Add several machines' profiles of one model into one (same fingerprint required)
+    Merge(MergeArgs),
+    /// How far two profiles' routing differs: hot-set overlap and cross hit ratios per layer
+    Diff(DiffArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProfileShowArgs {
+    /// The profile (`<model>.gguf.spark.csv`)
+    pub profile: PathBuf,
+    /// Also draw the per-(layer, expert) hotness as an SVG heatmap
+    #[arg(long, value_name = "OUT.svg")]
+    pub heatmap: Option<PathBuf>,
+}
+
+/// Runs one `spark profile` subcommand, printing to stdout.
+pub fn run(cmd: ProfileCommand) -> Result<(), crate::profile::ProfileError> {
+    match cmd {
+        ProfileCommand::Merge(a) => run_merge(&a)?,
+        ProfileCommand::Diff(a) => run_diff(&a)?,
+        ProfileCommand::Show(a) => {
+            let p = crate::profile::Profile::read(&a.profile)?;
+            print!("{}", p.summary(&a.profile));
+            if let Some(out) = a.heatmap {
+                let svg = crate::svg::heatmap(
+                    &format!("expert hotness: {}", a.profile.display()),
+                    &p.counts,
+                );
+                crate::atomic_file::write_atomic_with(
+                    &out,
+                    svg.as_bytes(),
+                    crate::atomic_file::Mode::Public,
+                )
+                .map_err(|source| crate::profile::ProfileError::Write {
+                    path: out.clone(),
+                    source,
+                })?;
+                println!("wrote {}", out.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -185,6 +185,7 @@ pub fn init(args: &LogArgs) -> Result<(), LogError> {
         .with_ansi(false)
         .log_internal_errors(false);
     JSON.store(args.log_format == LogFormat::Json, Ordering::Relaxed);
+    crate::progress::set_text_log(args.log_format != LogFormat::Json);
     let installed = match args.log_format {
         LogFormat::Text => builder.event_format(Text).try_init(),
         LogFormat::Json => builder

@@ -61,7 +61,7 @@ enum Command {
     Validate(spark::validate::ValidateArgs),
     /// Routing profiles (`<model>.gguf.spark.csv`): show, heatmap, merge, diff
     #[command(subcommand)]
-    Profile(spark::profile::ProfileCommand),
+    Profile(spark::fleet::ProfileCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions(spark::manual::CompletionsArgs),
     /// Print the man page (or write one page per subcommand with --out-dir)
@@ -338,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(a) => spark::simulate::run(&a)?,
         Command::Calibrate(a) => spark::validate::calibrate::run(&a)?,
         Command::Validate(a) => spark::validate::check::run(&a)?,
-        Command::Profile(c) => spark::profile::run(c)?,
+        Command::Profile(c) => spark::fleet::run(c)?,
         Command::Completions(a) => spark::manual::completions(&a, cli_command()),
         Command::Man(a) => spark::manual::man(&a, cli_command())?,
         Command::Inspect(a) => {

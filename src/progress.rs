@@ -20,9 +20,18 @@ pub const TARGET: &str = "spark::progress";
 /// The bar on screen, if any: log writes suspend it.
 static SHOWN: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
+/// Whether the log is text (the default); the log's setup says so when it is JSON, which has
+/// no room for a bar (this leaf never asks the log, which writes through [`while_hidden`]).
+static TEXT_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Told by the log's setup whether its lines are text.
+pub fn set_text_log(text: bool) {
+    TEXT_LOG.store(text, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether progress is drawn as bars: stderr is a terminal and the log is text.
 pub fn bars() -> bool {
-    std::io::stderr().is_terminal() && crate::log::is_text()
+    std::io::stderr().is_terminal() && TEXT_LOG.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Runs `write` with the bar on screen (if any) hidden, so a log line lands above it.

@@ -30,7 +30,7 @@ use crate::ffi::{
     MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, SCHED_TENSOR_BACKEND, SYNCHRONIZE, TENSOR_GET,
     TENSOR_GET_ASYNC,
 };
-use crate::graph::{Nodes, GRAPH_READS, MARK_MAX_TOKENS};
+use crate::graph::{Nodes, MARK_MAX_TOKENS};
 use crate::log::warn;
 use crate::shared::SHARED;
 
@@ -985,7 +985,7 @@ impl State {
             }
         }
         if routed {
-            GRAPH_READS.fetch_add(1, Ordering::Relaxed);
+            SHARED.graph_reads.fetch_add(1, Ordering::Relaxed);
         }
     }
 

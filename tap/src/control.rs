@@ -76,7 +76,7 @@ impl TapControl for Tap {
             ubatches: SHARED.ubatches.load(Ordering::Relaxed),
             hidden_bytes: SHARED.hidden_bytes.load(Ordering::Relaxed),
             unmapped: SHARED.unmapped.load(Ordering::Relaxed),
-            graph_reads: crate::graph::GRAPH_READS.load(Ordering::Relaxed),
+            graph_reads: SHARED.graph_reads.load(Ordering::Relaxed),
         }
     }
 
@@ -95,7 +95,7 @@ impl TapControl for Tap {
         ] {
             c.store(0, Ordering::Relaxed);
         }
-        crate::graph::GRAPH_READS.store(0, Ordering::Relaxed);
+        SHARED.graph_reads.store(0, Ordering::Relaxed);
     }
 
     fn set_request(&mut self, id: u32) {

@@ -25,7 +25,7 @@
 
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::ffi::{as_fn, GgmlTensor, GraphNNodesFn, GraphNodeFn, GRAPH_NODE, GRAPH_N_NODES};
 
@@ -56,9 +56,6 @@ thread_local! {
 
 /// Contexts the tap installed its callback in (0: free entry).
 static TARGETS: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
-
-/// Graphs whose routing was read once, after the graph (shown in the exit line and tests).
-pub static GRAPH_READS: AtomicU64 = AtomicU64::new(0);
 
 /// Remembers a tapped context.
 pub fn register_target(ctx: *mut c_void) {
@@ -140,26 +137,18 @@ fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var(ENV_GRAPH_READS).is_ok_and(|v| v.trim() == "on"))
 }
 
-/// Handles one observer event.
+/// Whether an observer event should be acted on: a known ABI, on a thread inside a tapped
+/// context, with the observer switched on. `lib.rs` then hands it to the capture path.
 ///
 /// # Safety
-/// `ev` is the scheduler's event, valid for the duration of the call.
-pub unsafe fn observe(ev: *const GraphEventV1) {
+/// `ev` is the scheduler's event (or null), valid for the duration of the call.
+pub unsafe fn accepted<'a>(ev: *const GraphEventV1) -> Option<&'a GraphEventV1> {
     if ev.is_null() || !IN_TARGET.with(Cell::get) || !enabled() {
-        return;
+        return None;
     }
     // SAFETY: the scheduler passes a live event.
     let ev = unsafe { &*ev };
-    if ev.abi != ABI || ev.graph.is_null() {
-        return;
-    }
-    match ev.phase {
-        // SAFETY: the graph is live during the event.
-        PREPARE => unsafe { crate::capture::on_graph_prepare(ev.graph) },
-        // SAFETY: as above; the scheduler is the one that computed the graph.
-        COMPUTED => unsafe { crate::capture::on_graph_computed(ev.sched, ev.graph) },
-        _ => {}
-    }
+    (ev.abi == ABI && !ev.graph.is_null()).then_some(ev)
 }
 
 #[cfg(test)]

@@ -224,6 +224,17 @@ pub extern "C" fn spark_graph_hook_abi() -> u32 {
 /// Called by the hooked ggml scheduler with an event valid for the duration of the call.
 #[no_mangle]
 pub unsafe extern "C" fn spark_graph_observe_v1(ev: *const graph::GraphEventV1) {
-    // SAFETY: forwarded from the scheduler.
-    let _ = catch_unwind(|| unsafe { graph::observe(ev) });
+    let _ = catch_unwind(|| {
+        // SAFETY: forwarded from the scheduler.
+        let Some(ev) = (unsafe { graph::accepted(ev) }) else {
+            return;
+        };
+        match ev.phase {
+            // SAFETY: the graph is live during the event.
+            graph::PREPARE => unsafe { capture::on_graph_prepare(ev.graph) },
+            // SAFETY: as above; the scheduler is the one that computed the graph.
+            graph::COMPUTED => unsafe { capture::on_graph_computed(ev.sched, ev.graph) },
+            _ => {}
+        }
+    });
 }

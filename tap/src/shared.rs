@@ -19,6 +19,8 @@ pub struct Shared {
     pub hidden_every: AtomicU32,
     pub hidden_budget: AtomicU64,
     pub hidden_tensor: AtomicU8,
+    /// Graphs whose routing was read once after the graph (the graph observer, `graph.rs`).
+    pub graph_reads: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -37,6 +39,7 @@ pub static SHARED: Shared = Shared {
     hidden_every: AtomicU32::new(1),
     hidden_budget: AtomicU64::new(0),
     hidden_tensor: AtomicU8::new(0),
+    graph_reads: AtomicU64::new(0),
 };
 
 impl Shared {
