@@ -9,6 +9,9 @@
 //! not require. It writes atomically and tells a fresh profile from a stale one; it never loads a
 //! profile for another model silently (callers check [`Profile::freshness`]) and never decides
 //! which experts are resident (the caches and [`crate::vram_plan`] do, from its counts).
+//!
+//! Why this file is over 800 lines: the format (parse, write, freshness, set-aside) and the one
+//! lock every writer takes are one contract, and about 150 lines are tests.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

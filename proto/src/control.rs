@@ -316,7 +316,8 @@ impl ResidencyStats {
     /// The hit ratio of narrow calls alone (decode: not wide).
     pub fn decode_hit_ratio(&self) -> Option<f64> {
         let hits = self.hits - self.wide_hits.min(self.hits);
-        let all = hits + self.loads.saturating_sub(self.wide_loads)
+        let all = hits
+            + self.loads.saturating_sub(self.wide_loads)
             + self.streamed.saturating_sub(self.wide_streamed);
         (all > 0).then(|| hits as f64 / all as f64)
     }

@@ -153,9 +153,18 @@ mod tests {
     #[test]
     fn the_users_load_mode_is_found_in_every_spelling_and_wins_over_the_environment() {
         assert_eq!(user_load_mode(&s(&["-ngl", "99"]), None), None);
-        assert_eq!(user_load_mode(&s(&["--load-mode", "mmap"]), None).as_deref(), Some("mmap"));
-        assert_eq!(user_load_mode(&s(&["-lm", "none"]), None).as_deref(), Some("none"));
-        assert_eq!(user_load_mode(&s(&["--load-mode=mlock"]), None).as_deref(), Some("mlock"));
+        assert_eq!(
+            user_load_mode(&s(&["--load-mode", "mmap"]), None).as_deref(),
+            Some("mmap")
+        );
+        assert_eq!(
+            user_load_mode(&s(&["-lm", "none"]), None).as_deref(),
+            Some("none")
+        );
+        assert_eq!(
+            user_load_mode(&s(&["--load-mode=mlock"]), None).as_deref(),
+            Some("mlock")
+        );
         assert_eq!(user_load_mode(&[], Some("auto")).as_deref(), Some("auto"));
         assert_eq!(
             user_load_mode(&s(&["-lm", "none"]), Some("mmap")).as_deref(),
@@ -172,7 +181,11 @@ mod tests {
         let p = decide(HostMemoryChoice::Auto, 34 * GIB, 64 * GIB, 40 * GIB, None).unwrap();
         assert_eq!(p.host_memory, HostMemory::Mapped);
         assert!(p.args.is_empty());
-        assert!(p.reason.starts_with("not enough RAM to pin"), "{}", p.reason);
+        assert!(
+            p.reason.starts_with("not enough RAM to pin"),
+            "{}",
+            p.reason
+        );
     }
 
     #[test]

@@ -134,7 +134,9 @@ fn add_counters(a: &ResidencyStats, b: &ResidencyStats) -> ResidencyStats {
         wide_hits: a.wide_hits.saturating_add(b.wide_hits),
         wide_loads: a.wide_loads.saturating_add(b.wide_loads),
         wide_streamed: a.wide_streamed.saturating_add(b.wide_streamed),
-        copies_host_unbatched: a.copies_host_unbatched.saturating_add(b.copies_host_unbatched),
+        copies_host_unbatched: a
+            .copies_host_unbatched
+            .saturating_add(b.copies_host_unbatched),
         provider_us: a.provider_us.saturating_add(b.provider_us),
     }
 }

@@ -567,7 +567,9 @@ fn routing_ids(w: &GgmlTensor) -> Option<&GgmlTensor> {
     let ids_t = unsafe { &*ids_t };
     let k = ids_t.ne[0].max(0) as usize;
     if ids_t.type_ != GGML_TYPE_I32 || w.type_ != GGML_TYPE_F32 || k == 0 || k > MAX_K {
-        SHARED.dropped.fetch_add(rows_of(ids_t).max(0) as u64, Ordering::Relaxed);
+        SHARED
+            .dropped
+            .fetch_add(rows_of(ids_t).max(0) as u64, Ordering::Relaxed);
         return None;
     }
     Some(ids_t)
@@ -580,8 +582,9 @@ fn routing_ids(w: &GgmlTensor) -> Option<&GgmlTensor> {
 /// `graph` must be a live graph being prepared.
 pub unsafe fn on_graph_prepare(graph: *mut c_void) {
     let capturing = with_state(|slot| {
-        slot.as_ref()
-            .map_or((false, false), |st| (st.producer.is_some(), st.hidden.is_some()))
+        slot.as_ref().map_or((false, false), |st| {
+            (st.producer.is_some(), st.hidden.is_some())
+        })
     });
     let Some((routing, hidden)) = capturing else {
         return;
@@ -841,12 +844,16 @@ impl State {
         };
         // SAFETY: both tensors are computed and live.
         let Some((ids_p, next)) = (unsafe { self.bytes_of(ids_t, 0) }) else {
-            SHARED.dropped.fetch_add(rows_of(ids_t).max(0) as u64, Ordering::Relaxed);
+            SHARED
+                .dropped
+                .fetch_add(rows_of(ids_t).max(0) as u64, Ordering::Relaxed);
             return;
         };
         // SAFETY: as above.
         let Some((w_p, _)) = (unsafe { self.bytes_of(w, next) }) else {
-            SHARED.dropped.fetch_add(rows_of(ids_t).max(0) as u64, Ordering::Relaxed);
+            SHARED
+                .dropped
+                .fetch_add(rows_of(ids_t).max(0) as u64, Ordering::Relaxed);
             return;
         };
         // SAFETY: the pointers hold the tensors' bytes (their own or copies).
@@ -878,40 +885,42 @@ impl State {
         let mut backends = [std::ptr::null_mut::<c_void>(); MAX_BACKENDS];
         let mut n_backends = 0usize;
         // Phase 1: enqueue a read of every marked tensor on the backend that computed it.
-        let mut fetch = |st: &mut State, t: &GgmlTensor, fallback: *mut c_void| -> (Loc, *mut c_void) {
-            if t.data.is_null() {
-                return (Loc::Later, fallback);
-            }
-            if is_host(t.buffer) {
-                return (Loc::Host(t.data as *const u8), fallback);
-            }
-            // SAFETY: NbytesFn is ggml_nbytes's signature; t is live.
-            let Some(n) = (unsafe { as_fn::<NbytesFn>(&NBYTES) }).map(|f| unsafe { f(t) }) else {
-                return (Loc::Later, fallback);
+        let mut fetch =
+            |st: &mut State, t: &GgmlTensor, fallback: *mut c_void| -> (Loc, *mut c_void) {
+                if t.data.is_null() {
+                    return (Loc::Later, fallback);
+                }
+                if is_host(t.buffer) {
+                    return (Loc::Host(t.data as *const u8), fallback);
+                }
+                // SAFETY: NbytesFn is ggml_nbytes's signature; t is live.
+                let Some(n) = (unsafe { as_fn::<NbytesFn>(&NBYTES) }).map(|f| unsafe { f(t) })
+                else {
+                    return (Loc::Later, fallback);
+                };
+                // SAFETY: sched is live and t one of its graph's nodes.
+                let mut backend = unsafe { backend_of(sched, (t as *const GgmlTensor).cast_mut()) };
+                if backend.is_null() {
+                    backend = fallback;
+                }
+                let known = backends[..n_backends].contains(&backend);
+                if backend.is_null()
+                    || used + n > st.gather.len()
+                    || (!known && n_backends == MAX_BACKENDS)
+                {
+                    return (Loc::Later, backend);
+                }
+                if !known {
+                    backends[n_backends] = backend;
+                    n_backends += 1;
+                }
+                // SAFETY: gather[used..used + n] is writable; t is a live tensor of n bytes on
+                // `backend`, read in stream order after the graph that computes it.
+                unsafe { get_async(backend, t, st.gather.as_mut_ptr().add(used).cast(), 0, n) };
+                let at = used;
+                used += n;
+                (Loc::Gathered(at), backend)
             };
-            // SAFETY: sched is live and t one of its graph's nodes.
-            let mut backend = unsafe { backend_of(sched, (t as *const GgmlTensor).cast_mut()) };
-            if backend.is_null() {
-                backend = fallback;
-            }
-            let known = backends[..n_backends].contains(&backend);
-            if backend.is_null()
-                || used + n > st.gather.len()
-                || (!known && n_backends == MAX_BACKENDS)
-            {
-                return (Loc::Later, backend);
-            }
-            if !known {
-                backends[n_backends] = backend;
-                n_backends += 1;
-            }
-            // SAFETY: gather[used..used + n] is writable; t is a live tensor of n bytes on
-            // `backend`, read in stream order after the graph that computes it.
-            unsafe { get_async(backend, t, st.gather.as_mut_ptr().add(used).cast(), 0, n) };
-            let at = used;
-            used += n;
-            (Loc::Gathered(at), backend)
-        };
         for i in 0..nodes.len() {
             let t = nodes.get(i);
             if t.is_null() {
@@ -939,7 +948,12 @@ impl State {
                 }
                 Kind::Hidden(_) => {
                     let (data, _) = fetch(self, tensor, std::ptr::null_mut());
-                    Pending { kind, t, ids: Loc::Later, data }
+                    Pending {
+                        kind,
+                        t,
+                        ids: Loc::Later,
+                        data,
+                    }
                 }
             };
             self.pending.push(p);

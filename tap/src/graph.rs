@@ -73,7 +73,10 @@ pub fn register_target(ctx: *mut c_void) {
 
 /// Whether `ctx` is a tapped context.
 pub fn is_target(ctx: *mut c_void) -> bool {
-    !ctx.is_null() && TARGETS.iter().any(|t| t.load(Ordering::Relaxed) == ctx as usize)
+    !ctx.is_null()
+        && TARGETS
+            .iter()
+            .any(|t| t.load(Ordering::Relaxed) == ctx as usize)
 }
 
 /// Runs `f` with this thread marked as inside a tapped context when `target` holds.

@@ -193,16 +193,18 @@ pub fn set_top_k(top_k: u32) {
 /// wide calls are still counted apart), read once.
 fn wide_rule() -> bool {
     static RULE: OnceLock<bool> = OnceLock::new();
-    *RULE.get_or_init(|| match std::env::var(ENV_PREFILL).as_deref().map(str::trim) {
-        Err(_) | Ok("") | Ok("stream") => true,
-        Ok("admit") => false,
-        Ok(other) => {
-            warn(&format!(
+    *RULE.get_or_init(
+        || match std::env::var(ENV_PREFILL).as_deref().map(str::trim) {
+            Err(_) | Ok("") | Ok("stream") => true,
+            Ok("admit") => false,
+            Ok(other) => {
+                warn(&format!(
                 "{ENV_PREFILL}={other:?} is neither stream nor admit; prompt batches are streamed"
             ));
-            true
-        }
-    })
+                true
+            }
+        },
+    )
 }
 static PROVIDER_NS: AtomicU64 = AtomicU64::new(0);
 

@@ -329,7 +329,11 @@ impl<S> Residency<S> {
         self.tick += 1;
         let tick = self.tick;
         let c = &mut self.counters;
-        let n_used = call.used.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+        let n_used = call
+            .used
+            .iter()
+            .map(|w| w.count_ones() as usize)
+            .sum::<usize>();
         let wide = self.top_k > 0 && n_used > WIDE_FACTOR * self.top_k;
         // Slots first (layer-wide), so that the copies below see the final table.
         for e in (0..n).filter(|&e| call.is_used(e)) {
@@ -471,7 +475,14 @@ pub(crate) mod tests {
             self.dst[dst_off..dst_off + len].copy_from_slice(&slots[off..off + len]);
             self.d2d += len;
         }
-        fn dst_to_slots(&mut self, _: (), dst_off: usize, slots: &mut Vec<u8>, off: usize, len: usize) {
+        fn dst_to_slots(
+            &mut self,
+            _: (),
+            dst_off: usize,
+            slots: &mut Vec<u8>,
+            off: usize,
+            len: usize,
+        ) {
             slots[off..off + len].copy_from_slice(&self.dst[dst_off..dst_off + len]);
             self.d2d += len;
         }
@@ -817,18 +828,33 @@ pub(crate) mod tests {
         // second run.
         step16(&mut res, &mut dev, &src, &[2, 3, 4, 9]);
         let c = res.counters;
-        assert_eq!((c.loads, c.copies_host, c.copies_device), (4, 2, 4), "{c:?}");
+        assert_eq!(
+            (c.loads, c.copies_host, c.copies_device),
+            (4, 2, 4),
+            "{c:?}"
+        );
         // 2 and 3 are hits; 5 and 6 take the slots of 4 and 9 (the least recent, not used by
         // this call) as one run; no slot is left for 11, which is streamed as its own run.
         step16(&mut res, &mut dev, &src, &[2, 3, 5, 6, 11]);
         let d = res.counters;
         // Before batching: one host copy per loaded expert (5, 6) and one for the run [11].
         assert_eq!(d.copies_host_unbatched - c.copies_host_unbatched, 3);
-        assert_eq!(c.copies_host_unbatched, 4, "2, 3, 4 and 9 loaded one by one");
+        assert_eq!(
+            c.copies_host_unbatched, 4,
+            "2, 3, 4 and 9 loaded one by one"
+        );
         assert_eq!(d.hits - c.hits, 2);
         assert_eq!((d.loads - c.loads, d.streamed - c.streamed), (2, 1));
-        assert_eq!(d.copies_host - c.copies_host, 2, "runs [5, 6] and [11]: {d:?}");
-        assert_eq!(d.copies_device - c.copies_device, 4, "2 hits + 2 loads: {d:?}");
+        assert_eq!(
+            d.copies_host - c.copies_host,
+            2,
+            "runs [5, 6] and [11]: {d:?}"
+        );
+        assert_eq!(
+            d.copies_device - c.copies_device,
+            4,
+            "2 hits + 2 loads: {d:?}"
+        );
         // bytes over the link: run [5, 6] is 2 × 300 + 300 padding, [11] is 300 + 300
         assert_eq!(d.bytes_host - c.bytes_host, 900 + 600);
         // A later step serves 5 and 6 from their slots: no host copy at all.
@@ -849,7 +875,12 @@ pub(crate) mod tests {
                 step16(&mut res, &mut dev, &src, &ids);
             }
             // A prompt batch uses 12 experts, the warm ones not among them.
-            step16(&mut res, &mut dev, &src, &[0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+            step16(
+                &mut res,
+                &mut dev,
+                &src,
+                &[0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+            );
             let before = res.counters.hits;
             for ids in [[1, 2], [3, 4]] {
                 step16(&mut res, &mut dev, &src, &ids);
@@ -877,7 +908,11 @@ pub(crate) mod tests {
         let mut dev = HostDevice::default();
         step16(&mut res, &mut dev, &src, &[0, 1, 2, 3, 4, 5]);
         assert_eq!(
-            (res.counters.loads, res.counters.streamed, res.counters.evictions),
+            (
+                res.counters.loads,
+                res.counters.streamed,
+                res.counters.evictions
+            ),
             (4, 2, 0)
         );
         // A plan that wants 9 in the tail and nothing else: a wide call may put 9 over an

@@ -202,11 +202,20 @@ fn render_prefill(s: &mut String, p: &super::PrefillReport) {
     let _ = writeln!(
         s,
         "           {:<8} {:>11} {:>17} {:>10} {:>10} {:>12} {:>12}",
-        "prompts", "pg tok/s", "decode hit ratio", "wide calls", "wide loads", "wide streamed", "host copies/tok"
+        "prompts",
+        "pg tok/s",
+        "decode hit ratio",
+        "wide calls",
+        "wide loads",
+        "wide streamed",
+        "host copies/tok"
     );
     for row in &p.rows {
         let c = row.residency.counters.as_ref();
-        let g = |k: &str| c.and_then(|c| c.get(k)).map_or("-".into(), |v| v.to_string());
+        let g = |k: &str| {
+            c.and_then(|c| c.get(k))
+                .map_or("-".into(), |v| v.to_string())
+        };
         let _ = writeln!(
             s,
             "           {:<8} {:>11.2} {:>17} {:>10} {:>10} {:>12} {:>12}",
