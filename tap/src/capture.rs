@@ -1083,6 +1083,7 @@ impl State {
         // The allocator must have kept every marked tensor apart: if two share memory, its plan
         // did not see the marks, and the bytes read are another layer's. Drop this graph's
         // records (counted) and leave the rest of the process to the eval callback.
+        // SAFETY: NbytesFn is ggml_nbytes's signature.
         if let Some(nbytes) = unsafe { as_fn::<NbytesFn>(&NBYTES) } {
             // SAFETY: the pending tensors are live nodes of this graph.
             if unsafe { marked_memory_overlaps(&self.pending, nbytes) } {
@@ -1226,6 +1227,8 @@ mod tests {
     }
 
     /// Two layers whose weights and argsort (the ids' view source) sit at `layouts`.
+    /// (The tensors are boxed so that the pointers between them stay valid as the list grows.)
+    #[allow(clippy::vec_box)]
     fn graph(layouts: [[usize; 2]; 2]) -> (Vec<Box<GgmlTensor>>, Vec<Pending>) {
         let mut keep = Vec::new();
         let mut pending = Vec::new();
@@ -1254,9 +1257,11 @@ mod tests {
         assert!(!unsafe { marked_memory_overlaps(&apart, f32_bytes) });
         // The reserved plan reused one argsort's memory for the next layer's: caught.
         let (_keep, shared) = graph([[0x1000, 0x2000], [0x1100, 0x2010]]);
+        // SAFETY: as above.
         assert!(unsafe { marked_memory_overlaps(&shared, f32_bytes) });
         // A layer's weights inside another layer's argsort: caught.
         let (_keep, inside) = graph([[0x1000, 0x2000], [0x2008, 0x2100]]);
+        // SAFETY: as above.
         assert!(unsafe { marked_memory_overlaps(&inside, f32_bytes) });
     }
 
