@@ -154,6 +154,9 @@ pub fn heat_json(state: &ServeState) -> Value {
         "recent": recent,
         "totals": {"prompt": s.prompt.total(), "decode": s.decode.total()},
         "history": state.history.to_json(),
+        // The residency provider's counters per layer (`--residency`), as `/spark/status`
+        // has them: the page's per-layer table.
+        "residency_layers": if live.cfg.residency { s.residency_layers_json() } else { Value::Null },
     })
 }
 
