@@ -86,22 +86,43 @@ impl Greeting {
 pub enum HiddenTensor {
     FfnNorm,
     AttnNorm,
+    /// The vector the router multiplies, whatever the arch names it: the input of each layer's
+    /// `ffn_moe_logits` product (on qwen3moe, llama and deepseek2 the same as `ffn_norm`; on
+    /// qwen35moe, qwen3next and gpt-oss `attn_post_norm`, on glm4moe `post_attn_norm`, on gemma4
+    /// an unnamed scaled norm of the attention output).
+    RouterInput,
 }
 
 impl HiddenTensor {
+    pub const ALL: [HiddenTensor; 3] = [
+        HiddenTensor::FfnNorm,
+        HiddenTensor::AttnNorm,
+        HiddenTensor::RouterInput,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             HiddenTensor::FfnNorm => "ffn_norm",
             HiddenTensor::AttnNorm => "attn_norm",
+            HiddenTensor::RouterInput => "router_input",
         }
     }
 
     pub fn parse(s: &str) -> Option<HiddenTensor> {
-        match s {
-            "ffn_norm" => Some(HiddenTensor::FfnNorm),
-            "attn_norm" => Some(HiddenTensor::AttnNorm),
-            _ => None,
+        Self::ALL.into_iter().find(|t| t.name() == s)
+    }
+
+    /// The byte stored in `ring::HiddenChunk::tensor` and the hidden file.
+    pub fn code(self) -> u8 {
+        match self {
+            HiddenTensor::FfnNorm => 0,
+            HiddenTensor::AttnNorm => 1,
+            HiddenTensor::RouterInput => 2,
         }
+    }
+
+    pub fn from_code(c: u8) -> Option<HiddenTensor> {
+        Self::ALL.into_iter().find(|t| t.code() == c)
     }
 }
 
@@ -768,7 +789,11 @@ impl Command {
                     let tensor = match kv.get("tensor") {
                         Ok(t) => match HiddenTensor::parse(t) {
                             Some(t) => t,
-                            None => return bad(format!("tensor={t} is not ffn_norm or attn_norm")),
+                            None => {
+                                return bad(format!(
+                                    "tensor={t} is not ffn_norm, attn_norm or router_input"
+                                ))
+                            }
                         },
                         Err(_) => HiddenTensor::FfnNorm,
                     };

@@ -30,7 +30,7 @@ use crate::ffi::{
     MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, SCHED_TENSOR_BACKEND, SYNCHRONIZE, TENSOR_GET,
     TENSOR_GET_ASYNC,
 };
-use crate::graph::{Nodes, MARK_MAX_TOKENS};
+use crate::graph::{Nodes, GATHER_MAX_TOKENS};
 use crate::log::warn;
 use crate::shared::SHARED;
 
@@ -56,7 +56,7 @@ struct State {
     /// Copy target for tensors that live outside host memory.
     scratch: Vec<u8>,
     /// Copy target for every tensor of a small graph read once after it (`graph.rs`).
-    gather: Vec<u8>,
+    gather: Gather,
     /// The tensors of the graph being read (capacity fixed at init).
     pending: Vec<Pending>,
     /// What the tap saw being put into each `llama_batch_ext` (positions, output flags).
@@ -64,6 +64,46 @@ struct State {
     next_evict: usize,
     /// Expert count of the model the ring was made for (0 = unknown).
     ring_experts: u32,
+}
+
+/// The copy target of the tensors a small graph's device computed, read asynchronously after
+/// the graph: pinned host memory of that device (`ffi::alloc_device_host`), allocated on first
+/// use. It must be pinned: a backend may stage a read into pageable memory through one shared
+/// buffer and copy it out only at the synchronisation (ggml-vulkan does, into
+/// `sync_staging`), so two such reads before one synchronisation would both return the bytes
+/// of the last. Tensors of any other device (or of a device with no pinned memory) are read
+/// after the synchronisation, one by one, as the eval callback reads them.
+struct Gather {
+    len: usize,
+    /// Null until allocated (or when allocation failed).
+    base: *mut u8,
+    /// The backend whose device `base` is pinned for.
+    backend: *mut c_void,
+    tried: bool,
+}
+
+impl Gather {
+    fn new(len: usize) -> Gather {
+        Gather {
+            len,
+            base: std::ptr::null_mut(),
+            backend: std::ptr::null_mut(),
+            tried: false,
+        }
+    }
+
+    /// The pinned target for reads from `backend`, if it has one (allocated at the first ask).
+    fn for_backend(&mut self, backend: *mut c_void) -> Option<*mut u8> {
+        if !self.tried && !backend.is_null() {
+            self.tried = true;
+            // SAFETY: backend is a live backend of the scheduler running this graph.
+            if let Some(p) = unsafe { crate::ffi::alloc_device_host(backend, self.len) } {
+                self.base = p;
+                self.backend = backend;
+            }
+        }
+        (!self.base.is_null() && self.backend == backend).then_some(self.base)
+    }
 }
 
 /// Where a tensor read after its graph can be found once the backends are synchronised.
@@ -80,9 +120,10 @@ enum Loc {
 /// One tensor of a graph being read after it.
 #[derive(Clone, Copy)]
 struct Pending {
-    kind: Kind,
+    layer: u32,
+    /// The routing weights (`ffn_moe_weights-<layer>`).
     t: *const GgmlTensor,
-    /// The routing ids (routing only) and the tensor itself.
+    /// Where the routing ids and the weights are.
     ids: Loc,
     data: Loc,
 }
@@ -260,13 +301,11 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
     let scratch_len = (ubatch
         * (geo.n_expert.max(1) as usize * 4 + 2 * MAX_K * 4 + geo.n_embd as usize * 4))
         .max(1 << 20);
-    // The gather scratch for small graphs read once after they ran: every layer's routing ids
-    // (a view over all experts' order) and weights, plus hidden states when a hidden ring is
-    // handed over, for MARK_MAX_TOKENS tokens; committed lazily as it is written.
-    let hidden_ring = std::env::var_os(ENV_HIDDEN_RING_FD).is_some();
-    let per_layer = MARK_MAX_TOKENS as usize
-        * 4
-        * (geo.n_expert as usize + 2 * MAX_K + if hidden_ring { geo.n_embd as usize } else { 0 });
+    // The gather target for graphs read once after they ran: every layer's routing ids (a view
+    // over all experts' order) and weights for GATHER_MAX_TOKENS tokens (pinned memory of the
+    // device, allocated at first use; larger graphs' tensors that do not fit are read one by
+    // one after the synchronisation).
+    let per_layer = GATHER_MAX_TOKENS as usize * 4 * (geo.n_expert as usize + 2 * MAX_K);
     let gather_len = (per_layer * geo.n_layer.max(1) as usize).min(256 << 20);
     let pending_cap = 2 * geo.n_layer.max(1) as usize + 8;
     let first = with_state_init(|slot| {
@@ -312,7 +351,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 hidden_rows: RowMap::new(),
                 hidden,
                 scratch: vec![0u8; scratch_len],
-                gather: vec![0u8; gather_len],
+                gather: Gather::new(gather_len),
                 pending: Vec::with_capacity(pending_cap),
                 shadows: std::array::from_fn(|_| Shadow::new(cap)),
                 next_evict: 0,
@@ -550,6 +589,27 @@ fn mark(t: *mut GgmlTensor) {
     }
 }
 
+/// The input of a layer's router product `ffn_moe_logits-<layer>` (its `src[1]`): contiguous
+/// f32 `[n_embd, rows]` with the product's rows, multiplied by a `[n_embd, n_expert]` router.
+/// `None` when the product is not of that form (a LoRA-adapted router, whose named node is an
+/// addition): then nothing is captured, never a guess. Read when the eval callback gets the
+/// product, before any later node can reuse the input's memory.
+///
+/// # Safety
+/// `logits` must be a live tensor.
+unsafe fn router_input(logits: &GgmlTensor) -> Option<&GgmlTensor> {
+    let (w, x) = (logits.src[0], logits.src[1]);
+    if w.is_null() || x.is_null() {
+        return None;
+    }
+    // SAFETY: a live tensor's sources are live.
+    let (w, x) = unsafe { (&*w, &*x) };
+    let rows_match = x.ne[1..] == logits.ne[1..];
+    let product = w.ne[0] == x.ne[0] && w.ne[1] == logits.ne[0];
+    let contiguous = x.nb[0] == 4 && x.nb[1] == 4 * x.ne[0].max(0) as usize;
+    (x.type_ == GGML_TYPE_F32 && rows_match && product && contiguous).then_some(x)
+}
+
 /// Rows (tokens) of a tensor.
 fn rows_of(t: &GgmlTensor) -> i64 {
     t.ne[1] * t.ne[2] * t.ne[3]
@@ -575,21 +635,23 @@ fn routing_ids(w: &GgmlTensor) -> Option<&GgmlTensor> {
     Some(ids_t)
 }
 
-/// Marks the routing (and, while hidden capture is on, hidden-state) tensors of a small graph
-/// as outputs, to be read after it (graph observer, PREPARE).
+/// Marks the routing tensors of every graph as outputs, to be read after it (graph observer,
+/// PREPARE).
+///
+/// Every graph, whatever its size, measure graphs included: ggml's allocator keeps the plan it
+/// made when the scheduler reserved memory and reuses it for any later graph of the same node
+/// count without looking at output flags (`ggml_gallocr_needs_realloc`). If the reserved graph
+/// (a full ubatch) had not been marked, a decode graph marked at its own PREPARE would still
+/// get that plan, in which every layer's routing ids share one piece of memory: each layer
+/// would read the last layer's experts. Marking every graph makes every plan keep them.
+/// Hidden states (`n_embd` floats per token, far larger) are never marked: the eval callback
+/// reads them.
 ///
 /// # Safety
 /// `graph` must be a live graph being prepared.
 pub unsafe fn on_graph_prepare(graph: *mut c_void) {
-    let capturing = with_state(|slot| {
-        slot.as_ref().map_or((false, false), |st| {
-            (st.producer.is_some(), st.hidden.is_some())
-        })
-    });
-    let Some((routing, hidden)) = capturing else {
-        return;
-    };
-    if !routing && !hidden {
+    let routing = with_state(|slot| slot.as_ref().is_some_and(|st| st.producer.is_some()));
+    if routing != Some(true) {
         return;
     }
     // SAFETY: forwarded from the caller.
@@ -603,17 +665,12 @@ pub unsafe fn on_graph_prepare(graph: *mut c_void) {
         }
         // SAFETY: a live node.
         let tensor = unsafe { &*t };
-        match classify(&tensor.name) {
-            Some(Kind::Routing(_)) if routing => {
-                let ids = tensor.src[1];
-                // SAFETY: a live node's sources are live.
-                if !ids.is_null() && rows_of(unsafe { &*ids }) <= MARK_MAX_TOKENS {
-                    mark(t);
-                    mark(ids);
-                }
+        if let Some(Kind::Routing(_)) = classify(&tensor.name) {
+            let ids = tensor.src[1];
+            if !ids.is_null() {
+                mark(t);
+                mark(ids);
             }
-            Some(Kind::Hidden(_)) if hidden && rows_of(tensor) <= MARK_MAX_TOKENS => mark(t),
-            _ => {}
         }
     }
 }
@@ -646,6 +703,8 @@ fn classify(name: &[c_char; 64]) -> Option<Kind> {
         let prefix: &[u8] = match SHARED.hidden_tensor() {
             HiddenTensor::FfnNorm => b"ffn_norm-",
             HiddenTensor::AttnNorm => b"attn_norm-",
+            // The router's product; its input is what is captured (`capture_hidden`).
+            HiddenTensor::RouterInput => b"ffn_moe_logits-",
         };
         if bytes.starts_with(prefix) {
             return parse_layer(&bytes[prefix.len()..]).map(Kind::Hidden);
@@ -731,6 +790,19 @@ impl State {
     /// # Safety
     /// `t` must be a computed, live tensor.
     unsafe fn capture_hidden(&mut self, t: &GgmlTensor, layer: u32) {
+        let t = match SHARED.hidden_tensor() {
+            // SAFETY: t is live, so are its sources.
+            HiddenTensor::RouterInput => match unsafe { router_input(t) } {
+                Some(x) => x,
+                None => {
+                    let rows = rows_of(t).max(0) as usize;
+                    self.hidden_rows.advance(layer, rows);
+                    SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+                    return;
+                }
+            },
+            _ => t,
+        };
         // SAFETY: t is computed and live.
         let Some((base, _)) = (unsafe { self.bytes_of(t, 0) }) else {
             // The rows still advance, so that later layers map to the right tokens.
@@ -757,7 +829,7 @@ impl State {
         }
         let every = SHARED.hidden_every.load(Ordering::Relaxed).max(1);
         let budget = SHARED.hidden_budget.load(Ordering::Relaxed);
-        let tensor = u8::from(SHARED.hidden_tensor() == HiddenTensor::AttnNorm);
+        let tensor = SHARED.hidden_tensor().code();
         let request = SHARED.request.load(Ordering::Relaxed);
         let Some(producer) = self.hidden.as_mut() else {
             return;
@@ -905,18 +977,22 @@ impl State {
                 }
                 let known = backends[..n_backends].contains(&backend);
                 if backend.is_null()
-                    || used + n > st.gather.len()
+                    || used + n > st.gather.len
                     || (!known && n_backends == MAX_BACKENDS)
                 {
                     return (Loc::Later, backend);
                 }
+                let Some(base) = st.gather.for_backend(backend) else {
+                    return (Loc::Later, backend);
+                };
                 if !known {
                     backends[n_backends] = backend;
                     n_backends += 1;
                 }
-                // SAFETY: gather[used..used + n] is writable; t is a live tensor of n bytes on
-                // `backend`, read in stream order after the graph that computes it.
-                unsafe { get_async(backend, t, st.gather.as_mut_ptr().add(used).cast(), 0, n) };
+                // SAFETY: base[used..used + n] is writable pinned memory of gather.len bytes; t
+                // is a live tensor of n bytes on `backend`, read in stream order after the graph
+                // that computes it.
+                unsafe { get_async(backend, t, base.add(used).cast(), 0, n) };
                 let at = used;
                 used += n;
                 (Loc::Gathered(at), backend)
@@ -931,32 +1007,24 @@ impl State {
             if !read_after_graph(tensor) {
                 continue;
             }
-            let Some(kind) = classify(&tensor.name) else {
+            // Only routing tensors are marked (hidden states go through the eval callback).
+            let Some(Kind::Routing(layer)) = classify(&tensor.name) else {
                 continue;
             };
             if self.pending.len() == self.pending.capacity() {
                 break; // never grows here; the rest stays uncaptured and is counted below
             }
-            let p = match kind {
-                Kind::Routing(_) => {
-                    let Some(ids_t) = routing_ids(tensor) else {
-                        continue;
-                    };
-                    let (data, backend) = fetch(self, tensor, std::ptr::null_mut());
-                    let (ids, _) = fetch(self, ids_t, backend);
-                    Pending { kind, t, ids, data }
-                }
-                Kind::Hidden(_) => {
-                    let (data, _) = fetch(self, tensor, std::ptr::null_mut());
-                    Pending {
-                        kind,
-                        t,
-                        ids: Loc::Later,
-                        data,
-                    }
-                }
+            let Some(ids_t) = routing_ids(tensor) else {
+                continue;
             };
-            self.pending.push(p);
+            let (data, backend) = fetch(self, tensor, std::ptr::null_mut());
+            let (ids, _) = fetch(self, ids_t, backend);
+            self.pending.push(Pending {
+                layer,
+                t,
+                ids,
+                data,
+            });
         }
         // Phase 2: one synchronisation per backend.
         for &b in &backends[..n_backends] {
@@ -969,34 +1037,21 @@ impl State {
             let p = self.pending[i];
             // SAFETY: a node of the graph, still live during the event.
             let t = unsafe { &*p.t };
-            match p.kind {
-                Kind::Routing(layer) => {
-                    routed = true;
-                    let Some(ids_t) = routing_ids(t) else {
-                        continue;
-                    };
-                    let (Loc::Host(_) | Loc::Gathered(_), Loc::Host(_) | Loc::Gathered(_)) =
-                        (p.ids, p.data)
-                    else {
-                        // SAFETY: the graph has been synchronised; t is computed and live.
-                        unsafe { self.capture_routing(t, layer) };
-                        continue;
-                    };
-                    let ids_p = self.located(p.ids);
-                    let w_p = self.located(p.data);
-                    // SAFETY: both locations hold the tensors' bytes after the synchronisation.
-                    unsafe { self.emit_routing(t, ids_t, ids_p, w_p, layer) }
-                }
-                Kind::Hidden(layer) => match p.data {
-                    // SAFETY: as above.
-                    Loc::Later => unsafe { self.capture_hidden(t, layer) },
-                    loc => {
-                        let base = self.located(loc);
-                        // SAFETY: as above.
-                        unsafe { self.emit_hidden(t, layer, base) }
-                    }
-                },
-            }
+            routed = true;
+            let Some(ids_t) = routing_ids(t) else {
+                continue;
+            };
+            let (Loc::Host(_) | Loc::Gathered(_), Loc::Host(_) | Loc::Gathered(_)) =
+                (p.ids, p.data)
+            else {
+                // SAFETY: the graph has been synchronised; t is computed and live.
+                unsafe { self.capture_routing(t, p.layer) };
+                continue;
+            };
+            let ids_p = self.located(p.ids);
+            let w_p = self.located(p.data);
+            // SAFETY: both locations hold the tensors' bytes after the synchronisation.
+            unsafe { self.emit_routing(t, ids_t, ids_p, w_p, p.layer) }
         }
         if routed {
             SHARED.graph_reads.fetch_add(1, Ordering::Relaxed);
@@ -1006,7 +1061,7 @@ impl State {
     fn located(&self, loc: Loc) -> *const u8 {
         match loc {
             Loc::Host(p) => p,
-            Loc::Gathered(at) => self.gather.as_ptr().wrapping_add(at),
+            Loc::Gathered(at) => self.gather.base.cast_const().wrapping_add(at),
             Loc::Later => std::ptr::null(),
         }
     }

@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use spark_proto::control::{
-    respond, Greeting, HiddenConfig, HiddenTensor, Reply, ResidencyLayers, ResidencyStats,
-    TapControl, TapStats, WantPlan, ERR_TOO_LONG, MAX_LINE,
+    respond, Greeting, HiddenConfig, Reply, ResidencyLayers, ResidencyStats, TapControl,
+    TapStats, WantPlan, ERR_TOO_LONG, MAX_LINE,
 };
 use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING_FD};
 
@@ -120,10 +120,9 @@ impl TapControl for Tap {
                 SHARED
                     .hidden_budget
                     .store(u64::from(h.budget_mib) << 20, Ordering::Relaxed);
-                SHARED.hidden_tensor.store(
-                    u8::from(h.tensor == HiddenTensor::AttnNorm),
-                    Ordering::Relaxed,
-                );
+                SHARED
+                    .hidden_tensor
+                    .store(h.tensor.code(), Ordering::Relaxed);
                 SHARED.hidden_bytes.store(0, Ordering::Relaxed);
                 SHARED.hidden_on.store(true, Ordering::Release);
                 Ok(())

@@ -32,19 +32,17 @@ use spark_proto::hook::{
     ENV_RESIDENCY_SLOTS as ENV_SLOTS,
 };
 
-use crate::ffi::{as_fn, GgmlTensor, Sym, GGML_TYPE_I8};
+use crate::ffi::{
+    as_fn, BufferBaseFn, BuftAllocFn, GgmlTensor, Sym, BUFFER_BASE, BUFT_ALLOC, GGML_TYPE_I8,
+};
 use crate::log::warn;
 use crate::residency::{Call, Counters, Device, Residency, PINNED, TAIL};
 
 static GET_BUFT: Sym = Sym::global(c"ggml_backend_get_default_buffer_type");
-static BUFT_ALLOC: Sym = Sym::global(c"ggml_backend_buft_alloc_buffer");
-static BUFFER_BASE: Sym = Sym::global(c"ggml_backend_buffer_get_base");
 static SET_ASYNC: Sym = Sym::global(c"ggml_backend_tensor_set_async");
 static COPY_ASYNC: Sym = Sym::global(c"ggml_backend_tensor_copy_async");
 
 type GetBuftFn = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
-type BuftAllocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
-type BufferBaseFn = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
 type SetAsyncFn = unsafe extern "C" fn(*mut c_void, *mut GgmlTensor, *const c_void, usize, usize);
 type CopyAsyncFn =
     unsafe extern "C" fn(*mut c_void, *mut c_void, *const GgmlTensor, *mut GgmlTensor);
