@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use spark_proto::control::{
-    respond, Greeting, HiddenConfig, Reply, ResidencyLayers, ResidencyStats, TapControl,
-    TapStats, WantPlan, ERR_TOO_LONG, MAX_LINE,
+    respond, Greeting, HiddenConfig, Reply, ResidencyLayers, ResidencyStats, TapControl, TapStats,
+    WantPlan, ERR_TOO_LONG, MAX_LINE,
 };
 use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING_FD};
 

@@ -187,12 +187,12 @@ static LAYERS: AtomicU64 = AtomicU64::new(0);
 
 /// One layer's counters on the wire's order (`LayerCounters::to_array`).
 type LayerCells = [AtomicU64; LayerCounters::FIELDS];
-const ZERO_CELLS: LayerCells = [const { AtomicU64::new(0) }; LayerCounters::FIELDS];
 /// Counters per layer, for layers below the table's size: static, so the hook path never
 /// allocates. Written only by the thread inside the provider (under `STATE`).
-static LAYER_COUNTERS: [LayerCells; RESIDENCY_TABLE_LAYERS] = [ZERO_CELLS; RESIDENCY_TABLE_LAYERS];
+static LAYER_COUNTERS: [LayerCells; RESIDENCY_TABLE_LAYERS] =
+    [const { [const { AtomicU64::new(0) }; LayerCounters::FIELDS] }; RESIDENCY_TABLE_LAYERS];
 /// Layers past the table, or whose tensor name gave none (meter mode), added up.
-static OTHER_LAYERS: LayerCells = ZERO_CELLS;
+static OTHER_LAYERS: LayerCells = [const { AtomicU64::new(0) }; LayerCounters::FIELDS];
 /// One past the highest layer counted: the reader looks no further.
 static LAYERS_SEEN: AtomicUsize = AtomicUsize::new(0);
 /// Sequence lock over `COUNTERS`, `LAYERS` and the layer counters: odd while the provider
