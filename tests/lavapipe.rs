@@ -478,12 +478,15 @@ fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
     assert_eq!(r2["declined"], 0, "{r2}");
     assert_eq!(r2["error"], Value::Null, "{r2}");
 
-    let metrics = ureq::get(&served.url("/spark/metrics"))
-        .timeout(Duration::from_secs(5))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics_now = || {
+        ureq::get(&served.url("/spark/metrics"))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    let metrics = metrics_now();
     let metric = |name: &str| -> u64 {
         metrics
             .lines()
@@ -515,12 +518,7 @@ fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
         layers2.iter().any(|row| row["streamed"].as_u64() > Some(0)),
         "{layers2:?}"
     );
-    let metrics = ureq::get(&served.url("/spark/metrics"))
-        .timeout(Duration::from_secs(5))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = metrics_now();
     for l in 0..n_layer {
         for (source, k) in [("hit", "hits"), ("load", "loads"), ("stream", "streamed")] {
             let name = format!(
