@@ -1044,6 +1044,122 @@ mod tests {
         );
     }
 
+    /// A tap on the other end of a control pair, answering with `spark_proto`'s own dispatch:
+    /// its first `residency layers` snapshot does not add up (a layer short of the totals),
+    /// later ones do; with `old`, it predates the command and refuses it.
+    fn fake_tap(theirs: std::os::fd::OwnedFd, old: bool) -> std::thread::JoinHandle<()> {
+        use spark_proto::control::{respond, HiddenConfig, TapControl, TapStats};
+        use std::io::{BufRead, Write};
+        struct Tap(u32);
+        impl TapControl for Tap {
+            fn stats(&mut self) -> TapStats {
+                TapStats::default()
+            }
+            fn flush(&mut self) -> u64 {
+                0
+            }
+            fn reset(&mut self) {}
+            fn set_request(&mut self, _: u32) {}
+            fn set_hidden(&mut self, _: Option<HiddenConfig>) -> Result<(), String> {
+                Ok(())
+            }
+            fn residency(&mut self) -> ResidencyStats {
+                ResidencyStats {
+                    slots: 2,
+                    hits: 5,
+                    loads: 1,
+                    ..Default::default()
+                }
+            }
+            fn residency_layers(&mut self, _: bool) -> Result<ResidencyLayers, String> {
+                self.0 += 1;
+                let c = LayerCounters::from_array;
+                let layer1 = if self.0 == 1 { 0 } else { 3 };
+                Ok(ResidencyLayers {
+                    seq: u64::from(self.0),
+                    totals: c([5, 1, 0, 0, 0, 0]),
+                    other: LayerCounters::default(),
+                    layers: vec![(0, c([2, 1, 0, 0, 0, 0])), (1, c([layer1, 0, 0, 0, 0, 0]))],
+                })
+            }
+            fn want(&mut self, _: &WantPlan, _: bool) -> Result<(), String> {
+                Ok(())
+            }
+        }
+        let stream = std::os::unix::net::UnixStream::from(theirs);
+        std::thread::spawn(move || {
+            let mut out = stream.try_clone().unwrap();
+            let mut tap = Tap(0);
+            for line in std::io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                let reply = if old && line.starts_with("residency layers") {
+                    "err bad-args residency takes no arguments".to_string()
+                } else {
+                    respond(&line, &mut tap).reply.to_line()
+                };
+                if writeln!(out, "{reply}").is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    fn live_with_tap(old: bool) -> (Live, LiveShared, std::thread::JoinHandle<()>) {
+        let (client, theirs) = crate::control::pair().unwrap();
+        let peer = fake_tap(theirs, old);
+        let mut c = cfg(None);
+        c.residency = true;
+        let (mut live, shared) = Live::new(c);
+        live.control = Some(client);
+        live.sent = vec![None; live.cfg.n_layer];
+        (live, shared, peer)
+    }
+
+    #[test]
+    fn per_layer_counters_that_do_not_add_up_are_counted_and_not_shown() {
+        let (mut live, shared, peer) = live_with_tap(false);
+        live.publish_plan();
+        {
+            let s = shared.lock().unwrap();
+            assert_eq!(s.residency.map(|r| r.hits), Some(5), "the totals are read");
+            assert_eq!(s.residency_layer_errors, 1);
+            assert!(s.residency_layers.is_none());
+            let e = s.residency_layers_error.as_deref().unwrap();
+            assert!(
+                e.contains("add up to 2,1,0,0,0,0 but the totals are 5,1,0,0,0,0"),
+                "{e}"
+            );
+            assert!(
+                s.residency_error.is_none(),
+                "plans still go out: {:?}",
+                s.residency_error
+            );
+        }
+        // The next read adds up: it is taken, the error count stays.
+        live.publish_plan();
+        {
+            let s = shared.lock().unwrap();
+            assert_eq!(s.residency_layer_errors, 1);
+            let l = s.residency_layers.as_ref().unwrap();
+            assert_eq!((l.seq, l.layers.len()), (2, 2));
+        }
+        live.control = None;
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn a_tap_without_per_layer_counters_leaves_the_totals_alone() {
+        let (mut live, shared, peer) = live_with_tap(true);
+        live.publish_plan();
+        let s = shared.lock().unwrap();
+        assert_eq!(s.residency.map(|r| r.hits), Some(5));
+        assert_eq!(s.residency_layer_errors, 0);
+        assert!(s.residency_layers.is_none() && s.residency_layers_error.is_none());
+        drop(s);
+        live.control = None;
+        peer.join().unwrap();
+    }
+
     #[test]
     fn residency_counters_per_layer_keep_their_totals_across_child_restarts() {
         let mut eight = cfg(None);
