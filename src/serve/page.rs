@@ -22,7 +22,8 @@ pub const HISTORY_EVERY: Duration = Duration::from_secs(2);
 const HISTORY_LEN: usize = 300;
 
 /// One sample of the hit ratios: unix seconds, the shadow cache's over its window, the Belady
-/// bound over the same steps, the residency provider's (each `None` before there is any).
+/// bound over the same steps, the residency provider's since serve started, every child's (each
+/// `None` before there is any).
 type Sample = (f64, Option<f64>, Option<f64>, Option<f64>);
 
 /// The hit ratios over the last ten minutes, sampled on the serve runtime, so a page opened
@@ -67,7 +68,7 @@ fn sample(state: &ServeState) -> Sample {
         now,
         ratio(s.window_misses),
         ratio(s.window_belady_misses),
-        s.residency.and_then(|r| r.hit_ratio()),
+        s.residency_totals().and_then(|r| r.hit_ratio()),
     )
 }
 
