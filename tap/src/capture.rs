@@ -573,7 +573,7 @@ enum Kind {
 /// Whether the graph observer marked `t` to be read after its graph (`graph.rs`): then the
 /// eval callback neither asks for it nor reads it.
 fn read_after_graph(t: &GgmlTensor) -> bool {
-    t.flags & GGML_TENSOR_FLAG_OUTPUT != 0
+    t.flags & GGML_TENSOR_FLAG_OUTPUT != 0 && crate::graph::enabled()
 }
 
 fn mark(t: *mut GgmlTensor) {
@@ -608,6 +608,55 @@ unsafe fn router_input(logits: &GgmlTensor) -> Option<&GgmlTensor> {
     let product = w.ne[0] == x.ne[0] && w.ne[1] == logits.ne[0];
     let contiguous = x.nb[0] == 4 && x.nb[1] == 4 * x.ne[0].max(0) as usize;
     (x.type_ == GGML_TYPE_F32 && rows_match && product && contiguous).then_some(x)
+}
+
+/// Whether any two of the memory ranges the pending tensors read from (each one's routing
+/// weights, and the whole tensor its ids are a view of) overlap in one buffer.
+///
+/// # Safety
+/// Every `p.t` must be a live tensor.
+unsafe fn marked_memory_overlaps(
+    pending: &[Pending],
+    nbytes: unsafe extern "C" fn(*const GgmlTensor) -> usize,
+) -> bool {
+    // SAFETY: live tensors (caller), their sources live too.
+    let ranges = |p: &Pending| -> [(usize, usize, usize); 2] {
+        let range = |t: *const GgmlTensor| -> (usize, usize, usize) {
+            if t.is_null() {
+                return (0, 0, 0);
+            }
+            // SAFETY: as above.
+            let t = unsafe { &*t };
+            let base = if t.view_src.is_null() {
+                t
+            } else {
+                // SAFETY: as above.
+                unsafe { &*t.view_src }
+            };
+            let start = base.data as usize;
+            // SAFETY: a live tensor.
+            (base.buffer as usize, start, start + unsafe { nbytes(base) })
+        };
+        // SAFETY: as above.
+        let w = unsafe { &*p.t };
+        [range(p.t), range(w.src[1])]
+    };
+    let apart = |a: (usize, usize, usize), b: (usize, usize, usize)| {
+        a.0 != b.0 || a.1 == 0 || b.1 == 0 || a.2 <= b.1 || b.2 <= a.1
+    };
+    for (i, p) in pending.iter().enumerate() {
+        let [w, ids] = ranges(p);
+        if !apart(w, ids) {
+            return true;
+        }
+        for q in &pending[i + 1..] {
+            let [w2, ids2] = ranges(q);
+            if !(apart(w, w2) && apart(w, ids2) && apart(ids, w2) && apart(ids, ids2)) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// Rows (tokens) of a tensor.
@@ -1031,6 +1080,21 @@ impl State {
             // SAFETY: a live backend of this scheduler.
             unsafe { sync(b) };
         }
+        // The allocator must have kept every marked tensor apart: if two share memory, its plan
+        // did not see the marks, and the bytes read are another layer's. Drop this graph's
+        // records (counted) and leave the rest of the process to the eval callback.
+        if let Some(nbytes) = unsafe { as_fn::<NbytesFn>(&NBYTES) } {
+            // SAFETY: the pending tensors are live nodes of this graph.
+            if unsafe { marked_memory_overlaps(&self.pending, nbytes) } {
+                for p in &self.pending {
+                    // SAFETY: as above.
+                    let rows = rows_of(unsafe { &*p.t }).max(0) as u64;
+                    SHARED.dropped.fetch_add(rows, Ordering::Relaxed);
+                }
+                crate::graph::stand_down("two layers' routing tensors shared memory in a graph");
+                return;
+            }
+        }
         // Phase 3: records, layer by layer in graph order (as the eval callback emits them).
         let mut routed = false;
         for i in 0..self.pending.len() {
@@ -1145,6 +1209,56 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tensor of `n` f32 values at `data` in `buffer`, optionally a view of `view_src`.
+    fn tensor(buffer: usize, data: usize, n: i64) -> Box<GgmlTensor> {
+        // SAFETY: GgmlTensor is plain data (integers and raw pointers); all zeroes is valid.
+        let mut t: Box<GgmlTensor> = Box::new(unsafe { std::mem::zeroed() });
+        t.buffer = buffer as *mut c_void;
+        t.data = data as *mut c_void;
+        t.ne = [n, 1, 1, 1];
+        t
+    }
+
+    unsafe extern "C" fn f32_bytes(t: *const GgmlTensor) -> usize {
+        // SAFETY: the test's own live tensors.
+        unsafe { (*t).ne[0] as usize * 4 }
+    }
+
+    /// Two layers whose weights and argsort (the ids' view source) sit at `layouts`.
+    fn graph(layouts: [[usize; 2]; 2]) -> (Vec<Box<GgmlTensor>>, Vec<Pending>) {
+        let mut keep = Vec::new();
+        let mut pending = Vec::new();
+        for (layer, [w_at, sort_at]) in layouts.into_iter().enumerate() {
+            let sort = tensor(1, sort_at, 8);
+            let mut ids = tensor(1, sort_at, 2);
+            ids.view_src = &*sort as *const GgmlTensor as *mut GgmlTensor;
+            let mut w = tensor(1, w_at, 2);
+            w.src[1] = &*ids as *const GgmlTensor as *mut GgmlTensor;
+            pending.push(Pending {
+                layer: layer as u32,
+                t: &*w,
+                ids: Loc::Later,
+                data: Loc::Later,
+            });
+            keep.extend([sort, ids, w]);
+        }
+        (keep, pending)
+    }
+
+    #[test]
+    fn marked_tensors_that_share_memory_are_caught() {
+        // Apart: weights at 0x1000 and 0x1100, argsorts (8 floats = 32 bytes) at 0x2000, 0x2100.
+        let (_keep, apart) = graph([[0x1000, 0x2000], [0x1100, 0x2100]]);
+        // SAFETY: the tensors in _keep outlive the call.
+        assert!(!unsafe { marked_memory_overlaps(&apart, f32_bytes) });
+        // The reserved plan reused one argsort's memory for the next layer's: caught.
+        let (_keep, shared) = graph([[0x1000, 0x2000], [0x1100, 0x2010]]);
+        assert!(unsafe { marked_memory_overlaps(&shared, f32_bytes) });
+        // A layer's weights inside another layer's argsort: caught.
+        let (_keep, inside) = graph([[0x1000, 0x2000], [0x2008, 0x2100]]);
+        assert!(unsafe { marked_memory_overlaps(&inside, f32_bytes) });
+    }
 
     fn name(s: &str) -> [c_char; 64] {
         let mut n = [0 as c_char; 64];
