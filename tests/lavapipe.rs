@@ -722,6 +722,14 @@ fn bench_residency_bytes_measures_the_copies_and_predicts_the_hits() {
     }
 }
 
+/// llama-server's arguments that put every layer on the device (flash attention off: lavapipe).
+fn every_layer_on_the_device() -> Vec<String> {
+    ["-ngl", "99", "-fa", "off"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// Telemetry with every layer on the device: the routing captured on lavapipe equals the
 /// analytic computation, and hidden states are captured there too.
 #[test]
@@ -731,10 +739,7 @@ fn bench_residency_bytes_measures_the_copies_and_predicts_the_hits() {
 )]
 fn telemetry_on_the_device_is_exact() {
     let server = vulkan_server();
-    let args: Vec<String> = ["-ngl", "99", "-fa", "off"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args = every_layer_on_the_device();
     let summary =
         crate::telemetry::check_analytic_routing(&server, &args, &[(ENV_VK_DEVICES, "0")]);
     // The hooked engine calls the graph observer (tap/src/graph.rs): graphs were read once each
@@ -756,10 +761,7 @@ fn telemetry_on_the_device_is_exact() {
 )]
 fn every_arch_captures_exactly_on_the_device() {
     let server = vulkan_server();
-    let args: Vec<String> = ["-ngl", "99", "-fa", "off"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args = every_layer_on_the_device();
     for arch in crate::archs::ARCHS {
         let (c, s) =
             crate::archs::check_arch_routing(&server, arch, &[], &args, &[(ENV_VK_DEVICES, "0")]);
