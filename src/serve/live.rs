@@ -8,7 +8,7 @@
 //! it a new ring after every restart. Never blocks the engine (the ring overruns and counts),
 //! never writes a profile for another model (the fingerprint is checked at start).
 //!
-//! Why this file is over 800 lines: about 200 of them are tests of the fold; the code itself
+//! Why this file is over 800 lines: about 440 of them are tests of the fold; the code itself
 //! (ring → counts, shadow cache, Belady window, plans, profile rewrite) is one thread's loop.
 
 use std::collections::{HashMap, VecDeque};
