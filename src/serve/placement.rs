@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use serde::Serialize;
-use spark_proto::hook::ENV_OFFLOAD_MIN_BATCH;
+use spark_proto::hook::{SlotCounts, ENV_OFFLOAD_MIN_BATCH};
 
 use crate::cache::PolicyKind;
 use crate::gguf::{GgmlType, GgufFile, MoeGeometry};
@@ -201,7 +201,9 @@ pub fn shadow_slots(cache_slots: Option<u32>, geometry: &MoeGeometry) -> Result<
 
 /// What `--residency` adds to a serve run.
 pub struct ResidencySetup {
-    pub slots: u64,
+    /// Slots of each expert layer: one count (`--cache-slots`, the default, or the decision's
+    /// uniform split) or the decision's per-layer split.
+    pub slots: SlotCounts,
     /// Bytes of one slot in each MoE layer (every expert tensor's slice plus the padding
     /// stock copies after it).
     pub slot_bytes: Vec<(u32, u64)>,
@@ -217,9 +219,20 @@ impl ResidencySetup {
             .slot_bytes
             .iter()
             .filter(|(l, _)| layers.contains(l))
-            .map(|(_, b)| b)
+            .map(|(l, b)| b * u64::from(self.slots.of_layer(*l)))
             .sum();
-        (self.slots * bytes).div_ceil(1 << 20)
+        bytes.div_ceil(1 << 20)
+    }
+
+    /// The slots in words, for the start lines.
+    fn describe(&self) -> String {
+        match &self.slots {
+            SlotCounts::Uniform(n) => format!("{n} slots per expert layer"),
+            SlotCounts::PerLayer(v) => format!(
+                "slots per expert layer {} (per-layer)",
+                SlotCounts::PerLayer(v.clone()).to_env()
+            ),
+        }
     }
 }
 
@@ -250,8 +263,8 @@ fn place_with_slots(
         tracing::info!("residency: every expert fits in VRAM at this budget; the provider has nothing to serve");
     } else {
         tracing::info!(
-            "residency: {} slots per expert layer in {} host-resident expert layers, {} MiB of VRAM kept for them",
-            r.slots,
+            "residency: {} in {} host-resident expert layers, {} MiB of VRAM kept for them",
+            r.describe(),
             host.len(),
             r.mib(&host)
         );
@@ -260,13 +273,13 @@ fn place_with_slots(
     Ok(p)
 }
 
-/// Sizes `--residency`'s slots: `slots` per MoE layer of `model`, their VRAM out of
+/// Sizes `--residency`'s slots: `slots` in each MoE layer of `model`, their VRAM out of
 /// `vram_budget_mib`, and the child's environment for the provider.
 pub fn residency_setup(
     model: &Path,
     geometry: &MoeGeometry,
     vram_budget_mib: Option<u64>,
-    slots: u32,
+    slots: SlotCounts,
     policy: PolicyKind,
 ) -> Result<ResidencySetup, SlotsRefused> {
     if !geometry.is_moe() {
@@ -280,7 +293,6 @@ pub fn residency_setup(
             "--residency needs --vram-budget: the slots and the placement share it".into(),
         ));
     };
-    let slots = u64::from(slots);
     let slot_bytes = geometry
         .moe_layers
         .iter()
@@ -296,7 +308,7 @@ pub fn residency_setup(
     // The scheduler setting is the user's when they set it.
     let env = TapEnv {
         offload_min_batch: std::env::var_os(ENV_OFFLOAD_MIN_BATCH).is_none(),
-        provider: Some(Provider::Slots(slots)),
+        provider: Some(Provider::Slots(slots.clone())),
         ..TapEnv::default()
     }
     .vars();
@@ -309,11 +321,13 @@ pub fn residency_setup(
     let slot_mib = r.mib(&all);
     if slot_mib >= budget {
         return Err(SlotsRefused(format!(
-            "--residency: {slots} slots per layer take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget"
+            "--residency: {} take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget",
+            r.describe()
         )));
     }
     tracing::info!(
-        "residency: {slots} slots per expert layer (at most {slot_mib} MiB of VRAM), policy {}",
+        "residency: {} (at most {slot_mib} MiB of VRAM), policy {}",
+        r.describe(),
         policy.name()
     );
     Ok(r)
@@ -413,11 +427,22 @@ mod tests {
 
     fn setup() -> ResidencySetup {
         ResidencySetup {
-            slots: 4,
+            slots: SlotCounts::Uniform(4),
             // 8 MoE layers of 1 MiB per slot: 4 MiB per layer for 4 slots
             slot_bytes: (0..8).map(|l| (l, 1 << 20)).collect(),
             env: vec![],
         }
+    }
+
+    #[test]
+    fn per_layer_slots_keep_each_layers_own_count_of_vram() {
+        let mut r = setup();
+        // Layers 0..3 with 2, 6, 0 slots; unnamed layers have none.
+        r.slots = SlotCounts::per_layer([(0, 2), (1, 6), (2, 0)]);
+        assert_eq!(r.mib(&[0, 1, 2, 3]), 8);
+        assert_eq!(r.mib(&[1]), 6);
+        assert_eq!(r.mib(&[2, 3, 7]), 0);
+        assert!(r.describe().contains("0:2,1:6,2:0"), "{}", r.describe());
     }
 
     #[test]

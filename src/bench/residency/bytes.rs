@@ -104,7 +104,7 @@ pub(super) fn measure_bytes(
             tap: Some(tap.to_path_buf()),
             ring_fd: Some(ring.fd()),
             provider: Some(match slots {
-                Some(s) => Provider::Slots(u64::from(s)),
+                Some(s) => Provider::Slots(spark_proto::hook::SlotCounts::Uniform(s)),
                 None => Provider::Meter,
             }),
             ..TapEnv::default()

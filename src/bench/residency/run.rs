@@ -193,7 +193,9 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
             offload_min_batch: matches!(c, Config::HostCopy | Config::Spark),
             tap: (c == Config::Spark).then(|| tap.clone().expect("located with the hooked build")),
             provider: (c == Config::Spark)
-                .then(|| Provider::Slots(u64::from(slots.as_ref().expect("chosen").0))),
+                .then(|| Provider::Slots(spark_proto::hook::SlotCounts::Uniform(
+                    slots.as_ref().expect("chosen").0,
+                ))),
             ..TapEnv::default()
         };
         let env = tap_env.vars();

@@ -108,9 +108,26 @@ impl<'a> Replayer<'a> {
     /// `tensor_bytes[l]` is layer `l`'s expert slices (empty for a layer without routed
     /// experts); `slots` per layer; `top_k` tells wide calls apart as the provider does.
     pub fn new(n_expert: usize, top_k: usize, tensor_bytes: &'a [Vec<u64>], slots: u32) -> Self {
+        Self::per_layer(
+            n_expert,
+            top_k,
+            tensor_bytes,
+            &vec![slots; tensor_bytes.len()],
+        )
+    }
+
+    /// As [`Replayer::new`] with `slots[l]` slots in layer `l` (missing layers: 0).
+    pub fn per_layer(
+        n_expert: usize,
+        top_k: usize,
+        tensor_bytes: &'a [Vec<u64>],
+        slots: &[u32],
+    ) -> Self {
         let n_layer = tensor_bytes.len();
+        let mut per: Vec<u32> = slots.iter().copied().take(n_layer).collect();
+        per.resize(n_layer, 0);
         Replayer {
-            policy: SlotLru::new(n_expert, &vec![slots; n_layer], top_k),
+            policy: SlotLru::new(n_expert, &per, top_k),
             n_expert,
             tensor_bytes,
             ids: Vec::new(),

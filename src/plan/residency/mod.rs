@@ -28,6 +28,7 @@
 //! (where the hit ratios come from), `render.rs` (the text form), `serve.rs` (serve's
 //! decision); this file holds the candidates, the forecast and the verdict.
 
+pub mod alloc;
 mod bytes;
 mod render;
 mod routing;
@@ -84,8 +85,18 @@ pub struct Side {
     pub n_cpu_moe: u32,
     /// Host-resident expert layers.
     pub host_layers: u32,
-    /// Slots per host layer (0 for stock).
+    /// The uniform split: the slots in every host layer that this column's slot VRAM buys
+    /// when each layer gets the same count (0 for stock). `slots_per_layer` is what runs.
     pub slots: u32,
+    /// What runs in each host layer (empty for stock): the per-layer allocation where it
+    /// forecasts faster than the uniform split, else the uniform split.
+    pub slots_per_layer: Vec<LayerSlots>,
+    /// Whether `slots_per_layer` is the per-layer allocation (`false`: uniform).
+    pub per_layer: bool,
+    /// The uniform split's forecast on the same VRAM (tok/s and hit ratio), beside the
+    /// per-layer one (spark only).
+    pub uniform_tps: Option<f64>,
+    pub uniform_hit_ratio: Option<f64>,
     /// VRAM this column uses (weights, slots, KV, compute, reserve).
     pub vram_bytes: u64,
     /// Hits ÷ lookups of the host layers (None for stock).
@@ -116,6 +127,26 @@ pub struct Side {
 }
 
 impl Side {
+    /// The slots in words: `N slots per layer`, or the per-layer range with its mean.
+    pub fn describe_slots(&self) -> String {
+        if !self.per_layer {
+            return format!("{} slots per layer", self.slots);
+        }
+        let v = self.slots_per_layer.iter().map(|x| x.slots);
+        let (lo, hi) = (v.clone().min().unwrap_or(0), v.clone().max().unwrap_or(0));
+        let mean = v.map(f64::from).sum::<f64>() / self.slots_per_layer.len().max(1) as f64;
+        match (lo, hi) {
+            (0, 0) => format!(
+                "0 slots per layer (every used expert streamed, none cached: {} in each would be slower)",
+                self.slots
+            ),
+            _ => format!(
+                "{lo}–{hi} slots per layer (per-layer, mean {mean:.1}; the same VRAM as {} in each is slower)",
+                self.slots
+            ),
+        }
+    }
+
     fn finish(mut self, eff: &Calibration) -> Side {
         let bw = self.t_vram + self.t_host + self.t_host_compute + self.t_link;
         let tps = |e: f64| {
@@ -134,6 +165,14 @@ impl Side {
     }
 }
 
+/// One host layer's slots in a split, and its hit ratio there.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LayerSlots {
+    pub layer: u32,
+    pub slots: u32,
+    pub hit_ratio: Option<f64>,
+}
+
 /// Hit ratio per layer at one slot count (the miss curve, sampled at the candidates).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CurvePoint {
@@ -150,8 +189,14 @@ pub struct CurvePoint {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "run", rename_all = "snake_case")]
 pub enum Verdict {
-    /// spark residency: `--n-cpu-moe n` with `slots` per host layer.
-    Residency { n_cpu_moe: u32, slots: u32 },
+    /// spark residency: `--n-cpu-moe n` with `slots` per host layer, or with
+    /// `slots_per_layer` ((layer, slots) of each host layer) when the per-layer split is
+    /// faster.
+    Residency {
+        n_cpu_moe: u32,
+        slots: u32,
+        slots_per_layer: Option<Vec<(u32, u32)>>,
+    },
     /// Stock placement (`--n-cpu-moe n`, or every layer on the GPU when n is 0).
     Stock { n_cpu_moe: u32 },
 }
@@ -248,6 +293,10 @@ pub fn forecast(
             host_layers: hl,
             slots: 0,
             vram_bytes: stock_vram,
+            slots_per_layer: Vec::new(),
+            per_layer: false,
+            uniform_tps: None,
+            uniform_hit_ratio: None,
             hit_ratio: None,
             link_bytes: 0.0,
             host_bytes: host,
@@ -280,20 +329,22 @@ pub fn forecast(
         .map(|(l, _)| m.layer_expert_bytes(*l))
         .max()
         .unwrap_or(0);
-    let mut replays: Vec<(u32, Vec<StepBytes>)> = Vec::new();
-    let mut replay_at = |slots: u32| -> Vec<StepBytes> {
-        if let Some((_, r)) = replays.iter().find(|(s, _)| *s == slots) {
-            return r.clone();
-        }
-        let r = replay(routing, n_expert, k, &tb, slots, warmup);
-        replays.push((slots, r.clone()));
-        r
-    };
     let steps = routing.steps().saturating_sub(warmup).max(1) as f64;
-    let mut candidates = Vec::new();
+    let expert_layers: Vec<u32> = m.expert_layers.iter().map(|(l, _)| *l).collect();
+    let row_of = |l: u32| slot_row_bytes(&tb[l as usize]);
+
+    // The splits: for each count of host layers, the VRAM left for slots and the uniform count
+    // it buys.
+    struct Split {
+        n: u32,
+        hl: u32,
+        fixed: u64,
+        uniform: u32,
+    }
+    let mut splits = Vec::new();
     for n in 1..=m.expert_layer_end() {
         let hl = host_layers(n);
-        if hl == 0 || (n > 0 && !m.expert_layers.iter().any(|(l, _)| *l == n - 1)) {
+        if hl == 0 || (n > 0 && !expert_layers.contains(&(n - 1))) {
             continue;
         }
         let resident = m.experts_total() - m.experts_on_host(n);
@@ -301,93 +352,164 @@ pub fn forecast(
         if fixed > budget {
             continue;
         }
-        let row: u64 = m
-            .expert_layers
+        let row: u64 = expert_layers.iter().filter(|&&l| l < n).map(|&l| row_of(l)).sum();
+        let uniform = ((budget - fixed) / row.max(1)).min(u64::from(m.n_expert)) as u32;
+        splits.push(Split {
+            n,
+            hl,
+            fixed,
+            uniform,
+        });
+    }
+
+    // Every layer's bytes at each slot count of the grid (0 to the experts per layer, at most
+    // about 65 counts) and at each uniform count: one replay per count, since the provider's
+    // layers are independent, a per-layer split reads each layer at its own count.
+    let step = (m.n_expert as usize).div_ceil(64).max(1);
+    let mut counts: Vec<u32> = (0..=m.n_expert).step_by(step).collect();
+    counts.push(m.n_expert);
+    counts.extend(splits.iter().map(|sp| sp.uniform));
+    counts.sort_unstable();
+    counts.dedup();
+    let replays: Vec<(u32, Vec<StepBytes>)> = counts
+        .iter()
+        .map(|&sl| (sl, replay(routing, n_expert, k, &tb, sl, warmup)))
+        .collect();
+    let bytes_at = |layer: u32, slots: u32| -> StepBytes {
+        replays
             .iter()
-            .filter(|(l, _)| *l < n)
-            .map(|(l, _)| slot_row_bytes(&tb[*l as usize]))
-            .sum();
-        let slots = ((budget - fixed) / row.max(1)).min(u64::from(m.n_expert)) as u32;
-        let r = replay_at(slots);
+            .find(|(s, _)| *s == slots)
+            .map_or_else(StepBytes::default, |(_, r)| r[layer as usize])
+    };
+    // A layer's share of a token's time at a slot count: the terms of the spark column that
+    // depend on the slots (link bytes, the slot copies read and written, copy calls).
+    let layer_secs = |b: &StepBytes| -> f64 {
+        let bw = b.link_bytes as f64 / (mach.h2d_gbps * 1e9)
+            + 2.0 * b.device_copy_bytes as f64 / (mach.vram_gbps * 1e9);
+        (bw / eff.efficiency.max(1e-9)
+            + (b.host_copies + b.device_copies) as f64 * mach.copy_call_us * 1e-6)
+            / steps
+    };
+    let ratio = |b: &StepBytes| (b.lookups > 0).then(|| b.hits as f64 / b.lookups as f64);
+    let grid: Vec<u32> = (0..=m.n_expert)
+        .step_by(step)
+        .chain(std::iter::once(m.n_expert))
+        .collect::<std::collections::BTreeSet<u32>>()
+        .into_iter()
+        .collect();
+    let curves: Vec<alloc::LayerCurve> = expert_layers
+        .iter()
+        .map(|&l| alloc::LayerCurve {
+            layer: l,
+            row_bytes: row_of(l),
+            points: grid
+                .iter()
+                .map(|&sl| (sl, layer_secs(&bytes_at(l, sl))))
+                .collect(),
+        })
+        .collect();
+    let side = |sp: &Split, slots: &[(u32, u32)]| -> Side {
         let mut sum = StepBytes::default();
-        for (l, _) in m.expert_layers.iter().filter(|(l, _)| *l < n) {
-            sum += r[*l as usize];
+        let mut slot_bytes = 0;
+        let mut per_layer = Vec::with_capacity(slots.len());
+        for &(l, sl) in slots {
+            let b = bytes_at(l, sl);
+            sum += b;
+            slot_bytes += row_of(l) * u64::from(sl);
+            per_layer.push(LayerSlots {
+                layer: l,
+                slots: sl,
+                hit_ratio: ratio(&b),
+            });
         }
         let per = |x: u64| x as f64 / steps;
         let link = per(sum.link_bytes);
         let copy = per(sum.device_copy_bytes);
         let vram = dense + m.active_expert_bytes(0, u32::MAX) as f64 + kv_read + 2.0 * copy;
         let calls = per(sum.host_copies) + per(sum.device_copies);
-        candidates.push(
-            Side {
-                n_cpu_moe: n,
-                host_layers: hl,
-                slots,
-                vram_bytes: fixed + row * u64::from(slots),
-                hit_ratio: (sum.lookups > 0).then(|| sum.hits as f64 / sum.lookups as f64),
-                link_bytes: link,
-                host_bytes: link,
-                vram_read_bytes: vram - 2.0 * copy,
-                vram_copy_bytes: copy,
-                host_copies: per(sum.host_copies),
-                device_copies: per(sum.device_copies),
-                handoffs: 0.0,
-                t_vram: vram / (mach.vram_gbps * 1e9),
-                t_host: 0.0,
-                t_host_compute: 0.0,
-                t_link: link / (mach.h2d_gbps * 1e9),
-                t_fixed: calls * mach.copy_call_us * 1e-6,
-                ceiling_tps: 0.0,
-                tps: 0.0,
-                low: 0.0,
-                high: 0.0,
-            }
-            .finish(eff),
+        Side {
+            n_cpu_moe: sp.n,
+            host_layers: sp.hl,
+            slots: sp.uniform,
+            slots_per_layer: per_layer,
+            per_layer: false,
+            uniform_tps: None,
+            uniform_hit_ratio: None,
+            vram_bytes: sp.fixed + slot_bytes,
+            hit_ratio: ratio(&sum),
+            link_bytes: link,
+            host_bytes: link,
+            vram_read_bytes: vram - 2.0 * copy,
+            vram_copy_bytes: copy,
+            host_copies: per(sum.host_copies),
+            device_copies: per(sum.device_copies),
+            handoffs: 0.0,
+            t_vram: vram / (mach.vram_gbps * 1e9),
+            t_host: 0.0,
+            t_host_compute: 0.0,
+            t_link: link / (mach.h2d_gbps * 1e9),
+            t_fixed: calls * mach.copy_call_us * 1e-6,
+            ceiling_tps: 0.0,
+            tps: 0.0,
+            low: 0.0,
+            high: 0.0,
+        }
+        .finish(eff)
+    };
+    let mut candidates = Vec::new();
+    for sp in &splits {
+        let host: Vec<u32> = expert_layers.iter().copied().filter(|&l| l < sp.n).collect();
+        let uniform = side(
+            sp,
+            &host.iter().map(|&l| (l, sp.uniform)).collect::<Vec<_>>(),
         );
+        let mine: Vec<alloc::LayerCurve> = curves
+            .iter()
+            .filter(|c| c.layer < sp.n)
+            .cloned()
+            .collect();
+        let at = alloc::allocate(&mine, budget - sp.fixed);
+        let split: Vec<(u32, u32)> = mine
+            .iter()
+            .zip(&at)
+            .map(|(c, &i)| (c.layer, c.points[i].0))
+            .collect();
+        let per_layer = side(sp, &split);
+        let (u_tps, u_hit) = (uniform.tps, uniform.hit_ratio);
+        let mut chosen = if per_layer.tps > uniform.tps && per_layer.slots_per_layer != uniform.slots_per_layer {
+            Side {
+                per_layer: true,
+                ..per_layer
+            }
+        } else {
+            uniform
+        };
+        chosen.uniform_tps = Some(u_tps);
+        chosen.uniform_hit_ratio = u_hit;
+        candidates.push(chosen);
     }
     let spark = candidates
         .iter()
         .max_by(|a, b| a.tps.total_cmp(&b.tps))
         .cloned();
 
-    // The miss curve at the candidate slot counts (every expert layer streamed).
-    let mut slot_counts: Vec<u32> = candidates.iter().map(|c| c.slots).collect();
-    slot_counts.sort_unstable();
-    slot_counts.dedup();
-    let curve: Vec<CurvePoint> = slot_counts
+    // The miss curve at every replayed slot count (every expert layer streamed).
+    let curve: Vec<CurvePoint> = replays
         .iter()
-        .map(|&sl| {
-            let r = replay_at(sl);
-            let per_layer: Vec<(u32, f64)> = m
-                .expert_layers
+        .map(|(sl, r)| {
+            let per_layer: Vec<(u32, f64)> = expert_layers
                 .iter()
-                .map(|(l, _)| {
-                    let b = r[*l as usize];
-                    (
-                        *l,
-                        if b.lookups > 0 {
-                            b.hits as f64 / b.lookups as f64
-                        } else {
-                            0.0
-                        },
-                    )
-                })
+                .map(|&l| (l, ratio(&r[l as usize]).unwrap_or(0.0)))
                 .collect();
-            let (h, n): (u64, u64) = m
-                .expert_layers
-                .iter()
-                .map(|(l, _)| (r[*l as usize].hits, r[*l as usize].lookups))
-                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-            let link: u64 = m
-                .expert_layers
-                .iter()
-                .map(|(l, _)| r[*l as usize].link_bytes)
-                .sum();
+            let mut all = StepBytes::default();
+            for &l in &expert_layers {
+                all += r[l as usize];
+            }
             CurvePoint {
-                slots: sl,
-                hit_ratio: if n > 0 { h as f64 / n as f64 } else { 0.0 },
+                slots: *sl,
+                hit_ratio: ratio(&all).unwrap_or(0.0),
                 per_layer,
-                link_bytes_all_layers: link as f64 / steps,
+                link_bytes_all_layers: all.link_bytes as f64 / steps,
             }
         })
         .collect();
@@ -424,13 +546,19 @@ pub fn forecast(
             Verdict::Residency {
                 n_cpu_moe: sp.n_cpu_moe,
                 slots: sp.slots,
+                slots_per_layer: sp.per_layer.then(|| {
+                    sp.slots_per_layer
+                        .iter()
+                        .map(|x| (x.layer, x.slots))
+                        .collect()
+                }),
             },
             format!(
-                "residency pays: {:.1} against {:.1} tok/s ({:.2}×) with {} slots in each of {} host layers at {:.0}% hits",
+                "residency pays: {:.1} against {:.1} tok/s ({:.2}×) with {} in {} host layers at {:.0}% hits",
                 sp.tps,
                 stock.tps,
                 sp.tps / stock.tps.max(1e-12),
-                sp.slots,
+                sp.describe_slots(),
                 sp.host_layers,
                 sp.hit_ratio.unwrap_or(0.0) * 100.0
             ),
@@ -438,8 +566,8 @@ pub fn forecast(
         Some(sp) => (
             Verdict::Stock { n_cpu_moe: stock_n },
             format!(
-                "stock placement: no split beats it — the best ({} slots in each of {} host layers, {:.0}% hits) forecasts {:.1} against stock's {:.1} tok/s",
-                sp.slots,
+                "stock placement: no split beats it — the best ({} in {} host layers, {:.0}% hits) forecasts {:.1} against stock's {:.1} tok/s",
+                sp.describe_slots(),
                 sp.host_layers,
                 sp.hit_ratio.unwrap_or(0.0) * 100.0,
                 sp.tps,
@@ -461,6 +589,7 @@ pub fn forecast(
             source.describe(),
             WARMUP_SHARE * 100.0
         ),
+        "slots per layer: the slot VRAM of each split is given greedily to the layer whose next larger count saves the most time per MiB (its own hit curve: hits save link bytes, every hit and load costs a VRAM copy and a call), at most the experts per layer, at least 0 (a layer whose slots would not pay is streamed); where that forecasts no faster than the same count in every layer, every layer gets the same count".into(),
         "link bytes are the provider's: one copy per run of consecutive experts not in a slot, slice plus ≤ 512 bytes of padding unless the run ends at the last expert (equal to its counters on lavapipe)".into(),
         "host-resident expert weights are pinned (llama-server --load-mode none, as serve --residency starts it); mapped memory streams at a fraction of the link".into(),
         format!(
@@ -675,6 +804,80 @@ mod tests {
                 "{}",
                 f.break_even_note
             );
+        }
+    }
+
+    /// Two skewed layers beside two flat ones: every split stays within the VRAM and the cap,
+    /// a per-layer split runs only where it forecasts faster than the same count in each, and
+    /// the forecast's bytes are exactly a replay with the per-layer counts it shows.
+    #[test]
+    fn the_forecast_runs_its_per_layer_slots_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = facts(dir.path());
+        let s = MemorySettings {
+            ctx: 256,
+            k_type: crate::gguf::GgmlType::F16,
+            v_type: crate::gguf::GgmlType::F16,
+            ubatch: 512,
+            reserve_bytes: 0,
+        };
+        let hot: Vec<f64> = (0..32).map(|e| if e % 11 == 3 { 100.0 } else { 1.0 }).collect();
+        let w = vec![hot.clone(), vec![1.0; 32], hot, vec![1.0; 32]];
+        let routing = synthesize(&w, 32, 2, 400, 9);
+        let mach = machine(25.0);
+        let f = forecast(
+            &m,
+            &s,
+            0,
+            &mach,
+            (&routing, HitSource::UniformPrior { steps: 400 }),
+            &calibrate(Regime::ExpertsOffloaded, &[]),
+            u64::MAX,
+        )
+        .unwrap();
+        assert!(!f.candidates.is_empty());
+        let tb = layer_tensor_bytes(&m);
+        for c in &f.candidates {
+            assert!(c.vram_bytes <= mach.vram_budget_bytes, "{c:?}");
+            assert_eq!(c.slots_per_layer.len() as u32, c.host_layers);
+            assert!(c.slots_per_layer.iter().all(|x| x.slots <= 32));
+            let u = c.uniform_tps.unwrap();
+            if c.per_layer {
+                assert!(c.tps > u, "{} vs uniform {u}", c.tps);
+            } else {
+                assert!(c.slots_per_layer.iter().all(|x| x.slots == c.slots));
+                assert_eq!(c.tps, u);
+            }
+            // The bytes are a replay with exactly these counts.
+            let mut slots = vec![0u32; 4];
+            for x in &c.slots_per_layer {
+                slots[x.layer as usize] = x.slots;
+            }
+            let warmup = (400.0 * WARMUP_SHARE) as usize;
+            let mut r = Replayer::per_layer(32, 2, &tb, &slots);
+            for step in 0..routing.steps() {
+                for l in 0..c.n_cpu_moe as usize {
+                    r.access(l, routing.ids(step, l), step >= warmup);
+                }
+            }
+            let link = r.total().link_bytes as f64 / (400 - warmup) as f64;
+            assert!((link - c.link_bytes).abs() < 1e-6, "{link} vs {}", c.link_bytes);
+        }
+        // With every layer on the host, the flat layers together are given more slots than
+        // the skewed ones, whose three hot experts need few. (Not necessarily each: slots in a
+        // flat layer pay most when they hold all of it, loads gone, so one flat layer may get
+        // every slot and the other none.)
+        let all = f.candidates.iter().find(|c| c.host_layers == 4).unwrap();
+        assert!(all.per_layer, "{all:?}");
+        let at = |l: usize| all.slots_per_layer[l].slots;
+        assert!(at(1) + at(3) > at(0) + at(2), "{:?}", all.slots_per_layer);
+        // The verdict carries the per-layer counts when the chosen split has them.
+        if let Verdict::Residency {
+            slots_per_layer: Some(v),
+            ..
+        } = &f.verdict
+        {
+            assert_eq!(v.len(), f.spark.as_ref().unwrap().slots_per_layer.len());
         }
     }
 }

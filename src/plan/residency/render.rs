@@ -26,7 +26,7 @@ pub fn render(f: &ResidencyForecast) -> String {
         &mut s,
         "placement",
         format!("--n-cpu-moe {}", f.stock.n_cpu_moe),
-        sp.map(|c| format!("--n-cpu-moe {} + {} slots", c.n_cpu_moe, c.slots)),
+        sp.map(|c| format!("--n-cpu-moe {} + {}", c.n_cpu_moe, slot_range(c))),
     );
     row(
         &mut s,
@@ -133,14 +133,17 @@ pub fn render(f: &ResidencyForecast) -> String {
     if !f.candidates.is_empty() {
         let _ = writeln!(
             s,
-            "splits    host layers  slots  hits    link/token   tok/s"
+            "splits    host layers | same slots in each: slots  hits   tok/s | runs: slots/layer   hits    link/token   tok/s"
         );
         for c in &f.candidates {
             let _ = writeln!(
                 s,
-                "          {:>11} {:>6} {:>5.1}% {:>12} {:>7.1}",
+                "          {:>11} | {:>25} {:>5.1}% {:>7.1} | {:>16} {:>5.1}% {:>12} {:>7.1}",
                 c.host_layers,
                 c.slots,
+                c.uniform_hit_ratio.unwrap_or(0.0) * 100.0,
+                c.uniform_tps.unwrap_or(c.tps),
+                slot_range(c),
                 c.hit_ratio.unwrap_or(0.0) * 100.0,
                 mb(c.link_bytes),
                 c.tps
@@ -160,12 +163,41 @@ pub fn render(f: &ResidencyForecast) -> String {
         let hi = p.per_layer.iter().map(|x| x.1).fold(0.0, f64::max);
         let _ = writeln!(
             s,
-            "per layer at {} slots: hit ratio {:.1}%–{:.1}% (mean {:.1}%; every layer in --json)",
+            "per layer at {} slots in each: hit ratio {:.1}%–{:.1}% (mean {:.1}%; every layer at every count in --json)",
             p.slots,
             lo * 100.0,
             hi * 100.0,
             p.hit_ratio * 100.0
         );
+    }
+    if let Some(c) = sp {
+        let what = if c.per_layer {
+            format!(
+                "per-layer split ({:.1} tok/s, {:.1}% hits; the same VRAM as {} slots in each: {:.1} tok/s, {:.1}% hits)",
+                c.tps,
+                c.hit_ratio.unwrap_or(0.0) * 100.0,
+                c.slots,
+                c.uniform_tps.unwrap_or(0.0),
+                c.uniform_hit_ratio.unwrap_or(0.0) * 100.0
+            )
+        } else {
+            "the same count in each (no per-layer split forecast faster)".into()
+        };
+        let _ = writeln!(s, "slots per layer, {what}; layer:slots (hits)");
+        for chunk in c.slots_per_layer.chunks(8) {
+            let row: Vec<String> = chunk
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{:>3}:{:<3} ({:>3.0}%)",
+                        x.layer,
+                        x.slots,
+                        x.hit_ratio.unwrap_or(0.0) * 100.0
+                    )
+                })
+                .collect();
+            let _ = writeln!(s, "  {}", row.join("  "));
+        }
     }
     let _ = writeln!(s, "assumptions");
     for a in &f.assumptions {
@@ -175,4 +207,14 @@ pub fn render(f: &ResidencyForecast) -> String {
         let _ = writeln!(s, "source    {src}");
     }
     s
+}
+
+/// The slots a split runs: `N` when every host layer has N, else `lo–hi`.
+fn slot_range(c: &super::Side) -> String {
+    let v = c.slots_per_layer.iter().map(|x| x.slots);
+    match (v.clone().min(), v.max()) {
+        (Some(lo), Some(hi)) if lo != hi => format!("{lo}–{hi} slots/layer"),
+        (Some(lo), _) => format!("{lo} slots/layer"),
+        _ => format!("{} slots/layer", c.slots),
+    }
 }

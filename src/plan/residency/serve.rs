@@ -61,8 +61,12 @@ pub fn decide(
 pub struct ServeDecision {
     /// `residency`, `stock`, or `as_asked` (no GPU facts, or `--cache-slots` given).
     pub run: String,
-    /// Slots per host layer when `run` is `residency`.
+    /// Slots per host layer when `run` is `residency` and every layer gets the same count
+    /// (with a per-layer split: the uniform count the same VRAM would buy).
     pub slots: Option<u32>,
+    /// `[layer, slots]` of each host layer when the forecast chose a per-layer split (what
+    /// serve then passes to the provider); `None` when every layer gets `slots`.
+    pub slots_per_layer: Option<Vec<(u32, u32)>>,
     pub reason: String,
     /// Where the hit ratios came from.
     pub source: Option<String>,
@@ -129,13 +133,20 @@ pub fn serve_decision(
         sources: Vec::new(),
     };
     let f = decide(&m, &s, &mach, counts, hw.ram_total_bytes)?;
-    let (run, slots) = match f.verdict {
-        Verdict::Residency { slots, .. } if slots > 0 => ("residency", Some(slots)),
-        _ => ("stock", None),
+    let (run, slots, slots_per_layer) = match f.verdict {
+        // (A per-layer split of all zeros streams every used expert: still the provider's.)
+        Verdict::Residency {
+            slots_per_layer: Some(v),
+            slots,
+            ..
+        } => ("residency", Some(slots), Some(v)),
+        Verdict::Residency { slots, .. } if slots > 0 => ("residency", Some(slots), None),
+        _ => ("stock", None, None),
     };
     Ok(Some(ServeDecision {
         run: run.into(),
         slots,
+        slots_per_layer,
         reason: f.reason.clone(),
         source: Some(f.source.describe()),
         stock_tps: Some(f.stock.tps),
