@@ -891,7 +891,10 @@ fn residency_forecast_compares_stock_with_slots_on_the_same_vram() {
         // unless the per-layer split forecasts faster than it.
         let per = c["slots_per_layer"].as_array().unwrap();
         assert_eq!(per.len() as u64, c["host_layers"].as_u64().unwrap(), "{c}");
-        assert!(per.iter().all(|x| x["slots"].as_u64().unwrap() <= 32), "{c}");
+        assert!(
+            per.iter().all(|x| x["slots"].as_u64().unwrap() <= 32),
+            "{c}"
+        );
         let uniform = c["uniform_tps"].as_f64().unwrap();
         if c["per_layer"] == true {
             assert!(c["tps"].as_f64().unwrap() > uniform, "{c}");

@@ -78,9 +78,12 @@ pub enum SlotCounts {
 
 fn digits(s: &str, what: &str) -> Result<u32, String> {
     if s.is_empty() || s.len() > MAX_DIGITS || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("{what} {s:?} is not a number of at most {MAX_DIGITS} digits"));
+        return Err(format!(
+            "{what} {s:?} is not a number of at most {MAX_DIGITS} digits"
+        ));
     }
-    s.parse().map_err(|_| format!("{what} {s:?} is not a number"))
+    s.parse()
+        .map_err(|_| format!("{what} {s:?} is not a number"))
 }
 
 impl SlotCounts {
@@ -234,13 +237,36 @@ mod tests {
         );
         // Garbage is an error naming what is wrong, never a guess.
         for bad in [
-            "", "x", "-1", "+3", "1.5", "4 ", "1:2,", ",1:2", "1:2,,3:4", "1:2, 3:4", "1:", ":2",
-            "1:2:3", "a:2", "1:b", "3:1,2:1", "2:1,2:5", "1:-2", "1:+2", "1;2", "1:9999999999",
+            "",
+            "x",
+            "-1",
+            "+3",
+            "1.5",
+            "4 ",
+            "1:2,",
+            ",1:2",
+            "1:2,,3:4",
+            "1:2, 3:4",
+            "1:",
+            ":2",
+            "1:2:3",
+            "a:2",
+            "1:b",
+            "3:1,2:1",
+            "2:1,2:5",
+            "1:-2",
+            "1:+2",
+            "1;2",
+            "1:9999999999",
             "1=2",
         ] {
             let got = SlotCounts::parse(bad);
             if bad == "4 " {
-                assert_eq!(got, Ok(SlotCounts::Uniform(4)), "whitespace around the value");
+                assert_eq!(
+                    got,
+                    Ok(SlotCounts::Uniform(4)),
+                    "whitespace around the value"
+                );
                 continue;
             }
             assert!(got.is_err(), "{bad:?} parsed as {got:?}");

@@ -764,6 +764,36 @@ mod tests {
         }
     }
 
+    /// The planner's per-layer split: the shadow cache and the plans follow each layer's own
+    /// count (0: nothing resident, nothing planned), and the status shows the counts by layer.
+    #[test]
+    fn per_layer_slots_shape_the_shadow_the_plans_and_the_status() {
+        let mut c = cfg(None);
+        c.n_expert = 6;
+        c.residency = true;
+        c.layer_slots = Some(vec![0, 4]);
+        let mut counts = Counts::zero(2, 6);
+        counts.set(0, 4, 50);
+        counts.set(1, 2, 7);
+        counts.set(1, 3, 5);
+        c.start_profile = Some(crate::profile::Profile::new(counts, 2, None));
+        let (mut live, _) = Live::new(c.clone());
+        live.fold(&[rec(1, 0, 0, 1, &[0, 3]), rec(1, 0, 1, 1, &[5, 1])]);
+        live.fold(&[rec(1, 1, 0, 1, &[2, 4]), rec(1, 1, 1, 1, &[0, 4])]);
+        let (p0, p1) = (live.plan_of(0), live.plan_of(1));
+        assert!(p0.pinned.is_empty() && p0.tail.is_empty(), "{p0:?}");
+        assert_eq!(p1.pinned, vec![2, 3]);
+        assert!(p1.pinned.len() + p1.tail.len() <= 4, "{p1:?}");
+        assert!(!p1.tail.is_empty(), "{p1:?}");
+        assert!((0..6).all(|e| !live.policy.is_resident(0, e)));
+        let j = live.lock().to_json(&c);
+        assert_eq!(j["shadow_cache"]["slots_per_layer"], json!([0, 4]));
+        assert_eq!(j["residency"]["slots_per_layer"], json!([0, 4]));
+        // One count for every layer reads as before: a number.
+        let j = live.lock().to_json(&cfg(None));
+        assert_eq!(j["shadow_cache"]["slots_per_layer"], json!(2));
+    }
+
     #[test]
     fn the_plan_pins_the_profile_hot_set_and_adds_the_shadow_tail_within_the_slots() {
         let mut c = cfg(None);

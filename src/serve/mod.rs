@@ -291,9 +291,14 @@ fn decide_host_memory(
         .unwrap_or((0, 0));
     let env_mode = std::env::var("LLAMA_ARG_LOAD_MODE").ok();
     let user_mode = host_memory::user_load_mode(&cfg.llama_args, env_mode.as_deref());
-    let plan = host_memory::decide(
+    // The user's own placement flags win, and so does their host part.
+    let host_bytes = placement
+        .effective
+        .as_ref()
+        .map_or(placement.usage.host_bytes, |e| e.host_bytes);
+    let mut plan = host_memory::decide(
         cfg.host_memory,
-        placement.usage.host_bytes,
+        host_bytes,
         ram_total,
         ram_available,
         user_mode.as_deref(),
@@ -306,6 +311,12 @@ fn decide_host_memory(
         reason: e.to_string(),
         help: "--host-memory auto (maps what cannot be pinned) or more RAM".into(),
     })?;
+    if let Some(e) = &placement.effective {
+        plan.reason = format!(
+            "{} (host part of the placement llama-server runs: {})",
+            plan.reason, e.note
+        );
+    }
     let mode = match plan.host_memory {
         host_memory::HostMemory::Pinned => "pinned",
         host_memory::HostMemory::Mapped => "mapped",

@@ -48,6 +48,99 @@ pub struct ServePlacement {
     pub residency_mib: Option<u64>,
     /// `--residency`: whether it pays here and why (`spark plan --residency`'s decision).
     pub residency_decision: Option<crate::plan::residency::ServeDecision>,
+    /// What llama-server runs when the user's own placement flags after `--` replace spark's
+    /// (`None` when they do not): the host RAM check counts this placement's host bytes.
+    pub effective: Option<Effective>,
+}
+
+/// The placement llama-server runs with the user's own `-ngl` / `--n-cpu-moe` / `--cpu-moe` /
+/// `-ot` in place of spark's.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Effective {
+    pub placement: Placement,
+    /// Bytes of weights (and, with every layer on the CPU, KV and compute buffers) in host
+    /// memory under it.
+    pub host_bytes: u64,
+    /// How it was read from the flags.
+    pub note: String,
+}
+
+/// The value of the last occurrence of any of `names` (`NAME V` or `NAME=V`) in `args`.
+fn last_value<'a>(args: &'a [String], names: &[&str]) -> Option<&'a str> {
+    let mut found = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if names.contains(&a.as_str()) {
+            found = it.next().map(String::as_str);
+        } else if let Some((k, v)) = a.split_once('=') {
+            if names.contains(&k) {
+                found = Some(v);
+            }
+        }
+    }
+    found
+}
+
+/// The placement of `spark`'s choice with the user's own flags in `user_args` in its place, when
+/// any replaces it. Where the flags cannot be read exactly — a partial `-ngl` (dense layers on
+/// the CPU too) or `-ot` patterns — the host part is counted at its upper bound (every weight,
+/// or every routed expert, in host memory), so the RAM check never pins more than fits.
+pub fn effective_placement(
+    m: &ModelFacts,
+    spark: Placement,
+    user_args: &[String],
+) -> Option<(Placement, String)> {
+    let ngl = last_value(user_args, FLAG_GROUPS[0]);
+    let ncmoe = last_value(user_args, &["--n-cpu-moe", "-ncmoe"]);
+    let all_moe = user_args.iter().any(|a| a == "--cpu-moe" || a == "-cmoe");
+    let ot = last_value(user_args, &["-ot", "--override-tensor"]);
+    if ngl.is_none() && ncmoe.is_none() && !all_moe && ot.is_none() {
+        return None;
+    }
+    let all_layers = m.n_layer + 1;
+    match ngl.map(|v| v.parse::<i64>()) {
+        Some(Ok(0)) => return Some((Placement::CpuOnly, "your -ngl 0: every layer on the CPU".into())),
+        Some(Ok(n)) if n > 0 && n < i64::from(all_layers) => {
+            return Some((
+                Placement::CpuOnly,
+                format!("your -ngl {n} leaves layers on the CPU: every weight counted as host memory (an upper bound)"),
+            ))
+        }
+        _ => {}
+    }
+    let spark_n = match spark {
+        Placement::CpuMoe { n } => n,
+        Placement::AllGpu | Placement::CpuOnly => 0,
+    };
+    let (n, how) = if all_moe {
+        (
+            u32::MAX,
+            "your --cpu-moe: every routed expert in host memory".to_string(),
+        )
+    } else if let Some(p) = ot {
+        (
+            u32::MAX,
+            format!("your -ot {p}: every routed expert counted as host memory (an upper bound)"),
+        )
+    } else if let Some(v) = ncmoe {
+        match v.parse::<u32>() {
+            Ok(n) => (n, format!("your --n-cpu-moe {n}")),
+            Err(_) => (u32::MAX, format!("your --n-cpu-moe {v} (not a number: every routed expert counted as host memory)")),
+        }
+    } else {
+        (
+            spark_n,
+            format!(
+                "your -ngl {} with spark's --n-cpu-moe {spark_n}",
+                ngl.unwrap_or("")
+            ),
+        )
+    };
+    let p = match n {
+        0 => Placement::AllGpu,
+        n => Placement::CpuMoe { n },
+    };
+    Some((p, how))
 }
 
 /// The model layers whose routed experts `placement` leaves in host memory: the only layers
@@ -130,6 +223,11 @@ pub fn choose(
             flags.extend(w);
         }
     }
+    let effective = effective_placement(&facts, placement, user_args).map(|(p, note)| Effective {
+        placement: p,
+        host_bytes: fit::usage(&facts, &settings, p).host_bytes,
+        note,
+    });
     Ok(ServePlacement {
         placement,
         ctx,
@@ -139,6 +237,7 @@ pub fn choose(
         user_overrides,
         residency_mib: None,
         residency_decision: None,
+        effective,
     })
 }
 
@@ -400,6 +499,79 @@ mod tests {
         assert_eq!(p.user_overrides, ["-ngl 99", "-c 512"]);
     }
 
+    /// The host RAM check counts the placement llama-server runs: the user's own flags after
+    /// `--` win over spark's, and flags that cannot be read exactly count the upper bound.
+    #[test]
+    fn the_users_own_placement_flags_set_the_host_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = model(dir.path());
+        let g = MoeGeometry::of(&f).unwrap();
+        let layer = 3 * 64 * 64 * 4 * 4u64; // one layer's routed experts, f32
+        let run = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            choose(&f, &g, Some(4096), 2048, &args, 1 << 34).unwrap()
+        };
+        let spark = run(&[]);
+        assert_eq!(spark.placement, Placement::AllGpu);
+        assert!(
+            spark.effective.is_none(),
+            "no flags of the user's: spark's placement"
+        );
+        let host0 = spark.usage.host_bytes;
+        let cases: [(&[&str], Placement, u64); 6] = [
+            (
+                &["--n-cpu-moe", "1"],
+                Placement::CpuMoe { n: 1 },
+                host0 + layer,
+            ),
+            (
+                &["--n-cpu-moe=2"],
+                Placement::CpuMoe { n: 2 },
+                host0 + 2 * layer,
+            ),
+            (&["-ncmoe", "2", "-ncmoe", "0"], Placement::AllGpu, host0),
+            (
+                &["--cpu-moe"],
+                Placement::CpuMoe { n: u32::MAX },
+                host0 + 2 * layer,
+            ),
+            (
+                &["-ot", "exps=CPU"],
+                Placement::CpuMoe { n: u32::MAX },
+                host0 + 2 * layer,
+            ),
+            (&["-ngl", "99"], Placement::AllGpu, host0),
+        ];
+        for (args, want, host) in cases {
+            let p = run(args);
+            let e = p
+                .effective
+                .unwrap_or_else(|| panic!("{args:?}: no effective placement"));
+            assert_eq!(
+                (e.placement, e.host_bytes),
+                (want, host),
+                "{args:?}: {}",
+                e.note
+            );
+            assert_eq!(p.usage.host_bytes, host0, "spark's own usage is unchanged");
+        }
+        // Every layer on the CPU, or only some (an upper bound: every weight in host memory).
+        for args in [&["-ngl", "0"][..], &["--n-gpu-layers", "1"][..]] {
+            let e = run(args).effective.unwrap();
+            assert_eq!(e.placement, Placement::CpuOnly, "{args:?}");
+            assert!(
+                e.host_bytes > host0 + 2 * layer,
+                "{args:?}: {}",
+                e.host_bytes
+            );
+        }
+        assert!(run(&["-ot", "exps=CPU"])
+            .effective
+            .unwrap()
+            .note
+            .contains("upper bound"));
+    }
+
     #[test]
     fn a_budget_below_the_always_resident_part_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -422,6 +594,7 @@ mod tests {
             user_overrides: vec![],
             residency_mib: None,
             residency_decision: None,
+            effective: None,
         }
     }
 

@@ -24,8 +24,8 @@ use std::time::Instant;
 
 use spark_proto::control::{ResidencyStats, WantPlan, RESIDENCY_EXIT_PREFIX};
 use spark_proto::hook::{
-    MoeRequestV1, SlotCounts, ABI, ENV_RESIDENCY_METER as ENV_METER, ENV_RESIDENCY_PREFILL as ENV_PREFILL,
-    ENV_RESIDENCY_SLOTS as ENV_SLOTS,
+    MoeRequestV1, SlotCounts, ABI, ENV_RESIDENCY_METER as ENV_METER,
+    ENV_RESIDENCY_PREFILL as ENV_PREFILL, ENV_RESIDENCY_SLOTS as ENV_SLOTS,
 };
 
 use crate::ffi::{as_fn, GgmlTensor, Sym, GGML_TYPE_I8};

@@ -80,7 +80,7 @@ fn best_jump(c: &LayerCurve, from: usize, left: u64) -> Option<Jump> {
             continue;
         }
         let rate = gain / bytes as f64;
-        if best.is_none_or(|b| rate > b.rate) {
+        if best.map_or(true, |b| rate > b.rate) {
             best = Some(Jump { rate, to: j, bytes });
         }
     }
@@ -116,7 +116,16 @@ mod tests {
     fn a_flat_layer_gets_more_slots_than_a_skewed_one_at_the_same_budget() {
         let n = 16u32;
         let skewed: Vec<(u32, f64)> = (0..=n)
-            .map(|s| (s, if s >= 4 { 0.9 + 0.1 * f64::from(s) / 16.0 } else { 0.22 * f64::from(s) }))
+            .map(|s| {
+                (
+                    s,
+                    if s >= 4 {
+                        0.9 + 0.1 * f64::from(s) / 16.0
+                    } else {
+                        0.22 * f64::from(s)
+                    },
+                )
+            })
             .collect();
         let flat: Vec<(u32, f64)> = (0..=n).map(|s| (s, f64::from(s) / 16.0)).collect();
         let curves = [curve(0, 100, &skewed), curve(1, 100, &flat)];

@@ -352,7 +352,11 @@ pub fn forecast(
         if fixed > budget {
             continue;
         }
-        let row: u64 = expert_layers.iter().filter(|&&l| l < n).map(|&l| row_of(l)).sum();
+        let row: u64 = expert_layers
+            .iter()
+            .filter(|&&l| l < n)
+            .map(|&l| row_of(l))
+            .sum();
         let uniform = ((budget - fixed) / row.max(1)).min(u64::from(m.n_expert)) as u32;
         splits.push(Split {
             n,
@@ -458,16 +462,17 @@ pub fn forecast(
     };
     let mut candidates = Vec::new();
     for sp in &splits {
-        let host: Vec<u32> = expert_layers.iter().copied().filter(|&l| l < sp.n).collect();
+        let host: Vec<u32> = expert_layers
+            .iter()
+            .copied()
+            .filter(|&l| l < sp.n)
+            .collect();
         let uniform = side(
             sp,
             &host.iter().map(|&l| (l, sp.uniform)).collect::<Vec<_>>(),
         );
-        let mine: Vec<alloc::LayerCurve> = curves
-            .iter()
-            .filter(|c| c.layer < sp.n)
-            .cloned()
-            .collect();
+        let mine: Vec<alloc::LayerCurve> =
+            curves.iter().filter(|c| c.layer < sp.n).cloned().collect();
         let at = alloc::allocate(&mine, budget - sp.fixed);
         let split: Vec<(u32, u32)> = mine
             .iter()
@@ -476,7 +481,9 @@ pub fn forecast(
             .collect();
         let per_layer = side(sp, &split);
         let (u_tps, u_hit) = (uniform.tps, uniform.hit_ratio);
-        let mut chosen = if per_layer.tps > uniform.tps && per_layer.slots_per_layer != uniform.slots_per_layer {
+        let mut chosen = if per_layer.tps > uniform.tps
+            && per_layer.slots_per_layer != uniform.slots_per_layer
+        {
             Side {
                 per_layer: true,
                 ..per_layer
@@ -821,7 +828,9 @@ mod tests {
             ubatch: 512,
             reserve_bytes: 0,
         };
-        let hot: Vec<f64> = (0..32).map(|e| if e % 11 == 3 { 100.0 } else { 1.0 }).collect();
+        let hot: Vec<f64> = (0..32)
+            .map(|e| if e % 11 == 3 { 100.0 } else { 1.0 })
+            .collect();
         let w = vec![hot.clone(), vec![1.0; 32], hot, vec![1.0; 32]];
         let routing = synthesize(&w, 32, 2, 400, 9);
         let mach = machine(25.0);
@@ -861,7 +870,11 @@ mod tests {
                 }
             }
             let link = r.total().link_bytes as f64 / (400 - warmup) as f64;
-            assert!((link - c.link_bytes).abs() < 1e-6, "{link} vs {}", c.link_bytes);
+            assert!(
+                (link - c.link_bytes).abs() < 1e-6,
+                "{link} vs {}",
+                c.link_bytes
+            );
         }
         // With every layer on the host, the flat layers together are given more slots than
         // the skewed ones, whose three hot experts need few. (Not necessarily each: slots in a

@@ -5,10 +5,10 @@
 
 use serde::Serialize;
 
-use crate::plan::fit::{MemorySettings, ModelFacts};
-use crate::plan::forecast::{calibrate, Regime};
 use super::routing::{synthesize, HitSource, SYNTH_STEPS};
 use super::{forecast, Machine, ResidencyForecast, Verdict, COPY_CALL_US_PRIOR, HANDOFF_US_PRIOR};
+use crate::plan::fit::{MemorySettings, ModelFacts};
+use crate::plan::forecast::{calibrate, Regime};
 use crate::units::MIB;
 
 /// The decision `spark serve --residency` acts on: the same forecast as `spark plan
