@@ -512,6 +512,43 @@ fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
     assert_eq!(r3["layers_planned"], n_layer, "{r3}");
 }
 
+/// `spark bench residency --bytes --json` on lavapipe (32 tokens, one repetition) with `extra`
+/// flags; its JSON report.
+fn bench_bytes(server: &Path, model: &Path, extra: &[&str]) -> Value {
+    let mut cmd = std::process::Command::new(util::spark_bin());
+    cmd.args([
+        "bench",
+        "residency",
+        "-m",
+        model.to_str().unwrap(),
+        "--configs",
+        "spark",
+        "--slots",
+        "2",
+        "--tokens",
+        "32",
+        "--reps",
+        "1",
+        "--bytes",
+        "--json",
+        "--llama-server",
+        server.to_str().unwrap(),
+        "--hooked-bench",
+        server.with_file_name("llama-bench").to_str().unwrap(),
+        "--tap",
+        tap_lib().to_str().unwrap(),
+    ]);
+    cmd.args(extra);
+    for (k, v) in device_env() {
+        if k == ENV_VK_DEVICES {
+            cmd.env(k, v);
+        }
+    }
+    let (o, _) = util::output_within(&mut cmd, Duration::from_secs(600));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 /// `spark bench residency --bytes` on lavapipe: real bytes per decoded token for (c) and (d) at
 /// three slot counts, with the shadow cache's prediction for the same run.
 #[test]
@@ -528,37 +565,7 @@ fn bench_residency_bytes_measures_the_copies_and_predicts_the_hits() {
             &format!("{router}.gguf"),
             &["--router", router, "--type", "f16"],
         );
-        let mut cmd = std::process::Command::new(util::spark_bin());
-        cmd.args([
-            "bench",
-            "residency",
-            "-m",
-            model.to_str().unwrap(),
-            "--configs",
-            "spark",
-            "--slots",
-            "2",
-            "--tokens",
-            "32",
-            "--reps",
-            "1",
-            "--bytes",
-            "--json",
-            "--llama-server",
-            server.to_str().unwrap(),
-            "--hooked-bench",
-            server.with_file_name("llama-bench").to_str().unwrap(),
-            "--tap",
-            tap_lib().to_str().unwrap(),
-        ]);
-        for (k, v) in device_env() {
-            if k == ENV_VK_DEVICES {
-                cmd.env(k, v);
-            }
-        }
-        let (o, _) = util::output_within(&mut cmd, Duration::from_secs(600));
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let r = bench_bytes(&server, &model, &[]);
         let b = &r["bytes"];
         assert_eq!(b["cpu_device"], true, "lavapipe is named: {b}");
         let rows = b["rows"].as_array().unwrap();
@@ -683,41 +690,11 @@ fn per_layer_slots_answer_like_stock_and_match_the_forecast_bytes() {
     assert_eq!(warnings, 1, "one warning line: {text}");
 
     // The forecast's bytes against the provider's, with the same per-layer counts.
-    let mut cmd = std::process::Command::new(util::spark_bin());
-    cmd.args([
-        "bench",
-        "residency",
-        "-m",
-        model.to_str().unwrap(),
-        "--configs",
-        "spark",
-        "--slots",
-        "2",
-        "--tokens",
-        "32",
-        "--reps",
-        "1",
-        "--bytes",
-        "--bytes-slots",
-        "2",
-        "--bytes-layer-slots",
-        &spec,
-        "--json",
-        "--llama-server",
-        server.to_str().unwrap(),
-        "--hooked-bench",
-        server.with_file_name("llama-bench").to_str().unwrap(),
-        "--tap",
-        tap_lib().to_str().unwrap(),
-    ]);
-    for (k, v) in device_env() {
-        if k == ENV_VK_DEVICES {
-            cmd.env(k, v);
-        }
-    }
-    let (o, _) = util::output_within(&mut cmd, Duration::from_secs(600));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = bench_bytes(
+        &server,
+        &model,
+        &["--bytes-slots", "2", "--bytes-layer-slots", &spec],
+    );
     let rows = r["bytes"]["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 3, "(c), (d) at 2 slots, (d) per layer: {r}");
     let per = &rows[2];
