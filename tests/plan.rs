@@ -897,7 +897,7 @@ fn residency_forecast_compares_stock_with_slots_on_the_same_vram() {
         );
         let uniform = c["uniform_tps"].as_f64().unwrap();
         if c["per_layer"] == true {
-            assert!(c["tps"].as_f64().unwrap() > uniform, "{c}");
+            assert!(c["tps"].as_f64().unwrap() > uniform * 1.02, "{c}");
         } else {
             assert!(per.iter().all(|x| x["slots"] == c["slots"]), "{c}");
         }
