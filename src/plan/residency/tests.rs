@@ -42,6 +42,17 @@ fn facts(dir: &std::path::Path) -> ModelFacts {
     ModelFacts::of(&f, g)
 }
 
+/// A 256-token context, f16 KV, no reserve.
+fn settings() -> MemorySettings {
+    MemorySettings {
+        ctx: 256,
+        k_type: crate::gguf::GgmlType::F16,
+        v_type: crate::gguf::GgmlType::F16,
+        ubatch: 512,
+        reserve_bytes: 0,
+    }
+}
+
 fn machine(h2d: f64) -> Machine {
     Machine {
         vram_budget_bytes: 5 * MIB,
@@ -59,13 +70,7 @@ fn machine(h2d: f64) -> Machine {
 fn serve_decides_residency_where_it_pays_and_stock_where_it_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let m = facts(dir.path());
-    let s = MemorySettings {
-        ctx: 256,
-        k_type: crate::gguf::GgmlType::F16,
-        v_type: crate::gguf::GgmlType::F16,
-        ubatch: 512,
-        reserve_bytes: 0,
-    };
+    let s = settings();
     // Routing concentrated on two experts per layer: after the warm-up every use hits.
     let mut hot = crate::cache::Counts::zero(4, 32);
     for l in 0..4 {
@@ -112,13 +117,7 @@ fn serve_decides_residency_where_it_pays_and_stock_where_it_does_not() {
 fn the_forecast_runs_its_per_layer_slots_within_the_budget() {
     let dir = tempfile::tempdir().unwrap();
     let m = facts(dir.path());
-    let s = MemorySettings {
-        ctx: 256,
-        k_type: crate::gguf::GgmlType::F16,
-        v_type: crate::gguf::GgmlType::F16,
-        ubatch: 512,
-        reserve_bytes: 0,
-    };
+    let s = settings();
     let hot: Vec<f64> = (0..32)
         .map(|e| if e % 11 == 3 { 100.0 } else { 1.0 })
         .collect();
