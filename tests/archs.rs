@@ -200,6 +200,10 @@ pub fn check_arch_routing(
             "--tap",
             tap_lib().to_str().unwrap(),
             "--json",
+            "--hidden-every",
+            "3",
+            "--hidden-tensor",
+            "router_input",
             "--",
             "-np",
             "1",
@@ -294,7 +298,46 @@ pub fn check_arch_routing(
         skipped * 50 <= compared,
         "{arch}: too many near ties: {skipped} of {compared}"
     );
+    check_router_inputs(arch, &file, &g, &seq, &trace);
     (compared, skipped)
+}
+
+/// The hidden states captured as `router_input` (every 3rd token) equal, value for value, the
+/// vector the arch's router multiplies, computed from the file; at every MoE layer and no other.
+fn check_router_inputs(arch: &str, file: &GgufFile, g: &MoeGeometry, seq: &[u32], trace: &Path) {
+    let (header, chunks) =
+        crate::telemetry::read_hidden(&trace.with_file_name("analytic.trace.hidden"));
+    assert_eq!(u64::from(header.n_embd), g.n_embd, "{arch}");
+    assert!(!chunks.is_empty(), "{arch}: no hidden states captured");
+    let want = spark::fixture::analytic_router_inputs(file, seq).unwrap();
+    let mut layers = std::collections::BTreeSet::new();
+    let mut values = 0usize;
+    for c in &chunks {
+        assert_eq!(c.tensor, 2, "{arch}: chunks say router_input");
+        assert_eq!(c.token % 3, 0, "{arch}: every 3rd token");
+        layers.insert(u32::from(c.layer));
+        let x = want[c.token as usize][usize::from(c.layer)]
+            .as_ref()
+            .unwrap_or_else(|| panic!("{arch}: hidden state at dense layer {}", c.layer));
+        let at = c.offset as usize;
+        for (i, &got) in c.values[..c.len as usize].iter().enumerate() {
+            let w = x[at + i];
+            assert!(
+                (got - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{arch}: token {} layer {} [{}]: captured {got}, the router input is {w}",
+                c.token,
+                c.layer,
+                at + i
+            );
+            values += 1;
+        }
+    }
+    let moe: std::collections::BTreeSet<u32> = g.moe_layers.iter().map(|l| l.layer).collect();
+    assert_eq!(
+        layers, moe,
+        "{arch}: router inputs at exactly the MoE layers"
+    );
+    eprintln!("{arch}: {} router-input values exact", values);
 }
 
 /// The tap's capture equals the routing computed from the file with each arch's own gating,

@@ -426,3 +426,15 @@ fn engine_cpu_code_uses_no_amx_and_no_avx512() {
         "the CPU engine is missing; run scripts/build-engine"
     );
 }
+
+/// The graph observer on the hooked CPU engine: decode graphs are read once each after they
+/// ran (not through the eval callback), and the routing is still exactly the analytic one.
+#[test]
+fn the_graph_observer_reads_the_routing_exactly_on_the_cpu() {
+    let server = hooked_prefix().join("bin").join("llama-server");
+    let summary = crate::telemetry::check_analytic_routing(&server, &[], &[]);
+    assert!(
+        summary["graph_reads"].as_u64().unwrap_or(0) > 0,
+        "decode graphs were read by the observer: {summary}"
+    );
+}

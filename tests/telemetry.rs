@@ -306,6 +306,11 @@ fn control_channel_greets_answers_and_rejects_unknown_verbs() {
         lines(c, "residency").starts_with("ok slots=0 layers=0 planned=0 calls=0"),
         "residency off reports zero slots"
     );
+    // Its counters per layer: one page, nothing counted.
+    assert_eq!(
+        lines(c, "residency layers"),
+        "ok seq=0 next=- totals=0,0,0,0,0,0 other=0,0,0,0,0,0"
+    );
     assert_eq!(lines(c, "request 7"), "ok request=7");
     assert_eq!(
         lines(c, "frobnicate"),
@@ -431,6 +436,25 @@ fn hidden_states_are_sampled_and_match_the_router_input() {
     check_hidden_states(&llama_server(), &[], &[]);
 }
 
+/// A hidden-state file written by `spark trace record --hidden-every`: its header and chunks.
+pub fn read_hidden(
+    path: &Path,
+) -> (
+    spark_proto::ring::HiddenFileHeader,
+    Vec<spark_proto::ring::HiddenChunk>,
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let header: spark_proto::ring::HiddenFileHeader = bytemuck::pod_read_unaligned(&bytes[..32]);
+    assert_eq!(&header.magic, b"SPKHIDDN");
+    let chunk_size = std::mem::size_of::<spark_proto::ring::HiddenChunk>();
+    assert_eq!(bytes.len() - 32, header.count as usize * chunk_size);
+    let chunks = bytes[32..]
+        .chunks_exact(chunk_size)
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
+    (header, chunks)
+}
+
 /// Hidden-state capture through `server` (see [`check_analytic_routing`] for `args`, `env`).
 pub fn check_hidden_states(server: &Path, args: &[String], env: &[(&str, &str)]) {
     let dir = tempdir();
@@ -473,15 +497,7 @@ pub fn check_hidden_states(server: &Path, args: &[String], env: &[(&str, &str)])
         .flat_map(|k| summary["requests"][0][k].as_array().unwrap().clone())
         .map(|t| t.as_u64().unwrap() as u32)
         .collect();
-    let bytes = std::fs::read(dir.path().join("h.trace.hidden")).unwrap();
-    let header: spark_proto::ring::HiddenFileHeader = bytemuck::pod_read_unaligned(&bytes[..32]);
-    assert_eq!(&header.magic, b"SPKHIDDN");
-    let chunk_size = std::mem::size_of::<spark_proto::ring::HiddenChunk>();
-    assert_eq!(bytes.len() - 32, header.count as usize * chunk_size);
-    let chunks: Vec<spark_proto::ring::HiddenChunk> = bytes[32..]
-        .chunks_exact(chunk_size)
-        .map(bytemuck::pod_read_unaligned)
-        .collect();
+    let (header, chunks) = read_hidden(&dir.path().join("h.trace.hidden"));
     assert!(!chunks.is_empty());
 
     let file = GgufFile::open(&model).unwrap();

@@ -66,7 +66,7 @@ pub struct HiddenChunk {
     pub layer: u16,
     /// `RoutingRecord::phase` values.
     pub phase: u8,
-    /// 1 for `attn_norm`, 0 for `ffn_norm`.
+    /// `control::HiddenTensor::code`: 0 `ffn_norm`, 1 `attn_norm`, 2 `router_input`.
     pub tensor: u8,
     /// Length of the whole vector (n_embd).
     pub n_embd: u32,
@@ -255,7 +255,7 @@ impl Record for HiddenChunk {
                 .offset
                 .checked_add(self.len)
                 .is_some_and(|end| end <= self.n_embd)
-            && self.tensor <= 1
+            && crate::control::HiddenTensor::from_code(self.tensor).is_some()
             && self.phase <= crate::trace::PHASE_DECODE
             && (g.n_layer == 0 || u32::from(self.layer) < g.n_layer)
     }
@@ -944,6 +944,7 @@ mod tests {
             ..h
         }
         .is_sane(&RingGeometry::default()));
-        assert!(!HiddenChunk { tensor: 2, ..h }.is_sane(&g));
+        assert!(HiddenChunk { tensor: 2, ..h }.is_sane(&g));
+        assert!(!HiddenChunk { tensor: 3, ..h }.is_sane(&g));
     }
 }

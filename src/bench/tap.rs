@@ -18,6 +18,9 @@ use crate::fixture::{self, FixtureError, FixtureSpec, Size};
 use crate::telemetry::{locate_tap, Session, SessionConfig, TelemetryError};
 use spark_proto::control::{HiddenConfig, HiddenTensor};
 
+/// The tap's switch for its graph observer (`tap/src/graph.rs`).
+const ENV_GRAPH_READS: &str = "SPARK_GRAPH_READS";
+
 #[derive(Debug, clap::Args)]
 pub struct BenchTapArgs {
     /// Model to serve (default: a medium fixture written to a temporary directory)
@@ -38,6 +41,11 @@ pub struct BenchTapArgs {
     /// Skip the third server that also captures hidden states of every token
     #[arg(long)]
     pub no_hidden: bool,
+    /// Also run a tapped server with the graph observer off (`SPARK_GRAPH_READS=off`): on a
+    /// hooked engine, the eval-callback path (a graph cut and a synchronisation per MoE layer)
+    /// side by side with the observer's one read per graph
+    #[arg(long)]
+    pub callback: bool,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
@@ -81,8 +89,13 @@ pub struct BenchTapReport {
     pub stock_median: f64,
     pub tapped_median: f64,
     pub hidden_median: Option<f64>,
+    /// `--callback`: tapped with the graph observer off (the eval callback reads every graph).
+    pub callback_tok_s: Vec<f64>,
+    pub callback_median: Option<f64>,
     /// tapped ÷ stock (target ≥ 0.97 for routing only)
     pub ratio: f64,
+    /// tapped through the eval callback ÷ stock.
+    pub callback_ratio: Option<f64>,
     /// tapped with hidden states of every token ÷ stock (target ≥ 0.90)
     pub hidden_ratio: Option<f64>,
     pub records: u64,
@@ -104,23 +117,38 @@ pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {
             out
         }
     };
-    let cfg = |tap: Option<PathBuf>, hidden: bool, name: &str| SessionConfig {
+    let cfg = |tap: Option<PathBuf>, hidden: bool, name: &str, callback: bool| SessionConfig {
         llama_server: engine.llama_server.clone(),
         model: model.clone(),
         tap,
         extra_args: a.server_args.clone(),
-        env: Vec::new(),
+        env: if callback {
+            vec![(ENV_GRAPH_READS.to_string(), "off".to_string())]
+        } else {
+            Vec::new()
+        },
         ring_capacity: 1 << 18,
         hidden_capacity: hidden.then_some(1 << 14),
         ready_timeout: Duration::from_secs(180),
         log_path: work.path().join(name),
     };
     let mut sides = vec![
-        Session::start(&cfg(None, false, "stock.log"))?,
-        Session::start(&cfg(Some(tap.clone()), false, "tapped.log"))?,
+        Session::start(&cfg(None, false, "stock.log", false))?,
+        Session::start(&cfg(Some(tap.clone()), false, "tapped.log", false))?,
     ];
+    // Sides 0 and 1 are stock and tapped; the optional ones follow in this order.
+    let callback_side = a.callback.then_some(sides.len());
+    if a.callback {
+        sides.push(Session::start(&cfg(
+            Some(tap.clone()),
+            false,
+            "callback.log",
+            true,
+        ))?);
+    }
+    let hidden_side = (!a.no_hidden).then_some(sides.len());
     if !a.no_hidden {
-        let mut h = Session::start(&cfg(Some(tap), true, "hidden.log"))?;
+        let mut h = Session::start(&cfg(Some(tap), true, "hidden.log", false))?;
         h.keep_hidden = false;
         h.set_hidden(Some(HiddenConfig {
             every: 1,
@@ -162,17 +190,19 @@ pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {
         }
     }
     let dropped = sides[1].ring_dropped();
-    let (hidden_chunks, hidden_dropped) = sides
-        .get(2)
-        .map(|h| (h.hidden_drained, h.hidden_dropped()))
+    let (hidden_chunks, hidden_dropped) = hidden_side
+        .map(|i| (sides[i].hidden_drained, sides[i].hidden_dropped()))
         .unwrap_or((0, 0));
     for s in sides {
         s.stop();
     }
-    let hidden_tok_s = tps.get(2).cloned().unwrap_or_default();
+    let of = |side: Option<usize>| side.map(|i| tps[i].clone()).unwrap_or_default();
+    let (hidden_tok_s, callback_tok_s) = (of(hidden_side), of(callback_side));
     let (s_tps, t_tps) = (tps[0].clone(), tps[1].clone());
     let (sm, tm) = (median(&s_tps), median(&t_tps));
     let hm = (!hidden_tok_s.is_empty()).then(|| median(&hidden_tok_s));
+    let cm = (!callback_tok_s.is_empty()).then(|| median(&callback_tok_s));
+    let over_stock = |x: f64| if sm > 0.0 { x / sm } else { 0.0 };
     Ok(BenchTapReport {
         model,
         reps: a.reps,
@@ -183,8 +213,11 @@ pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {
         stock_median: sm,
         tapped_median: tm,
         hidden_median: hm,
-        ratio: if sm > 0.0 { tm / sm } else { 0.0 },
-        hidden_ratio: hm.map(|h| if sm > 0.0 { h / sm } else { 0.0 }),
+        callback_tok_s,
+        callback_median: cm,
+        ratio: over_stock(tm),
+        callback_ratio: cm.map(over_stock),
+        hidden_ratio: hm.map(over_stock),
         records: total,
         dropped,
         hidden_chunks,
@@ -222,6 +255,12 @@ pub fn run_and_print(a: &BenchTapArgs) -> Result<(), BenchTapError> {
             "ratio        {:.3}  (tapped ÷ stock, routing only; {} records captured, {} dropped)",
             r.ratio, r.records, r.dropped
         );
+        if let (Some(cm), Some(cr)) = (r.callback_median, r.callback_ratio) {
+            println!("callbk tok/s {}  (median {cm:.2})", fmt(&r.callback_tok_s));
+            println!(
+                "ratio        {cr:.3}  (tapped through the eval callback, graph observer off, ÷ stock)"
+            );
+        }
         if let (Some(hm), Some(hr)) = (r.hidden_median, r.hidden_ratio) {
             println!("hidden tok/s {}  (median {hm:.2})", fmt(&r.hidden_tok_s));
             println!(

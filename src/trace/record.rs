@@ -66,11 +66,12 @@ pub struct RecordArgs {
     /// Byte budget of hidden-state capture, in MiB
     #[arg(long, value_name = "MIB", default_value_t = 256, requires = "hidden_every", value_parser = clap::value_parser!(u32).range(1..))]
     pub hidden_budget: u32,
-    /// Graph tensor holding the hidden state: ffn_norm (the router's input) or attn_norm
+    /// Graph tensor holding the hidden state: router_input (what each layer's router
+    /// multiplies, on every arch), ffn_norm or attn_norm
     #[arg(
         long,
         value_name = "NAME",
-        default_value = "ffn_norm",
+        default_value = "router_input",
         requires = "hidden_every"
     )]
     pub hidden_tensor: String,
@@ -99,7 +100,7 @@ pub enum RecordError {
     Telemetry(#[from] TelemetryError),
     #[error(transparent)]
     Trace(#[from] TraceError),
-    #[error("parse --hidden-tensor {0}: expected ffn_norm or attn_norm")]
+    #[error("parse --hidden-tensor {0}: expected router_input, ffn_norm or attn_norm")]
     HiddenTensor(String),
     #[error("parse --hidden-every 0: sample at least every token (N ≥ 1)")]
     HiddenEvery,

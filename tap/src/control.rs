@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use spark_proto::control::{
-    respond, Greeting, HiddenConfig, HiddenTensor, Reply, ResidencyStats, TapControl, TapStats,
+    respond, Greeting, HiddenConfig, Reply, ResidencyLayers, ResidencyStats, TapControl, TapStats,
     WantPlan, ERR_TOO_LONG, MAX_LINE,
 };
 use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING_FD};
@@ -65,6 +65,8 @@ pub fn start(greeting: Greeting) {
 struct Tap {
     n_layer: u32,
     n_expert: u32,
+    /// The per-layer snapshot the supervisor is paging through.
+    layers: Option<ResidencyLayers>,
 }
 
 impl TapControl for Tap {
@@ -118,10 +120,9 @@ impl TapControl for Tap {
                 SHARED
                     .hidden_budget
                     .store(u64::from(h.budget_mib) << 20, Ordering::Relaxed);
-                SHARED.hidden_tensor.store(
-                    u8::from(h.tensor == HiddenTensor::AttnNorm),
-                    Ordering::Relaxed,
-                );
+                SHARED
+                    .hidden_tensor
+                    .store(h.tensor.code(), Ordering::Relaxed);
                 SHARED.hidden_bytes.store(0, Ordering::Relaxed);
                 SHARED.hidden_on.store(true, Ordering::Release);
                 Ok(())
@@ -131,6 +132,16 @@ impl TapControl for Tap {
 
     fn residency(&mut self) -> ResidencyStats {
         crate::provider::stats()
+    }
+
+    fn residency_layers(&mut self, fresh: bool) -> Result<ResidencyLayers, String> {
+        if fresh || self.layers.is_none() {
+            self.layers =
+                Some(crate::provider::layer_snapshot().ok_or(
+                    "the provider kept updating its counters through every try; ask again",
+                )?);
+        }
+        Ok(self.layers.clone().unwrap_or_default())
     }
 
     fn want(&mut self, plan: &WantPlan, append: bool) -> Result<(), String> {
@@ -145,6 +156,7 @@ fn serve(mut stream: UnixStream, greeting: &Greeting) -> std::io::Result<()> {
     let mut tap = Tap {
         n_layer: greeting.n_layer,
         n_expert: greeting.n_expert,
+        layers: None,
     };
     let mut line: Vec<u8> = Vec::with_capacity(MAX_LINE + 1);
     let mut started: Option<Instant> = None;

@@ -160,6 +160,12 @@ pub type SchedTensorBackendFn = unsafe extern "C" fn(*mut c_void, *mut GgmlTenso
 pub type GraphNNodesFn = unsafe extern "C" fn(*mut c_void) -> i32;
 /// `ggml_graph_node(graph, i)`.
 pub type GraphNodeFn = unsafe extern "C" fn(*mut c_void, i32) -> *mut GgmlTensor;
+/// `ggml_backend_buft_alloc_buffer`.
+pub type BuftAllocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+/// `ggml_backend_buffer_get_base`.
+pub type BufferBaseFn = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
+/// `ggml_backend_get_device` and `ggml_backend_dev_host_buffer_type`: pointer to pointer.
+pub type PtrToPtrFn = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
 
 /// `GGML_TENSOR_FLAG_OUTPUT`: the allocator never reuses such a tensor's memory in its graph.
 pub const GGML_TENSOR_FLAG_OUTPUT: i32 = 2;
@@ -230,6 +236,10 @@ pub static SYNCHRONIZE: Sym = Sym::global(c"ggml_backend_synchronize");
 pub static SCHED_TENSOR_BACKEND: Sym = Sym::global(c"ggml_backend_sched_get_tensor_backend");
 pub static GRAPH_N_NODES: Sym = Sym::global(c"ggml_graph_n_nodes");
 pub static GRAPH_NODE: Sym = Sym::global(c"ggml_graph_node");
+pub static BUFT_ALLOC: Sym = Sym::global(c"ggml_backend_buft_alloc_buffer");
+pub static BUFFER_BASE: Sym = Sym::global(c"ggml_backend_buffer_get_base");
+pub static GET_DEVICE: Sym = Sym::global(c"ggml_backend_get_device");
+pub static DEV_HOST_BUFT: Sym = Sym::global(c"ggml_backend_dev_host_buffer_type");
 
 /// Casts a resolved symbol to its function type.
 ///
@@ -243,6 +253,42 @@ pub unsafe fn as_fn<F: Copy>(sym: &Sym) -> Option<F> {
     debug_assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
     // SAFETY: the caller names the right function type; p is a non-null code address.
     Some(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+}
+
+/// Allocates `len` bytes of the host buffer type of `backend`'s device — pinned (page-locked)
+/// memory the device copies into directly, without a staging buffer — and returns its base.
+/// `None` when the device has no host buffer type (the CPU) or the allocation fails. The buffer
+/// lives as long as the process.
+///
+/// # Safety
+/// `backend` must be a live ggml backend.
+pub unsafe fn alloc_device_host(backend: *mut c_void, len: usize) -> Option<*mut u8> {
+    // SAFETY: each type is the declared signature of that function in ggml-backend.h.
+    let (get_device, host_buft, alloc, base) = unsafe {
+        (
+            as_fn::<PtrToPtrFn>(&GET_DEVICE)?,
+            as_fn::<PtrToPtrFn>(&DEV_HOST_BUFT)?,
+            as_fn::<BuftAllocFn>(&BUFT_ALLOC)?,
+            as_fn::<BufferBaseFn>(&BUFFER_BASE)?,
+        )
+    };
+    // SAFETY: backend is live; each result is checked before it is used.
+    unsafe {
+        let dev = get_device(backend);
+        if dev.is_null() {
+            return None;
+        }
+        let buft = host_buft(dev);
+        if buft.is_null() {
+            return None;
+        }
+        let buffer = alloc(buft, len);
+        if buffer.is_null() {
+            return None;
+        }
+        let p = base(buffer).cast::<u8>();
+        (!p.is_null()).then_some(p)
+    }
 }
 
 #[cfg(test)]

@@ -1,20 +1,27 @@
 //! The graph observer the hooked ggml scheduler calls (`spark_graph_observe_v1`, declared in
-//! `spark_moe_hook.h`, same patch as the residency hook): routing and hidden states of small
-//! graphs (decode) read once per graph, with no synchronisation per layer.
+//! `spark_moe_hook.h`, same patch as the residency hook): the routing of every graph read once
+//! after the graph, with no synchronisation per layer. On by default; `SPARK_GRAPH_READS=off`
+//! falls back to the eval callback.
 //!
 //! Why: an eval callback that asks for a tensor makes the scheduler cut the graph there and
 //! synchronise the device before the callback may read it, once per MoE layer. On a device
 //! backend that costs a few percent of decode (7% on lavapipe), more on a real GPU where a
-//! token takes milliseconds. With the observer, the tap marks the tensors it reads as graph
+//! token takes milliseconds. With the observer, the tap marks the routing tensors as graph
 //! outputs before the graph is allocated (so their memory is not reused within the graph),
 //! answers "not needed" for them in the eval callback (no cut, no synchronisation), and reads
-//! them all after the graph was enqueued: asynchronous reads on the backend that computed each
-//! one, then one synchronisation per backend.
+//! them all after the graph was enqueued: asynchronous reads into pinned memory of the device
+//! that computed them (up to [`GATHER_MAX_TOKENS`] tokens), then one synchronisation per
+//! backend, then whatever did not fit, one tensor at a time.
 //!
-//! Only graphs of at most [`MARK_MAX_TOKENS`] tokens are marked: decode and small batches,
-//! whose kept tensors are a few KiB. Larger graphs (prompt processing, where compute dwarfs a
-//! synchronisation) keep the eval-callback path, and so does a stock engine, which never calls
-//! the observer. Marking a node as an output changes where it lives, never what is computed.
+//! Every graph is marked, measure graphs included, because ggml's allocator reuses the plan of
+//! the graph it reserved for later graphs without looking at output flags (see
+//! `capture::on_graph_prepare`). Two reads that once went wrong, each a test now
+//! (`hook::the_graph_observer_reads_the_routing_exactly_on_the_cpu`,
+//! `lavapipe::telemetry_on_the_device_is_exact`): marking only small graphs (every layer read
+//! the last layer's experts), and reading into pageable memory on Vulkan (every read staged
+//! through one buffer). Hidden states are not marked (they are `n_embd` floats per token): the
+//! eval callback reads them. A stock engine never calls the observer. Marking a node as an
+//! output changes where it lives, never what is computed.
 //!
 //! Acts only on graphs built inside a call into a tapped context (the thread-local flag set by
 //! the `llama_init_from_model`, `llama_decode` and `llama_process` wrappers), so a draft
@@ -35,8 +42,10 @@ pub const ABI: u32 = 1;
 pub const PREPARE: u32 = 0;
 pub const COMPUTED: u32 = 1;
 
-/// Graphs of at most this many tokens are read once per graph (module doc).
-pub const MARK_MAX_TOKENS: i64 = 32;
+/// The pinned gather target holds the routing of graphs of up to this many tokens (decode and
+/// small batches); the tensors of larger graphs that do not fit are read after the graph, one
+/// by one (module doc).
+pub const GATHER_MAX_TOKENS: i64 = 32;
 
 /// `struct spark_graph_event_v1`.
 #[repr(C)]
@@ -128,20 +137,32 @@ impl Nodes {
     }
 }
 
-/// `SPARK_GRAPH_READS=on` switches the observer on. It is off by default: on lavapipe its
-/// records were wrong from the first decode token (the analytic check in
-/// `lavapipe::telemetry_on_the_device_is_exact` fails with it on), so until that is found the
-/// eval callback, which is exact, reads every graph, as on a stock engine.
+/// `SPARK_GRAPH_READS=off` switches the observer off (it is on by default): then the eval
+/// callback reads every graph, as on a stock engine (for A/B measurements, `spark bench tap`).
 pub const ENV_GRAPH_READS: &str = "SPARK_GRAPH_READS";
 
-/// Whether the observer acts (read once).
-fn enabled() -> bool {
+/// Set when the tap found the observer's reads unsafe in this process (`stand_down`).
+static STOOD_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the observer acts: not switched off, and not stood down.
+pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var(ENV_GRAPH_READS).is_ok_and(|v| v.trim() == "on"))
+    *ON.get_or_init(|| std::env::var(ENV_GRAPH_READS).map_or(true, |v| v.trim() != "off"))
+        && !STOOD_DOWN.load(Ordering::Relaxed)
+}
+
+/// Turns the observer off for the rest of the process (the eval callback reads every graph
+/// from now on, output flags or not), saying why once.
+pub fn stand_down(why: &str) {
+    if !STOOD_DOWN.swap(true, Ordering::Relaxed) {
+        crate::log::warn(&format!(
+            "graph observer off for this process: {why}; the eval callback reads the routing"
+        ));
+    }
 }
 
 /// Whether an observer event should be acted on: a known ABI, on a thread inside a tapped
-/// context, with the observer switched on. `lib.rs` then hands it to the capture path.
+/// context, with the observer not switched off. `lib.rs` then hands it to the capture path.
 ///
 /// # Safety
 /// `ev` is the scheduler's event (or null), valid for the duration of the call.

@@ -11,15 +11,17 @@
 //!   each batch's token positions and output flags, so every record can say which token it
 //!   belongs to; each wrapper forwards to the real function;
 //! - the callback asks the scheduler only for `ffn_moe_weights-<il>` (whose sources hold the
-//!   selected expert ids) and, when switched on, the pre-gate hidden state; it answers "no" for
-//!   every other tensor so the graph is not split elsewhere.
+//!   selected expert ids; on a hooked engine the graph observer reads those instead, once per
+//!   graph) and, when switched on, the hidden state (`router_input`: the source of
+//!   `ffn_moe_logits-<il>`, or a named norm); it answers "no" for every other tensor so the
+//!   graph is not split elsewhere.
 //!
 //! It also exports the residency provider of spark's scheduler hook (`spark_moe_provide_v1`,
 //! `spark_moe_hook_abi`; see `provider.rs`) and the graph observer (`spark_graph_observe_v1`,
 //! `spark_graph_hook_abi`; see `graph.rs`), which a hooked llama.cpp build finds at run time
 //! and stock builds never look for. The provider serves only when `SPARK_RESIDENCY_SLOTS` is
-//! set; the observer lets the tap read a decode graph's routing once after the graph instead
-//! of synchronising the device at every MoE layer.
+//! set; the observer (on unless `SPARK_GRAPH_READS=off`) lets the tap read each graph's
+//! routing once after the graph instead of synchronising the device at every MoE layer.
 //!
 //! Must never: block the engine (a full ring drops and counts), allocate on the capture path
 //! (callback and decode wrapper), let a panic cross the C boundary (every exported function

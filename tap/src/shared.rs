@@ -52,10 +52,7 @@ impl Shared {
     }
 
     pub fn hidden_tensor(&self) -> HiddenTensor {
-        if self.hidden_tensor.load(Ordering::Relaxed) == 1 {
-            HiddenTensor::AttnNorm
-        } else {
-            HiddenTensor::FfnNorm
-        }
+        HiddenTensor::from_code(self.hidden_tensor.load(Ordering::Relaxed))
+            .unwrap_or(HiddenTensor::FfnNorm)
     }
 }

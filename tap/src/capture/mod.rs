@@ -6,8 +6,9 @@
 //! drops and counts. Everything allocated here is allocated in [`on_context_params`], outside
 //! the capture path; [`on_decode`] and the callback only copy into existing buffers.
 //!
-//! About 800 lines: the capture path is one state machine over the tap's only mutable state;
-//! its pure bookkeeping already lives in [`crate::batch`].
+//! Why this file is over 800 lines: the capture path is one state machine over the tap's only
+//! mutable state (eval callback, batch hooks, hidden states); its pure bookkeeping lives in
+//! [`crate::batch`] and the reads after a graph in `after_graph.rs`; about 60 lines are tests.
 
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void, CString};
@@ -25,14 +26,16 @@ use crate::batch::{parse_layer, RowMap, RowPositions, Shadow, N_SHADOWS};
 use crate::control;
 use crate::ffi::{
     as_fn, BufferIsHostFn, EvalCallback, GgmlTensor, LlamaBatch, LlamaContextParams, MetaStrFn,
-    ModelI32Fn, NbytesFn, SchedTensorBackendFn, SynchronizeFn, TensorGetAsyncFn, TensorGetFn,
-    BUFFER_IS_HOST, GGML_TENSOR_FLAG_OUTPUT, GGML_TYPE_F32, GGML_TYPE_I32, MODEL_META_STR,
-    MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, SCHED_TENSOR_BACKEND, SYNCHRONIZE, TENSOR_GET,
-    TENSOR_GET_ASYNC,
+    ModelI32Fn, NbytesFn, TensorGetFn, BUFFER_IS_HOST, GGML_TENSOR_FLAG_OUTPUT, GGML_TYPE_F32,
+    GGML_TYPE_I32, MODEL_META_STR, MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, TENSOR_GET,
 };
-use crate::graph::{Nodes, MARK_MAX_TOKENS};
+use crate::graph::GATHER_MAX_TOKENS;
+
+mod after_graph;
 use crate::log::warn;
 use crate::shared::SHARED;
+pub use after_graph::{on_graph_computed, on_graph_prepare};
+use after_graph::{Gather, Pending};
 
 /// The callback the caller had installed before the tap, chained after the tap's own work.
 static CHAIN_CB: AtomicUsize = AtomicUsize::new(0);
@@ -56,7 +59,7 @@ struct State {
     /// Copy target for tensors that live outside host memory.
     scratch: Vec<u8>,
     /// Copy target for every tensor of a small graph read once after it (`graph.rs`).
-    gather: Vec<u8>,
+    gather: Gather,
     /// The tensors of the graph being read (capacity fixed at init).
     pending: Vec<Pending>,
     /// What the tap saw being put into each `llama_batch_ext` (positions, output flags).
@@ -65,30 +68,6 @@ struct State {
     /// Expert count of the model the ring was made for (0 = unknown).
     ring_experts: u32,
 }
-
-/// Where a tensor read after its graph can be found once the backends are synchronised.
-#[derive(Clone, Copy)]
-enum Loc {
-    /// Host memory: the tensor's own bytes.
-    Host(*const u8),
-    /// `gather[offset..]`, filled by an asynchronous read.
-    Gathered(usize),
-    /// Did not fit the gather scratch: read synchronously (as the eval callback does).
-    Later,
-}
-
-/// One tensor of a graph being read after it.
-#[derive(Clone, Copy)]
-struct Pending {
-    kind: Kind,
-    t: *const GgmlTensor,
-    /// The routing ids (routing only) and the tensor itself.
-    ids: Loc,
-    data: Loc,
-}
-
-/// Most distinct backends one graph's marked tensors live on.
-const MAX_BACKENDS: usize = 4;
 
 /// Set when a batch-builder call could not update its shadow (state busy): the next process
 /// call then treats positions as unknown instead of trusting a stale copy.
@@ -260,13 +239,11 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
     let scratch_len = (ubatch
         * (geo.n_expert.max(1) as usize * 4 + 2 * MAX_K * 4 + geo.n_embd as usize * 4))
         .max(1 << 20);
-    // The gather scratch for small graphs read once after they ran: every layer's routing ids
-    // (a view over all experts' order) and weights, plus hidden states when a hidden ring is
-    // handed over, for MARK_MAX_TOKENS tokens; committed lazily as it is written.
-    let hidden_ring = std::env::var_os(ENV_HIDDEN_RING_FD).is_some();
-    let per_layer = MARK_MAX_TOKENS as usize
-        * 4
-        * (geo.n_expert as usize + 2 * MAX_K + if hidden_ring { geo.n_embd as usize } else { 0 });
+    // The gather target for graphs read once after they ran: every layer's routing ids (a view
+    // over all experts' order) and weights for GATHER_MAX_TOKENS tokens (pinned memory of the
+    // device, allocated at first use; larger graphs' tensors that do not fit are read one by
+    // one after the synchronisation).
+    let per_layer = GATHER_MAX_TOKENS as usize * 4 * (geo.n_expert as usize + 2 * MAX_K);
     let gather_len = (per_layer * geo.n_layer.max(1) as usize).min(256 << 20);
     let pending_cap = 2 * geo.n_layer.max(1) as usize + 8;
     let first = with_state_init(|slot| {
@@ -312,7 +289,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 hidden_rows: RowMap::new(),
                 hidden,
                 scratch: vec![0u8; scratch_len],
-                gather: vec![0u8; gather_len],
+                gather: Gather::new(gather_len),
                 pending: Vec::with_capacity(pending_cap),
                 shadows: std::array::from_fn(|_| Shadow::new(cap)),
                 next_evict: 0,
@@ -534,20 +511,28 @@ enum Kind {
 /// Whether the graph observer marked `t` to be read after its graph (`graph.rs`): then the
 /// eval callback neither asks for it nor reads it.
 fn read_after_graph(t: &GgmlTensor) -> bool {
-    t.flags & GGML_TENSOR_FLAG_OUTPUT != 0
+    t.flags & GGML_TENSOR_FLAG_OUTPUT != 0 && crate::graph::enabled()
 }
 
-fn mark(t: *mut GgmlTensor) {
-    if t.is_null() {
-        return;
+/// The input of a layer's router product `ffn_moe_logits-<layer>` (its `src[1]`): contiguous
+/// f32 `[n_embd, rows]` with the product's rows, multiplied by a `[n_embd, n_expert]` router.
+/// `None` when the product is not of that form (a LoRA-adapted router, whose named node is an
+/// addition): then nothing is captured, never a guess. Read when the eval callback gets the
+/// product, before any later node can reuse the input's memory.
+///
+/// # Safety
+/// `logits` must be a live tensor.
+unsafe fn router_input(logits: &GgmlTensor) -> Option<&GgmlTensor> {
+    let (w, x) = (logits.src[0], logits.src[1]);
+    if w.is_null() || x.is_null() {
+        return None;
     }
-    // SAFETY: a live node of a graph being prepared; only its flags change (observer rules).
-    unsafe {
-        (*t).flags |= GGML_TENSOR_FLAG_OUTPUT;
-        if !(*t).view_src.is_null() {
-            (*(*t).view_src).flags |= GGML_TENSOR_FLAG_OUTPUT;
-        }
-    }
+    // SAFETY: a live tensor's sources are live.
+    let (w, x) = unsafe { (&*w, &*x) };
+    let rows_match = x.ne[1..] == logits.ne[1..];
+    let product = w.ne[0] == x.ne[0] && w.ne[1] == logits.ne[0];
+    let contiguous = x.nb[0] == 4 && x.nb[1] == 4 * x.ne[0].max(0) as usize;
+    (x.type_ == GGML_TYPE_F32 && rows_match && product && contiguous).then_some(x)
 }
 
 /// Rows (tokens) of a tensor.
@@ -575,65 +560,6 @@ fn routing_ids(w: &GgmlTensor) -> Option<&GgmlTensor> {
     Some(ids_t)
 }
 
-/// Marks the routing (and, while hidden capture is on, hidden-state) tensors of a small graph
-/// as outputs, to be read after it (graph observer, PREPARE).
-///
-/// # Safety
-/// `graph` must be a live graph being prepared.
-pub unsafe fn on_graph_prepare(graph: *mut c_void) {
-    let capturing = with_state(|slot| {
-        slot.as_ref().map_or((false, false), |st| {
-            (st.producer.is_some(), st.hidden.is_some())
-        })
-    });
-    let Some((routing, hidden)) = capturing else {
-        return;
-    };
-    if !routing && !hidden {
-        return;
-    }
-    // SAFETY: forwarded from the caller.
-    let Some(nodes) = (unsafe { Nodes::of(graph) }) else {
-        return;
-    };
-    for i in 0..nodes.len() {
-        let t = nodes.get(i);
-        if t.is_null() {
-            continue;
-        }
-        // SAFETY: a live node.
-        let tensor = unsafe { &*t };
-        match classify(&tensor.name) {
-            Some(Kind::Routing(_)) if routing => {
-                let ids = tensor.src[1];
-                // SAFETY: a live node's sources are live.
-                if !ids.is_null() && rows_of(unsafe { &*ids }) <= MARK_MAX_TOKENS {
-                    mark(t);
-                    mark(ids);
-                }
-            }
-            Some(Kind::Hidden(_)) if hidden && rows_of(tensor) <= MARK_MAX_TOKENS => mark(t),
-            _ => {}
-        }
-    }
-}
-
-/// Reads the marked tensors of a graph that has been enqueued (graph observer, COMPUTED).
-///
-/// # Safety
-/// `sched` and `graph` must be the live scheduler and graph of the event.
-pub unsafe fn on_graph_computed(sched: *mut c_void, graph: *mut c_void) {
-    let ok = with_state(|slot| {
-        if let Some(st) = slot.as_mut() {
-            // SAFETY: forwarded from the caller.
-            unsafe { st.capture_graph(sched, graph) }
-        }
-    });
-    if ok.is_none() {
-        SHARED.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// Classifies a tensor by name without allocating; the hidden-state tensor only while hidden
 /// capture is on.
 fn classify(name: &[c_char; 64]) -> Option<Kind> {
@@ -646,6 +572,8 @@ fn classify(name: &[c_char; 64]) -> Option<Kind> {
         let prefix: &[u8] = match SHARED.hidden_tensor() {
             HiddenTensor::FfnNorm => b"ffn_norm-",
             HiddenTensor::AttnNorm => b"attn_norm-",
+            // The router's product; its input is what is captured (`capture_hidden`).
+            HiddenTensor::RouterInput => b"ffn_moe_logits-",
         };
         if bytes.starts_with(prefix) {
             return parse_layer(&bytes[prefix.len()..]).map(Kind::Hidden);
@@ -731,6 +659,19 @@ impl State {
     /// # Safety
     /// `t` must be a computed, live tensor.
     unsafe fn capture_hidden(&mut self, t: &GgmlTensor, layer: u32) {
+        let t = match SHARED.hidden_tensor() {
+            // SAFETY: t is live, so are its sources.
+            HiddenTensor::RouterInput => match unsafe { router_input(t) } {
+                Some(x) => x,
+                None => {
+                    let rows = rows_of(t).max(0) as usize;
+                    self.hidden_rows.advance(layer, rows);
+                    SHARED.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+                    return;
+                }
+            },
+            _ => t,
+        };
         // SAFETY: t is computed and live.
         let Some((base, _)) = (unsafe { self.bytes_of(t, 0) }) else {
             // The rows still advance, so that later layers map to the right tokens.
@@ -757,7 +698,7 @@ impl State {
         }
         let every = SHARED.hidden_every.load(Ordering::Relaxed).max(1);
         let budget = SHARED.hidden_budget.load(Ordering::Relaxed);
-        let tensor = u8::from(SHARED.hidden_tensor() == HiddenTensor::AttnNorm);
+        let tensor = SHARED.hidden_tensor().code();
         let request = SHARED.request.load(Ordering::Relaxed);
         let Some(producer) = self.hidden.as_mut() else {
             return;
@@ -858,157 +799,6 @@ impl State {
         };
         // SAFETY: the pointers hold the tensors' bytes (their own or copies).
         unsafe { self.emit_routing(w, ids_t, ids_p, w_p, layer) }
-    }
-
-    /// Reads the marked tensors of an enqueued graph: asynchronous reads of every one into the
-    /// gather scratch, one synchronisation per backend, then the records (module `graph`).
-    ///
-    /// # Safety
-    /// `sched` and `graph` must be the live scheduler and graph that was just enqueued.
-    unsafe fn capture_graph(&mut self, sched: *mut c_void, graph: *mut c_void) {
-        // SAFETY: forwarded from the caller.
-        let Some(nodes) = (unsafe { Nodes::of(graph) }) else {
-            return;
-        };
-        // SAFETY: the types are the declared signatures of these ggml functions.
-        let (Some(backend_of), Some(get_async), Some(sync)) = (unsafe {
-            (
-                as_fn::<SchedTensorBackendFn>(&SCHED_TENSOR_BACKEND),
-                as_fn::<TensorGetAsyncFn>(&TENSOR_GET_ASYNC),
-                as_fn::<SynchronizeFn>(&SYNCHRONIZE),
-            )
-        }) else {
-            return;
-        };
-        self.pending.clear();
-        let mut used = 0usize;
-        let mut backends = [std::ptr::null_mut::<c_void>(); MAX_BACKENDS];
-        let mut n_backends = 0usize;
-        // Phase 1: enqueue a read of every marked tensor on the backend that computed it.
-        let mut fetch =
-            |st: &mut State, t: &GgmlTensor, fallback: *mut c_void| -> (Loc, *mut c_void) {
-                if t.data.is_null() {
-                    return (Loc::Later, fallback);
-                }
-                if is_host(t.buffer) {
-                    return (Loc::Host(t.data as *const u8), fallback);
-                }
-                // SAFETY: NbytesFn is ggml_nbytes's signature; t is live.
-                let Some(n) = (unsafe { as_fn::<NbytesFn>(&NBYTES) }).map(|f| unsafe { f(t) })
-                else {
-                    return (Loc::Later, fallback);
-                };
-                // SAFETY: sched is live and t one of its graph's nodes.
-                let mut backend = unsafe { backend_of(sched, (t as *const GgmlTensor).cast_mut()) };
-                if backend.is_null() {
-                    backend = fallback;
-                }
-                let known = backends[..n_backends].contains(&backend);
-                if backend.is_null()
-                    || used + n > st.gather.len()
-                    || (!known && n_backends == MAX_BACKENDS)
-                {
-                    return (Loc::Later, backend);
-                }
-                if !known {
-                    backends[n_backends] = backend;
-                    n_backends += 1;
-                }
-                // SAFETY: gather[used..used + n] is writable; t is a live tensor of n bytes on
-                // `backend`, read in stream order after the graph that computes it.
-                unsafe { get_async(backend, t, st.gather.as_mut_ptr().add(used).cast(), 0, n) };
-                let at = used;
-                used += n;
-                (Loc::Gathered(at), backend)
-            };
-        for i in 0..nodes.len() {
-            let t = nodes.get(i);
-            if t.is_null() {
-                continue;
-            }
-            // SAFETY: a live node.
-            let tensor = unsafe { &*t };
-            if !read_after_graph(tensor) {
-                continue;
-            }
-            let Some(kind) = classify(&tensor.name) else {
-                continue;
-            };
-            if self.pending.len() == self.pending.capacity() {
-                break; // never grows here; the rest stays uncaptured and is counted below
-            }
-            let p = match kind {
-                Kind::Routing(_) => {
-                    let Some(ids_t) = routing_ids(tensor) else {
-                        continue;
-                    };
-                    let (data, backend) = fetch(self, tensor, std::ptr::null_mut());
-                    let (ids, _) = fetch(self, ids_t, backend);
-                    Pending { kind, t, ids, data }
-                }
-                Kind::Hidden(_) => {
-                    let (data, _) = fetch(self, tensor, std::ptr::null_mut());
-                    Pending {
-                        kind,
-                        t,
-                        ids: Loc::Later,
-                        data,
-                    }
-                }
-            };
-            self.pending.push(p);
-        }
-        // Phase 2: one synchronisation per backend.
-        for &b in &backends[..n_backends] {
-            // SAFETY: a live backend of this scheduler.
-            unsafe { sync(b) };
-        }
-        // Phase 3: records, layer by layer in graph order (as the eval callback emits them).
-        let mut routed = false;
-        for i in 0..self.pending.len() {
-            let p = self.pending[i];
-            // SAFETY: a node of the graph, still live during the event.
-            let t = unsafe { &*p.t };
-            match p.kind {
-                Kind::Routing(layer) => {
-                    routed = true;
-                    let Some(ids_t) = routing_ids(t) else {
-                        continue;
-                    };
-                    let (Loc::Host(_) | Loc::Gathered(_), Loc::Host(_) | Loc::Gathered(_)) =
-                        (p.ids, p.data)
-                    else {
-                        // SAFETY: the graph has been synchronised; t is computed and live.
-                        unsafe { self.capture_routing(t, layer) };
-                        continue;
-                    };
-                    let ids_p = self.located(p.ids);
-                    let w_p = self.located(p.data);
-                    // SAFETY: both locations hold the tensors' bytes after the synchronisation.
-                    unsafe { self.emit_routing(t, ids_t, ids_p, w_p, layer) }
-                }
-                Kind::Hidden(layer) => match p.data {
-                    // SAFETY: as above.
-                    Loc::Later => unsafe { self.capture_hidden(t, layer) },
-                    loc => {
-                        let base = self.located(loc);
-                        // SAFETY: as above.
-                        unsafe { self.emit_hidden(t, layer, base) }
-                    }
-                },
-            }
-        }
-        if routed {
-            SHARED.graph_reads.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn located(&self, loc: Loc) -> *const u8 {
-        match loc {
-            Loc::Host(p) => p,
-            Loc::Gathered(at) => self.gather.as_ptr().wrapping_add(at),
-            Loc::Later => std::ptr::null(),
-        }
     }
 
     /// Emits one record per token row, from the bytes of the ids and weights tensors.
