@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use std::os::fd::RawFd;
 
 use spark_proto::control::{Command, Greeting, HiddenConfig};
-use spark_proto::hook::{ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_METER, ENV_RESIDENCY_SLOTS};
+use spark_proto::hook::{
+    SlotCounts, ENV_OFFLOAD_MIN_BATCH, ENV_RESIDENCY_METER, ENV_RESIDENCY_SLOTS,
+};
 use spark_proto::ring::{
     HiddenChunk, RingGeometry, ENV_CONTROL_FD, ENV_HIDDEN_RING_FD, ENV_RING_FD,
 };
@@ -108,10 +110,11 @@ pub fn locate_tap(explicit: Option<&Path>) -> Result<PathBuf, TelemetryError> {
 }
 
 /// What the tap's residency provider does in a child.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Provider {
-    /// Serve experts from this many slots per expert layer (`SPARK_RESIDENCY_SLOTS`).
-    Slots(u64),
+    /// Serve experts from slots: this many in every expert layer, or a count per layer
+    /// (`SPARK_RESIDENCY_SLOTS`).
+    Slots(SlotCounts),
     /// No slots: decline every call and count what the stock copy moves
     /// (`SPARK_RESIDENCY_METER=1`).
     Meter,
@@ -164,8 +167,8 @@ impl TapEnv {
         if let Some(fd) = self.hidden_ring_fd {
             set(ENV_HIDDEN_RING_FD, fd.to_string());
         }
-        match self.provider {
-            Some(Provider::Slots(n)) => set(ENV_RESIDENCY_SLOTS, n.to_string()),
+        match &self.provider {
+            Some(Provider::Slots(n)) => set(ENV_RESIDENCY_SLOTS, n.to_env()),
             Some(Provider::Meter) => set(ENV_RESIDENCY_METER, "1".into()),
             None => {}
         }

@@ -149,10 +149,22 @@ fn run(
     slots: Option<u32>,
     log: PathBuf,
 ) -> (Vec<Value>, Option<ResidencyStats>) {
+    run_slots(server, model, n_layer, slots.map(|s| s.to_string()), log)
+}
+
+/// As [`run`], with `SPARK_RESIDENCY_SLOTS` set to `slots` as given (one count, a per-layer
+/// list, or anything else).
+fn run_slots(
+    server: &Path,
+    model: &Path,
+    n_layer: u32,
+    slots: Option<String>,
+    log: PathBuf,
+) -> (Vec<Value>, Option<ResidencyStats>) {
     let mut env = device_env();
     if let Some(s) = slots {
         env.push(("LD_PRELOAD".into(), tap_lib().display().to_string()));
-        env.push((ENV_RESIDENCY_SLOTS.into(), s.to_string()));
+        env.push((ENV_RESIDENCY_SLOTS.into(), s));
     }
     let s = LlamaServer::start(&LlamaServerConfig {
         binary: server.to_path_buf(),
@@ -626,6 +638,43 @@ fn residency_layers_at_rest(served: &util::Served, n_layer: u64) -> Vec<Value> {
     }
 }
 
+/// `spark bench residency --bytes --json` on lavapipe (32 tokens, one repetition) with `extra`
+/// flags; its JSON report.
+fn bench_bytes(server: &Path, model: &Path, extra: &[&str]) -> Value {
+    let mut cmd = std::process::Command::new(util::spark_bin());
+    cmd.args([
+        "bench",
+        "residency",
+        "-m",
+        model.to_str().unwrap(),
+        "--configs",
+        "spark",
+        "--slots",
+        "2",
+        "--tokens",
+        "32",
+        "--reps",
+        "1",
+        "--bytes",
+        "--json",
+        "--llama-server",
+        server.to_str().unwrap(),
+        "--hooked-bench",
+        server.with_file_name("llama-bench").to_str().unwrap(),
+        "--tap",
+        tap_lib().to_str().unwrap(),
+    ]);
+    cmd.args(extra);
+    for (k, v) in device_env() {
+        if k == ENV_VK_DEVICES {
+            cmd.env(k, v);
+        }
+    }
+    let (o, _) = util::output_within(&mut cmd, Duration::from_secs(600));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 /// `spark bench residency --bytes` on lavapipe: real bytes per decoded token for (c) and (d) at
 /// three slot counts, with the shadow cache's prediction for the same run.
 #[test]
@@ -642,37 +691,7 @@ fn bench_residency_bytes_measures_the_copies_and_predicts_the_hits() {
             &format!("{router}.gguf"),
             &["--router", router, "--type", "f16"],
         );
-        let mut cmd = std::process::Command::new(util::spark_bin());
-        cmd.args([
-            "bench",
-            "residency",
-            "-m",
-            model.to_str().unwrap(),
-            "--configs",
-            "spark",
-            "--slots",
-            "2",
-            "--tokens",
-            "32",
-            "--reps",
-            "1",
-            "--bytes",
-            "--json",
-            "--llama-server",
-            server.to_str().unwrap(),
-            "--hooked-bench",
-            server.with_file_name("llama-bench").to_str().unwrap(),
-            "--tap",
-            tap_lib().to_str().unwrap(),
-        ]);
-        for (k, v) in device_env() {
-            if k == ENV_VK_DEVICES {
-                cmd.env(k, v);
-            }
-        }
-        let (o, _) = util::output_within(&mut cmd, Duration::from_secs(600));
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let r = bench_bytes(&server, &model, &[]);
         let b = &r["bytes"];
         assert_eq!(b["cpu_device"], true, "lavapipe is named: {b}");
         let rows = b["rows"].as_array().unwrap();
@@ -719,6 +738,101 @@ fn bench_residency_bytes_measures_the_copies_and_predicts_the_hits() {
                 "{router}: the shadow cache predicts {predicted:.3}, the provider hit {live:.3}"
             );
         }
+    }
+}
+
+/// Uneven slots per layer (`SPARK_RESIDENCY_SLOTS=L:N,…`, as serve passes the planner's
+/// per-layer split), one layer with none (streamed): the answers equal the run without the
+/// provider, and `spark plan --residency`'s byte model, replayed with the same per-layer
+/// counts on the routing the run captured, gives exactly the provider's `bytes_host`. A value
+/// that does not parse is one warning line, every call declined and counted, answers unchanged.
+#[test]
+#[cfg_attr(
+    spark_skip_vulkan,
+    ignore = "built with SPARK_SKIP_VULKAN=1: needs scripts/build-engine --vulkan --hooked"
+)]
+fn per_layer_slots_answer_like_stock_and_match_the_forecast_bytes() {
+    let server = vulkan_server();
+    let dir = util::tempdir();
+    let (model, g) = fixture_with_geometry(
+        dir.path(),
+        "skewed.gguf",
+        &["--router", "skewed", "--type", "f16"],
+    );
+    let n = g.n_expert;
+    // Layer 0 streamed, then half, 1, all, a quarter, 2 … slots.
+    let counts = [0, n / 2, 1, n, n.div_ceil(4), 2];
+    let spec: Vec<String> = (0..g.n_layer)
+        .map(|l| format!("{l}:{}", counts[l as usize % counts.len()]))
+        .collect();
+    let spec = spec.join(",");
+    let with_slots = (0..g.n_layer)
+        .filter(|l| counts[*l as usize % counts.len()] > 0)
+        .count() as u32;
+    let log = |name: &str| dir.path().join(name);
+    let (stock, _) = run(&server, &model, g.n_layer, None, log("stock.log"));
+    let (got, st) = run_slots(
+        &server,
+        &model,
+        g.n_layer,
+        Some(spec.clone()),
+        log("per-layer.log"),
+    );
+    let st = st.expect("the provider prints its counters at exit");
+    eprintln!("per-layer {spec}: {}", st.to_text());
+    assert_same(&got, &stock, &format!("slots {spec}"));
+    assert!(st.calls > 0 && st.declined == 0, "{st:?}");
+    assert!(st.hits > 0 && st.streamed > 0, "{st:?}");
+    assert_eq!(
+        st.layers, with_slots,
+        "slot memory only where a layer has slots"
+    );
+    let most = (0..g.n_layer)
+        .map(|l| counts[l as usize % counts.len()])
+        .max();
+    assert_eq!(
+        Some(st.slots),
+        most,
+        "the counter reports the largest count"
+    );
+
+    // Garbage (layers out of order): declined, counted, one warning, the same answers.
+    let (got, st) = run_slots(
+        &server,
+        &model,
+        g.n_layer,
+        Some("3:1,2:2".into()),
+        log("garbage.log"),
+    );
+    assert_same(&got, &stock, "invalid slots");
+    let st = st.expect("an invalid setting still reports at exit");
+    assert!(st.calls > 0 && st.calls == st.declined, "{st:?}");
+    assert_eq!((st.slots, st.hits, st.layers), (0, 0, 0), "{st:?}");
+    let text = std::fs::read_to_string(log("garbage.log")).unwrap();
+    let warnings = text
+        .lines()
+        .filter(|l| l.starts_with("spark-tap: ") && l.contains(ENV_RESIDENCY_SLOTS))
+        .count();
+    assert_eq!(warnings, 1, "one warning line: {text}");
+
+    // The forecast's bytes against the provider's, with the same per-layer counts.
+    let r = bench_bytes(
+        &server,
+        &model,
+        &["--bytes-slots", "2", "--bytes-layer-slots", &spec],
+    );
+    let rows = r["bytes"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "(c), (d) at 2 slots, (d) per layer: {r}");
+    let per = &rows[2];
+    assert_eq!(per["slots_per_layer"], spec.as_str(), "{per}");
+    for row in rows {
+        let st = ResidencyStats::parse(row["residency"]["line"].as_str().unwrap()).unwrap();
+        assert!(st.bytes_host > 0, "{row}");
+        assert_eq!(
+            row["forecast_bytes_host"].as_u64(),
+            Some(st.bytes_host),
+            "the forecast's link bytes against the provider's: {row}"
+        );
     }
 }
 

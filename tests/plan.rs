@@ -874,8 +874,12 @@ fn residency_forecast_compares_stock_with_slots_on_the_same_vram() {
     assert!(stock["host_bytes"].as_f64().unwrap() > 0.0);
     assert!(stock["handoffs"].as_f64().unwrap() > 0.0);
     let spark = &r["spark"];
+    // (The per-layer split may give every layer 0 slots where slots this small cost more in
+    // copies than their hits save: then nothing hits, everything streams.)
     let hit = spark["hit_ratio"].as_f64().unwrap();
-    assert!(hit > 0.0 && hit < 1.0, "{spark}");
+    assert!((0.0..1.0).contains(&hit), "{spark}");
+    let uniform_hit = spark["uniform_hit_ratio"].as_f64().unwrap();
+    assert!(uniform_hit > 0.0 && uniform_hit < 1.0, "{spark}");
     assert!(spark["link_bytes"].as_f64().unwrap() > 0.0);
     assert!(spark["vram_bytes"].as_u64().unwrap() <= 14 * MIB, "{spark}");
     // Every candidate split fits the same budget.
@@ -883,6 +887,24 @@ fn residency_forecast_compares_stock_with_slots_on_the_same_vram() {
     assert!(!cands.is_empty());
     for c in cands {
         assert!(c["vram_bytes"].as_u64().unwrap() <= 14 * MIB, "{c}");
+        // Slots of each host layer, at most the experts per layer; the same count in each
+        // unless the per-layer split forecasts faster than it.
+        let per = c["slots_per_layer"].as_array().unwrap();
+        assert_eq!(per.len() as u64, c["host_layers"].as_u64().unwrap(), "{c}");
+        assert!(
+            per.iter().all(|x| x["slots"].as_u64().unwrap() <= 32),
+            "{c}"
+        );
+        let uniform = c["uniform_tps"].as_f64().unwrap();
+        if c["per_layer"] == true {
+            assert!(c["tps"].as_f64().unwrap() > uniform * 1.02, "{c}");
+        } else {
+            assert!(per.iter().all(|x| x["slots"] == c["slots"]), "{c}");
+        }
+    }
+    if r["verdict"]["run"] == "residency" {
+        let v = &r["verdict"]["slots_per_layer"];
+        assert_eq!(v.is_array(), spark["per_layer"] == true, "{r}");
     }
     // The verdict is the faster column.
     let faster = spark["tps"].as_f64().unwrap() > stock["tps"].as_f64().unwrap();

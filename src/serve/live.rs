@@ -50,8 +50,11 @@ pub struct LiveConfig {
     pub n_layer: usize,
     pub n_expert: usize,
     pub k: usize,
-    /// Slots per MoE layer of the shadow cache.
+    /// Slots per MoE layer of the shadow cache (and of the provider's, with `--residency`).
     pub slots: u32,
+    /// Slots of each model layer instead, when serve runs the planner's per-layer split: the
+    /// provider's counts (0 in a layer the split gives none), which the shadow cache follows.
+    pub layer_slots: Option<Vec<u32>>,
     /// `--residency`: the tap's provider caches experts in VRAM; the live thread sends it the
     /// policy's plan (pinned hot set from the profile + the shadow cache's resident tail) and
     /// reads its counters back.
@@ -67,6 +70,30 @@ pub struct LiveConfig {
     pub fingerprint: String,
     /// A fresh profile loaded at start: its counts seed the tables and the policy's prior.
     pub start_profile: Option<Profile>,
+}
+
+impl LiveConfig {
+    /// Slots of model layer `layer`.
+    pub fn slots_of(&self, layer: usize) -> u32 {
+        match &self.layer_slots {
+            Some(v) => v.get(layer).copied().unwrap_or(0),
+            None => self.slots,
+        }
+    }
+
+    /// Slots of every model layer.
+    pub fn slots_per_layer(&self) -> Vec<u32> {
+        (0..self.n_layer).map(|l| self.slots_of(l)).collect()
+    }
+
+    /// `/spark/status`'s `slots_per_layer`: the one count when every layer has it (as before),
+    /// else the count of each model layer, indexed by layer.
+    fn slots_json(&self) -> Value {
+        match &self.layer_slots {
+            Some(_) => json!(self.slots_per_layer()),
+            None => json!(self.slots),
+        }
+    }
 }
 
 /// The numbers `/spark/status` shows, updated by the live thread.
@@ -261,7 +288,7 @@ impl LiveSnapshot {
             "ring": {"read": self.ring_read, "dropped": self.ring_dropped, "rings": self.rings, "bad_records": self.bad_records},
             "shadow_cache": {
                 "policy": cfg.policy.name(),
-                "slots_per_layer": cfg.slots,
+                "slots_per_layer": cfg.slots_json(),
                 "accesses": self.shadow_accesses,
                 "misses": self.shadow_misses,
                 "hit_ratio": ratio(self.shadow_accesses - self.shadow_misses, self.shadow_accesses),
@@ -294,7 +321,8 @@ impl LiveSnapshot {
                         "prompt_batches": t.wide_calls,
                         "prompt_streamed": t.wide_streamed,
                     },
-                    "slots_per_layer": r.slots,
+                    // The configured counts: the provider's `slots` counter is the largest one.
+                    "slots_per_layer": if cfg.layer_slots.is_some() { cfg.slots_json() } else { json!(r.slots) },
                     "layers_with_slots": r.layers,
                     "layers_planned": r.planned,
                     "plans_sent": self.residency_plans_sent,
@@ -422,7 +450,7 @@ impl Live {
         let shared = Arc::new(Mutex::new(snap));
         let zero = Counts::zero(cfg.n_layer, cfg.n_expert);
         let prior = cfg.start_profile.as_ref().map(|p| &p.counts);
-        let slots = vec![cfg.slots; cfg.n_layer];
+        let slots = cfg.slots_per_layer();
         let setup = Setup {
             n_expert: cfg.n_expert,
             k: cfg.k,
@@ -578,7 +606,7 @@ impl Live {
     /// The plan of one layer: the profile's hottest experts pinned (half the slots, when a
     /// profile was loaded), then the shadow cache's other resident experts as the tail.
     pub fn plan_of(&self, layer: usize) -> WantPlan {
-        let slots = self.cfg.slots as usize;
+        let slots = self.cfg.slots_of(layer) as usize;
         let pinned: Vec<u32> = match &self.cfg.start_profile {
             Some(p) => p
                 .counts
@@ -701,7 +729,7 @@ impl Live {
             accesses += layers.iter().map(|l| l.len() as u64).sum::<u64>();
             misses += u64::from(*m);
         }
-        let slots = vec![self.cfg.slots; self.cfg.n_layer];
+        let slots = self.cfg.slots_per_layer();
         let mut belady = Belady::new(&routing, self.cfg.n_expert, &slots);
         let mut bmiss = 0u64;
         for s in 0..routing.steps() {
@@ -832,6 +860,7 @@ mod tests {
             n_expert: 4,
             k: 2,
             slots: 2,
+            layer_slots: None,
             residency: false,
             policy: PolicyKind::Lru,
             window: 100,
@@ -840,6 +869,36 @@ mod tests {
             fingerprint: "fp".into(),
             start_profile: None,
         }
+    }
+
+    /// The planner's per-layer split: the shadow cache and the plans follow each layer's own
+    /// count (0: nothing resident, nothing planned), and the status shows the counts by layer.
+    #[test]
+    fn per_layer_slots_shape_the_shadow_the_plans_and_the_status() {
+        let mut c = cfg(None);
+        c.n_expert = 6;
+        c.residency = true;
+        c.layer_slots = Some(vec![0, 4]);
+        let mut counts = Counts::zero(2, 6);
+        counts.set(0, 4, 50);
+        counts.set(1, 2, 7);
+        counts.set(1, 3, 5);
+        c.start_profile = Some(crate::profile::Profile::new(counts, 2, None));
+        let (mut live, _) = Live::new(c.clone());
+        live.fold(&[rec(1, 0, 0, 1, &[0, 3]), rec(1, 0, 1, 1, &[5, 1])]);
+        live.fold(&[rec(1, 1, 0, 1, &[2, 4]), rec(1, 1, 1, 1, &[0, 4])]);
+        let (p0, p1) = (live.plan_of(0), live.plan_of(1));
+        assert!(p0.pinned.is_empty() && p0.tail.is_empty(), "{p0:?}");
+        assert_eq!(p1.pinned, vec![2, 3]);
+        assert!(p1.pinned.len() + p1.tail.len() <= 4, "{p1:?}");
+        assert!(!p1.tail.is_empty(), "{p1:?}");
+        assert!((0..6).all(|e| !live.policy.is_resident(0, e)));
+        let j = live.lock().to_json(&c);
+        assert_eq!(j["shadow_cache"]["slots_per_layer"], json!([0, 4]));
+        assert_eq!(j["residency"]["slots_per_layer"], json!([0, 4]));
+        // One count for every layer reads as before: a number.
+        let j = live.lock().to_json(&cfg(None));
+        assert_eq!(j["shadow_cache"]["slots_per_layer"], json!(2));
     }
 
     #[test]

@@ -244,6 +244,7 @@ fn residency_decision(
         Some(ServeDecision {
             run: "as_asked".into(),
             slots: None,
+            slots_per_layer: None,
             reason: reason.into(),
             source: None,
             stock_tps: None,
@@ -290,9 +291,14 @@ fn decide_host_memory(
         .unwrap_or((0, 0));
     let env_mode = std::env::var("LLAMA_ARG_LOAD_MODE").ok();
     let user_mode = host_memory::user_load_mode(&cfg.llama_args, env_mode.as_deref());
-    let plan = host_memory::decide(
+    // The user's own placement flags win, and so does their host part.
+    let host_bytes = placement
+        .effective
+        .as_ref()
+        .map_or(placement.usage.host_bytes, |e| e.host_bytes);
+    let mut plan = host_memory::decide(
         cfg.host_memory,
-        placement.usage.host_bytes,
+        host_bytes,
         ram_total,
         ram_available,
         user_mode.as_deref(),
@@ -305,6 +311,12 @@ fn decide_host_memory(
         reason: e.to_string(),
         help: "--host-memory auto (maps what cannot be pinned) or more RAM".into(),
     })?;
+    if let Some(e) = &placement.effective {
+        plan.reason = format!(
+            "{} (host part of the placement llama-server runs: {})",
+            plan.reason, e.note
+        );
+    }
     let mode = match plan.host_memory {
         host_memory::HostMemory::Pinned => "pinned",
         host_memory::HostMemory::Mapped => "mapped",
@@ -327,21 +339,31 @@ pub async fn serve(
         placement::shadow_slots(cfg.cache_slots, &geometry).map_err(|e| ServeError::Usage(e.0))?;
     let decision = residency_decision(&cfg, &file, &geometry)?;
     let mut run_residency = cfg.residency;
+    // The provider's slots: `--cache-slots` (or the default) in every layer, unless the
+    // decision chose a count, or a count per host layer.
+    let mut layer_slots: Option<Vec<(u32, u32)>> = None;
     if let Some(d) = &decision {
         tracing::info!("residency decision: {} ({})", d.run, d.reason);
         match (d.run.as_str(), d.slots) {
-            ("residency", Some(s)) => slots = s,
+            ("residency", Some(s)) => {
+                slots = s;
+                layer_slots = d.slots_per_layer.clone();
+            }
             ("stock", _) => run_residency = false,
             _ => {}
         }
     }
+    let slot_counts = match &layer_slots {
+        Some(v) => spark_proto::hook::SlotCounts::per_layer(v.iter().copied()),
+        None => spark_proto::hook::SlotCounts::Uniform(slots),
+    };
     let residency = match run_residency {
         true => Some(
             placement::residency_setup(
                 &cfg.model,
                 &geometry,
                 cfg.vram_budget_mib,
-                slots,
+                slot_counts.clone(),
                 cfg.cache_policy,
             )
             .map_err(|e| ServeError::Usage(e.0))?,
@@ -406,7 +428,8 @@ pub async fn serve(
     let health = cfg.health;
     let (live, launcher, live_thread) = match &cfg.tap {
         Some(tap) if geometry.is_moe() => {
-            let (handle, launcher, thread) = start_live(&cfg, &geometry, tap.clone(), slots)?;
+            let (handle, launcher, thread) =
+                start_live(&cfg, &geometry, tap.clone(), slots, layer_slots.as_deref())?;
             (Some(handle), Some(launcher), Some(thread))
         }
         Some(_) => {
@@ -518,6 +541,7 @@ fn start_live(
     geometry: &MoeGeometry,
     tap: PathBuf,
     slots: u32,
+    layer_slots: Option<&[(u32, u32)]>,
 ) -> Result<
     (
         LiveHandle,
@@ -540,6 +564,10 @@ fn start_live(
         n_expert: geometry.n_expert as usize,
         k,
         slots,
+        layer_slots: layer_slots.map(|v| {
+            let counts = spark_proto::hook::SlotCounts::per_layer(v.iter().copied());
+            (0..geometry.n_layer).map(|l| counts.of_layer(l)).collect()
+        }),
         residency: cfg.residency,
         policy: cfg.cache_policy,
         window: 2048,

@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use serde::Serialize;
-use spark_proto::hook::ENV_OFFLOAD_MIN_BATCH;
+use spark_proto::hook::{SlotCounts, ENV_OFFLOAD_MIN_BATCH};
 
 use crate::cache::PolicyKind;
 use crate::gguf::{GgmlType, GgufFile, MoeGeometry};
@@ -48,6 +48,99 @@ pub struct ServePlacement {
     pub residency_mib: Option<u64>,
     /// `--residency`: whether it pays here and why (`spark plan --residency`'s decision).
     pub residency_decision: Option<crate::plan::residency::ServeDecision>,
+    /// What llama-server runs when the user's own placement flags after `--` replace spark's
+    /// (`None` when they do not): the host RAM check counts this placement's host bytes.
+    pub effective: Option<Effective>,
+}
+
+/// The placement llama-server runs with the user's own `-ngl` / `--n-cpu-moe` / `--cpu-moe` /
+/// `-ot` in place of spark's.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Effective {
+    pub placement: Placement,
+    /// Bytes of weights (and, with every layer on the CPU, KV and compute buffers) in host
+    /// memory under it.
+    pub host_bytes: u64,
+    /// How it was read from the flags.
+    pub note: String,
+}
+
+/// The value of the last occurrence of any of `names` (`NAME V` or `NAME=V`) in `args`.
+fn last_value<'a>(args: &'a [String], names: &[&str]) -> Option<&'a str> {
+    let mut found = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if names.contains(&a.as_str()) {
+            found = it.next().map(String::as_str);
+        } else if let Some((k, v)) = a.split_once('=') {
+            if names.contains(&k) {
+                found = Some(v);
+            }
+        }
+    }
+    found
+}
+
+/// The placement of `spark`'s choice with the user's own flags in `user_args` in its place, when
+/// any replaces it. Where the flags cannot be read exactly — a partial `-ngl` (dense layers on
+/// the CPU too) or `-ot` patterns — the host part is counted at its upper bound (every weight,
+/// or every routed expert, in host memory), so the RAM check never pins more than fits.
+pub fn effective_placement(
+    m: &ModelFacts,
+    spark: Placement,
+    user_args: &[String],
+) -> Option<(Placement, String)> {
+    let ngl = last_value(user_args, FLAG_GROUPS[0]);
+    let ncmoe = last_value(user_args, &["--n-cpu-moe", "-ncmoe"]);
+    let all_moe = user_args.iter().any(|a| a == "--cpu-moe" || a == "-cmoe");
+    let ot = last_value(user_args, &["-ot", "--override-tensor"]);
+    if ngl.is_none() && ncmoe.is_none() && !all_moe && ot.is_none() {
+        return None;
+    }
+    let all_layers = m.n_layer + 1;
+    match ngl.map(|v| v.parse::<i64>()) {
+        Some(Ok(0)) => return Some((Placement::CpuOnly, "your -ngl 0: every layer on the CPU".into())),
+        Some(Ok(n)) if n > 0 && n < i64::from(all_layers) => {
+            return Some((
+                Placement::CpuOnly,
+                format!("your -ngl {n} leaves layers on the CPU: every weight counted as host memory (an upper bound)"),
+            ))
+        }
+        _ => {}
+    }
+    let spark_n = match spark {
+        Placement::CpuMoe { n } => n,
+        Placement::AllGpu | Placement::CpuOnly => 0,
+    };
+    let (n, how) = if all_moe {
+        (
+            u32::MAX,
+            "your --cpu-moe: every routed expert in host memory".to_string(),
+        )
+    } else if let Some(p) = ot {
+        (
+            u32::MAX,
+            format!("your -ot {p}: every routed expert counted as host memory (an upper bound)"),
+        )
+    } else if let Some(v) = ncmoe {
+        match v.parse::<u32>() {
+            Ok(n) => (n, format!("your --n-cpu-moe {n}")),
+            Err(_) => (u32::MAX, format!("your --n-cpu-moe {v} (not a number: every routed expert counted as host memory)")),
+        }
+    } else {
+        (
+            spark_n,
+            format!(
+                "your -ngl {} with spark's --n-cpu-moe {spark_n}",
+                ngl.unwrap_or("")
+            ),
+        )
+    };
+    let p = match n {
+        0 => Placement::AllGpu,
+        n => Placement::CpuMoe { n },
+    };
+    Some((p, how))
 }
 
 /// The model layers whose routed experts `placement` leaves in host memory: the only layers
@@ -130,6 +223,11 @@ pub fn choose(
             flags.extend(w);
         }
     }
+    let effective = effective_placement(&facts, placement, user_args).map(|(p, note)| Effective {
+        placement: p,
+        host_bytes: fit::usage(&facts, &settings, p).host_bytes,
+        note,
+    });
     Ok(ServePlacement {
         placement,
         ctx,
@@ -139,6 +237,7 @@ pub fn choose(
         user_overrides,
         residency_mib: None,
         residency_decision: None,
+        effective,
     })
 }
 
@@ -201,7 +300,9 @@ pub fn shadow_slots(cache_slots: Option<u32>, geometry: &MoeGeometry) -> Result<
 
 /// What `--residency` adds to a serve run.
 pub struct ResidencySetup {
-    pub slots: u64,
+    /// Slots of each expert layer: one count (`--cache-slots`, the default, or the decision's
+    /// uniform split) or the decision's per-layer split.
+    pub slots: SlotCounts,
     /// Bytes of one slot in each MoE layer (every expert tensor's slice plus the padding
     /// stock copies after it).
     pub slot_bytes: Vec<(u32, u64)>,
@@ -217,9 +318,20 @@ impl ResidencySetup {
             .slot_bytes
             .iter()
             .filter(|(l, _)| layers.contains(l))
-            .map(|(_, b)| b)
+            .map(|(l, b)| b * u64::from(self.slots.of_layer(*l)))
             .sum();
-        (self.slots * bytes).div_ceil(1 << 20)
+        bytes.div_ceil(1 << 20)
+    }
+
+    /// The slots in words, for the start lines.
+    fn describe(&self) -> String {
+        match &self.slots {
+            SlotCounts::Uniform(n) => format!("{n} slots per expert layer"),
+            SlotCounts::PerLayer(v) => format!(
+                "slots per expert layer {} (per-layer)",
+                SlotCounts::PerLayer(v.clone()).to_env()
+            ),
+        }
     }
 }
 
@@ -250,8 +362,8 @@ fn place_with_slots(
         tracing::info!("residency: every expert fits in VRAM at this budget; the provider has nothing to serve");
     } else {
         tracing::info!(
-            "residency: {} slots per expert layer in {} host-resident expert layers, {} MiB of VRAM kept for them",
-            r.slots,
+            "residency: {} in {} host-resident expert layers, {} MiB of VRAM kept for them",
+            r.describe(),
             host.len(),
             r.mib(&host)
         );
@@ -260,13 +372,13 @@ fn place_with_slots(
     Ok(p)
 }
 
-/// Sizes `--residency`'s slots: `slots` per MoE layer of `model`, their VRAM out of
+/// Sizes `--residency`'s slots: `slots` in each MoE layer of `model`, their VRAM out of
 /// `vram_budget_mib`, and the child's environment for the provider.
 pub fn residency_setup(
     model: &Path,
     geometry: &MoeGeometry,
     vram_budget_mib: Option<u64>,
-    slots: u32,
+    slots: SlotCounts,
     policy: PolicyKind,
 ) -> Result<ResidencySetup, SlotsRefused> {
     if !geometry.is_moe() {
@@ -280,7 +392,6 @@ pub fn residency_setup(
             "--residency needs --vram-budget: the slots and the placement share it".into(),
         ));
     };
-    let slots = u64::from(slots);
     let slot_bytes = geometry
         .moe_layers
         .iter()
@@ -296,7 +407,7 @@ pub fn residency_setup(
     // The scheduler setting is the user's when they set it.
     let env = TapEnv {
         offload_min_batch: std::env::var_os(ENV_OFFLOAD_MIN_BATCH).is_none(),
-        provider: Some(Provider::Slots(slots)),
+        provider: Some(Provider::Slots(slots.clone())),
         ..TapEnv::default()
     }
     .vars();
@@ -309,11 +420,13 @@ pub fn residency_setup(
     let slot_mib = r.mib(&all);
     if slot_mib >= budget {
         return Err(SlotsRefused(format!(
-            "--residency: {slots} slots per layer take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget"
+            "--residency: {} take {slot_mib} MiB, the whole --vram-budget of {budget} MiB; lower --cache-slots or raise the budget",
+            r.describe()
         )));
     }
     tracing::info!(
-        "residency: {slots} slots per expert layer (at most {slot_mib} MiB of VRAM), policy {}",
+        "residency: {} (at most {slot_mib} MiB of VRAM), policy {}",
+        r.describe(),
         policy.name()
     );
     Ok(r)
@@ -386,6 +499,79 @@ mod tests {
         assert_eq!(p.user_overrides, ["-ngl 99", "-c 512"]);
     }
 
+    /// The host RAM check counts the placement llama-server runs: the user's own flags after
+    /// `--` win over spark's, and flags that cannot be read exactly count the upper bound.
+    #[test]
+    fn the_users_own_placement_flags_set_the_host_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = model(dir.path());
+        let g = MoeGeometry::of(&f).unwrap();
+        let layer = 3 * 64 * 64 * 4 * 4u64; // one layer's routed experts, f32
+        let run = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            choose(&f, &g, Some(4096), 2048, &args, 1 << 34).unwrap()
+        };
+        let spark = run(&[]);
+        assert_eq!(spark.placement, Placement::AllGpu);
+        assert!(
+            spark.effective.is_none(),
+            "no flags of the user's: spark's placement"
+        );
+        let host0 = spark.usage.host_bytes;
+        let cases: [(&[&str], Placement, u64); 6] = [
+            (
+                &["--n-cpu-moe", "1"],
+                Placement::CpuMoe { n: 1 },
+                host0 + layer,
+            ),
+            (
+                &["--n-cpu-moe=2"],
+                Placement::CpuMoe { n: 2 },
+                host0 + 2 * layer,
+            ),
+            (&["-ncmoe", "2", "-ncmoe", "0"], Placement::AllGpu, host0),
+            (
+                &["--cpu-moe"],
+                Placement::CpuMoe { n: u32::MAX },
+                host0 + 2 * layer,
+            ),
+            (
+                &["-ot", "exps=CPU"],
+                Placement::CpuMoe { n: u32::MAX },
+                host0 + 2 * layer,
+            ),
+            (&["-ngl", "99"], Placement::AllGpu, host0),
+        ];
+        for (args, want, host) in cases {
+            let p = run(args);
+            let e = p
+                .effective
+                .unwrap_or_else(|| panic!("{args:?}: no effective placement"));
+            assert_eq!(
+                (e.placement, e.host_bytes),
+                (want, host),
+                "{args:?}: {}",
+                e.note
+            );
+            assert_eq!(p.usage.host_bytes, host0, "spark's own usage is unchanged");
+        }
+        // Every layer on the CPU, or only some (an upper bound: every weight in host memory).
+        for args in [&["-ngl", "0"][..], &["--n-gpu-layers", "1"][..]] {
+            let e = run(args).effective.unwrap();
+            assert_eq!(e.placement, Placement::CpuOnly, "{args:?}");
+            assert!(
+                e.host_bytes > host0 + 2 * layer,
+                "{args:?}: {}",
+                e.host_bytes
+            );
+        }
+        assert!(run(&["-ot", "exps=CPU"])
+            .effective
+            .unwrap()
+            .note
+            .contains("upper bound"));
+    }
+
     #[test]
     fn a_budget_below_the_always_resident_part_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -408,16 +594,28 @@ mod tests {
             user_overrides: vec![],
             residency_mib: None,
             residency_decision: None,
+            effective: None,
         }
     }
 
     fn setup() -> ResidencySetup {
         ResidencySetup {
-            slots: 4,
+            slots: SlotCounts::Uniform(4),
             // 8 MoE layers of 1 MiB per slot: 4 MiB per layer for 4 slots
             slot_bytes: (0..8).map(|l| (l, 1 << 20)).collect(),
             env: vec![],
         }
+    }
+
+    #[test]
+    fn per_layer_slots_keep_each_layers_own_count_of_vram() {
+        let mut r = setup();
+        // Layers 0..3 with 2, 6, 0 slots; unnamed layers have none.
+        r.slots = SlotCounts::per_layer([(0, 2), (1, 6), (2, 0)]);
+        assert_eq!(r.mib(&[0, 1, 2, 3]), 8);
+        assert_eq!(r.mib(&[1]), 6);
+        assert_eq!(r.mib(&[2, 3, 7]), 0);
+        assert!(r.describe().contains("0:2,1:6,2:0"), "{}", r.describe());
     }
 
     #[test]

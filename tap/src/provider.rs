@@ -12,8 +12,9 @@
 //! second CUDA context. Slot memory comes from the backend's default buffer type (VRAM on
 //! CUDA) and is kept until the process exits.
 //!
-//! Active only when `SPARK_RESIDENCY_SLOTS` is a positive number; otherwise every call is
-//! declined and the stock path runs. A call that cannot be served (tensor name not `blk.N.…`,
+//! Active only when `SPARK_RESIDENCY_SLOTS` is a positive number or a per-layer list
+//! (`L:N,L:N,…`, [`SlotCounts`]); otherwise every call is declined and the stock path runs. A
+//! value that does not parse is one warning line, and every call is declined and counted. A call that cannot be served (tensor name not `blk.N.…`,
 //! a second model, no memory, the state busy) is declined, never half-served: declining after
 //! copies were enqueued is harmless too, because the stock path then writes the same bytes.
 
@@ -28,8 +29,8 @@ use spark_proto::control::{
     RESIDENCY_TABLE_LAYERS,
 };
 use spark_proto::hook::{
-    MoeRequestV1, ABI, ENV_RESIDENCY_METER as ENV_METER, ENV_RESIDENCY_PREFILL as ENV_PREFILL,
-    ENV_RESIDENCY_SLOTS as ENV_SLOTS,
+    MoeRequestV1, SlotCounts, ABI, ENV_RESIDENCY_METER as ENV_METER,
+    ENV_RESIDENCY_PREFILL as ENV_PREFILL, ENV_RESIDENCY_SLOTS as ENV_SLOTS,
 };
 
 use crate::ffi::{
@@ -176,7 +177,7 @@ struct Plan {
 
 static PLAN: OnceLock<Plan> = OnceLock::new();
 static STATE: Mutex<Option<Residency<GgmlSlots>>> = Mutex::new(None);
-static SLOTS: OnceLock<u32> = OnceLock::new();
+static SLOTS: OnceLock<Setting> = OnceLock::new();
 static METER: OnceLock<bool> = OnceLock::new();
 static GGML: OnceLock<Option<Ggml>> = OnceLock::new();
 static BROKEN: AtomicBool = AtomicBool::new(false);
@@ -225,25 +226,51 @@ fn wide_rule() -> bool {
 }
 static PROVIDER_NS: AtomicU64 = AtomicU64::new(0);
 
-/// Slots per layer from the environment (0: provider off), read once.
-pub fn configured_slots() -> u32 {
-    *SLOTS.get_or_init(|| {
+/// The provider's setting from `SPARK_RESIDENCY_SLOTS`.
+#[derive(Debug, PartialEq)]
+pub enum Setting {
+    /// Not set, empty or `0`: every call declined, not counted (unless metering).
+    Off,
+    /// Slots per layer, one count or a per-layer list.
+    On(SlotCounts),
+    /// A value that does not parse: every call declined and counted.
+    Invalid,
+}
+
+/// The setting from the environment, read once (one warning line when it does not parse).
+pub fn setting() -> &'static Setting {
+    SLOTS.get_or_init(|| {
         let v = std::env::var(ENV_SLOTS).ok();
-        let slots = match v.as_deref().map(str::trim) {
-            None | Some("") => 0,
-            Some(s) => s.parse::<u32>().unwrap_or_else(|_| {
-                warn(&format!("{ENV_SLOTS}={s:?} is not a number; residency off"));
-                0
-            }),
+        let setting = match v.as_deref().map(str::trim) {
+            None | Some("") => Setting::Off,
+            Some(s) => match SlotCounts::parse(s) {
+                Ok(c) if c.is_off() => Setting::Off,
+                Ok(c) => Setting::On(c),
+                Err(e) => {
+                    warn(&format!(
+                        "{ENV_SLOTS}={s:?}: {e}; give N or LAYER:N,LAYER:N (layers ascending); residency off, every call declined"
+                    ));
+                    Setting::Invalid
+                }
+            },
         };
-        if slots > 0 || metering() {
+        if setting != Setting::Off || metering() {
             // SAFETY: registering a plain extern "C" function with no captured state.
             if unsafe { libc::atexit(report_at_exit) } != 0 {
                 warn("residency: could not register the exit report");
             }
         }
-        slots
+        setting
     })
+}
+
+/// Slots per layer as the counters report them (0: provider off or the setting invalid; with
+/// a per-layer list, the largest count). Reads the setting.
+pub fn configured_slots() -> u32 {
+    match setting() {
+        Setting::On(c) => c.max(),
+        Setting::Off | Setting::Invalid => 0,
+    }
 }
 
 /// Meter mode (`SPARK_RESIDENCY_METER=1` and no slots): decline every call, count what the
@@ -393,8 +420,10 @@ pub fn layer_snapshot() -> Option<ResidencyLayers> {
 
 /// Applies one `want` / `want+` line from the supervisor.
 pub fn want(plan: &WantPlan, append: bool, n_layer: u32, n_expert: u32) -> Result<(), String> {
-    if configured_slots() == 0 {
-        return Err(format!("residency is off ({ENV_SLOTS} not set)"));
+    match setting() {
+        Setting::On(_) => {}
+        Setting::Off => return Err(format!("residency is off ({ENV_SLOTS} not set)")),
+        Setting::Invalid => return Err(format!("residency is off ({ENV_SLOTS} is not valid)")),
     }
     let p = PLAN.get_or_init(|| {
         let (l, e) = (n_layer as usize, n_expert as usize);
@@ -448,15 +477,20 @@ fn split_name(name: &str) -> Option<(u32, &str)> {
 /// # Safety
 /// `req` is the scheduler's request, valid for the duration of the call (ABI v1 contract).
 pub unsafe fn provide(req: *const MoeRequestV1) -> bool {
-    let slots = configured_slots();
-    if req.is_null() || BROKEN.load(Ordering::Relaxed) {
-        return false;
-    }
-    if slots == 0 {
-        if metering() {
-            // SAFETY: forwarded from our caller.
-            let _ = catch_unwind(AssertUnwindSafe(|| unsafe { meter(&*req) }));
+    let invalid = SlotCounts::Uniform(0);
+    let slots = match setting() {
+        Setting::On(c) => c,
+        // Served with no slots at all: declined and counted.
+        Setting::Invalid => &invalid,
+        Setting::Off => {
+            if !req.is_null() && metering() {
+                // SAFETY: forwarded from our caller.
+                let _ = catch_unwind(AssertUnwindSafe(|| unsafe { meter(&*req) }));
+            }
+            return false;
         }
+    };
+    if req.is_null() || BROKEN.load(Ordering::Relaxed) {
         return false;
     }
     let started = Instant::now();
@@ -521,11 +555,11 @@ unsafe fn meter(req: &MoeRequestV1) {
 
 /// # Safety
 /// As [`provide`].
-unsafe fn provide_inner(slots: u32, req: &MoeRequestV1) -> bool {
+unsafe fn provide_inner(slots: &SlotCounts, req: &MoeRequestV1) -> bool {
     let Ok(mut guard) = STATE.try_lock() else {
         return false; // another engine thread is inside: let it be, take the stock path
     };
-    let state = guard.get_or_insert_with(|| Residency::new(slots));
+    let state = guard.get_or_insert_with(|| Residency::with_counts(slots.clone()));
     state.set_top_k(TOP_K.load(Ordering::Relaxed) as usize);
     state.set_wide_rule(wide_rule());
     let declined = |state: &mut Residency<GgmlSlots>| {
@@ -739,7 +773,7 @@ mod tests {
         dlopen_global(&lib.join("libggml-cpu.so"));
         // The only test in this binary that configures the provider (set directly, not via
         // the environment, which other test threads may be reading).
-        assert!(SLOTS.set(3).is_ok());
+        assert!(SLOTS.set(Setting::On(SlotCounts::Uniform(3))).is_ok());
         assert_eq!(configured_slots(), 3);
 
         type CpuInit = unsafe extern "C" fn() -> *mut c_void;

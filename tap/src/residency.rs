@@ -49,6 +49,8 @@ pub const TAIL: u8 = 1;
 
 const FREE: u32 = u32::MAX;
 
+pub use spark_proto::hook::SlotCounts;
+
 /// Where copies run. Every operation is ordered after the previous ones (one stream).
 pub trait Device {
     /// The slot memory of one expert tensor of one layer.
@@ -177,7 +179,8 @@ struct Kind<S> {
     src_id: usize,
     expert_size: usize,
     stride: usize,
-    mem: S,
+    /// `None` in a layer with 0 slots (every used expert streamed).
+    mem: Option<S>,
     /// Whether each slot holds this tensor's slice of the slot's expert.
     loaded: Vec<bool>,
 }
@@ -197,7 +200,7 @@ struct Layer<S> {
 
 /// The provider's state: slot tables of every layer seen, and the counters.
 pub struct Residency<S> {
-    slots: u32,
+    slots: SlotCounts,
     /// The model's experts per token (0: unknown, no call is wide).
     top_k: usize,
     /// Whether wide calls take the wide admission rule (off: they admit like decode, and are
@@ -213,8 +216,14 @@ pub struct Residency<S> {
 impl<S> Residency<S> {
     /// A provider with `slots` slots per expert layer (0: decline everything).
     pub fn new(slots: u32) -> Residency<S> {
+        Self::with_counts(SlotCounts::Uniform(slots))
+    }
+
+    /// A provider with `counts` slots in each expert layer (`0` alone: decline everything; a
+    /// layer with 0 slots in a per-layer list streams every used expert).
+    pub fn with_counts(counts: SlotCounts) -> Residency<S> {
         Residency {
-            slots,
+            slots: counts,
             top_k: 0,
             wide_rule: true,
             layers: Vec::new(),
@@ -272,7 +281,7 @@ impl<S> Residency<S> {
         level: Option<&dyn Fn(u32) -> u8>,
     ) -> bool {
         let (n, es) = (call.n_expert, call.expert_size);
-        if self.slots == 0
+        if self.slots.is_off()
             || n == 0
             || es == 0
             || call.used.len() * 32 < n
@@ -284,7 +293,7 @@ impl<S> Residency<S> {
         if self.layers.len() <= li {
             self.layers.resize_with(li + 1, || None);
         }
-        let slots = (self.slots as usize).min(n);
+        let slots = (self.slots.of_layer(call.layer) as usize).min(n);
         let layer = self.layers[li].get_or_insert_with(|| Layer {
             n_expert: n,
             device_id,
@@ -301,14 +310,20 @@ impl<S> Residency<S> {
             Some(k) => k,
             None => {
                 let stride = es + pad(es);
-                let Some(mem) = stride.checked_mul(slots).and_then(|b| dev.alloc(b)) else {
-                    if !layer.kinds.is_empty() {
-                        self.with_memory -= 1;
-                    }
-                    layer.failed = true;
-                    return false;
+                let mem = match slots {
+                    0 => None, // streamed: no slot memory
+                    _ => match stride.checked_mul(slots).and_then(|b| dev.alloc(b)) {
+                        Some(mem) => Some(mem),
+                        None => {
+                            if !layer.kinds.is_empty() {
+                                self.with_memory -= 1;
+                            }
+                            layer.failed = true;
+                            return false;
+                        }
+                    },
                 };
-                if layer.kinds.is_empty() {
+                if layer.kinds.is_empty() && mem.is_some() {
                     self.with_memory += 1;
                 }
                 layer.kinds.push(Kind {
@@ -368,10 +383,10 @@ impl<S> Residency<S> {
                 e += 1;
                 continue;
             }
-            if served_from_slot(e, kind) {
+            if let (true, Some(mem)) = (served_from_slot(e, kind), kind.mem.as_ref()) {
                 let s = layer.table[e] as usize;
                 let (at, len) = (s * kind.stride, call.span(e));
-                dev.slots_to_dst(&kind.mem, at, call.dst, e * es, len);
+                dev.slots_to_dst(mem, at, call.dst, e * es, len);
                 c.hits += 1;
                 c.bytes_hit += len as u64;
                 c.copies_device += 1;
@@ -388,18 +403,19 @@ impl<S> Residency<S> {
             c.copies_host += 1;
             for x in first..=e {
                 let s = layer.table[x];
-                if s < 0 {
+                // (A slot exists only where the layer has slot memory.)
+                let Some(mem) = kind.mem.as_mut().filter(|_| s >= 0) else {
                     c.streamed += 1;
                     // Unbatched, a streamed run ended at any expert with a slot.
                     if x == first || layer.table[x - 1] >= 0 {
                         c.copies_host_unbatched += 1;
                     }
                     continue;
-                }
+                };
                 c.copies_host_unbatched += 1;
                 let s = s as usize;
                 let (at, len) = (s * kind.stride, call.span(x));
-                dev.dst_to_slots(call.dst, x * es, &mut kind.mem, at, len);
+                dev.dst_to_slots(call.dst, x * es, mem, at, len);
                 kind.loaded[s] = true;
                 c.loads += 1;
                 c.copies_device += 1;
@@ -614,6 +630,52 @@ pub(crate) mod tests {
             assert_eq!(c.declined, 0);
             assert!(c.hits > 0, "seed {seed}: no hits in 60 steps: {c:?}");
         }
+    }
+
+    /// A per-layer list: each layer gets its own slot memory and table; a layer with 0 slots
+    /// (named or not) streams every used expert, holds no memory, and stays exact.
+    #[test]
+    fn per_layer_counts_give_each_layer_its_slots_and_stream_a_layer_with_none() {
+        let mut rng = Rng::new(21);
+        let n = 16;
+        let m = model(4, n, &mut rng);
+        let counts = SlotCounts::PerLayer(vec![(0, 0), (1, 2), (2, 6)]);
+        let mut res: Residency<Vec<u8>> = Residency::with_counts(counts);
+        let mut dev = HostDevice::default();
+        for step in 0..40 {
+            let k = 1 + rng.below(4) as usize;
+            let ids: Vec<usize> = (0..k).map(|_| rng.below(4) as usize * 3).collect();
+            let used = bitset(&ids, n);
+            for (layer, kind, es, src) in &m.tensors {
+                let garbage: Vec<u8> = (0..n * es + 64).map(|_| rng.next() as u8).collect();
+                let mut want = garbage.clone();
+                stock_copy(&mut want, src, &used, n, *es);
+                dev.dst = garbage;
+                let call = Call {
+                    layer: *layer,
+                    tensor: kind,
+                    src_id: src.as_ptr() as usize,
+                    n_expert: n,
+                    expert_size: *es,
+                    src,
+                    used: &used,
+                    dst: (),
+                };
+                assert!(res.serve(&mut dev, 0, &call, None));
+                assert!(dev.dst == want, "step {step} layer {layer} {kind}: differs");
+            }
+        }
+        // Slot memory for layers 1 and 2 only: a slot row is 300 + 300 + 300 + 300 + 700 + 512.
+        assert_eq!(dev.allocated, (2 + 6) * 2412);
+        assert_eq!(res.layers_with_memory(), 2);
+        assert_eq!(res.slot_expert(0, 0), None);
+        assert_eq!(res.slot_expert(3, 0), None);
+        assert!(res.slot_expert(1, 1).is_some() && res.slot_expert(1, 2).is_none());
+        // Four distinct experts are used: six slots hold them all, two change hands.
+        assert!((0..4).all(|s| res.slot_expert(2, s).is_some()));
+        let c = res.counters;
+        assert_eq!(c.declined, 0, "{c:?}");
+        assert!(c.hits > 0 && c.streamed > 0 && c.evictions > 0, "{c:?}");
     }
 
     #[test]

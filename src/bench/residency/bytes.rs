@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::gguf::MoeGeometry;
 use crate::plan::llama_bench::run_llama_bench_with;
 use crate::telemetry::{Provider, TapEnv};
+use spark_proto::hook::SlotCounts;
 
 use super::engines::{decode_spec, Runner};
 use super::report::{residency_from_stderr, BytesReport, BytesRow};
@@ -26,16 +27,18 @@ pub fn default_bytes_slots(n_expert: u32) -> Vec<u32> {
 }
 
 /// The hit ratio spark's `lru` shadow cache predicts for `records` (one run's routing, in ring
-/// order) with `slots` per layer: each layer's records in order are that layer's steps, ids
-/// ascending within a step as the provider serves them.
+/// order) with `slots[l]` in layer `l`: each layer's records in order are that layer's steps,
+/// ids ascending within a step as the provider serves them.
 pub fn predict_hit_ratio(
     records: &[spark_proto::trace::RoutingRecord],
     n_layer: usize,
     n_expert: usize,
-    slots: u32,
+    slots: &[u32],
 ) -> Option<f64> {
     use crate::cache::Policy;
-    let mut lru = crate::cache::Lru::new(n_expert, &vec![slots; n_layer]);
+    let mut per: Vec<u32> = slots.iter().copied().take(n_layer).collect();
+    per.resize(n_layer, 0);
+    let mut lru = crate::cache::Lru::new(n_expert, &per);
     let (mut used, mut misses) = (0u64, 0u64);
     let mut ids: Vec<u16> = Vec::new();
     for r in records {
@@ -76,19 +79,42 @@ pub(super) fn measure_bytes(
         a.bytes_slots.clone()
     };
     let decoded = a.tokens + 1; // one repetition plus llama-bench's one-token warmup
-    let runs: Vec<(Config, Option<u32>)> = std::iter::once((Config::HostCopy, None))
-        .chain(slot_counts.iter().map(|&s| (Config::Spark, Some(s))))
+    let per_layer = a
+        .bytes_layer_slots
+        .iter()
+        .filter_map(|spec| SlotCounts::parse(spec).ok());
+    let runs: Vec<(Config, Option<SlotCounts>)> = std::iter::once((Config::HostCopy, None))
+        .chain(
+            slot_counts
+                .iter()
+                .map(|&s| (Config::Spark, Some(SlotCounts::Uniform(s)))),
+        )
+        .chain(per_layer.map(|c| (Config::Spark, Some(c))))
         .collect();
     let mut rows = Vec::new();
     let mut device = String::new();
     let steps =
         crate::progress::Steps::new("bench residency --bytes", runs.len() as u64, "runs", false);
-    for (i, &(c, slots)) in runs.iter().enumerate() {
+    for (i, (c, counts)) in runs.iter().enumerate() {
+        let c = *c;
+        // Each layer's count, and the one count of a uniform row.
+        let layer_slots: Option<Vec<u32>> = counts
+            .as_ref()
+            .map(|k| (0..g.n_layer).map(|l| k.of_layer(l)).collect());
+        let slots = counts.as_ref().map(SlotCounts::max);
+        let list = match counts {
+            Some(SlotCounts::PerLayer(_)) => counts.as_ref().map(SlotCounts::to_env),
+            _ => None,
+        };
         let what = format!(
             "({}) {}{}",
             c.letter(),
             c.name(),
-            slots.map(|s| format!(", {s} slots")).unwrap_or_default()
+            match (&list, slots) {
+                (Some(sp), _) => format!(", slots {sp}"),
+                (None, Some(s)) => format!(", {s} slots"),
+                (None, None) => String::new(),
+            }
         );
         steps.at(
             i as u64,
@@ -103,8 +129,8 @@ pub(super) fn measure_bytes(
             offload_min_batch: true,
             tap: Some(tap.to_path_buf()),
             ring_fd: Some(ring.fd()),
-            provider: Some(match slots {
-                Some(s) => Provider::Slots(u64::from(s)),
+            provider: Some(match counts {
+                Some(k) => Provider::Slots(k.clone()),
                 None => Provider::Meter,
             }),
             ..TapEnv::default()
@@ -143,17 +169,19 @@ pub(super) fn measure_bytes(
                 note = Some("the tap captured no routing".into());
                 None
             }
-            Some(s) => predict_hit_ratio(&records, g.n_layer as usize, g.n_expert as usize, s),
+            Some(_) => layer_slots.as_ref().and_then(|per| {
+                predict_hit_ratio(&records, g.n_layer as usize, g.n_expert as usize, per)
+            }),
             None => None,
         };
         let forecast_bytes_host = (ring.dropped() == 0 && !records.is_empty()).then(|| {
             use crate::plan::residency::{tensor_bytes_of, Replayer};
             let tb = tensor_bytes_of(g);
-            let mut rp = Replayer::new(
+            let mut rp = Replayer::per_layer(
                 g.n_expert as usize,
                 g.n_expert_used as usize,
                 &tb,
-                slots.unwrap_or(0),
+                layer_slots.as_deref().unwrap_or(&[]),
             );
             for r in &records {
                 rp.access(usize::from(r.layer), r.used_ids(), true);
@@ -166,6 +194,7 @@ pub(super) fn measure_bytes(
         rows.push(BytesRow {
             config: c,
             slots,
+            slots_per_layer: list,
             decoded,
             residency,
             predicted_hit_ratio: predicted,

@@ -148,6 +148,10 @@ pub struct BenchResidencyArgs {
     /// Slot counts for --bytes (default: n_expert/4, n_expert/2 and 3·n_expert/4, rounded up)
     #[arg(long, value_delimiter = ',', value_name = "N,N,N", requires = "bytes")]
     pub bytes_slots: Vec<u32>,
+    /// Also run (d) with a count per layer, in SPARK_RESIDENCY_SLOTS's form (`L:N,L:N,…`,
+    /// layers ascending; unnamed layers 0 slots, streamed); repeat for more rows
+    #[arg(long, value_name = "L:N,L:N", requires = "bytes")]
+    pub bytes_layer_slots: Vec<String>,
     /// Link bandwidth for the --bytes forecast, GB/s (default: PCIe 4.0 x16, one direction)
     #[arg(long, default_value_t = PCIE4_X16_GBPS, value_name = "GB/s", requires = "bytes")]
     pub link_gbps: f64,

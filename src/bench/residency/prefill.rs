@@ -66,7 +66,9 @@ pub(super) fn measure_prefill(
         let tap_env = TapEnv {
             offload_min_batch: true,
             tap: Some(tap.to_path_buf()),
-            provider: Some(Provider::Slots(u64::from(slots))),
+            provider: Some(Provider::Slots(spark_proto::hook::SlotCounts::Uniform(
+                slots,
+            ))),
             ..TapEnv::default()
         };
         let configure = |cmd: &mut Command| {

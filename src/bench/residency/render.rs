@@ -282,6 +282,9 @@ fn render_bytes(s: &mut String, b: &BytesReport, r: &BenchResidencyReport) {
             ),
             opt(row.link_ms_per_token, &|ms| format!("{ms:.4} ms/token")),
         );
+        if let Some(sp) = &row.slots_per_layer {
+            let _ = writeln!(s, "               slots per layer (layer:slots): {sp}");
+        }
         if let Some(n) = &row.note {
             let _ = writeln!(s, "               {n}");
         }

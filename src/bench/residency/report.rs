@@ -142,8 +142,10 @@ pub struct BenchResidencyReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct BytesRow {
     pub config: Config,
-    /// Slots per expert layer ((d) only).
+    /// Slots per expert layer ((d) only; with a per-layer list, the largest count).
     pub slots: Option<u32>,
+    /// The per-layer list this row ran with (`SPARK_RESIDENCY_SLOTS`'s form), if any.
+    pub slots_per_layer: Option<String>,
     /// Tokens the run decoded (warmup included), each one evaluation.
     pub decoded: u64,
     /// The provider's exit counters: hit ratio, host and slot bytes per decoded token. For (c)

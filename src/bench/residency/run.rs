@@ -142,6 +142,24 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
             g.n_expert
         ));
     }
+    for spec in &a.bytes_layer_slots {
+        match spark_proto::hook::SlotCounts::parse(spec) {
+            Ok(spark_proto::hook::SlotCounts::PerLayer(v)) => {
+                if let Some(&(l, n)) = v.iter().find(|&&(l, n)| l >= g.n_layer || n > g.n_expert) {
+                    return usage(format!(
+                        "parse --bytes-layer-slots {spec}: layer {l} with {n} slots; the model has {} layers of {} experts",
+                        g.n_layer, g.n_expert
+                    ));
+                }
+            }
+            Ok(_) => {
+                return usage(format!(
+                    "parse --bytes-layer-slots {spec}: give LAYER:SLOTS pairs (one count for every layer is --bytes-slots)"
+                ))
+            }
+            Err(e) => return usage(format!("parse --bytes-layer-slots {spec}: {e}")),
+        }
+    }
     if !(a.link_gbps.is_finite() && a.link_gbps > 0.0) {
         return usage(format!(
             "parse --link-gbps {}: must be a positive number of GB/s",
@@ -192,8 +210,11 @@ pub fn run(a: &BenchResidencyArgs) -> Result<BenchResidencyReport, BenchResidenc
         let tap_env = TapEnv {
             offload_min_batch: matches!(c, Config::HostCopy | Config::Spark),
             tap: (c == Config::Spark).then(|| tap.clone().expect("located with the hooked build")),
-            provider: (c == Config::Spark)
-                .then(|| Provider::Slots(u64::from(slots.as_ref().expect("chosen").0))),
+            provider: (c == Config::Spark).then(|| {
+                Provider::Slots(spark_proto::hook::SlotCounts::Uniform(
+                    slots.as_ref().expect("chosen").0,
+                ))
+            }),
             ..TapEnv::default()
         };
         let env = tap_env.vars();
