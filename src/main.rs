@@ -363,7 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             s.experts,
                             s.top_k,
                             s.shared_experts,
-                            s.dense_lead
+                            s.dense_layers()
                         );
                     }
                     return Ok(());

@@ -19,7 +19,7 @@ use crate::telemetry::{read_records, tap_lib};
 use crate::util;
 
 /// `--arch` names of every arch (clap's value names).
-pub const ARCHS: [&str; 8] = [
+pub const ARCHS: [&str; 9] = [
     "qwen3moe",
     "llama",
     "qwen35moe",
@@ -28,6 +28,7 @@ pub const ARCHS: [&str; 8] = [
     "glm4moe",
     "deepseek2",
     "gemma4",
+    "llama4",
 ];
 
 /// The quantisations every arch is run in (MXFP4_MOE is gpt-oss's format; it applies to every
@@ -54,6 +55,7 @@ pub fn quant_matrix() -> Vec<(&'static str, &'static str)> {
         ("glm4moe", "Q6_K"),
         ("deepseek2", "Q4_K_M"),
         ("gemma4", "IQ4_XS"),
+        ("llama4", "Q8_0"),
     ]
 }
 
@@ -115,6 +117,8 @@ fn every_arch_loads_and_answers_in_stock_llama_server() {
         assert_eq!(a["tokens_predicted"], 8, "{arch}: {a}");
         let expect_dense: &[u32] = match arch {
             "glm4moe" | "deepseek2" => &[0],
+            // interleave_moe_layer_step 2: MoE at layers 1 and 3.
+            "llama4" => &[0, 2],
             _ => &[],
         };
         assert_eq!(g.dense_layers, expect_dense, "{arch}");
@@ -132,7 +136,10 @@ fn every_arch_loads_and_answers_in_stock_llama_server() {
             },
             "{arch}"
         );
-        let shared = matches!(arch, "qwen35moe" | "qwen3next" | "glm4moe" | "deepseek2");
+        let shared = matches!(
+            arch,
+            "qwen35moe" | "qwen3next" | "glm4moe" | "deepseek2" | "llama4"
+        );
         assert_eq!(g.n_expert_shared, u32::from(shared), "{arch}");
         let roles: Vec<&str> = g.moe_layers[0]
             .tensors
@@ -481,13 +488,13 @@ fn real_shapes_written_header_only_read_right_in_inspect_and_plan() {
         );
         assert_eq!(
             g["moe_layers"].as_array().unwrap().len() as u32,
-            shape.layers - shape.dense_lead,
+            shape.layers - shape.dense_layers(),
             "{}",
             shape.name
         );
         assert_eq!(
             g["dense_layers"].as_array().unwrap().len() as u32,
-            shape.dense_lead,
+            shape.dense_layers(),
             "{}",
             shape.name
         );

@@ -21,6 +21,7 @@ pub const SUPPORTED_MOE_ARCHS: &[&str] = &[
     "glm4moe",
     "deepseek2",
     "gemma4",
+    "llama4",
 ];
 
 /// Which part of the model a tensor belongs to.
