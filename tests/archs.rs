@@ -31,6 +31,24 @@ pub const ARCHS: [&str; 9] = [
     "llama4",
 ];
 
+/// The archs a run covers: [`ARCHS`], or those named in `SPARK_TEST_ARCHS` (comma-separated, to
+/// rerun one arch's cells of the slow device tests); a name not in [`ARCHS`] fails the test.
+pub fn archs() -> Vec<&'static str> {
+    match std::env::var("SPARK_TEST_ARCHS") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .map(|a| {
+                let a = a.trim();
+                *ARCHS
+                    .iter()
+                    .find(|&&k| k == a)
+                    .unwrap_or_else(|| panic!("SPARK_TEST_ARCHS: {a} is not one of {ARCHS:?}"))
+            })
+            .collect(),
+        _ => ARCHS.to_vec(),
+    }
+}
+
 /// The quantisations every arch is run in (MXFP4_MOE is gpt-oss's format; it applies to every
 /// arch's experts, so it runs on all of them).
 pub const QUANTS: [&str; 5] = ["Q4_K_M", "IQ4_XS", "Q6_K", "Q8_0", "MXFP4_MOE"];
@@ -38,15 +56,17 @@ pub const QUANTS: [&str; 5] = ["Q4_K_M", "IQ4_XS", "Q6_K", "Q8_0", "MXFP4_MOE"];
 /// The (arch, quantisation) cells a run covers: with `SPARK_TEST_ALL=1` (`scripts/test --all`)
 /// every arch in every type of [`QUANTS`]; otherwise (CI) each arch in one type, a different
 /// one per arch in turn so every type runs on some arch, and gpt-oss in MXFP4 (its own format).
+/// Only the archs of [`archs`].
 pub fn quant_matrix() -> Vec<(&'static str, &'static str)> {
     let all = std::env::var("SPARK_TEST_ALL").as_deref() == Ok("1");
+    let run = archs();
     if all {
-        return ARCHS
+        return run
             .into_iter()
             .flat_map(|a| QUANTS.iter().map(move |&q| (a, q)))
             .collect();
     }
-    vec![
+    let one_each = vec![
         ("qwen3moe", "Q4_K_M"),
         ("llama", "Q8_0"),
         ("qwen35moe", "IQ4_XS"),
@@ -56,7 +76,12 @@ pub fn quant_matrix() -> Vec<(&'static str, &'static str)> {
         ("deepseek2", "Q4_K_M"),
         ("gemma4", "IQ4_XS"),
         ("llama4", "Q8_0"),
-    ]
+    ];
+    assert_eq!(one_each.len(), ARCHS.len(), "one quantisation per arch");
+    one_each
+        .into_iter()
+        .filter(|(a, _)| run.contains(a))
+        .collect()
 }
 
 /// Widths at which every block-quantised type applies to the expert tensors (K-quants and
@@ -106,7 +131,7 @@ fn geometry(model: &Path) -> MoeGeometry {
 fn every_arch_loads_and_answers_in_stock_llama_server() {
     let server = util::llama_server();
     let dir = util::tempdir();
-    for arch in ARCHS {
+    for arch in archs() {
         let model = util::fixture(
             dir.path(),
             &format!("{arch}.gguf"),
@@ -352,7 +377,7 @@ fn check_router_inputs(arch: &str, file: &GgufFile, g: &MoeGeometry, seq: &[u32]
 #[test]
 fn routing_capture_is_exact_with_each_archs_gating() {
     let server = util::llama_server();
-    for arch in ARCHS {
+    for arch in archs() {
         let (c, s) = check_arch_routing(&server, arch, &[], &[], &[]);
         eprintln!("{arch}: {c} (token, layer) pairs exact, {s} near ties skipped");
     }
