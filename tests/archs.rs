@@ -19,7 +19,7 @@ use crate::telemetry::{read_records, tap_lib};
 use crate::util;
 
 /// `--arch` names of every arch (clap's value names).
-pub const ARCHS: [&str; 9] = [
+pub const ARCHS: [&str; 10] = [
     "qwen3moe",
     "llama",
     "qwen35moe",
@@ -29,6 +29,7 @@ pub const ARCHS: [&str; 9] = [
     "deepseek2",
     "gemma4",
     "llama4",
+    "deepseek4",
 ];
 
 /// The archs a run covers: [`ARCHS`], or those named in `SPARK_TEST_ARCHS` (comma-separated, to
@@ -76,6 +77,7 @@ pub fn quant_matrix() -> Vec<(&'static str, &'static str)> {
         ("deepseek2", "Q4_K_M"),
         ("gemma4", "IQ4_XS"),
         ("llama4", "Q8_0"),
+        ("deepseek4", "Q4_K_M"),
     ];
     assert_eq!(one_each.len(), ARCHS.len(), "one quantisation per arch");
     one_each
@@ -163,7 +165,7 @@ fn every_arch_loads_and_answers_in_stock_llama_server() {
         );
         let shared = matches!(
             arch,
-            "qwen35moe" | "qwen3next" | "glm4moe" | "deepseek2" | "llama4"
+            "qwen35moe" | "qwen3next" | "glm4moe" | "deepseek2" | "llama4" | "deepseek4"
         );
         assert_eq!(g.n_expert_shared, u32::from(shared), "{arch}");
         let roles: Vec<&str> = g.moe_layers[0]
@@ -306,6 +308,20 @@ pub fn check_arch_routing(
         compared += 1;
     }
     assert!(compared > 0, "{arch}: nothing compared");
+    let hash_layers = file
+        .get_u64(&format!("{}.hash_layer_count", g.architecture))
+        .unwrap_or(0);
+    if hash_layers > 0 {
+        // Hash-routed layers (deepseek4): the experts come from a fixed table by token id, not
+        // from the router; the tap captures them like any other (the table lookup is the
+        // graph's `ffn_moe_topk`), and they equal the file's table row for each token.
+        let hashed = records
+            .iter()
+            .filter(|r| u64::from(r.layer) < hash_layers)
+            .count();
+        eprintln!("{arch}: {hashed} hash-routed (token, layer) pairs equal the table");
+        assert!(hashed > 0, "{arch}: no hash-routed layer captured");
+    }
     if g.n_expert > 0 && file.get_u64(&format!("{}.expert_group_count", g.architecture)) > Some(1) {
         // Group-limited routing is exercised: ignoring the groups would pick other experts for
         // some (token, layer) pairs, and the capture agreed with the grouped choice.

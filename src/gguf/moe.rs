@@ -22,6 +22,7 @@ pub const SUPPORTED_MOE_ARCHS: &[&str] = &[
     "deepseek2",
     "gemma4",
     "llama4",
+    "deepseek4",
 ];
 
 /// Which part of the model a tensor belongs to.
@@ -94,9 +95,13 @@ impl TensorGroup {
             TensorGroup::RoutedExperts
         } else if stem.contains("_shexp") || stem.contains("_chexp") {
             TensorGroup::SharedExperts
-        } else if stem.starts_with("ffn_gate_inp") || stem.starts_with("exp_probs") {
+        } else if stem.starts_with("ffn_gate_inp")
+            || stem.starts_with("exp_probs")
+            || stem == "ffn_gate_tid2eid"
+        {
             TensorGroup::Router
-        } else if stem.starts_with("attn") || stem.starts_with("ssm") {
+        } else if stem.starts_with("attn") || stem.starts_with("ssm") || stem.starts_with("indexer")
+        {
             TensorGroup::Attention
         } else if stem.starts_with("ffn_") {
             TensorGroup::DenseFfn
