@@ -19,7 +19,7 @@ use crate::telemetry::{read_records, tap_lib};
 use crate::util;
 
 /// `--arch` names of every arch (clap's value names).
-pub const ARCHS: [&str; 10] = [
+pub const ARCHS: [&str; 11] = [
     "qwen3moe",
     "llama",
     "qwen35moe",
@@ -30,6 +30,7 @@ pub const ARCHS: [&str; 10] = [
     "gemma4",
     "llama4",
     "deepseek4",
+    "qwen4exp",
 ];
 
 /// The archs a run covers: [`ARCHS`], or those named in `SPARK_TEST_ARCHS` (comma-separated, to
@@ -78,6 +79,7 @@ pub fn quant_matrix() -> Vec<(&'static str, &'static str)> {
         ("gemma4", "IQ4_XS"),
         ("llama4", "Q8_0"),
         ("deepseek4", "Q4_K_M"),
+        ("qwen4exp", "Q6_K"),
     ];
     assert_eq!(one_each.len(), ARCHS.len(), "one quantisation per arch");
     one_each
@@ -156,7 +158,7 @@ fn every_arch_loads_and_answers_in_stock_llama_server() {
         );
         assert_eq!(
             g.linear_attention_layers,
-            if matches!(arch, "qwen35moe" | "qwen3next") {
+            if matches!(arch, "qwen35moe" | "qwen3next" | "qwen4exp") {
                 vec![0, 1, 2]
             } else {
                 vec![]
@@ -165,7 +167,13 @@ fn every_arch_loads_and_answers_in_stock_llama_server() {
         );
         let shared = matches!(
             arch,
-            "qwen35moe" | "qwen3next" | "glm4moe" | "deepseek2" | "llama4" | "deepseek4"
+            "qwen35moe"
+                | "qwen3next"
+                | "glm4moe"
+                | "deepseek2"
+                | "llama4"
+                | "deepseek4"
+                | "qwen4exp"
         );
         assert_eq!(g.n_expert_shared, u32::from(shared), "{arch}");
         let roles: Vec<&str> = g.moe_layers[0]

@@ -23,6 +23,7 @@ pub const SUPPORTED_MOE_ARCHS: &[&str] = &[
     "gemma4",
     "llama4",
     "deepseek4",
+    "qwen4exp",
 ];
 
 /// Which part of the model a tensor belongs to.
