@@ -634,13 +634,13 @@ fn an_unsupported_moe_arch_is_refused_with_exit_2() {
     assert_eq!(names, spark::gguf::SUPPORTED_MOE_ARCHS);
 }
 
-/// `spark serve --spark` on archs with dense leading layers and a NextN layer: the profile has a
-/// row for every block (Luce Spark's layout), the dense and NextN rows are defined and zero, the
+/// `spark serve --spark` on archs with dense leading layers, a NextN layer, and interleaved dense
+/// layers (llama4): the profile has a row for every block (Luce Spark's layout), the dense and NextN rows are defined and zero, the
 /// MoE rows hold every routed token, and `spark plan --profile` reads it back.
 #[test]
 fn profiles_of_archs_with_dense_and_nextn_layers_have_every_row() {
     let dir = util::tempdir();
-    for arch in ["glm4moe", "deepseek2", "qwen35moe"] {
+    for arch in ["glm4moe", "deepseek2", "qwen35moe", "llama4"] {
         let model = util::fixture(
             dir.path(),
             &format!("{arch}.gguf"),
