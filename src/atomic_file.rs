@@ -16,7 +16,8 @@
 //! - Files are private (0600) unless the caller asks for [`Mode::Public`] (0666 less the umask,
 //!   what `File::create` gives): models and profiles, which hold no session text.
 //! - Work directories spark creates are 0700 ([`private_tempdir`]) and logs in them 0600
-//!   ([`create_private`]).
+//!   ([`create_private`]). Each one alive is listed, so that a signal that ends spark removes
+//!   it too ([`remove_work_dirs`]): a bench killed mid-run leaves no fixture in `/tmp`.
 //!
 //! A temporary that is dropped without `commit` is removed.
 
@@ -247,11 +248,46 @@ pub fn write_atomic_with(target: &Path, bytes: &[u8], mode: Mode) -> io::Result<
 }
 
 /// A fresh work directory `<tmp>/<prefix>XXXXXX`, mode 0700, removed when dropped.
-pub fn private_tempdir(prefix: &str) -> io::Result<tempfile::TempDir> {
-    tempfile::Builder::new()
+pub fn private_tempdir(prefix: &str) -> io::Result<WorkDir> {
+    let dir = tempfile::Builder::new()
         .prefix(prefix)
         .permissions(Permissions::from_mode(0o700))
-        .tempdir()
+        .tempdir()?;
+    live_work_dirs().push(dir.path().to_path_buf());
+    Ok(WorkDir { dir })
+}
+
+/// A private work directory ([`private_tempdir`]), removed with everything in it when dropped,
+/// or by [`remove_work_dirs`] when a signal ends the process first.
+#[derive(Debug)]
+pub struct WorkDir {
+    dir: tempfile::TempDir,
+}
+
+impl WorkDir {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        live_work_dirs().retain(|p| p != self.dir.path());
+    }
+}
+
+fn live_work_dirs() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    static LIVE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Removes every work directory still alive: for a process about to exit on a signal, where
+/// no destructor runs.
+pub fn remove_work_dirs() {
+    for p in live_work_dirs().drain(..) {
+        let _ = fs::remove_dir_all(p);
+    }
 }
 
 /// Creates (or truncates) `path` for writing, mode 0600; an existing regular file is narrowed

@@ -10,7 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use spark_proto::control::{
-    Command, Greeting, Reply, ResidencyStats, TapStats, WantPlan, MAX_LINE,
+    Command, Greeting, LayersReader, Reply, ResidencyLayers, ResidencyStats, TapStats, WantPlan,
+    ERR_BAD_ARGS, MAX_LINE,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +162,43 @@ impl ControlClient {
     pub fn residency(&mut self, timeout: Duration) -> Result<ResidencyStats, ControlError> {
         let t = self.call(&Command::Residency, timeout)?;
         ResidencyStats::parse(&t).map_err(ControlError::Protocol)
+    }
+
+    /// `residency layers`, every page of one snapshot, checked (layers below `n_layer`, adding
+    /// up to the totals: anything else is [`ControlError::Protocol`]), all pages within
+    /// `timeout`. `None` when the tap predates per-layer counters (it refuses the command's
+    /// arguments).
+    pub fn residency_layers(
+        &mut self,
+        n_layer: u32,
+        timeout: Duration,
+    ) -> Result<Option<ResidencyLayers>, ControlError> {
+        let deadline = Instant::now() + timeout;
+        let mut reader = LayersReader::new(n_layer);
+        while let Some(cmd) = reader.command() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ControlError::Timeout {
+                    what: "per-layer residency counters",
+                    secs: timeout.as_secs().max(1),
+                });
+            }
+            let line = cmd.to_line();
+            match self.call_line(&line, left)? {
+                Reply::Ok(t) => reader.take(&t).map_err(ControlError::Protocol)?,
+                Reply::Err { code, .. } if code == ERR_BAD_ARGS && line == "residency layers" => {
+                    return Ok(None)
+                }
+                Reply::Err { code, message } => {
+                    return Err(ControlError::Rejected {
+                        command: line,
+                        code,
+                        message,
+                    })
+                }
+            }
+        }
+        reader.finish().map(Some).map_err(ControlError::Protocol)
     }
 
     /// Sends one layer's residency plan (one or more `want` lines), each under `timeout`.

@@ -23,6 +23,7 @@ pub mod progress;
 pub mod ring;
 pub mod serve;
 pub mod sessions;
+pub mod signals;
 pub mod simulate;
 pub mod supervisor;
 pub mod svg;

@@ -332,6 +332,13 @@ fn exit_code(err: &anyhow::Error) -> i32 {
 struct UsageError(String);
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // serve shuts down on its own runtime; calibrate and validate finish with a partial report.
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Calibrate(_) | Command::Validate(_)
+    ) {
+        spark::signals::exit_on_interrupt().context("install the signal handlers")?;
+    }
     match cli.command {
         Command::Trace(spark::trace::record::TraceCli::Record(a)) => spark::trace::record::run(&a)?,
         Command::Trace(spark::trace::record::TraceCli::Files(c)) => spark::trace::cli::run(c)?,

@@ -444,3 +444,81 @@ fn a_second_stale_profile_does_not_overwrite_the_first() {
         "the second set-aside copy has its own name"
     );
 }
+
+/// SIGTERM in the middle of a command that runs to completion (here `spark fixture --quantize`,
+/// whose quantizer hangs): exit 130, its work directory gone, its child gone, no output file.
+#[test]
+fn a_signal_mid_command_leaves_no_work_directory_and_no_child() {
+    let dir = util::tempdir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let pid_file = dir.path().join("quantize.pid");
+    let quantize = util::write_script(
+        dir.path(),
+        "llama-quantize",
+        &format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 60\n",
+            pid_file.display()
+        ),
+    );
+    let out = dir.path().join("q.gguf");
+    let mut child = Command::new(util::spark_bin())
+        .args(["fixture", "--out", out.to_str().unwrap(), "--vocab"])
+        .arg(util::default_vocab())
+        .args([
+            "--quantize",
+            "Q8_0",
+            "--llama-quantize",
+            quantize.to_str().unwrap(),
+        ])
+        .env("TMPDIR", &tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let quantizer = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the quantizer never started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let work: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert_eq!(work.len(), 1, "one work directory while it runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (status, waited) = {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break (s, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "spark ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err} (after {waited:?})");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the work directory is removed"
+    );
+    assert!(
+        util::wait_gone(quantizer, Duration::from_secs(10)),
+        "the quantizer died with spark"
+    );
+    assert!(!out.exists(), "no output file");
+}

@@ -478,12 +478,15 @@ fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
     assert_eq!(r2["declined"], 0, "{r2}");
     assert_eq!(r2["error"], Value::Null, "{r2}");
 
-    let metrics = ureq::get(&served.url("/spark/metrics"))
-        .timeout(Duration::from_secs(5))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics_now = || {
+        ureq::get(&served.url("/spark/metrics"))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    let metrics = metrics_now();
     let metric = |name: &str| -> u64 {
         metrics
             .lines()
@@ -499,6 +502,76 @@ fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
         "{metrics}"
     );
 
+    // Per layer: every layer's experts are on the host (--n-cpu-moe), so each layer loaded
+    // experts into its slots and then hit them; prompt batches stream what does not fit (a
+    // layer whose prompt used no more experts than it has slots streams nothing, so streamed
+    // is checked over all layers). At rest the layers add up to the totals, in /spark/status,
+    // /spark/metrics and the page's heat.json.
+    let layers2 = residency_layers_at_rest(&served, n_layer);
+    for (l, row) in layers2.iter().enumerate() {
+        assert_eq!(row["layer"], l as u64, "{layers2:?}");
+        for k in ["hits", "loads"] {
+            assert!(row[k].as_u64() > Some(0), "layer {l}: no {k}: {layers2:?}");
+        }
+    }
+    assert!(
+        layers2.iter().any(|row| row["streamed"].as_u64() > Some(0)),
+        "{layers2:?}"
+    );
+    let metrics = metrics_now();
+    for l in 0..n_layer {
+        for (source, k) in [("hit", "hits"), ("load", "loads"), ("stream", "streamed")] {
+            let name = format!(
+                "spark_residency_layer_expert_slices_total{{layer=\"{l}\",source=\"{source}\"}} "
+            );
+            let v: u64 = metrics
+                .lines()
+                .find_map(|m| {
+                    m.strip_prefix(name.as_str())
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .unwrap_or_else(|| panic!("{name} missing from /spark/metrics:\n{metrics}"));
+            // The live thread may have read again since: never fewer.
+            assert!(v >= layers2[l as usize][k].as_u64().unwrap(), "{name}{v}");
+        }
+    }
+    let heat: Value = ureq::get(&served.url("/spark/heat.json"))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(
+        heat["residency_layers"].as_array().map(Vec::len),
+        Some(n_layer as usize),
+        "{}",
+        heat["residency_layers"]
+    );
+    // The page draws them in its per-layer table (when chromium is installed), and the
+    // screenshot is kept as a test artifact.
+    if let Some(chrome) = crate::operator::chromium() {
+        let page = served.url("/spark/");
+        let dom = crate::operator::headless(&chrome, &page, 3500, None);
+        let table = dom
+            .split("id=\"res-layers\"")
+            .nth(1)
+            .and_then(|t| t.split("</table>").next())
+            .unwrap_or_else(|| panic!("no per-layer table on the page:\n{dom}"));
+        assert_eq!(
+            table.matches("<tr>").count() as u64,
+            n_layer + 1,
+            "a header and one row per layer: {table}"
+        );
+        assert!(table.contains("hit ratio"), "{table}");
+        let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/spark-page");
+        std::fs::create_dir_all(&shots).unwrap();
+        let shot = shots.join("residency.png");
+        let _ = std::fs::remove_file(&shot);
+        crate::operator::headless(&chrome, &page, 4500, Some(&shot));
+        assert!(std::fs::read(&shot).unwrap().starts_with(b"\x89PNG"));
+        eprintln!("screenshot: {}", shot.display());
+    }
+
     // A killed child comes back without a plan: serve sends every layer's plan again, and the
     // new child's provider serves hits again.
     crate::hook::kill_child_and_wait_for_plans(
@@ -511,6 +584,46 @@ fn serve_residency_on_the_device_hits_grows_and_answers_like_stock() {
     let r3 = residency_after(0);
     assert!(r3["hits"].as_u64() > Some(0), "{r3}");
     assert_eq!(r3["layers_planned"], n_layer, "{r3}");
+    // The counters per layer go on from the first child's, and still add up to the totals.
+    let layers3 = residency_layers_at_rest(&served, n_layer);
+    for (l, (before, after)) in layers2.iter().zip(&layers3).enumerate() {
+        for k in ["hits", "loads"] {
+            assert!(
+                after[k].as_u64() > before[k].as_u64(),
+                "layer {l}: {k} did not go on across the restart: {before} then {after}"
+            );
+        }
+        assert!(after["streamed"].as_u64() >= before["streamed"].as_u64());
+    }
+}
+
+/// The residency counters per layer in `/spark/status` once the live thread's last read saw no
+/// call between its two reads (totals, then per layer): one row per layer, adding up to the
+/// totals. Fails after 30 s.
+fn residency_layers_at_rest(served: &util::Served, n_layer: u64) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = served.status()["routing"]["residency"].clone();
+        assert_eq!(r["layer_read_errors"], 0, "{r}");
+        if let Some(rows) = r["layers"].as_array() {
+            let sum = |k: &str| rows.iter().map(|row| row[k].as_u64().unwrap()).sum::<u64>();
+            let totals = &r["totals"];
+            if rows.len() as u64 == n_layer
+                && ["hits", "loads", "streamed", "evictions"]
+                    .iter()
+                    .all(|k| Some(sum(k)) == totals[*k].as_u64())
+                && sum("bytes_from_slots") == totals["bytes_from_slots"].as_u64().unwrap()
+                && sum("bytes_from_host") == totals["bytes_from_host"].as_u64().unwrap()
+            {
+                return rows.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the layers never added up to the totals: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `spark bench residency --bytes` on lavapipe: real bytes per decoded token for (c) and (d) at
@@ -609,6 +722,14 @@ fn bench_residency_bytes_measures_the_copies_and_predicts_the_hits() {
     }
 }
 
+/// llama-server's arguments that put every layer on the device (flash attention off: lavapipe).
+fn every_layer_on_the_device() -> Vec<String> {
+    ["-ngl", "99", "-fa", "off"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// Telemetry with every layer on the device: the routing captured on lavapipe equals the
 /// analytic computation, and hidden states are captured there too.
 #[test]
@@ -618,10 +739,7 @@ fn bench_residency_bytes_measures_the_copies_and_predicts_the_hits() {
 )]
 fn telemetry_on_the_device_is_exact() {
     let server = vulkan_server();
-    let args: Vec<String> = ["-ngl", "99", "-fa", "off"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args = every_layer_on_the_device();
     let summary =
         crate::telemetry::check_analytic_routing(&server, &args, &[(ENV_VK_DEVICES, "0")]);
     // The hooked engine calls the graph observer (tap/src/graph.rs): graphs were read once each
@@ -643,10 +761,7 @@ fn telemetry_on_the_device_is_exact() {
 )]
 fn every_arch_captures_exactly_on_the_device() {
     let server = vulkan_server();
-    let args: Vec<String> = ["-ngl", "99", "-fa", "off"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args = every_layer_on_the_device();
     for arch in crate::archs::archs() {
         let (c, s) =
             crate::archs::check_arch_routing(&server, arch, &[], &args, &[(ENV_VK_DEVICES, "0")]);

@@ -306,6 +306,11 @@ fn control_channel_greets_answers_and_rejects_unknown_verbs() {
         lines(c, "residency").starts_with("ok slots=0 layers=0 planned=0 calls=0"),
         "residency off reports zero slots"
     );
+    // Its counters per layer: one page, nothing counted.
+    assert_eq!(
+        lines(c, "residency layers"),
+        "ok seq=0 next=- totals=0,0,0,0,0,0 other=0,0,0,0,0,0"
+    );
     assert_eq!(lines(c, "request 7"), "ok request=7");
     assert_eq!(
         lines(c, "frobnicate"),

@@ -13,6 +13,8 @@
 //! command   = "stats" | "flush" | "reset" | "quit" | "request " u
 //!           | "hidden off" | "hidden on every=" u " budget=" u " tensor=" ("ffn_norm"|"attn_norm")
 //!           | "residency"                               (the provider's counters)
+//!           | "residency layers" [" " u]                 (its counters per layer, one page
+//!                                                        from that layer on)
 //!           | "want " layer " " ids " " ids              (residency plan of one layer:
 //!                                                        pinned hot set, then dynamic tail)
 //! ids       = "-" | u ("," u)*
@@ -146,6 +148,11 @@ pub enum Command {
     Hidden(Option<HiddenConfig>),
     /// Report the residency provider's counters.
     Residency,
+    /// Report its counters per layer: one page of a snapshot, from this layer on (0 takes a
+    /// fresh snapshot; a later page continues the same one).
+    ResidencyLayers {
+        from: u32,
+    },
     /// The residency plan of one layer (`blk.<layer>`): experts to keep pinned, and the
     /// dynamic tail the policy wants resident. Replaces the layer's previous plan.
     Want(WantPlan),
@@ -344,6 +351,329 @@ impl ResidencyStats {
     }
 }
 
+/// Layers the tap keeps counters of one by one; slices of layers past it are added up in
+/// [`ResidencyLayers::other`]. (No model llama.cpp runs has this many.)
+pub const RESIDENCY_TABLE_LAYERS: usize = 1024;
+
+/// The residency provider's counters of one layer (or of several, added up): the part of
+/// [`ResidencyStats`] that is counted per layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerCounters {
+    pub hits: u64,
+    pub loads: u64,
+    pub streamed: u64,
+    pub evictions: u64,
+    pub bytes_hit: u64,
+    pub bytes_host: u64,
+}
+
+impl LayerCounters {
+    /// Counters on the wire, in this order: `hits,loads,streamed,evictions,bytes_hit,bytes_host`.
+    pub const FIELDS: usize = 6;
+
+    pub fn to_array(&self) -> [u64; Self::FIELDS] {
+        [
+            self.hits,
+            self.loads,
+            self.streamed,
+            self.evictions,
+            self.bytes_hit,
+            self.bytes_host,
+        ]
+    }
+
+    pub fn from_array(v: [u64; Self::FIELDS]) -> LayerCounters {
+        let [hits, loads, streamed, evictions, bytes_hit, bytes_host] = v;
+        LayerCounters {
+            hits,
+            loads,
+            streamed,
+            evictions,
+            bytes_hit,
+            bytes_host,
+        }
+    }
+
+    /// The per-layer part of the provider's totals.
+    pub fn of_totals(r: &ResidencyStats) -> LayerCounters {
+        LayerCounters {
+            hits: r.hits,
+            loads: r.loads,
+            streamed: r.streamed,
+            evictions: r.evictions,
+            bytes_hit: r.bytes_hit,
+            bytes_host: r.bytes_host,
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.to_array() == [0; Self::FIELDS]
+    }
+
+    /// Field by field; `None` when a sum would overflow.
+    pub fn checked_add(&self, o: &LayerCounters) -> Option<LayerCounters> {
+        let (a, b) = (self.to_array(), o.to_array());
+        let mut v = [0u64; Self::FIELDS];
+        for i in 0..Self::FIELDS {
+            v[i] = a[i].checked_add(b[i])?;
+        }
+        Some(LayerCounters::from_array(v))
+    }
+
+    pub fn saturating_add(&self, o: &LayerCounters) -> LayerCounters {
+        let (a, b) = (self.to_array(), o.to_array());
+        LayerCounters::from_array(std::array::from_fn(|i| a[i].saturating_add(b[i])))
+    }
+
+    /// Slices served from slots without a host copy, over all slices served.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let all = self.hits + self.loads + self.streamed;
+        (all > 0).then(|| self.hits as f64 / all as f64)
+    }
+
+    fn text(&self) -> String {
+        let mut s = String::new();
+        for (i, v) in self.to_array().iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(s, "{v}");
+        }
+        s
+    }
+
+    fn parse_text(what: &str, t: &str) -> Result<LayerCounters, String> {
+        let mut v = [0u64; Self::FIELDS];
+        let mut parts = t.split(',');
+        for slot in &mut v {
+            let p = parts
+                .next()
+                .ok_or_else(|| format!("{what} has fewer than {} counters", Self::FIELDS))?;
+            *slot = p.parse().map_err(|_| {
+                format!(
+                    "{what}: {:?} is not a non-negative integer",
+                    truncate(p, 24)
+                )
+            })?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("{what} has more than {} counters", Self::FIELDS));
+        }
+        Ok(LayerCounters::from_array(v))
+    }
+}
+
+/// One snapshot of the provider's counters per layer, taken at once with their totals (so the
+/// layers add up to them exactly): what `residency layers` pages through.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResidencyLayers {
+    /// Which update of the counters the snapshot shows (the tap counts its updates); every page
+    /// of one read carries the same.
+    pub seq: u64,
+    /// The totals of the same snapshot: the layers plus `other`, field by field.
+    pub totals: LayerCounters,
+    /// Layers at or past [`RESIDENCY_TABLE_LAYERS`], added up.
+    pub other: LayerCounters,
+    /// Every layer with a non-zero counter, ascending.
+    pub layers: Vec<(u32, LayerCounters)>,
+}
+
+/// One `residency layers` reply: a snapshot's header and the layers that fit in one line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayersPage {
+    pub seq: u64,
+    pub totals: LayerCounters,
+    pub other: LayerCounters,
+    pub layers: Vec<(u32, LayerCounters)>,
+    /// Where the next page starts (`residency layers <next>`); `None` on the last page.
+    pub next: Option<u32>,
+}
+
+impl ResidencyLayers {
+    /// The page from layer `from` on: as many layers as fit in one reply line.
+    pub fn page(&self, from: u32) -> LayersPage {
+        let mut page = LayersPage {
+            seq: self.seq,
+            totals: self.totals,
+            other: self.other,
+            layers: Vec::new(),
+            next: None,
+        };
+        // Room left after "ok " and the header with the longest `next`.
+        let header = LayersPage {
+            next: Some(u32::MAX),
+            ..page.clone()
+        };
+        let mut room = MAX_LINE - 3 - header.to_text().len();
+        for &(l, c) in self.layers.iter().filter(|(l, _)| *l >= from) {
+            let len = format!(" {l}={}", c.text()).len();
+            if len > room {
+                page.next = Some(l);
+                break;
+            }
+            room -= len;
+            page.layers.push((l, c));
+        }
+        page
+    }
+}
+
+impl LayersPage {
+    pub fn to_text(&self) -> String {
+        let mut s = format!("seq={} next=", self.seq);
+        match self.next {
+            Some(n) => {
+                let _ = write!(s, "{n}");
+            }
+            None => s.push('-'),
+        }
+        let _ = write!(
+            s,
+            " totals={} other={}",
+            self.totals.text(),
+            self.other.text()
+        );
+        for (l, c) in &self.layers {
+            let _ = write!(s, " {l}={}", c.text());
+        }
+        s
+    }
+
+    /// Parses one reply's text. Checks the form only; [`LayersReader`] checks the pages
+    /// against each other and the layers against the totals.
+    pub fn parse(text: &str) -> Result<LayersPage, String> {
+        let kv = KeyValues::parse(text.split_ascii_whitespace())?;
+        let seq = kv.u64("seq")?;
+        let next = match kv.get("next")? {
+            "-" => None,
+            n => Some(
+                n.parse::<u32>()
+                    .map_err(|_| format!("next={} is not a layer", truncate(n, 16)))?,
+            ),
+        };
+        let totals = LayerCounters::parse_text("totals", kv.get("totals")?)?;
+        let other = LayerCounters::parse_text("other", kv.get("other")?)?;
+        let mut layers = Vec::new();
+        for &(k, v) in &kv.0 {
+            if k.starts_with(|c: char| c.is_ascii_digit()) {
+                let l = k
+                    .parse::<u32>()
+                    .map_err(|_| format!("layer {:?} is not a u32", truncate(k, 16)))?;
+                layers.push((l, LayerCounters::parse_text(&format!("layer {l}"), v)?));
+            }
+        }
+        Ok(LayersPage {
+            seq,
+            totals,
+            other,
+            layers,
+            next,
+        })
+    }
+}
+
+/// The supervisor's side of a `residency layers` read: takes the pages in order and checks
+/// what the tap (untrusted) sent — every page of one snapshot, layers ascending and below
+/// the model's layer count, pages that move forward, at most one page per layer, and layers
+/// that add up to the totals. A violation is an error message, never a panic.
+#[derive(Debug)]
+pub struct LayersReader {
+    n_layer: u32,
+    from: u32,
+    pages: u32,
+    got: Option<ResidencyLayers>,
+    done: bool,
+}
+
+impl LayersReader {
+    /// A read of a model with `n_layer` layers.
+    pub fn new(n_layer: u32) -> LayersReader {
+        LayersReader {
+            n_layer,
+            from: 0,
+            pages: 0,
+            got: None,
+            done: false,
+        }
+    }
+
+    /// The command for the next page, `None` once the last page has been taken.
+    pub fn command(&self) -> Option<Command> {
+        (!self.done).then_some(Command::ResidencyLayers { from: self.from })
+    }
+
+    /// Takes the reply text to [`command`](Self::command).
+    pub fn take(&mut self, text: &str) -> Result<(), String> {
+        if self.done {
+            return Err("a page after the last one".into());
+        }
+        let page = LayersPage::parse(text)?;
+        self.pages += 1;
+        if self.pages > self.n_layer.saturating_add(1) {
+            return Err(format!(
+                "more pages than the model's {} layers",
+                self.n_layer
+            ));
+        }
+        let got = self.got.get_or_insert_with(|| ResidencyLayers {
+            seq: page.seq,
+            totals: page.totals,
+            other: page.other,
+            layers: Vec::new(),
+        });
+        if (got.seq, got.totals, got.other) != (page.seq, page.totals, page.other) {
+            return Err(format!(
+                "the page from layer {} is of another snapshot (seq {} after {})",
+                self.from, page.seq, got.seq
+            ));
+        }
+        for &(l, c) in &page.layers {
+            if l < self.from || got.layers.last().is_some_and(|&(p, _)| l <= p) {
+                return Err(format!(
+                    "layer {l} out of order in the page from layer {}",
+                    self.from
+                ));
+            }
+            if l >= self.n_layer {
+                return Err(format!("layer {l} of a model with {} layers", self.n_layer));
+            }
+            got.layers.push((l, c));
+        }
+        match page.next {
+            None => self.done = true,
+            Some(n) if n > self.from && n < self.n_layer => self.from = n,
+            Some(n) => {
+                return Err(format!(
+                    "next page from layer {n} after the page from layer {} (model of {} layers)",
+                    self.from, self.n_layer
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// The snapshot, once every page is in and the layers add up to the totals.
+    pub fn finish(self) -> Result<ResidencyLayers, String> {
+        let got = match (self.done, self.got) {
+            (true, Some(g)) => g,
+            _ => return Err("the read ended before its last page".into()),
+        };
+        let sum = got
+            .layers
+            .iter()
+            .try_fold(got.other, |acc, (_, c)| acc.checked_add(c))
+            .ok_or("the layers' counters overflow when added up")?;
+        if sum != got.totals {
+            return Err(format!(
+                "the layers add up to {} but the totals are {} (hits,loads,streamed,evictions,bytes_hit,bytes_host)",
+                sum.text(),
+                got.totals.text()
+            ));
+        }
+        Ok(got)
+    }
+}
+
 /// Prefix of the line a process that ran the provider prints on its stderr at exit.
 pub const RESIDENCY_EXIT_PREFIX: &str = "spark-tap: residency ";
 
@@ -411,6 +741,8 @@ impl Command {
                 h.tensor.name()
             ),
             Command::Residency => "residency".into(),
+            Command::ResidencyLayers { from: 0 } => "residency layers".into(),
+            Command::ResidencyLayers { from } => format!("residency layers {from}"),
             Command::Want(p) => p.line("want"),
             Command::WantMore(p) => p.line("want+"),
         }
@@ -479,7 +811,15 @@ impl Command {
                 }
                 _ => bad("usage: hidden off | hidden on every=N budget=MiB tensor=NAME".into()),
             },
-            "residency" => no_args(Command::Residency),
+            "residency" => match rest.as_slice() {
+                [] => Ok(Command::Residency),
+                ["layers"] => Ok(Command::ResidencyLayers { from: 0 }),
+                ["layers", from] => match from.parse() {
+                    Ok(from) => Ok(Command::ResidencyLayers { from }),
+                    Err(_) => bad(format!("layer {:?} is not a u32", truncate(from, 16))),
+                },
+                _ => bad("usage: residency | residency layers [<from layer>]".into()),
+            },
             "want" | "want+" => match rest.as_slice() {
                 [layer, pinned, tail] => {
                     let layer = match layer.parse() {
@@ -579,6 +919,9 @@ pub trait TapControl {
     fn set_hidden(&mut self, cfg: Option<HiddenConfig>) -> Result<(), String>;
     /// The residency provider's counters.
     fn residency(&mut self) -> ResidencyStats;
+    /// The provider's counters per layer: a fresh snapshot when `fresh`, else the one taken
+    /// last (the pages of one read come from one snapshot). The error says why there is none.
+    fn residency_layers(&mut self, fresh: bool) -> Result<ResidencyLayers, String>;
     /// Sets (or, with `append`, extends) one layer's residency plan; the error says why the
     /// plan cannot be taken (no provider, layer or expert out of range).
     fn want(&mut self, plan: &WantPlan, append: bool) -> Result<(), String>;
@@ -628,6 +971,10 @@ pub fn respond(line: &str, tap: &mut dyn TapControl) -> Response {
             Err(m) => Reply::err(ERR_UNAVAILABLE, m),
         },
         Command::Residency => Reply::ok(tap.residency().to_text()),
+        Command::ResidencyLayers { from } => match tap.residency_layers(from == 0) {
+            Ok(snapshot) => Reply::ok(snapshot.page(from).to_text()),
+            Err(m) => Reply::err(ERR_UNAVAILABLE, m),
+        },
         Command::Want(ref p) | Command::WantMore(ref p) => {
             let append = matches!(cmd, Command::WantMore(_));
             match tap.want(p, append) {
@@ -730,6 +1077,9 @@ mod tests {
                 ..ResidencyStats::default()
             }
         }
+        fn residency_layers(&mut self, _fresh: bool) -> Result<ResidencyLayers, String> {
+            Ok(fake_layers())
+        }
         fn want(&mut self, plan: &WantPlan, append: bool) -> Result<(), String> {
             if plan.layer >= 4 {
                 return Err(format!("layer {} of a model with 4 layers", plan.layer));
@@ -738,6 +1088,20 @@ mod tests {
                 self.planned.push(plan.layer);
             }
             Ok(())
+        }
+    }
+
+    /// Layers 0 and 2 of 4 served something; they add up to the totals.
+    fn fake_layers() -> ResidencyLayers {
+        let c = |v| LayerCounters::from_array(v);
+        ResidencyLayers {
+            seq: 3,
+            totals: c([7, 2, 1, 1, 700, 300]),
+            other: LayerCounters::default(),
+            layers: vec![
+                (0, c([4, 1, 1, 1, 400, 200])),
+                (2, c([3, 1, 0, 0, 300, 100])),
+            ],
         }
     }
 
@@ -841,6 +1205,8 @@ mod tests {
                 tensor: HiddenTensor::AttnNorm,
             })),
             Command::Residency,
+            Command::ResidencyLayers { from: 0 },
+            Command::ResidencyLayers { from: 12 },
             Command::Want(WantPlan {
                 layer: 3,
                 pinned: vec![1, 2],
@@ -896,5 +1262,172 @@ mod tests {
         ] {
             assert_eq!(Reply::parse(&r.to_line()).unwrap(), r);
         }
+    }
+
+    /// A big snapshot (94 layers, counters near u64::MAX) pages into lines within MAX_LINE
+    /// that parse and read back to the same snapshot.
+    #[test]
+    fn layer_pages_fit_a_line_and_read_back_to_the_snapshot() {
+        let big = |l: u64| {
+            LayerCounters::from_array(std::array::from_fn(|i| u64::MAX / 200 + l * 7 + i as u64))
+        };
+        let layers: Vec<(u32, LayerCounters)> = (0..94u32)
+            .filter(|l| l % 5 != 3)
+            .map(|l| (l, big(u64::from(l))))
+            .collect();
+        let totals = layers.iter().fold(LayerCounters::default(), |a, (_, c)| {
+            a.checked_add(c).unwrap()
+        });
+        let snap = ResidencyLayers {
+            seq: u64::MAX,
+            totals,
+            other: LayerCounters::default(),
+            layers,
+        };
+        let mut tap = FakeSnapshot(snap.clone());
+        let mut reader = LayersReader::new(94);
+        let mut pages = 0;
+        while let Some(cmd) = reader.command() {
+            let line = respond(&cmd.to_line(), &mut tap).reply.to_line();
+            assert!(line.len() <= MAX_LINE, "{} bytes", line.len());
+            let Reply::Ok(text) = Reply::parse(&line).unwrap() else {
+                panic!("{line}")
+            };
+            assert_eq!(LayersPage::parse(&text).unwrap().to_text(), text);
+            reader.take(&text).unwrap();
+            pages += 1;
+        }
+        assert!(pages > 10, "{pages} pages");
+        assert_eq!(reader.finish().unwrap(), snap);
+
+        // The fake's small snapshot: one page.
+        let mut reader = LayersReader::new(4);
+        reader.take(&fake_layers().page(0).to_text()).unwrap();
+        assert_eq!(reader.command(), None);
+        assert_eq!(reader.finish().unwrap(), fake_layers());
+        assert_eq!(
+            Command::parse("residency layers 7").unwrap(),
+            Command::ResidencyLayers { from: 7 }
+        );
+    }
+
+    struct FakeSnapshot(ResidencyLayers);
+
+    impl TapControl for FakeSnapshot {
+        fn stats(&mut self) -> TapStats {
+            TapStats::default()
+        }
+        fn flush(&mut self) -> u64 {
+            0
+        }
+        fn reset(&mut self) {}
+        fn set_request(&mut self, _: u32) {}
+        fn set_hidden(&mut self, _: Option<HiddenConfig>) -> Result<(), String> {
+            Ok(())
+        }
+        fn residency(&mut self) -> ResidencyStats {
+            ResidencyStats::default()
+        }
+        fn residency_layers(&mut self, _: bool) -> Result<ResidencyLayers, String> {
+            Ok(self.0.clone())
+        }
+        fn want(&mut self, _: &WantPlan, _: bool) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// What an untrusted tap may send instead: each is refused with a message, none panics.
+    #[test]
+    fn the_reader_refuses_pages_that_do_not_add_up_or_do_not_move_forward() {
+        let page = |next: &str, layers: &str| {
+            format!("seq=3 next={next} totals=7,2,1,1,700,300 other=0,0,0,0,0,0 {layers}")
+        };
+        let ok_layers = "0=4,1,1,1,400,200 2=3,1,0,0,300,100";
+        let refused = |pages: &[String], n_layer: u32, why: &str| {
+            let mut r = LayersReader::new(n_layer);
+            let mut err = None;
+            for p in pages {
+                if let Err(e) = r.take(p) {
+                    err = Some(e);
+                    break;
+                }
+            }
+            let err = match err {
+                Some(e) => e,
+                None => r.finish().unwrap_err(),
+            };
+            assert!(err.contains(why), "{pages:?}: {err:?} lacks {why:?}");
+        };
+        // Well formed, for contrast.
+        let mut r = LayersReader::new(4);
+        r.take(&page("-", ok_layers)).unwrap();
+        r.finish().unwrap();
+
+        refused(&[page("-", "0=4,1,1,1,400,200")], 4, "add up to");
+        refused(
+            &[page("-", "0=4,1,1,1,400,200 2=3,1,0,0,300,101")],
+            4,
+            "add up to",
+        );
+        refused(
+            &[page("-", "2=3,1,0,0,300,100 0=4,1,1,1,400,200")],
+            4,
+            "out of order",
+        );
+        refused(
+            &[page("-", "0=4,1,1,1,400,200 0=3,1,0,0,300,100")],
+            4,
+            "out of order",
+        );
+        refused(&[page("-", ok_layers)], 2, "of a model with 2 layers");
+        refused(
+            &[page("-", "0=4,1,1,1,400 2=3,1,0,0,300,100")],
+            4,
+            "fewer than 6",
+        );
+        refused(
+            &[page("-", "0=4,1,1,1,400,200,9 2=3,1,0,0,300,100")],
+            4,
+            "more than 6",
+        );
+        refused(
+            &[page("-", "0=4,1,x,1,400,200 2=3,1,0,0,300,100")],
+            4,
+            "not a non-negative",
+        );
+        refused(&[page("-", "0=4,1,-1,1,400,200")], 4, "not a non-negative");
+        refused(&[page("-", "99999999999=4,1,1,1,400,200")], 4, "not a u32");
+        refused(
+            &["seq=3 next=- other=0,0,0,0,0,0".to_string()],
+            4,
+            "missing totals=",
+        );
+        refused(&[page("x", ok_layers)], 4, "not a layer");
+        // Pages that do not move forward, or go past the model.
+        refused(&[page("0", "")], 4, "next page from layer 0");
+        refused(
+            &[page("2", "0=4,1,1,1,400,200"), page("2", "")],
+            4,
+            "next page from layer 2",
+        );
+        refused(&[page("9", "")], 4, "next page from layer 9");
+        // A page of another snapshot.
+        let other_seq = page("-", "2=3,1,0,0,300,100").replacen("seq=3", "seq=4", 1);
+        refused(
+            &[page("1", "0=4,1,1,1,400,200"), other_seq],
+            4,
+            "another snapshot",
+        );
+        // Stopping early.
+        refused(&[page("1", "0=4,1,1,1,400,200")], 4, "before its last page");
+        // Counters that overflow when added up.
+        let m = u64::MAX;
+        refused(
+            &[format!(
+                "seq=1 next=- totals=0,0,0,0,0,0 other=0,0,0,0,0,0 0={m},0,0,0,0,0 1={m},0,0,0,0,0"
+            )],
+            4,
+            "overflow",
+        );
     }
 }

@@ -153,7 +153,7 @@ pub fn run(a: &BenchTapArgs) -> Result<BenchTapReport, BenchTapError> {
         h.set_hidden(Some(HiddenConfig {
             every: 1,
             budget_mib: u32::MAX >> 12,
-            tensor: HiddenTensor::FfnNorm,
+            tensor: HiddenTensor::RouterInput,
         }))?;
         sides.push(h);
     }

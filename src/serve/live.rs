@@ -8,7 +8,7 @@
 //! it a new ring after every restart. Never blocks the engine (the ring overruns and counts),
 //! never writes a profile for another model (the fingerprint is checked at start).
 //!
-//! Why this file is over 800 lines: about 200 of them are tests of the fold; the code itself
+//! Why this file is over 800 lines: about 440 of them are tests of the fold; the code itself
 //! (ring → counts, shadow cache, Belady window, plans, profile rewrite) is one thread's loop.
 
 use std::collections::{HashMap, VecDeque};
@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use spark_proto::control::{ResidencyStats, WantPlan};
+use spark_proto::control::{LayerCounters, ResidencyLayers, ResidencyStats, WantPlan};
 use spark_proto::trace::RoutingRecord;
 
 use crate::cache::{self, Belady, Counts, Policy, PolicyKind, Setup};
@@ -101,6 +101,16 @@ pub struct LiveSnapshot {
     /// Why the provider stopped taking plans, if it did.
     pub residency_error: Option<String>,
     pub residency_plans_sent: u64,
+    /// The provider's counters per layer, read with `residency` (same deadline): the current
+    /// child's, `None` before its first read or from a tap without per-layer counters.
+    pub residency_layers: Option<ResidencyLayers>,
+    /// The per-layer counters of the children before the current one, added up (one entry per
+    /// model layer, then one for layers past the tap's table).
+    pub residency_layers_earlier: Vec<LayerCounters>,
+    /// Per-layer reads that failed (a reply that did not add up, a timeout, ...), and why the
+    /// last one did.
+    pub residency_layer_errors: u64,
+    pub residency_layers_error: Option<String>,
 }
 
 /// Shared view of the live statistics.
@@ -155,10 +165,48 @@ impl LiveSnapshot {
         }
     }
 
+    /// The provider's counters per layer since serve started, every child's added up: each
+    /// layer with a non-zero counter, ascending, and the layers past the tap's table (`None`
+    /// before any per-layer read).
+    pub fn residency_layer_totals(&self) -> Option<(Vec<(u32, LayerCounters)>, LayerCounters)> {
+        let mut all = self.residency_layers_earlier.clone();
+        let mut other = all.pop()?;
+        let current = self.residency_layers.as_ref();
+        if current.is_none() && all.iter().all(LayerCounters::is_zero) && other.is_zero() {
+            return None;
+        }
+        if let Some(c) = current {
+            other = other.saturating_add(&c.other);
+            for &(l, v) in &c.layers {
+                // The reader checked every layer against the model's layer count.
+                if let Some(a) = all.get_mut(l as usize) {
+                    *a = a.saturating_add(&v);
+                }
+            }
+        }
+        let layers = all
+            .into_iter()
+            .enumerate()
+            .filter(|(_, c)| !c.is_zero())
+            .map(|(l, c)| (l as u32, c))
+            .collect();
+        Some((layers, other))
+    }
+
     /// A new child starts its counters from zero: what the last one counted joins the totals.
     fn child_replaced(&mut self) {
         if let Some(r) = self.residency.take() {
             self.residency_earlier = add_counters(&self.residency_earlier, &r);
+        }
+        if let Some(c) = self.residency_layers.take() {
+            let n = self.residency_layers_earlier.len();
+            for (l, v) in c.layers.iter().map(|&(l, v)| (l as usize, v)) {
+                if let Some(a) = self.residency_layers_earlier[..n - 1].get_mut(l) {
+                    *a = a.saturating_add(&v);
+                }
+            }
+            self.residency_layers_earlier[n - 1] =
+                self.residency_layers_earlier[n - 1].saturating_add(&c.other);
         }
     }
 
@@ -188,6 +236,10 @@ impl LiveSnapshot {
             residency_earlier: ResidencyStats::default(),
             residency_error: None,
             residency_plans_sent: 0,
+            residency_layers: None,
+            residency_layers_earlier: vec![LayerCounters::default(); cfg.n_layer + 1],
+            residency_layer_errors: 0,
+            residency_layers_error: None,
             base_tokens: cfg
                 .start_profile
                 .as_ref()
@@ -261,11 +313,43 @@ impl LiveSnapshot {
                     "prompt_batches": r.wide_calls,
                     "prompt_streamed": r.wide_streamed,
                     "error": self.residency_error,
+                    "layers": self.residency_layers_json(),
+                    "layer_read_errors": self.residency_layer_errors,
+                    "layers_error": self.residency_layers_error,
                 })
             } else {
                 Value::Null
             },
         })
+    }
+}
+
+impl LiveSnapshot {
+    /// Every layer's counters since serve started (every child's): `[{layer, hits, loads,
+    /// streamed, evictions, bytes_from_slots, bytes_from_host, hit_ratio}]`, with the layers
+    /// past the tap's table as `layer: null` when they counted anything; `null` before the
+    /// first per-layer read.
+    pub fn residency_layers_json(&self) -> Value {
+        let Some((layers, other)) = self.residency_layer_totals() else {
+            return Value::Null;
+        };
+        let row = |l: Option<u32>, c: &LayerCounters| {
+            json!({
+                "layer": l,
+                "hits": c.hits,
+                "loads": c.loads,
+                "streamed": c.streamed,
+                "evictions": c.evictions,
+                "bytes_from_slots": c.bytes_hit,
+                "bytes_from_host": c.bytes_host,
+                "hit_ratio": c.hit_ratio(),
+            })
+        };
+        let mut rows: Vec<Value> = layers.iter().map(|(l, c)| row(Some(*l), c)).collect();
+        if !other.is_zero() {
+            rows.push(row(None, &other));
+        }
+        Value::Array(rows)
     }
 }
 
@@ -558,9 +642,18 @@ impl Live {
                 }
             }
         }
+        // The totals, then the same counters per layer, within one deadline.
+        let started = Instant::now();
         let counters = match &error {
             None => self.control.as_mut().map(|c| c.residency(PLAN_TIMEOUT)),
             Some(_) => None,
+        };
+        let n_layer = self.cfg.n_layer as u32;
+        let layers = match &counters {
+            Some(Ok(_)) => self.control.as_mut().map(|c| {
+                c.residency_layers(n_layer, PLAN_TIMEOUT.saturating_sub(started.elapsed()))
+            }),
+            _ => None,
         };
         let mut s = self.lock();
         s.residency_plans_sent += sent;
@@ -568,6 +661,20 @@ impl Live {
             Some(Ok(r)) => s.residency = Some(r),
             Some(Err(e)) => error = Some(format!("residency counters: {e}")),
             None => {}
+        }
+        match layers {
+            Some(Ok(Some(l))) => s.residency_layers = Some(l),
+            // A tap without per-layer counters: the totals stand alone.
+            Some(Ok(None)) | None => {}
+            Some(Err(e)) => {
+                // Counted and shown; the previous read stays. Never a reason to stop serving.
+                let e = format!("residency counters per layer: {e}");
+                if s.residency_layers_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!("residency: {e}");
+                }
+                s.residency_layer_errors += 1;
+                s.residency_layers_error = Some(e);
+            }
         }
         if let Some(e) = error {
             if s.residency_error.as_deref() != Some(e.as_str()) {
@@ -930,6 +1037,178 @@ mod tests {
         });
         assert_eq!(j["residency"]["hits"], 1, "the current child's");
         assert_eq!(j["residency"]["totals"]["hits"], 7, "every child's");
+        assert_eq!(
+            j["residency"]["layers"],
+            Value::Null,
+            "no per-layer read yet"
+        );
+    }
+
+    /// A tap on the other end of a control pair, answering with `spark_proto`'s own dispatch:
+    /// its first `residency layers` snapshot does not add up (a layer short of the totals),
+    /// later ones do; with `old`, it predates the command and refuses it.
+    fn fake_tap(theirs: std::os::fd::OwnedFd, old: bool) -> std::thread::JoinHandle<()> {
+        use spark_proto::control::{respond, HiddenConfig, TapControl, TapStats};
+        use std::io::{BufRead, Write};
+        struct Tap(u32);
+        impl TapControl for Tap {
+            fn stats(&mut self) -> TapStats {
+                TapStats::default()
+            }
+            fn flush(&mut self) -> u64 {
+                0
+            }
+            fn reset(&mut self) {}
+            fn set_request(&mut self, _: u32) {}
+            fn set_hidden(&mut self, _: Option<HiddenConfig>) -> Result<(), String> {
+                Ok(())
+            }
+            fn residency(&mut self) -> ResidencyStats {
+                ResidencyStats {
+                    slots: 2,
+                    hits: 5,
+                    loads: 1,
+                    ..Default::default()
+                }
+            }
+            fn residency_layers(&mut self, _: bool) -> Result<ResidencyLayers, String> {
+                self.0 += 1;
+                let c = LayerCounters::from_array;
+                let layer1 = if self.0 == 1 { 0 } else { 3 };
+                Ok(ResidencyLayers {
+                    seq: u64::from(self.0),
+                    totals: c([5, 1, 0, 0, 0, 0]),
+                    other: LayerCounters::default(),
+                    layers: vec![(0, c([2, 1, 0, 0, 0, 0])), (1, c([layer1, 0, 0, 0, 0, 0]))],
+                })
+            }
+            fn want(&mut self, _: &WantPlan, _: bool) -> Result<(), String> {
+                Ok(())
+            }
+        }
+        let stream = std::os::unix::net::UnixStream::from(theirs);
+        std::thread::spawn(move || {
+            let mut out = stream.try_clone().unwrap();
+            let mut tap = Tap(0);
+            for line in std::io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                let reply = if old && line.starts_with("residency layers") {
+                    "err bad-args residency takes no arguments".to_string()
+                } else {
+                    respond(&line, &mut tap).reply.to_line()
+                };
+                if writeln!(out, "{reply}").is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    fn live_with_tap(old: bool) -> (Live, LiveShared, std::thread::JoinHandle<()>) {
+        let (client, theirs) = crate::control::pair().unwrap();
+        let peer = fake_tap(theirs, old);
+        let mut c = cfg(None);
+        c.residency = true;
+        let (mut live, shared) = Live::new(c);
+        live.control = Some(client);
+        live.sent = vec![None; live.cfg.n_layer];
+        (live, shared, peer)
+    }
+
+    #[test]
+    fn per_layer_counters_that_do_not_add_up_are_counted_and_not_shown() {
+        let (mut live, shared, peer) = live_with_tap(false);
+        live.publish_plan();
+        {
+            let s = shared.lock().unwrap();
+            assert_eq!(s.residency.map(|r| r.hits), Some(5), "the totals are read");
+            assert_eq!(s.residency_layer_errors, 1);
+            assert!(s.residency_layers.is_none());
+            let e = s.residency_layers_error.as_deref().unwrap();
+            assert!(
+                e.contains("add up to 2,1,0,0,0,0 but the totals are 5,1,0,0,0,0"),
+                "{e}"
+            );
+            assert!(
+                s.residency_error.is_none(),
+                "plans still go out: {:?}",
+                s.residency_error
+            );
+        }
+        // The next read adds up: it is taken, the error count stays.
+        live.publish_plan();
+        {
+            let s = shared.lock().unwrap();
+            assert_eq!(s.residency_layer_errors, 1);
+            let l = s.residency_layers.as_ref().unwrap();
+            assert_eq!((l.seq, l.layers.len()), (2, 2));
+        }
+        live.control = None;
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn a_tap_without_per_layer_counters_leaves_the_totals_alone() {
+        let (mut live, shared, peer) = live_with_tap(true);
+        live.publish_plan();
+        let s = shared.lock().unwrap();
+        assert_eq!(s.residency.map(|r| r.hits), Some(5));
+        assert_eq!(s.residency_layer_errors, 0);
+        assert!(s.residency_layers.is_none() && s.residency_layers_error.is_none());
+        drop(s);
+        live.control = None;
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn residency_counters_per_layer_keep_their_totals_across_child_restarts() {
+        let mut eight = cfg(None);
+        eight.n_layer = 8;
+        let (_live, shared) = Live::new(eight);
+        let mut s = shared.lock().unwrap();
+        let c = LayerCounters::from_array;
+        s.residency_layers = Some(ResidencyLayers {
+            seq: 9,
+            totals: c([6, 3, 1, 2, 600, 400]),
+            other: LayerCounters::default(),
+            layers: vec![
+                (0, c([4, 2, 1, 2, 400, 300])),
+                (3, c([2, 1, 0, 0, 200, 100])),
+            ],
+        });
+        s.child_replaced();
+        assert!(s.residency_layers.is_none());
+        let (layers, other) = s.residency_layer_totals().unwrap();
+        assert_eq!(layers.iter().map(|l| l.0).collect::<Vec<_>>(), vec![0, 3]);
+        assert!(other.is_zero());
+        // The new child counts from zero, in layers 3 and 5, and past the tap's table.
+        s.residency_layers = Some(ResidencyLayers {
+            seq: 2,
+            totals: c([2, 2, 0, 0, 200, 200]),
+            other: c([1, 0, 0, 0, 100, 0]),
+            layers: vec![(3, c([1, 1, 0, 0, 100, 100])), (5, c([0, 1, 0, 0, 0, 100]))],
+        });
+        let (layers, other) = s.residency_layer_totals().unwrap();
+        assert_eq!(
+            layers,
+            vec![
+                (0, c([4, 2, 1, 2, 400, 300])),
+                (3, c([3, 2, 0, 0, 300, 200])),
+                (5, c([0, 1, 0, 0, 0, 100])),
+            ]
+        );
+        assert_eq!(other, c([1, 0, 0, 0, 100, 0]));
+        let j = s.to_json(&{
+            let mut c = cfg(None);
+            c.residency = true;
+            c
+        });
+        let rows = j["residency"]["layers"].as_array().unwrap();
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert_eq!(rows[1]["layer"], 3);
+        assert_eq!(rows[1]["hits"], 3);
+        assert_eq!(rows[1]["hit_ratio"], 0.6);
+        assert_eq!(rows[3]["layer"], Value::Null, "layers past the tap's table");
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub const HISTORY_EVERY: Duration = Duration::from_secs(2);
 const HISTORY_LEN: usize = 300;
 
 /// One sample of the hit ratios: unix seconds, the shadow cache's over its window, the Belady
-/// bound over the same steps, the residency provider's (each `None` before there is any).
+/// bound over the same steps, the residency provider's since serve started, every child's (each
+/// `None` before there is any).
 type Sample = (f64, Option<f64>, Option<f64>, Option<f64>);
 
 /// The hit ratios over the last ten minutes, sampled on the serve runtime, so a page opened
@@ -67,7 +68,7 @@ fn sample(state: &ServeState) -> Sample {
         now,
         ratio(s.window_misses),
         ratio(s.window_belady_misses),
-        s.residency.and_then(|r| r.hit_ratio()),
+        s.residency_totals().and_then(|r| r.hit_ratio()),
     )
 }
 
@@ -154,6 +155,9 @@ pub fn heat_json(state: &ServeState) -> Value {
         "recent": recent,
         "totals": {"prompt": s.prompt.total(), "decode": s.decode.total()},
         "history": state.history.to_json(),
+        // The residency provider's counters per layer (`--residency`), as `/spark/status`
+        // has them: the page's per-layer table.
+        "residency_layers": if live.cfg.residency { s.residency_layers_json() } else { Value::Null },
     })
 }
 

@@ -82,6 +82,33 @@ impl ServeState {
                 let _ = writeln!(out, "# HELP spark_residency_bytes_total Bytes the provider copied, by source.\n# TYPE spark_residency_bytes_total counter\nspark_residency_bytes_total{{source=\"slots\"}} {}\nspark_residency_bytes_total{{source=\"host\"}} {}", r.bytes_hit, r.bytes_host);
                 let _ = writeln!(out, "# HELP spark_residency_hook_calls_total Scheduler hook calls, and how many the provider declined.\n# TYPE spark_residency_hook_calls_total counter\nspark_residency_hook_calls_total {}\nspark_residency_declined_total {}", r.calls, r.declined);
             }
+            // The same slices per layer (every child's too), under their own names so that a
+            // sum over the totals above does not count them twice.
+            if let Some((layers, other)) = s.residency_layer_totals() {
+                let _ = writeln!(out, "# HELP spark_residency_layer_expert_slices_total Expert slices the residency provider served per model layer, by source (layer \"other\": layers past the tap's table).\n# TYPE spark_residency_layer_expert_slices_total counter");
+                let rows = layers
+                    .iter()
+                    .map(|(l, c)| (l.to_string(), c))
+                    .chain((!other.is_zero()).then(|| ("other".to_string(), &other)));
+                let rows: Vec<_> = rows.collect();
+                for (l, c) in &rows {
+                    for (source, v) in [("hit", c.hits), ("load", c.loads), ("stream", c.streamed)]
+                    {
+                        let _ = writeln!(out, "spark_residency_layer_expert_slices_total{{layer=\"{l}\",source=\"{source}\"}} {v}");
+                    }
+                }
+                let _ = writeln!(out, "# HELP spark_residency_layer_evictions_total Slots the residency provider gave to another expert, per model layer.\n# TYPE spark_residency_layer_evictions_total counter");
+                for (l, c) in &rows {
+                    let _ = writeln!(
+                        out,
+                        "spark_residency_layer_evictions_total{{layer=\"{l}\"}} {}",
+                        c.evictions
+                    );
+                }
+            }
+            if l.cfg.residency {
+                let _ = writeln!(out, "# HELP spark_residency_layer_read_errors_total Per-layer counter reads from the tap that failed (did not add up to the totals, timed out, ...).\n# TYPE spark_residency_layer_read_errors_total counter\nspark_residency_layer_read_errors_total {}", s.residency_layer_errors);
+            }
         }
         out
     }

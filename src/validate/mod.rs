@@ -239,34 +239,10 @@ pub fn jobs(
 /// A flag that SIGINT or SIGTERM sets, for the binary (library callers pass their own or none).
 /// The handlers stay installed for the life of the process.
 pub fn interrupt_on_signals() -> Result<Arc<AtomicBool>, ValidateError> {
-    use tokio::signal::unix::{signal, SignalKind};
     let flag = Arc::new(AtomicBool::new(false));
-    let io = |e| ValidateError::io(Path::new("signal handler"), e);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(io)?;
-    let (mut int, mut term) = rt
-        .block_on(async {
-            Ok::<_, std::io::Error>((
-                signal(SignalKind::interrupt())?,
-                signal(SignalKind::terminate())?,
-            ))
-        })
-        .map_err(io)?;
     let f = flag.clone();
-    std::thread::Builder::new()
-        .name("spark-signals".into())
-        .spawn(move || {
-            rt.block_on(async {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            });
-            f.store(true, Ordering::Release);
-        })
-        .map_err(io)?;
+    crate::signals::on_interrupt(move || f.store(true, Ordering::Release))
+        .map_err(|e| ValidateError::io(Path::new("signal handler"), e))?;
     Ok(flag)
 }
 

@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use spark_proto::control::{
-    respond, Greeting, HiddenConfig, Reply, ResidencyStats, TapControl, TapStats, WantPlan,
-    ERR_TOO_LONG, MAX_LINE,
+    respond, Greeting, HiddenConfig, Reply, ResidencyLayers, ResidencyStats, TapControl, TapStats,
+    WantPlan, ERR_TOO_LONG, MAX_LINE,
 };
 use spark_proto::ring::{ENV_CONTROL_FD, ENV_HIDDEN_RING_FD};
 
@@ -65,6 +65,8 @@ pub fn start(greeting: Greeting) {
 struct Tap {
     n_layer: u32,
     n_expert: u32,
+    /// The per-layer snapshot the supervisor is paging through.
+    layers: Option<ResidencyLayers>,
 }
 
 impl TapControl for Tap {
@@ -132,6 +134,16 @@ impl TapControl for Tap {
         crate::provider::stats()
     }
 
+    fn residency_layers(&mut self, fresh: bool) -> Result<ResidencyLayers, String> {
+        if fresh || self.layers.is_none() {
+            self.layers =
+                Some(crate::provider::layer_snapshot().ok_or(
+                    "the provider kept updating its counters through every try; ask again",
+                )?);
+        }
+        Ok(self.layers.clone().unwrap_or_default())
+    }
+
     fn want(&mut self, plan: &WantPlan, append: bool) -> Result<(), String> {
         crate::provider::want(plan, append, self.n_layer, self.n_expert)
     }
@@ -144,6 +156,7 @@ fn serve(mut stream: UnixStream, greeting: &Greeting) -> std::io::Result<()> {
     let mut tap = Tap {
         n_layer: greeting.n_layer,
         n_expert: greeting.n_expert,
+        layers: None,
     };
     let mut line: Vec<u8> = Vec::with_capacity(MAX_LINE + 1);
     let mut started: Option<Instant> = None;

@@ -141,10 +141,24 @@ impl Nodes {
 /// callback reads every graph, as on a stock engine (for A/B measurements, `spark bench tap`).
 pub const ENV_GRAPH_READS: &str = "SPARK_GRAPH_READS";
 
-/// Whether the observer acts (read once).
-fn enabled() -> bool {
+/// Set when the tap found the observer's reads unsafe in this process (`stand_down`).
+static STOOD_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the observer acts: not switched off, and not stood down.
+pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var(ENV_GRAPH_READS).map_or(true, |v| v.trim() != "off"))
+        && !STOOD_DOWN.load(Ordering::Relaxed)
+}
+
+/// Turns the observer off for the rest of the process (the eval callback reads every graph
+/// from now on, output flags or not), saying why once.
+pub fn stand_down(why: &str) {
+    if !STOOD_DOWN.swap(true, Ordering::Relaxed) {
+        crate::log::warn(&format!(
+            "graph observer off for this process: {why}; the eval callback reads the routing"
+        ));
+    }
 }
 
 /// Whether an observer event should be acted on: a known ABI, on a thread inside a tapped

@@ -2,7 +2,9 @@
 //!
 //! Owns the two exported symbols' behaviour, the process-wide [`Residency`] state, the
 //! supervisor's plan (levels per layer and expert, written by the control thread through
-//! atomics) and the counters the control channel and the exit line report. Copies go through
+//! atomics) and the counters the control channel and the exit line report: totals, and hits,
+//! loads, streamed, evictions and bytes per layer in a fixed table of atomics (no allocation
+//! on the hook path), which the control thread reads with the totals as one snapshot. Copies go through
 //! ggml's own backend API on the engine's backend — `ggml_backend_tensor_set_async` for host →
 //! device and `ggml_backend_tensor_copy_async` for slot → destination — so on CUDA they are
 //! `cudaMemcpyAsync` calls on the engine's stream, ordered with the MUL_MAT_ID that follows
@@ -17,11 +19,14 @@
 
 use std::ffi::{c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use spark_proto::control::{ResidencyStats, WantPlan, RESIDENCY_EXIT_PREFIX};
+use spark_proto::control::{
+    LayerCounters, ResidencyLayers, ResidencyStats, WantPlan, RESIDENCY_EXIT_PREFIX,
+    RESIDENCY_TABLE_LAYERS,
+};
 use spark_proto::hook::{
     MoeRequestV1, ABI, ENV_RESIDENCY_METER as ENV_METER, ENV_RESIDENCY_PREFILL as ENV_PREFILL,
     ENV_RESIDENCY_SLOTS as ENV_SLOTS,
@@ -179,6 +184,20 @@ static BROKEN: AtomicBool = AtomicBool::new(false);
 /// Counters as the control thread reads them (copied from the state after every call).
 static COUNTERS: [AtomicU64; 15] = [const { AtomicU64::new(0) }; 15];
 static LAYERS: AtomicU64 = AtomicU64::new(0);
+
+/// One layer's counters on the wire's order (`LayerCounters::to_array`).
+type LayerCells = [AtomicU64; LayerCounters::FIELDS];
+/// Counters per layer, for layers below the table's size: static, so the hook path never
+/// allocates. Written only by the thread inside the provider (under `STATE`).
+static LAYER_COUNTERS: [LayerCells; RESIDENCY_TABLE_LAYERS] =
+    [const { [const { AtomicU64::new(0) }; LayerCounters::FIELDS] }; RESIDENCY_TABLE_LAYERS];
+/// Layers past the table, or whose tensor name gave none (meter mode), added up.
+static OTHER_LAYERS: LayerCells = [const { AtomicU64::new(0) }; LayerCounters::FIELDS];
+/// One past the highest layer counted: the reader looks no further.
+static LAYERS_SEEN: AtomicUsize = AtomicUsize::new(0);
+/// Sequence lock over `COUNTERS`, `LAYERS` and the layer counters: odd while the provider
+/// updates them, so the control thread reads totals and layers of one moment (they add up).
+static SEQ: AtomicU64 = AtomicU64::new(0);
 /// The model's experts per token (from its metadata, when the context is made).
 static TOP_K: AtomicU64 = AtomicU64::new(0);
 
@@ -276,7 +295,9 @@ pub fn stats() -> ResidencyStats {
     }
 }
 
-fn publish(c: &Counters, layers: u32) {
+/// Publishes the counters after a call; `layer` names the call's layer and the counters before
+/// it, whose difference joins that layer's counters. Writers hold `STATE`, so there is one.
+fn publish(c: &Counters, layers: u32, layer: Option<(u32, &Counters)>) {
     let v = [
         c.calls,
         c.declined,
@@ -294,10 +315,80 @@ fn publish(c: &Counters, layers: u32) {
         c.wide_streamed,
         c.copies_host_unbatched,
     ];
+    let seq = SEQ.load(Ordering::Relaxed);
+    SEQ.store(seq.wrapping_add(1), Ordering::Relaxed);
+    fence(Ordering::Release);
     for (a, v) in COUNTERS.iter().zip(v) {
         a.store(v, Ordering::Relaxed);
     }
     LAYERS.store(u64::from(layers), Ordering::Relaxed);
+    if let Some((l, before)) = layer {
+        let (now, then) = (layer_part(c), layer_part(before));
+        let cells = match LAYER_COUNTERS.get(l as usize) {
+            Some(cells) => {
+                LAYERS_SEEN.fetch_max(l as usize + 1, Ordering::Relaxed);
+                cells
+            }
+            None => &OTHER_LAYERS,
+        };
+        for ((a, n), t) in cells.iter().zip(now.to_array()).zip(then.to_array()) {
+            a.fetch_add(n.wrapping_sub(t), Ordering::Relaxed);
+        }
+    }
+    SEQ.store(seq.wrapping_add(2), Ordering::Release);
+}
+
+/// The part of the counters kept per layer.
+fn layer_part(c: &Counters) -> LayerCounters {
+    LayerCounters {
+        hits: c.hits,
+        loads: c.loads,
+        streamed: c.streamed,
+        evictions: c.evictions,
+        bytes_hit: c.bytes_hit,
+        bytes_host: c.bytes_host,
+    }
+}
+
+/// The counters per layer with their totals, of one moment (`residency layers`); `None` when
+/// the provider kept updating them through every try (it updates once per hook call, in
+/// microseconds, so a try fails only while a call is inside its update).
+pub fn layer_snapshot() -> Option<ResidencyLayers> {
+    let read = |cells: &LayerCells| {
+        LayerCounters::from_array(std::array::from_fn(|i| cells[i].load(Ordering::Relaxed)))
+    };
+    let mut layers = Vec::new();
+    for _ in 0..10_000 {
+        let seq = SEQ.load(Ordering::Acquire);
+        if seq % 2 == 1 {
+            std::thread::yield_now();
+            continue;
+        }
+        layers.clear();
+        let seen = LAYERS_SEEN
+            .load(Ordering::Relaxed)
+            .min(RESIDENCY_TABLE_LAYERS);
+        for (l, cells) in LAYER_COUNTERS[..seen].iter().enumerate() {
+            let c = read(cells);
+            if !c.is_zero() {
+                layers.push((l as u32, c));
+            }
+        }
+        let other = read(&OTHER_LAYERS);
+        let c = |i: usize| COUNTERS[i].load(Ordering::Relaxed);
+        let totals = LayerCounters::from_array([c(2), c(3), c(4), c(5), c(6), c(7)]);
+        fence(Ordering::Acquire);
+        if SEQ.load(Ordering::Relaxed) == seq {
+            return Some(ResidencyLayers {
+                seq: seq / 2,
+                totals,
+                other,
+                layers,
+            });
+        }
+        std::thread::yield_now();
+    }
+    None
 }
 
 /// Applies one `want` / `want+` line from the supervisor.
@@ -392,6 +483,8 @@ unsafe fn meter(req: &MoeRequestV1) {
         return;
     };
     let state = guard.get_or_insert_with(|| Residency::new(0));
+    let before = state.counters;
+    let mut layer = u32::MAX; // unknown: counted with the layers past the table
     if req.abi != ABI || req.src.is_null() || req.used.is_null() || req.n_expert <= 0 {
         state.counters.calls += 1;
         state.counters.declined += 1;
@@ -406,11 +499,12 @@ unsafe fn meter(req: &MoeRequestV1) {
         };
         // SAFETY: ggml tensor names are NUL-terminated within GGML_MAX_NAME.
         let name = unsafe { CStr::from_ptr(src.name.as_ptr()) };
-        let tensor = name
+        let (l, tensor) = name
             .to_str()
             .ok()
             .and_then(split_name)
-            .map_or("", |(_, t)| t);
+            .unwrap_or((u32::MAX, ""));
+        layer = l;
         state.counters.meter_stock(&Call {
             layer: 0,
             tensor,
@@ -422,7 +516,7 @@ unsafe fn meter(req: &MoeRequestV1) {
             dst: (),
         });
     }
-    publish(&state.counters, 0);
+    publish(&state.counters, 0, Some((layer, &before)));
 }
 
 /// # Safety
@@ -437,7 +531,7 @@ unsafe fn provide_inner(slots: u32, req: &MoeRequestV1) -> bool {
     let declined = |state: &mut Residency<GgmlSlots>| {
         state.counters.calls += 1;
         state.counters.declined += 1;
-        publish(&state.counters, state.layers_with_memory());
+        publish(&state.counters, state.layers_with_memory(), None);
         false
     };
     let Some(ggml) = *GGML.get_or_init(|| {
@@ -502,8 +596,13 @@ unsafe fn provide_inner(slots: u32, req: &MoeRequestV1) -> bool {
         ggml,
         backend: req.backend,
     };
+    let before = state.counters;
     let ok = state.serve(&mut dev, req.backend as usize, &call, level_ref);
-    publish(&state.counters, state.layers_with_memory());
+    publish(
+        &state.counters,
+        state.layers_with_memory(),
+        Some((layer, &before)),
+    );
     ok
 }
 
@@ -569,8 +668,72 @@ mod tests {
     /// by ggml_backend_tensor_set_async / ggml_backend_tensor_copy_async, and a destination
     /// that ends up byte-identical to the stock scheduler's copy after random steps. On a GPU
     /// the same calls run on the CUDA backend.
+    /// The tests that touch the process-wide counters take turns.
+    static COUNTERS_LOCK: Mutex<()> = Mutex::new(());
+
+    fn zero_counters() {
+        for a in COUNTERS
+            .iter()
+            .chain(LAYER_COUNTERS.iter().flatten())
+            .chain(&OTHER_LAYERS)
+        {
+            a.store(0, Ordering::Relaxed);
+        }
+        LAYERS_SEEN.store(0, Ordering::Relaxed);
+    }
+
+    /// A control thread reading while the provider publishes after every call still sees
+    /// layers that add up to the totals (the sequence lock), and the last read sees them all.
+    #[test]
+    fn layer_snapshots_add_up_to_the_totals_while_calls_publish() {
+        let _turn = COUNTERS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        zero_counters();
+        let done = AtomicBool::new(false);
+        let reads = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut c = Counters::default();
+                for i in 0..200_000u64 {
+                    let before = c;
+                    c.calls += 1;
+                    c.hits += i % 3;
+                    c.loads += i % 2;
+                    c.streamed += 1;
+                    c.evictions += i % 5 / 4;
+                    c.bytes_hit += 1000 * (i % 3);
+                    c.bytes_host += 700;
+                    // Layer 2000 is past the table: it is counted in `other`.
+                    let layer = [0, 5, 17, 2000][(i % 4) as usize];
+                    publish(&c, 3, Some((layer, &before)));
+                }
+                done.store(true, Ordering::Release);
+            });
+            let mut reads = 0u32;
+            while !done.load(Ordering::Acquire) {
+                if let Some(snap) = layer_snapshot() {
+                    let sum = snap
+                        .layers
+                        .iter()
+                        .fold(snap.other, |a, (_, c)| a.checked_add(c).unwrap());
+                    assert_eq!(sum, snap.totals, "seq {}", snap.seq);
+                    reads += 1;
+                }
+            }
+            reads
+        });
+        assert!(reads > 0);
+        let last = layer_snapshot().unwrap();
+        assert_eq!(last.totals.streamed, 200_000);
+        assert_eq!(
+            last.layers.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+            vec![0, 5, 17]
+        );
+        assert_eq!(last.other.streamed, 50_000);
+        zero_counters();
+    }
+
     #[test]
     fn serves_through_the_real_ggml_backend_api_exactly_like_the_stock_copy() {
+        let _turn = COUNTERS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let lib = engine_lib_dir();
         dlopen_global(&lib.join("libggml-base.so"));
         dlopen_global(&lib.join("libggml-cpu.so"));
@@ -652,6 +815,11 @@ mod tests {
             "{s:?}"
         );
         assert!(s.hits > 0 && s.loads > 0 && s.evictions > 0, "{s:?}");
+        // Every slice was of layer 3: its counters are the totals.
+        let per = layer_snapshot().unwrap();
+        assert_eq!(per.totals, LayerCounters::of_totals(&s));
+        assert_eq!(per.layers, vec![(3, per.totals)]);
+        assert!(per.other.is_zero());
 
         // Same name, another tensor (a second model): declined, nothing written.
         let other = named(

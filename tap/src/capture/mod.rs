@@ -6,8 +6,9 @@
 //! drops and counts. Everything allocated here is allocated in [`on_context_params`], outside
 //! the capture path; [`on_decode`] and the callback only copy into existing buffers.
 //!
-//! About 800 lines: the capture path is one state machine over the tap's only mutable state;
-//! its pure bookkeeping already lives in [`crate::batch`].
+//! Why this file is over 800 lines: the capture path is one state machine over the tap's only
+//! mutable state (eval callback, batch hooks, hidden states); its pure bookkeeping lives in
+//! [`crate::batch`] and the reads after a graph in `after_graph.rs`; about 60 lines are tests.
 
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void, CString};
@@ -25,14 +26,16 @@ use crate::batch::{parse_layer, RowMap, RowPositions, Shadow, N_SHADOWS};
 use crate::control;
 use crate::ffi::{
     as_fn, BufferIsHostFn, EvalCallback, GgmlTensor, LlamaBatch, LlamaContextParams, MetaStrFn,
-    ModelI32Fn, NbytesFn, SchedTensorBackendFn, SynchronizeFn, TensorGetAsyncFn, TensorGetFn,
-    BUFFER_IS_HOST, GGML_TENSOR_FLAG_OUTPUT, GGML_TYPE_F32, GGML_TYPE_I32, MODEL_META_STR,
-    MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, SCHED_TENSOR_BACKEND, SYNCHRONIZE, TENSOR_GET,
-    TENSOR_GET_ASYNC,
+    ModelI32Fn, NbytesFn, TensorGetFn, BUFFER_IS_HOST, GGML_TENSOR_FLAG_OUTPUT, GGML_TYPE_F32,
+    GGML_TYPE_I32, MODEL_META_STR, MODEL_N_EMBD, MODEL_N_LAYER, NBYTES, TENSOR_GET,
 };
-use crate::graph::{Nodes, GATHER_MAX_TOKENS};
+use crate::graph::GATHER_MAX_TOKENS;
+
+mod after_graph;
 use crate::log::warn;
 use crate::shared::SHARED;
+pub use after_graph::{on_graph_computed, on_graph_prepare};
+use after_graph::{Gather, Pending};
 
 /// The callback the caller had installed before the tap, chained after the tap's own work.
 static CHAIN_CB: AtomicUsize = AtomicUsize::new(0);
@@ -65,71 +68,6 @@ struct State {
     /// Expert count of the model the ring was made for (0 = unknown).
     ring_experts: u32,
 }
-
-/// The copy target of the tensors a small graph's device computed, read asynchronously after
-/// the graph: pinned host memory of that device (`ffi::alloc_device_host`), allocated on first
-/// use. It must be pinned: a backend may stage a read into pageable memory through one shared
-/// buffer and copy it out only at the synchronisation (ggml-vulkan does, into
-/// `sync_staging`), so two such reads before one synchronisation would both return the bytes
-/// of the last. Tensors of any other device (or of a device with no pinned memory) are read
-/// after the synchronisation, one by one, as the eval callback reads them.
-struct Gather {
-    len: usize,
-    /// Null until allocated (or when allocation failed).
-    base: *mut u8,
-    /// The backend whose device `base` is pinned for.
-    backend: *mut c_void,
-    tried: bool,
-}
-
-impl Gather {
-    fn new(len: usize) -> Gather {
-        Gather {
-            len,
-            base: std::ptr::null_mut(),
-            backend: std::ptr::null_mut(),
-            tried: false,
-        }
-    }
-
-    /// The pinned target for reads from `backend`, if it has one (allocated at the first ask).
-    fn for_backend(&mut self, backend: *mut c_void) -> Option<*mut u8> {
-        if !self.tried && !backend.is_null() {
-            self.tried = true;
-            // SAFETY: backend is a live backend of the scheduler running this graph.
-            if let Some(p) = unsafe { crate::ffi::alloc_device_host(backend, self.len) } {
-                self.base = p;
-                self.backend = backend;
-            }
-        }
-        (!self.base.is_null() && self.backend == backend).then_some(self.base)
-    }
-}
-
-/// Where a tensor read after its graph can be found once the backends are synchronised.
-#[derive(Clone, Copy)]
-enum Loc {
-    /// Host memory: the tensor's own bytes.
-    Host(*const u8),
-    /// `gather[offset..]`, filled by an asynchronous read.
-    Gathered(usize),
-    /// Did not fit the gather scratch: read synchronously (as the eval callback does).
-    Later,
-}
-
-/// One tensor of a graph being read after it.
-#[derive(Clone, Copy)]
-struct Pending {
-    layer: u32,
-    /// The routing weights (`ffn_moe_weights-<layer>`).
-    t: *const GgmlTensor,
-    /// Where the routing ids and the weights are.
-    ids: Loc,
-    data: Loc,
-}
-
-/// Most distinct backends one graph's marked tensors live on.
-const MAX_BACKENDS: usize = 4;
 
 /// Set when a batch-builder call could not update its shadow (state busy): the next process
 /// call then treats positions as unknown instead of trusting a stale copy.
@@ -573,20 +511,7 @@ enum Kind {
 /// Whether the graph observer marked `t` to be read after its graph (`graph.rs`): then the
 /// eval callback neither asks for it nor reads it.
 fn read_after_graph(t: &GgmlTensor) -> bool {
-    t.flags & GGML_TENSOR_FLAG_OUTPUT != 0
-}
-
-fn mark(t: *mut GgmlTensor) {
-    if t.is_null() {
-        return;
-    }
-    // SAFETY: a live node of a graph being prepared; only its flags change (observer rules).
-    unsafe {
-        (*t).flags |= GGML_TENSOR_FLAG_OUTPUT;
-        if !(*t).view_src.is_null() {
-            (*(*t).view_src).flags |= GGML_TENSOR_FLAG_OUTPUT;
-        }
-    }
+    t.flags & GGML_TENSOR_FLAG_OUTPUT != 0 && crate::graph::enabled()
 }
 
 /// The input of a layer's router product `ffn_moe_logits-<layer>` (its `src[1]`): contiguous
@@ -633,62 +558,6 @@ fn routing_ids(w: &GgmlTensor) -> Option<&GgmlTensor> {
         return None;
     }
     Some(ids_t)
-}
-
-/// Marks the routing tensors of every graph as outputs, to be read after it (graph observer,
-/// PREPARE).
-///
-/// Every graph, whatever its size, measure graphs included: ggml's allocator keeps the plan it
-/// made when the scheduler reserved memory and reuses it for any later graph of the same node
-/// count without looking at output flags (`ggml_gallocr_needs_realloc`). If the reserved graph
-/// (a full ubatch) had not been marked, a decode graph marked at its own PREPARE would still
-/// get that plan, in which every layer's routing ids share one piece of memory: each layer
-/// would read the last layer's experts. Marking every graph makes every plan keep them.
-/// Hidden states (`n_embd` floats per token, far larger) are never marked: the eval callback
-/// reads them.
-///
-/// # Safety
-/// `graph` must be a live graph being prepared.
-pub unsafe fn on_graph_prepare(graph: *mut c_void) {
-    let routing = with_state(|slot| slot.as_ref().is_some_and(|st| st.producer.is_some()));
-    if routing != Some(true) {
-        return;
-    }
-    // SAFETY: forwarded from the caller.
-    let Some(nodes) = (unsafe { Nodes::of(graph) }) else {
-        return;
-    };
-    for i in 0..nodes.len() {
-        let t = nodes.get(i);
-        if t.is_null() {
-            continue;
-        }
-        // SAFETY: a live node.
-        let tensor = unsafe { &*t };
-        if let Some(Kind::Routing(_)) = classify(&tensor.name) {
-            let ids = tensor.src[1];
-            if !ids.is_null() {
-                mark(t);
-                mark(ids);
-            }
-        }
-    }
-}
-
-/// Reads the marked tensors of a graph that has been enqueued (graph observer, COMPUTED).
-///
-/// # Safety
-/// `sched` and `graph` must be the live scheduler and graph of the event.
-pub unsafe fn on_graph_computed(sched: *mut c_void, graph: *mut c_void) {
-    let ok = with_state(|slot| {
-        if let Some(st) = slot.as_mut() {
-            // SAFETY: forwarded from the caller.
-            unsafe { st.capture_graph(sched, graph) }
-        }
-    });
-    if ok.is_none() {
-        SHARED.dropped.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// Classifies a tensor by name without allocating; the hidden-state tensor only while hidden
@@ -930,140 +799,6 @@ impl State {
         };
         // SAFETY: the pointers hold the tensors' bytes (their own or copies).
         unsafe { self.emit_routing(w, ids_t, ids_p, w_p, layer) }
-    }
-
-    /// Reads the marked tensors of an enqueued graph: asynchronous reads of every one into the
-    /// gather scratch, one synchronisation per backend, then the records (module `graph`).
-    ///
-    /// # Safety
-    /// `sched` and `graph` must be the live scheduler and graph that was just enqueued.
-    unsafe fn capture_graph(&mut self, sched: *mut c_void, graph: *mut c_void) {
-        // SAFETY: forwarded from the caller.
-        let Some(nodes) = (unsafe { Nodes::of(graph) }) else {
-            return;
-        };
-        // SAFETY: the types are the declared signatures of these ggml functions.
-        let (Some(backend_of), Some(get_async), Some(sync)) = (unsafe {
-            (
-                as_fn::<SchedTensorBackendFn>(&SCHED_TENSOR_BACKEND),
-                as_fn::<TensorGetAsyncFn>(&TENSOR_GET_ASYNC),
-                as_fn::<SynchronizeFn>(&SYNCHRONIZE),
-            )
-        }) else {
-            return;
-        };
-        self.pending.clear();
-        let mut used = 0usize;
-        let mut backends = [std::ptr::null_mut::<c_void>(); MAX_BACKENDS];
-        let mut n_backends = 0usize;
-        // Phase 1: enqueue a read of every marked tensor on the backend that computed it.
-        let mut fetch =
-            |st: &mut State, t: &GgmlTensor, fallback: *mut c_void| -> (Loc, *mut c_void) {
-                if t.data.is_null() {
-                    return (Loc::Later, fallback);
-                }
-                if is_host(t.buffer) {
-                    return (Loc::Host(t.data as *const u8), fallback);
-                }
-                // SAFETY: NbytesFn is ggml_nbytes's signature; t is live.
-                let Some(n) = (unsafe { as_fn::<NbytesFn>(&NBYTES) }).map(|f| unsafe { f(t) })
-                else {
-                    return (Loc::Later, fallback);
-                };
-                // SAFETY: sched is live and t one of its graph's nodes.
-                let mut backend = unsafe { backend_of(sched, (t as *const GgmlTensor).cast_mut()) };
-                if backend.is_null() {
-                    backend = fallback;
-                }
-                let known = backends[..n_backends].contains(&backend);
-                if backend.is_null()
-                    || used + n > st.gather.len
-                    || (!known && n_backends == MAX_BACKENDS)
-                {
-                    return (Loc::Later, backend);
-                }
-                let Some(base) = st.gather.for_backend(backend) else {
-                    return (Loc::Later, backend);
-                };
-                if !known {
-                    backends[n_backends] = backend;
-                    n_backends += 1;
-                }
-                // SAFETY: base[used..used + n] is writable pinned memory of gather.len bytes; t
-                // is a live tensor of n bytes on `backend`, read in stream order after the graph
-                // that computes it.
-                unsafe { get_async(backend, t, base.add(used).cast(), 0, n) };
-                let at = used;
-                used += n;
-                (Loc::Gathered(at), backend)
-            };
-        for i in 0..nodes.len() {
-            let t = nodes.get(i);
-            if t.is_null() {
-                continue;
-            }
-            // SAFETY: a live node.
-            let tensor = unsafe { &*t };
-            if !read_after_graph(tensor) {
-                continue;
-            }
-            // Only routing tensors are marked (hidden states go through the eval callback).
-            let Some(Kind::Routing(layer)) = classify(&tensor.name) else {
-                continue;
-            };
-            if self.pending.len() == self.pending.capacity() {
-                break; // never grows here; the rest stays uncaptured and is counted below
-            }
-            let Some(ids_t) = routing_ids(tensor) else {
-                continue;
-            };
-            let (data, backend) = fetch(self, tensor, std::ptr::null_mut());
-            let (ids, _) = fetch(self, ids_t, backend);
-            self.pending.push(Pending {
-                layer,
-                t,
-                ids,
-                data,
-            });
-        }
-        // Phase 2: one synchronisation per backend.
-        for &b in &backends[..n_backends] {
-            // SAFETY: a live backend of this scheduler.
-            unsafe { sync(b) };
-        }
-        // Phase 3: records, layer by layer in graph order (as the eval callback emits them).
-        let mut routed = false;
-        for i in 0..self.pending.len() {
-            let p = self.pending[i];
-            // SAFETY: a node of the graph, still live during the event.
-            let t = unsafe { &*p.t };
-            routed = true;
-            let Some(ids_t) = routing_ids(t) else {
-                continue;
-            };
-            let (Loc::Host(_) | Loc::Gathered(_), Loc::Host(_) | Loc::Gathered(_)) =
-                (p.ids, p.data)
-            else {
-                // SAFETY: the graph has been synchronised; t is computed and live.
-                unsafe { self.capture_routing(t, p.layer) };
-                continue;
-            };
-            let ids_p = self.located(p.ids);
-            let w_p = self.located(p.data);
-            // SAFETY: both locations hold the tensors' bytes after the synchronisation.
-            unsafe { self.emit_routing(t, ids_t, ids_p, w_p, p.layer) }
-        }
-        if routed {
-            SHARED.graph_reads.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn located(&self, loc: Loc) -> *const u8 {
-        match loc {
-            Loc::Host(p) => p,
-            Loc::Gathered(at) => self.gather.base.cast_const().wrapping_add(at),
-            Loc::Later => std::ptr::null(),
-        }
     }
 
     /// Emits one record per token row, from the bytes of the ids and weights tensors.
