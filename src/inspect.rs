@@ -234,6 +234,9 @@ mod tests {
         assert_eq!(layer_list(&[0, 1, 2, 5]), "0-2, 5");
         assert_eq!(layer_list(&[0, 2]), "0, 2");
         let every_other: Vec<u32> = (0..48).step_by(2).collect();
-        assert_eq!(layer_list(&every_other), "0, 2, …, 46 (24 layers, one in 2)");
+        assert_eq!(
+            layer_list(&every_other),
+            "0, 2, …, 46 (24 layers, one in 2)"
+        );
     }
 }
