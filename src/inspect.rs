@@ -120,6 +120,13 @@ impl InspectReport {
                     layer_list(&g.nextn_layers)
                 );
             }
+            if !g.hash_routed_layers.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  hash-routed      {} (experts from a fixed token table, not the router; placed and counted like routed layers)",
+                    layer_list(&g.hash_routed_layers)
+                );
+            }
             if !g.linear_attention_layers.is_empty() {
                 let _ = writeln!(
                     s,

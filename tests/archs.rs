@@ -165,6 +165,11 @@ fn every_arch_loads_and_answers_in_stock_llama_server() {
             },
             "{arch}"
         );
+        assert_eq!(
+            g.hash_routed_layers,
+            if arch == "deepseek4" { vec![0] } else { vec![] },
+            "{arch}"
+        );
         let shared = matches!(
             arch,
             "qwen35moe"

@@ -211,6 +211,9 @@ pub struct MoeGeometry {
     pub nextn_layers: Vec<u32>,
     /// Layers with linear attention (gated delta net / SSM tensors) in front of their FFN.
     pub linear_attention_layers: Vec<u32>,
+    /// MoE layers whose experts come from a fixed token → experts table (`ffn_gate_tid2eid`,
+    /// deepseek4) instead of the router: placed, hooked and counted like the others.
+    pub hash_routed_layers: Vec<u32>,
     pub groups: GroupTotals,
     pub total_tensor_bytes: u64,
     pub fingerprint: Fingerprint,
@@ -316,6 +319,7 @@ impl MoeGeometry {
         let mut moe_layers = Vec::new();
         let mut dense_layers = Vec::new();
         let mut linear_attention_layers = Vec::new();
+        let mut hash_routed_layers = Vec::new();
         for layer in 0..trunk {
             let prefix = format!("blk.{layer}.");
             if file.tensors.iter().any(|t| {
@@ -324,6 +328,12 @@ impl MoeGeometry {
                     .is_some_and(|p| p.starts_with("ssm_"))
             }) {
                 linear_attention_layers.push(layer);
+            }
+            if file
+                .tensor(&format!("{prefix}ffn_gate_tid2eid.weight"))
+                .is_some()
+            {
+                hash_routed_layers.push(layer);
             }
         }
         if n_expert > 0 {
@@ -386,6 +396,7 @@ impl MoeGeometry {
             dense_layers,
             nextn_layers: (trunk..n_layer).collect(),
             linear_attention_layers,
+            hash_routed_layers,
             groups,
             total_tensor_bytes: total,
             fingerprint: fingerprint(file),
