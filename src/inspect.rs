@@ -120,6 +120,13 @@ impl InspectReport {
                     layer_list(&g.nextn_layers)
                 );
             }
+            if !g.hash_routed_layers.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  hash-routed      {} (experts from a fixed token table, not the router; placed and counted like routed layers)",
+                    layer_list(&g.hash_routed_layers)
+                );
+            }
             if !g.linear_attention_layers.is_empty() {
                 let _ = writeln!(
                     s,
@@ -192,8 +199,22 @@ impl InspectReport {
     }
 }
 
-/// Layer indices, consecutive runs shown as ranges (`0-2, 5`).
+/// Layer indices, consecutive runs shown as ranges (`0-2, 5`), an evenly strided list by its
+/// ends (`0, 2, …, 46 (24 layers, one in 2)`).
 fn layer_list(layers: &[u32]) -> String {
+    // Interleaved layers (llama4's every other layer dense): first, second, …, last.
+    if layers.len() >= 4 {
+        let step = layers[1] - layers[0];
+        if step > 1 && layers.windows(2).all(|w| w[1] == w[0] + step) {
+            return format!(
+                "{}, {}, …, {} ({} layers, one in {step})",
+                layers[0],
+                layers[1],
+                layers[layers.len() - 1],
+                layers.len()
+            );
+        }
+    }
     let mut parts: Vec<String> = Vec::new();
     let mut i = 0;
     while i < layers.len() {
@@ -209,4 +230,20 @@ fn layer_list(layers: &[u32]) -> String {
         i = j + 1;
     }
     parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_list;
+
+    #[test]
+    fn layer_lists_show_runs_and_strides() {
+        assert_eq!(layer_list(&[0, 1, 2, 5]), "0-2, 5");
+        assert_eq!(layer_list(&[0, 2]), "0, 2");
+        let every_other: Vec<u32> = (0..48).step_by(2).collect();
+        assert_eq!(
+            layer_list(&every_other),
+            "0, 2, …, 46 (24 layers, one in 2)"
+        );
+    }
 }

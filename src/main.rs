@@ -363,14 +363,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some("list") => {
                     for s in fixture::SHAPES {
                         println!(
-                            "{:<22} {:<10} {:>3} layers {:>4} experts top-{} shared {} dense {}",
+                            "{:<26} {:<10} {:>3} layers {:>4} experts top-{} shared {} dense {}",
                             s.name,
                             s.arch.gguf_name(),
                             s.layers,
                             s.experts,
                             s.top_k,
                             s.shared_experts,
-                            s.dense_lead
+                            s.dense_layers()
                         );
                     }
                     return Ok(());

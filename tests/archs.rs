@@ -19,7 +19,7 @@ use crate::telemetry::{read_records, tap_lib};
 use crate::util;
 
 /// `--arch` names of every arch (clap's value names).
-pub const ARCHS: [&str; 8] = [
+pub const ARCHS: [&str; 11] = [
     "qwen3moe",
     "llama",
     "qwen35moe",
@@ -28,7 +28,28 @@ pub const ARCHS: [&str; 8] = [
     "glm4moe",
     "deepseek2",
     "gemma4",
+    "llama4",
+    "deepseek4",
+    "qwen4exp",
 ];
+
+/// The archs a run covers: [`ARCHS`], or those named in `SPARK_TEST_ARCHS` (comma-separated, to
+/// rerun one arch's cells of the slow device tests); a name not in [`ARCHS`] fails the test.
+pub fn archs() -> Vec<&'static str> {
+    match std::env::var("SPARK_TEST_ARCHS") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .map(|a| {
+                let a = a.trim();
+                *ARCHS
+                    .iter()
+                    .find(|&&k| k == a)
+                    .unwrap_or_else(|| panic!("SPARK_TEST_ARCHS: {a} is not one of {ARCHS:?}"))
+            })
+            .collect(),
+        _ => ARCHS.to_vec(),
+    }
+}
 
 /// The quantisations every arch is run in (MXFP4_MOE is gpt-oss's format; it applies to every
 /// arch's experts, so it runs on all of them).
@@ -37,15 +58,17 @@ pub const QUANTS: [&str; 5] = ["Q4_K_M", "IQ4_XS", "Q6_K", "Q8_0", "MXFP4_MOE"];
 /// The (arch, quantisation) cells a run covers: with `SPARK_TEST_ALL=1` (`scripts/test --all`)
 /// every arch in every type of [`QUANTS`]; otherwise (CI) each arch in one type, a different
 /// one per arch in turn so every type runs on some arch, and gpt-oss in MXFP4 (its own format).
+/// Only the archs of [`archs`].
 pub fn quant_matrix() -> Vec<(&'static str, &'static str)> {
     let all = std::env::var("SPARK_TEST_ALL").as_deref() == Ok("1");
+    let run = archs();
     if all {
-        return ARCHS
+        return run
             .into_iter()
             .flat_map(|a| QUANTS.iter().map(move |&q| (a, q)))
             .collect();
     }
-    vec![
+    let one_each = vec![
         ("qwen3moe", "Q4_K_M"),
         ("llama", "Q8_0"),
         ("qwen35moe", "IQ4_XS"),
@@ -54,7 +77,15 @@ pub fn quant_matrix() -> Vec<(&'static str, &'static str)> {
         ("glm4moe", "Q6_K"),
         ("deepseek2", "Q4_K_M"),
         ("gemma4", "IQ4_XS"),
-    ]
+        ("llama4", "Q8_0"),
+        ("deepseek4", "Q4_K_M"),
+        ("qwen4exp", "Q6_K"),
+    ];
+    assert_eq!(one_each.len(), ARCHS.len(), "one quantisation per arch");
+    one_each
+        .into_iter()
+        .filter(|(a, _)| run.contains(a))
+        .collect()
 }
 
 /// Widths at which every block-quantised type applies to the expert tensors (K-quants and
@@ -104,7 +135,7 @@ fn geometry(model: &Path) -> MoeGeometry {
 fn every_arch_loads_and_answers_in_stock_llama_server() {
     let server = util::llama_server();
     let dir = util::tempdir();
-    for arch in ARCHS {
+    for arch in archs() {
         let model = util::fixture(
             dir.path(),
             &format!("{arch}.gguf"),
@@ -115,6 +146,8 @@ fn every_arch_loads_and_answers_in_stock_llama_server() {
         assert_eq!(a["tokens_predicted"], 8, "{arch}: {a}");
         let expect_dense: &[u32] = match arch {
             "glm4moe" | "deepseek2" => &[0],
+            // interleave_moe_layer_step 2: MoE at layers 1 and 3.
+            "llama4" => &[0, 2],
             _ => &[],
         };
         assert_eq!(g.dense_layers, expect_dense, "{arch}");
@@ -125,14 +158,28 @@ fn every_arch_loads_and_answers_in_stock_llama_server() {
         );
         assert_eq!(
             g.linear_attention_layers,
-            if matches!(arch, "qwen35moe" | "qwen3next") {
+            if matches!(arch, "qwen35moe" | "qwen3next" | "qwen4exp") {
                 vec![0, 1, 2]
             } else {
                 vec![]
             },
             "{arch}"
         );
-        let shared = matches!(arch, "qwen35moe" | "qwen3next" | "glm4moe" | "deepseek2");
+        assert_eq!(
+            g.hash_routed_layers,
+            if arch == "deepseek4" { vec![0] } else { vec![] },
+            "{arch}"
+        );
+        let shared = matches!(
+            arch,
+            "qwen35moe"
+                | "qwen3next"
+                | "glm4moe"
+                | "deepseek2"
+                | "llama4"
+                | "deepseek4"
+                | "qwen4exp"
+        );
         assert_eq!(g.n_expert_shared, u32::from(shared), "{arch}");
         let roles: Vec<&str> = g.moe_layers[0]
             .tensors
@@ -274,6 +321,20 @@ pub fn check_arch_routing(
         compared += 1;
     }
     assert!(compared > 0, "{arch}: nothing compared");
+    let hash_layers = file
+        .get_u64(&format!("{}.hash_layer_count", g.architecture))
+        .unwrap_or(0);
+    if hash_layers > 0 {
+        // Hash-routed layers (deepseek4): the experts come from a fixed table by token id, not
+        // from the router; the tap captures them like any other (the table lookup is the
+        // graph's `ffn_moe_topk`), and they equal the file's table row for each token.
+        let hashed = records
+            .iter()
+            .filter(|r| u64::from(r.layer) < hash_layers)
+            .count();
+        eprintln!("{arch}: {hashed} hash-routed (token, layer) pairs equal the table");
+        assert!(hashed > 0, "{arch}: no hash-routed layer captured");
+    }
     if g.n_expert > 0 && file.get_u64(&format!("{}.expert_group_count", g.architecture)) > Some(1) {
         // Group-limited routing is exercised: ignoring the groups would pick other experts for
         // some (token, layer) pairs, and the capture agreed with the grouped choice.
@@ -345,7 +406,7 @@ fn check_router_inputs(arch: &str, file: &GgufFile, g: &MoeGeometry, seq: &[u32]
 #[test]
 fn routing_capture_is_exact_with_each_archs_gating() {
     let server = util::llama_server();
-    for arch in ARCHS {
+    for arch in archs() {
         let (c, s) = check_arch_routing(&server, arch, &[], &[], &[]);
         eprintln!("{arch}: {c} (token, layer) pairs exact, {s} near ties skipped");
     }
@@ -481,13 +542,13 @@ fn real_shapes_written_header_only_read_right_in_inspect_and_plan() {
         );
         assert_eq!(
             g["moe_layers"].as_array().unwrap().len() as u32,
-            shape.layers - shape.dense_lead,
+            shape.layers - shape.dense_layers(),
             "{}",
             shape.name
         );
         assert_eq!(
             g["dense_layers"].as_array().unwrap().len() as u32,
-            shape.dense_lead,
+            shape.dense_layers(),
             "{}",
             shape.name
         );
@@ -578,13 +639,13 @@ fn an_unsupported_moe_arch_is_refused_with_exit_2() {
     assert_eq!(names, spark::gguf::SUPPORTED_MOE_ARCHS);
 }
 
-/// `spark serve --spark` on archs with dense leading layers and a NextN layer: the profile has a
-/// row for every block (Luce Spark's layout), the dense and NextN rows are defined and zero, the
+/// `spark serve --spark` on archs with dense leading layers, a NextN layer, and interleaved dense
+/// layers (llama4): the profile has a row for every block (Luce Spark's layout), the dense and NextN rows are defined and zero, the
 /// MoE rows hold every routed token, and `spark plan --profile` reads it back.
 #[test]
 fn profiles_of_archs_with_dense_and_nextn_layers_have_every_row() {
     let dir = util::tempdir();
-    for arch in ["glm4moe", "deepseek2", "qwen35moe"] {
+    for arch in ["glm4moe", "deepseek2", "qwen35moe", "llama4"] {
         let model = util::fixture(
             dir.path(),
             &format!("{arch}.gguf"),

@@ -534,6 +534,7 @@ pub(crate) mod tests {
             dense_layers: Vec::new(),
             nextn_layers: Vec::new(),
             linear_attention_layers: Vec::new(),
+            hash_routed_layers: Vec::new(),
             groups: GroupTotals::default(),
             total_tensor_bytes: off,
             fingerprint: Fingerprint {

@@ -21,6 +21,9 @@ pub const SUPPORTED_MOE_ARCHS: &[&str] = &[
     "glm4moe",
     "deepseek2",
     "gemma4",
+    "llama4",
+    "deepseek4",
+    "qwen4exp",
 ];
 
 /// Which part of the model a tensor belongs to.
@@ -93,9 +96,13 @@ impl TensorGroup {
             TensorGroup::RoutedExperts
         } else if stem.contains("_shexp") || stem.contains("_chexp") {
             TensorGroup::SharedExperts
-        } else if stem.starts_with("ffn_gate_inp") || stem.starts_with("exp_probs") {
+        } else if stem.starts_with("ffn_gate_inp")
+            || stem.starts_with("exp_probs")
+            || stem == "ffn_gate_tid2eid"
+        {
             TensorGroup::Router
-        } else if stem.starts_with("attn") || stem.starts_with("ssm") {
+        } else if stem.starts_with("attn") || stem.starts_with("ssm") || stem.starts_with("indexer")
+        {
             TensorGroup::Attention
         } else if stem.starts_with("ffn_") {
             TensorGroup::DenseFfn
@@ -204,6 +211,9 @@ pub struct MoeGeometry {
     pub nextn_layers: Vec<u32>,
     /// Layers with linear attention (gated delta net / SSM tensors) in front of their FFN.
     pub linear_attention_layers: Vec<u32>,
+    /// MoE layers whose experts come from a fixed token → experts table (`ffn_gate_tid2eid`,
+    /// deepseek4) instead of the router: placed, hooked and counted like the others.
+    pub hash_routed_layers: Vec<u32>,
     pub groups: GroupTotals,
     pub total_tensor_bytes: u64,
     pub fingerprint: Fingerprint,
@@ -309,6 +319,7 @@ impl MoeGeometry {
         let mut moe_layers = Vec::new();
         let mut dense_layers = Vec::new();
         let mut linear_attention_layers = Vec::new();
+        let mut hash_routed_layers = Vec::new();
         for layer in 0..trunk {
             let prefix = format!("blk.{layer}.");
             if file.tensors.iter().any(|t| {
@@ -317,6 +328,12 @@ impl MoeGeometry {
                     .is_some_and(|p| p.starts_with("ssm_"))
             }) {
                 linear_attention_layers.push(layer);
+            }
+            if file
+                .tensor(&format!("{prefix}ffn_gate_tid2eid.weight"))
+                .is_some()
+            {
+                hash_routed_layers.push(layer);
             }
         }
         if n_expert > 0 {
@@ -379,6 +396,7 @@ impl MoeGeometry {
             dense_layers,
             nextn_layers: (trunk..n_layer).collect(),
             linear_attention_layers,
+            hash_routed_layers,
             groups,
             total_tensor_bytes: total,
             fingerprint: fingerprint(file),
