@@ -890,6 +890,17 @@ fn body_exact(n: u32) -> Value {
            "cache_prompt": false, "ignore_eos": true, "return_tokens": true})
 }
 
+/// Cells of the full matrix (`SPARK_TEST_ALL=1`) that lavapipe cannot run within a request's
+/// deadline, and why. Said in the matrix's output, never skipped silently; none is a CI cell.
+fn too_slow_on_lavapipe(arch: &str, q: &str) -> Option<&'static str> {
+    matches!((arch, q), ("deepseek4" | "qwen4exp", "IQ4_XS")).then_some(
+        "its stock run (no provider) takes over 100 s to prefill 3 tokens on the emulated \
+         device, while the same file answers in seconds on the CPU engine and its Q4_K_M cell \
+         runs whole in about 30 s; the slow IQ4_XS op of these hyper-connection graphs is not \
+         found yet (issue 22)",
+    )
+}
+
 /// One cell of the arch × quantisation matrix, run tapped (as serve runs llama-server): the
 /// answers without the provider, then with `slots` per layer (evictions under pressure) the same
 /// answers, and the provider's counters; then two more requests that differ by `extra` decode
@@ -956,6 +967,12 @@ fn every_arch_and_quantisation_is_exact_with_the_provider() {
     let quantize = util::llama_server().with_file_name("llama-quantize");
     let mut rows = Vec::new();
     for (arch, q) in crate::archs::quant_matrix() {
+        if let Some(why) = too_slow_on_lavapipe(arch, q) {
+            let row = format!("{arch} {q}: not run on lavapipe: {why}");
+            eprintln!("{row}");
+            rows.push(row);
+            continue;
+        }
         let started = Instant::now();
         let tag = format!("{arch}-{q}");
         let mut flags = vec!["--arch", arch, "--router", "uniform", "--quantize", q];

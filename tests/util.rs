@@ -248,7 +248,20 @@ impl Served {
 }
 
 impl Drop for Served {
+    /// SIGTERM first, so spark shuts down as a service manager would stop it (and removes its
+    /// work directory); SIGKILL if it has not exited within 10 s.
     fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
