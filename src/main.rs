@@ -376,7 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     return Ok(());
                 }
                 Some(name) => {
-                    let shape = fixture::arch::shape_named(name).ok_or_else(|| {
+                    let shape = fixture::shapes::shape_named(name).ok_or_else(|| {
                         UsageError(format!(
                             "parse --shape {name}: unknown shape (spark fixture --shape list)"
                         ))
