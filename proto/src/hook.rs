@@ -24,6 +24,9 @@ pub const ENV_RESIDENCY_PREFILL: &str = "SPARK_RESIDENCY_PREFILL";
 /// ggml's batch size from which an op on host-resident weights is offloaded to the GPU (32 by
 /// default). At 1, decode's expert matrix products reach the MoE-offload copy, and the hook.
 pub const ENV_OFFLOAD_MIN_BATCH: &str = "GGML_OP_OFFLOAD_MIN_BATCH";
+/// `off` switches the tap's graph observer off (on by default): the eval callback then reads
+/// every graph's routing, as on a stock engine (`spark bench tap --callback` compares the two).
+pub const ENV_GRAPH_READS: &str = "SPARK_GRAPH_READS";
 
 /// `struct spark_moe_request_v1`. Pointers are opaque here (`ggml_backend`, `ggml_tensor`).
 #[repr(C)]

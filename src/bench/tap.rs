@@ -17,9 +17,7 @@ use crate::engine::{self, Engine, EngineError};
 use crate::fixture::{self, FixtureError, FixtureSpec, Size};
 use crate::telemetry::{locate_tap, Session, SessionConfig, TelemetryError};
 use spark_proto::control::{HiddenConfig, HiddenTensor};
-
-/// The tap's switch for its graph observer (`tap/src/graph.rs`).
-const ENV_GRAPH_READS: &str = "SPARK_GRAPH_READS";
+use spark_proto::hook::ENV_GRAPH_READS;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchTapArgs {

@@ -34,6 +34,8 @@ use std::cell::Cell;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use spark_proto::hook::ENV_GRAPH_READS;
+
 use crate::ffi::{as_fn, GgmlTensor, GraphNNodesFn, GraphNodeFn, GRAPH_NODE, GRAPH_N_NODES};
 
 /// `SPARK_GRAPH_HOOK_ABI`.
@@ -136,10 +138,6 @@ impl Nodes {
         self.n
     }
 }
-
-/// `SPARK_GRAPH_READS=off` switches the observer off (it is on by default): then the eval
-/// callback reads every graph, as on a stock engine (for A/B measurements, `spark bench tap`).
-pub const ENV_GRAPH_READS: &str = "SPARK_GRAPH_READS";
 
 /// Set when the tap found the observer's reads unsafe in this process (`stand_down`).
 static STOOD_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
