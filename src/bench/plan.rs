@@ -7,12 +7,18 @@
 //! (on a machine without a GPU `--n-cpu-moe` changes nothing physically, so receipts of the same
 //! model at other `--n-cpu-moe` values would be near-copies of the one being predicted). A
 //! benchmark: it reports numbers and asserts nothing.
+//!
+//! Also owns `<dir>/measurements.json`, the raw llama-bench rows of the last run with the
+//! bandwidth measured around each, so `--rescore` scores them again without measuring. The
+//! same measurements are scored three ways: with the per-type compute term (the probe's record,
+//! probed first when the machine has none), with one FLOP rate for every type, and bandwidth
+//! only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fixture::{self, FixtureSpec, Size};
 use crate::gguf::GgmlType;
@@ -20,7 +26,9 @@ use crate::plan::fit::MemorySettings;
 use crate::plan::forecast::calibrate;
 use crate::plan::llama_bench::pair;
 use crate::plan::median::median;
-use crate::plan::receipt::{same_threads, BenchSpec, Receipt, ReceiptStore};
+use crate::plan::receipt::{same_threads, BenchRow, BenchSpec, Receipt, ReceiptStore};
+use crate::plan::type_cost;
+use crate::plan::type_probe::ProbeArgs;
 use crate::plan::{hardware, model_facts, PlanError, PlanInput};
 use crate::units::MIB;
 
@@ -55,6 +63,14 @@ pub struct BenchPlanArgs {
     /// before each one (on a shared machine the bandwidth left to one process drifts)
     #[arg(long)]
     pub cached_bandwidth: bool,
+    /// Score the measurements saved by the last run (`<dir>/measurements.json`) again with
+    /// the current forecast instead of measuring (seconds, not minutes)
+    #[arg(long)]
+    pub rescore: bool,
+    /// Do not run the per-type compute probe when this machine has none on record (the
+    /// forecast then uses one FLOP rate for every type)
+    #[arg(long)]
+    pub no_probe: bool,
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
@@ -212,11 +228,12 @@ pub fn render(rep: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<12} {:>3} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>6} {:>9} {:>8}",
+        "{:<12} {:>3} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>8} {:>6} {:>9} {:>8}",
         "model",
         "t",
         "ncmoe",
         "GB/s",
+        "cmp ms",
         "ceiling",
         "measured",
         "strict",
@@ -228,11 +245,12 @@ pub fn render(rep: &Report) -> String {
     for r in &rep.rows {
         let _ = writeln!(
             s,
-            "{:<12} {:>3} {:>6} {:>6.1} {:>9.1} {:>9.1} {:>9.1} {:>+7.1}% {:>6} {:>9.1} {:>+7.1}%",
+            "{:<12} {:>3} {:>6} {:>6.1} {:>8.3} {:>9.1} {:>9.1} {:>9.1} {:>+7.1}% {:>6} {:>9.1} {:>+7.1}%",
             r.model,
             r.threads,
             r.n_cpu_moe,
             r.host_gbps,
+            r.compute_secs * 1e3,
             r.ceiling_tps,
             r.measured_tps,
             r.forecast_strict_tps,
@@ -265,22 +283,45 @@ pub fn render(rep: &Report) -> String {
     s
 }
 
-pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
-    if a.threads.is_empty() || a.threads.contains(&0) {
-        return Err(PlanError::Usage(
-            "parse --threads: give positive thread counts, e.g. 1,2".into(),
-        ));
+/// One llama-bench run of the validation set, as measured: kept in `<dir>/measurements.json`
+/// so the same measurements can be scored again (`--rescore`) after the forecast changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measurement {
+    pub model: String,
+    pub path: PathBuf,
+    pub threads: u32,
+    pub n_cpu_moe: u32,
+    /// Host read bandwidth around the run (before and after, averaged), GB/s.
+    pub host_gbps: f64,
+    pub rows: Vec<BenchRow>,
+}
+
+/// The saved measurements of one machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measurements {
+    pub machine: String,
+    pub measured_unix: u64,
+    pub runs: Vec<Measurement>,
+}
+
+fn memory_settings() -> MemorySettings {
+    MemorySettings {
+        ctx: 512,
+        k_type: GgmlType::F16,
+        v_type: GgmlType::F16,
+        ubatch: 512,
+        reserve_bytes: 256 * MIB,
     }
-    let dir = a
-        .dir
-        .clone()
-        .unwrap_or_else(|| crate::engine::cache_dir().join("bench-plan"));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| PlanError::Usage(format!("create {}: {e}", dir.display())))?;
+}
+
+/// Runs llama-bench over the validation set.
+fn measure(
+    a: &BenchPlanArgs,
+    dir: &Path,
+    hw: &hardware::HardwareFacts,
+) -> Result<Vec<Measurement>, PlanError> {
     let bench = crate::plan::llama_bench::locate_llama_bench(a.llama_bench.as_deref())?;
     let vocab = crate::engine::vocab_path(crate::engine::DEFAULT_VOCAB)?;
-    let hw = hardware::gather(&hardware::HardwareOverrides::default())?;
-    let mut receipts: Vec<(String, Receipt)> = Vec::new();
     let models = models();
     let steps = crate::progress::Steps::new(
         "bench plan",
@@ -289,6 +330,7 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         false,
     );
     let mut done = 0u64;
+    let mut out = Vec::new();
     for m in models {
         let path = dir.join(format!("{}.gguf", m.name));
         if !path.exists() {
@@ -300,20 +342,6 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         let half = (facts.expert_layer_end() / 2).max(1);
         for &t in &a.threads {
             for ncmoe in [0, half] {
-                let input = PlanInput {
-                    model: path.clone(),
-                    settings: MemorySettings {
-                        ctx: 512,
-                        k_type: GgmlType::F16,
-                        v_type: GgmlType::F16,
-                        ubatch: 512,
-                        reserve_bytes: 256 * MIB,
-                    },
-                    budget_bytes: None,
-                    threads: t,
-                    depth: 0,
-                    use_receipts: false,
-                };
                 let spec = BenchSpec {
                     model: path.clone(),
                     threads: t,
@@ -327,66 +355,191 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
                     n_gen: a.n_gen.max(1),
                     repetitions: a.repetitions.max(1),
                 };
-                let mut hw_now = hw.clone();
-                if !a.cached_bandwidth {
-                    hw_now.host_read_gbps = vec![hardware::RatePoint {
-                        threads: t,
-                        rate: hardware::read_gbps_now(t),
-                    }];
-                }
-                let before = hw_now.host_read_gbps.clone();
+                let before = if a.cached_bandwidth {
+                    hw.host_gbps_at(t)
+                } else {
+                    hardware::read_gbps_now(t)
+                };
                 steps.at(
                     done,
                     || format!("{} threads {t} --n-cpu-moe {ncmoe}", m.name),
                     || format!("measuring {} threads {t} --n-cpu-moe {ncmoe}", m.name),
                 );
                 done += 1;
-                let mut rows = crate::plan::llama_bench::run_llama_bench(
+                let rows = crate::plan::llama_bench::run_llama_bench(
                     &bench,
                     &spec,
                     Duration::from_secs(a.timeout),
                 )?;
-                if !a.cached_bandwidth {
-                    // Bandwidth before and after the run, averaged.
-                    let after = hardware::read_gbps_now(t);
-                    hw_now.host_read_gbps = vec![hardware::RatePoint {
-                        threads: t,
-                        rate: (before[0].rate + after) / 2.0,
-                    }];
-                }
-                if a.best {
-                    for r in &mut rows {
-                        r.avg_ts = r.samples_ts.iter().copied().fold(r.avg_ts, f64::max);
-                    }
-                }
-                for r in pair(&facts, &input, &hw_now, &rows, None, "bench plan", &|_| {
-                    false
-                }) {
-                    receipts.push((m.name.to_string(), r));
-                }
+                // Bandwidth before and after the run, averaged.
+                let host_gbps = if a.cached_bandwidth {
+                    before
+                } else {
+                    (before + hardware::read_gbps_now(t)) / 2.0
+                };
+                out.push(Measurement {
+                    model: m.name.to_string(),
+                    path: path.clone(),
+                    threads: t,
+                    n_cpu_moe: ncmoe,
+                    host_gbps,
+                    rows,
+                });
             }
         }
     }
-    let report = summarize(score(&receipts), hw.host_read_gbps.clone());
-    let before = summarize(score(&bandwidth_only(&receipts)), Vec::new());
+    steps.finish();
+    Ok(out)
+}
+
+/// Pairs each measurement with the forecast `hw` makes for it (its own bandwidth).
+fn receipts_for(
+    runs: &[Measurement],
+    hw: &hardware::HardwareFacts,
+    best: bool,
+) -> Result<Vec<(String, Receipt)>, PlanError> {
+    let mut receipts = Vec::new();
+    for m in runs {
+        let facts = model_facts(&m.path)?;
+        let input = PlanInput {
+            model: m.path.clone(),
+            settings: memory_settings(),
+            budget_bytes: None,
+            threads: m.threads,
+            depth: 0,
+            use_receipts: false,
+        };
+        let mut hw_now = hw.clone();
+        hw_now.host_read_gbps = vec![hardware::RatePoint {
+            threads: m.threads,
+            rate: m.host_gbps,
+        }];
+        let mut rows = m.rows.clone();
+        if best {
+            for r in &mut rows {
+                r.avg_ts = r.samples_ts.iter().copied().fold(r.avg_ts, f64::max);
+            }
+        }
+        for r in pair(&facts, &input, &hw_now, &rows, None, "bench plan", &|_| {
+            false
+        }) {
+            receipts.push((m.model.clone(), r));
+        }
+    }
+    Ok(receipts)
+}
+
+pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
+    if a.threads.is_empty() || a.threads.contains(&0) {
+        return Err(PlanError::Usage(
+            "parse --threads: give positive thread counts, e.g. 1,2".into(),
+        ));
+    }
+    let dir = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| crate::engine::cache_dir().join("bench-plan"));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| PlanError::Usage(format!("create {}: {e}", dir.display())))?;
+    let saved = dir.join("measurements.json");
+    let mut hw = hardware::gather(&hardware::HardwareOverrides::default())?;
+    if hw.type_costs.is_none() && !a.no_probe {
+        tracing::info!(
+            target: crate::progress::TARGET,
+            "no per-type compute probe of this machine yet: probing first (`spark plan probe`)"
+        );
+        let mut p = ProbeArgs::defaults();
+        p.llama_bench = a.llama_bench.clone();
+        let c = crate::plan::type_probe::probe(&p, &hw)?;
+        type_cost::save(&type_cost::type_costs_path(), &c)?;
+        hw.type_costs = Some(c);
+    }
+    let runs = if a.rescore {
+        let text = std::fs::read_to_string(&saved).map_err(|e| {
+            PlanError::Usage(format!(
+                "read {}: {e} (run `spark bench plan` without --rescore first)",
+                saved.display()
+            ))
+        })?;
+        let m: Measurements = serde_json::from_str(&text)
+            .map_err(|e| PlanError::Usage(format!("parse {}: {e}", saved.display())))?;
+        if m.machine != hw.machine.key() {
+            return Err(PlanError::Usage(format!(
+                "rescore {}: measured on machine {}, this is {}",
+                saved.display(),
+                m.machine,
+                hw.machine.key()
+            )));
+        }
+        m.runs
+    } else {
+        let runs = measure(&a, &dir, &hw)?;
+        let m = Measurements {
+            machine: hw.machine.key(),
+            measured_unix: hardware::unix_now(),
+            runs,
+        };
+        let json = serde_json::to_vec_pretty(&m).expect("serialize");
+        crate::atomic_file::write_atomic(&saved, &json)
+            .map_err(|e| PlanError::Validation(format!("write {}: {e}", saved.display())))?;
+        m.runs
+    };
+    let receipts = receipts_for(&runs, &hw, a.best)?;
+    let bw: Vec<hardware::RatePoint> = a
+        .threads
+        .iter()
+        .map(|&t| hardware::RatePoint {
+            threads: t,
+            rate: hw.host_gbps_at(t),
+        })
+        .collect();
+    let report = summarize(score(&receipts), bw);
+    let mut flat_hw = hw.clone();
+    flat_hw.type_costs = None;
+    let flat_receipts = receipts_for(&runs, &flat_hw, a.best)?;
+    let flat = summarize(score(&flat_receipts), Vec::new());
+    let before = summarize(score(&bandwidth_only(&flat_receipts)), Vec::new());
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "report": &report,
+                "type_costs": &hw.type_costs,
+                "flat_compute": &flat,
                 "bandwidth_only": &before,
             }))
             .expect("serialize")
         );
     } else {
+        if let Some(c) = &hw.type_costs {
+            print!("{}", crate::plan::type_probe::render(c));
+        } else {
+            println!("no per-type probe: every type at 2 FLOP per weight at the portable FMA rate");
+        }
         print!("{}", render(&report));
+        for (what, r) in [
+            ("one FLOP rate for every type (2 FLOP per weight)", &flat),
+            ("bandwidth only, no compute term", &before),
+        ] {
+            println!(
+                "{what}: strict median |error| {:.1}%, worst {:.1}%; leave-one-configuration-out median {:.1}%, worst {:.1}%",
+                r.median_abs_error_strict * 100.0,
+                r.worst_abs_error_strict * 100.0,
+                r.median_abs_error_loo * 100.0,
+                r.worst_abs_error_loo * 100.0
+            );
+        }
         println!(
-            "without the CPU compute term (bandwidth only), strict: median |error| {:.1}%, worst {:.1}%",
-            before.median_abs_error_strict * 100.0,
-            before.worst_abs_error_strict * 100.0
+            "measurements {} {}",
+            if a.rescore {
+                "rescored from"
+            } else {
+                "saved in"
+            },
+            saved.display()
         );
     }
-    if !a.no_store {
+    if !a.no_store && !a.rescore {
         let path = crate::plan::receipt::store_path();
         let mut store = ReceiptStore::load(&path)?;
         store.version = 1;

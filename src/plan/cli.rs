@@ -24,6 +24,9 @@ pub enum PlanAction {
     Receipt(Box<ReceiptArgs>),
     /// Show this machine's hardware profile (measured once, cached per machine)
     Hardware(HardwareArgs),
+    /// Measure the host's compute cost per weight of each weight type with llama-bench (slow:
+    /// minutes; once per machine, recorded beside the hardware profile)
+    Probe(super::type_probe::ProbeArgs),
 }
 
 /// The flags every plan takes.

@@ -40,6 +40,9 @@ pub struct ModelFacts {
     pub active_ffn_width: u64,
     /// Weight elements a decode token multiplies (active experts only; one embedding row).
     pub active_params: f64,
+    /// The same weight elements by ggml type name (`q8_0`, `f16`, …): the CPU's compute per
+    /// weight depends on the type.
+    pub active_params_by_type: BTreeMap<String, f64>,
     /// Per-token KV bytes are computed from these.
     #[serde(skip)]
     pub geometry: MoeGeometry,
@@ -67,9 +70,10 @@ impl ModelFacts {
             dense_ff
         };
         let mut active_params = 0.0;
+        let mut active_params_by_type = BTreeMap::new();
         for t in &file.tensors {
             let elems = t.dims.iter().product::<u64>() as f64;
-            active_params += match g.group_of(&t.name) {
+            let active = match g.group_of(&t.name) {
                 TensorGroup::Nextn => 0.0, // not loaded
                 TensorGroup::RoutedExperts if g.n_expert > 0 => {
                     elems * f64::from(g.n_expert_used) / f64::from(g.n_expert)
@@ -77,6 +81,8 @@ impl ModelFacts {
                 TensorGroup::Embeddings if !output_tied => elems / g.n_vocab.max(1) as f64,
                 _ => elems,
             };
+            active_params += active;
+            *active_params_by_type.entry(t.type_name()).or_insert(0.0) += active;
         }
         ModelFacts {
             path: file.path.display().to_string(),
@@ -93,6 +99,7 @@ impl ModelFacts {
             expert_layers,
             active_ffn_width,
             active_params,
+            active_params_by_type,
             geometry,
         }
     }

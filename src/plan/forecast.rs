@@ -4,11 +4,14 @@
 //! Owns the roofline, the regimes and the calibration rule. Pure arithmetic: never reads files,
 //! never measures. A forecast always carries its band and the assumptions it rests on.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::fit::{ModelFacts, Placement};
 use super::hardware::HardwareFacts;
 use super::median::median_sorted;
+use super::type_cost::{compute_terms, CostSource, TypeTerm};
 
 /// What bounds decode: where the bytes a token reads live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -62,12 +65,14 @@ pub struct Roofline {
     /// Weight elements the CPU multiplies per decode token (the host side's active weights).
     #[serde(default)]
     pub host_weights_per_token: f64,
-    /// Seconds per token the CPU spends computing on those weights beyond reading them:
-    /// 2 FLOP per weight at the measured compute rate. The term bytes alone miss: it is the same
-    /// per weight whatever the type, so per byte it weighs about twice as much for q8_0
-    /// (1.06 B/weight) as for f16 (2 B/weight).
+    /// Seconds per token the CPU spends computing on those weights beyond reading them: the sum
+    /// of `host_compute`. The term bytes alone miss.
     #[serde(default)]
     pub host_compute_secs: f64,
+    /// The compute term per weight type: each type's weights at that type's cost per weight,
+    /// measured by the probe with ggml's kernels (or the stated fallback each term names).
+    #[serde(default, skip_deserializing)]
+    pub host_compute: Vec<TypeTerm>,
     /// Decode ceiling, tokens/s.
     pub decode_tps: f64,
     /// Prefill ceiling from compute (2 FLOP per active weight per token), tokens/s.
@@ -109,15 +114,24 @@ pub fn roofline(m: &ModelFacts, hw: &HardwareFacts, r: &RooflineInput) -> Roofli
     };
     let host_gbps = hw.host_gbps_at(r.threads);
     let vram_gbps = hw.gpu.as_ref().map(|g| g.vram_gbps);
-    let host_weights = match (regime, r.placement) {
-        (Regime::CpuOnly, _) => m.active_params,
+    let host_by_type = match (regime, r.placement) {
+        (Regime::CpuOnly, _) => m.active_params_by_type.clone(),
         (_, Placement::CpuMoe { n }) => {
             let hit = r.cache_hit_ratio.unwrap_or(0.0).clamp(0.0, 1.0);
-            active_expert_elems(m, 0, n) * (1.0 - hit)
+            let mut w = active_expert_elems_by_type(m, 0, n);
+            w.values_mut().for_each(|v| *v *= 1.0 - hit);
+            w
         }
-        _ => 0.0,
+        _ => BTreeMap::new(),
     };
-    let host_compute_secs = host_compute_secs(host_weights, hw.host_gflops_at(r.threads));
+    let host_weights: f64 = host_by_type.values().sum();
+    let host_compute = compute_terms(
+        &host_by_type,
+        hw.type_costs.as_ref(),
+        r.threads,
+        hw.host_gflops_at(r.threads),
+    );
+    let host_compute_secs: f64 = host_compute.iter().map(|t| t.secs).sum();
     let secs = host as f64 / (host_gbps * 1e9)
         + host_compute_secs
         + vram_gbps.map(|g| vram as f64 / (g * 1e9)).unwrap_or(0.0);
@@ -141,6 +155,7 @@ pub fn roofline(m: &ModelFacts, hw: &HardwareFacts, r: &RooflineInput) -> Roofli
         host_gbps,
         host_weights_per_token: host_weights,
         host_compute_secs,
+        host_compute,
         decode_tps,
         prefill_tps,
         cache_hit_ratio: r.cache_hit_ratio,
@@ -159,19 +174,25 @@ pub fn host_compute_secs(weights: f64, gflops: f64) -> f64 {
 
 /// Routed-expert weight elements one decode token multiplies in the expert layers `lo..hi`.
 pub fn active_expert_elems(m: &ModelFacts, lo: u32, hi: u32) -> f64 {
+    active_expert_elems_by_type(m, lo, hi).values().sum()
+}
+
+/// [`active_expert_elems`] by ggml type name.
+pub fn active_expert_elems_by_type(m: &ModelFacts, lo: u32, hi: u32) -> BTreeMap<String, f64> {
     let n = f64::from(m.n_expert.max(1));
-    m.geometry
+    let mut out = BTreeMap::new();
+    for l in m
+        .geometry
         .moe_layers
         .iter()
         .filter(|l| l.layer >= lo && l.layer < hi)
-        .map(|l| {
-            l.tensors
-                .iter()
-                .map(|t| t.dims.iter().product::<u64>() as f64 / n)
-                .sum::<f64>()
-                * f64::from(m.n_expert_used)
-        })
-        .sum()
+    {
+        for t in &l.tensors {
+            *out.entry(t.ggml_type.clone()).or_insert(0.0) +=
+                t.dims.iter().product::<u64>() as f64 / n * f64::from(m.n_expert_used);
+        }
+    }
+    out
 }
 
 /// One realized efficiency: measured ÷ ceiling.
@@ -269,10 +290,13 @@ pub fn forecast(roof: Roofline, decode_effs: &[f64], prefill_effs: &[f64]) -> Fo
     ];
     if roof.host_compute_secs > 0.0 {
         assumptions.push(format!(
-            "the CPU also computes on its {:.0} M weights per token: 2 FLOP each at the measured compute rate, {:.2} ms, added to the reads (the same per weight for every type, so it weighs more per byte for q8_0 than for f16)",
+            "the CPU also computes on its {:.1} M weights per token beyond reading them, {:.3} ms, added to the reads; per weight type:",
             roof.host_weights_per_token / 1e6,
             roof.host_compute_secs * 1e3
         ));
+        for t in &roof.host_compute {
+            assumptions.push(format!("  {}", describe_term(t)));
+        }
     }
     match roof.vram_gbps {
         Some(g) => assumptions.push(format!("VRAM reads at {g:.0} GB/s")),
@@ -318,6 +342,26 @@ pub fn forecast(roof: Roofline, decode_effs: &[f64], prefill_effs: &[f64]) -> Fo
         prefill,
         assumptions,
     }
+}
+
+/// One line per type: weights, cost per weight, seconds, and where the cost came from.
+pub fn describe_term(t: &TypeTerm) -> String {
+    let src = match &t.source {
+        CostSource::Measured => "measured by the probe with ggml's kernels".to_string(),
+        CostSource::PriorFromMeasured { from } => {
+            format!("not probed: the prior is {from}'s measured cost per weight")
+        }
+        CostSource::Flops { gflops } => {
+            format!("not probed: 2 FLOP per weight at {gflops:.1} GFLOP/s")
+        }
+    };
+    format!(
+        "{:<7} {:>9.2} M weights × {:.4} ns = {:.3} ms ({src})",
+        t.ggml_type,
+        t.weights / 1e6,
+        t.compute_secs_per_weight * 1e9,
+        t.secs * 1e3
+    )
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //!
 //! Owns the per-machine hardware profile `cache_dir()/machine/hardware.json`: the measured part
 //! (bandwidth, compute) is cached there and re-measured when the machine identity changes; RAM is
-//! read from `/proc/meminfo` on every call because it changes. Flags always win over both. Never
+//! read from `/proc/meminfo` on every call because it changes. Flags always win over both. Also
+//! reads (never makes) the per-type compute costs a probe measured with ggml's own kernels
+//! ([`super::type_cost`]; the probe that spawns llama-bench is [`super::type_probe`]). Never
 //! spawns processes and never measures in a debug build without saying so (a debug build's numbers
 //! are not cached).
 
@@ -105,6 +107,10 @@ pub struct HardwareFacts {
     pub host_read_gbps: Vec<RatePoint>,
     pub host_gflops: Vec<RatePoint>,
     pub gpu: Option<GpuFacts>,
+    /// The host's compute cost per weight of each probed type (`spark plan probe`), when a probe
+    /// of this machine is on record and `--host-gflops` does not override it.
+    #[serde(default)]
+    pub type_costs: Option<super::type_cost::TypeCosts>,
     /// Where each fact came from, e.g. `host bandwidth: measured (cached 2026-…)`.
     pub sources: Vec<String>,
 }
@@ -137,7 +143,7 @@ impl HardwareFacts {
     }
 }
 
-fn rate_at(points: &[RatePoint], threads: u32) -> f64 {
+pub(super) fn rate_at(points: &[RatePoint], threads: u32) -> f64 {
     let mut pts: Vec<RatePoint> = points.to_vec();
     pts.sort_by_key(|p| p.threads);
     let Some(first) = pts.first() else {
@@ -409,6 +415,25 @@ pub fn gather(o: &HardwareOverrides) -> Result<HardwareFacts, HardwareError> {
             .map(|m| m.host_gflops.clone())
             .unwrap_or_default(),
     };
+    let type_costs = if o.host_gflops.is_some() {
+        None
+    } else {
+        let path = super::type_cost::type_costs_path();
+        let c = super::type_cost::load(&path, &machine);
+        match &c {
+            Some(c) => sources.push(format!(
+                "host compute per weight type: {} probed with {} {} s ago, in {}",
+                c.types().join(", "),
+                c.engine,
+                unix_now().saturating_sub(c.measured_unix),
+                path.display()
+            )),
+            None => sources.push(
+                "host compute per weight type: not probed (`spark plan probe` measures it); 2 FLOP per weight at the portable FMA rate for every type".into(),
+            ),
+        }
+        c
+    };
     let mib = |v: u64| v.saturating_mul(1 << 20);
     let ram_total_bytes = o.ram_total_mib.map(mib).unwrap_or(ram_total);
     let ram_available_bytes = o
@@ -447,6 +472,7 @@ pub fn gather(o: &HardwareOverrides) -> Result<HardwareFacts, HardwareError> {
         host_read_gbps,
         host_gflops,
         gpu,
+        type_costs,
         sources,
     })
 }

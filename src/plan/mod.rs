@@ -19,6 +19,8 @@ pub mod receipt;
 pub mod render;
 pub mod residency;
 pub mod routing;
+pub mod type_cost;
+pub mod type_probe;
 
 use std::path::{Path, PathBuf};
 
@@ -304,6 +306,7 @@ fn load_routing(a: &PlanArgs, model: &ModelFacts) -> Result<Option<Concentration
 pub fn run(cmd: PlanCommand) -> Result<(), PlanError> {
     match cmd.action {
         Some(PlanAction::Receipt(a)) => llama_bench::run_receipt(*a),
+        Some(PlanAction::Probe(a)) => type_probe::run(a),
         Some(PlanAction::Hardware(a)) => {
             a.hardware.validate()?;
             let hw = hardware::gather(&a.hardware.overrides())?;
@@ -329,6 +332,9 @@ pub fn run(cmd: PlanCommand) -> Result<(), PlanError> {
                         "compute    {:>6.1} GFLOP/s at {} threads",
                         pt.rate, pt.threads
                     );
+                }
+                if let Some(c) = &hw.type_costs {
+                    print!("{}", type_probe::render(c));
                 }
                 for s in &hw.sources {
                     println!("source     {s}");

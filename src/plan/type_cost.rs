@@ -1,0 +1,335 @@
+//! The host's compute cost per weight of each weight type, as ggml's own CPU kernels pay it:
+//! the record a probe measured (`cache_dir()/machine/type-costs.json`), the arithmetic that
+//! turns a probe's two runs into seconds per weight, and the decode compute term the roofline
+//! adds to the reads.
+//!
+//! Why per type: a decode token's host time is the bytes it reads at the host bandwidth plus
+//! what the CPU spends dequantising and multiplying beyond that read, and that second part
+//! depends on the weight type (f16 converts every weight to f32, q8_0 multiplies integers,
+//! Q4_K unpacks nibbles and scales). A single FLOP rate for every type forecast f16 too fast
+//! against q8_0 on the machine this was built on.
+//!
+//! Owns the record and the arithmetic only. Never spawns a process and never measures: the
+//! probe that runs llama-bench lives in [`super::type_probe`]. Reading and writing the record
+//! is the only I/O here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::hardware::{machine_dir, HardwareError, MachineId, RatePoint};
+
+/// Record format version; a record of another version is probed again.
+pub const TYPE_COST_VERSION: u32 = 1;
+
+/// The type whose measured cost stands in for a type that was not probed (the stated prior).
+pub const PRIOR_FROM: &str = "q8_0";
+
+/// One probe of one type at one thread count: two fixtures that differ only in their routed
+/// experts' FFN width, every expert active, both far larger than the last-level cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbePoint {
+    /// ggml type name of the varied tensors (`q8_0`, `f16`, `q4_K`, …).
+    pub ggml_type: String,
+    pub threads: u32,
+    /// Weight elements a decode token multiplies in the varied tensors, small and large fixture.
+    pub small_weights: f64,
+    pub large_weights: f64,
+    /// Bytes of those weights.
+    pub small_bytes: u64,
+    pub large_bytes: u64,
+    /// Measured seconds per decode token (1 ÷ llama-bench's tokens/s).
+    pub small_secs: f64,
+    pub large_secs: f64,
+    /// Host read bandwidth the bandwidth share is taken at, GB/s.
+    pub host_gbps: f64,
+}
+
+/// What a probe point says about its type.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TypeCost {
+    /// Measured seconds per weight: the slope between the two fixtures.
+    pub secs_per_weight: f64,
+    /// Bytes per weight of the type.
+    pub bytes_per_weight: f64,
+    /// The share of the slope the host bandwidth explains: bytes per weight ÷ bandwidth.
+    pub read_secs_per_weight: f64,
+    /// What is left: the CPU's compute per weight beyond the read (never below 0).
+    pub compute_secs_per_weight: f64,
+}
+
+impl ProbePoint {
+    /// The slope and its split; `None` when the two runs do not give a positive slope (the
+    /// larger fixture ran as fast as the smaller: a disturbed measurement).
+    pub fn cost(&self) -> Option<TypeCost> {
+        let dw = self.large_weights - self.small_weights;
+        let dt = self.large_secs - self.small_secs;
+        if dw <= 0.0 || dt <= 0.0 || self.host_gbps <= 0.0 {
+            return None;
+        }
+        let secs_per_weight = dt / dw;
+        let bytes_per_weight = (self.large_bytes - self.small_bytes) as f64 / dw;
+        let read = bytes_per_weight / (self.host_gbps * 1e9);
+        Some(TypeCost {
+            secs_per_weight,
+            bytes_per_weight,
+            read_secs_per_weight: read,
+            compute_secs_per_weight: (secs_per_weight - read).max(0.0),
+        })
+    }
+}
+
+/// The measured record of one machine and engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TypeCosts {
+    pub version: u32,
+    pub machine: MachineId,
+    /// The engine that ran the probe: llama-bench's build commit and number.
+    pub engine: String,
+    pub points: Vec<ProbePoint>,
+    /// Types the probe could not measure, with the reason (e.g. llama-quantize refused).
+    #[serde(default)]
+    pub skipped: Vec<(String, String)>,
+    pub measured_unix: u64,
+    pub measure_secs: f64,
+}
+
+/// Where one type's compute cost came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CostSource {
+    /// Probed on this machine with ggml's kernels.
+    Measured,
+    /// Not probed: the measured cost of [`PRIOR_FROM`] (the same compute per weight).
+    PriorFromMeasured { from: String },
+    /// No probe at all: 2 FLOP per weight at the portable FMA rate (or `--host-gflops`).
+    Flops { gflops: f64 },
+}
+
+/// One type's share of the decode compute term.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TypeTerm {
+    pub ggml_type: String,
+    /// Weight elements of this type the CPU multiplies per decode token.
+    pub weights: f64,
+    pub compute_secs_per_weight: f64,
+    /// weights × compute seconds per weight.
+    pub secs: f64,
+    pub source: CostSource,
+}
+
+impl TypeCosts {
+    /// The types probed, in name order.
+    pub fn types(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.points.iter().map(|p| p.ggml_type.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Compute seconds per weight of `ggml_type` at `threads`: linear between the probed thread
+    /// counts, flat outside them; `None` when that type has no usable point.
+    pub fn measured(&self, ggml_type: &str, threads: u32) -> Option<f64> {
+        let pts: Vec<RatePoint> = self
+            .points
+            .iter()
+            .filter(|p| p.ggml_type == ggml_type)
+            .filter_map(|p| {
+                p.cost().map(|c| RatePoint {
+                    threads: p.threads,
+                    rate: c.compute_secs_per_weight,
+                })
+            })
+            .collect();
+        (!pts.is_empty()).then(|| super::hardware::rate_at(&pts, threads))
+    }
+
+    /// The cost of `ggml_type` at `threads` and where it came from: measured, else the measured
+    /// cost of [`PRIOR_FROM`], else `None`.
+    pub fn cost_of(&self, ggml_type: &str, threads: u32) -> Option<(f64, CostSource)> {
+        if let Some(c) = self.measured(ggml_type, threads) {
+            return Some((c, CostSource::Measured));
+        }
+        self.measured(PRIOR_FROM, threads).map(|c| {
+            (
+                c,
+                CostSource::PriorFromMeasured {
+                    from: PRIOR_FROM.into(),
+                },
+            )
+        })
+    }
+}
+
+/// The decode compute term: each type's weights at that type's cost. With a probe record, the
+/// measured cost per type (a type not probed takes [`PRIOR_FROM`]'s, and says so); without one,
+/// 2 FLOP per weight at `gflops` for every type (0 when `gflops` is unknown).
+pub fn compute_terms(
+    weights_by_type: &BTreeMap<String, f64>,
+    costs: Option<&TypeCosts>,
+    threads: u32,
+    gflops: f64,
+) -> Vec<TypeTerm> {
+    weights_by_type
+        .iter()
+        .filter(|(_, w)| **w > 0.0)
+        .map(|(t, &w)| {
+            let (per, source) = costs.and_then(|c| c.cost_of(t, threads)).unwrap_or((
+                if gflops > 0.0 {
+                    2.0 / (gflops * 1e9)
+                } else {
+                    0.0
+                },
+                CostSource::Flops { gflops },
+            ));
+            TypeTerm {
+                ggml_type: t.clone(),
+                weights: w,
+                compute_secs_per_weight: per,
+                secs: w * per,
+                source,
+            }
+        })
+        .collect()
+}
+
+pub fn type_costs_path() -> PathBuf {
+    machine_dir().join("type-costs.json")
+}
+
+/// Reads the record; `None` when absent, unreadable, of another version or another machine.
+pub fn load(path: &Path, machine: &MachineId) -> Option<TypeCosts> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let c: TypeCosts = serde_json::from_str(&text).ok()?;
+    (c.version == TYPE_COST_VERSION && &c.machine == machine && !c.points.is_empty()).then_some(c)
+}
+
+pub fn save(path: &Path, c: &TypeCosts) -> Result<(), HardwareError> {
+    let write = |source| HardwareError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(write)?;
+    }
+    let json = serde_json::to_vec_pretty(c).expect("type costs serialize");
+    crate::atomic_file::write_atomic(path, &json).map_err(write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(t: &str, threads: u32, small_secs: f64, large_secs: f64) -> ProbePoint {
+        // 100 M and 300 M weights of a 1.0625 B/weight type (q8_0), at 10 GB/s.
+        ProbePoint {
+            ggml_type: t.into(),
+            threads,
+            small_weights: 100e6,
+            large_weights: 300e6,
+            small_bytes: 106_250_000,
+            large_bytes: 318_750_000,
+            small_secs,
+            large_secs,
+            host_gbps: 10.0,
+        }
+    }
+
+    fn costs(points: Vec<ProbePoint>) -> TypeCosts {
+        TypeCosts {
+            version: TYPE_COST_VERSION,
+            machine: MachineId {
+                hostname: "h".into(),
+                cpu_model: "c".into(),
+                logical_cpus: 2,
+                mem_total_bytes: 1,
+            },
+            engine: "e".into(),
+            points,
+            skipped: vec![],
+            measured_unix: 0,
+            measure_secs: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_slope_less_the_read_is_the_compute_per_weight() {
+        // 0.010 s → 0.036 s over 200 M weights: 0.13 ns per weight. Reading 1.0625 B at
+        // 10 GB/s is 0.10625 ns; the CPU's own share is 0.02375 ns.
+        let c = point("q8_0", 1, 0.010, 0.036).cost().unwrap();
+        assert!((c.secs_per_weight - 0.13e-9).abs() < 1e-15);
+        assert!((c.bytes_per_weight - 1.0625).abs() < 1e-12);
+        assert!((c.read_secs_per_weight - 0.10625e-9).abs() < 1e-15);
+        assert!((c.compute_secs_per_weight - 0.02375e-9).abs() < 1e-15);
+        // Faster than the bandwidth allows: no negative compute.
+        let fast = point("q8_0", 1, 0.010, 0.020).cost().unwrap();
+        assert_eq!(fast.compute_secs_per_weight, 0.0);
+        // The larger fixture no slower: no slope at all.
+        assert!(point("q8_0", 1, 0.02, 0.02).cost().is_none());
+    }
+
+    #[test]
+    fn each_type_pays_its_own_cost_and_an_unprobed_one_takes_q8_0s() {
+        // q8_0: 0.02375 ns at 1 thread (above); at 2 threads 0.010 → 0.031 s: 0.105 ns slope,
+        // 0 left after the read. f16 at 1 thread: 0.030 → 0.100 s: 0.35 ns slope; the points
+        // say 1.0625 B/weight, so the read is 0.10625 ns and the compute 0.24375 ns.
+        let c = costs(vec![
+            point("q8_0", 1, 0.010, 0.036),
+            point("q8_0", 2, 0.010, 0.031),
+            point("f16", 1, 0.030, 0.100),
+        ]);
+        assert_eq!(c.types(), vec!["f16".to_string(), "q8_0".into()]);
+        let (q1, s) = c.cost_of("q8_0", 1).unwrap();
+        assert!((q1 - 0.02375e-9).abs() < 1e-15);
+        assert_eq!(s, CostSource::Measured);
+        // Between 1 and 2 threads: linear; past 2: flat.
+        let q15 = c.measured("q8_0", 3).unwrap();
+        assert_eq!(q15, 0.0);
+        let (f, _) = c.cost_of("f16", 4).unwrap();
+        assert!((f - 0.24375e-9).abs() < 1e-15);
+        let (k, s) = c.cost_of("q4_K", 1).unwrap();
+        assert!((k - 0.02375e-9).abs() < 1e-15);
+        assert_eq!(
+            s,
+            CostSource::PriorFromMeasured {
+                from: "q8_0".into()
+            }
+        );
+
+        let mut w = BTreeMap::new();
+        w.insert("f16".to_string(), 2e6);
+        w.insert("q8_0".to_string(), 4e6);
+        w.insert("f32".to_string(), 0.0);
+        let terms = compute_terms(&w, Some(&c), 1, 50.0);
+        assert_eq!(terms.len(), 2, "a type with no weights has no term");
+        // 2 M × 0.24375 ns = 0.4875 ms; 4 M × 0.02375 ns = 0.095 ms.
+        assert!((terms[0].secs - 0.4875e-3).abs() < 1e-12);
+        assert!((terms[1].secs - 0.095e-3).abs() < 1e-12);
+        // No record: 2 FLOP per weight at 50 GFLOP/s for every type.
+        let flat = compute_terms(&w, None, 1, 50.0);
+        assert!((flat[0].secs - 2.0 * 2e6 / 50e9).abs() < 1e-15);
+        assert_eq!(flat[1].source, CostSource::Flops { gflops: 50.0 });
+        assert_eq!(compute_terms(&w, None, 1, 0.0)[0].secs, 0.0);
+    }
+
+    #[test]
+    fn a_record_from_another_machine_or_version_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tc.json");
+        let c = costs(vec![point("q8_0", 1, 0.010, 0.036)]);
+        save(&path, &c).unwrap();
+        assert_eq!(load(&path, &c.machine), Some(c.clone()));
+        let other = MachineId {
+            hostname: "elsewhere".into(),
+            ..c.machine.clone()
+        };
+        assert!(load(&path, &other).is_none());
+        let old = TypeCosts {
+            version: 0,
+            ..c.clone()
+        };
+        save(&path, &old).unwrap();
+        assert!(load(&path, &c.machine).is_none());
+    }
+}
