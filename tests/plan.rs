@@ -508,6 +508,84 @@ fn decode_forecast_is_the_roofline_times_the_prior_without_receipts() {
     assert!(!j["forecast"]["assumptions"].as_array().unwrap().is_empty());
 }
 
+#[test]
+fn a_probed_machine_charges_each_weight_type_its_own_measured_cost() {
+    let dir = util::tempdir();
+    let model = tiny(dir.path());
+    // This machine's identity, without measuring (both rates from flags).
+    let o = spark_in(
+        dir.path(),
+        &["plan", "hardware", "--json", "--host-bw", "10", "--host-gflops", "50"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let machine = serde_json::from_slice::<Json>(&o.stdout).unwrap()["machine"].clone();
+    // A cached hardware profile (so nothing is measured) and a probe record: f32 measured at
+    // 1 and 2 threads, nothing else.
+    let mdir = dir.path().join("machine");
+    std::fs::create_dir_all(&mdir).unwrap();
+    let rate = |r: f64| serde_json::json!([{"threads": 1, "rate": r}, {"threads": 2, "rate": r}]);
+    let hw = serde_json::json!({
+        "version": 1, "machine": machine, "host_read_gbps": rate(10.0),
+        "host_gflops": rate(50.0), "measured_unix": 1, "measure_secs": 0.1,
+    });
+    std::fs::write(mdir.join("hardware.json"), hw.to_string()).unwrap();
+    // 100 M → 300 M f32 weights (400 → 1200 MB) at 10 GB/s: 0.050 → 0.150 s per token, a
+    // slope of 0.5 ns per weight, of which reading 4 B at 10 GB/s is 0.4 ns: 0.1 ns compute.
+    let point = |threads: u32| {
+        serde_json::json!({
+            "ggml_type": "f32", "threads": threads,
+            "small_weights": 100e6, "large_weights": 300e6,
+            "small_bytes": 400_000_000u64, "large_bytes": 1_200_000_000u64,
+            "small_secs": 0.050, "large_secs": 0.150, "host_gbps": 10.0,
+        })
+    };
+    let rec = serde_json::json!({
+        "version": 1, "machine": machine, "engine": "llama.cpp test",
+        "points": [point(1), point(2)], "measured_unix": 1, "measure_secs": 1.0,
+    });
+    std::fs::write(mdir.join("type-costs.json"), rec.to_string()).unwrap();
+    let args = [
+        "plan",
+        "-m",
+        model.to_str().unwrap(),
+        "--host-bw",
+        "10",
+        "--threads",
+        "2",
+        "--no-receipts",
+    ];
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let o = spark_in(dir.path(), &json_args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Json = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &j["forecast"]["roofline"];
+    // The tiny fixture's 2 198 272 f32 weights per token at 0.1 ns each.
+    let terms = r["host_compute"].as_array().unwrap();
+    assert_eq!(terms.len(), 1, "{terms:?}");
+    assert_eq!(terms[0]["ggml_type"], "f32");
+    assert_eq!(terms[0]["source"], "measured");
+    assert_eq!(terms[0]["weights"], 2_198_272.0);
+    let compute = 2_198_272.0 * 0.1e-9;
+    assert!((r["host_compute_secs"].as_f64().unwrap() - compute).abs() < 1e-12);
+    let ceiling = r["decode_tps"].as_f64().unwrap();
+    assert!((ceiling - 1.0 / (8_793_088.0 / 10e9 + compute)).abs() < 1e-6);
+    // Printed as a term of its own, with where it came from.
+    let o = spark_in(dir.path(), &args);
+    let text = stdout(&o);
+    assert!(
+        text.contains("f32") && text.contains("0.1000 ns") && text.contains("measured by the probe"),
+        "{text}"
+    );
+    // --host-gflops states the compute for every type: the record is not used.
+    let (o, j) = plan_json(dir.path(), &model, &["--no-receipts"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        j["forecast"]["roofline"]["host_compute"][0]["source"]["flops"]["gflops"],
+        50.0
+    );
+}
+
 fn real_bench_json() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/plan/llama-bench-tiny-11434.json")
 }
