@@ -515,7 +515,15 @@ fn a_probed_machine_charges_each_weight_type_its_own_measured_cost() {
     // This machine's identity, without measuring (both rates from flags).
     let o = spark_in(
         dir.path(),
-        &["plan", "hardware", "--json", "--host-bw", "10", "--host-gflops", "50"],
+        &[
+            "plan",
+            "hardware",
+            "--json",
+            "--host-bw",
+            "10",
+            "--host-gflops",
+            "50",
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let machine = serde_json::from_slice::<Json>(&o.stdout).unwrap()["machine"].clone();
@@ -574,7 +582,9 @@ fn a_probed_machine_charges_each_weight_type_its_own_measured_cost() {
     let o = spark_in(dir.path(), &args);
     let text = stdout(&o);
     assert!(
-        text.contains("f32") && text.contains("0.1000 ns") && text.contains("measured by the probe"),
+        text.contains("f32")
+            && text.contains("0.1000 ns")
+            && text.contains("measured by the probe"),
         "{text}"
     );
     // --host-gflops states the compute for every type: the record is not used.

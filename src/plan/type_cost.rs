@@ -194,6 +194,40 @@ pub fn compute_terms(
         .collect()
 }
 
+/// A fresh probe of some types on top of the record: the fresh points replace the old ones of
+/// the same types, the other types' points stay when the same engine measured them.
+pub fn merge(old: TypeCosts, fresh: TypeCosts) -> TypeCosts {
+    if old.engine != fresh.engine || old.machine != fresh.machine {
+        return fresh;
+    }
+    let redone: Vec<&str> = fresh
+        .points
+        .iter()
+        .map(|p| p.ggml_type.as_str())
+        .chain(fresh.skipped.iter().map(|(t, _)| t.as_str()))
+        .collect();
+    let mut points: Vec<ProbePoint> = old
+        .points
+        .iter()
+        .filter(|p| !redone.contains(&p.ggml_type.as_str()))
+        .cloned()
+        .collect();
+    points.extend(fresh.points.iter().cloned());
+    let mut skipped: Vec<(String, String)> = old
+        .skipped
+        .iter()
+        .filter(|(t, _)| !redone.contains(&t.as_str()))
+        .cloned()
+        .collect();
+    skipped.extend(fresh.skipped.iter().cloned());
+    TypeCosts {
+        points,
+        skipped,
+        measure_secs: old.measure_secs + fresh.measure_secs,
+        ..fresh
+    }
+}
+
 pub fn type_costs_path() -> PathBuf {
     machine_dir().join("type-costs.json")
 }
@@ -311,6 +345,26 @@ mod tests {
         assert!((flat[0].secs - 2.0 * 2e6 / 50e9).abs() < 1e-15);
         assert_eq!(flat[1].source, CostSource::Flops { gflops: 50.0 });
         assert_eq!(compute_terms(&w, None, 1, 0.0)[0].secs, 0.0);
+    }
+
+    #[test]
+    fn a_fresh_probe_replaces_its_own_types_and_keeps_the_others() {
+        let old = costs(vec![
+            point("q8_0", 1, 0.010, 0.036),
+            point("f16", 1, 0.03, 0.1),
+        ]);
+        let fresh = costs(vec![point("f16", 1, 0.03, 0.2)]);
+        let m = merge(old.clone(), fresh.clone());
+        assert_eq!(m.types(), vec!["f16".to_string(), "q8_0".into()]);
+        assert_eq!(m.points.len(), 2);
+        let f16 = m.points.iter().find(|p| p.ggml_type == "f16").unwrap();
+        assert_eq!(f16.large_secs, 0.2);
+        // Another engine: the fresh record alone.
+        let other = TypeCosts {
+            engine: "another build".into(),
+            ..fresh
+        };
+        assert_eq!(merge(old, other.clone()), other);
     }
 
     #[test]

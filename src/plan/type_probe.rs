@@ -419,8 +419,12 @@ pub fn render(c: &TypeCosts) -> String {
 /// `spark plan probe`: probe, save, print.
 pub fn run(a: ProbeArgs) -> Result<(), PlanError> {
     let hw = hardware::gather(&hardware::HardwareOverrides::default())?;
-    let c = probe(&a, &hw)?;
+    let fresh = probe(&a, &hw)?;
     let path = type_cost::type_costs_path();
+    let c = match type_cost::load(&path, &hw.machine) {
+        Some(old) => type_cost::merge(old, fresh),
+        None => fresh,
+    };
     type_cost::save(&path, &c)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&c).expect("serialize"));
