@@ -537,8 +537,8 @@ fn a_probed_machine_charges_each_weight_type_its_own_measured_cost() {
         "host_gflops": rate(50.0), "measured_unix": 1, "measure_secs": 0.1,
     });
     std::fs::write(mdir.join("hardware.json"), hw.to_string()).unwrap();
-    // 100 M → 300 M f32 weights (400 → 1200 MB) at 10 GB/s: 0.050 → 0.150 s per token, a
-    // slope of 0.5 ns per weight, of which reading 4 B at 10 GB/s is 0.4 ns: 0.1 ns compute.
+    // 100 M → 300 M f32 weights (400 → 1200 MB): 0.050 → 0.150 s per token, a slope of
+    // 0.5 ns per weight, read and compute together.
     let point = |threads: u32| {
         serde_json::json!({
             "ggml_type": "f32", "threads": threads,
@@ -568,22 +568,26 @@ fn a_probed_machine_charges_each_weight_type_its_own_measured_cost() {
     assert!(o.status.success(), "{}", stderr(&o));
     let j: Json = serde_json::from_slice(&o.stdout).unwrap();
     let r = &j["forecast"]["roofline"];
-    // The tiny fixture's 2 198 272 f32 weights per token at 0.1 ns each.
+    // The tiny fixture's 2 198 272 f32 weights per token at 0.5 ns each; their 8 793 088 B are
+    // every host byte, so nothing is left to read at the bandwidth.
     let terms = r["host_compute"].as_array().unwrap();
     assert_eq!(terms.len(), 1, "{terms:?}");
     assert_eq!(terms[0]["ggml_type"], "f32");
     assert_eq!(terms[0]["source"], "measured");
     assert_eq!(terms[0]["weights"], 2_198_272.0);
-    let compute = 2_198_272.0 * 0.1e-9;
-    assert!((r["host_compute_secs"].as_f64().unwrap() - compute).abs() < 1e-12);
+    assert_eq!(terms[0]["bytes"], 8_793_088.0);
+    assert_eq!(terms[0]["includes_read"], true);
+    let host = 2_198_272.0 * 0.5e-9;
+    assert!((r["host_compute_secs"].as_f64().unwrap() - host).abs() < 1e-12);
+    assert_eq!(r["host_read_secs"], 0.0);
     let ceiling = r["decode_tps"].as_f64().unwrap();
-    assert!((ceiling - 1.0 / (8_793_088.0 / 10e9 + compute)).abs() < 1e-6);
+    assert!((ceiling - 1.0 / host).abs() < 1e-6);
     // Printed as a term of its own, with where it came from.
     let o = spark_in(dir.path(), &args);
     let text = stdout(&o);
     assert!(
         text.contains("f32")
-            && text.contains("0.1000 ns")
+            && text.contains("0.5000 ns")
             && text.contains("measured by the probe"),
         "{text}"
     );

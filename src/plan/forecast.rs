@@ -65,12 +65,17 @@ pub struct Roofline {
     /// Weight elements the CPU multiplies per decode token (the host side's active weights).
     #[serde(default)]
     pub host_weights_per_token: f64,
-    /// Seconds per token the CPU spends computing on those weights beyond reading them: the sum
-    /// of `host_compute`. The term bytes alone miss.
+    /// Seconds per token of the per-type terms (`host_compute`): what bytes at the bandwidth
+    /// miss. A probed type's term is its measured seconds per weight, reads included.
     #[serde(default)]
     pub host_compute_secs: f64,
-    /// The compute term per weight type: each type's weights at that type's cost per weight,
-    /// measured by the probe with ggml's kernels (or the stated fallback each term names).
+    /// Seconds per token of the host bytes read at the host bandwidth: every host byte except
+    /// those of probed types, whose reads are in their terms.
+    #[serde(default)]
+    pub host_read_secs: f64,
+    /// The host's term per weight type: a probed type's weights at its measured seconds per
+    /// weight (read and compute as ggml does them), another type's at the stated fallback
+    /// compute on top of its reads (each term names its source).
     #[serde(default, skip_deserializing)]
     pub host_compute: Vec<TypeTerm>,
     /// Decode ceiling, tokens/s.
@@ -132,7 +137,13 @@ pub fn roofline(m: &ModelFacts, hw: &HardwareFacts, r: &RooflineInput) -> Roofli
         hw.host_gflops_at(r.threads),
     );
     let host_compute_secs: f64 = host_compute.iter().map(|t| t.secs).sum();
-    let secs = host as f64 / (host_gbps * 1e9)
+    let covered: f64 = host_compute
+        .iter()
+        .filter(|t| t.includes_read)
+        .map(|t| t.bytes)
+        .sum();
+    let host_read_secs = (host as f64 - covered).max(0.0) / (host_gbps * 1e9);
+    let secs = host_read_secs
         + host_compute_secs
         + vram_gbps.map(|g| vram as f64 / (g * 1e9)).unwrap_or(0.0);
     let decode_tps = if secs > 0.0 { 1.0 / secs } else { 0.0 };
@@ -155,6 +166,7 @@ pub fn roofline(m: &ModelFacts, hw: &HardwareFacts, r: &RooflineInput) -> Roofli
         host_gbps,
         host_weights_per_token: host_weights,
         host_compute_secs,
+        host_read_secs,
         host_compute,
         decode_tps,
         prefill_tps,
@@ -290,9 +302,10 @@ pub fn forecast(roof: Roofline, decode_effs: &[f64], prefill_effs: &[f64]) -> Fo
     ];
     if roof.host_compute_secs > 0.0 {
         assumptions.push(format!(
-            "the CPU also computes on its {:.1} M weights per token beyond reading them, {:.3} ms, added to the reads; per weight type:",
-            roof.host_weights_per_token / 1e6,
-            roof.host_compute_secs * 1e3
+            "host time per token: {:.3} ms of reads at the bandwidth plus {:.3} ms for its {:.1} M weights by type:",
+            roof.host_read_secs * 1e3,
+            roof.host_compute_secs * 1e3,
+            roof.host_weights_per_token / 1e6
         ));
         for t in &roof.host_compute {
             assumptions.push(format!("  {}", describe_term(t)));
@@ -347,19 +360,21 @@ pub fn forecast(roof: Roofline, decode_effs: &[f64], prefill_effs: &[f64]) -> Fo
 /// One line per type: weights, cost per weight, seconds, and where the cost came from.
 pub fn describe_term(t: &TypeTerm) -> String {
     let src = match &t.source {
-        CostSource::Measured => "measured by the probe with ggml's kernels".to_string(),
+        CostSource::Measured => {
+            "read and compute, measured by the probe with ggml's kernels".to_string()
+        }
         CostSource::PriorFromMeasured { from } => {
-            format!("not probed: the prior is {from}'s measured cost per weight")
+            format!("not probed: {from}'s measured compute per weight, on top of the reads")
         }
         CostSource::Flops { gflops } => {
-            format!("not probed: 2 FLOP per weight at {gflops:.1} GFLOP/s")
+            format!("not probed: 2 FLOP per weight at {gflops:.1} GFLOP/s, on top of the reads")
         }
     };
     format!(
         "{:<7} {:>9.2} M weights × {:.4} ns = {:.3} ms ({src})",
         t.ggml_type,
         t.weights / 1e6,
-        t.compute_secs_per_weight * 1e9,
+        t.secs_per_weight * 1e9,
         t.secs * 1e3
     )
 }

@@ -99,22 +99,28 @@ pub struct TypeCosts {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CostSource {
-    /// Probed on this machine with ggml's kernels.
+    /// Probed on this machine with ggml's kernels: read and compute together.
     Measured,
-    /// Not probed: the measured cost of [`PRIOR_FROM`] (the same compute per weight).
+    /// Not probed: the measured compute share of [`PRIOR_FROM`] (the same compute per weight),
+    /// on top of the type's own reads at the host bandwidth.
     PriorFromMeasured { from: String },
     /// No probe at all: 2 FLOP per weight at the portable FMA rate (or `--host-gflops`).
     Flops { gflops: f64 },
 }
 
-/// One type's share of the decode compute term.
+/// One type's share of the host's decode time.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TypeTerm {
     pub ggml_type: String,
     /// Weight elements of this type the CPU multiplies per decode token.
     pub weights: f64,
-    pub compute_secs_per_weight: f64,
-    /// weights × compute seconds per weight.
+    /// Their bytes (weights × the type's bytes per weight).
+    pub bytes: f64,
+    pub secs_per_weight: f64,
+    /// Whether `secs_per_weight` includes reading the weight (a probed type: measured as ggml
+    /// streams it) or is the compute on top of the read at the host bandwidth.
+    pub includes_read: bool,
+    /// weights × seconds per weight.
     pub secs: f64,
     pub source: CostSource,
 }
@@ -128,9 +134,9 @@ impl TypeCosts {
         v
     }
 
-    /// Compute seconds per weight of `ggml_type` at `threads`: linear between the probed thread
-    /// counts, flat outside them; `None` when that type has no usable point.
-    pub fn measured(&self, ggml_type: &str, threads: u32) -> Option<f64> {
+    /// One figure of `ggml_type`'s cost at `threads`: linear between the probed thread counts,
+    /// flat outside them; `None` when that type has no usable point.
+    fn at(&self, ggml_type: &str, threads: u32, figure: fn(&TypeCost) -> f64) -> Option<f64> {
         let pts: Vec<RatePoint> = self
             .points
             .iter()
@@ -138,33 +144,39 @@ impl TypeCosts {
             .filter_map(|p| {
                 p.cost().map(|c| RatePoint {
                     threads: p.threads,
-                    rate: c.compute_secs_per_weight,
+                    rate: figure(&c),
                 })
             })
             .collect();
         (!pts.is_empty()).then(|| super::hardware::rate_at(&pts, threads))
     }
 
-    /// The cost of `ggml_type` at `threads` and where it came from: measured, else the measured
-    /// cost of [`PRIOR_FROM`], else `None`.
-    pub fn cost_of(&self, ggml_type: &str, threads: u32) -> Option<(f64, CostSource)> {
-        if let Some(c) = self.measured(ggml_type, threads) {
-            return Some((c, CostSource::Measured));
+    /// The cost per weight of `ggml_type` at `threads` and whether it includes reading the
+    /// weight. A probed type: its measured seconds per weight, read and compute together, as
+    /// ggml streams that type. A type not probed: [`PRIOR_FROM`]'s measured compute share, to
+    /// be added to its own bytes at the host bandwidth. `None` without either.
+    pub fn cost_of(&self, ggml_type: &str, threads: u32) -> Option<(f64, bool, CostSource)> {
+        if let Some(c) = self.at(ggml_type, threads, |c| c.secs_per_weight) {
+            return Some((c, true, CostSource::Measured));
         }
-        self.measured(PRIOR_FROM, threads).map(|c| {
-            (
-                c,
-                CostSource::PriorFromMeasured {
-                    from: PRIOR_FROM.into(),
-                },
-            )
-        })
+        self.at(PRIOR_FROM, threads, |c| c.compute_secs_per_weight)
+            .map(|c| {
+                (
+                    c,
+                    false,
+                    CostSource::PriorFromMeasured {
+                        from: PRIOR_FROM.into(),
+                    },
+                )
+            })
     }
 }
 
-/// The decode compute term: each type's weights at that type's cost. With a probe record, the
-/// measured cost per type (a type not probed takes [`PRIOR_FROM`]'s, and says so); without one,
-/// 2 FLOP per weight at `gflops` for every type (0 when `gflops` is unknown).
+/// The host's per-type decode terms. With a probe record, each probed type's weights at its
+/// measured seconds per weight (their reads included: those bytes are not charged again at the
+/// bandwidth), and a type not probed at [`PRIOR_FROM`]'s compute share on top of its reads;
+/// without a record, 2 FLOP per weight at `gflops` for every type on top of the reads (no
+/// term when `gflops` is unknown). Bytes per weight come from the type's block size.
 pub fn compute_terms(
     weights_by_type: &BTreeMap<String, f64>,
     costs: Option<&TypeCosts>,
@@ -175,18 +187,25 @@ pub fn compute_terms(
         .iter()
         .filter(|(_, w)| **w > 0.0)
         .map(|(t, &w)| {
-            let (per, source) = costs.and_then(|c| c.cost_of(t, threads)).unwrap_or((
-                if gflops > 0.0 {
-                    2.0 / (gflops * 1e9)
-                } else {
-                    0.0
-                },
-                CostSource::Flops { gflops },
-            ));
+            let (per, includes_read, source) =
+                costs.and_then(|c| c.cost_of(t, threads)).unwrap_or((
+                    if gflops > 0.0 {
+                        2.0 / (gflops * 1e9)
+                    } else {
+                        0.0
+                    },
+                    false,
+                    CostSource::Flops { gflops },
+                ));
+            let bpw = crate::gguf::GgmlType::from_name(t)
+                .map(|g| g.bytes_per_elem())
+                .unwrap_or(0.0);
             TypeTerm {
                 ggml_type: t.clone(),
                 weights: w,
-                compute_secs_per_weight: per,
+                bytes: w * bpw,
+                secs_per_weight: per,
+                includes_read,
                 secs: w * per,
                 source,
             }
@@ -304,46 +323,56 @@ mod tests {
     }
 
     #[test]
-    fn each_type_pays_its_own_cost_and_an_unprobed_one_takes_q8_0s() {
-        // q8_0: 0.02375 ns at 1 thread (above); at 2 threads 0.010 → 0.031 s: 0.105 ns slope,
-        // 0 left after the read. f16 at 1 thread: 0.030 → 0.100 s: 0.35 ns slope; the points
-        // say 1.0625 B/weight, so the read is 0.10625 ns and the compute 0.24375 ns.
+    fn each_type_pays_its_own_cost_and_an_unprobed_one_takes_q8_0s_compute() {
+        // q8_0 at 1 thread: 0.13 ns per weight, 0.02375 of it compute (above). At 2 threads
+        // 0.010 → 0.031 s: 0.105 ns, less than the 0.10625 ns read, so no compute share.
+        // f16 at 1 thread: 0.030 → 0.100 s over 200 M weights: 0.35 ns per weight.
         let c = costs(vec![
             point("q8_0", 1, 0.010, 0.036),
             point("q8_0", 2, 0.010, 0.031),
             point("f16", 1, 0.030, 0.100),
         ]);
         assert_eq!(c.types(), vec!["f16".to_string(), "q8_0".into()]);
-        let (q1, s) = c.cost_of("q8_0", 1).unwrap();
-        assert!((q1 - 0.02375e-9).abs() < 1e-15);
+        let (q1, read, s) = c.cost_of("q8_0", 1).unwrap();
+        assert!((q1 - 0.13e-9).abs() < 1e-15);
+        assert!(read);
         assert_eq!(s, CostSource::Measured);
-        // Between 1 and 2 threads: linear; past 2: flat.
-        let q15 = c.measured("q8_0", 3).unwrap();
-        assert_eq!(q15, 0.0);
-        let (f, _) = c.cost_of("f16", 4).unwrap();
-        assert!((f - 0.24375e-9).abs() < 1e-15);
-        let (k, s) = c.cost_of("q4_K", 1).unwrap();
+        // Halfway between 1 and 2 threads does not exist; past 2 threads: flat at 2's.
+        let (q3, _, _) = c.cost_of("q8_0", 3).unwrap();
+        assert!((q3 - 0.105e-9).abs() < 1e-15);
+        let (f, _, _) = c.cost_of("f16", 4).unwrap();
+        assert!((f - 0.35e-9).abs() < 1e-15);
+        // q4_K was not probed: q8_0's compute share, on top of its own read.
+        let (k, read, s) = c.cost_of("q4_K", 1).unwrap();
         assert!((k - 0.02375e-9).abs() < 1e-15);
+        assert!(!read);
         assert_eq!(
             s,
             CostSource::PriorFromMeasured {
                 from: "q8_0".into()
             }
         );
+        assert_eq!(c.cost_of("q4_K", 2).unwrap().0, 0.0);
 
         let mut w = BTreeMap::new();
         w.insert("f16".to_string(), 2e6);
-        w.insert("q8_0".to_string(), 4e6);
+        w.insert("q4_K".to_string(), 4e6);
         w.insert("f32".to_string(), 0.0);
         let terms = compute_terms(&w, Some(&c), 1, 50.0);
         assert_eq!(terms.len(), 2, "a type with no weights has no term");
-        // 2 M × 0.24375 ns = 0.4875 ms; 4 M × 0.02375 ns = 0.095 ms.
-        assert!((terms[0].secs - 0.4875e-3).abs() < 1e-12);
+        // f16: 2 M × 0.35 ns = 0.7 ms, its 4 MB read included.
+        assert!((terms[0].secs - 0.7e-3).abs() < 1e-12);
+        assert_eq!(terms[0].bytes, 4e6);
+        assert!(terms[0].includes_read);
+        // q4_K: 4 M × 0.02375 ns = 0.095 ms on top of its 2.25 MB (144 B per 256 weights).
         assert!((terms[1].secs - 0.095e-3).abs() < 1e-12);
-        // No record: 2 FLOP per weight at 50 GFLOP/s for every type.
+        assert_eq!(terms[1].bytes, 2.25e6);
+        assert!(!terms[1].includes_read);
+        // No record: 2 FLOP per weight at 50 GFLOP/s for every type, on top of the reads.
         let flat = compute_terms(&w, None, 1, 50.0);
         assert!((flat[0].secs - 2.0 * 2e6 / 50e9).abs() < 1e-15);
         assert_eq!(flat[1].source, CostSource::Flops { gflops: 50.0 });
+        assert!(!flat[1].includes_read);
         assert_eq!(compute_terms(&w, None, 1, 0.0)[0].secs, 0.0);
     }
 

@@ -59,9 +59,13 @@ pub struct ProbeArgs {
     /// Tokens generated per repetition
     #[arg(long, default_value_t = 32)]
     pub n_gen: u64,
-    /// Repetitions per run (the fastest one counts: the least disturbed)
-    #[arg(long, default_value_t = 3)]
+    /// Repetitions per llama-bench run
+    #[arg(long, default_value_t = 5)]
     pub repetitions: u32,
+    /// Rounds of small and large runs, alternating; the fastest repetition of each size over
+    /// every round counts (the least disturbed)
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
     /// Seconds one llama-bench or llama-quantize run may take
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -79,7 +83,8 @@ impl ProbeArgs {
             dir: None,
             llama_bench: None,
             n_gen: 32,
-            repetitions: 3,
+            repetitions: 5,
+            rounds: 3,
             timeout: 300,
             json: false,
         }
@@ -280,7 +285,7 @@ pub fn probe(a: &ProbeArgs, hw: &HardwareFacts) -> Result<TypeCosts, PlanError> 
     let llc = llc_bytes();
     let steps = crate::progress::Steps::new(
         "plan probe",
-        (types.len() * (2 + 2 * threads.len())) as u64,
+        (types.len() * (2 + 2 * threads.len() * a.rounds.max(1) as usize)) as u64,
         "steps",
         false,
     );
@@ -308,7 +313,7 @@ pub fn probe(a: &ProbeArgs, hw: &HardwareFacts) -> Result<TypeCosts, PlanError> 
             }
         }
         if files.len() < 2 {
-            done += 2 * threads.len() as u64;
+            done += 2 * threads.len() as u64 * u64::from(a.rounds.max(1));
             continue;
         }
         let small = model_facts(&files[0])?;
@@ -326,22 +331,29 @@ pub fn probe(a: &ProbeArgs, hw: &HardwareFacts) -> Result<TypeCosts, PlanError> 
         let bytes = |m: &super::fit::ModelFacts| m.active_expert_bytes(0, u32::MAX);
         for &th in &threads {
             let before = hardware::read_gbps_now(th);
-            let mut secs = [0.0; 2];
-            for (i, f) in files.iter().enumerate() {
-                steps.at(
-                    done,
-                    || format!("{ggml_type} {th} threads {}", ["small", "large"][i]),
-                    || {
-                        format!(
-                            "probe: {ggml_type} at {th} threads, {} fixture",
-                            ["small", "large"][i]
-                        )
-                    },
-                );
-                done += 1;
-                let (s, e) = decode_secs(&bench, f, th, a)?;
-                secs[i] = s;
-                engine = e;
+            let mut secs = [f64::INFINITY; 2];
+            // Small and large alternate, `rounds` times, and the fastest of each counts: on a
+            // shared machine another process only ever slows a run down, and alternating keeps
+            // one burst of load from landing on one size only.
+            for round in 0..a.rounds.max(1) {
+                for (i, f) in files.iter().enumerate() {
+                    let size = ["small", "large"][i];
+                    steps.at(
+                        done,
+                        || format!("{ggml_type} {th} threads {size} (round {})", round + 1),
+                        || {
+                            format!(
+                                "probe: {ggml_type} at {th} threads, {size} fixture, round {} of {}",
+                                round + 1,
+                                a.rounds.max(1)
+                            )
+                        },
+                    );
+                    done += 1;
+                    let (s, e) = decode_secs(&bench, f, th, a)?;
+                    secs[i] = secs[i].min(s);
+                    engine = e;
+                }
             }
             let after = hardware::read_gbps_now(th);
             points.push(ProbePoint {
