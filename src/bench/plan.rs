@@ -63,10 +63,10 @@ pub struct BenchPlanArgs {
     /// before each one (on a shared machine the bandwidth left to one process drifts)
     #[arg(long)]
     pub cached_bandwidth: bool,
-    /// Score the measurements saved by the last run (`<dir>/measurements.json`) again with
-    /// the current forecast instead of measuring (seconds, not minutes)
-    #[arg(long)]
-    pub rescore: bool,
+    /// Score saved measurements again with the current forecast instead of measuring (seconds,
+    /// not minutes): the last run's (`<dir>/measurements.json`) or the file given
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
+    pub rescore: Option<PathBuf>,
     /// Do not run the per-type compute probe when this machine has none on record (the
     /// forecast then uses one FLOP rate for every type)
     #[arg(long)]
@@ -454,7 +454,11 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         type_cost::save(&type_cost::type_costs_path(), &c)?;
         hw.type_costs = Some(c);
     }
-    let runs = if a.rescore {
+    let saved = match &a.rescore {
+        Some(p) if !p.as_os_str().is_empty() => p.clone(),
+        _ => saved,
+    };
+    let runs = if a.rescore.is_some() {
         let text = std::fs::read_to_string(&saved).map_err(|e| {
             PlanError::Usage(format!(
                 "read {}: {e} (run `spark bench plan` without --rescore first)",
@@ -494,6 +498,14 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         })
         .collect();
     let report = summarize(score(&receipts), bw);
+    let mut no_layer_hw = hw.clone();
+    if let Some(c) = no_layer_hw.type_costs.as_mut() {
+        c.layers.clear();
+    }
+    let no_layer = summarize(
+        score(&receipts_for(&runs, &no_layer_hw, a.best)?),
+        Vec::new(),
+    );
     let mut flat_hw = hw.clone();
     flat_hw.type_costs = None;
     let flat_receipts = receipts_for(&runs, &flat_hw, a.best)?;
@@ -505,6 +517,7 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "report": &report,
                 "type_costs": &hw.type_costs,
+                "without_layer_term": &no_layer,
                 "flat_compute": &flat,
                 "bandwidth_only": &before,
             }))
@@ -518,6 +531,7 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         }
         print!("{}", render(&report));
         for (what, r) in [
+            ("per-type costs without the per-layer term", &no_layer),
             ("one FLOP rate for every type (2 FLOP per weight)", &flat),
             ("bandwidth only, no compute term", &before),
         ] {
@@ -531,7 +545,7 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         }
         println!(
             "measurements {} {}",
-            if a.rescore {
+            if a.rescore.is_some() {
                 "rescored from"
             } else {
                 "saved in"
@@ -539,7 +553,7 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
             saved.display()
         );
     }
-    if !a.no_store && !a.rescore {
+    if !a.no_store && a.rescore.is_none() {
         let path = crate::plan::receipt::store_path();
         let mut store = ReceiptStore::load(&path)?;
         store.version = 1;

@@ -78,6 +78,10 @@ pub struct Roofline {
     /// compute on top of its reads (each term names its source).
     #[serde(default, skip_deserializing)]
     pub host_compute: Vec<TypeTerm>,
+    /// Seconds per token of the CPU's fixed work per layer (op dispatch, the threads meeting at
+    /// each op), measured by the probe; CPU-only regime only (0 when not probed).
+    #[serde(default)]
+    pub host_layer_secs: f64,
     /// Decode ceiling, tokens/s.
     pub decode_tps: f64,
     /// Prefill ceiling from compute (2 FLOP per active weight per token), tokens/s.
@@ -143,7 +147,12 @@ pub fn roofline(m: &ModelFacts, hw: &HardwareFacts, r: &RooflineInput) -> Roofli
         .map(|t| t.bytes)
         .sum();
     let host_read_secs = (host as f64 - covered).max(0.0) / (host_gbps * 1e9);
+    let host_layer_secs = match (regime, hw.type_costs.as_ref()) {
+        (Regime::CpuOnly, Some(c)) => f64::from(m.n_layer) * c.layer_secs(r.threads).unwrap_or(0.0),
+        _ => 0.0,
+    };
     let secs = host_read_secs
+        + host_layer_secs
         + host_compute_secs
         + vram_gbps.map(|g| vram as f64 / (g * 1e9)).unwrap_or(0.0);
     let decode_tps = if secs > 0.0 { 1.0 / secs } else { 0.0 };
@@ -168,6 +177,7 @@ pub fn roofline(m: &ModelFacts, hw: &HardwareFacts, r: &RooflineInput) -> Roofli
         host_compute_secs,
         host_read_secs,
         host_compute,
+        host_layer_secs,
         decode_tps,
         prefill_tps,
         cache_hit_ratio: r.cache_hit_ratio,
@@ -310,6 +320,12 @@ pub fn forecast(roof: Roofline, decode_effs: &[f64], prefill_effs: &[f64]) -> Fo
         for t in &roof.host_compute {
             assumptions.push(format!("  {}", describe_term(t)));
         }
+    }
+    if roof.host_layer_secs > 0.0 {
+        assumptions.push(format!(
+            "plus the CPU's fixed work per layer (op dispatch, threads meeting at each op), measured by the probe: {:.3} ms per token",
+            roof.host_layer_secs * 1e3
+        ));
     }
     match roof.vram_gbps {
         Some(g) => assumptions.push(format!("VRAM reads at {g:.0} GB/s")),

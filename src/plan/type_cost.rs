@@ -80,6 +80,28 @@ impl ProbePoint {
     }
 }
 
+/// The per-layer probe at one thread count: two fixtures of tiny width (whose weights cost next
+/// to nothing) that differ only in their layer count. The slope is what one more layer costs
+/// beyond its weights: the graph's fixed work per layer (op dispatch, the threads meeting at
+/// each op).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerPoint {
+    pub threads: u32,
+    pub small_layers: u32,
+    pub large_layers: u32,
+    pub small_secs: f64,
+    pub large_secs: f64,
+}
+
+impl LayerPoint {
+    /// Seconds per layer per token; `None` without a positive slope.
+    pub fn secs_per_layer(&self) -> Option<f64> {
+        let dl = f64::from(self.large_layers) - f64::from(self.small_layers);
+        let dt = self.large_secs - self.small_secs;
+        (dl > 0.0 && dt > 0.0).then(|| dt / dl)
+    }
+}
+
 /// The measured record of one machine and engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TypeCosts {
@@ -91,6 +113,9 @@ pub struct TypeCosts {
     /// Types the probe could not measure, with the reason (e.g. llama-quantize refused).
     #[serde(default)]
     pub skipped: Vec<(String, String)>,
+    /// The fixed cost per layer, per thread count.
+    #[serde(default)]
+    pub layers: Vec<LayerPoint>,
     pub measured_unix: u64,
     pub measure_secs: f64,
 }
@@ -132,6 +157,22 @@ impl TypeCosts {
         v.sort();
         v.dedup();
         v
+    }
+
+    /// The CPU's fixed cost per layer per token at `threads` (linear between probed thread
+    /// counts, flat outside); `None` when not probed.
+    pub fn layer_secs(&self, threads: u32) -> Option<f64> {
+        let pts: Vec<RatePoint> = self
+            .layers
+            .iter()
+            .filter_map(|p| {
+                p.secs_per_layer().map(|r| RatePoint {
+                    threads: p.threads,
+                    rate: r,
+                })
+            })
+            .collect();
+        (!pts.is_empty()).then(|| super::hardware::rate_at(&pts, threads))
     }
 
     /// One figure of `ggml_type`'s cost at `threads`: linear between the probed thread counts,
@@ -239,9 +280,15 @@ pub fn merge(old: TypeCosts, fresh: TypeCosts) -> TypeCosts {
         .cloned()
         .collect();
     skipped.extend(fresh.skipped.iter().cloned());
+    let layers = if fresh.layers.is_empty() {
+        old.layers.clone()
+    } else {
+        fresh.layers.clone()
+    };
     TypeCosts {
         points,
         skipped,
+        layers,
         measure_secs: old.measure_secs + fresh.measure_secs,
         ..fresh
     }
@@ -255,7 +302,10 @@ pub fn type_costs_path() -> PathBuf {
 pub fn load(path: &Path, machine: &MachineId) -> Option<TypeCosts> {
     let text = std::fs::read_to_string(path).ok()?;
     let c: TypeCosts = serde_json::from_str(&text).ok()?;
-    (c.version == TYPE_COST_VERSION && &c.machine == machine && !c.points.is_empty()).then_some(c)
+    (c.version == TYPE_COST_VERSION
+        && &c.machine == machine
+        && !(c.points.is_empty() && c.layers.is_empty()))
+    .then_some(c)
 }
 
 pub fn save(path: &Path, c: &TypeCosts) -> Result<(), HardwareError> {
@@ -301,6 +351,7 @@ mod tests {
             engine: "e".into(),
             points,
             skipped: vec![],
+            layers: vec![],
             measured_unix: 0,
             measure_secs: 0.0,
         }
@@ -374,6 +425,26 @@ mod tests {
         assert_eq!(flat[1].source, CostSource::Flops { gflops: 50.0 });
         assert!(!flat[1].includes_read);
         assert_eq!(compute_terms(&w, None, 1, 0.0)[0].secs, 0.0);
+    }
+
+    #[test]
+    fn the_layer_slope_is_the_fixed_cost_per_layer() {
+        // 4 → 36 layers: 1.0 → 2.6 ms per token: 1.6 ms over 32 layers, 50 µs per layer.
+        let p = |threads, large_secs| LayerPoint {
+            threads,
+            small_layers: 4,
+            large_layers: 36,
+            small_secs: 1.0e-3,
+            large_secs,
+        };
+        assert!((p(1, 2.6e-3).secs_per_layer().unwrap() - 50e-6).abs() < 1e-15);
+        assert_eq!(p(1, 0.9e-3).secs_per_layer(), None);
+        let mut c = costs(vec![]);
+        assert_eq!(c.layer_secs(1), None);
+        // 2 threads: 1.0 → 4.2 ms: 100 µs per layer; 1.5 threads would be 75 µs.
+        c.layers = vec![p(1, 2.6e-3), p(2, 4.2e-3)];
+        assert!((c.layer_secs(1).unwrap() - 50e-6).abs() < 1e-15);
+        assert!((c.layer_secs(8).unwrap() - 100e-6).abs() < 1e-15);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::supervisor::run_with_deadline;
 use super::hardware::{self, HardwareFacts};
 use super::llama_bench::{locate_llama_bench, run_llama_bench};
 use super::receipt::BenchSpec;
-use super::type_cost::{self, ProbePoint, TypeCosts, TYPE_COST_VERSION};
+use super::type_cost::{self, LayerPoint, ProbePoint, TypeCosts, TYPE_COST_VERSION};
 use super::{model_facts, PlanError};
 
 /// The types people run and the probe measures by default.
@@ -69,6 +69,9 @@ pub struct ProbeArgs {
     /// Seconds one llama-bench or llama-quantize run may take
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Probe only the fixed cost per layer (seconds), keeping the recorded types
+    #[arg(long)]
+    pub layers_only: bool,
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
@@ -86,6 +89,7 @@ impl ProbeArgs {
             repetitions: 5,
             rounds: 3,
             timeout: 300,
+            layers_only: false,
             json: false,
         }
     }
@@ -250,11 +254,62 @@ fn decode_secs(
     ))
 }
 
+/// Layer counts of the per-layer probe.
+const LAYER_COUNTS: [u32; 2] = [4, 36];
+
+/// The per-layer probe: the tiny preset (width 64, its weights next to nothing) in q8_0 at 4
+/// and 36 layers, small and large alternating over the rounds, the fastest of each.
+fn probe_layers(
+    a: &ProbeArgs,
+    bench: &Path,
+    dir: &Path,
+    threads: &[u32],
+) -> Result<(Vec<LayerPoint>, String), PlanError> {
+    let vocab = crate::engine::vocab_path(crate::engine::DEFAULT_VOCAB)?;
+    let mut files = Vec::new();
+    for n in LAYER_COUNTS {
+        let path = dir.join(format!("probe-layers-{n}.gguf"));
+        if !path.exists() {
+            crate::progress::line(&format!("probe: writing the {n}-layer fixture"));
+            let mut s = FixtureSpec::preset(Size::Tiny);
+            s.layers = n;
+            s.weight_type = GgmlType::Q8_0;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| PlanError::Validation(format!("create {}: {e}", dir.display())))?;
+            fixture::write_fixture(&s, &vocab, &path).map_err(|e| {
+                PlanError::Validation(format!("write probe fixture {}: {e}", path.display()))
+            })?;
+        }
+        files.push(path);
+    }
+    let mut out = Vec::new();
+    let mut engine = String::new();
+    for &th in threads {
+        crate::progress::line(&format!("probe: fixed cost per layer at {th} threads"));
+        let mut secs = [f64::INFINITY; 2];
+        for _ in 0..a.rounds.max(1) {
+            for (i, f) in files.iter().enumerate() {
+                let (t, e) = decode_secs(bench, f, th, a)?;
+                secs[i] = secs[i].min(t);
+                engine = e;
+            }
+        }
+        out.push(LayerPoint {
+            threads: th,
+            small_layers: LAYER_COUNTS[0],
+            large_layers: LAYER_COUNTS[1],
+            small_secs: secs[0],
+            large_secs: secs[1],
+        });
+    }
+    Ok((out, engine))
+}
+
 /// Runs the probe and returns the record (not saved).
 pub fn probe(a: &ProbeArgs, hw: &HardwareFacts) -> Result<TypeCosts, PlanError> {
     let t0 = Instant::now();
     let mut types = Vec::new();
-    for name in &a.types {
+    for name in a.types.iter().filter(|_| !a.layers_only) {
         let t = GgmlType::from_name(name).ok_or_else(|| {
             PlanError::Usage(format!("parse --types: {name} is not a ggml type name"))
         })?;
@@ -369,8 +424,12 @@ pub fn probe(a: &ProbeArgs, hw: &HardwareFacts) -> Result<TypeCosts, PlanError> 
             });
         }
     }
+    let (layers, layer_engine) = probe_layers(a, &bench, &dir, &threads)?;
+    if engine.is_empty() {
+        engine = layer_engine;
+    }
     steps.finish();
-    if points.is_empty() {
+    if points.is_empty() && !a.layers_only {
         return Err(PlanError::Validation(
             "probe: no type could be measured".into(),
         ));
@@ -381,6 +440,7 @@ pub fn probe(a: &ProbeArgs, hw: &HardwareFacts) -> Result<TypeCosts, PlanError> 
         engine,
         points,
         skipped,
+        layers,
         measured_unix: hardware::unix_now(),
         measure_secs: t0.elapsed().as_secs_f64(),
     })
@@ -415,6 +475,20 @@ pub fn render(c: &TypeCosts) -> String {
                 .unwrap_or_else(|| "no slope".into()),
             cost.map(|c| format!("{:.4}", c.compute_secs_per_weight * 1e9))
                 .unwrap_or_else(|| "-".into()),
+        );
+    }
+    for p in &c.layers {
+        let _ = writeln!(
+            s,
+            "per layer {:>3} threads: {} layers {:.3} ms, {} layers {:.3} ms: {}",
+            p.threads,
+            p.small_layers,
+            p.small_secs * 1e3,
+            p.large_layers,
+            p.large_secs * 1e3,
+            p.secs_per_layer()
+                .map(|x| format!("{:.1} µs per layer", x * 1e6))
+                .unwrap_or_else(|| "no slope".into())
         );
     }
     for (t, why) in &c.skipped {
