@@ -1,13 +1,18 @@
-//! The host's compute cost per weight of each weight type, as ggml's own CPU kernels pay it:
-//! the record a probe measured (`cache_dir()/machine/type-costs.json`), the arithmetic that
-//! turns a probe's two runs into seconds per weight, and the decode compute term the roofline
-//! adds to the reads.
+//! The host's cost per weight of each weight type, as ggml's own CPU kernels pay it, and its
+//! fixed cost per layer: the record a probe measured (`cache_dir()/machine/type-costs.json`),
+//! the arithmetic that turns a probe's two runs into seconds per weight (or per layer), and the
+//! per-type terms the roofline puts in place of bytes at the host bandwidth.
 //!
-//! Why per type: a decode token's host time is the bytes it reads at the host bandwidth plus
-//! what the CPU spends dequantising and multiplying beyond that read, and that second part
-//! depends on the weight type (f16 converts every weight to f32, q8_0 multiplies integers,
-//! Q4_K unpacks nibbles and scales). A single FLOP rate for every type forecast f16 too fast
-//! against q8_0 on the machine this was built on.
+//! Why per type: what a decode token costs the host per weight depends on the weight type (f16
+//! converts every weight to f32, q8_0 multiplies integers, Q4_K unpacks nibbles and scales),
+//! not only on its bytes. Bytes at the memcmp bandwidth plus one FLOP rate for every type
+//! forecast f16 too fast against q8_0 on the machine this was built on.
+//!
+//! Why the whole slope and not the slope less a read share: ggml streams weights faster than
+//! the single memcmp pass of [`super::hardware`] measures (the probe's slopes imply more GB/s
+//! than that bandwidth), so "slope − bytes ÷ bandwidth" came out negative and was clamped to 0,
+//! and as the difference of two noisy numbers it moved with every re-measurement of the
+//! bandwidth. The slope itself is what was measured.
 //!
 //! Owns the record and the arithmetic only. Never spawns a process and never measures: the
 //! probe that runs llama-bench lives in [`super::type_probe`]. Reading and writing the record

@@ -6,9 +6,10 @@
 //! expert active for every token (`--top-k` = `--experts`), the varied weights 2× and 4× the
 //! last-level cache so both runs read them from memory. llama-bench decodes each at each thread
 //! count; the slope (seconds per token ÷ weights per token between the two) is what one more
-//! weight of that type costs, with everything the two runs share (attention, output, graph
-//! overhead) cancelled. The bandwidth share (bytes per weight ÷ the host read bandwidth measured
-//! around the runs) is taken off; what is left is the CPU's compute per weight.
+//! weight of that type costs, reading and computing, with everything the two runs share
+//! (attention, output, graph overhead) cancelled. The host read bandwidth measured around the
+//! runs is kept beside it, to split off a compute share for types the probe did not measure.
+//! The fixed cost per layer comes the same way from two tiny-width fixtures at 4 and 36 layers.
 //!
 //! Owns the probe's fixtures (`cache_dir()/type-probe/`, kept for the next probe) and its runs.
 //! Spawns nothing itself: llama-bench and llama-quantize run through
