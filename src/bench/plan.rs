@@ -443,6 +443,34 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         .map_err(|e| PlanError::Usage(format!("create {}: {e}", dir.display())))?;
     let saved = dir.join("measurements.json");
     let mut hw = hardware::gather(&hardware::HardwareOverrides::default())?;
+    // Saved measurements are read (and refused when they are not this machine's) before any
+    // slow work starts.
+    let saved = match &a.rescore {
+        Some(p) if !p.as_os_str().is_empty() => p.clone(),
+        _ => saved,
+    };
+    let rescored = match &a.rescore {
+        None => None,
+        Some(_) => {
+            let text = std::fs::read_to_string(&saved).map_err(|e| {
+                PlanError::Usage(format!(
+                    "read {}: {e} (run `spark bench plan` without --rescore first)",
+                    saved.display()
+                ))
+            })?;
+            let m: Measurements = serde_json::from_str(&text)
+                .map_err(|e| PlanError::Usage(format!("parse {}: {e}", saved.display())))?;
+            if m.machine != hw.machine.key() {
+                return Err(PlanError::Usage(format!(
+                    "rescore {}: measured on machine {}, this is {}",
+                    saved.display(),
+                    m.machine,
+                    hw.machine.key()
+                )));
+            }
+            Some(m.runs)
+        }
+    };
     if hw.type_costs.is_none() && !a.no_probe {
         tracing::info!(
             target: crate::progress::TARGET,
@@ -454,39 +482,24 @@ pub fn run(a: BenchPlanArgs) -> Result<(), PlanError> {
         type_cost::save(&type_cost::type_costs_path(), &c)?;
         hw.type_costs = Some(c);
     }
-    let saved = match &a.rescore {
-        Some(p) if !p.as_os_str().is_empty() => p.clone(),
-        _ => saved,
-    };
-    let runs = if a.rescore.is_some() {
-        let text = std::fs::read_to_string(&saved).map_err(|e| {
-            PlanError::Usage(format!(
-                "read {}: {e} (run `spark bench plan` without --rescore first)",
-                saved.display()
-            ))
-        })?;
-        let m: Measurements = serde_json::from_str(&text)
-            .map_err(|e| PlanError::Usage(format!("parse {}: {e}", saved.display())))?;
-        if m.machine != hw.machine.key() {
-            return Err(PlanError::Usage(format!(
-                "rescore {}: measured on machine {}, this is {}",
-                saved.display(),
-                m.machine,
-                hw.machine.key()
-            )));
+    let runs = match rescored {
+        Some(runs) => runs,
+        None => {
+            let runs = measure(&a, &dir, &hw)?;
+            let m = Measurements {
+                machine: hw.machine.key(),
+                measured_unix: hardware::unix_now(),
+                runs,
+            };
+            let json = serde_json::to_vec_pretty(&m).expect("serialize");
+            // The latest run, and a copy named by its time that the next run does not replace.
+            let stamped = dir.join(format!("measurements-{}.json", m.measured_unix));
+            for path in [&saved, &stamped] {
+                crate::atomic_file::write_atomic(path, &json)
+                    .map_err(|e| PlanError::Validation(format!("write {}: {e}", path.display())))?;
+            }
+            m.runs
         }
-        m.runs
-    } else {
-        let runs = measure(&a, &dir, &hw)?;
-        let m = Measurements {
-            machine: hw.machine.key(),
-            measured_unix: hardware::unix_now(),
-            runs,
-        };
-        let json = serde_json::to_vec_pretty(&m).expect("serialize");
-        crate::atomic_file::write_atomic(&saved, &json)
-            .map_err(|e| PlanError::Validation(format!("write {}: {e}", saved.display())))?;
-        m.runs
     };
     let receipts = receipts_for(&runs, &hw, a.best)?;
     let bw: Vec<hardware::RatePoint> = a
