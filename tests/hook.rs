@@ -438,3 +438,29 @@ fn the_graph_observer_reads_the_routing_exactly_on_the_cpu() {
         "decode graphs were read by the observer: {summary}"
     );
 }
+
+/// With a hidden-state ring, the observer reads each layer's router input after the graph
+/// too (the eval callback neither asks for it nor synchronises), and the values are exactly the
+/// analytic router inputs; with the observer off, the callback reads them, equally exact.
+#[test]
+fn the_graph_observer_reads_the_router_inputs_exactly_on_the_cpu() {
+    let server = hooked_prefix().join("bin").join("llama-server");
+    let (pairs, _, after_graph) =
+        crate::archs::check_arch_routing(&server, "qwen3moe", &[], &[], &[]);
+    assert!(
+        pairs > 0 && after_graph > 0,
+        "{pairs} pairs, {after_graph} rows after the graph"
+    );
+    let (pairs, _, after_graph) = crate::archs::check_arch_routing(
+        &server,
+        "qwen3moe",
+        &[],
+        &[],
+        &[(spark_proto::hook::ENV_GRAPH_READS, "off")],
+    );
+    assert!(pairs > 0, "callback path compared nothing");
+    assert_eq!(
+        after_graph, 0,
+        "SPARK_GRAPH_READS=off leaves the router inputs to the callback"
+    );
+}

@@ -160,6 +160,9 @@ pub struct RecordSummary {
     /// Graphs whose routing the tap read once after the graph (a hooked engine's graph
     /// observer), not through the eval callback's synchronisation per layer.
     pub graph_reads: u64,
+    /// Hidden-state rows (router inputs) the tap read once after their graph, not through the
+    /// eval callback.
+    pub graph_hidden_rows: u64,
     /// The hidden-state file and its chunk count, when captured.
     pub hidden_path: Option<PathBuf>,
     pub hidden_chunks: u64,
@@ -308,6 +311,7 @@ pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
         dropped: stats.map(|s| s.dropped).unwrap_or(0).max(ring_dropped),
         unmapped: stats.map(|s| s.unmapped).unwrap_or(0),
         graph_reads: stats.map(|s| s.graph_reads).unwrap_or(0),
+        graph_hidden_rows: stats.map(|s| s.graph_hidden_rows).unwrap_or(0),
         hidden_path,
         hidden_chunks: chunks.len() as u64,
         hidden_dropped,
