@@ -245,6 +245,7 @@ fn residency_decision(
             run: "as_asked".into(),
             slots: None,
             slots_per_layer: None,
+            n_cpu_moe: None,
             reason: reason.into(),
             source: None,
             stock_tps: None,
@@ -269,7 +270,9 @@ fn residency_decision(
             .filter(|p| p.check_fresh(&fp, path).is_ok())
             .map(|p| p.counts)
     });
-    match serve_decision(file, geometry, budget, cfg.ctx, &cfg.residency_gpu, counts.as_ref())
+    // The context llama-server runs, as the placement counts it.
+    let ctx = placement::user_ctx(&cfg.llama_args).unwrap_or(cfg.ctx);
+    match serve_decision(file, geometry, budget, ctx, &cfg.residency_gpu, counts.as_ref())
         .map_err(ServeError::Usage)?
     {
         Some(d) => Ok(Some(d)),
@@ -377,6 +380,10 @@ pub async fn serve(
         cfg.ctx,
         &cfg.llama_args,
         residency.as_ref(),
+        decision
+            .as_ref()
+            .filter(|d| d.run == "residency")
+            .and_then(|d| d.n_cpu_moe),
     )?;
     let mut placement = placement;
     placement.residency_decision = decision;

@@ -67,6 +67,8 @@ pub struct ServeDecision {
     /// `[layer, slots]` of each host layer when the forecast chose a per-layer split (what
     /// serve then passes to the provider); `None` when every layer gets `slots`.
     pub slots_per_layer: Option<Vec<(u32, u32)>>,
+    /// The `--n-cpu-moe` of the split the forecast chose (residency or stock): serve runs it.
+    pub n_cpu_moe: Option<u32>,
     pub reason: String,
     /// Where the hit ratios came from.
     pub source: Option<String>,
@@ -84,8 +86,9 @@ pub struct ServeGpu {
 }
 
 /// serve's residency decision: the forecast `spark plan --residency` shows, for `file` at
-/// `budget_mib` and `ctx`, from `counts` (a fresh profile) or the uniform prior. `None` when the
-/// GPU's bandwidths are not known (serve then runs the slots it was asked for and says so).
+/// `budget_mib` and the context serve runs (`MemorySettings::serve`, as its placement), from
+/// `counts` (a fresh profile) or the uniform prior. `None` when the GPU's bandwidths are not
+/// known (serve then runs the slots it was asked for and says so).
 pub fn serve_decision(
     file: &crate::gguf::GgufFile,
     geometry: &crate::gguf::MoeGeometry,
@@ -115,13 +118,7 @@ pub fn serve_decision(
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
-    let s = MemorySettings {
-        ctx,
-        k_type: crate::gguf::GgmlType::F16,
-        v_type: crate::gguf::GgmlType::F16,
-        ubatch: 512,
-        reserve_bytes: 0,
-    };
+    let s = MemorySettings::serve(ctx);
     let mach = Machine {
         vram_budget_bytes: budget_mib.saturating_mul(MIB),
         vram_gbps: vram,
@@ -132,25 +129,40 @@ pub fn serve_decision(
         copy_call_us: COPY_CALL_US_PRIOR,
         sources: Vec::new(),
     };
-    let f = decide(&m, &s, &mach, counts, hw.ram_total_bytes)?;
-    let (run, slots, slots_per_layer) = match f.verdict {
+    decision_on(&m, &s, &mach, counts, hw.ram_total_bytes).map(Some)
+}
+
+/// [`serve_decision`] on a given machine: the forecast's verdict as serve acts on it.
+pub fn decision_on(
+    m: &ModelFacts,
+    s: &MemorySettings,
+    mach: &Machine,
+    counts: Option<&crate::cache::Counts>,
+    ram_total_bytes: u64,
+) -> Result<ServeDecision, String> {
+    let f = decide(m, s, mach, counts, ram_total_bytes)?;
+    let (run, slots, slots_per_layer, n_cpu_moe) = match f.verdict {
         // (A per-layer split of all zeros streams every used expert: still the provider's.)
         Verdict::Residency {
             slots_per_layer: Some(v),
             slots,
-            ..
-        } => ("residency", Some(slots), Some(v)),
-        Verdict::Residency { slots, .. } if slots > 0 => ("residency", Some(slots), None),
-        _ => ("stock", None, None),
+            n_cpu_moe,
+        } => ("residency", Some(slots), Some(v), n_cpu_moe),
+        Verdict::Residency {
+            slots, n_cpu_moe, ..
+        } if slots > 0 => ("residency", Some(slots), None, n_cpu_moe),
+        Verdict::Residency { .. } => ("stock", None, None, f.stock.n_cpu_moe),
+        Verdict::Stock { n_cpu_moe } => ("stock", None, None, n_cpu_moe),
     };
-    Ok(Some(ServeDecision {
+    Ok(ServeDecision {
         run: run.into(),
         slots,
         slots_per_layer,
+        n_cpu_moe: Some(n_cpu_moe),
         reason: f.reason.clone(),
         source: Some(f.source.describe()),
         stock_tps: Some(f.stock.tps),
         spark_tps: f.spark.as_ref().map(|x| x.tps),
         break_even_link_gbps: f.break_even_link_gbps,
-    }))
+    })
 }
