@@ -254,6 +254,71 @@ pub fn kill_child_and_wait_for_plans(served: &util::Served, sent_before: u64, n_
     }
 }
 
+/// With the GPU's figures (`--gpu`), serve decides at start and, after a request, decides again
+/// on the routing it has seen, and shows both: the decision it runs with its `--n-cpu-moe`, and
+/// the one on live counts with whether it differs and what to do about it.
+#[test]
+fn serve_residency_decides_again_on_the_routing_it_has_seen() {
+    let hooked = hooked_prefix();
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "skewed.gguf", &["--router", "skewed"]);
+    let profile = dir.path().join("profile.csv");
+    let served = util::Served::start_with(
+        &model,
+        &hooked.join("bin/llama-server"),
+        &[
+            "--quiet",
+            "--residency",
+            "--vram-budget",
+            "4096",
+            "--gpu",
+            "rtx3060",
+            "--spark",
+            "--profile",
+            profile.to_str().unwrap(),
+        ],
+    );
+    let status = served.status();
+    let at_start = &status["placement"]["residency_decision"];
+    // The tiny model fits the budget whole: stock placement, every layer on the GPU.
+    assert_eq!(at_start["run"], "stock", "{at_start}");
+    assert_eq!(at_start["n_cpu_moe"], 0, "{at_start}");
+    assert!(
+        status["routing"]["residency_decision_now"].is_null(),
+        "{status}"
+    );
+    let _: Value = ureq::post(&served.url("/completion"))
+        .timeout(Duration::from_secs(60))
+        .send_json(completion_body())
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let now = loop {
+        let now = served.status()["routing"]["residency_decision_now"].clone();
+        if !now.is_null() {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no decision on live counts"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(now["error"].is_null(), "{now}");
+    assert_eq!(now["run"], "stock", "the model still fits whole: {now}");
+    assert_eq!(now["differs"], false, "{now}");
+    assert!(now["at_records"].as_u64().unwrap() > 0, "{now}");
+    assert!(
+        now["source"]
+            .as_str()
+            .unwrap()
+            .contains("the routing serve has seen"),
+        "{now}"
+    );
+    assert!(now["took_us"].is_u64(), "{now}");
+}
+
 #[test]
 fn serve_residency_needs_the_hooked_build_and_a_budget() {
     let dir = util::tempdir();

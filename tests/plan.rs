@@ -1008,7 +1008,7 @@ fn serve_places_the_split_its_residency_decision_chose() {
             copy_call_us: COPY_CALL_US_PRIOR,
             sources: Vec::new(),
         };
-        let Ok(d) = decision_on(&m, &s, &mach, Some(&counts), 1 << 40) else {
+        let Ok(d) = decision_on(&m, &s, &mach, Some((&counts, "a skewed profile")), 1 << 40) else {
             continue; // too small for the dense part
         };
         if d.run != "residency" {

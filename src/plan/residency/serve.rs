@@ -1,7 +1,8 @@
 //! The decision `spark serve --residency` acts on at start: the same forecast as `spark plan
 //! --residency`, from the loaded profile's counts or the uniform prior, summed up as a
-//! [`ServeDecision`] (what to run and why) for the start line and `/spark/status`. Gathers the
-//! host's facts like `spark plan`; never starts anything.
+//! [`ServeDecision`] (what to run and why) for the start line and `/spark/status`; and again
+//! later on serve's live counts (`serve/redecide.rs`). Gathers the host's facts like `spark
+//! plan`; never starts anything.
 
 use serde::Serialize;
 
@@ -12,15 +13,19 @@ use crate::plan::forecast::{calibrate, Regime};
 use crate::units::MIB;
 
 /// The decision `spark serve --residency` acts on: the same forecast as `spark plan
-/// --residency`, with hit ratios drawn from the profile's counts (`counts[layer][expert]`, when
-/// serve loaded a fresh one) or the uniform prior.
+/// --residency`, with hit ratios drawn from counts (`counts[layer][expert]`: a fresh profile's
+/// at start, the live ones later; the `&str` names them in words) or the uniform prior.
 pub fn decide(
     m: &ModelFacts,
     s: &MemorySettings,
     mach: &Machine,
-    counts: Option<&crate::cache::Counts>,
+    counts: Option<(&crate::cache::Counts, &str)>,
     ram_total_bytes: u64,
 ) -> Result<ResidencyForecast, String> {
+    let (counts, named) = match counts {
+        Some((c, name)) => (Some(c), name),
+        None => (None, ""),
+    };
     let (n, k) = (m.n_expert as usize, m.n_expert_used as usize);
     let mut w = vec![Vec::new(); m.n_layer as usize];
     let mut any = false;
@@ -38,7 +43,7 @@ pub fn decide(
     let routing = synthesize(&w, n, k, SYNTH_STEPS, 0x5eed);
     let source = if any {
         HitSource::Profile {
-            path: "the loaded profile".into(),
+            path: named.into(),
             steps: SYNTH_STEPS,
         }
     } else {
@@ -85,18 +90,10 @@ pub struct ServeGpu {
     pub h2d_gbps: Option<f64>,
 }
 
-/// serve's residency decision: the forecast `spark plan --residency` shows, for `file` at
-/// `budget_mib` and the context serve runs (`MemorySettings::serve`, as its placement), from
-/// `counts` (a fresh profile) or the uniform prior. `None` when the GPU's bandwidths are not
-/// known (serve then runs the slots it was asked for and says so).
-pub fn serve_decision(
-    file: &crate::gguf::GgufFile,
-    geometry: &crate::gguf::MoeGeometry,
-    budget_mib: u64,
-    ctx: u64,
-    gpu: &ServeGpu,
-    counts: Option<&crate::cache::Counts>,
-) -> Result<Option<ServeDecision>, String> {
+/// The machine serve forecasts on: the GPU from `--gpu` and/or `--vram-bw`/`--h2d-bw`, the host
+/// measured (`hardware::gather`), `budget_mib` of VRAM; with the host's RAM. `None` when the
+/// GPU's bandwidths are not known (serve then runs the slots it was asked for and says so).
+pub fn serve_machine(budget_mib: u64, gpu: &ServeGpu) -> Result<Option<(Machine, u64)>, String> {
     let card = match gpu.card.as_deref() {
         Some(c) => Some(crate::plan::presets::find(c).ok_or_else(|| {
             format!(
@@ -112,13 +109,11 @@ pub fn serve_decision(
     ) else {
         return Ok(None);
     };
-    let m = ModelFacts::of(file, geometry.clone());
     let hw = crate::plan::hardware::gather(&crate::plan::hardware::HardwareOverrides::default())
         .map_err(|e| e.to_string())?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
-    let s = MemorySettings::serve(ctx);
     let mach = Machine {
         vram_budget_bytes: budget_mib.saturating_mul(MIB),
         vram_gbps: vram,
@@ -129,15 +124,18 @@ pub fn serve_decision(
         copy_call_us: COPY_CALL_US_PRIOR,
         sources: Vec::new(),
     };
-    decision_on(&m, &s, &mach, counts, hw.ram_total_bytes).map(Some)
+    Ok(Some((mach, hw.ram_total_bytes)))
 }
 
-/// [`serve_decision`] on a given machine: the forecast's verdict as serve acts on it.
+/// serve's residency decision: the forecast `spark plan --residency` shows, on `mach` (see
+/// [`serve_machine`]) with `s` (`MemorySettings::serve` at the context llama-server runs, as
+/// serve's placement counts it), from `counts` (named) or the uniform prior; its verdict as
+/// serve acts on it.
 pub fn decision_on(
     m: &ModelFacts,
     s: &MemorySettings,
     mach: &Machine,
-    counts: Option<&crate::cache::Counts>,
+    counts: Option<(&crate::cache::Counts, &str)>,
     ram_total_bytes: u64,
 ) -> Result<ServeDecision, String> {
     let f = decide(m, s, mach, counts, ram_total_bytes)?;
