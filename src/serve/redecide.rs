@@ -107,13 +107,23 @@ impl Redecider {
     }
 }
 
-/// What a decision runs: stock or residency, the `--n-cpu-moe`, and the slots.
-fn split_of(d: &ServeDecision) -> (String, Option<u32>, Option<u32>, Option<Vec<(u32, u32)>>) {
-    let slots = match d.slots_per_layer {
-        Some(_) => None,
-        None => d.slots,
-    };
-    (d.run.clone(), d.n_cpu_moe, slots, d.slots_per_layer.clone())
+/// What a decision runs: stock or residency, the `--n-cpu-moe`, and the slots (one count, or
+/// each host layer's).
+#[derive(Debug, PartialEq)]
+struct Split {
+    run: String,
+    n_cpu_moe: Option<u32>,
+    slots: Option<u32>,
+    slots_per_layer: Option<Vec<(u32, u32)>>,
+}
+
+fn split_of(d: &ServeDecision) -> Split {
+    Split {
+        run: d.run.clone(),
+        n_cpu_moe: d.n_cpu_moe,
+        slots: d.slots.filter(|_| d.slots_per_layer.is_none()),
+        slots_per_layer: d.slots_per_layer.clone(),
+    }
 }
 
 fn describe(d: &ServeDecision) -> String {
