@@ -287,6 +287,8 @@ fn serve_residency_decides_again_on_the_routing_it_has_seen() {
         status["routing"]["residency_decision_now"].is_null(),
         "{status}"
     );
+    // Stock placement runs without the provider: no plans are sent to it, no counters shown.
+    assert!(status["routing"]["residency"].is_null(), "{status}");
     let _: Value = ureq::post(&served.url("/completion"))
         .timeout(Duration::from_secs(60))
         .send_json(completion_body())
@@ -317,6 +319,27 @@ fn serve_residency_decides_again_on_the_routing_it_has_seen() {
         "{now}"
     );
     assert!(now["took_us"].is_u64(), "{now}");
+    let after = served.status();
+    assert!(after["routing"]["residency"].is_null(), "{after}");
+    // The live page says both (when chromium is installed); the screenshot is kept.
+    if let Some(chrome) = crate::operator::chromium() {
+        let page = served.url("/spark/");
+        let dom = crate::operator::headless(&chrome, &page, 3500, None);
+        let line = dom
+            .split("id=\"decision\"")
+            .nth(1)
+            .and_then(|t| t.split("</p>").next())
+            .unwrap_or_else(|| panic!("no decision on the page:\n{dom}"));
+        assert!(line.contains("Residency decision at start"), "{line}");
+        assert!(line.contains("On the routing seen since"), "{line}");
+        assert!(line.contains("--n-cpu-moe 0"), "{line}");
+        let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/spark-page");
+        std::fs::create_dir_all(&shots).unwrap();
+        let shot = shots.join("decision.png");
+        let _ = std::fs::remove_file(&shot);
+        crate::operator::headless(&chrome, &page, 4500, Some(&shot));
+        assert!(std::fs::read(&shot).unwrap().starts_with(b"\x89PNG"));
+    }
 }
 
 #[test]

@@ -486,6 +486,7 @@ pub async fn serve(
                 tap.clone(),
                 slots,
                 layer_slots.as_deref(),
+                run_residency,
                 redecider,
             )?;
             (Some(handle), Some(launcher), Some(thread))
@@ -600,6 +601,8 @@ fn start_live(
     tap: PathBuf,
     slots: u32,
     layer_slots: Option<&[(u32, u32)]>,
+    // Whether the provider runs: `--residency`, unless its decision chose stock placement.
+    run_residency: bool,
     redecider: Option<(redecide::DecideFn, crate::plan::residency::ServeDecision)>,
 ) -> Result<
     (
@@ -627,7 +630,7 @@ fn start_live(
             let counts = spark_proto::hook::SlotCounts::per_layer(v.iter().copied());
             (0..geometry.n_layer).map(|l| counts.of_layer(l)).collect()
         }),
-        residency: cfg.residency,
+        residency: run_residency,
         policy: cfg.cache_policy,
         window: 2048,
         half_life: 256.0,
