@@ -67,7 +67,9 @@ pub struct RecordArgs {
     #[arg(long, value_name = "MIB", default_value_t = 256, requires = "hidden_every", value_parser = clap::value_parser!(u32).range(1..))]
     pub hidden_budget: u32,
     /// Graph tensor holding the hidden state: router_input (what each layer's router
-    /// multiplies, on every arch), ffn_norm or attn_norm
+    /// multiplies, on every arch; on a hooked engine read once after each graph, which keeps
+    /// n_layer × n_embd × ubatch floats of compute buffer), ffn_norm or attn_norm (read by the
+    /// eval callback, which synchronises at every layer on a device)
     #[arg(
         long,
         value_name = "NAME",
