@@ -426,9 +426,18 @@ pub async fn serve(
             .and_then(|d| d.n_cpu_moe),
     )?;
     let mut placement = placement;
-    // The decision on live counts is compared with the split that runs: only when it runs.
+    // The decision on live counts is compared with the split that runs (its `--n-cpu-moe` as
+    // placed: the decision's, unless it did not fit and fit placed it).
     let redecider = match (&decision, redecide) {
-        (Some(d), Some(f)) if run_residency || d.run == "stock" => Some((f, d.clone())),
+        (Some(d), Some(f)) if run_residency || d.run == "stock" => {
+            let mut running = d.clone();
+            running.n_cpu_moe = match placement.placement {
+                crate::plan::fit::Placement::CpuMoe { n } => Some(n),
+                crate::plan::fit::Placement::AllGpu => Some(0),
+                crate::plan::fit::Placement::CpuOnly => None,
+            };
+            Some((f, running))
+        }
         _ => None,
     };
     placement.residency_decision = decision;
