@@ -527,6 +527,52 @@ fn the_graph_observer_reads_the_routing_exactly_on_the_cpu() {
     );
 }
 
+/// `spark bench tap --callback` runs all five sides on the hooked engine (stock; routing through
+/// the observer and through the callback; hidden states through each) and says how the hidden
+/// side's rows were read. The timings are reported, never asserted.
+#[test]
+fn bench_tap_runs_every_side_and_reads_hidden_states_after_the_graph() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "tiny.gguf", &["--router", "skewed"]);
+    let server = hooked_prefix().join("bin").join("llama-server");
+    let o = util::spark(&[
+        "bench",
+        "tap",
+        "-m",
+        model.to_str().unwrap(),
+        "--llama-server",
+        server.to_str().unwrap(),
+        "--tap",
+        crate::telemetry::tap_lib().to_str().unwrap(),
+        "--reps",
+        "1",
+        "--n-predict",
+        "4",
+        "--callback",
+        "--json",
+        "--",
+        "-c",
+        "512",
+        "-t",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for side in [
+        "stock_tok_s",
+        "tapped_tok_s",
+        "callback_tok_s",
+        "hidden_tok_s",
+        "hidden_callback_tok_s",
+    ] {
+        assert_eq!(r[side].as_array().map(Vec::len), Some(1), "{side}: {r}");
+    }
+    assert!(r["records"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["hidden_chunks"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["hidden_after_graph_rows"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["hidden_callback_ratio"].as_f64().is_some(), "{r}");
+}
+
 /// With a hidden-state ring, the observer reads each layer's router input after the graph
 /// too (the eval callback neither asks for it nor synchronises), and the values are exactly the
 /// analytic router inputs; with the observer off, the callback reads them, equally exact.
