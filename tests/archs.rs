@@ -216,14 +216,15 @@ fn prompt() -> String {
 }
 
 /// Records the routing of an analytic fixture of `arch` through the tap and compares every
-/// (token, layer) with the analytic computation; returns (compared, near-ties skipped).
+/// (token, layer) with the analytic computation, and the router inputs value by value; returns
+/// (compared, near-ties skipped, router-input rows the graph observer read after their graph).
 pub fn check_arch_routing(
     server: &Path,
     arch: &str,
     extra_fixture: &[&str],
     llama_args: &[String],
     env: &[(&str, &str)],
-) -> (usize, usize) {
+) -> (usize, usize, u64) {
     let dir = util::tempdir();
     let mut flags = vec!["--arch", arch, "--router", "analytic"];
     flags.extend_from_slice(extra_fixture);
@@ -360,7 +361,8 @@ pub fn check_arch_routing(
         "{arch}: too many near ties: {skipped} of {compared}"
     );
     check_router_inputs(arch, &file, &g, &seq, &trace);
-    (compared, skipped)
+    let graph_hidden_rows = summary["graph_hidden_rows"].as_u64().unwrap();
+    (compared, skipped, graph_hidden_rows)
 }
 
 /// The hidden states captured as `router_input` (every 3rd token) equal, value for value, the
@@ -407,7 +409,11 @@ fn check_router_inputs(arch: &str, file: &GgufFile, g: &MoeGeometry, seq: &[u32]
 fn routing_capture_is_exact_with_each_archs_gating() {
     let server = util::llama_server();
     for arch in archs() {
-        let (c, s) = check_arch_routing(&server, arch, &[], &[], &[]);
+        let (c, s, after_graph) = check_arch_routing(&server, arch, &[], &[], &[]);
+        assert_eq!(
+            after_graph, 0,
+            "{arch}: a stock engine has no graph observer; the eval callback reads everything"
+        );
         eprintln!("{arch}: {c} (token, layer) pairs exact, {s} near ties skipped");
     }
 }

@@ -254,6 +254,94 @@ pub fn kill_child_and_wait_for_plans(served: &util::Served, sent_before: u64, n_
     }
 }
 
+/// With the GPU's figures (`--gpu`), serve decides at start and, after a request, decides again
+/// on the routing it has seen, and shows both: the decision it runs with its `--n-cpu-moe`, and
+/// the one on live counts with whether it differs and what to do about it.
+#[test]
+fn serve_residency_decides_again_on_the_routing_it_has_seen() {
+    let hooked = hooked_prefix();
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "skewed.gguf", &["--router", "skewed"]);
+    let profile = dir.path().join("profile.csv");
+    let served = util::Served::start_with(
+        &model,
+        &hooked.join("bin/llama-server"),
+        &[
+            "--quiet",
+            "--residency",
+            "--vram-budget",
+            "4096",
+            "--gpu",
+            "rtx3060",
+            "--spark",
+            "--profile",
+            profile.to_str().unwrap(),
+        ],
+    );
+    let status = served.status();
+    let at_start = &status["placement"]["residency_decision"];
+    // The tiny model fits the budget whole: stock placement, every layer on the GPU.
+    assert_eq!(at_start["run"], "stock", "{at_start}");
+    assert_eq!(at_start["n_cpu_moe"], 0, "{at_start}");
+    assert!(
+        status["routing"]["residency_decision_now"].is_null(),
+        "{status}"
+    );
+    // Stock placement runs without the provider: no plans are sent to it, no counters shown.
+    assert!(status["routing"]["residency"].is_null(), "{status}");
+    let _: Value = ureq::post(&served.url("/completion"))
+        .timeout(Duration::from_secs(60))
+        .send_json(completion_body())
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let now = loop {
+        let now = served.status()["routing"]["residency_decision_now"].clone();
+        if !now.is_null() {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no decision on live counts"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(now["error"].is_null(), "{now}");
+    assert_eq!(now["run"], "stock", "the model still fits whole: {now}");
+    assert_eq!(now["differs"], false, "{now}");
+    assert!(now["at_records"].as_u64().unwrap() > 0, "{now}");
+    assert!(
+        now["source"]
+            .as_str()
+            .unwrap()
+            .contains("the routing serve has seen"),
+        "{now}"
+    );
+    assert!(now["took_us"].is_u64(), "{now}");
+    let after = served.status();
+    assert!(after["routing"]["residency"].is_null(), "{after}");
+    // The live page says both (when chromium is installed); the screenshot is kept.
+    if let Some(chrome) = crate::operator::chromium() {
+        let page = served.url("/spark/");
+        let dom = crate::operator::headless(&chrome, &page, 3500, None);
+        let line = dom
+            .split("id=\"decision\"")
+            .nth(1)
+            .and_then(|t| t.split("</p>").next())
+            .unwrap_or_else(|| panic!("no decision on the page:\n{dom}"));
+        assert!(line.contains("Residency decision at start"), "{line}");
+        assert!(line.contains("On the routing seen since"), "{line}");
+        assert!(line.contains("--n-cpu-moe 0"), "{line}");
+        let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/spark-page");
+        std::fs::create_dir_all(&shots).unwrap();
+        let shot = shots.join("decision.png");
+        let _ = std::fs::remove_file(&shot);
+        crate::operator::headless(&chrome, &page, 4500, Some(&shot));
+        assert!(std::fs::read(&shot).unwrap().starts_with(b"\x89PNG"));
+    }
+}
+
 #[test]
 fn serve_residency_needs_the_hooked_build_and_a_budget() {
     let dir = util::tempdir();
@@ -436,5 +524,77 @@ fn the_graph_observer_reads_the_routing_exactly_on_the_cpu() {
     assert!(
         summary["graph_reads"].as_u64().unwrap_or(0) > 0,
         "decode graphs were read by the observer: {summary}"
+    );
+}
+
+/// `spark bench tap --callback` runs all five sides on the hooked engine (stock; routing through
+/// the observer and through the callback; hidden states through each) and says how the hidden
+/// side's rows were read. The timings are reported, never asserted.
+#[test]
+fn bench_tap_runs_every_side_and_reads_hidden_states_after_the_graph() {
+    let dir = util::tempdir();
+    let model = util::fixture(dir.path(), "tiny.gguf", &["--router", "skewed"]);
+    let server = hooked_prefix().join("bin").join("llama-server");
+    let o = util::spark(&[
+        "bench",
+        "tap",
+        "-m",
+        model.to_str().unwrap(),
+        "--llama-server",
+        server.to_str().unwrap(),
+        "--tap",
+        crate::telemetry::tap_lib().to_str().unwrap(),
+        "--reps",
+        "1",
+        "--n-predict",
+        "4",
+        "--callback",
+        "--json",
+        "--",
+        "-c",
+        "512",
+        "-t",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for side in [
+        "stock_tok_s",
+        "tapped_tok_s",
+        "callback_tok_s",
+        "hidden_tok_s",
+        "hidden_callback_tok_s",
+    ] {
+        assert_eq!(r[side].as_array().map(Vec::len), Some(1), "{side}: {r}");
+    }
+    assert!(r["records"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["hidden_chunks"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["hidden_after_graph_rows"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["hidden_callback_ratio"].as_f64().is_some(), "{r}");
+}
+
+/// With a hidden-state ring, the observer reads each layer's router input after the graph
+/// too (the eval callback neither asks for it nor synchronises), and the values are exactly the
+/// analytic router inputs; with the observer off, the callback reads them, equally exact.
+#[test]
+fn the_graph_observer_reads_the_router_inputs_exactly_on_the_cpu() {
+    let server = hooked_prefix().join("bin").join("llama-server");
+    let (pairs, _, after_graph) =
+        crate::archs::check_arch_routing(&server, "qwen3moe", &[], &[], &[]);
+    assert!(
+        pairs > 0 && after_graph > 0,
+        "{pairs} pairs, {after_graph} rows after the graph"
+    );
+    let (pairs, _, after_graph) = crate::archs::check_arch_routing(
+        &server,
+        "qwen3moe",
+        &[],
+        &[],
+        &[(spark_proto::hook::ENV_GRAPH_READS, "off")],
+    );
+    assert!(pairs > 0, "callback path compared nothing");
+    assert_eq!(
+        after_graph, 0,
+        "SPARK_GRAPH_READS=off leaves the router inputs to the callback"
     );
 }

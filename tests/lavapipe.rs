@@ -877,9 +877,16 @@ fn every_arch_captures_exactly_on_the_device() {
     let server = vulkan_server();
     let args = every_layer_on_the_device();
     for arch in crate::archs::archs() {
-        let (c, s) =
+        let (c, s, after_graph) =
             crate::archs::check_arch_routing(&server, arch, &[], &args, &[(ENV_VK_DEVICES, "0")]);
-        eprintln!("{arch} on lavapipe: {c} (token, layer) pairs exact, {s} near ties skipped");
+        eprintln!(
+            "{arch} on lavapipe: {c} (token, layer) pairs exact, {s} near ties skipped, \
+             {after_graph} router-input rows read after their graph"
+        );
+        assert!(
+            after_graph > 0,
+            "{arch}: the graph observer reads the router inputs, with no synchronisation per layer"
+        );
     }
 }
 

@@ -1050,3 +1050,87 @@ fn residency_forecast_compares_stock_with_slots_on_the_same_vram() {
         assert!(e.contains(want), "{extra:?}: {e}");
     }
 }
+
+/// serve acts on the decision it prints: for every budget where `--residency`'s decision chose
+/// a split, `spark serve`'s placement is exactly that split (`--n-cpu-moe` and the slots'
+/// VRAM), within the budget by serve's own accounting. On a stated machine, so the verdicts do
+/// not depend on the one running the test. (Placed by fit alone, the 270 MiB budget ran
+/// `--n-cpu-moe 4` where the decision chose 5.)
+#[test]
+fn serve_places_the_split_its_residency_decision_chose() {
+    use spark::plan::fit::{usage, MemorySettings, ModelFacts, Placement};
+    use spark::plan::residency::{decision_on, Machine, COPY_CALL_US_PRIOR, HANDOFF_US_PRIOR};
+    use spark::serve::placement::{place, residency_setup};
+    let dir = util::tempdir();
+    let model = util::fixture(
+        dir.path(),
+        "skewed.gguf",
+        &[
+            "--router",
+            "skewed",
+            "--experts",
+            "32",
+            "--top-k",
+            "4",
+            "--layers",
+            "6",
+        ],
+    );
+    let file = spark::gguf::GgufFile::open(&model).unwrap();
+    let g = spark::gguf::MoeGeometry::of(&file).unwrap();
+    let m = ModelFacts::of(&file, g.clone());
+    // A skewed profile: expert e of every layer used in proportion to 1 / (e + 1)^1.2.
+    let mut counts = spark::cache::Counts::zero(g.n_layer as usize, 32);
+    for l in 0..g.n_layer as usize {
+        for e in 0..32 {
+            counts.set(l, e, (1e4 / ((e + 1) as f64).powf(1.2)) as u64);
+        }
+    }
+    let ctx = 256;
+    let s = MemorySettings::serve(ctx);
+    let (mut residency, mut stock) = (0, 0);
+    for budget in 257..=290u64 {
+        let mach = Machine {
+            vram_budget_bytes: budget * MIB,
+            vram_gbps: 360.0,
+            h2d_gbps: 25.0,
+            host_gbps: 10.0,
+            host_gflops: 50.0,
+            handoff_us: HANDOFF_US_PRIOR,
+            copy_call_us: COPY_CALL_US_PRIOR,
+            sources: Vec::new(),
+        };
+        let Ok(d) = decision_on(&m, &s, &mach, Some((&counts, "a skewed profile")), 1 << 40) else {
+            continue; // too small for the dense part
+        };
+        if d.run != "residency" {
+            stock += 1;
+            continue;
+        }
+        residency += 1;
+        let n = d.n_cpu_moe.unwrap();
+        let slots = match &d.slots_per_layer {
+            Some(v) => spark_proto::hook::SlotCounts::per_layer(v.iter().copied()),
+            None => spark_proto::hook::SlotCounts::Uniform(d.slots.unwrap()),
+        };
+        let r = residency_setup(
+            &model,
+            &g,
+            Some(budget),
+            slots,
+            spark::cache::PolicyKind::Lru,
+        )
+        .unwrap();
+        let args = vec!["-c".to_string(), ctx.to_string()];
+        let p = place(&file, &g, Some(budget), 2048, &args, Some(&r), Some(n)).unwrap();
+        assert_eq!(p.placement, Placement::CpuMoe { n }, "{budget} MiB: {d:?}");
+        let vram = usage(&m, &s, p.placement).vram_bytes.div_ceil(MIB);
+        assert!(
+            vram + p.residency_mib.unwrap() <= budget,
+            "{budget} MiB: {vram} MiB placed + {:?} MiB of slots",
+            p.residency_mib
+        );
+    }
+    eprintln!("{residency} budgets chose residency, {stock} stock");
+    assert!(residency > 0, "no budget chose residency on this machine");
+}

@@ -875,6 +875,9 @@ pub struct TapStats {
     /// Graphs whose routing was read once after the graph (hooked engine's graph observer),
     /// with no synchronisation per layer; the others were read by the eval callback.
     pub graph_reads: u64,
+    /// Hidden-state rows (router inputs) read after their graph by the graph observer rather
+    /// than by the eval callback. Absent from an older tap's reply: 0.
+    pub graph_hidden_rows: u64,
 }
 
 impl TapStats {
@@ -883,14 +886,15 @@ impl TapStats {
         let _ = write!(
             s,
             "records={} dropped={} moe_layers={} ubatches={} hidden_bytes={} unmapped={} \
-             graph_reads={}",
+             graph_reads={} graph_hidden_rows={}",
             self.records,
             self.dropped,
             self.moe_layers,
             self.ubatches,
             self.hidden_bytes,
             self.unmapped,
-            self.graph_reads
+            self.graph_reads,
+            self.graph_hidden_rows
         );
         s
     }
@@ -905,6 +909,11 @@ impl TapStats {
             hidden_bytes: kv.u64("hidden_bytes")?,
             unmapped: kv.u64("unmapped")?,
             graph_reads: kv.u64("graph_reads")?,
+            graph_hidden_rows: if kv.get("graph_hidden_rows").is_ok() {
+                kv.u64("graph_hidden_rows")?
+            } else {
+                0
+            },
         })
     }
 }
@@ -1054,6 +1063,7 @@ mod tests {
                 hidden_bytes: 0,
                 unmapped: 0,
                 graph_reads: 0,
+                graph_hidden_rows: 0,
             }
         }
         fn flush(&mut self) -> u64 {
@@ -1228,8 +1238,20 @@ mod tests {
             hidden_bytes: 5,
             unmapped: 6,
             graph_reads: 7,
+            graph_hidden_rows: 8,
         };
         assert_eq!(TapStats::parse(&s.to_text()).unwrap(), s);
+        // An older tap says nothing of router inputs read after the graph.
+        let old =
+            "records=1 dropped=2 moe_layers=3 ubatches=4 hidden_bytes=5 unmapped=6 graph_reads=7";
+        assert_eq!(
+            TapStats::parse(old).unwrap(),
+            TapStats {
+                graph_hidden_rows: 0,
+                ..s
+            }
+        );
+        assert!(TapStats::parse(&format!("{old} graph_hidden_rows=x")).is_err());
         let r = ResidencyStats {
             slots: 1,
             layers: 2,

@@ -199,6 +199,21 @@ pub struct MemorySettings {
     pub reserve_bytes: u64,
 }
 
+impl MemorySettings {
+    /// What `spark serve` places with, and forecasts `--residency` with: one definition, so
+    /// that the decision and the placement it runs count the same bytes (f16 KV at `ctx`, a
+    /// 512-token ubatch, 256 MiB for the runtime).
+    pub fn serve(ctx: u64) -> MemorySettings {
+        MemorySettings {
+            ctx,
+            k_type: GgmlType::F16,
+            v_type: GgmlType::F16,
+            ubatch: 512,
+            reserve_bytes: 256 * crate::units::MIB,
+        }
+    }
+}
+
 fn ser_type<S: serde::Serializer>(t: &GgmlType, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(t.name)
 }

@@ -138,6 +138,10 @@ pub struct LiveSnapshot {
     /// last one did.
     pub residency_layer_errors: u64,
     pub residency_layers_error: Option<String>,
+    /// `--residency`'s decision on the routing seen so far (`redecide.rs`), and why the last
+    /// try failed, if it did.
+    pub decision_now: Option<super::redecide::DecisionNow>,
+    pub decision_now_error: Option<String>,
 }
 
 /// Shared view of the live statistics.
@@ -267,6 +271,8 @@ impl LiveSnapshot {
             residency_layers_earlier: vec![LayerCounters::default(); cfg.n_layer + 1],
             residency_layer_errors: 0,
             residency_layers_error: None,
+            decision_now: None,
+            decision_now_error: None,
             base_tokens: cfg
                 .start_profile
                 .as_ref()
@@ -300,6 +306,11 @@ impl LiveSnapshot {
                     "hit_ratio": ratio(self.window_accesses - self.window_misses, self.window_accesses),
                     "belady_hit_ratio": ratio(self.window_accesses.saturating_sub(self.window_belady_misses), self.window_accesses),
                 },
+            },
+            "residency_decision_now": match (&self.decision_now, &self.decision_now_error) {
+                (_, Some(e)) => json!({"error": e}),
+                (Some(d), None) => json!(d),
+                (None, None) => Value::Null,
             },
             "residency": if cfg.residency {
                 let r = self.residency.unwrap_or_default();
@@ -437,6 +448,8 @@ pub struct Live {
     /// holds then (another writer's counts included).
     written_counts: Counts,
     written_tokens: u64,
+    /// Makes `--residency`'s decision again on the live counts (serve with GPU facts).
+    redecider: Option<super::redecide::Redecider>,
 }
 
 impl Live {
@@ -489,8 +502,15 @@ impl Live {
             },
             written_counts: snap_start.0,
             written_tokens: snap_start.1,
+            redecider: None,
         };
         (live, shared)
+    }
+
+    /// Makes `--residency`'s decision again on the live counts after completed requests.
+    pub fn with_redecider(mut self, r: super::redecide::Redecider) -> Live {
+        self.redecider = Some(r);
+        self
     }
 
     /// Runs until [`LiveMsg::Stop`] or until every sender is gone.
@@ -515,6 +535,7 @@ impl Live {
                     self.publish_plan();
                     self.update_window();
                     self.write_profile();
+                    self.redecide();
                 }
                 Ok(LiveMsg::Stop) | Err(RecvTimeoutError::Disconnected) => {
                     self.drain();
@@ -761,15 +782,9 @@ impl Live {
         let started = Instant::now();
         let (counts, tokens) = {
             let s = self.lock();
-            let mut c = s.decode.clone();
-            for l in 0..c.n_layer {
-                for e in 0..c.n_expert {
-                    c.set(l, e, c.get(l, e).saturating_add(s.prompt.get(l, e)));
-                }
-            }
             let routed_tokens =
                 (s.prompt_records + s.decode_records) / self.cfg.n_layer.max(1) as u64;
-            (c, s.base_tokens.saturating_add(routed_tokens))
+            (s.all_counts(), s.base_tokens.saturating_add(routed_tokens))
         };
         // Only what came since the last write is added, under the profile's writer lock, to
         // what the file holds now: another serve or a calibration writing the same profile
@@ -811,6 +826,45 @@ impl Live {
                 s.profile_error = Some(e.to_string());
             }
         }
+    }
+}
+
+impl Live {
+    /// `--residency`'s decision on every count so far (the profile's at start included, as
+    /// serve's next start would read them), when one is due (`redecide.rs`).
+    fn redecide(&mut self) {
+        let Some(r) = self.redecider.as_mut() else {
+            return;
+        };
+        let (counts, records) = {
+            let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            (s.all_counts(), s.prompt_records + s.decode_records)
+        };
+        let Some(result) = r.due(&counts, records, Instant::now()) else {
+            return;
+        };
+        let mut s = self.lock();
+        match result {
+            Ok(d) => {
+                s.decision_now = Some(d);
+                s.decision_now_error = None;
+            }
+            Err(e) => s.decision_now_error = Some(e),
+        }
+    }
+}
+
+impl LiveSnapshot {
+    /// Prompt and decode counts added up (the start profile's included): what the profile
+    /// holds after a rewrite.
+    fn all_counts(&self) -> Counts {
+        let mut c = self.decode.clone();
+        for l in 0..c.n_layer {
+            for e in 0..c.n_expert {
+                c.set(l, e, c.get(l, e).saturating_add(self.prompt.get(l, e)));
+            }
+        }
+        c
     }
 }
 

@@ -18,6 +18,7 @@ pub mod notify;
 pub mod page;
 pub mod placement;
 pub mod proxy;
+pub mod redecide;
 pub mod stats;
 pub mod status;
 
@@ -230,21 +231,30 @@ pub fn run_until_signal(cfg: ServeConfig) -> Result<(), anyhow::Error> {
 }
 
 /// `--residency`'s decision at start (`spark plan --residency`'s): `None` without `--residency`;
-/// with `--cache-slots` or without the GPU's bandwidths, the slots as asked, said so.
+/// with `--cache-slots` or without the GPU's bandwidths, the slots as asked, said so. With a
+/// decision, also the forecast to make it again on live counts (`redecide.rs`).
 fn residency_decision(
     cfg: &ServeConfig,
     file: &GgufFile,
     geometry: &MoeGeometry,
-) -> Result<Option<crate::plan::residency::ServeDecision>, ServeError> {
-    use crate::plan::residency::{serve_decision, ServeDecision};
+) -> Result<
+    (
+        Option<crate::plan::residency::ServeDecision>,
+        Option<redecide::DecideFn>,
+    ),
+    ServeError,
+> {
+    use crate::plan::fit::{MemorySettings, ModelFacts};
+    use crate::plan::residency::{decision_on, serve_machine, ServeDecision};
     if !cfg.residency || !geometry.is_moe() {
-        return Ok(None);
+        return Ok((None, None));
     }
     let as_asked = |reason: &str| {
         Some(ServeDecision {
             run: "as_asked".into(),
             slots: None,
             slots_per_layer: None,
+            n_cpu_moe: None,
             reason: reason.into(),
             source: None,
             stock_tps: None,
@@ -253,12 +263,13 @@ fn residency_decision(
         })
     };
     if cfg.cache_slots.is_some() {
-        return Ok(as_asked(
-            "--cache-slots given: the slots as asked, no decision",
+        return Ok((
+            as_asked("--cache-slots given: the slots as asked, no decision"),
+            None,
         ));
     }
     let Some(budget) = cfg.vram_budget_mib else {
-        return Ok(None); // residency_setup refuses this with its own message
+        return Ok((None, None)); // residency_setup refuses this with its own message
     };
     // A fresh profile's counts, read without side effects (the live thread loads it, or sets a
     // stale one aside, as before).
@@ -269,14 +280,46 @@ fn residency_decision(
             .filter(|p| p.check_fresh(&fp, path).is_ok())
             .map(|p| p.counts)
     });
-    match serve_decision(file, geometry, budget, cfg.ctx, &cfg.residency_gpu, counts.as_ref())
-        .map_err(ServeError::Usage)?
-    {
-        Some(d) => Ok(Some(d)),
-        None => Ok(as_asked(
-            "no GPU bandwidths (--gpu CARD, or --vram-bw and --h2d-bw): the default slots, no decision",
-        )),
-    }
+    // The context llama-server runs, as the placement counts it.
+    let ctx = placement::user_ctx(&cfg.llama_args).unwrap_or(cfg.ctx);
+    let Some((mach, ram_total)) =
+        serve_machine(budget, &cfg.residency_gpu).map_err(ServeError::Usage)?
+    else {
+        return Ok((
+            as_asked(
+                "no GPU bandwidths (--gpu CARD, or --vram-bw and --h2d-bw): the default slots, no decision",
+            ),
+            None,
+        ));
+    };
+    let m = ModelFacts::of(file, geometry.clone());
+    let s = MemorySettings::serve(ctx);
+    let named = cfg
+        .profile
+        .as_ref()
+        .map(|p| format!("the profile {}", p.display()))
+        .unwrap_or_default();
+    let d = decision_on(
+        &m,
+        &s,
+        &mach,
+        counts.as_ref().map(|c| (c, named.as_str())),
+        ram_total,
+    )
+    .map_err(ServeError::Usage)?;
+    let decide: redecide::DecideFn = Box::new(move |c| {
+        decision_on(
+            &m,
+            &s,
+            &mach,
+            Some((
+                c,
+                "the routing serve has seen (the start profile's counts included)",
+            )),
+            ram_total,
+        )
+    });
+    Ok((Some(d), Some(decide)))
 }
 
 /// Pinned or mapped host weights under `--residency`, from RAM and the user's own load mode;
@@ -337,7 +380,7 @@ pub async fn serve(
     let geometry = MoeGeometry::of(&file)?;
     let mut slots =
         placement::shadow_slots(cfg.cache_slots, &geometry).map_err(|e| ServeError::Usage(e.0))?;
-    let decision = residency_decision(&cfg, &file, &geometry)?;
+    let (decision, redecide) = residency_decision(&cfg, &file, &geometry)?;
     let mut run_residency = cfg.residency;
     // The provider's slots: `--cache-slots` (or the default) in every layer, unless the
     // decision chose a count, or a count per host layer.
@@ -377,8 +420,26 @@ pub async fn serve(
         cfg.ctx,
         &cfg.llama_args,
         residency.as_ref(),
+        decision
+            .as_ref()
+            .filter(|d| d.run == "residency")
+            .and_then(|d| d.n_cpu_moe),
     )?;
     let mut placement = placement;
+    // The decision on live counts is compared with the split that runs (its `--n-cpu-moe` as
+    // placed: the decision's, unless it did not fit and fit placed it).
+    let redecider = match (&decision, redecide) {
+        (Some(d), Some(f)) if run_residency || d.run == "stock" => {
+            let mut running = d.clone();
+            running.n_cpu_moe = match placement.placement {
+                crate::plan::fit::Placement::CpuMoe { n } => Some(n),
+                crate::plan::fit::Placement::AllGpu => Some(0),
+                crate::plan::fit::Placement::CpuOnly => None,
+            };
+            Some((f, running))
+        }
+        _ => None,
+    };
     placement.residency_decision = decision;
     drop(file);
     let host_memory = match &residency {
@@ -428,8 +489,15 @@ pub async fn serve(
     let health = cfg.health;
     let (live, launcher, live_thread) = match &cfg.tap {
         Some(tap) if geometry.is_moe() => {
-            let (handle, launcher, thread) =
-                start_live(&cfg, &geometry, tap.clone(), slots, layer_slots.as_deref())?;
+            let (handle, launcher, thread) = start_live(
+                &cfg,
+                &geometry,
+                tap.clone(),
+                slots,
+                layer_slots.as_deref(),
+                run_residency,
+                redecider,
+            )?;
             (Some(handle), Some(launcher), Some(thread))
         }
         Some(_) => {
@@ -542,6 +610,9 @@ fn start_live(
     tap: PathBuf,
     slots: u32,
     layer_slots: Option<&[(u32, u32)]>,
+    // Whether the provider runs: `--residency`, unless its decision chose stock placement.
+    run_residency: bool,
+    redecider: Option<(redecide::DecideFn, crate::plan::residency::ServeDecision)>,
 ) -> Result<
     (
         LiveHandle,
@@ -568,7 +639,7 @@ fn start_live(
             let counts = spark_proto::hook::SlotCounts::per_layer(v.iter().copied());
             (0..geometry.n_layer).map(|l| counts.of_layer(l)).collect()
         }),
-        residency: cfg.residency,
+        residency: run_residency,
         policy: cfg.cache_policy,
         window: 2048,
         half_life: 256.0,
@@ -577,6 +648,14 @@ fn start_live(
         start_profile,
     };
     let (runner, shared) = live::Live::new(live_cfg.clone());
+    let runner = match redecider {
+        Some((f, running)) => runner.with_redecider(redecide::Redecider::new(
+            f,
+            running,
+            live_cfg.profile_path.is_some(),
+        )),
+        None => runner,
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("spark-live".into())

@@ -14,7 +14,7 @@ use serde::Serialize;
 use spark_proto::hook::{SlotCounts, ENV_OFFLOAD_MIN_BATCH};
 
 use crate::cache::PolicyKind;
-use crate::gguf::{GgmlType, GgufFile, MoeGeometry};
+use crate::gguf::{GgufFile, MoeGeometry};
 use crate::plan::fit::{self, FitOutcome, MemorySettings, ModelFacts, Placement, Usage};
 use crate::telemetry::{Provider, TapEnv};
 use crate::units::MIB;
@@ -164,7 +164,7 @@ pub struct Refused {
 }
 
 /// The context length the user asked llama-server for, if any.
-fn user_ctx(args: &[String]) -> Option<u64> {
+pub(crate) fn user_ctx(args: &[String]) -> Option<u64> {
     args.windows(2)
         .find(|w| w[0] == "-c" || w[0] == "--ctx-size")
         .and_then(|w| w[1].parse().ok())
@@ -179,30 +179,61 @@ pub fn choose(
     user_args: &[String],
     ram_total: u64,
 ) -> Result<ServePlacement, Refused> {
+    choose_as(
+        file,
+        geometry,
+        budget_mib,
+        default_ctx,
+        user_args,
+        ram_total,
+        None,
+    )
+}
+
+/// [`choose`], or with `decided` the placement `--residency`'s decision chose, checked against
+/// the budget and RAM with the same accounting (refused when it does not fit).
+fn choose_as(
+    file: &GgufFile,
+    geometry: &MoeGeometry,
+    budget_mib: Option<u64>,
+    default_ctx: u64,
+    user_args: &[String],
+    ram_total: u64,
+    decided: Option<Placement>,
+) -> Result<ServePlacement, Refused> {
     let ctx = user_ctx(user_args).unwrap_or(default_ctx);
     let facts = ModelFacts::of(file, geometry.clone());
-    let settings = MemorySettings {
-        ctx,
-        k_type: GgmlType::F16,
-        v_type: GgmlType::F16,
-        ubatch: 512,
-        reserve_bytes: 256 * MIB,
-    };
+    let settings = MemorySettings::serve(ctx);
     let budget = budget_mib.map(|b| b.saturating_mul(MIB));
-    let (placement, usage) = match fit::fit(&facts, &settings, budget, ram_total) {
-        FitOutcome::Fits {
-            placement, usage, ..
-        } => (placement, usage),
-        FitOutcome::Refused(r) => {
-            return Err(Refused {
-                model: file.path.display().to_string(),
-                budget: budget_mib
-                    .map(|b| format!("{b} MiB"))
-                    .unwrap_or_else(|| "none".into()),
-                reason: r.reason,
-                help: r.suggestions.join("; "),
-            })
+    let refused = |reason: String, help: String| Refused {
+        model: file.path.display().to_string(),
+        budget: budget_mib
+            .map(|b| format!("{b} MiB"))
+            .unwrap_or_else(|| "none".into()),
+        reason,
+        help,
+    };
+    let (placement, usage) = match decided {
+        Some(p) => {
+            let usage = fit::usage(&facts, &settings, p);
+            if budget.is_some_and(|b| usage.vram_bytes > b) || usage.host_bytes > ram_total {
+                return Err(refused(
+                    format!(
+                        "{p:?} needs {} MiB of VRAM and {} MiB of RAM",
+                        usage.vram_bytes.div_ceil(MIB),
+                        usage.host_bytes.div_ceil(MIB)
+                    ),
+                    "place by fit".into(),
+                ));
+            }
+            (p, usage)
         }
+        None => match fit::fit(&facts, &settings, budget, ram_total) {
+            FitOutcome::Fits {
+                placement, usage, ..
+            } => (placement, usage),
+            FitOutcome::Refused(r) => return Err(refused(r.reason, r.suggestions.join("; "))),
+        },
     };
     let (ngl, n_cpu_moe) = fit::gpu_layers(&facts, placement);
     let mut wanted: Vec<Vec<String>> = vec![vec!["-ngl".into(), ngl.to_string()]];
@@ -247,7 +278,10 @@ pub fn choose(
 pub struct SlotsRefused(pub String);
 
 /// The placement `spark serve` runs with: [`choose`] under the VRAM budget, with the slots'
-/// VRAM kept out of it when `residency` is given.
+/// VRAM kept out of it when `residency` is given. `decided_n_cpu_moe`: the `--n-cpu-moe` of the
+/// split `--residency`'s decision chose; serve runs exactly that split when it fits its own
+/// accounting (it does by construction: the forecast counts the same bytes and more), else
+/// places by fit and says why.
 pub fn place(
     file: &GgufFile,
     geometry: &MoeGeometry,
@@ -255,26 +289,53 @@ pub fn place(
     default_ctx: u64,
     user_args: &[String],
     residency: Option<&ResidencySetup>,
+    decided_n_cpu_moe: Option<u32>,
 ) -> Result<ServePlacement, Refused> {
     let ram_total = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|t| crate::plan::hardware::parse_meminfo(&t))
         .map(|(total, _)| total)
         .unwrap_or(u64::MAX);
-    let choose = |reserve_mib: u64| {
-        choose(
+    let choose_as = |reserve_mib: u64, decided: Option<Placement>| {
+        choose_as(
             file,
             geometry,
-            budget_mib.map(|b| b - reserve_mib),
+            budget_mib.map(|b| b.saturating_sub(reserve_mib)),
             default_ctx,
             user_args,
             ram_total,
+            decided,
         )
     };
+    let choose = |reserve_mib: u64| choose_as(reserve_mib, None);
     Ok(match residency {
         None => choose(0)?,
         Some(r) => {
             let moe_layers: Vec<u32> = geometry.moe_layers.iter().map(|l| l.layer).collect();
+            if let Some(n) = decided_n_cpu_moe {
+                let decided = match n {
+                    0 => Placement::AllGpu,
+                    n => Placement::CpuMoe { n },
+                };
+                let host = host_expert_layers(decided, &moe_layers);
+                let mib = r.mib(&host);
+                match choose_as(mib, Some(decided)) {
+                    Ok(mut p) => {
+                        tracing::info!(
+                            "residency: the decision's split: --n-cpu-moe {n}, {} in {} host-resident expert layers, {mib} MiB of VRAM kept for them",
+                            r.describe(),
+                            host.len()
+                        );
+                        p.residency_mib = Some(mib);
+                        p.budget_mib = budget_mib;
+                        return Ok(p);
+                    }
+                    Err(e) => tracing::warn!(
+                        "residency: the decision's split (--n-cpu-moe {n}) does not fit serve's placement ({}); placing by fit instead",
+                        e.reason
+                    ),
+                }
+            }
             let mut p = place_with_slots(r, &moe_layers, choose)?;
             p.budget_mib = budget_mib;
             p
@@ -435,7 +496,7 @@ pub fn residency_setup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::{GgufWriter, Value};
+    use crate::gguf::{GgmlType, GgufWriter, Value};
 
     fn model(dir: &std::path::Path) -> GgufFile {
         let mut w = GgufWriter::new();
@@ -604,6 +665,65 @@ mod tests {
             // 8 MoE layers of 1 MiB per slot: 4 MiB per layer for 4 slots
             slot_bytes: (0..8).map(|l| (l, 1 << 20)).collect(),
             env: vec![],
+        }
+    }
+
+    #[test]
+    fn serve_runs_the_split_the_residency_decision_chose_when_it_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = model(dir.path());
+        let g = MoeGeometry::of(&f).unwrap();
+        let r = ResidencySetup {
+            slots: SlotCounts::Uniform(2),
+            slot_bytes: vec![(0, 3 << 20), (1, 3 << 20)],
+            env: vec![],
+        };
+        // A budget where everything fits on the GPU: fit alone would put no expert on the host,
+        // but the decision chose layer 0's experts on the host with its slots; serve runs that.
+        let p = place(&f, &g, Some(4096), 2048, &[], Some(&r), Some(1)).unwrap();
+        assert_eq!(p.placement, Placement::CpuMoe { n: 1 });
+        assert_eq!(p.residency_mib, Some(6), "2 slots of 3 MiB in layer 0 only");
+        assert!(
+            p.flags.windows(2).any(|w| w == ["--n-cpu-moe", "1"]),
+            "{:?}",
+            p.flags
+        );
+        assert_eq!(p.budget_mib, Some(4096));
+
+        // A decided split that does not fit serve's accounting is refused, and serve then
+        // places by fit, exactly as without a decision: never run over budget.
+        let facts = ModelFacts::of(&f, g.clone());
+        let all_gpu = fit::usage(&facts, &MemorySettings::serve(2048), Placement::AllGpu);
+        let tight = all_gpu.vram_bytes / MIB - 1;
+        let e = choose_as(
+            &f,
+            &g,
+            Some(tight),
+            2048,
+            &[],
+            1 << 34,
+            Some(Placement::AllGpu),
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("MiB of VRAM"), "{e}");
+        for budget in [tight, 4096] {
+            let with = place(&f, &g, Some(budget), 2048, &[], Some(&r), Some(0));
+            let without = place(&f, &g, Some(budget), 2048, &[], Some(&r), None);
+            match (with, without) {
+                (Ok(a), Ok(b)) if budget == tight => {
+                    assert_eq!(
+                        (a.placement, a.residency_mib),
+                        (b.placement, b.residency_mib)
+                    )
+                }
+                (Ok(a), Ok(_)) => assert_eq!(a.placement, Placement::AllGpu, "{budget} MiB"),
+                (Err(a), Err(b)) => assert_eq!(a.reason, b.reason),
+                (a, b) => panic!(
+                    "{budget} MiB: {:?} vs {:?}",
+                    a.map(|p| p.placement),
+                    b.map(|p| p.placement)
+                ),
+            }
         }
     }
 

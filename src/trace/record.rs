@@ -67,7 +67,9 @@ pub struct RecordArgs {
     #[arg(long, value_name = "MIB", default_value_t = 256, requires = "hidden_every", value_parser = clap::value_parser!(u32).range(1..))]
     pub hidden_budget: u32,
     /// Graph tensor holding the hidden state: router_input (what each layer's router
-    /// multiplies, on every arch), ffn_norm or attn_norm
+    /// multiplies, on every arch; on a hooked engine read once after each graph, which keeps
+    /// n_layer × n_embd × ubatch floats of compute buffer), ffn_norm or attn_norm (read by the
+    /// eval callback, which synchronises at every layer on a device)
     #[arg(
         long,
         value_name = "NAME",
@@ -160,6 +162,9 @@ pub struct RecordSummary {
     /// Graphs whose routing the tap read once after the graph (a hooked engine's graph
     /// observer), not through the eval callback's synchronisation per layer.
     pub graph_reads: u64,
+    /// Hidden-state rows (router inputs) the tap read once after their graph, not through the
+    /// eval callback.
+    pub graph_hidden_rows: u64,
     /// The hidden-state file and its chunk count, when captured.
     pub hidden_path: Option<PathBuf>,
     pub hidden_chunks: u64,
@@ -308,6 +313,7 @@ pub fn record(a: &RecordArgs) -> Result<RecordSummary, RecordError> {
         dropped: stats.map(|s| s.dropped).unwrap_or(0).max(ring_dropped),
         unmapped: stats.map(|s| s.unmapped).unwrap_or(0),
         graph_reads: stats.map(|s| s.graph_reads).unwrap_or(0),
+        graph_hidden_rows: stats.map(|s| s.graph_hidden_rows).unwrap_or(0),
         hidden_path,
         hidden_chunks: chunks.len() as u64,
         hidden_dropped,

@@ -79,6 +79,7 @@ impl TapControl for Tap {
             hidden_bytes: SHARED.hidden_bytes.load(Ordering::Relaxed),
             unmapped: SHARED.unmapped.load(Ordering::Relaxed),
             graph_reads: SHARED.graph_reads.load(Ordering::Relaxed),
+            graph_hidden_rows: SHARED.graph_hidden_rows.load(Ordering::Relaxed),
         }
     }
 
@@ -98,6 +99,7 @@ impl TapControl for Tap {
             c.store(0, Ordering::Relaxed);
         }
         SHARED.graph_reads.store(0, Ordering::Relaxed);
+        SHARED.graph_hidden_rows.store(0, Ordering::Relaxed);
     }
 
     fn set_request(&mut self, id: u32) {

@@ -1,6 +1,7 @@
 //! The graph observer the hooked ggml scheduler calls (`spark_graph_observe_v1`, declared in
-//! `spark_moe_hook.h`, same patch as the residency hook): the routing of every graph read once
-//! after the graph, with no synchronisation per layer. On by default; `SPARK_GRAPH_READS=off`
+//! `spark_moe_hook.h`, same patch as the residency hook): the routing of every graph (and the
+//! router inputs, when hidden states are captured) read once after the graph, with no
+//! synchronisation per layer. On by default; `SPARK_GRAPH_READS=off`
 //! falls back to the eval callback.
 //!
 //! Why: an eval callback that asks for a tensor makes the scheduler cut the graph there and
@@ -19,9 +20,11 @@
 //! (`hook::the_graph_observer_reads_the_routing_exactly_on_the_cpu`,
 //! `lavapipe::telemetry_on_the_device_is_exact`): marking only small graphs (every layer read
 //! the last layer's experts), and reading into pageable memory on Vulkan (every read staged
-//! through one buffer). Hidden states are not marked (they are `n_embd` floats per token): the
-//! eval callback reads them. A stock engine never calls the observer. Marking a node as an
-//! output changes where it lives, never what is computed.
+//! through one buffer). With a hidden-state ring, each layer's router input (the default hidden
+//! tensor, `router_input`) is marked and read the same way (`capture/after_graph.rs` says what
+//! that costs in compute buffer); the named norms (`ffn_norm`, `attn_norm`) still go through the
+//! eval callback. A stock engine never calls the observer. Marking a node as an output changes
+//! where it lives, never what is computed.
 //!
 //! Acts only on graphs built inside a call into a tapped context (the thread-local flag set by
 //! the `llama_init_from_model`, `llama_decode` and `llama_process` wrappers), so a draft

@@ -21,6 +21,8 @@ pub struct Shared {
     pub hidden_tensor: AtomicU8,
     /// Graphs whose routing was read once after the graph (the graph observer, `graph.rs`).
     pub graph_reads: AtomicU64,
+    /// Hidden-state rows (router inputs) read after their graph by the graph observer.
+    pub graph_hidden_rows: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -40,6 +42,7 @@ pub static SHARED: Shared = Shared {
     hidden_budget: AtomicU64::new(0),
     hidden_tensor: AtomicU8::new(0),
     graph_reads: AtomicU64::new(0),
+    graph_hidden_rows: AtomicU64::new(0),
 };
 
 impl Shared {

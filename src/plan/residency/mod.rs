@@ -37,7 +37,7 @@ mod serve;
 pub use bytes::{replay, step_bytes, Replayer, StepBytes, PAD_MAX};
 pub use render::render;
 pub use routing::{routing_for, synthesize, zipf_weights, HitSource, SYNTH_STEPS};
-pub use serve::{decide, serve_decision, ServeDecision, ServeGpu};
+pub use serve::{decide, decision_on, serve_machine, ServeDecision, ServeGpu};
 
 use serde::Serialize;
 

@@ -20,7 +20,8 @@ pub const SYNTH_STEPS: usize = 512;
 pub enum HitSource {
     /// A routing trace, replayed in order.
     Trace { path: String, steps: usize },
-    /// A profile's counts: tokens sampled from them (independent draws, seeded), replayed.
+    /// Counts (a profile's, or serve's live ones): tokens sampled from them (independent
+    /// draws, seeded), replayed. `path` names them in words ("the profile FILE").
     Profile { path: String, steps: usize },
     /// No routing given: every expert equally likely (the worst case for a cache), sampled.
     UniformPrior { steps: usize },
@@ -36,7 +37,7 @@ impl HitSource {
                 format!("the trace {path} ({steps} decode tokens, replayed in order)")
             }
             HitSource::Profile { path, steps } => format!(
-                "the profile {path} ({steps} tokens drawn from its counts, independent draws: no order, so recency cannot help beyond frequency)"
+                "{path} ({steps} tokens drawn from its counts, independent draws: no order, so recency cannot help beyond frequency)"
             ),
             HitSource::ZipfPrior { s, steps } => format!(
                 "a stated prior: the expert of rank r drawn with weight r^-{s} (independent draws), {steps} tokens"
@@ -200,7 +201,7 @@ pub fn routing_for(a: &PlanArgs, m: &ModelFacts) -> Result<(Routing, HitSource),
         return Ok((
             synthesize(&w, n, k, SYNTH_STEPS, 0x5eed),
             HitSource::Profile {
-                path: path.display().to_string(),
+                path: format!("the profile {}", path.display()),
                 steps: SYNTH_STEPS,
             },
         ));

@@ -1,7 +1,8 @@
 //! The decision `spark serve --residency` acts on at start: the same forecast as `spark plan
 //! --residency`, from the loaded profile's counts or the uniform prior, summed up as a
-//! [`ServeDecision`] (what to run and why) for the start line and `/spark/status`. Gathers the
-//! host's facts like `spark plan`; never starts anything.
+//! [`ServeDecision`] (what to run and why) for the start line and `/spark/status`; and again
+//! later on serve's live counts (`serve/redecide.rs`). Gathers the host's facts like `spark
+//! plan`; never starts anything.
 
 use serde::Serialize;
 
@@ -12,15 +13,19 @@ use crate::plan::forecast::{calibrate, Regime};
 use crate::units::MIB;
 
 /// The decision `spark serve --residency` acts on: the same forecast as `spark plan
-/// --residency`, with hit ratios drawn from the profile's counts (`counts[layer][expert]`, when
-/// serve loaded a fresh one) or the uniform prior.
+/// --residency`, with hit ratios drawn from counts (`counts[layer][expert]`: a fresh profile's
+/// at start, the live ones later; the `&str` names them in words) or the uniform prior.
 pub fn decide(
     m: &ModelFacts,
     s: &MemorySettings,
     mach: &Machine,
-    counts: Option<&crate::cache::Counts>,
+    counts: Option<(&crate::cache::Counts, &str)>,
     ram_total_bytes: u64,
 ) -> Result<ResidencyForecast, String> {
+    let (counts, named) = match counts {
+        Some((c, name)) => (Some(c), name),
+        None => (None, ""),
+    };
     let (n, k) = (m.n_expert as usize, m.n_expert_used as usize);
     let mut w = vec![Vec::new(); m.n_layer as usize];
     let mut any = false;
@@ -38,7 +43,7 @@ pub fn decide(
     let routing = synthesize(&w, n, k, SYNTH_STEPS, 0x5eed);
     let source = if any {
         HitSource::Profile {
-            path: "the loaded profile".into(),
+            path: named.into(),
             steps: SYNTH_STEPS,
         }
     } else {
@@ -67,6 +72,8 @@ pub struct ServeDecision {
     /// `[layer, slots]` of each host layer when the forecast chose a per-layer split (what
     /// serve then passes to the provider); `None` when every layer gets `slots`.
     pub slots_per_layer: Option<Vec<(u32, u32)>>,
+    /// The `--n-cpu-moe` of the split the forecast chose (residency or stock): serve runs it.
+    pub n_cpu_moe: Option<u32>,
     pub reason: String,
     /// Where the hit ratios came from.
     pub source: Option<String>,
@@ -83,17 +90,10 @@ pub struct ServeGpu {
     pub h2d_gbps: Option<f64>,
 }
 
-/// serve's residency decision: the forecast `spark plan --residency` shows, for `file` at
-/// `budget_mib` and `ctx`, from `counts` (a fresh profile) or the uniform prior. `None` when the
+/// The machine serve forecasts on: the GPU from `--gpu` and/or `--vram-bw`/`--h2d-bw`, the host
+/// measured (`hardware::gather`), `budget_mib` of VRAM; with the host's RAM. `None` when the
 /// GPU's bandwidths are not known (serve then runs the slots it was asked for and says so).
-pub fn serve_decision(
-    file: &crate::gguf::GgufFile,
-    geometry: &crate::gguf::MoeGeometry,
-    budget_mib: u64,
-    ctx: u64,
-    gpu: &ServeGpu,
-    counts: Option<&crate::cache::Counts>,
-) -> Result<Option<ServeDecision>, String> {
+pub fn serve_machine(budget_mib: u64, gpu: &ServeGpu) -> Result<Option<(Machine, u64)>, String> {
     let card = match gpu.card.as_deref() {
         Some(c) => Some(crate::plan::presets::find(c).ok_or_else(|| {
             format!(
@@ -109,19 +109,11 @@ pub fn serve_decision(
     ) else {
         return Ok(None);
     };
-    let m = ModelFacts::of(file, geometry.clone());
     let hw = crate::plan::hardware::gather(&crate::plan::hardware::HardwareOverrides::default())
         .map_err(|e| e.to_string())?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
-    let s = MemorySettings {
-        ctx,
-        k_type: crate::gguf::GgmlType::F16,
-        v_type: crate::gguf::GgmlType::F16,
-        ubatch: 512,
-        reserve_bytes: 0,
-    };
     let mach = Machine {
         vram_budget_bytes: budget_mib.saturating_mul(MIB),
         vram_gbps: vram,
@@ -132,25 +124,43 @@ pub fn serve_decision(
         copy_call_us: COPY_CALL_US_PRIOR,
         sources: Vec::new(),
     };
-    let f = decide(&m, &s, &mach, counts, hw.ram_total_bytes)?;
-    let (run, slots, slots_per_layer) = match f.verdict {
+    Ok(Some((mach, hw.ram_total_bytes)))
+}
+
+/// serve's residency decision: the forecast `spark plan --residency` shows, on `mach` (see
+/// [`serve_machine`]) with `s` (`MemorySettings::serve` at the context llama-server runs, as
+/// serve's placement counts it), from `counts` (named) or the uniform prior; its verdict as
+/// serve acts on it.
+pub fn decision_on(
+    m: &ModelFacts,
+    s: &MemorySettings,
+    mach: &Machine,
+    counts: Option<(&crate::cache::Counts, &str)>,
+    ram_total_bytes: u64,
+) -> Result<ServeDecision, String> {
+    let f = decide(m, s, mach, counts, ram_total_bytes)?;
+    let (run, slots, slots_per_layer, n_cpu_moe) = match f.verdict {
         // (A per-layer split of all zeros streams every used expert: still the provider's.)
         Verdict::Residency {
             slots_per_layer: Some(v),
             slots,
-            ..
-        } => ("residency", Some(slots), Some(v)),
-        Verdict::Residency { slots, .. } if slots > 0 => ("residency", Some(slots), None),
-        _ => ("stock", None, None),
+            n_cpu_moe,
+        } => ("residency", Some(slots), Some(v), n_cpu_moe),
+        Verdict::Residency {
+            slots, n_cpu_moe, ..
+        } if slots > 0 => ("residency", Some(slots), None, n_cpu_moe),
+        Verdict::Residency { .. } => ("stock", None, None, f.stock.n_cpu_moe),
+        Verdict::Stock { n_cpu_moe } => ("stock", None, None, n_cpu_moe),
     };
-    Ok(Some(ServeDecision {
+    Ok(ServeDecision {
         run: run.into(),
         slots,
         slots_per_layer,
+        n_cpu_moe: Some(n_cpu_moe),
         reason: f.reason.clone(),
         source: Some(f.source.describe()),
         stock_tps: Some(f.stock.tps),
         spark_tps: f.spark.as_ref().map(|x| x.tps),
         break_even_link_gbps: f.break_even_link_gbps,
-    }))
+    })
 }

@@ -77,7 +77,14 @@ fn serve_decides_residency_where_it_pays_and_stock_where_it_does_not() {
         hot.set(l, 3, 1000);
         hot.set(l, 17, 1000);
     }
-    let f = decide(&m, &s, &machine(25.0), Some(&hot), u64::MAX).unwrap();
+    let f = decide(
+        &m,
+        &s,
+        &machine(25.0),
+        Some((&hot, "the test profile")),
+        u64::MAX,
+    )
+    .unwrap();
     assert!(f.stock.n_cpu_moe > 0, "stock offloads: {:?}", f.stock);
     let sp = f.spark.as_ref().unwrap();
     assert_eq!(sp.hit_ratio, Some(1.0));

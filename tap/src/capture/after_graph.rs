@@ -1,7 +1,8 @@
-//! Reading a graph's routing once, after the graph (the hooked engine's graph observer,
-//! `crate::graph`): marking the routing tensors as outputs before the graph is allocated,
-//! reading them into pinned memory of the device that computed them, one synchronisation per
-//! backend, and checking that the allocator kept them apart before any record is written.
+//! Reading a graph's routing (and, with a hidden-state ring, each layer's router input) once,
+//! after the graph (the hooked engine's graph observer, `crate::graph`): marking those tensors
+//! as outputs before the graph is allocated, reading them into pinned memory of the device that
+//! computed them, one synchronisation per backend, and checking that the allocator kept them
+//! apart before any record is written.
 //!
 //! Part of the capture path: runs under its state (`super::State`) and buffers; the pinned
 //! gather target is allocated once, at the first graph.
@@ -9,7 +10,12 @@
 use std::ffi::c_void;
 use std::sync::atomic::Ordering;
 
-use super::{classify, is_host, read_after_graph, routing_ids, rows_of, with_state, Kind, State};
+use spark_proto::control::HiddenTensor;
+
+use super::{
+    classify, is_host, read_after_graph, router_input, router_logits_layer, routing_ids, rows_of,
+    with_state, Kind, State,
+};
 use crate::ffi::{
     as_fn, GgmlTensor, NbytesFn, SchedTensorBackendFn, SynchronizeFn, TensorGetAsyncFn,
     GGML_TENSOR_FLAG_OUTPUT, NBYTES, SCHED_TENSOR_BACKEND, SYNCHRONIZE, TENSOR_GET_ASYNC,
@@ -68,14 +74,25 @@ enum Loc {
     Later,
 }
 
+/// What a tensor read after its graph carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum What {
+    Routing,
+    /// The router input, captured as the hidden state (`HiddenTensor::RouterInput`).
+    Hidden,
+}
+
 /// One tensor of a graph being read after it.
 #[derive(Clone, Copy)]
 pub(super) struct Pending {
     layer: u32,
-    /// The routing weights (`ffn_moe_weights-<layer>`).
+    what: What,
+    /// Routing: the routing weights (`ffn_moe_weights-<layer>`, `src[1]` the ids). Hidden: the
+    /// router input (`src[1]` of `ffn_moe_logits-<layer>`).
     t: *const GgmlTensor,
-    /// Where the routing ids and the weights are.
+    /// Where the routing ids are (routing only).
     ids: Loc,
+    /// Where `t`'s bytes are.
     data: Loc,
 }
 
@@ -96,7 +113,8 @@ fn mark(t: *mut GgmlTensor) {
 }
 
 /// Whether any two of the memory ranges the pending tensors read from (each one's routing
-/// weights, and the whole tensor its ids are a view of) overlap in one buffer.
+/// weights and the whole tensor its ids are a view of; each router input) overlap in one
+/// buffer.
 ///
 /// # Safety
 /// Every `p.t` must be a live tensor.
@@ -122,6 +140,9 @@ unsafe fn marked_memory_overlaps(
             // SAFETY: a live tensor.
             (base.buffer as usize, start, start + unsafe { nbytes(base) })
         };
+        if p.what == What::Hidden {
+            return [range(p.t), (0, 0, 0)];
+        }
         // SAFETY: as above.
         let w = unsafe { &*p.t };
         [range(p.t), range(w.src[1])]
@@ -145,7 +166,8 @@ unsafe fn marked_memory_overlaps(
 }
 
 /// Marks the routing tensors of every graph as outputs, to be read after it (graph observer,
-/// PREPARE).
+/// PREPARE); and each layer's router input too when the supervisor handed over a hidden-state
+/// ring.
 ///
 /// Every graph, whatever its size, measure graphs included: ggml's allocator keeps the plan it
 /// made when the scheduler reserved memory and reuses it for any later graph of the same node
@@ -153,14 +175,26 @@ unsafe fn marked_memory_overlaps(
 /// (a full ubatch) had not been marked, a decode graph marked at its own PREPARE would still
 /// get that plan, in which every layer's routing ids share one piece of memory: each layer
 /// would read the last layer's experts. Marking every graph makes every plan keep them.
-/// Hidden states (`n_embd` floats per token, far larger) are never marked: the eval callback
-/// reads them.
+///
+/// The router inputs are marked from the first graph whenever a hidden-state ring exists (the
+/// supervisor creates one only when asked to capture hidden states), before the supervisor has
+/// said which tensor it wants, for the same reason. That keeps `n_embd` floats per token of
+/// every layer alive to the end of the graph: `n_layer × n_embd × n_ubatch × 4` bytes more
+/// compute buffer (48 MiB for 48 layers of 2048 at `-ub 128`, 192 MiB at `-ub 512`), paid
+/// only by a capture run. The named norms (`ffn_norm`, `attn_norm`) are not marked: the eval
+/// callback reads them.
 ///
 /// # Safety
 /// `graph` must be a live graph being prepared.
 pub unsafe fn on_graph_prepare(graph: *mut c_void) {
-    let routing = with_state(|slot| slot.as_ref().is_some_and(|st| st.producer.is_some()));
-    if routing != Some(true) {
+    let wanted = with_state(|slot| {
+        slot.as_ref()
+            .map(|st| (st.producer.is_some(), st.hidden.is_some()))
+    });
+    let Some(Some((routing, hidden))) = wanted else {
+        return;
+    };
+    if !routing && !hidden {
         return;
     }
     // SAFETY: forwarded from the caller.
@@ -174,11 +208,19 @@ pub unsafe fn on_graph_prepare(graph: *mut c_void) {
         }
         // SAFETY: a live node.
         let tensor = unsafe { &*t };
-        if let Some(Kind::Routing(_)) = classify(&tensor.name) {
-            let ids = tensor.src[1];
-            if !ids.is_null() {
-                mark(t);
-                mark(ids);
+        if routing {
+            if let Some(Kind::Routing(_)) = classify(&tensor.name) {
+                let ids = tensor.src[1];
+                if !ids.is_null() {
+                    mark(t);
+                    mark(ids);
+                }
+            }
+        }
+        if hidden && router_logits_layer(&tensor.name).is_some() {
+            // SAFETY: a live node; shapes and types are set before allocation.
+            if let Some(x) = unsafe { router_input(tensor) } {
+                mark((x as *const GgmlTensor).cast_mut());
             }
         }
     }
@@ -266,6 +308,11 @@ impl State {
                 used += n;
                 (Loc::Gathered(at), backend)
             };
+        // Router inputs are read when hidden capture is on and asks for them (`classify` names
+        // the router product then).
+        let router_inputs = self.hidden.is_some()
+            && SHARED.hidden_on.load(Ordering::Relaxed)
+            && SHARED.hidden_tensor() == HiddenTensor::RouterInput;
         for i in 0..nodes.len() {
             let t = nodes.get(i);
             if t.is_null() {
@@ -273,24 +320,38 @@ impl State {
             }
             // SAFETY: a live node.
             let tensor = unsafe { &*t };
-            if !read_after_graph(tensor) {
-                continue;
-            }
-            // Only routing tensors are marked (hidden states go through the eval callback).
-            let Some(Kind::Routing(layer)) = classify(&tensor.name) else {
-                continue;
+            let (what, layer, read) = match classify(&tensor.name) {
+                Some(Kind::Routing(layer)) if read_after_graph(tensor) => {
+                    (What::Routing, layer, t.cast_const())
+                }
+                Some(Kind::Hidden(layer)) if router_inputs => {
+                    // SAFETY: a live node.
+                    match unsafe { router_input(tensor) } {
+                        Some(x) if read_after_graph(x) => (What::Hidden, layer, x as *const _),
+                        _ => continue,
+                    }
+                }
+                _ => continue,
             };
             if self.pending.len() == self.pending.capacity() {
                 break; // never grows here; the rest stays uncaptured and is counted below
             }
-            let Some(ids_t) = routing_ids(tensor) else {
-                continue;
+            // SAFETY: `read` is a live tensor of this graph (a node or a node's source).
+            let read_t = unsafe { &*read };
+            let (data, backend) = fetch(self, read_t, std::ptr::null_mut());
+            let ids = match what {
+                What::Hidden => Loc::Later,
+                What::Routing => {
+                    let Some(ids_t) = routing_ids(tensor) else {
+                        continue;
+                    };
+                    fetch(self, ids_t, backend).0
+                }
             };
-            let (data, backend) = fetch(self, tensor, std::ptr::null_mut());
-            let (ids, _) = fetch(self, ids_t, backend);
             self.pending.push(Pending {
                 layer,
-                t,
+                what,
+                t: read,
                 ids,
                 data,
             });
@@ -309,20 +370,37 @@ impl State {
             if unsafe { marked_memory_overlaps(&self.pending, nbytes) } {
                 for p in &self.pending {
                     // SAFETY: as above.
-                    let rows = rows_of(unsafe { &*p.t }).max(0) as u64;
-                    SHARED.dropped.fetch_add(rows, Ordering::Relaxed);
+                    let t = unsafe { &*p.t };
+                    let rows = match p.what {
+                        // The weights are [k, 1, rows].
+                        What::Routing => t.ne[2] * t.ne[3],
+                        What::Hidden => rows_of(t),
+                    };
+                    SHARED
+                        .dropped
+                        .fetch_add(rows.max(0) as u64, Ordering::Relaxed);
                 }
-                crate::graph::stand_down("two layers' routing tensors shared memory in a graph");
+                crate::graph::stand_down("two marked tensors shared memory in a graph");
                 return;
             }
         }
         // Phase 3: records, layer by layer in graph order (as the eval callback emits them).
-        let mut routed = false;
         for i in 0..self.pending.len() {
             let p = self.pending[i];
-            // SAFETY: a node of the graph, still live during the event.
+            // SAFETY: a node of the graph (or a node's source), still live during the event.
             let t = unsafe { &*p.t };
-            routed = true;
+            if p.what == What::Hidden {
+                SHARED
+                    .graph_hidden_rows
+                    .fetch_add(rows_of(t).max(0) as u64, Ordering::Relaxed);
+                match p.data {
+                    // SAFETY: the graph has been synchronised; t is computed and live.
+                    Loc::Later => unsafe { self.capture_hidden_of(t, p.layer) },
+                    // SAFETY: the location holds t's bytes after the synchronisation.
+                    loc => unsafe { self.emit_hidden(t, p.layer, self.located(loc)) },
+                }
+                continue;
+            }
             let Some(ids_t) = routing_ids(t) else {
                 continue;
             };
@@ -338,7 +416,7 @@ impl State {
             // SAFETY: both locations hold the tensors' bytes after the synchronisation.
             unsafe { self.emit_routing(t, ids_t, ids_p, w_p, p.layer) }
         }
-        if routed {
+        if !self.pending.is_empty() {
             SHARED.graph_reads.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -385,6 +463,7 @@ mod tests {
             w.src[1] = &*ids as *const GgmlTensor as *mut GgmlTensor;
             pending.push(Pending {
                 layer: layer as u32,
+                what: What::Routing,
                 t: &*w,
                 ids: Loc::Later,
                 data: Loc::Later,

@@ -243,8 +243,14 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
     // over all experts' order) and weights for GATHER_MAX_TOKENS tokens (pinned memory of the
     // device, allocated at first use; larger graphs' tensors that do not fit are read one by
     // one after the synchronisation).
+    // With a hidden-state ring, each layer's router input too (`n_embd` floats per token).
     let per_layer = GATHER_MAX_TOKENS as usize * 4 * (geo.n_expert as usize + 2 * MAX_K);
-    let gather_len = (per_layer * geo.n_layer.max(1) as usize).min(256 << 20);
+    let hidden_per_layer = GATHER_MAX_TOKENS as usize * 4 * geo.n_embd as usize;
+    let gather_len = |hidden: bool| {
+        let per_layer = per_layer + if hidden { hidden_per_layer } else { 0 };
+        (per_layer * geo.n_layer.max(1) as usize).min(256 << 20)
+    };
+    // One routing and one hidden-state entry per layer, and room to spare.
     let pending_cap = 2 * geo.n_layer.max(1) as usize + 8;
     let first = with_state_init(|slot| {
         let first = slot.is_none();
@@ -278,6 +284,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
             SHARED
                 .hidden_available
                 .store(hidden.is_some(), Ordering::Relaxed);
+            let gather = Gather::new(gather_len(hidden.is_some()));
             *slot = Some(State {
                 producer,
                 pos: Vec::with_capacity(cap),
@@ -289,7 +296,7 @@ pub unsafe fn on_context_params(model: *mut c_void, params: &mut LlamaContextPar
                 hidden_rows: RowMap::new(),
                 hidden,
                 scratch: vec![0u8; scratch_len],
-                gather: Gather::new(gather_len),
+                gather,
                 pending: Vec::with_capacity(pending_cap),
                 shadows: std::array::from_fn(|_| Shadow::new(cap)),
                 next_evict: 0,
@@ -514,6 +521,28 @@ fn read_after_graph(t: &GgmlTensor) -> bool {
     t.flags & GGML_TENSOR_FLAG_OUTPUT != 0 && crate::graph::enabled()
 }
 
+/// Whether the graph observer reads the hidden state of the router product `logits` after the
+/// graph: the router input is the tensor asked for and the observer marked it (`after_graph`).
+///
+/// # Safety
+/// `logits` must be a live tensor.
+unsafe fn hidden_after_graph(logits: &GgmlTensor) -> bool {
+    SHARED.hidden_tensor() == HiddenTensor::RouterInput
+        // SAFETY: forwarded from the caller.
+        && unsafe { router_input(logits) }.is_some_and(read_after_graph)
+}
+
+/// The layer of a router product `ffn_moe_logits-<layer>`, whatever hidden capture is asking
+/// for (the graph observer marks its input before the supervisor has said).
+fn router_logits_layer(name: &[c_char; 64]) -> Option<u32> {
+    const LOGITS: &[u8] = b"ffn_moe_logits-";
+    let bytes = name.map(|c| c as u8);
+    bytes
+        .starts_with(LOGITS)
+        .then(|| parse_layer(&bytes[LOGITS.len()..]))
+        .flatten()
+}
+
 /// The input of a layer's router product `ffn_moe_logits-<layer>` (its `src[1]`): contiguous
 /// f32 `[n_embd, rows]` with the product's rows, multiplied by a `[n_embd, n_expert]` router.
 /// `None` when the product is not of that form (a LoRA-adapted router, whose named node is an
@@ -609,7 +638,11 @@ unsafe fn eval(t: *mut GgmlTensor, ask: bool) -> bool {
     });
     let ud = CHAIN_UD.load(Ordering::Relaxed) as *mut c_void;
     // Marked by the graph observer: read once after the graph, not here.
-    let kind = kind.filter(|_| !read_after_graph(tensor));
+    let kind = kind.filter(|k| match k {
+        Kind::Routing(_) => !read_after_graph(tensor),
+        // SAFETY: the scheduler passes a live tensor.
+        Kind::Hidden(_) => !unsafe { hidden_after_graph(tensor) },
+    });
     if ask {
         // SAFETY: calling the caller's own callback with its own user data.
         let theirs = chain.is_some_and(|cb| unsafe { cb(t, true, ud) });
@@ -672,6 +705,16 @@ impl State {
             },
             _ => t,
         };
+        // SAFETY: t is computed and live.
+        unsafe { self.capture_hidden_of(t, layer) }
+    }
+
+    /// Emits the sampled rows of the hidden-state tensor `t` itself (a named norm, or the router
+    /// input), copied out of device memory when it lives there.
+    ///
+    /// # Safety
+    /// `t` must be a computed, live tensor.
+    unsafe fn capture_hidden_of(&mut self, t: &GgmlTensor, layer: u32) {
         // SAFETY: t is computed and live.
         let Some((base, _)) = (unsafe { self.bytes_of(t, 0) }) else {
             // The rows still advance, so that later layers map to the right tokens.
