@@ -192,7 +192,8 @@ pub fn score(receipts: &[(String, Receipt)]) -> Vec<Row> {
 }
 
 /// The receipts as the forecast saw them before the CPU's compute term existed: the same
-/// measurements against a bandwidth-only ceiling (for the before/after line).
+/// measurements against a bandwidth-only ceiling (for the before/after line). Only for
+/// receipts made without a probe record, whose compute term sits on top of the reads.
 pub fn bandwidth_only(receipts: &[(String, Receipt)]) -> Vec<(String, Receipt)> {
     receipts
         .iter()

@@ -200,8 +200,10 @@ pub struct Receipt {
     #[serde(default)]
     pub host_gbps: f64,
     pub decode_ceiling_tps: f64,
-    /// Seconds per token of the ceiling that are the CPU's compute term (0 in receipts written
-    /// before it existed): the ceiling without it is `1 / (1 / ceiling − this)`.
+    /// Seconds per token of the ceiling that are the host's per-type terms (0 in receipts
+    /// written before they existed). Without a probe record these are compute on top of the
+    /// reads, and the bandwidth-only ceiling is `1 / (1 / ceiling − this)`; with one, a probed
+    /// type's term includes its reads (see `Roofline::host_compute`).
     #[serde(default)]
     pub decode_compute_secs: f64,
     pub decode_measured_tps: Option<f64>,
