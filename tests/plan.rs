@@ -1096,6 +1096,8 @@ fn serve_places_the_split_its_residency_decision_chose() {
             h2d_gbps: 25.0,
             host_gbps: 10.0,
             host_gflops: 50.0,
+            type_costs: None,
+            threads: 8,
             handoff_us: HANDOFF_US_PRIOR,
             copy_call_us: COPY_CALL_US_PRIOR,
             sources: Vec::new(),

@@ -77,9 +77,15 @@ pub struct Machine {
     pub h2d_gbps: f64,
     /// Host read bandwidth at the thread count, GB/s.
     pub host_gbps: f64,
-    /// Host compute rate at the thread count, GFLOP/s (the host side's compute term; 0 when
-    /// unknown).
+    /// Host compute rate at the thread count, GFLOP/s (the host side's compute term without a
+    /// probe record; 0 when unknown).
     pub host_gflops: f64,
+    /// The host's measured cost per weight of each type (`spark plan probe`), as `spark plan`'s
+    /// stock forecast charges it; `None` without a record or under `--host-gflops`.
+    #[serde(skip)]
+    pub type_costs: Option<super::type_cost::TypeCosts>,
+    /// CPU threads the host side runs with (the probe's thread count to read).
+    pub threads: u32,
     pub handoff_us: f64,
     pub copy_call_us: f64,
     pub sources: Vec<String>,
@@ -293,6 +299,19 @@ pub fn forecast(
     let host_layers = |n: u32| m.expert_layers.iter().filter(|(l, _)| *l < n).count() as u32;
     let stock = {
         let host = m.active_expert_bytes(0, stock_n) as f64;
+        // The CPU's work on them, per weight type, as `spark plan` charges it: a probed type's
+        // measured cost includes its reads, which are then not charged again.
+        let host_terms = super::type_cost::compute_terms(
+            &super::forecast::active_expert_elems_by_type(m, 0, stock_n),
+            mach.type_costs.as_ref(),
+            mach.threads,
+            mach.host_gflops,
+        );
+        let host_read_in_terms: f64 = host_terms
+            .iter()
+            .filter(|t| t.includes_read)
+            .map(|t| t.bytes)
+            .sum();
         let vram = dense + m.active_expert_bytes(stock_n, u32::MAX) as f64 + kv_read;
         let hl = host_layers(stock_n);
         Side {
@@ -313,11 +332,8 @@ pub fn forecast(
             device_copies: 0.0,
             handoffs: f64::from(hl),
             t_vram: vram / (mach.vram_gbps * 1e9),
-            t_host: host / (mach.host_gbps * 1e9),
-            t_host_compute: super::forecast::host_compute_secs(
-                super::forecast::active_expert_elems(m, 0, stock_n),
-                mach.host_gflops,
-            ),
+            t_host: (host - host_read_in_terms).max(0.0) / (mach.host_gbps * 1e9),
+            t_host_compute: host_terms.iter().map(|t| t.secs).sum(),
             t_link: 0.0,
             t_fixed: f64::from(hl) * mach.handoff_us * 1e-6,
             ceiling_tps: 0.0,
@@ -678,6 +694,8 @@ pub fn machine_for(
         h2d_gbps: h2d,
         host_gbps: hw.host_gbps_at(input.threads),
         host_gflops: hw.host_gflops_at(input.threads),
+        type_costs: hw.type_costs.clone(),
+        threads: input.threads,
         handoff_us: HANDOFF_US_PRIOR,
         copy_call_us: COPY_CALL_US_PRIOR,
         sources,

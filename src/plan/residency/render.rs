@@ -97,7 +97,11 @@ pub fn render(f: &ResidencyForecast) -> String {
     );
     row(
         &mut s,
-        "time: host compute",
+        if f.machine.type_costs.is_some() {
+            "time: host compute+read"
+        } else {
+            "time: host compute"
+        },
         ms(f.stock.t_host_compute),
         sp.map(|c| ms(c.t_host_compute)),
     );

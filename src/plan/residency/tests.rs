@@ -60,6 +60,8 @@ fn machine(h2d: f64) -> Machine {
         h2d_gbps: h2d,
         host_gbps: 10.0,
         host_gflops: 50.0,
+        type_costs: None,
+        threads: 8,
         handoff_us: HANDOFF_US_PRIOR,
         copy_call_us: COPY_CALL_US_PRIOR,
         sources: Vec::new(),
@@ -193,4 +195,66 @@ fn the_forecast_runs_its_per_layer_slots_within_the_budget() {
     {
         assert_eq!(v.len(), f.spark.as_ref().unwrap().slots_per_layer.len());
     }
+}
+
+/// With a probe record, the stock column charges the host's expert work as `spark plan` does:
+/// a probed type's weights at its measured seconds per weight, reads included (so those bytes
+/// are not charged again at the bandwidth); without one, reads plus 2 FLOP per weight.
+#[test]
+fn the_stock_column_charges_each_probed_type_its_measured_cost() {
+    use crate::plan::hardware::MachineId;
+    use crate::plan::type_cost::{ProbePoint, TypeCosts, TYPE_COST_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let m = facts(dir.path());
+    let s = settings();
+    let plain = decide(&m, &s, &machine(25.0), None, u64::MAX).unwrap();
+    let n = plain.stock.n_cpu_moe;
+    assert!(n > 0, "stock keeps experts on the host: {:?}", plain.stock);
+    // 100 M more f32 weights per token cost 0.02 s more: 0.2 ns per weight, reads included.
+    let f32_point = ProbePoint {
+        ggml_type: "f32".into(),
+        threads: 8,
+        small_weights: 100e6,
+        large_weights: 200e6,
+        small_bytes: 400_000_000,
+        large_bytes: 800_000_000,
+        small_secs: 0.02,
+        large_secs: 0.04,
+        host_gbps: 10.0,
+    };
+    let mut probed = machine(25.0);
+    probed.type_costs = Some(TypeCosts {
+        version: TYPE_COST_VERSION,
+        machine: MachineId {
+            hostname: "h".into(),
+            cpu_model: "c".into(),
+            logical_cpus: 8,
+            mem_total_bytes: 1,
+        },
+        engine: "e".into(),
+        points: vec![f32_point],
+        skipped: vec![],
+        layers: vec![],
+        measured_unix: 0,
+        measure_secs: 0.0,
+    });
+    let f = decide(&m, &s, &probed, None, u64::MAX).unwrap();
+    assert_eq!(
+        f.stock.n_cpu_moe, n,
+        "the placement does not depend on the costs"
+    );
+    let weights = crate::plan::forecast::active_expert_elems(&m, 0, n);
+    assert!(
+        (f.stock.t_host_compute - weights * 0.2e-9).abs() < 1e-12,
+        "{:?}",
+        f.stock
+    );
+    assert_eq!(
+        f.stock.t_host, 0.0,
+        "every host byte is an f32 expert weight, read in its term"
+    );
+    // Without the record: the bytes at 10 GB/s plus 2 FLOP per weight at 50 GFLOP/s.
+    let bytes = m.active_expert_bytes(0, n) as f64;
+    assert!((plain.stock.t_host - bytes / 10e9).abs() < 1e-12);
+    assert!((plain.stock.t_host_compute - weights * 2.0 / 50e9).abs() < 1e-12);
 }
