@@ -38,9 +38,12 @@ pub const DEFAULT_TYPES: &[&str] = &["q8_0", "f16", "q4_K", "iq4_xs", "mxfp4"];
 /// Last-level cache assumed when sysfs does not say.
 const DEFAULT_LLC_BYTES: u64 = 32 << 20;
 
-/// Fixture shape: 4 layers of 8 experts, all active, width 1024.
+/// Fixture shape: 4 layers of 32 experts, 4 used per token (uniform routing), width 1024.
 const LAYERS: u32 = 4;
-const EXPERTS: u32 = 8;
+const EXPERTS: u32 = 32;
+/// Experts each token uses: a few of many, routed uniformly, as decode reads them (each token
+/// its own experts, a slice of each expert tensor), not every expert of a layer in one stream.
+const TOP_K: u32 = 4;
 const EMBD: u64 = 1024;
 
 #[derive(Debug, Args)]
@@ -115,7 +118,7 @@ fn quantize_ftype(t: GgmlType) -> Option<&'static str> {
 /// Expert FFN width for the small fixture: its routed-expert weights take at least
 /// `2 × llc` bytes of type `t`, in whole 256-element blocks.
 pub fn small_ff(t: GgmlType, llc: u64) -> u64 {
-    let per_ff = f64::from(LAYERS) * 3.0 * EMBD as f64 * f64::from(EXPERTS);
+    let per_ff = f64::from(LAYERS) * 3.0 * EMBD as f64 * f64::from(TOP_K);
     let want = (2 * llc) as f64 / (per_ff * t.bytes_per_elem());
     ((want / 256.0).ceil() as u64).max(1) * 256
 }
@@ -150,7 +153,7 @@ fn spec(t: GgmlType, ff: u64) -> FixtureSpec {
     let mut s = FixtureSpec::preset(Size::Medium);
     s.layers = LAYERS;
     s.experts = EXPERTS;
-    s.top_k = EXPERTS;
+    s.top_k = TOP_K;
     s.embd = EMBD;
     s.n_head = 8;
     s.n_head_kv = 4;
@@ -174,7 +177,7 @@ fn fixture_for(
     quantize: &Path,
     timeout: Duration,
 ) -> Result<PathBuf, PlanError> {
-    let path = dir.join(format!("probe-{}-ff{ff}.gguf", t.name));
+    let path = dir.join(format!("probe-{}-ff{ff}-top{TOP_K}of{EXPERTS}.gguf", t.name));
     if path.exists() {
         return Ok(path);
     }
@@ -537,13 +540,14 @@ mod tests {
 
     #[test]
     fn the_small_fixture_is_twice_the_cache_in_whole_blocks() {
-        // Per unit of FFN width: 4 layers × 3 tensors × 1024 × 8 experts = 98 304 weights.
-        // f16, 32 MiB cache: 2 × 33 554 432 B ÷ (98 304 × 2 B) = 341.3 → 512 (next 256).
-        assert_eq!(small_ff(GgmlType::F16, 32 << 20), 512);
-        // q4_K (144 B per 256): 67 108 864 ÷ (98 304 × 0.5625) = 1213.6 → 1280.
-        assert_eq!(small_ff(GgmlType::Q4_K, 32 << 20), 1280);
-        // q8_0 (34 B per 32): 67 108 864 ÷ (98 304 × 1.0625) = 642.5 → 768.
-        assert_eq!(small_ff(GgmlType::Q8_0, 32 << 20), 768);
+        // Per unit of FFN width a token reads 4 layers × 3 tensors × 1024 × 4 used experts =
+        // 49 152 weights. f16, 32 MiB cache: 2 × 33 554 432 B ÷ (49 152 × 2 B) = 682.7 → 768
+        // (next 256).
+        assert_eq!(small_ff(GgmlType::F16, 32 << 20), 768);
+        // q4_K (144 B per 256): 67 108 864 ÷ (49 152 × 0.5625) = 2427.3 → 2560.
+        assert_eq!(small_ff(GgmlType::Q4_K, 32 << 20), 2560);
+        // q8_0 (34 B per 32): 67 108 864 ÷ (49 152 × 1.0625) = 1285.0 → 1536.
+        assert_eq!(small_ff(GgmlType::Q8_0, 32 << 20), 1536);
         for t in [
             GgmlType::F16,
             GgmlType::Q4_K,
@@ -551,7 +555,7 @@ mod tests {
             GgmlType::IQ4_XS,
         ] {
             let ff = small_ff(t, 32 << 20);
-            let bytes = 98_304.0 * ff as f64 * t.bytes_per_elem();
+            let bytes = 49_152.0 * ff as f64 * t.bytes_per_elem();
             assert!(bytes >= 2.0 * f64::from(32u32 << 20), "{}", t.name);
             assert!(spec(t, ff).validate().is_ok(), "{}", t.name);
         }
