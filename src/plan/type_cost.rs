@@ -32,7 +32,8 @@ pub const TYPE_COST_VERSION: u32 = 1;
 pub const PRIOR_FROM: &str = "q8_0";
 
 /// One probe of one type at one thread count: two fixtures that differ only in their routed
-/// experts' FFN width, every expert active, both far larger than the last-level cache.
+/// experts' FFN width, a few experts per token routed uniformly, both far larger than the
+/// last-level cache.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProbePoint {
     /// ggml type name of the varied tensors (`q8_0`, `f16`, `q4_K`, …).

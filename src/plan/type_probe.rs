@@ -2,12 +2,15 @@
 //! ggml's own CPU kernels, once per machine, and records it beside the hardware profile
 //! ([`super::type_cost`]).
 //!
-//! Method: for each type, two fixtures that differ only in the routed experts' FFN width, every
-//! expert active for every token (`--top-k` = `--experts`), the varied weights 2× and 4× the
-//! last-level cache so both runs read them from memory. llama-bench decodes each at each thread
-//! count; the slope (seconds per token ÷ weights per token between the two) is what one more
-//! weight of that type costs, reading and computing, with everything the two runs share
-//! (attention, output, graph overhead) cancelled. The host read bandwidth measured around the
+//! Method: for each type, two fixtures that differ only in the routed experts' FFN width, 4 of
+//! 32 experts used per token and routed uniformly (decode's own reads: each token its own
+//! experts, slices of each expert tensor), the weights a token reads 2× and 4× the last-level
+//! cache so both runs read them from memory. (All experts active made a layer's expert tensors
+//! one sequential stream, which ggml read faster than decode ever does: f16 came out as cheap as
+//! q8_0 per weight.) llama-bench decodes each at each thread count; the slope (seconds per
+//! token ÷ weights per token between the two) is what one more weight of that type costs,
+//! reading and computing, with everything the two runs share (attention, output, graph
+//! overhead) cancelled. The host read bandwidth measured around the
 //! runs is kept beside it, to split off a compute share for types the probe did not measure.
 //! The fixed cost per layer comes the same way from two tiny-width fixtures at 4 and 36 layers.
 //!
@@ -177,7 +180,10 @@ fn fixture_for(
     quantize: &Path,
     timeout: Duration,
 ) -> Result<PathBuf, PlanError> {
-    let path = dir.join(format!("probe-{}-ff{ff}-top{TOP_K}of{EXPERTS}.gguf", t.name));
+    let path = dir.join(format!(
+        "probe-{}-ff{ff}-top{TOP_K}of{EXPERTS}.gguf",
+        t.name
+    ));
     if path.exists() {
         return Ok(path);
     }
