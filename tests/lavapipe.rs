@@ -6,6 +6,10 @@
 //! its slots and the MUL_MAT_ID kernel all run for real, and the outputs are compared with the
 //! same placement without the provider.
 //!
+//! Why this file is over 800 lines: every test here needs the same Vulkan engine, fixtures and
+//! session helpers, and runs on the emulated device; kept together so that one build check
+//! guards them all.
+//!
 //! Flash attention is off throughout: lavapipe (Mesa 22.3) crashes inside it once a batch holds
 //! more than about 10 tokens, with or without the hook.
 //!

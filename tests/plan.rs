@@ -4,6 +4,9 @@
 //!
 //! Every run gets its own SPARK_CACHE (receipts and the hardware profile live there) and passes
 //! --host-bw/--host-gflops, so no test measures the machine.
+//!
+//! Why this file is over 800 lines: each test is one user-visible behaviour of one command
+//! (`spark plan` and `--residency`), and they share the fixture and JSON helpers at the top.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,6 +1,9 @@
 //! `spark serve` tried as a hostile or unlucky client would: connection floods, a full
 //! descriptor table, a hung llama-server, broken or oversized request bodies, clients that leave
 //! early, a shutdown under load, and spark's own routes behind llama-server's API key.
+//!
+//! Why this file is over 800 lines: one scenario per test, each with its own hostile client;
+//! they share the served-child and raw-socket helpers.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
