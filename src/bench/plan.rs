@@ -22,13 +22,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::fixture::{self, FixtureSpec, Size};
 use crate::gguf::GgmlType;
+use crate::plan::cli::ProbeArgs;
 use crate::plan::fit::MemorySettings;
 use crate::plan::forecast::calibrate;
 use crate::plan::llama_bench::pair;
 use crate::plan::median::median;
 use crate::plan::receipt::{same_threads, BenchRow, BenchSpec, Receipt, ReceiptStore};
 use crate::plan::type_cost;
-use crate::plan::type_probe::ProbeArgs;
 use crate::plan::{hardware, model_facts, PlanError, PlanInput};
 use crate::units::MIB;
 

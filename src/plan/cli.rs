@@ -26,7 +26,7 @@ pub enum PlanAction {
     Hardware(HardwareArgs),
     /// Measure the host's compute cost per weight of each weight type with llama-bench (slow:
     /// minutes; once per machine, recorded beside the hardware profile)
-    Probe(super::type_probe::ProbeArgs),
+    Probe(ProbeArgs),
 }
 
 /// The flags every plan takes.
@@ -208,6 +208,42 @@ pub struct ReceiptArgs {
 pub struct HardwareArgs {
     #[command(flatten)]
     pub hardware: HardwareFlags,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `spark plan probe`'s flags (the probe itself is `type_probe.rs`).
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Weight types to probe, comma-separated (ggml names)
+    #[arg(long, value_delimiter = ',', default_values_t = super::type_cost::DEFAULT_TYPES.iter().map(|s| s.to_string()))]
+    pub types: Vec<String>,
+    /// Thread counts, comma-separated (default: 1, 2, 4, … and the logical CPU count)
+    #[arg(long, value_delimiter = ',')]
+    pub threads: Option<Vec<u32>>,
+    /// Where the probe's fixtures are kept
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// llama-bench binary (default: next to the located llama-server)
+    #[arg(long, value_name = "PATH")]
+    pub llama_bench: Option<PathBuf>,
+    /// Tokens generated per repetition
+    #[arg(long, default_value_t = 32)]
+    pub n_gen: u64,
+    /// Repetitions per llama-bench run
+    #[arg(long, default_value_t = 5)]
+    pub repetitions: u32,
+    /// Rounds of small and large runs, alternating; the fastest repetition of each size over
+    /// every round counts (the least disturbed)
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Seconds one llama-bench or llama-quantize run may take
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Probe only the fixed cost per layer (seconds), keeping the recorded types
+    #[arg(long)]
+    pub layers_only: bool,
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,

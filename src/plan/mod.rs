@@ -13,6 +13,7 @@ pub mod fit;
 pub mod forecast;
 pub mod hardware;
 pub mod llama_bench;
+pub mod machine;
 pub mod median;
 pub mod presets;
 pub mod receipt;

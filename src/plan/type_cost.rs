@@ -23,10 +23,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::hardware::{machine_dir, HardwareError, MachineId, RatePoint};
+use super::machine::{machine_dir, rate_at, HardwareError, MachineId, RatePoint};
 
 /// Record format version; a record of another version is probed again.
 pub const TYPE_COST_VERSION: u32 = 1;
+
+/// The types people run and the probe measures by default.
+pub const DEFAULT_TYPES: &[&str] = &["q8_0", "f16", "q4_K", "iq4_xs", "mxfp4"];
 
 /// The type whose measured cost stands in for a type that was not probed (the stated prior).
 pub const PRIOR_FROM: &str = "q8_0";
@@ -178,7 +181,7 @@ impl TypeCosts {
                 })
             })
             .collect();
-        (!pts.is_empty()).then(|| super::hardware::rate_at(&pts, threads))
+        (!pts.is_empty()).then(|| rate_at(&pts, threads))
     }
 
     /// One figure of `ggml_type`'s cost at `threads`: linear between the probed thread counts,
@@ -195,7 +198,7 @@ impl TypeCosts {
                 })
             })
             .collect();
-        (!pts.is_empty()).then(|| super::hardware::rate_at(&pts, threads))
+        (!pts.is_empty()).then(|| rate_at(&pts, threads))
     }
 
     /// The cost per weight of `ggml_type` at `threads` and whether it includes reading the

@@ -22,21 +22,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use clap::Args;
-
 use crate::atomic_file::{AtomicFile, Mode};
 use crate::fixture::{self, FixtureSpec, Router, Size};
 use crate::gguf::GgmlType;
 use crate::supervisor::run_with_deadline;
 
+use super::cli::ProbeArgs;
 use super::hardware::{self, HardwareFacts};
 use super::llama_bench::{locate_llama_bench, run_llama_bench};
 use super::receipt::BenchSpec;
-use super::type_cost::{self, LayerPoint, ProbePoint, TypeCosts, TYPE_COST_VERSION};
+use super::type_cost::{self, LayerPoint, ProbePoint, TypeCosts, DEFAULT_TYPES, TYPE_COST_VERSION};
 use super::{model_facts, PlanError};
-
-/// The types people run and the probe measures by default.
-pub const DEFAULT_TYPES: &[&str] = &["q8_0", "f16", "q4_K", "iq4_xs", "mxfp4"];
 
 /// Last-level cache assumed when sysfs does not say.
 const DEFAULT_LLC_BYTES: u64 = 32 << 20;
@@ -48,41 +44,6 @@ const EXPERTS: u32 = 32;
 /// its own experts, a slice of each expert tensor), not every expert of a layer in one stream.
 const TOP_K: u32 = 4;
 const EMBD: u64 = 1024;
-
-#[derive(Debug, Args)]
-pub struct ProbeArgs {
-    /// Weight types to probe, comma-separated (ggml names)
-    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_TYPES.iter().map(|s| s.to_string()))]
-    pub types: Vec<String>,
-    /// Thread counts, comma-separated (default: 1, 2, 4, … and the logical CPU count)
-    #[arg(long, value_delimiter = ',')]
-    pub threads: Option<Vec<u32>>,
-    /// Where the probe's fixtures are kept
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-    /// llama-bench binary (default: next to the located llama-server)
-    #[arg(long, value_name = "PATH")]
-    pub llama_bench: Option<PathBuf>,
-    /// Tokens generated per repetition
-    #[arg(long, default_value_t = 32)]
-    pub n_gen: u64,
-    /// Repetitions per llama-bench run
-    #[arg(long, default_value_t = 5)]
-    pub repetitions: u32,
-    /// Rounds of small and large runs, alternating; the fastest repetition of each size over
-    /// every round counts (the least disturbed)
-    #[arg(long, default_value_t = 3)]
-    pub rounds: u32,
-    /// Seconds one llama-bench or llama-quantize run may take
-    #[arg(long, default_value_t = 300)]
-    pub timeout: u64,
-    /// Probe only the fixed cost per layer (seconds), keeping the recorded types
-    #[arg(long)]
-    pub layers_only: bool,
-    /// Print JSON instead of text
-    #[arg(long)]
-    pub json: bool,
-}
 
 impl ProbeArgs {
     /// The defaults `spark bench plan` probes with when no record exists.
