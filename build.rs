@@ -2,7 +2,7 @@
 //!
 //! `SPARK_SKIP_VULKAN=1` at build time sets `cfg(spark_skip_vulkan)`, under which the lavapipe
 //! tests (`tests/lavapipe.rs`, which need `scripts/build-engine --vulkan --hooked`) are
-//! `#[ignore]`d, so the harness reports them as ignored. Without it they run, and fail with
+//! ignored with that reason, so the harness reports them as ignored. Without it they run, and fail with
 //! the command that builds the engine when it is missing: they never pass by skipping.
 
 fn main() {

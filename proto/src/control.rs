@@ -1,5 +1,8 @@
 //! The control line protocol between the supervisor and the tap: grammar, parsing, replies.
 //!
+//! Why this file is over 800 lines: the control grammar (commands, replies, plans, counters) is
+//! one protocol read as a whole, and about 200 of its lines are tests.
+//!
 //! Owns the text of every line either side may send and the dispatch of a command line to a
 //! [`TapControl`] implementation (so the grammar and its answers are written once and replayed
 //! against golden transcripts). It never reads or writes a socket and never blocks; the two
@@ -24,9 +27,6 @@
 //!
 //! Every command gets exactly one reply line. An unknown verb gets `err unknown-verb`; clean EOF
 //! from the supervisor ends the session and is not an error.
-//!
-//! Why this file is over 800 lines: the control grammar (commands, replies, plans, counters) is
-//! one protocol read as a whole, and about 200 of its lines are tests.
 
 use std::fmt::Write as _;
 

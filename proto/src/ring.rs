@@ -1,5 +1,9 @@
 //! The shared-memory ring: header layout and the single-producer / single-consumer algorithm.
 //!
+//! Why this file is over 800 lines: the byte layout and both halves of the SPSC algorithm
+//! (with the consumer's checks) belong together, since the ordering argument spans producer and
+//! consumer; about 220 lines are tests.
+//!
 //! Owns the bytes of the ring file (a [`RingHeader`] followed by `capacity` fixed-size records)
 //! and the two halves that move records through it: [`Producer`] (used by the preloaded tap
 //! inside llama-server) and [`Consumer`] (used by the supervisor). Both operate on memory that
@@ -29,10 +33,6 @@
 //! is counted, and the consumer reads nothing more from that ring. Slot indices are always
 //! masked by the capacity it validated at attach, so no cursor value can move a read outside
 //! the mapping. The producer treats a read cursor ahead of its write cursor as a full ring.
-//!
-//! Why this file is over 800 lines: the byte layout and both halves of the SPSC algorithm
-//! (with the consumer's checks) belong together, since the ordering argument spans producer and
-//! consumer; about 220 lines are tests.
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;

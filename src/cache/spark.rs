@@ -1,5 +1,10 @@
 //! `spark`: spark's default policy, an online choice among recency–frequency trade-offs.
 //!
+//! Why this file is over 800 lines: one policy whose per-layer state (`SparkLayer`), member
+//! tables and eviction are one tight hot path, read and changed together; split, its private
+//! fields would turn crate-visible for no reader's benefit. About 75 lines are tests; the
+//! differential test against the frozen reference is `spark_diff.rs`.
+//!
 //! MoE routing mixes two signals whose balance differs by model, layer and workload: temporal
 //! locality (consecutive tokens share experts; LRU exploits it) and frequency skew (a few experts
 //! take a large share of a layer's tokens; LFU and pinning exploit it). No single fixed blend wins
@@ -55,11 +60,6 @@
 //! the real one), about 13 per token-layer on the shared trace at 32 of 64 slots, against LRU's
 //! one or two, plus the count of each named expert in each of them: it simulates at about 9 M
 //! lookups per second here, not LRU's couple of hundred million.
-//!
-//! Why this file is over 800 lines: one policy whose per-layer state (`SparkLayer`), member
-//! tables and eviction are one tight hot path, read and changed together; split, its private
-//! fields would turn crate-visible for no reader's benefit. About 75 lines are tests; the
-//! differential test against the frozen reference is `spark_diff.rs`.
 
 // Members are indices into several parallel arrays (λ, tables, keys, misses): index loops read best.
 #![allow(clippy::needless_range_loop)]
