@@ -836,11 +836,16 @@ impl Live {
         let Some(r) = self.redecider.as_mut() else {
             return;
         };
+        let now = Instant::now();
         let (counts, records) = {
             let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            (s.all_counts(), s.prompt_records + s.decode_records)
+            let records = s.prompt_records + s.decode_records;
+            if !r.is_due(records, now) {
+                return;
+            }
+            (s.all_counts(), records)
         };
-        let Some(result) = r.due(&counts, records, Instant::now()) else {
+        let Some(result) = r.due(&counts, records, now) else {
             return;
         };
         let mut s = self.lock();

@@ -59,6 +59,17 @@ impl Redecider {
         }
     }
 
+    /// Whether a decision is due at `now` with `records` folded: never twice within
+    /// [`REDECIDE_EVERY`], never without new routing. (The caller asks before it copies the
+    /// counts.)
+    pub fn is_due(&self, records: u64, now: Instant) -> bool {
+        records > 0
+            && match self.last {
+                None => true,
+                Some((at, seen)) => seen != records && now.duration_since(at) >= REDECIDE_EVERY,
+            }
+    }
+
     /// The decision on `counts` (`records` folded so far) when one is due at `now`: never
     /// twice within [`REDECIDE_EVERY`], never without new routing. `Err` when the forecast
     /// refused (said in the status, not fatal).
@@ -68,13 +79,8 @@ impl Redecider {
         records: u64,
         now: Instant,
     ) -> Option<Result<DecisionNow, String>> {
-        if records == 0 {
+        if !self.is_due(records, now) {
             return None;
-        }
-        if let Some((at, seen)) = self.last {
-            if seen == records || now.duration_since(at) < REDECIDE_EVERY {
-                return None;
-            }
         }
         self.last = Some((now, records));
         let started = Instant::now();
