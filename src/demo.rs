@@ -432,17 +432,23 @@ fn residency_on_lavapipe(
                 .send_json(body)?
                 .into_json()?;
             let text = a["content"].as_str().unwrap_or_default().to_string();
-            // The provider's counters reach the status with the next control reply.
+            // The provider's counters reach the status with the control replies that follow
+            // plan updates, the last one after the request completed: wait until they stop
+            // moving (the answer is whole, so no hook call is left), not for the first reply,
+            // which may be one taken mid-request.
             let until = std::time::Instant::now() + Duration::from_secs(30);
+            let mut last: Option<u64> = None;
             loop {
                 let r = serving.status()?["routing"]["residency"].clone();
+                let calls = r["hook_calls"].as_u64().filter(|&c| c > 0);
                 if !residency
-                    || r["hook_calls"].as_u64() > Some(0)
+                    || (calls.is_some() && calls == last)
                     || std::time::Instant::now() > until
                 {
                     return Ok((text, r));
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                last = calls;
+                std::thread::sleep(Duration::from_millis(500));
             }
         })();
         let stopped = serving.stop();
